@@ -1,0 +1,29 @@
+"""Errors a user can cause. Each carries a one-line message meant to be printed as is."""
+
+
+class FoundryError(Exception):
+    """Base class: a clear, one-line reason. CLIs print ``str(err)`` without a traceback."""
+
+
+class ArchiveError(FoundryError):
+    """The archive is missing, truncated, corrupt or of an unknown schema."""
+
+
+class IncompatibleArchive(FoundryError):
+    """The archive was saved on another GPU/driver/software stack or for another model/config key."""
+
+
+class ArenaUnavailable(FoundryError):
+    """The deterministic arena's address range cannot be reserved in this process."""
+
+
+class UnsupportedGraph(FoundryError):
+    """A captured graph contains something that cannot be restored (refused at SAVE)."""
+
+
+class UnsafeAddress(FoundryError):
+    """A kernel argument points to device memory that LOAD would not restore (refused at SAVE)."""
+
+
+class NativeBuildError(FoundryError):
+    """The small native helper library could not be compiled or loaded."""

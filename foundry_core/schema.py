@@ -1,0 +1,193 @@
+"""The archive schema: one set of msgspec Structs drives both SAVE and LOAD.
+
+An archive is one file: a fixed header, the blobs, then this manifest (msgpack).
+Large arrays (node tables, argument bytes, edges, kernel images, memory
+snapshots) live in blobs; the manifest names them and says how to read them.
+
+Binary record layouts shared with the native restore loop (``_native/restore.c``)
+are defined once here as numpy dtypes; the C side mirrors them in ``restore.h``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import msgspec
+
+SCHEMA_VERSION = 1
+
+# ---------------------------------------------------------------------------
+# Binary records (little-endian, packed) used inside graph blobs.
+# ---------------------------------------------------------------------------
+
+# Node kinds. The numbers are ours (not CUgraphNodeType) so the archive does not
+# depend on driver enum values.
+NODE_KERNEL = 0
+NODE_MEMSET = 1
+NODE_MEMCPY = 2
+NODE_EMPTY = 3
+NODE_EVENT_RECORD = 4
+NODE_EVENT_WAIT = 5
+NODE_CHILD_GRAPH = 6
+NODE_KIND_NAMES = {
+    NODE_KERNEL: "kernel",
+    NODE_MEMSET: "memset",
+    NODE_MEMCPY: "memcpy",
+    NODE_EMPTY: "empty",
+    NODE_EVENT_RECORD: "event_record",
+    NODE_EVENT_WAIT: "event_wait",
+    NODE_CHILD_GRAPH: "child_graph",
+}
+
+#: One row per node, in topological order.
+#: kernel:  ref = function index, grid/block/smem as launched, payload = packed argument buffer
+#: memset:  payload = MEMSET_DTYPE record
+#: memcpy:  payload = raw CUDA_MEMCPY3D bytes (device-to-device only)
+#: event_*: ref = event index (events are created fresh at LOAD)
+#: child:   ref = index of a graph in Manifest.graphs (a child graph record)
+NODE_DTYPE = np.dtype(
+    [
+        ("kind", "<u4"),
+        ("ref", "<u4"),
+        ("grid", "<u4", (3,)),
+        ("block", "<u4", (3,)),
+        ("smem", "<u4"),
+        ("payload_off", "<u8"),
+        ("payload_len", "<u4"),
+        ("attr_off", "<u4"),
+        ("attr_cnt", "<u4"),
+        ("_pad", "<u4"),
+    ],
+    align=False,
+)
+assert NODE_DTYPE.itemsize == 64
+
+#: Launch attributes of kernel nodes: (id, value) with the raw 64-byte CUlaunchAttributeValue.
+ATTR_DTYPE = np.dtype([("id", "<u4"), ("_pad", "<u4"), ("value", "u1", (64,))])
+assert ATTR_DTYPE.itemsize == 72
+
+#: Edges with their edge data (CUgraphEdgeData: from_port, to_port, type).
+EDGE_DTYPE = np.dtype(
+    [("src", "<u4"), ("dst", "<u4"), ("from_port", "u1"), ("to_port", "u1"), ("type", "u1"), ("_pad", "u1", (5,))]
+)
+assert EDGE_DTYPE.itemsize == 16
+
+#: Memset node payload (mirrors CUDA_MEMSET_NODE_PARAMS without the context).
+MEMSET_DTYPE = np.dtype(
+    [("dst", "<u8"), ("pitch", "<u8"), ("value", "<u4"), ("element_size", "<u4"), ("width", "<u8"), ("height", "<u8")]
+)
+assert MEMSET_DTYPE.itemsize == 40
+
+
+# ---------------------------------------------------------------------------
+# Manifest structs
+# ---------------------------------------------------------------------------
+
+
+class Fingerprint(msgspec.Struct, frozen=True, kw_only=True):
+    """What must match between the SAVE and the LOAD machine/software."""
+
+    gpu_name: str
+    compute_capability: str  # "9.0"
+    driver_version: int  # cuDriverGetVersion, e.g. 13000
+    cuda_runtime: str  # torch.version.cuda
+    torch: str
+    triton: str  # "" when absent
+    foundry: str
+    key: str  # caller-supplied key (model/config/layout), free-form; compared verbatim
+
+
+class Blob(msgspec.Struct, frozen=True, kw_only=True):
+    """A byte range of the archive file. ``codec`` is "raw" or "zlib"."""
+
+    offset: int
+    stored_size: int
+    size: int
+    codec: str
+    sha256: str  # of the stored bytes
+
+
+class ArenaLayout(msgspec.Struct, frozen=True, kw_only=True):
+    """The deterministic arena as SAVE left it."""
+
+    base: int
+    size: int  # reserved virtual size
+    granularity: int
+    capture_start: int  # arena offset where the capture phase began
+    capture_end: int  # arena offset where it ended (LOAD maps [start, end) itself)
+
+
+class MemorySnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """Contents of a live buffer created during the capture phase that graphs read."""
+
+    address: int
+    size: int
+    blob: str
+    note: str = ""
+
+
+class KernelImage(msgspec.Struct, frozen=True, kw_only=True):
+    """A module image (cubin/fatbin) loaded by the workload, stored once by hash."""
+
+    sha256: str
+    blob: str
+    size: int
+    kernels: list[str]  # entry points in the image (from its ELF symbol table)
+
+
+class KernelFunction(msgspec.Struct, frozen=True, kw_only=True):
+    """A kernel used by at least one node; resolved at LOAD with cuModuleGetFunction."""
+
+    image: int  # index into Manifest.images
+    name: str
+    #: CUfunction_attribute -> value, for settable attributes the workload changed
+    #: (max dynamic shared memory, carve-out, cluster attributes, ...).
+    attributes: dict[int, int] = {}
+
+
+class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A tensor that LOAD recreates over memory it already restored."""
+
+    address: int  # data_ptr()
+    dtype: str  # torch dtype name without the "torch." prefix
+    shape: list[int]
+    strides: list[int]  # in elements
+    storage_bytes: int  # bytes from data_ptr() the view may touch
+
+
+class GraphTemplate(msgspec.Struct, frozen=True, kw_only=True):
+    """Structure shared by graphs of many batch sizes: node kinds, kernels and edges."""
+
+    num_nodes: int
+    kinds_sha256: str  # identity of (kinds, refs) sequence, for inspection
+    edges: str  # blob of EDGE_DTYPE records
+    num_edges: int
+
+
+class GraphRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One captured graph, rebuilt node for node at LOAD."""
+
+    key: str
+    template: int  # index into Manifest.templates
+    nodes: str  # blob of NODE_DTYPE records
+    payload: str  # blob of argument buffers / memset / memcpy payloads
+    attrs: str  # blob of ATTR_DTYPE records
+    num_kernel_nodes: int
+    outputs: list[TensorSpec] = []
+    output_tree: str = ""  # torch.utils._pytree treespec as JSON; "" for a single tensor / no outputs
+    is_child: bool = False  # True: only used as a child-graph node of another graph
+    capture_seconds: float = 0.0
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    schema_version: int
+    created_utc: str
+    fingerprint: Fingerprint
+    arena: ArenaLayout
+    blobs: dict[str, Blob]
+    images: list[KernelImage]
+    functions: list[KernelFunction]
+    templates: list[GraphTemplate]
+    graphs: list[GraphRecord]
+    snapshots: list[MemorySnapshot] = []
+    num_events: int = 0
+    #: Free-form, caller-supplied (e.g. the SGLang plugin's KV-pool configuration).
+    extra: dict[str, str] = {}
