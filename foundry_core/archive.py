@@ -1,0 +1,486 @@
+"""The single-file archive: a fixed header, the blobs, then the manifest.
+
+Layout (little-endian)::
+
+    offset 0   magic b"FNDRYARC" | u32 container version | u32 flags (0)
+           16  u64 manifest offset | u64 manifest stored size | 32 bytes sha256 of the stored manifest
+           64  blobs, each raw or zlib, each starting at a multiple of 64 (gaps are zero bytes)
+           end manifest: msgpack of :class:`foundry_core.schema.Manifest`, ending exactly at end of file
+
+:class:`ArchiveWriter` streams blobs into ``PATH.tmp`` and, on :meth:`ArchiveWriter.finish`, appends the
+manifest, patches the header, fsyncs and renames over ``PATH``; an existing archive is never damaged.
+:class:`Archive` reads through one read-only ``mmap``: the header and manifest are validated on open, each
+blob's sha256 on first use. Every problem raises :class:`~foundry_core.errors.ArchiveError` with one line that
+names the file and what is wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import msgspec
+import numpy as np
+
+from foundry_core.errors import ArchiveError
+from foundry_core.schema import SCHEMA_VERSION, Blob, Manifest
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"FNDRYARC"
+CONTAINER_VERSION = 1
+HEADER = struct.Struct("<8sIIQQ32s")
+HEADER_SIZE = 64
+assert HEADER.size == HEADER_SIZE
+BLOB_ALIGN = 64
+
+#: zlib is kept only when it saves at least this fraction of the raw size: decompressing costs LOAD time,
+#: a raw blob is read straight from the mapping.
+MIN_SAVING = 1 / 16
+#: zlib cannot expand data by more than ~1032:1; a larger declared size is corruption, not a real blob.
+MAX_ZLIB_RATIO = 1100
+_CHUNK = 4 << 20
+_CODECS = ("raw", "zlib")
+
+
+def _bytes_view(data) -> memoryview:
+    """A flat byte view of any C-contiguous buffer (bytes, bytearray, memoryview, numpy array)."""
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise ValueError("blob data must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _chunks(view: memoryview) -> Iterator[memoryview]:
+    for start in range(0, len(view), _CHUNK):
+        yield view[start : start + _CHUNK]
+
+
+def blob_names(manifest: Manifest) -> dict[str, str]:
+    """Every blob name the manifest refers to, mapped to the category it belongs to (for checks and ``inspect``)."""
+    names: dict[str, str] = {}
+    for image in manifest.images:
+        names.setdefault(image.blob, "images")
+    for graph in manifest.graphs:
+        names.setdefault(graph.nodes, "graph nodes")
+        names.setdefault(graph.payload, "graph payload")
+        names.setdefault(graph.attrs, "graph attrs")
+    for template in manifest.templates:
+        names.setdefault(template.edges, "templates")
+    for snapshot in manifest.snapshots:
+        names.setdefault(snapshot.blob, "snapshots")
+    return names
+
+
+class ArchiveWriter:
+    """Writes an archive: ``add_blob`` any number of times, then ``finish(manifest)``.
+
+    Use it as a context manager; if the block raises (or ``finish`` is never reached) the temporary file is
+    removed and ``PATH`` is left as it was.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, level: int = 1):
+        if not 1 <= level <= 9:
+            raise ValueError(f"zlib level must be 1..9, got {level}")
+        self.path = Path(path)
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.level = level
+        self._blobs: dict[str, Blob] = {}
+        self._by_content: dict[str, Blob] = {}  # sha256 of the raw data -> its stored record
+        self._raw_sha: dict[str, str] = {}  # blob name -> sha256 of its raw data
+        self._stored_bytes = 0
+        self._raw_bytes = 0
+        try:
+            self._file = open(self.tmp_path, "w+b")
+            self._file.write(bytes(HEADER_SIZE))  # patched by finish()
+        except OSError as err:
+            raise ArchiveError(f"{self.tmp_path}: cannot write: {err.strerror or err}") from None
+        self._done = False
+
+    def __enter__(self) -> "ArchiveWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            if exc_type is None:
+                log.warning("%s: writer closed without finish(); nothing written", self.path)
+            self.abort()
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of blob data written so far (after compression and dedupe)."""
+        return self._stored_bytes
+
+    def has_blob(self, name: str) -> bool:
+        return name in self._blobs
+
+    def add_blob(self, name: str, data, compress: bool = True) -> str:
+        """Store ``data`` under ``name`` and return the name.
+
+        Identical contents are stored once: a second name with the same bytes points at the same record.
+        Adding the same name twice is allowed only with identical bytes.
+        """
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"blob name must be a non-empty string, got {name!r}")
+        view = _bytes_view(data)
+        hasher = hashlib.sha256()
+        for chunk in _chunks(view):
+            hasher.update(chunk)
+        raw_sha = hasher.hexdigest()
+        if name in self._blobs:
+            if self._raw_sha[name] != raw_sha:
+                raise ValueError(f"blob {name!r} was already added with different contents")
+            return name
+        record = self._by_content.get(raw_sha)
+        if record is None:
+            record = self._write(view, compress)
+            self._by_content[raw_sha] = record
+        self._blobs[name] = record
+        self._raw_sha[name] = raw_sha
+        return name
+
+    def finish(self, manifest: Manifest) -> Path:
+        """Write ``manifest`` (its ``blobs`` replaced by the blobs added here), commit the file, return ``PATH``."""
+        self._check_open()
+        referenced = blob_names(manifest)
+        missing = sorted(set(referenced) - set(self._blobs))
+        if missing:
+            raise ValueError(f"manifest refers to blobs that were never added: {', '.join(map(repr, missing[:5]))}")
+        manifest = msgspec.structs.replace(manifest, blobs=dict(self._blobs))
+        encoded = msgspec.msgpack.encode(manifest)
+        try:
+            f = self._file
+            offset = f.seek(0, os.SEEK_END)
+            f.write(encoded)
+            f.seek(0)
+            f.write(
+                HEADER.pack(MAGIC, CONTAINER_VERSION, 0, offset, len(encoded), hashlib.sha256(encoded).digest())
+            )
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(self.tmp_path, self.path)
+        except OSError as err:
+            self.abort()
+            raise ArchiveError(f"{self.path}: cannot write: {err.strerror or err}") from None
+        self._done = True
+        _fsync_dir(self.path.parent)
+        log.info(
+            "%s: %d blobs (%d records, %.1f MiB stored of %.1f MiB), manifest %.1f KiB",
+            self.path, len(self._blobs), len(self._by_content), self._stored_bytes / 2**20,
+            self._raw_bytes / 2**20, len(encoded) / 1024,
+        )  # fmt: skip
+        return self.path
+
+    def abort(self) -> None:
+        """Drop everything written so far; ``PATH`` is untouched. Safe to call twice."""
+        self._done = True
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        try:
+            self.tmp_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise ValueError(f"{self.path}: writer already finished or aborted")
+
+    def _write(self, view: memoryview, compress: bool) -> Blob:
+        f = self._file
+        try:
+            start = f.seek(0, os.SEEK_END)
+            pad = -start % BLOB_ALIGN
+            f.write(bytes(pad))
+            offset = start + pad
+            stored = self._write_zlib(view) if compress and len(view) else None
+            if stored is None:
+                f.seek(offset)
+                f.truncate()
+                hasher = hashlib.sha256()
+                for chunk in _chunks(view):
+                    f.write(chunk)
+                    hasher.update(chunk)
+                stored = ("raw", len(view), hasher.hexdigest())
+        except OSError as err:
+            raise ArchiveError(f"{self.tmp_path}: cannot write: {err.strerror or err}") from None
+        codec, stored_size, sha = stored
+        self._stored_bytes += stored_size
+        self._raw_bytes += len(view)
+        return Blob(offset=offset, stored_size=stored_size, size=len(view), codec=codec, sha256=sha)
+
+    def _write_zlib(self, view: memoryview) -> tuple[str, int, str] | None:
+        """Stream zlib into the file at its end; None (caller rewinds) when it does not save enough."""
+        limit = len(view) * (1 - MIN_SAVING)
+        packer = zlib.compressobj(self.level)
+        hasher = hashlib.sha256()
+        stored = 0
+        consumed = 0
+        for chunk in _chunks(view):
+            out = packer.compress(chunk)
+            consumed += len(chunk)
+            self._file.write(out)
+            hasher.update(out)
+            stored += len(out)
+            # Give up early on data that does not compress (weights, random-looking snapshots).
+            if consumed >= _CHUNK and stored > consumed * (1 - MIN_SAVING):
+                return None
+        out = packer.flush()
+        self._file.write(out)
+        hasher.update(out)
+        stored += len(out)
+        return ("zlib", stored, hasher.hexdigest()) if stored <= limit else None
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Archive:
+    """A validated, memory-mapped archive. Reads are thread-safe; open with :meth:`Archive.open`."""
+
+    def __init__(self, path: Path, mm: mmap.mmap, file_size: int, manifest_offset: int, manifest: Manifest):
+        self.path = path
+        self.file_size = file_size
+        self.manifest_offset = manifest_offset  # the blob area is [HEADER_SIZE, manifest_offset)
+        self.manifest = manifest
+        self._mm: mmap.mmap | None = mm
+        self._verified: set[tuple[int, int]] = set()  # (offset, stored_size) of records whose sha256 matched
+
+    # -- opening -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Archive":
+        """Open and validate header, manifest and blob bounds; blob contents are checked when read."""
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < HEADER_SIZE:
+                    raise ArchiveError(f"{path}: truncated: {size} bytes, smaller than the {HEADER_SIZE}-byte header")
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except IsADirectoryError:
+            raise ArchiveError(f"{path}: is a directory, not an archive") from None
+        except OSError as err:
+            raise ArchiveError(f"{path}: cannot open: {err.strerror or err}") from None
+        try:
+            manifest_offset, manifest = _read_manifest(path, mm, size)
+            _check_manifest(path, manifest, manifest_offset)
+        except BaseException:
+            mm.close()
+            raise
+        return cls(path, mm, size, manifest_offset, manifest)
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the mapping. Arrays from :meth:`blob_array` keep it alive until they are gone."""
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # zero-copy arrays still point into it; the mapping goes when they do
+
+    # -- reading -----------------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self.manifest.blobs)
+
+    def info(self, name: str) -> Blob:
+        """The stored record of blob ``name``."""
+        try:
+            return self.manifest.blobs[name]
+        except KeyError:
+            raise ArchiveError(f"{self.path}: no blob named {name!r}") from None
+
+    def blob(self, name: str, *, verify: bool = True) -> bytes:
+        """The blob's original bytes (sha256-checked on first read, decompressed, size-checked)."""
+        record = self.info(name)
+        stored = self._stored(name, record, verify)
+        if record.codec == "raw":
+            return bytes(stored)
+        return self._inflate(name, record, stored)
+
+    def blob_array(self, name: str, dtype, *, verify: bool = True) -> np.ndarray:
+        """The blob as a read-only 1-D array of ``dtype`` records; raw blobs are not copied."""
+        dtype = np.dtype(dtype)
+        record = self.info(name)
+        if record.size % dtype.itemsize:
+            raise ArchiveError(
+                f"{self.path}: blob {name!r} has {record.size} bytes, not a whole number of "
+                f"{dtype.itemsize}-byte records"
+            )
+        stored = self._stored(name, record, verify)
+        if record.codec == "raw":
+            return np.frombuffer(stored, dtype=dtype)
+        return np.frombuffer(self._inflate(name, record, stored), dtype=dtype)
+
+    def verify_all(self, progress: bool = False) -> int:
+        """Check every blob (sha256, decompression, size) and that the gaps between blobs are zero.
+
+        Returns the number of stored records checked. With ``progress`` a tqdm bar shows the bytes read.
+        """
+        records: dict[tuple[int, int], tuple[str, Blob]] = {}
+        for name, record in self.manifest.blobs.items():
+            records.setdefault((record.offset, record.stored_size), (name, record))
+        ordered = sorted(records.values(), key=lambda item: item[1].offset)
+        total = sum(record.stored_size for _, record in ordered)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify", leave=False)
+        try:
+            for name, record in ordered:
+                stored = self._stored(name, record, verify=True, force=True)
+                if record.codec == "zlib":
+                    self._inflate(name, record, stored)
+                if bar is not None:
+                    bar.update(record.stored_size)
+        finally:
+            if bar is not None:
+                bar.close()
+        self._check_gaps(ordered)
+        return len(ordered)
+
+    # -- internals ---------------------------------------------------------------------------------------
+
+    def _view(self) -> memoryview:
+        mm = self._mm
+        try:
+            if mm is None:
+                raise ValueError
+            return memoryview(mm)
+        except ValueError:
+            raise ArchiveError(f"{self.path}: archive is closed") from None
+
+    def _stored(self, name: str, record: Blob, verify: bool, force: bool = False) -> memoryview:
+        stored = self._view()[record.offset : record.offset + record.stored_size]
+        ident = (record.offset, record.stored_size)
+        if verify and (force or ident not in self._verified):
+            if hashlib.sha256(stored).hexdigest() != record.sha256:
+                raise ArchiveError(f"{self.path}: blob {name!r} sha256 mismatch (corrupt)")
+            self._verified.add(ident)
+        return stored
+
+    def _inflate(self, name: str, record: Blob, stored: memoryview) -> bytes:
+        inflater = zlib.decompressobj()
+        try:
+            data = inflater.decompress(stored, record.size)
+            trailing = not inflater.eof or inflater.unconsumed_tail or inflater.unused_data
+        except zlib.error as err:
+            raise ArchiveError(f"{self.path}: blob {name!r} does not decompress ({err}) (corrupt)") from None
+        if len(data) != record.size or trailing:
+            raise ArchiveError(
+                f"{self.path}: blob {name!r} decompresses to a different size than the recorded {record.size} bytes"
+            )
+        return data
+
+    def _check_gaps(self, ordered: list[tuple[str, Blob]]) -> None:
+        view = self._view()
+        cursor = HEADER_SIZE
+        ends = [(record.offset, record.offset + record.stored_size) for _, record in ordered]
+        ends.append((self.manifest_offset, self.file_size))
+        for start, end in ends:
+            if start > cursor and any(view[cursor:start]):
+                raise ArchiveError(f"{self.path}: bytes {cursor}..{start} between blobs are not zero (corrupt)")
+            cursor = max(cursor, end)
+
+
+class _VersionProbe(msgspec.Struct):
+    """Read the schema version before trusting the rest of the manifest's shape."""
+
+    schema_version: int
+
+
+def _read_manifest(path: Path, mm: mmap.mmap, size: int) -> tuple[int, Manifest]:
+    """Validate the header and decode the manifest; returns (manifest offset, manifest)."""
+    magic, version, flags, offset, length, digest = HEADER.unpack_from(mm)
+    if magic != MAGIC:
+        raise ArchiveError(f"{path}: not a foundry archive (bad magic)")
+    if version != CONTAINER_VERSION:
+        raise ArchiveError(f"{path}: container version {version}, this foundry reads {CONTAINER_VERSION}")
+    if flags != 0:
+        raise ArchiveError(f"{path}: unknown header flags 0x{flags:x} (corrupt or newer writer)")
+    if offset < HEADER_SIZE or offset + length > size:
+        raise ArchiveError(f"{path}: truncated: manifest at {offset}+{length} beyond file size {size}")
+    if offset + length != size:
+        raise ArchiveError(f"{path}: {size - offset - length} unexpected bytes after the manifest (corrupt)")
+    raw = memoryview(mm)[offset : offset + length]
+    try:
+        if hashlib.sha256(raw).digest() != digest:
+            raise ArchiveError(f"{path}: manifest sha256 mismatch (corrupt)")
+        try:
+            schema = msgspec.msgpack.decode(raw, type=_VersionProbe).schema_version
+        except msgspec.DecodeError as err:  # ValidationError is a DecodeError
+            raise ArchiveError(f"{path}: manifest is unreadable: {err}") from None
+        if schema != SCHEMA_VERSION:
+            raise ArchiveError(f"{path}: schema version {schema}, this foundry reads {SCHEMA_VERSION}")
+        try:
+            return offset, msgspec.msgpack.decode(raw, type=Manifest, strict=True)
+        except msgspec.DecodeError as err:
+            raise ArchiveError(f"{path}: manifest is invalid: {err}") from None
+    finally:
+        raw.release()
+
+
+def _check_manifest(path: Path, manifest: Manifest, blobs_end: int) -> None:
+    """Internal consistency: blob bounds and codecs, and every index and blob name the manifest uses."""
+    for name, b in manifest.blobs.items():
+        where = f"{path}: blob {name!r}"
+        if b.codec not in _CODECS:
+            raise ArchiveError(f"{where} has unknown codec {b.codec!r}")
+        if b.offset < HEADER_SIZE or b.stored_size < 0 or b.offset + b.stored_size > blobs_end:
+            raise ArchiveError(
+                f"{where} at {b.offset}+{b.stored_size} lies outside the blob area [{HEADER_SIZE}, {blobs_end}) "
+                f"(truncated or corrupt)"
+            )
+        if b.size < 0 or (b.codec == "raw" and b.size != b.stored_size):
+            raise ArchiveError(f"{where} is raw but records {b.size} bytes for {b.stored_size} stored")
+        if b.codec == "zlib" and b.size > b.stored_size * MAX_ZLIB_RATIO + 64:
+            raise ArchiveError(f"{where} claims {b.size} bytes from {b.stored_size} compressed (corrupt)")
+        if len(b.sha256) != 64 or b.sha256.strip("0123456789abcdef"):
+            raise ArchiveError(f"{where} has a malformed sha256 {b.sha256[:80]!r}")
+    for name in blob_names(manifest):
+        if name not in manifest.blobs:
+            raise ArchiveError(f"{path}: manifest refers to missing blob {name!r}")
+
+    def check_index(what: str, index: int, count: int, of: str) -> None:
+        if not 0 <= index < count:
+            raise ArchiveError(f"{path}: {what} refers to {of} {index} of {count} (corrupt)")
+
+    for i, function in enumerate(manifest.functions):
+        check_index(f"function {i} ({function.name[:60]!r})", function.image, len(manifest.images), "image")
+    for graph in manifest.graphs:
+        check_index(f"graph {graph.key[:60]!r}", graph.template, len(manifest.templates), "template")
+    arena = manifest.arena
+    if not 0 <= arena.capture_start <= arena.capture_end <= arena.size:
+        raise ArchiveError(
+            f"{path}: arena capture range [{arena.capture_start}, {arena.capture_end}) "
+            f"does not fit the arena size {arena.size}"
+        )
+

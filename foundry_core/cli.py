@@ -1,0 +1,263 @@
+"""``python -m foundry_core``: inspect and verify archives, describe this machine.
+
+Exit codes: 0 ok, 1 the archive is bad or incompatible, 2 usage error. Errors are one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import defaultdict
+
+import msgspec
+
+from foundry_core.errors import FoundryError
+
+log = logging.getLogger("foundry_core.cli")
+
+EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
+CATEGORIES = ("images", "graph nodes", "graph payload", "graph attrs", "templates", "snapshots", "other")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m foundry_core",
+        description="Inspect and verify Foundry archives (persisted CUDA graphs with their execution context).",
+        epilog="Exit codes: 0 ok, 1 archive bad or incompatible, 2 usage error.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-v) or debug detail (-vv)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="summarise an archive",
+        description="Print what an archive holds: schema, fingerprint, arena, blob sizes by category, graphs, "
+        "kernel images. Reads only the header and manifest (blob contents are not checked; use verify).",
+    )
+    inspect.add_argument("archive", metavar="ARCHIVE", help="path of the .foundry archive")
+    inspect.add_argument("--json", action="store_true", help="print the summary and the full manifest as JSON")
+
+    verify = commands.add_parser(
+        "verify",
+        help="check an archive's integrity and its compatibility with this machine",
+        description="Check the header, the manifest and every blob's sha256 (and decompression), then compare "
+        "the saved fingerprint with this machine's when a CUDA GPU is present.",
+    )
+    verify.add_argument("archive", metavar="ARCHIVE", help="path of the .foundry archive")
+    verify.add_argument(
+        "--key",
+        help="the caller key the archive must have been saved for (e.g. 'qwen3-8b|tp1|rank0'); "
+        "checked even without a GPU",
+    )
+    verify.add_argument(
+        "--no-machine-check",
+        action="store_true",
+        help="skip comparing GPU, driver and software versions with this machine",
+    )
+    verify.add_argument("--device", type=int, default=0, help="CUDA device to compare against (default 0)")
+
+    machine = commands.add_parser(
+        "machine",
+        help="print this machine's fingerprint fields",
+        description="Print the fields an archive must match on this machine, or why there is no usable GPU.",
+    )
+    machine.add_argument("--device", type=int, default=0, help="CUDA device to describe (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # exits 2 on usage errors
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return {"inspect": cmd_inspect, "verify": cmd_verify, "machine": cmd_machine}[args.command](args)
+    except FoundryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # `inspect | head`: nothing more to say
+        return EXIT_OK
+    except Exception as err:  # a bug, not bad input: still one line unless -v asks for the traceback
+        log.debug("traceback", exc_info=True)
+        print(f"internal error: {type(err).__name__}: {err} (run with -vv for the traceback)", file=sys.stderr)
+        return EXIT_BAD
+
+
+# -- inspect -----------------------------------------------------------------------------------------------
+
+
+def cmd_inspect(args) -> int:
+    from foundry_core.archive import Archive
+
+    with Archive.open(args.archive) as archive:
+        summary = summarise(archive)
+        if args.json:
+            doc = {"summary": summary, "manifest": msgspec.to_builtins(archive.manifest)}
+            sys.stdout.write(msgspec.json.format(msgspec.json.encode(doc).decode()) + "\n")
+        else:
+            sys.stdout.write(render(summary))
+    return EXIT_OK
+
+
+def summarise(archive) -> dict:
+    """The facts ``inspect`` prints, as plain data."""
+    from foundry_core.archive import CONTAINER_VERSION, blob_names
+
+    m = archive.manifest
+    category_of = blob_names(m)
+    categories = {c: {"count": 0, "stored": 0, "size": 0} for c in CATEGORIES}
+    seen: dict[str, set] = defaultdict(set)  # category -> stored records already counted (dedupe)
+    for name, blob in m.blobs.items():
+        category = category_of.get(name, "other")
+        if blob.offset in seen[category]:
+            continue
+        seen[category].add(blob.offset)
+        entry = categories[category]
+        entry["count"] += 1
+        entry["stored"] += blob.stored_size
+        entry["size"] += blob.size
+    unique = {b.offset: b for b in m.blobs.values()}
+    return {
+        "path": str(archive.path),
+        "file_size": archive.file_size,
+        "container_version": CONTAINER_VERSION,
+        "schema_version": m.schema_version,
+        "created_utc": m.created_utc,
+        "fingerprint": msgspec.to_builtins(m.fingerprint),
+        "arena": msgspec.to_builtins(m.arena),
+        "blobs": {
+            "names": len(m.blobs),
+            "records": len(unique),
+            "stored": sum(b.stored_size for b in unique.values()),
+            "size": sum(b.size for b in unique.values()),
+            "by_category": categories,
+        },
+        "graphs": [
+            {
+                "key": g.key,
+                "nodes": m.templates[g.template].num_nodes,
+                "kernel_nodes": g.num_kernel_nodes,
+                "template": g.template,
+                "outputs": len(g.outputs),
+                "child": g.is_child,
+            }
+            for g in m.graphs
+        ],
+        "images": [
+            {"sha256": im.sha256, "size": im.size, "kernels": len(im.kernels)} for im in m.images
+        ],
+        "functions": len(m.functions),
+        "templates": len(m.templates),
+        "snapshots": len(m.snapshots),
+        "num_events": m.num_events,
+        "extra": dict(m.extra),
+    }
+
+
+def render(s: dict) -> str:
+    fp, arena, blobs = s["fingerprint"], s["arena"], s["blobs"]
+    lines = [
+        f"archive     {s['path']} ({_size(s['file_size'])}, container v{s['container_version']})",
+        f"schema      {s['schema_version']}, created {s['created_utc']}",
+        "saved for   " + " ".join(f"{k}={fp[k]!r}" for k in fp if k != "key"),
+        f"key         {fp['key']!r}",
+        f"arena       base 0x{arena['base']:x}, reserved {_size(arena['size'])}, granularity "
+        f"{_size(arena['granularity'])}, capture range [+{_size(arena['capture_start'])}, "
+        f"+{_size(arena['capture_end'])}) = {_size(arena['capture_end'] - arena['capture_start'])}",
+        f"contents    {len(s['graphs'])} graphs, {s['templates']} templates, {len(s['images'])} images, "
+        f"{s['functions']} kernels, {s['snapshots']} snapshots, {s['num_events']} events",
+        f"blobs       {blobs['names']} names in {blobs['records']} records, {_size(blobs['stored'])} stored "
+        f"({_size(blobs['size'])} uncompressed)",
+    ]
+    lines += _table(
+        ["category", "blobs", "stored", "uncompressed"],
+        [
+            [c, v["count"], _size(v["stored"]), _size(v["size"])]
+            for c, v in s["blobs"]["by_category"].items()
+            if v["count"]
+        ],
+    )
+    if s["extra"]:
+        lines.append("extra       " + " ".join(f"{k}={v!r}" for k, v in sorted(s["extra"].items())))
+    lines.append("")
+    lines.append(f"graphs ({len(s['graphs'])})")
+    lines += _table(
+        ["key", "nodes", "kernel nodes", "template", "outputs"],
+        [
+            [g["key"] + (" (child)" if g["child"] else ""), g["nodes"], g["kernel_nodes"], g["template"], g["outputs"]]
+            for g in s["graphs"]
+        ],
+    )
+    lines.append("")
+    lines.append(f"images ({len(s['images'])})")
+    lines += _table(
+        ["sha256", "size", "kernels"], [[im["sha256"][:16], _size(im["size"]), im["kernels"]] for im in s["images"]]
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    if not rows:
+        return ["  (none)"]
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    out = []
+    for row in cells:
+        first = row[0].ljust(widths[0])
+        rest = [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+        out.append("  " + "  ".join([first, *rest]).rstrip())
+    return out
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+# -- verify ------------------------------------------------------------------------------------------------
+
+
+def cmd_verify(args) -> int:
+    from foundry_core.archive import Archive
+    from foundry_core import fingerprint as fpr
+
+    with Archive.open(args.archive) as archive:
+        records = archive.verify_all(progress=args.verbose > 0 and sys.stderr.isatty())
+        saved = archive.manifest.fingerprint
+    print(f"ok: {args.archive}: header, manifest and {records} blob records intact")
+
+    if args.key is not None:
+        expected = msgspec.structs.replace(saved, key=args.key)
+        fpr.check_compatible(saved, expected, args.archive)
+        print(f"ok: saved for key {args.key!r}")
+
+    if args.no_machine_check:
+        print("machine check skipped (--no-machine-check)")
+        return EXIT_OK
+    reason = fpr.gpu_unavailable_reason(args.device)
+    if reason is not None:
+        print(f"machine check skipped: no CUDA GPU usable here ({reason})")
+        return EXIT_OK
+    current = fpr.current_fingerprint(key=saved.key if args.key is None else args.key, device=args.device)
+    fpr.check_compatible(saved, current, args.archive)
+    print(f"ok: compatible with this machine ({current.gpu_name}, driver {current.driver_version})")
+    return EXIT_OK
+
+
+# -- machine -----------------------------------------------------------------------------------------------
+
+
+def cmd_machine(args) -> int:
+    from foundry_core.fingerprint import describe_machine
+
+    print(describe_machine(args.device))
+    return EXIT_OK

@@ -1,0 +1,149 @@
+"""Shared test fixtures: a small but realistic archive (graphs, templates, kernel images, snapshots)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from foundry_core import schema
+from foundry_core.archive import ArchiveWriter
+
+ARENA_BASE = 0x6A0000000000
+FINGERPRINT = schema.Fingerprint(
+    gpu_name="NVIDIA H200",
+    compute_capability="9.0",
+    driver_version=13000,
+    cuda_runtime="13.0",
+    torch="2.11.0+cu130",
+    triton="3.6.0",
+    foundry="0.1.0",
+    key="qwen3-8b|tp1|rank0|kv_pages=4096",
+)
+
+
+def _fake_cubin(seed: int, size: int) -> bytes:
+    """ELF-looking bytes with the repetitiveness of real machine code (compresses, like real cubins)."""
+    rng = np.random.default_rng(seed)
+    words = rng.integers(0, 64, size // 8, dtype=np.uint64)  # few distinct words
+    return b"\x7fELF\x02\x01\x01\x33" + words.tobytes()[: size - 8]
+
+
+def _graph_tables(rng, num_nodes: int, batch: int):
+    nodes = np.zeros(num_nodes, schema.NODE_DTYPE)
+    nodes["kind"] = schema.NODE_KERNEL
+    nodes["kind"][0] = schema.NODE_MEMSET
+    nodes["ref"] = np.arange(num_nodes) % 3
+    nodes["grid"] = [batch, 1, 1]
+    nodes["block"] = [128, 1, 1]
+    nodes["payload_len"] = 24
+    nodes["payload_off"] = np.arange(num_nodes) * 24
+    nodes["attr_cnt"] = 2
+    nodes["attr_off"] = np.arange(num_nodes) * 2
+    payload = bytearray()
+    for i in range(num_nodes):  # three device pointers into the arena per node
+        payload += np.array([ARENA_BASE + 0x1000 * i + batch * 64, ARENA_BASE + 0x200000, batch], "<u8").tobytes()
+    attrs = np.zeros(num_nodes * 2, schema.ATTR_DTYPE)
+    attrs["id"][0::2] = 5  # cluster scheduling policy
+    attrs["id"][1::2] = 9  # mem sync domain map
+    return nodes.tobytes(), bytes(payload), attrs.tobytes()
+
+
+def sample_archive(path: Path, *, graphs: int = 3, nodes: int = 12, image_size: int = 4096) -> dict[str, bytes]:
+    """Write a realistic archive at ``path``; returns every blob's original bytes by name."""
+    rng = np.random.default_rng(7)
+    blobs: dict[str, bytes] = {}
+    images_bytes = [_fake_cubin(1, image_size), _fake_cubin(2, image_size // 2)]
+    images = []
+    for i, data in enumerate(images_bytes):
+        sha = hashlib.sha256(data).hexdigest()
+        blobs[f"images/{sha}"] = data
+        images.append(schema.KernelImage(sha256=sha, blob=f"images/{sha}", size=len(data), kernels=[f"k{i}a", f"k{i}b"]))
+    functions = [
+        schema.KernelFunction(image=0, name="k0a", attributes={8: 232448}),
+        schema.KernelFunction(image=0, name="k0b"),
+        schema.KernelFunction(image=1, name="k1a"),
+    ]
+    edges = np.zeros(nodes - 1, schema.EDGE_DTYPE)
+    edges["src"] = np.arange(nodes - 1)
+    edges["dst"] = np.arange(1, nodes)
+    edges["from_port"][::4] = 1  # programmatic dependent launch edges
+    edges["type"][::4] = 1
+    blobs["templates/0/edges"] = edges.tobytes()
+    templates = [
+        schema.GraphTemplate(num_nodes=nodes, kinds_sha256="ab" * 32, edges="templates/0/edges", num_edges=nodes - 1)
+    ]
+    records = []
+    for g in range(graphs):
+        batch = 2**g
+        key = f"decode_bs{batch}"
+        node_bytes, payload, attrs = _graph_tables(rng, nodes, batch)
+        blobs[f"graphs/{key}/nodes"] = node_bytes
+        blobs[f"graphs/{key}/payload"] = payload
+        blobs[f"graphs/{key}/attrs"] = attrs  # identical for every graph: deduped
+        out = schema.TensorSpec(
+            address=ARENA_BASE + 0x40000000 + g * 0x100000,
+            dtype="bfloat16",
+            shape=[batch, 4096],
+            strides=[4096, 1],
+            storage_bytes=batch * 4096 * 2,
+        )
+        records.append(
+            schema.GraphRecord(
+                key=key,
+                template=0,
+                nodes=f"graphs/{key}/nodes",
+                payload=f"graphs/{key}/payload",
+                attrs=f"graphs/{key}/attrs",
+                num_kernel_nodes=nodes - 1,
+                outputs=[out],
+                capture_seconds=0.25,
+            )
+        )
+    blobs["snapshots/0"] = rng.bytes(3000)  # random: stays raw
+    snapshots = [schema.MemorySnapshot(address=ARENA_BASE + 0x44000000, size=3000, blob="snapshots/0", note="rope")]
+    manifest = schema.Manifest(
+        schema_version=schema.SCHEMA_VERSION,
+        created_utc="2026-11-28T12:00:00Z",
+        fingerprint=FINGERPRINT,
+        arena=schema.ArenaLayout(
+            base=ARENA_BASE, size=80 << 30, granularity=2 << 20, capture_start=17 << 30, capture_end=(17 << 30) + (6 << 20)
+        ),
+        blobs={},
+        images=images,
+        functions=functions,
+        templates=templates,
+        graphs=records,
+        snapshots=snapshots,
+        num_events=0,
+        extra={"kv_pages": "4096"},
+    )
+    with ArchiveWriter(path) as writer:
+        for name, data in blobs.items():
+            writer.add_blob(name, data)
+        writer.finish(manifest)
+    return blobs
+
+
+@pytest.fixture
+def archive_file(tmp_path) -> tuple[Path, dict[str, bytes]]:
+    """(path, blobs by name) of a freshly written sample archive."""
+    path = tmp_path / "model.foundry"
+    return path, sample_archive(path)
+
+
+def rewrite_manifest(path: Path, manifest_doc) -> None:
+    """Replace the archive's manifest with ``manifest_doc`` (any msgpack-able object), fixing the header's
+    size and sha256 so that only the reader's decoding and validation can object."""
+    import msgspec
+
+    from foundry_core.archive import HEADER
+
+    data = bytearray(path.read_bytes())
+    magic, version, flags, offset, _, _ = HEADER.unpack_from(data)
+    encoded = msgspec.msgpack.encode(manifest_doc)
+    del data[offset:]
+    data += encoded
+    HEADER.pack_into(data, 0, magic, version, flags, offset, len(encoded), hashlib.sha256(encoded).digest())
+    path.write_bytes(bytes(data))
