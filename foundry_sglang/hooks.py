@@ -1,0 +1,417 @@
+"""Hook bodies the plugin registers on SGLang 0.5.23 (see ``foundry_sglang.plugin.HOOKS`` for targets and seams).
+
+One :class:`PluginState` per scheduler process holds the ``foundry_core.Session`` and a :class:`CaptureRouter`.
+The router is the whole SAVE/LOAD decision and is written against the attributes of SGLang's
+``FullCudaGraphBackend`` (``_graphs``, ``_outputs``, ``_pool``, ``_capture_stream``, ``_device_module``,
+``_tp_group``, ``_precarve``, ``_cuda_graph_runner``), so it is testable on CPU with a stand-in graph object:
+
+* ``save``: two warm-ups and a capture exactly as ``FullCudaGraphBackend.capture_one`` does them, but into a
+  graph from ``session.new_graph()`` (kept topology) and the session's graph pool; then ``session.add_graph``.
+* ``load``: ``session.restore()`` once, then ``_graphs[key] = restored``, ``_outputs[key] = restored.outputs``;
+  ``forward_fn`` is never run. SGLang's ``replay()`` then calls ``restored.replay()`` unchanged.
+* ``live``: SGLang's own ``capture_one`` (Foundry disabled, or after a LOAD problem, logged once with the reason).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, Optional
+
+from foundry_core.errors import FoundryError
+
+log = logging.getLogger("foundry_sglang.hooks")
+
+EXTRA_KV = "sglang.memory_pool_config"
+EXTRA_KEY = "sglang.key_material"
+EXTRA_GRAPHS = "sglang.graphs"
+
+
+def graph_name(shape_key: Any, runner: Any = None) -> str:
+    """Archive name of an SGLang ShapeKey (``decode_bs8``, plus ``_s1``/``_v<label>``/``_a<variant>`` when set)."""
+    size = getattr(shape_key, "size", None)
+    if size is None:
+        return f"decode_{shape_key}"
+    prefix = "decode" if runner is None or "Decode" in type(runner).__name__ else type(runner).__name__
+    name = f"{prefix}_bs{size}"
+    for attr, tag in (("stream_idx", "s"), ("variant_label", "v"), ("attention_variant", "a")):
+        value = getattr(shape_key, attr, None)
+        if value is not None:
+            name += f"_{tag}{value}"
+    return name
+
+
+# -- output pytrees --------------------------------------------------------------------------------
+def register_dataclass_pytree(cls: type, serialized_name: str) -> bool:
+    """Register a dataclass as a torch pytree node whose treespec survives JSON (True if newly registered)."""
+    import torch.utils._pytree as pytree
+
+    names = tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+    def flatten(obj):
+        return [getattr(obj, n) for n in names], names
+
+    def unflatten(values, context):
+        return cls(**dict(zip(context, values)))
+
+    try:
+        pytree.register_pytree_node(
+            cls, flatten, unflatten, serialized_type_name=serialized_name,
+            to_dumpable_context=list, from_dumpable_context=tuple,
+        )
+    except ValueError:  # already registered (by us in an earlier call, or by SGLang itself)
+        return False
+    return True
+
+
+def register_output_pytrees() -> None:
+    """Make SGLang's decode output (LogitsProcessorOutput) storable as a pytree of tensors."""
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+    register_dataclass_pytree(LogitsProcessorOutput, "sglang.srt.layers.logits_processor.LogitsProcessorOutput")
+
+
+# -- the router ------------------------------------------------------------------------------------
+class CaptureRouter:
+    """Decides what ``FullCudaGraphBackend.capture_one`` does: ``save``, ``load`` or ``live``.
+
+    ``live_capture(backend, shape_key, forward_fn, capture_inputs, post_warmup_hook)`` is SGLang's original
+    method; ``capture_scope()`` is SGLang's ``graph_pool_capture_scope`` (injectable for tests).
+    """
+
+    def __init__(self, session: Any, mode: str, live_capture: Callable[..., None],
+                 capture_scope: Callable[[], Any] = contextlib.nullcontext,
+                 load_blocked: Optional[str] = None):
+        if mode not in ("save", "load", "live"):
+            raise ValueError(f"unknown capture mode {mode!r}")
+        self.session = session
+        self.mode = mode
+        self.live_capture = live_capture
+        self.capture_scope = capture_scope
+        self.recorded: list[str] = []
+        self.restored_names: list[str] = []
+        self.live_names: list[str] = []
+        self.problem: Optional[str] = None  # why SAVE stopped recording or LOAD fell back
+        self._restored: Optional[Dict[str, Any]] = None
+        if mode == "load" and load_blocked:
+            self._fall_back(load_blocked)
+
+    # entry point -------------------------------------------------------------------------------
+    def capture_one(self, backend: Any, shape_key: Any, forward_fn: Callable[[], Any],
+                    capture_inputs: Any = None, post_warmup_hook: Optional[Callable[[], None]] = None) -> None:
+        name = graph_name(shape_key, getattr(backend, "_cuda_graph_runner", None))
+        if self.mode == "load":
+            graph = self._restored_graph(name)
+            if graph is not None:
+                backend._graphs[shape_key] = graph
+                backend._outputs[shape_key] = graph.outputs
+                self.restored_names.append(name)
+                return
+        if self.mode == "save" and self.problem is None:
+            self._capture_and_record(backend, shape_key, name, forward_fn, post_warmup_hook)
+            return
+        self.live_names.append(name)
+        self.live_capture(backend, shape_key, forward_fn, capture_inputs, post_warmup_hook)
+
+    # SAVE ----------------------------------------------------------------------------------------
+    def _capture_and_record(self, backend, shape_key, name, forward_fn, post_warmup_hook) -> None:
+        if getattr(backend, "_reuse_output_buffer", False):
+            raise FoundryError("foundry: FullCudaGraphBackend with reuse_output_buffer (prefill graphs) is not supported")
+        runner = getattr(backend, "_cuda_graph_runner", None)
+        profiler = getattr(runner, "_profiler", None) if getattr(runner, "enable_profile_cuda_graph", False) else None
+        device = backend._device_module
+        for _ in range(2):  # as FullCudaGraphBackend.capture_one: sync, TP barrier, forward, hook
+            device.synchronize()
+            backend._tp_group.barrier()
+            with backend._precarve.measure():
+                output = forward_fn()
+            del output
+            if profiler is not None:
+                profiler.step()
+            if post_warmup_hook is not None:
+                post_warmup_hook()
+        graph = self.session.new_graph()
+        with self.capture_scope(), device.graph(cuda_graph=graph, pool=backend._pool, stream=backend._capture_stream):
+            backend._precarve.mint()
+            out = forward_fn()
+        if profiler is not None:
+            profiler.step()
+        backend._graphs[shape_key] = graph
+        backend._outputs[shape_key] = out
+        try:
+            self.session.add_graph(name, graph, out)
+        except FoundryError as err:  # the graph itself is fine for this process; only the archive is given up
+            self.problem = f"graph {name} cannot be saved: {err}"
+            log.error("foundry: SAVE stopped, serving with live graphs: %s", self.problem)
+            return
+        self.recorded.append(name)
+
+    # LOAD ----------------------------------------------------------------------------------------
+    def _restored_graph(self, name: str) -> Optional[Any]:
+        if self._restored is None:
+            t0 = time.perf_counter()
+            try:
+                self._restored = dict(self.session.restore())
+            except Exception as err:  # any LOAD problem: capture live instead, say why once
+                self._fall_back(f"restore failed: {_one_line(err)}")
+                return None
+            log.info("foundry: restored %d graphs in %.2f s", len(self._restored), time.perf_counter() - t0)
+        graph = self._restored.get(name)
+        if graph is None:
+            log.warning("foundry: archive has no graph %s; capturing it live", name)
+        return graph
+
+    def _fall_back(self, reason: str) -> None:
+        self.problem = reason
+        self.mode = "live"
+        log.warning("foundry: LOAD not used, capturing CUDA graphs live: %s", reason)
+
+    def summary(self) -> str:
+        return (f"mode={self.mode} recorded={len(self.recorded)} restored={len(self.restored_names)} "
+                f"live={len(self.live_names)}" + (f" problem={self.problem}" if self.problem else ""))
+
+
+# -- per-process state -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class PluginState:
+    """Foundry's state in one scheduler process."""
+
+    session: Any
+    router: CaptureRouter
+    archive_path: str
+    key_material: str
+    saved_kv_config: Optional[dict] = None  # LOAD: from the archive
+    kv_config: Optional[dict] = None  # SAVE: what SGLang resolved
+    kv_forced: bool = False
+
+
+_state: Optional[PluginState] = None
+
+
+def current_state() -> Optional[PluginState]:
+    return _state
+
+
+def reset_state() -> None:
+    global _state
+    _state = None
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _archive_extra(session: Any) -> Dict[str, str]:
+    """The manifest's ``extra`` of the archive a LOAD session opened."""
+    for path in (("extra",), ("manifest", "extra")):
+        obj = session
+        for attr in path:
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, dict):
+            return obj
+    raise FoundryError("foundry_core Session does not expose the archive's extra fields")
+
+
+def _original(cls: type, name: str) -> Callable:
+    """SGLang's own implementation under HookRegistry's wrappers."""
+    fn = cls.__dict__[name]
+    while getattr(fn, "__code__", None) is not None and "hook_registry" in fn.__code__.co_filename:
+        fn = fn.__wrapped__
+    return fn
+
+
+def _rank_layout(runner: Any):
+    from foundry_sglang.keys import RankLayout
+
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        p = get_parallel()
+    except Exception:
+        p = None
+    args = runner.server_args
+
+    def pick(*names, default):
+        for n in names:
+            v = getattr(p, n, None) if p is not None else None
+            if isinstance(v, int):
+                return v
+        return default
+
+    return RankLayout(
+        tp_size=pick("tp_size", default=int(getattr(args, "tp_size", 1) or 1)),
+        tp_rank=pick("tp_rank", default=0),
+        ep_size=pick("moe_ep_size", "ep_size", default=int(getattr(args, "ep_size", 1) or 1)),
+        ep_rank=pick("moe_ep_rank", "ep_rank", default=0),
+        dp_size=pick("dp_size", "attn_dp_size", default=int(getattr(args, "dp_size", 1) or 1)),
+        dp_rank=int(getattr(runner, "dp_rank", None) or pick("dp_rank", "attn_dp_rank", default=0)),
+        pp_size=pick("pp_size", default=int(getattr(args, "pp_size", 1) or 1)),
+        pp_rank=pick("pp_rank", default=0),
+    )
+
+
+def _resolved_graph_config_problem() -> Optional[str]:
+    """Check the cuda-graph config SGLang resolved (auto-disable rules may differ from the raw flags)."""
+    try:
+        from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, check_cuda_graph_backend
+    except ImportError:
+        return None
+    if check_cuda_graph_backend(Phase.DECODE, Backend.BREAKABLE):
+        return "decode graph backend resolved to 'breakable'; use --cuda-graph-backend-decode full"
+    if check_cuda_graph_backend(Phase.PREFILL, Backend.FULL) or check_cuda_graph_backend(Phase.PREFILL, Backend.BREAKABLE):
+        return "prefill CUDA graphs are enabled; add --cuda-graph-backend-prefill disabled"
+    return None
+
+
+# -- hooks -----------------------------------------------------------------------------------------
+def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
+    """BEFORE ModelRunner.initialize: check flags, key the archive, open the Session (arms the arena)."""
+    global _state
+    if getattr(runner, "is_draft_worker", False) or _state is not None:
+        return None
+    from foundry_sglang.keys import archive_key
+    from foundry_sglang.plugin import UnsafeFlag, check_flags, config_from_env
+
+    config = config_from_env()
+    if not config.enabled:
+        return None
+    reason = check_flags(runner.server_args, config.mode) or _resolved_graph_config_problem()
+    if reason:
+        if config.mode in ("save", "load"):
+            raise UnsafeFlag(f"--foundry-mode {config.mode} refused: {reason}")
+        log.warning("foundry: disabled for this server: %s", reason)
+        return None
+    layout = _rank_layout(runner)
+    key = archive_key(runner.server_args, layout)
+    path = key.path(config.archive_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        register_output_pytrees()
+        _disable_graph_pool_borrow()
+        import foundry_core
+
+        session = foundry_core.Session(str(path), mode=config.mode, key=key.key, device=int(runner.gpu_id))
+        session.open()
+    except Exception as err:
+        if config.mode == "save":
+            raise
+        log.warning("foundry: not used, running plain SGLang: cannot open %s: %s", path, _one_line(err))
+        return None
+    from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
+
+    live = _original(FullCudaGraphBackend, "capture_one")
+    mode = session.mode
+    saved_kv, blocked = None, None
+    if mode == "load":
+        try:
+            extra = _archive_extra(session)
+            saved_kv = json.loads(extra[EXTRA_KV])
+        except (FoundryError, KeyError, ValueError) as err:
+            blocked = f"archive has no usable KV-pool configuration ({_one_line(err)})"
+    router = CaptureRouter(session, mode, live_capture=lambda b, *a: live(b, *a),
+                           capture_scope=_graph_pool_capture_scope(), load_blocked=blocked)
+    _state = PluginState(session=session, router=router, archive_path=str(path), key_material=key.material,
+                         saved_kv_config=saved_kv)
+    log.info("foundry: %s %s (rank %s, pid %d)", mode.upper(), path, layout.tag(), os.getpid())
+    return None
+
+
+def around_resolve_memory_pool_config(original: Callable, configurator: Any, *args, **kwargs):
+    """AROUND KVCacheConfigurator._resolve_memory_pool_config: SAVE records, LOAD forces the pool config."""
+    state = _state
+    if state is None or getattr(configurator, "is_draft_worker", False):
+        return original(configurator, *args, **kwargs)
+    if state.router.mode == "load" and state.saved_kv_config is not None:
+        from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+
+        known = {f.name for f in dataclasses.fields(MemoryPoolConfig)}
+        config = MemoryPoolConfig(**{k: v for k, v in state.saved_kv_config.items() if k in known})
+        state.kv_forced = True
+        log.info("foundry: KV pool forced to the saved configuration: max_total_num_tokens=%s",
+                 config.max_total_num_tokens)
+        return config
+    config = original(configurator, *args, **kwargs)
+    if state.router.mode == "save":
+        state.kv_config = dataclasses.asdict(config)
+    return config
+
+
+def around_capture_session(original: Callable, backend: Any, stream: Any, *args, **kwargs):
+    """AROUND FullCudaGraphBackend.capture_session: in SAVE, use the session's graph pool and capture phase."""
+    state = _state
+    if state is None or state.router.mode != "save" or state.router.problem is not None:
+        return original(backend, stream, *args, **kwargs)
+    return _save_capture_session(state, original, backend, stream, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _save_capture_session(state: PluginState, original, backend, stream, *args, **kwargs):
+    session = state.session
+    if backend._pool is None:
+        backend._pool = session.graph_pool
+        try:
+            from sglang.srt.model_executor.runner_utils.pool import set_global_graph_memory_pool
+
+            set_global_graph_memory_pool(session.graph_pool)
+        except ImportError:
+            pass
+    with session.capture_phase(), original(backend, stream, *args, **kwargs):
+        yield
+
+
+def replace_capture_one(backend: Any, shape_key: Any, forward_fn: Callable[[], Any], capture_inputs: Any = None,
+                        post_warmup_hook: Optional[Callable[[], None]] = None) -> None:
+    """REPLACE FullCudaGraphBackend.capture_one: route through the process's CaptureRouter."""
+    state = _state
+    if state is None:  # Foundry not active in this process (e.g. auto mode refused a flag): SGLang as is
+        from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
+
+        original = _original(FullCudaGraphBackend, "capture_one")
+        return original(backend, shape_key, forward_fn, capture_inputs, post_warmup_hook)
+    return state.router.capture_one(backend, shape_key, forward_fn, capture_inputs, post_warmup_hook)
+
+
+def after_init_cuda_graphs(result: Any, runner: Any, *args, **kwargs) -> Any:
+    """AFTER ModelRunner.init_cuda_graphs: SAVE writes the archive; both modes log what happened."""
+    state = _state
+    if state is None or getattr(runner, "is_draft_worker", False):
+        return result
+    router = state.router
+    if router.mode == "save" and router.problem is None and router.recorded:
+        extra = {EXTRA_KEY: state.key_material, EXTRA_GRAPHS: json.dumps(router.recorded)}
+        if state.kv_config is not None:
+            extra[EXTRA_KV] = json.dumps(state.kv_config, sort_keys=True)
+        else:
+            log.warning("foundry: KV-pool configuration was not observed; the archive will not be loadable")
+        try:
+            path = state.session.save(extra=extra)
+            log.info("foundry: saved %d graphs to %s", len(router.recorded), path)
+        except Exception as err:
+            router.problem = f"save failed: {_one_line(err)}"
+            log.error("foundry: archive not written (serving continues): %s", router.problem)
+    log.info("foundry: %s", router.summary())
+    return result
+
+
+def _disable_graph_pool_borrow() -> None:
+    """Graph-pool borrowing hands free blocks of the graph pool to other users; at LOAD that pool is raw
+    restored memory, so turn it off in both modes (allocation order must match)."""
+    try:
+        from sglang.srt.model_executor.runner_utils.pool import disable_graph_pool_borrow
+
+        disable_graph_pool_borrow("foundry: graph pool is restored from an archive")
+    except Exception as err:  # older/newer sglang without the feature, or no runtime context yet
+        log.debug("graph pool borrow not disabled: %s", err)
+
+
+def _graph_pool_capture_scope() -> Callable[[], Any]:
+    try:
+        from sglang.srt.model_executor.runner_utils.pool import graph_pool_capture_scope
+
+        return graph_pool_capture_scope
+    except ImportError:
+        return contextlib.nullcontext
