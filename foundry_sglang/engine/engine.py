@@ -1,0 +1,378 @@
+"""The engine: rank 0's scheduling loop, worker ranks, and the sync/async front ends.
+
+``LLMEngine`` is the synchronous core (add requests, ``step()``); ``LLM`` wraps it for scripts and tests;
+``AsyncLLMEngine`` runs it on a background thread for the HTTP server, the elastic controller and the benchmark.
+With tp*ep > 1 the engine spawns ranks 1..N-1 itself; they run ``worker_main``, receiving each step's batch.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Dict, List, Optional, Sequence as Seq, Union
+
+import torch
+import torch.multiprocessing as mp
+
+from .batch import EXIT, StepBatch, broadcast_batch, receive_batch
+from .config import ConfigError, EngineArgs, load_model_config
+from .model_runner import ModelRunner
+from .sampling import SamplingParams, sample
+from .scheduler import FINISHED, PageAllocator, Scheduler, Sequence
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger("foundry_sglang.engine")
+
+Prompt = Union[str, List[int]]
+
+
+@dataclass
+class RequestOutput:
+    """One increment of a request: ``delta`` text and ``new_token_ids`` since the last output."""
+
+    request_id: str
+    delta: str
+    new_token_ids: List[int]
+    text: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finished: bool = False
+    finish_reason: Optional[str] = None   # "stop" | "length" | "abort"
+    token_ids: List[int] = field(default_factory=list)  # all output ids (filled when finished)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_main(args: EngineArgs, rank: int) -> None:
+    """Entry of ranks > 0: build the same runner and execute every step rank 0 broadcasts."""
+    logging.basicConfig(level=logging.WARNING)
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    runner = ModelRunner(args, rank=rank)
+    group = runner.state.control_group
+    while True:
+        batch = receive_batch(group)
+        if batch.kind == EXIT:
+            break
+        runner.run(batch)
+    runner.shutdown()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+class LLMEngine:
+    """Synchronous engine on rank 0. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, args: EngineArgs, graph_backend=None):
+        args.validate()
+        args = replace(args)
+        if args.world_size > 1 and args.dist_port is None:
+            args.dist_port = free_port()
+        self.args = args
+        self.model_config = load_model_config(args.model)
+        self.tokenizer = load_tokenizer(args.model, args.tokenizer, self.model_config.eos_token_id)
+        self.served_model_name = args.served_model_name or args.model
+        self.workers: List[mp.Process] = []
+        if args.world_size > 1:
+            ctx = mp.get_context("spawn")
+            for rank in range(1, args.world_size):
+                p = ctx.Process(target=worker_main, args=(args, rank), daemon=True, name=f"engine-rank{rank}")
+                p.start()
+                self.workers.append(p)
+        try:
+            self.runner = ModelRunner(args, rank=0, graph_backend=graph_backend)
+        except BaseException:
+            self._stop_workers(timeout=1.0)
+            raise
+        self.allocator = PageAllocator(self.runner.num_kv_pages, args.page_size)
+        self.max_model_len = min(self.runner.max_model_len, self.allocator.usable * args.page_size)
+        self.scheduler = Scheduler(self.allocator, args.max_num_seqs,
+                                   max(args.max_num_batched_tokens, self.max_model_len))
+        self.seqs: Dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps_prefill": 0, "steps_decode": 0}
+        self._closed = False
+        log.info("engine ready: %s, tp=%d ep=%d, %s %s, %d KV pages x %d tokens, context %d, graphs %s",
+                 args.model, args.tp, args.ep, self.runner.device, str(self.runner.dtype).replace("torch.", ""),
+                 self.runner.num_kv_pages, args.page_size, self.max_model_len, self.runner.graph_bs or "off")
+
+    # -- requests ---------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt) -> List[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size})")
+        return list(prompt)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: Optional[str] = None) -> Sequence:
+        """Validate and queue a request; ValueError (one line) for bad input."""
+        params.validate()
+        ids = self.encode_prompt(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context length is {self.max_model_len}")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise ValueError(f"duplicate request id {rid!r}")
+        seq = Sequence(rid, ids, params, params.resolved_seed())
+        self.seqs[rid] = seq
+        self.scheduler.add(seq)
+        self.counters["prompt_tokens"] += len(ids)
+        return seq
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status == FINISHED:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._emit(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping ---------------------------------------------------------------------------------
+    def step(self) -> List[RequestOutput]:
+        """Run one prefill or decode step; returns outputs of the sequences that advanced."""
+        seqs, batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        if self.workers:
+            broadcast_batch(batch, self.runner.state.control_group)
+        logits = self.runner.run(batch)
+        tokens = sample(logits, [s.params.temperature for s in seqs], [s.params.top_p for s in seqs],
+                        [s.params.top_k for s in seqs], [s.seed for s in seqs],
+                        [len(s.output_ids) for s in seqs])
+        self.counters["steps_prefill" if batch.kind == 1 else "steps_decode"] += 1
+        now = time.monotonic()
+        outs = []
+        for seq, tok in zip(seqs, tokens):
+            seq.output_ids.append(tok)
+            seq.num_cached = seq.num_tokens - 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self.counters["generation_tokens"] += 1
+            reason = self._check_stop(seq, tok)
+            if reason:
+                self.scheduler.finish(seq, reason)
+            outs.append(self._emit(seq))
+        return outs
+
+    def _check_stop(self, seq: Sequence, tok: int) -> Optional[str]:
+        p = seq.params
+        if not p.ignore_eos and tok in self.tokenizer.stop_token_ids:
+            seq.output_ids.pop()  # the stop token is not part of the output text
+            seq.text = self.tokenizer.decode(seq.output_ids)
+            seq.output_ids.append(tok)
+            return "stop"
+        if tok in p.stop_token_ids:
+            return "stop"
+        seq.text = self.tokenizer.decode(seq.output_ids)
+        if p.stop:
+            start = max(0, seq.sent_chars - max(len(s) for s in p.stop))
+            hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
+            if hits:
+                seq.text = seq.text[:min(hits)]
+                return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _emit(self, seq: Sequence) -> RequestOutput:
+        finished = seq.status == FINISHED
+        text = seq.text
+        visible = len(text)
+        if not finished:
+            if text.endswith("\ufffd"):
+                visible = len(text.rstrip("\ufffd"))
+            if seq.params.stop:  # hold back what could be the start of a stop string
+                visible = max(seq.sent_chars, visible - (max(len(s) for s in seq.params.stop) - 1))
+        delta = text[seq.sent_chars:visible]
+        seq.sent_chars = max(seq.sent_chars, visible)
+        new_ids = seq.output_ids[seq.sent_tokens:]
+        seq.sent_tokens = len(seq.output_ids)
+        if finished:
+            self.seqs.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, delta, new_ids, text[:seq.sent_chars], len(seq.prompt_ids),
+                             len(seq.output_ids), finished, seq.finish_reason,
+                             list(seq.output_ids) if finished else [])
+
+    def stats(self) -> Dict[str, float]:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_usage": self.allocator.usage(), "num_kv_pages": self.runner.num_kv_pages,
+                "preemptions": self.scheduler.num_preemptions, **self.counters}
+
+    # -- shutdown ---------------------------------------------------------------------------------
+    def _stop_workers(self, timeout: float = 10.0) -> None:
+        for p in self.workers:
+            p.join(timeout)
+            if p.is_alive():
+                p.terminate()
+                p.join(2.0)
+        self.workers = []
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.workers:
+            try:
+                broadcast_batch(StepBatch(EXIT), self.runner.state.control_group)
+            except Exception as e:  # a worker already died; terminate the rest
+                log.warning("could not signal workers: %s", e)
+        self._stop_workers()
+        self.runner.shutdown()
+
+
+class LLM:
+    """Synchronous convenience API: ``LLM(EngineArgs(...)).generate(prompts, params)``."""
+
+    def __init__(self, args: Optional[EngineArgs] = None, graph_backend=None, **kwargs):
+        self.engine = LLMEngine(args or EngineArgs(**kwargs), graph_backend=graph_backend)
+
+    def generate(self, prompts: Union[Prompt, Seq[Prompt]],
+                 params: Union[SamplingParams, Seq[SamplingParams], None] = None) -> List[RequestOutput]:
+        """Run all prompts together (continuous batching) and return one finished output per prompt."""
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        plist = [prompts] if single else list(prompts)
+        params = params or SamplingParams()
+        pars = list(params) if isinstance(params, (list, tuple)) else [params] * len(plist)
+        ids = [self.engine.add_request(p, sp).request_id for p, sp in zip(plist, pars)]
+        done: Dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+class AsyncLLMEngine:
+    """Runs an LLMEngine on a background thread; ``generate`` is an async iterator of RequestOutput."""
+
+    def __init__(self, args: EngineArgs, graph_backend=None):
+        self.engine = LLMEngine(args, graph_backend=graph_backend)
+        self.tokenizer = self.engine.tokenizer
+        self.served_model_name = self.engine.served_model_name
+        self.max_model_len = self.engine.max_model_len
+        self._inbox: "queue.Queue" = queue.Queue()
+        self._streams: Dict[str, tuple] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._stats: Dict[str, float] = self.engine.stats()
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def _deliver(self, out: RequestOutput) -> None:
+        entry = self._streams.get(out.request_id)
+        if entry is None:
+            return
+        loop, q = entry
+        if out.finished:
+            self._streams.pop(out.request_id, None)
+        loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _loop(self) -> None:
+        eng = self.engine
+        try:
+            while not self._stop.is_set():
+                block = not eng.has_unfinished()
+                try:
+                    while True:
+                        msg = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+                        block = False
+                        self._handle(msg)
+                except queue.Empty:
+                    pass
+                if eng.has_unfinished():
+                    for out in eng.step():
+                        self._deliver(out)
+                self._stats = eng.stats()
+        except BaseException as e:  # surface engine failures to every waiting request
+            log.exception("engine loop failed")
+            self.error = e
+            for rid, (loop, q) in list(self._streams.items()):
+                loop.call_soon_threadsafe(q.put_nowait, e)
+            self._streams.clear()
+
+    def _handle(self, msg) -> None:
+        kind, rid, payload = msg
+        if kind == "add":
+            prompt, params = payload
+            try:
+                self.engine.add_request(prompt, params, rid)
+            except ValueError as e:
+                entry = self._streams.pop(rid, None)
+                if entry:
+                    entry[0].call_soon_threadsafe(entry[1].put_nowait, e)
+        elif kind == "abort":
+            out = self.engine.abort(rid)
+            if out is not None:
+                self._deliver(out)
+
+    def check_request(self, prompt: Prompt, params: SamplingParams) -> List[int]:
+        """Validate up front (raises ValueError) so the server can answer 400 before streaming."""
+        params.validate()
+        ids = self.engine.encode_prompt(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens but the context length is {self.max_model_len}")
+        return ids
+
+    async def generate(self, prompt: Prompt, params: SamplingParams,
+                       request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """Yield incremental outputs until the request finishes; ValueError for bad input."""
+        if self.error is not None or self._stop.is_set():
+            raise RuntimeError("the engine is not running")
+        rid = request_id or f"areq-{next(self._ids)}"
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (asyncio.get_running_loop(), q)
+        self._inbox.put(("add", rid, (prompt, params)))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None))
+
+    def stats(self) -> Dict[str, float]:
+        return dict(self._stats)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.engine.shutdown()
