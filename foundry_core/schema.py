@@ -45,18 +45,17 @@ NODE_KIND_NAMES = {
 #: child:   ref = index of a graph in Manifest.graphs (a child graph record)
 NODE_DTYPE = np.dtype(
     [
+        ("payload_off", "<u8"),
         ("kind", "<u4"),
         ("ref", "<u4"),
         ("grid", "<u4", (3,)),
         ("block", "<u4", (3,)),
         ("smem", "<u4"),
-        ("payload_off", "<u8"),
         ("payload_len", "<u4"),
         ("attr_off", "<u4"),
         ("attr_cnt", "<u4"),
-        ("_pad", "<u4"),
-    ],
-    align=False,
+        ("_pad", "<u4", (2,)),
+    ]
 )
 assert NODE_DTYPE.itemsize == 64
 

@@ -43,6 +43,9 @@ class TorchGraphBackend:
 
     needs_forward = True  # capture_one runs forward_fn
 
+    def before_allocations(self) -> None:
+        """Called by the model runner before weights, KV cache and static buffers are allocated."""
+
     def __init__(self, warmups: int = 2, barrier: Optional[Callable[[], None]] = None):
         self._graphs: Dict[Hashable, Any] = {}
         self._outputs: Dict[Hashable, Any] = {}
@@ -105,3 +108,72 @@ class TorchGraphBackend:
         self._graphs.clear()
         self._outputs.clear()
         self._pool = None
+
+
+class FoundryGraphBackend(TorchGraphBackend):
+    """SAVE: capture like TorchGraphBackend and record into a foundry_core archive.
+    LOAD: restore every graph from the archive; ``capture_one`` then only looks graphs up (no forward, no warm-up).
+
+    ``before_allocations()`` must run before the application allocates anything the graphs touch: it opens the
+    session, which reserves the deterministic arena and routes this thread's allocations into it.
+    """
+
+    def __init__(self, session, warmups: int = 2, barrier=None, save_extra: Optional[dict] = None,
+                 restore_order: Optional[list] = None):
+        super().__init__(warmups, barrier)
+        self.session = session
+        self.save_extra = save_extra or {}
+        self.restore_order = restore_order
+        self._restored: Dict[str, Any] = {}
+        self.archive_path = None
+
+    @property
+    def needs_forward(self) -> bool:  # type: ignore[override]
+        return self.session.mode != "load"
+
+    def before_allocations(self) -> None:
+        self.session.open()
+        log.info("foundry: session %s (%s)", self.session.mode, self.session.path)
+
+    def _new_pool(self):
+        return self.session.graph_pool
+
+    def _new_graph(self):
+        return self.session.new_graph()
+
+    @contextmanager
+    def capture_session(self, stream: Optional[torch.cuda.Stream] = None):
+        if self.session.mode == "load":
+            t0 = time.perf_counter()
+            order = [shape_key_name(k) for k in (self.restore_order or [])]
+            self._restored = self.session.restore(order=order)
+            self.capture_seconds = time.perf_counter() - t0
+            yield
+            return
+        with self.session.capture_phase(), super().capture_session(stream):
+            yield
+        self.archive_path = self.session.save(self.save_extra)
+
+    def capture_one(self, key: Hashable, forward_fn: Callable[[], Any]) -> None:
+        if self.session.mode != "load":
+            for _ in range(self.warmups):
+                torch.cuda.synchronize()
+                self.barrier()
+                out = forward_fn()
+                del out
+            graph = self._new_graph()
+            t0 = time.perf_counter()
+            with self.session.graph_capture(graph, self._stream):
+                out = forward_fn()
+            self._graphs[key] = graph
+            self._outputs[key] = out
+            self.session.add_graph(shape_key_name(key), graph, out, time.perf_counter() - t0)
+            return
+        name = shape_key_name(key)
+        if name not in self._restored:
+            from foundry_core.errors import FoundryError
+
+            raise FoundryError(f"archive {self.session.path} has no graph {name!r}")
+        graph = self._restored[name]
+        self._graphs[key] = graph
+        self._outputs[key] = graph.outputs

@@ -1,0 +1,174 @@
+/* The restore hot loop: rebuild one CUDA graph node for node from the archive's packed records, then
+ * instantiate and upload it. One call per graph; everything per node happens here, not in Python.
+ * Record layouts mirror foundry_core/schema.py (NODE_DTYPE, ATTR_DTYPE, EDGE_DTYPE, MEMSET_DTYPE).
+ */
+#include "driver.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    uint64_t payload_off;
+    uint32_t kind, ref;
+    uint32_t grid[3], block[3];
+    uint32_t smem, payload_len, attr_off, attr_cnt;
+    uint32_t pad[2];
+} NodeRec;
+_Static_assert(sizeof(NodeRec) == 64, "NodeRec must match schema.NODE_DTYPE");
+
+typedef struct {
+    uint32_t id, pad;
+    uint8_t value[64];
+} AttrRec;
+_Static_assert(sizeof(AttrRec) == 72, "AttrRec must match schema.ATTR_DTYPE");
+_Static_assert(sizeof(CUlaunchAttributeValue) == 64, "CUlaunchAttributeValue changed size");
+
+typedef struct {
+    uint32_t src, dst;
+    uint8_t from_port, to_port, type, pad[5];
+} EdgeRec;
+_Static_assert(sizeof(EdgeRec) == 16, "EdgeRec must match schema.EDGE_DTYPE");
+
+typedef struct {
+    uint64_t dst, pitch;
+    uint32_t value, element_size;
+    uint64_t width, height;
+} MemsetRec;
+_Static_assert(sizeof(MemsetRec) == 40, "MemsetRec must match schema.MEMSET_DTYPE");
+
+enum { K_KERNEL = 0, K_MEMSET = 1, K_MEMCPY = 2, K_EMPTY = 3, K_EVENT_RECORD = 4, K_EVENT_WAIT = 5, K_CHILD = 6 };
+
+size_t foundry_sizeof_memcpy3d(void) { return sizeof(CUDA_MEMCPY3D); }
+
+#define BAIL(...)                                   \
+    do {                                            \
+        snprintf(err, errlen, __VA_ARGS__);         \
+        goto fail;                                  \
+    } while (0)
+
+/* Build a graph. funcs/events/children are tables indexed by NodeRec.ref. On failure returns -1, destroys the
+ * partial graph and writes a one-line reason naming the node into err. */
+int foundry_build_graph(const NodeRec *nodes, uint32_t n_nodes, const uint8_t *payload, const AttrRec *attrs,
+                        const EdgeRec *edges, uint32_t n_edges, const CUfunction *funcs, const CUevent *events,
+                        const CUgraph *children, CUgraph *out, char *err, size_t errlen) {
+    CUgraph g = NULL;
+    CUgraphNode *handles = NULL, *from = NULL, *to = NULL;
+    CUgraphEdgeData *data = NULL;
+    CUcontext ctx = NULL;
+    CUresult r;
+    *out = NULL;
+    if (foundry_driver_load(err, errlen)) return -1;
+    if ((r = p_cuCtxGetCurrent(&ctx)) != CUDA_SUCCESS || !ctx) BAIL("no current CUDA context");
+    if ((r = p_cuGraphCreate(&g, 0)) != CUDA_SUCCESS) BAIL("cuGraphCreate: %s", foundry_cu_error_name(r));
+    handles = malloc(sizeof(CUgraphNode) * (n_nodes ? n_nodes : 1));
+    if (!handles) BAIL("out of host memory");
+
+    for (uint32_t i = 0; i < n_nodes; i++) {
+        const NodeRec *n = &nodes[i];
+        const uint8_t *pl = payload + n->payload_off;
+        switch (n->kind) {
+        case K_KERNEL: {
+            size_t argsize = n->payload_len;
+            void *extra[] = {CU_LAUNCH_PARAM_BUFFER_POINTER, (void *)pl, CU_LAUNCH_PARAM_BUFFER_SIZE, &argsize,
+                             CU_LAUNCH_PARAM_END};
+            CUDA_KERNEL_NODE_PARAMS p;
+            memset(&p, 0, sizeof p);
+            p.func = funcs[n->ref];
+            p.gridDimX = n->grid[0], p.gridDimY = n->grid[1], p.gridDimZ = n->grid[2];
+            p.blockDimX = n->block[0], p.blockDimY = n->block[1], p.blockDimZ = n->block[2];
+            p.sharedMemBytes = n->smem;
+            p.extra = argsize ? extra : NULL;
+            if ((r = p_cuGraphAddKernelNode(&handles[i], g, NULL, 0, &p)) != CUDA_SUCCESS)
+                BAIL("node %u (kernel #%u): cuGraphAddKernelNode: %s", i, n->ref, foundry_cu_error_name(r));
+            for (uint32_t a = 0; a < n->attr_cnt; a++) {
+                const AttrRec *at = &attrs[n->attr_off + a];
+                r = p_cuGraphKernelNodeSetAttribute(handles[i], (CUkernelNodeAttrID)at->id,
+                                                    (const CUkernelNodeAttrValue *)at->value);
+                if (r != CUDA_SUCCESS)
+                    BAIL("node %u: launch attribute %u: %s", i, at->id, foundry_cu_error_name(r));
+            }
+            break;
+        }
+        case K_MEMSET: {
+            const MemsetRec *m = (const MemsetRec *)pl;
+            CUDA_MEMSET_NODE_PARAMS p;
+            memset(&p, 0, sizeof p);
+            p.dst = m->dst, p.pitch = m->pitch, p.value = m->value, p.elementSize = m->element_size;
+            p.width = m->width, p.height = m->height;
+            if ((r = p_cuGraphAddMemsetNode(&handles[i], g, NULL, 0, &p, ctx)) != CUDA_SUCCESS)
+                BAIL("node %u (memset): %s", i, foundry_cu_error_name(r));
+            break;
+        }
+        case K_MEMCPY:
+            if (n->payload_len != sizeof(CUDA_MEMCPY3D)) BAIL("node %u (memcpy): bad payload size", i);
+            if ((r = p_cuGraphAddMemcpyNode(&handles[i], g, NULL, 0, (const CUDA_MEMCPY3D *)pl, ctx)))
+                BAIL("node %u (memcpy): %s", i, foundry_cu_error_name(r));
+            break;
+        case K_EMPTY:
+            if ((r = p_cuGraphAddEmptyNode(&handles[i], g, NULL, 0))) BAIL("node %u (empty): %s", i, foundry_cu_error_name(r));
+            break;
+        case K_EVENT_RECORD:
+            if ((r = p_cuGraphAddEventRecordNode(&handles[i], g, NULL, 0, events[n->ref])))
+                BAIL("node %u (event record): %s", i, foundry_cu_error_name(r));
+            break;
+        case K_EVENT_WAIT:
+            if ((r = p_cuGraphAddEventWaitNode(&handles[i], g, NULL, 0, events[n->ref])))
+                BAIL("node %u (event wait): %s", i, foundry_cu_error_name(r));
+            break;
+        case K_CHILD:
+            if ((r = p_cuGraphAddChildGraphNode(&handles[i], g, NULL, 0, children[n->ref])))
+                BAIL("node %u (child graph): %s", i, foundry_cu_error_name(r));
+            break;
+        default:
+            BAIL("node %u: unknown node kind %u in archive", i, n->kind);
+        }
+    }
+
+    if (n_edges) {
+        from = malloc(sizeof(CUgraphNode) * n_edges);
+        to = malloc(sizeof(CUgraphNode) * n_edges);
+        data = calloc(n_edges, sizeof(CUgraphEdgeData));
+        if (!from || !to || !data) BAIL("out of host memory");
+        for (uint32_t e = 0; e < n_edges; e++) {
+            if (edges[e].src >= n_nodes || edges[e].dst >= n_nodes) BAIL("edge %u out of range", e);
+            from[e] = handles[edges[e].src];
+            to[e] = handles[edges[e].dst];
+            data[e].from_port = edges[e].from_port;
+            data[e].to_port = edges[e].to_port;
+            data[e].type = edges[e].type;
+        }
+        if ((r = p_cuGraphAddDependencies(g, from, to, data, n_edges)) != CUDA_SUCCESS)
+            BAIL("cuGraphAddDependencies (%u edges): %s", n_edges, foundry_cu_error_name(r));
+    }
+    free(handles), free(from), free(to), free(data);
+    *out = g;
+    return 0;
+fail:
+    free(handles), free(from), free(to), free(data);
+    if (g) p_cuGraphDestroy(g);
+    return -1;
+}
+
+/* Instantiate and upload on `stream` (0 = legacy default stream is avoided by callers). */
+int foundry_instantiate(CUgraph g, CUstream stream, CUgraphExec *out, char *err, size_t errlen) {
+    CUresult r;
+    *out = NULL;
+    if (foundry_driver_load(err, errlen)) return -1;
+    if ((r = p_cuGraphInstantiate(out, g, 0)) != CUDA_SUCCESS) {
+        snprintf(err, errlen, "cuGraphInstantiate: %s", foundry_cu_error_name(r));
+        return -1;
+    }
+    if (stream && (r = p_cuGraphUpload(*out, stream)) != CUDA_SUCCESS) {
+        snprintf(err, errlen, "cuGraphUpload: %s", foundry_cu_error_name(r));
+        p_cuGraphExecDestroy(*out);
+        *out = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+int foundry_launch(CUgraphExec exec, CUstream stream) { return (int)p_cuGraphLaunch(exec, stream); }
+int foundry_exec_destroy(CUgraphExec exec) { return (int)p_cuGraphExecDestroy(exec); }
+int foundry_graph_destroy(CUgraph g) { return (int)p_cuGraphDestroy(g); }

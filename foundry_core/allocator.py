@@ -1,0 +1,146 @@
+"""Deterministic device memory: a CUDA VMM arena at a fixed base, handed to PyTorch as memory pools.
+
+``Arena`` wraps ``_native/arena.c``. PyTorch's caching allocator keeps doing the splitting and caching; it asks
+the arena for whole segments through ``CUDAPluggableAllocator`` under ``torch.cuda.MemPool``s, so no global
+allocator swap and no LD_PRELOAD is needed. Same sequence of segment requests ⇒ same addresses in SAVE and LOAD.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+from typing import Iterator, Optional
+
+from foundry_core import native
+from foundry_core.errors import ArenaUnavailable
+
+log = logging.getLogger("foundry_core.allocator")
+
+#: Far from where Linux puts the heap (0x55…), shared libraries and mmaps (0x7f…) and where the CUDA driver
+#: usually reserves its own ranges; override with FOUNDRY_ARENA_BASE.
+DEFAULT_BASE = 0x6A00_0000_0000
+#: Virtual size only; physical memory is mapped per segment.
+DEFAULT_SIZE = 1 << 40
+
+NATIVE_SOURCES = ["driver.c", "arena.c", "restore.c"]
+
+
+def native_lib() -> ctypes.CDLL:
+    lib = native.load("foundry_native", NATIVE_SOURCES)
+    if not getattr(lib, "_foundry_typed", False):
+        u64, p = ctypes.c_uint64, ctypes.c_void_p
+        lib.foundry_arena_init.argtypes = [u64, u64, ctypes.c_int, ctypes.POINTER(u64)]
+        lib.foundry_arena_error.restype = ctypes.c_char_p
+        lib.foundry_arena_map.argtypes = [u64, u64]
+        lib.foundry_arena_advance.argtypes = [u64]
+        for fn in ("base", "size", "granularity", "mapped_bytes", "cursor"):
+            getattr(lib, f"foundry_arena_{fn}").restype = u64
+        lib.foundry_arena_chunks.argtypes = [ctypes.POINTER(u64), ctypes.c_size_t]
+        lib.foundry_arena_chunks.restype = ctypes.c_size_t
+        lib.foundry_sizeof_memcpy3d.restype = ctypes.c_size_t
+        lib.foundry_build_graph.argtypes = [p, ctypes.c_uint32, p, p, p, ctypes.c_uint32, p, p, p, p, ctypes.c_char_p,
+                                            ctypes.c_size_t]
+        lib.foundry_instantiate.argtypes = [p, p, p, ctypes.c_char_p, ctypes.c_size_t]
+        lib.foundry_launch.argtypes = [p, p]
+        lib.foundry_exec_destroy.argtypes = [p]
+        lib.foundry_graph_destroy.argtypes = [p]
+        lib._foundry_typed = True
+    return lib
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value, 0) if value else default
+
+
+def describe_holder(start: int, end: int) -> str:
+    """Name what occupies [start, end) in this process, from /proc/self/maps when it is a host mapping."""
+    holders = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                if lo < end and hi > start:
+                    parts = line.split()
+                    holders.append(f"{lo:#x}-{hi:#x} {parts[5] if len(parts) > 5 else '[anonymous mapping]'}")
+    except OSError:
+        pass
+    if holders:
+        return "held by " + "; ".join(holders[:3]) + (" …" if len(holders) > 3 else "")
+    return "held by a device-memory reservation in this process (the CUDA driver, another arena or a VMM pool)"
+
+
+class Arena:
+    """The process's deterministic arena on one device, and the PyTorch memory pools that draw from it."""
+
+    def __init__(self, device: int = 0, base: Optional[int] = None, size: Optional[int] = None):
+        self.device = device
+        self.base = base if base is not None else env_int("FOUNDRY_ARENA_BASE", DEFAULT_BASE)
+        self.size = size if size is not None else env_int("FOUNDRY_ARENA_SIZE", DEFAULT_SIZE)
+        self.lib = native_lib()
+        self._allocator = None
+
+    def reserve(self) -> None:
+        got = ctypes.c_uint64(0)
+        if self.lib.foundry_arena_init(self.base, self.size, self.device, ctypes.byref(got)) != 0:
+            reason = self.lib.foundry_arena_error().decode()
+            if got.value:  # the range is taken: say by what
+                raise ArenaUnavailable(
+                    f"arena range {self.base:#x}-{self.base + self.size:#x} on cuda:{self.device} is not free "
+                    f"({describe_holder(self.base, self.base + self.size)}); set FOUNDRY_ARENA_BASE to another "
+                    "address (same value for SAVE and LOAD) or free the range"
+                )
+            raise ArenaUnavailable(f"cannot reserve the arena at {self.base:#x}: {reason}")
+        log.info("arena reserved at %#x (+%#x) on cuda:%d", self.base, self.size, self.device)
+
+    # -- PyTorch -------------------------------------------------------------------------------------------------
+    def new_pool(self):
+        """A torch.cuda.MemPool whose segments come from this arena."""
+        import torch
+
+        if self._allocator is None:
+            self._allocator = torch.cuda.memory.CUDAPluggableAllocator(
+                self.lib._foundry_path, "foundry_arena_malloc", "foundry_arena_free"
+            )
+        return torch.cuda.MemPool(self._allocator.allocator())
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    @property
+    def granularity(self) -> int:
+        return int(self.lib.foundry_arena_granularity())
+
+    @property
+    def cursor(self) -> int:
+        return int(self.lib.foundry_arena_cursor())
+
+    @property
+    def mapped_bytes(self) -> int:
+        return int(self.lib.foundry_arena_mapped_bytes())
+
+    def advance(self, offset: int) -> None:
+        if self.lib.foundry_arena_advance(offset) != 0:
+            raise ArenaUnavailable(self.lib.foundry_arena_error().decode())
+
+    def map_raw(self, offset: int, size: int) -> None:
+        """Map [base+offset, +size) outside PyTorch (LOAD restores the capture region this way)."""
+        if size and self.lib.foundry_arena_map(offset, size) != 0:
+            raise ArenaUnavailable(self.lib.foundry_arena_error().decode())
+
+    def chunks(self) -> list[tuple[int, int, bool]]:
+        n = self.lib.foundry_arena_chunks(None, 0)
+        buf = (ctypes.c_uint64 * (3 * max(n, 1)))()
+        n = min(n, self.lib.foundry_arena_chunks(buf, n))
+        return sorted((buf[3 * i], buf[3 * i + 1], bool(buf[3 * i + 2])) for i in range(n))
+
+    def contains(self, address: int) -> bool:
+        return self.base <= address < self.base + self.size
+
+
+@contextlib.contextmanager
+def allocate_from(pool, device: int) -> Iterator[None]:
+    """Route this thread's allocations on ``device`` to ``pool`` (thin wrapper over torch.cuda.use_mem_pool)."""
+    import torch
+
+    with torch.cuda.use_mem_pool(pool, device=device):
+        yield

@@ -1,0 +1,269 @@
+"""LOAD: rebuild executable graphs from an archive without capturing and without running the workload.
+
+Order of work (each step timed in ``RestoreStats``): map the capture region of the arena and write back the
+warm-up buffers graphs read; load kernel images and resolve functions; then build + instantiate + upload graphs
+in ``_native/restore.c`` (one native call per graph). The first graph is built before ``restore()`` returns;
+the others are built by a background thread in the requested order. ``RestoredGraph.replay()`` waits for its
+own graph if it is not ready yet, so replay never fails.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from foundry_core import schema
+from foundry_core.errors import ArchiveError, FoundryError
+
+log = logging.getLogger("foundry_core.restore")
+
+
+@dataclass
+class RestoreStats:
+    map_seconds: float = 0.0
+    snapshot_seconds: float = 0.0
+    images_seconds: float = 0.0
+    first_graph_seconds: float = 0.0  # from restore() start until the first graph is instantiated
+    all_graphs_seconds: float = 0.0  # from restore() start until the last graph is instantiated
+    build_seconds: float = 0.0  # sum over graphs, native node loop
+    instantiate_seconds: float = 0.0  # sum over graphs, cuGraphInstantiate + upload
+    num_graphs: int = 0
+    num_nodes: int = 0
+    per_graph: dict[str, float] = field(default_factory=dict)
+
+
+def tensor_at(spec: schema.TensorSpec, device: int):
+    """A tensor over memory that already holds the saved output (no copy, no ownership)."""
+    import torch
+
+    class _Window:  # __cuda_array_interface__ over raw bytes; torch keeps this object alive with the tensor
+        def __init__(self, address: int, nbytes: int):
+            self.__cuda_array_interface__ = {
+                "shape": (nbytes,), "typestr": "|u1", "data": (address, False), "version": 3, "strides": None,
+            }
+
+    dtype = getattr(torch, spec.dtype)
+    nbytes = max(spec.storage_bytes, 1)
+    with torch.cuda.device(device):
+        raw = torch.as_tensor(_Window(spec.address, nbytes), device=f"cuda:{device}")
+    flat = raw.view(dtype) if nbytes % dtype.itemsize == 0 else raw[: nbytes - nbytes % dtype.itemsize].view(dtype)
+    return flat.as_strided(spec.shape, spec.strides)
+
+
+class RestoredGraph:
+    """Drop-in for a replay-only ``torch.cuda.CUDAGraph`` whose executable was rebuilt from an archive."""
+
+    def __init__(self, key: str, outputs: Any):
+        self.key = key
+        self.outputs = outputs
+        self._exec: Optional[int] = None
+        self._graph: Optional[int] = None
+        self._ready = threading.Event()
+        self._error: Optional[str] = None
+        self._lib = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._error is None
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        self._ready.wait(timeout)
+        if self._error:
+            raise FoundryError(f"graph {self.key!r} could not be restored: {self._error}")
+        return self._ready.is_set()
+
+    def replay(self) -> None:
+        import torch
+
+        if not self._ready.is_set():
+            self.wait()
+        if self._error:
+            raise FoundryError(f"graph {self.key!r} could not be restored: {self._error}")
+        rc = self._lib.foundry_launch(self._exec, torch.cuda.current_stream().cuda_stream)
+        if rc != 0:
+            raise FoundryError(f"cuGraphLaunch of restored graph {self.key!r} failed with CUresult {rc}")
+
+    def reset(self) -> None:
+        if self._exec:
+            self._lib.foundry_exec_destroy(self._exec)
+            self._exec = None
+        if self._graph:
+            self._lib.foundry_graph_destroy(self._graph)
+            self._graph = None
+
+    def __del__(self):
+        try:
+            self.reset()
+        except Exception:
+            pass
+
+
+class GraphBuilder:
+    """Holds decoded tables and builds graphs natively."""
+
+    def __init__(self, archive, manifest: schema.Manifest, lib, functions: np.ndarray, events: np.ndarray):
+        self.archive = archive
+        self.m = manifest
+        self.lib = lib
+        self.functions = functions  # uint64 CUfunction per manifest function index
+        self.events = events
+        self._children: dict[int, int] = {}  # graph index -> built CUgraph handle
+        self._err = ctypes.create_string_buffer(512)
+
+    def _arrays(self, rec: schema.GraphRecord):
+        tpl = self.m.templates[rec.template]
+        nodes = self.archive.blob_array(rec.nodes, schema.NODE_DTYPE)
+        payload = self.archive.blob(rec.payload) if rec.payload else b""
+        attrs = self.archive.blob_array(rec.attrs, schema.ATTR_DTYPE) if rec.attrs else np.zeros(0, schema.ATTR_DTYPE)
+        edges = self.archive.blob_array(tpl.edges, schema.EDGE_DTYPE) if tpl.num_edges else np.zeros(0, schema.EDGE_DTYPE)
+        if len(nodes) != tpl.num_nodes or len(edges) != tpl.num_edges:
+            raise ArchiveError(f"{self.archive.path}: graph {rec.key!r} does not match its template")
+        return nodes, payload, attrs, edges
+
+    def build(self, index: int) -> tuple[int, int]:
+        """Build graph ``index``; returns (CUgraph, number of nodes)."""
+        rec = self.m.graphs[index]
+        nodes, payload, attrs, edges = self._arrays(rec)
+        kinds = nodes["kind"]
+        child_refs = nodes["ref"][kinds == schema.NODE_CHILD_GRAPH]
+        children = np.array([self.child(int(r)) for r in child_refs], dtype=np.uint64)
+        # Kernel refs index the global function table; child refs index `children` in node order.
+        if len(child_refs):
+            nodes = nodes.copy()
+            nodes["ref"][kinds == schema.NODE_CHILD_GRAPH] = np.arange(len(child_refs), dtype=np.uint32)
+        payload_buf = ctypes.create_string_buffer(payload, len(payload)) if payload else None
+        graph = ctypes.c_void_p()
+        rc = self.lib.foundry_build_graph(
+            nodes.ctypes.data, len(nodes), ctypes.cast(payload_buf, ctypes.c_void_p) if payload_buf else None,
+            attrs.ctypes.data if len(attrs) else None, edges.ctypes.data if len(edges) else None, len(edges),
+            self.functions.ctypes.data, self.events.ctypes.data if len(self.events) else None,
+            children.ctypes.data if len(children) else None, ctypes.byref(graph), self._err, len(self._err),
+        )
+        if rc != 0:
+            raise FoundryError(f"rebuilding graph {rec.key!r}: {self._err.value.decode()}")
+        return graph.value, len(nodes)
+
+    def child(self, index: int) -> int:
+        if index not in self._children:
+            self._children[index] = self.build(index)[0]
+        return self._children[index]
+
+    def instantiate(self, graph: int, stream: int) -> int:
+        exec_ = ctypes.c_void_p()
+        if self.lib.foundry_instantiate(graph, stream, ctypes.byref(exec_), self._err, len(self._err)) != 0:
+            raise FoundryError(self._err.value.decode())
+        return exec_.value
+
+
+def build_all(builder: GraphBuilder, order: Iterable[int], graphs: dict[int, RestoredGraph], stats: RestoreStats,
+              t0: float, device: int, stream) -> None:
+    """Build and instantiate graphs in ``order``, marking each ready as soon as it is."""
+    import torch
+
+    torch.cuda.set_device(device)
+    for index in order:
+        rg = graphs[index]
+        try:
+            tb = time.perf_counter()
+            graph, n = builder.build(index)
+            ti = time.perf_counter()
+            rg._exec = builder.instantiate(graph, stream.cuda_stream)
+            te = time.perf_counter()
+            rg._graph = graph
+            stats.build_seconds += ti - tb
+            stats.instantiate_seconds += te - ti
+            stats.num_nodes += n
+            stats.per_graph[rg.key] = te - tb
+        except FoundryError as e:
+            rg._error = str(e)
+            log.error("%s", e)
+        finally:
+            rg._ready.set()
+            if not stats.first_graph_seconds:
+                stats.first_graph_seconds = time.perf_counter() - t0
+    stream.synchronize()  # uploads done
+    stats.all_graphs_seconds = time.perf_counter() - t0
+
+
+def restore_archive(session, order: Optional[Iterable[str]], background: bool) -> dict[str, RestoredGraph]:
+    """The LOAD sequence for ``Session.restore()``; see the module docstring."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from foundry_core import binaries
+    from foundry_core.allocator import native_lib
+
+    stats = RestoreStats()
+    t0 = time.perf_counter()
+    archive, arena, device = session.archive, session.arena, session.device
+    m = archive.manifest
+    start, end = m.arena.capture_start, m.arena.capture_end
+    if arena.cursor > start:
+        raise FoundryError(
+            f"the application allocated {arena.cursor - start} bytes more before restore() than before the "
+            "capture phase in SAVE: its allocation sequence differs (model, KV-cache size or buffers changed?)"
+        )
+    arena.advance(start)
+    arena.map_raw(start, end - start)
+    stats.map_seconds = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    for snap in m.snapshots:
+        data = archive.blob(snap.blob)
+        dst = tensor_at(schema.TensorSpec(address=snap.address, dtype="uint8", shape=[snap.size], strides=[1],
+                                          storage_bytes=snap.size), device)
+        dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    stats.snapshot_seconds = time.perf_counter() - t
+
+    t = time.perf_counter()
+    modules = binaries.load_images([archive.blob(img.blob) for img in m.images])
+    functions = np.asarray(binaries.get_functions(modules, m.functions), dtype=np.uint64)
+    stats.images_seconds = time.perf_counter() - t
+
+    events = np.zeros(m.num_events, dtype=np.uint64)
+    if m.num_events:
+        from cuda.bindings import driver as drv
+
+        for i in range(m.num_events):
+            err, ev = drv.cuEventCreate(0)
+            if int(err) != 0:
+                raise FoundryError(f"cuEventCreate failed: {err!r}")
+            events[i] = int(ev)
+
+    lib = native_lib()
+    builder = GraphBuilder(archive, m, lib, functions, events)
+    builder._modules, builder._events_keep = modules, events  # keep alive as long as graphs may be rebuilt
+    graphs: dict[int, RestoredGraph] = {}
+    for i, rec in enumerate(m.graphs):
+        if rec.is_child:
+            continue
+        tensors = [tensor_at(spec, device) for spec in rec.outputs]
+        if rec.output_tree:
+            outputs = pytree.tree_unflatten(tensors, pytree.treespec_loads(rec.output_tree))
+        else:
+            outputs = tensors[0] if tensors else None
+        rg = RestoredGraph(rec.key, outputs)
+        rg._lib = lib
+        graphs[i] = rg
+    index_of = {rg.key: i for i, rg in graphs.items()}
+    wanted = [index_of[k] for k in (order or []) if k in index_of]
+    ordered = wanted + [i for i in graphs if i not in set(wanted)]
+    stats.num_graphs = len(ordered)
+    stream = torch.cuda.Stream(device)
+    build_all(builder, ordered[:1], graphs, stats, t0, device, stream)
+    rest = ordered[1:]
+    if background and rest:
+        thread = threading.Thread(target=build_all, args=(builder, rest, graphs, stats, t0, device, stream),
+                                  name="foundry-restore", daemon=True)
+        thread.start()
+        session._restore_thread = thread
+    else:
+        build_all(builder, rest, graphs, stats, t0, device, stream)
+    session.restore_stats = stats
+    session._builder = builder
+    return {rg.key: rg for rg in graphs.values()}

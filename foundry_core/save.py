@@ -1,0 +1,256 @@
+"""SAVE: turn a session's recorded graphs into an archive.
+
+Steps: read every graph (codec), give kernels, events and child graphs archive-wide indices, map kernels to
+the module images they came from (binaries), refuse arguments that point outside restorable memory (safety),
+snapshot the warm-up buffers graphs read, share structure between graphs (templates), write blobs + manifest.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from foundry_core import schema
+from foundry_core.codec import DecodedGraph, GraphReader, template_identity
+from foundry_core.errors import FoundryError, UnsafeAddress, UnsupportedGraph
+from foundry_core.safety import PointerOracle, candidate_words
+
+log = logging.getLogger("foundry_core.save")
+
+SNAPSHOT_SMALL_BYTES = 1 << 20
+
+
+@dataclass
+class _Entry:
+    key: str
+    graph: DecodedGraph
+    is_child: bool
+    outputs: Any
+    capture_seconds: float
+    child_indices: list[int]
+
+
+def tensor_spec(t) -> schema.TensorSpec:
+    if t.numel() == 0:
+        extent = 0
+    else:
+        extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return schema.TensorSpec(
+        address=int(t.data_ptr()), dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
+        strides=list(t.stride()), storage_bytes=extent * t.element_size(),
+    )
+
+
+def flatten_outputs(key: str, outputs: Any) -> tuple[list[schema.TensorSpec], str]:
+    import torch
+    from torch.utils import _pytree as pytree
+
+    if outputs is None:
+        return [], ""
+    if isinstance(outputs, torch.Tensor):
+        return [tensor_spec(outputs)], ""
+    leaves, spec = pytree.tree_flatten(outputs)
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise UnsupportedGraph(
+                f"graph {key!r}: output leaf of type {type(leaf).__name__} is not a tensor; return tensors "
+                "(or register the container with torch.utils._pytree)"
+            )
+    try:
+        tree = pytree.treespec_dumps(spec)
+    except Exception as e:  # unregistered/unserialisable container
+        raise UnsupportedGraph(f"graph {key!r}: output structure cannot be stored: {e}") from None
+    return [tensor_spec(t) for t in leaves], tree
+
+
+def _kernel_and_copy_spans(g: DecodedGraph) -> list[tuple[int, int, int]]:
+    """(node, payload offset, length) of every node whose payload may hold device addresses."""
+    sel = np.nonzero(g.nodes["payload_len"])[0]
+    return [(int(i), int(g.nodes[i]["payload_off"]), int(g.nodes[i]["payload_len"])) for i in sel]
+
+
+def write_archive(session, images: list, extra: dict[str, str]) -> Path:
+    import torch
+
+    from foundry_core import binaries
+    from foundry_core.allocator import native_lib
+    from foundry_core.archive import ArchiveWriter
+    from foundry_core.fingerprint import current_fingerprint
+
+    torch.cuda.synchronize()
+    stats = session.save_stats
+    arena = session.arena
+    t0 = time.perf_counter()
+
+    # 1. read graphs ----------------------------------------------------------------------------------------
+    reader = GraphReader()
+    reader.memcpy3d_size = int(native_lib().foundry_sizeof_memcpy3d())
+    entries: list[_Entry] = []
+
+    def add(key, dg, is_child, outputs, secs) -> int:
+        children = [add(f"{key}/child{i}", c, True, None, 0.0) for i, c in enumerate(dg.children)]
+        entries.append(_Entry(key, dg, is_child, outputs, secs, children))
+        return len(entries) - 1
+
+    graphs = session._graphs
+    iterator = graphs
+    if session.progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(graphs, desc="foundry: reading graphs", unit="graph", leave=False)
+    for key, g, outputs, secs in iterator:
+        add(key, reader.read(g.raw_cuda_graph(), key), False, outputs, secs)
+    stats["read_seconds"] = time.perf_counter() - t0
+
+    # 2. archive-wide tables --------------------------------------------------------------------------------
+    handles: list[int] = []
+    handle_index: dict[int, int] = {}
+    events: dict[int, int] = {}
+    for e in entries:
+        for h in e.graph.functions:
+            if h not in handle_index:
+                handle_index[h] = len(handles)
+                handles.append(h)
+        for ev in e.graph.events:
+            events.setdefault(ev, len(events))
+    t1 = time.perf_counter()
+    refs = binaries.resolve_functions(handles, images)
+    stats["resolve_seconds"] = time.perf_counter() - t1
+    used_images = sorted({r.image for r in refs})
+    image_slot = {img: i for i, img in enumerate(used_images)}
+
+    for e in entries:
+        nodes = e.graph.nodes
+        kinds = nodes["kind"]
+        local = nodes["ref"].copy()
+        k = kinds == schema.NODE_KERNEL
+        nodes["ref"][k] = [handle_index[e.graph.functions[i]] for i in local[k]]
+        ev = (kinds == schema.NODE_EVENT_RECORD) | (kinds == schema.NODE_EVENT_WAIT)
+        nodes["ref"][ev] = [events[e.graph.events[i]] for i in local[ev]]
+        ch = kinds == schema.NODE_CHILD_GRAPH
+        nodes["ref"][ch] = [e.child_indices[i] for i in local[ch]]
+
+    # 3. safety: arguments must point into restorable memory ------------------------------------------------
+    t2 = time.perf_counter()
+    lo, hi = arena.base, arena.base + arena.size
+    oracle = PointerOracle()
+    allow = os.environ.get("FOUNDRY_ALLOW_FOREIGN_POINTERS") == "1"
+    arena_words = []
+    for e in entries:
+        spans = _kernel_and_copy_spans(e.graph)
+        foreign = oracle.foreign(candidate_words(e.graph.payload, [(o, n) for _, o, n in spans], lo, hi))
+        if foreign:
+            bad = foreign[0]
+            node, kernel = _node_holding(e.graph, spans, bad.address, reader, handles)
+            msg = (f"graph {e.key!r}: node {node} ({kernel}) takes address {bad.address:#x}, {bad.owner}; LOAD "
+                   f"would not restore it ({len(foreign)} such address(es)). Allocate it after Session.open() on "
+                   "the session's thread")
+            if not allow:
+                raise UnsafeAddress(msg)
+            log.warning("%s (allowed by FOUNDRY_ALLOW_FOREIGN_POINTERS=1)", msg)
+        for _, off, n in spans:
+            w = np.frombuffer(e.graph.payload, "<u8", count=n // 8, offset=off)
+            arena_words.append(w[(w >= lo) & (w < hi)])
+    words = np.unique(np.concatenate(arena_words)) if arena_words else np.zeros(0, np.uint64)
+    stats["safety_seconds"] = time.perf_counter() - t2
+
+    # 4. snapshots of live warm-up buffers ----------------------------------------------------------------
+    snapshots = _snapshot_blocks(session, words)
+
+    # 5. outputs, templates, blobs --------------------------------------------------------------------------
+    start, end = session._capture_range
+    fingerprint = current_fingerprint(session.key, session.device)
+    with ArchiveWriter(session.path) as w:
+        image_records = []
+        for img in used_images:
+            data = images[img].data
+            blob = w.add_blob(f"image/{img}", data)
+            image_records.append(schema.KernelImage(
+                sha256=images[img].sha256, blob=blob, size=len(data), kernels=list(images[img].kernels)))
+        functions = [
+            schema.KernelFunction(image=image_slot[r.image], name=r.name, attributes=dict(r.attributes)) for r in refs
+        ]
+        templates: list[schema.GraphTemplate] = []
+        template_of: dict[str, int] = {}
+        records = []
+        for i, e in enumerate(entries):
+            g = e.graph
+            ident = template_identity(g.nodes["kind"], g.nodes["ref"], g.edges)
+            if ident not in template_of:
+                template_of[ident] = len(templates)
+                templates.append(schema.GraphTemplate(
+                    num_nodes=len(g.nodes), kinds_sha256=ident,
+                    edges=w.add_blob(f"template/{len(templates)}/edges", g.edges.tobytes()) if len(g.edges) else "",
+                    num_edges=len(g.edges)))
+            outputs, tree = flatten_outputs(e.key, e.outputs) if not e.is_child else ([], "")
+            for spec in outputs:
+                if not (lo <= spec.address < hi):
+                    raise UnsafeAddress(f"graph {e.key!r}: an output tensor at {spec.address:#x} is outside the arena")
+            records.append(schema.GraphRecord(
+                key=e.key, template=template_of[ident],
+                nodes=w.add_blob(f"graph/{i}/nodes", g.nodes.tobytes()),
+                payload=w.add_blob(f"graph/{i}/payload", g.payload) if g.payload else "",
+                attrs=w.add_blob(f"graph/{i}/attrs", g.attrs.tobytes()) if len(g.attrs) else "",
+                num_kernel_nodes=g.num_kernel_nodes, outputs=outputs, output_tree=tree, is_child=e.is_child,
+                capture_seconds=e.capture_seconds))
+        snap_records = [
+            schema.MemorySnapshot(address=a, size=len(data), blob=w.add_blob(f"snapshot/{a:#x}", data), note=note)
+            for a, data, note in snapshots
+        ]
+        manifest = schema.Manifest(
+            schema_version=schema.SCHEMA_VERSION,
+            created_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            fingerprint=fingerprint,
+            arena=schema.ArenaLayout(base=arena.base, size=arena.size, granularity=arena.granularity,
+                                     capture_start=start, capture_end=end),
+            blobs={}, images=image_records, functions=functions, templates=templates, graphs=records,
+            snapshots=snap_records, num_events=len(events), extra=dict(extra),
+        )
+        path = w.finish(manifest)
+    stats["total_seconds"] = time.perf_counter() - t0
+    stats["archive_bytes"] = float(path.stat().st_size)
+    log.info("foundry: saved %d graphs (%d templates, %d images, %d snapshots) to %s in %.2fs",
+             sum(not e.is_child for e in entries), len(templates), len(image_records), len(snap_records), path,
+             stats["total_seconds"])
+    return path
+
+
+def _node_holding(g: DecodedGraph, spans, address: int, reader: GraphReader, handles: list[int]) -> tuple[int, str]:
+    for node, off, n in spans:
+        w = np.frombuffer(g.payload, "<u8", count=n // 8, offset=off)
+        if (w == address).any():
+            rec = g.nodes[node]
+            if rec["kind"] == schema.NODE_KERNEL:
+                return node, f"kernel '{reader.function_name(handles[int(rec['ref'])])}'"
+            return node, schema.NODE_KIND_NAMES[int(rec["kind"])]
+    return -1, "?"
+
+
+def _snapshot_blocks(session, words: np.ndarray) -> list[tuple[int, bytes, str]]:
+    """Contents of live blocks of the warm-up pool that graphs may read (small ones, or ones arguments point into)."""
+    import torch
+
+    pool_id = tuple(session._pools["warmup"].id)
+    out = []
+    for seg in torch.cuda.memory_snapshot():
+        if tuple(seg.get("segment_pool_id", ())) != pool_id:
+            continue
+        for blk in seg["blocks"]:
+            if blk["state"] != "active_allocated":
+                continue
+            addr, size = int(blk["address"]), int(blk["size"])
+            i = np.searchsorted(words, np.uint64(addr))
+            referenced = i < len(words) and int(words[i]) < addr + size
+            if size <= SNAPSHOT_SMALL_BYTES or referenced:
+                from foundry_core.restore import tensor_at
+
+                t = tensor_at(schema.TensorSpec(address=addr, dtype="uint8", shape=[size], strides=[1],
+                                                storage_bytes=size), session.device)
+                out.append((addr, t.cpu().numpy().tobytes(), "referenced" if referenced else "small"))
+    return out

@@ -1,0 +1,253 @@
+"""``Session``: the public entry point tying arena, binaries, codec, archive and restore together.
+
+SAVE: ``open()`` starts recording module images (before CUDA work), reserves the arena and routes this thread's
+allocations into it; the application initialises; ``capture_phase()`` brackets warm-ups and captures;
+``save()`` reads the graphs, checks them, and writes the archive.
+LOAD: ``open()`` checks the archive against this machine and reserves the same arena; the application runs the
+same initialisation; ``restore()`` maps the capture region, writes back warm-up buffers, loads kernels and
+rebuilds the graphs — no capture, no forward pass.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from foundry_core.allocator import Arena
+from foundry_core.errors import ArchiveError, FoundryError
+
+log = logging.getLogger("foundry_core.session")
+
+class Session:
+    """Save CUDA graphs with their execution context, or restore them in a fresh process.
+
+    ``mode``: "save", "load", or "auto" (load when a compatible archive exists at ``path``, else save).
+    ``key``: caller's identity of the model/config/layout; LOAD refuses an archive saved under another key.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        mode: str = "auto",
+        key: str = "",
+        device: Optional[int] = None,
+        arena_base: Optional[int] = None,
+        arena_size: Optional[int] = None,
+        progress: bool = True,
+        record_images: bool = True,
+    ):
+        if mode not in ("save", "load", "auto"):
+            raise FoundryError(f"mode must be save, load or auto, not {mode!r}")
+        self.path = Path(path)
+        self.requested_mode = mode
+        self.mode: Optional[str] = None
+        self.key = key
+        self.device = device
+        self.progress = progress
+        self.fallback_reason: Optional[str] = None  # why "auto" chose save
+        self._arena_args = (arena_base, arena_size)
+        self._record_images = record_images
+        self.arena: Optional[Arena] = None
+        self.archive = None
+        self._recorder = None
+        self._pools: dict[str, Any] = {}
+        self._active: list[contextlib.AbstractContextManager] = []  # this thread's use_mem_pool contexts
+        self._graphs: list[tuple[str, Any, Any, float]] = []  # (key, CUDAGraph, outputs, capture seconds)
+        self._capture_range: Optional[tuple[int, int]] = None
+        self._in_capture_phase = False
+        self.restore_stats = None
+        self.save_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # open / close
+    # ------------------------------------------------------------------------------------------------------------
+    def __enter__(self) -> "Session":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> "Session":
+        if self.mode is not None:
+            return self
+        mode = self.requested_mode
+        if mode in ("load", "auto"):
+            problem = self._open_archive()
+            if problem:
+                if mode == "load":
+                    raise problem
+                self.fallback_reason = str(problem)
+                log.info("foundry: no usable archive, capturing and saving (%s)", problem)
+                mode = "save"
+            else:
+                mode = "load"
+        self.mode = mode
+        if mode == "save" and self._record_images:
+            from foundry_core.binaries import ImageRecorder
+
+            self._recorder = ImageRecorder()
+            self._recorder.start()
+        import torch
+
+        if self.device is None:
+            self.device = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+        torch.cuda.set_device(self.device)
+        base, size = self._arena_args
+        if self.archive is not None:  # LOAD: the arena must be where SAVE had it
+            base, size = self.archive.manifest.arena.base, self.archive.manifest.arena.size
+        self.arena = Arena(self.device, base, size)
+        self.arena.reserve()
+        for name in ("init", "warmup", "graphs"):
+            self._pools[name] = self.arena.new_pool()
+        self._push_pool("init")
+        return self
+
+    def _open_archive(self) -> Optional[FoundryError]:
+        """Open and check the archive; return the problem instead of raising (auto mode falls back on it)."""
+        from foundry_core.archive import Archive
+        from foundry_core.fingerprint import check_compatible, current_fingerprint
+
+        if not self.path.exists():
+            return ArchiveError(f"{self.path}: no archive")
+        try:
+            archive = Archive.open(self.path)
+            check_compatible(archive.manifest.fingerprint, current_fingerprint(self.key, self.device or 0), self.path)
+        except FoundryError as e:
+            with contextlib.suppress(Exception):
+                archive.close()  # noqa: F821 - bound when open succeeded
+            return e
+        self.archive = archive
+        return None
+
+    def close(self) -> None:
+        while self._active:
+            self._active.pop().__exit__(None, None, None)
+        if self._recorder is not None:
+            self._recorder.stop()
+            self._recorder = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # memory pools on this thread
+    # ------------------------------------------------------------------------------------------------------------
+    def _push_pool(self, name: str) -> None:
+        import torch
+
+        ctx = torch.cuda.use_mem_pool(self._pools[name], device=self.device)
+        ctx.__enter__()
+        ctx._foundry_pool = name
+        self._active.append(ctx)
+
+    def _pop_pool(self) -> None:
+        self._active.pop().__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def _thread_pools_suspended(self):
+        """PyTorch routes a thread's allocations to the FIRST matching pool, so during a graph capture the
+        thread-wide pools must step aside for the capture pool."""
+        names = [c._foundry_pool for c in self._active]
+        while self._active:
+            self._pop_pool()
+        try:
+            yield
+        finally:
+            for name in names:
+                self._push_pool(name)
+
+    @property
+    def graph_pool(self):
+        """Pool id to pass to ``torch.cuda.graph(..., pool=...)``."""
+        return self._pools["graphs"].id
+
+    # ------------------------------------------------------------------------------------------------------------
+    # SAVE
+    # ------------------------------------------------------------------------------------------------------------
+    def _require(self, mode: str) -> None:
+        if self.mode is None:
+            raise FoundryError("Session.open() must be called first")
+        if self.mode != mode:
+            raise FoundryError(f"this session is in {self.mode} mode; that call needs {mode} mode")
+
+    @contextlib.contextmanager
+    def capture_phase(self):
+        """Bracket warm-ups and captures: everything created here lands in the arena's capture region."""
+        self._require("save")
+        if self._capture_range is not None:
+            raise FoundryError("capture_phase() may be entered once per session")
+        start = self.arena.cursor
+        self._push_pool("warmup")
+        self._in_capture_phase = True
+        try:
+            yield self
+        finally:
+            self._in_capture_phase = False
+            self._pop_pool()
+            self._capture_range = (start, self.arena.cursor)
+
+    def new_graph(self):
+        """A ``torch.cuda.CUDAGraph`` that keeps its CUgraph so it can be read at save()."""
+        import torch
+
+        return torch.cuda.CUDAGraph(keep_graph=True)
+
+    @contextlib.contextmanager
+    def graph_capture(self, graph, stream=None):
+        """``torch.cuda.graph`` into the session's graph pool, with this thread's pools stepped aside."""
+        import torch
+
+        if not self._in_capture_phase:
+            raise FoundryError("graphs must be captured inside Session.capture_phase()")
+        with self._thread_pools_suspended(), torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+            yield
+
+    def capture(self, key: str, fn: Callable[[], Any], warmups: int = 2, stream=None):
+        """SGLang-style: ``warmups`` eager runs, then capture ``fn`` and record it under ``key``."""
+        import torch
+
+        self._require("save")
+        for _ in range(warmups):
+            torch.cuda.synchronize()
+            out = fn()
+            del out
+        graph = self.new_graph()
+        t0 = time.perf_counter()
+        with self.graph_capture(graph, stream):
+            out = fn()
+        self.add_graph(key, graph, out, time.perf_counter() - t0)
+        return graph
+
+    def add_graph(self, key: str, graph, outputs: Any, capture_seconds: float = 0.0) -> None:
+        """Record a captured graph (made by ``new_graph()``) and its outputs for save()."""
+        self._require("save")
+        if any(k == key for k, *_ in self._graphs):
+            raise FoundryError(f"graph key {key!r} recorded twice")
+        self._graphs.append((key, graph, outputs, capture_seconds))
+
+    def save(self, extra: Optional[dict[str, str]] = None) -> Path:
+        """Read every recorded graph, check it, and write the archive. Returns the archive path."""
+        from foundry_core.save import write_archive
+
+        self._require("save")
+        if self._capture_range is None:
+            raise FoundryError("save() needs a completed capture_phase()")
+        if not self._graphs:
+            raise FoundryError("no graphs were captured")
+        images = self._recorder.images() if self._recorder is not None else []
+        t0 = time.perf_counter()
+        path = write_archive(self, images, extra or {})
+        self.save_stats["write_seconds"] = time.perf_counter() - t0
+        return path
+
+    # ------------------------------------------------------------------------------------------------------------
+    # LOAD
+    # ------------------------------------------------------------------------------------------------------------
+    def restore(self, order: Optional[Iterable[str]] = None, background: bool = True) -> dict[str, Any]:
+        """Rebuild all graphs. Returns key -> RestoredGraph. The first graph in ``order`` (default: archive
+        order) is ready on return; the rest are instantiated in the background unless ``background=False``."""
+        from foundry_core.restore import restore_archive
+
+        self._require("load")
+        return restore_archive(self, order, background)
