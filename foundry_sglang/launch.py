@@ -1,0 +1,193 @@
+"""``python -m foundry_sglang.launch``: start SGLang (or the built-in engine) with Foundry's fast cold starts.
+
+Our own flags are listed in ``--help``; every other flag goes unchanged to SGLang's launcher (the same as
+``python -m sglang.launch_server``: ``load_plugins(); run_server(prepare_server_args(argv))``), so ``--model`` /
+``--model-path`` and all SGLang flags mean what SGLang says. The Foundry settings reach the plugin in every
+spawned scheduler process through ``FOUNDRY_MODE`` / ``FOUNDRY_ARCHIVE`` in the environment.
+
+Dispatch: ``--elastic`` → the elastic TP/EP controller (``foundry_sglang.elastic.launch.main``); SGLang importable
+→ SGLang; otherwise → the built-in engine (``foundry_sglang.engine.server.main``), with a log line saying so.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from foundry_sglang.plugin import (
+    DEFAULT_ARCHIVE_DIR, ENV_ARCHIVE, ENV_MODE, MODES, PINS, UnsafeFlag, check_flags,
+)
+
+log = logging.getLogger("foundry_sglang.launch")
+
+ENTRY_POINT_GROUP = "sglang.srt.plugins"
+ENTRY_POINT_NAME = "foundry"
+
+
+class LaunchError(Exception):
+    """A one-line reason the launcher cannot start; printed without a traceback, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m foundry_sglang.launch",
+        description="Launch SGLang with CUDA graphs saved to / restored from a Foundry archive "
+                    "(or the built-in engine when SGLang is not installed).",
+        epilog="Every other flag (e.g. --model/--model-path, --tp-size, --port, --cuda-graph-max-bs-decode) is "
+               "passed unchanged to SGLang's launcher; see `python -m sglang.launch_server --help`. Example: "
+               "python -m foundry_sglang.launch --model Qwen/Qwen3-8B --foundry-archive /data/foundry --port 30000",
+        allow_abbrev=False,  # never let a prefix of an SGLang flag be taken as ours
+    )
+    parser.add_argument("--foundry-archive", metavar="DIR", default=None,
+                        help=f"directory of per-rank graph archives (default: $FOUNDRY_ARCHIVE or {DEFAULT_ARCHIVE_DIR}); "
+                             "file names encode the model, rank layout and a hash of every graph-relevant input")
+    parser.add_argument("--foundry-mode", choices=MODES, default=None,
+                        help="auto (default): load a compatible archive, else capture and save one; save: always "
+                             "capture and (re)write; load: restore, falling back to live capture with one log line "
+                             "if the archive is missing or incompatible; off: plain SGLang")
+    parser.add_argument("--foundry-engine", choices=("auto", "sglang", "builtin"), default="auto",
+                        help="auto (default): SGLang if it can be imported, else the built-in engine; "
+                             "sglang/builtin: insist on one")
+    parser.add_argument("--elastic", action="store_true",
+                        help="start the elastic TP/EP controller (Ray) instead of a single server; "
+                             "reserved for foundry_sglang.elastic")
+    return parser
+
+
+def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Our flags, and the rest in their original order (SGLang's / the engine's flags, untouched)."""
+    ours, rest = build_parser().parse_known_args(list(argv))
+    return ours, rest
+
+
+def apply_pins(rest: list[str]) -> tuple[list[str], list[str]]:
+    """Add the flags Foundry pins (plugin.PINS) unless the user chose one of the alternatives; returns (argv, added)."""
+    added: list[str] = []
+    present = {a.split("=", 1)[0] for a in rest if a.startswith("--")}
+    for alternatives, pin in PINS:
+        if not present.intersection(alternatives):
+            added += pin
+    return rest + added, added
+
+
+def foundry_env(ours: argparse.Namespace, environ: Optional[dict] = None) -> dict[str, str]:
+    """FOUNDRY_MODE/FOUNDRY_ARCHIVE for the child processes (flags win over the environment)."""
+    env = os.environ if environ is None else environ
+    mode = ours.foundry_mode or env.get(ENV_MODE) or "auto"
+    archive = ours.foundry_archive or env.get(ENV_ARCHIVE) or os.path.expanduser(DEFAULT_ARCHIVE_DIR)
+    return {ENV_MODE: mode, ENV_ARCHIVE: os.path.abspath(os.path.expanduser(archive))}
+
+
+def sglang_available() -> Optional[str]:
+    """None if SGLang's launcher can be imported, else why not (one line)."""
+    try:
+        importlib.import_module("sglang.srt.server_args")
+        importlib.import_module("sglang.srt.plugins")
+    except Exception as err:  # ImportError, or a broken install raising something else at import
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
+
+
+def plugin_installed() -> bool:
+    """Whether load_plugins() will find our entry point (the package must be pip-installed)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == ENTRY_POINT_NAME for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _resolve(target: str) -> Callable:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def run_sglang(rest: list[str], env: dict[str, str]) -> int:
+    """Check flags, set the environment, then do what ``python -m sglang.launch_server`` does."""
+    mode = env[ENV_MODE]
+    if mode != "off":
+        if not plugin_installed():
+            raise LaunchError("the foundry SGLang plugin entry point is not installed; run `pip install -e .` "
+                              "in the foundry-sglang checkout (or use --foundry-mode off)")
+        allowed = os.environ.get("SGLANG_PLUGINS", "")
+        if allowed and ENTRY_POINT_NAME not in {x.strip() for x in allowed.split(",")}:
+            raise LaunchError(f"SGLANG_PLUGINS={allowed!r} excludes the plugin '{ENTRY_POINT_NAME}'; add it")
+        rest, added = apply_pins(rest)
+        if added:
+            log.info("foundry: pinned %s", " ".join(added))
+    from sglang.srt.server_args import prepare_server_args
+
+    server_args = prepare_server_args(rest)
+    if mode != "off":
+        try:
+            reason = check_flags(server_args, mode)
+        except UnsafeFlag as err:
+            raise LaunchError(str(err)) from None
+        if reason:
+            log.warning("foundry: off for this server: %s", reason)
+            env = dict(env, **{ENV_MODE: "off"})
+    os.environ.update(env)
+    log.info("foundry: mode=%s archive=%s; starting SGLang", env[ENV_MODE], env[ENV_ARCHIVE])
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    run_server = _resolve("sglang.launch_server:run_server")
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree = _resolve("sglang.srt.utils:kill_process_tree")
+        kill_process_tree(os.getpid(), include_parent=False)
+    return 0
+
+
+def run_builtin(rest: list[str], env: dict[str, str]) -> int:
+    """The built-in engine; our settings go through the environment (and as flags if its parser knows them)."""
+    os.environ.update(env)
+    engine_server = importlib.import_module("foundry_sglang.engine.server")
+    extra: list[str] = []
+    add_args = getattr(engine_server, "add_engine_args", None)
+    if add_args is not None:
+        probe = argparse.ArgumentParser(add_help=False)
+        add_args(probe)
+        known = {s for a in probe._actions for s in a.option_strings}
+        present = {a.split("=", 1)[0] for a in rest}
+        for flag, value in (("--foundry-archive", env[ENV_ARCHIVE]), ("--foundry-mode", env[ENV_MODE])):
+            if flag in known and flag not in present:
+                extra += [flag, value]
+    return int(engine_server.main(rest + extra) or 0)
+
+
+def run_elastic(rest: list[str], env: dict[str, str]) -> int:
+    os.environ.update(env)
+    main = _resolve("foundry_sglang.elastic.launch:main")
+    return int(main(rest) or 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse our flags and dispatch; returns the exit status (2 with a one-line message on bad input)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ours, rest = split_argv(sys.argv[1:] if argv is None else argv)
+    env = foundry_env(ours)
+    try:
+        if ours.elastic:
+            return run_elastic(rest, env)
+        why_not = sglang_available() if ours.foundry_engine != "builtin" else "--foundry-engine builtin"
+        if why_not is None:
+            return run_sglang(rest, env)
+        if ours.foundry_engine == "sglang":
+            raise LaunchError(f"--foundry-engine sglang: SGLang cannot be imported ({why_not})")
+        log.warning("SGLang is not installed (%s); running the built-in engine instead", why_not)
+        return run_builtin(rest, env)
+    except LaunchError as err:
+        print(f"foundry_sglang.launch: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("foundry_sglang."):
+            print(f"foundry_sglang.launch: error: {err.name} is not available in this installation", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
