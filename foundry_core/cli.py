@@ -168,8 +168,8 @@ def render(s: dict) -> str:
         "saved for   " + " ".join(f"{k}={fp[k]!r}" for k in fp if k != "key"),
         f"key         {fp['key']!r}",
         f"arena       base 0x{arena['base']:x}, reserved {_size(arena['size'])}, granularity "
-        f"{_size(arena['granularity'])}, capture range [+{_size(arena['capture_start'])}, "
-        f"+{_size(arena['capture_end'])}) = {_size(arena['capture_end'] - arena['capture_start'])}",
+        f"{_size(arena['granularity'])}, capture range [0x{arena['base'] + arena['capture_start']:x}, "
+        f"0x{arena['base'] + arena['capture_end']:x}) = {_size(arena['capture_end'] - arena['capture_start'])}",
         f"contents    {len(s['graphs'])} graphs, {s['templates']} templates, {len(s['images'])} images, "
         f"{s['functions']} kernels, {s['snapshots']} snapshots, {s['num_events']} events",
         f"blobs       {blobs['names']} names in {blobs['records']} records, {_size(blobs['stored'])} stored "
