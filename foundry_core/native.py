@@ -67,7 +67,11 @@ def library_path(name: str, sources: list[str]) -> Path:
     cmd = [cc, "-O2", "-shared", "-fPIC", "-std=gnu11", "-Wall", f"-I{SOURCE_DIR}"]
     cmd += [f"-I{d}" for d in incs] + [str(SOURCE_DIR / s) for s in sources] + ["-o", tmp, "-ldl", "-lpthread"]
     log.debug("building %s: %s", name, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        os.unlink(tmp)
+        raise NativeBuildError(f"cannot run the C compiler {cc!r}: {e.strerror}") from None
     if proc.returncode != 0:
         os.unlink(tmp)
         first = (proc.stderr.strip().splitlines() or ["?"])[0]
