@@ -1,0 +1,190 @@
+"""Where workers run: Ray placement groups (production, CPU tests) or plain local processes (no Ray).
+
+Both backends hand the controller ``ReplicaHandle`` objects with the same async methods, so the controller's
+state machine does not know which one it drives. ``RayBackend`` reserves one placement group per generation
+(one bundle of ``tp * ep`` slots per replica) and hosts each worker in a Ray actor bound to its bundle; the
+actor reads its GPU ids from Ray and passes them to the server as ``CUDA_VISIBLE_DEVICES``. ``LocalBackend``
+hands out slot ids itself; it exists for machines without Ray (the GPU check carries no 79 MB Ray wheel).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .layout import Layout
+from .workers import ProcessWorker, WorkerSpec
+
+log = logging.getLogger("foundry_sglang.elastic.backends")
+
+
+class SlotsUnavailable(RuntimeError):
+    """The backend could not reserve the slots a generation needs."""
+
+
+class ReplicaHandle:
+    """One running replica, as the controller sees it."""
+
+    index: int
+    url: Optional[str] = None
+    pid: Optional[int] = None
+    slots: Sequence[Any] = ()
+
+    async def start(self) -> str:
+        raise NotImplementedError
+
+    async def returncode(self) -> Optional[int]:
+        """None while the server runs; its exit status (or -1 when unreachable) otherwise."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> Dict[str, Any]:
+        return {"index": self.index, "url": self.url, "pid": self.pid, "slots": list(self.slots)}
+
+
+SpecFactory = Callable[[int], WorkerSpec]  # replica index -> spec
+
+
+# --------------------------------------------------------------------------------------------- local
+class _LocalReplica(ReplicaHandle):
+    def __init__(self, backend: "LocalBackend", index: int, spec: WorkerSpec, slots: Sequence[int]):
+        self.backend, self.index, self.spec, self.slots = backend, index, spec, list(slots)
+        self.worker = ProcessWorker()
+
+    async def start(self) -> str:
+        gpu_ids = self.slots if self.spec.device == "cuda" else ()
+        self.url = self.worker.start(self.spec, gpu_ids=gpu_ids)
+        self.pid = self.worker.pid
+        return self.url
+
+    async def returncode(self) -> Optional[int]:
+        return self.worker.returncode()
+
+    async def stop(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+        self.backend._give_back(self.slots)
+        self.slots = []
+
+
+class LocalBackend:
+    """Workers as child processes of the controller; ``slots`` are GPU ids (cuda) or plain numbers (cpu)."""
+
+    name = "local"
+
+    def __init__(self, slots: Sequence[int]):
+        self.free: List[int] = list(slots)
+
+    async def allocate(self, gen_id: int, layout: Layout, spec_for: SpecFactory) -> List[ReplicaHandle]:
+        if layout.slots > len(self.free):
+            raise SlotsUnavailable(f"{layout} needs {layout.slots} slots, {len(self.free)} free")
+        handles: List[ReplicaHandle] = []
+        for i in range(layout.replicas):
+            take, self.free = self.free[:layout.slots_per_replica], self.free[layout.slots_per_replica:]
+            handles.append(_LocalReplica(self, i, spec_for(i), take))
+        return handles
+
+    def _give_back(self, slots: Sequence[int]) -> None:
+        self.free = sorted(set(self.free) | set(slots))
+
+    async def shutdown(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------- ray
+_worker_actor_cls = None
+
+
+def _worker_actor():
+    """The Ray actor class hosting one ProcessWorker (defined lazily: importing ray is slow)."""
+    global _worker_actor_cls
+    if _worker_actor_cls is None:
+        import ray
+
+        @ray.remote
+        class EngineWorkerActor:
+            def __init__(self) -> None:
+                self.worker = ProcessWorker()
+
+            def start(self, spec: Dict[str, Any]) -> Dict[str, Any]:
+                s = WorkerSpec(**spec)
+                gpu_ids = [int(g) for g in ray.get_gpu_ids()] if s.device == "cuda" else []
+                url = self.worker.start(s, gpu_ids=gpu_ids)
+                return {"url": url, "pid": self.worker.pid, "gpu_ids": gpu_ids}
+
+            def returncode(self) -> Optional[int]:
+                return self.worker.returncode()
+
+            def health(self) -> bool:
+                return self.worker.health()
+
+            def stop(self) -> None:
+                self.worker.stop()
+
+        _worker_actor_cls = EngineWorkerActor
+    return _worker_actor_cls
+
+
+class _RayReplica(ReplicaHandle):
+    def __init__(self, index: int, spec: WorkerSpec, actor: Any, group: Any):
+        self.index, self.spec, self.actor, self.group = index, spec, actor, group
+
+    async def start(self) -> str:
+        info = await self.actor.start.remote(self.spec.to_dict())
+        self.url, self.pid, self.slots = info["url"], info["pid"], info["gpu_ids"]
+        return self.url
+
+    async def returncode(self) -> Optional[int]:
+        try:
+            return await self.actor.returncode.remote()
+        except Exception:  # noqa: BLE001 - the actor itself died: its server is gone too
+            return -1
+
+    async def stop(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            await asyncio.wait_for(self.actor.stop.remote(), timeout=30)
+        except Exception as exc:  # noqa: BLE001 - best effort; the actor is killed next anyway
+            log.warning("replica %d did not stop cleanly: %s", self.index, exc)
+        ray.kill(self.actor)
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None
+
+
+class RayBackend:
+    """One placement group per replica (a single STRICT_PACK bundle of tp*ep slots), so a generation can
+    shrink replica by replica; each replica's worker is an actor bound to its bundle."""
+
+    name = "ray"
+
+    def __init__(self, device: str = "cpu", placement_timeout: float = 60.0):
+        self.resource = "GPU" if device == "cuda" else "CPU"
+        self.placement_timeout = placement_timeout
+
+    async def allocate(self, gen_id: int, layout: Layout, spec_for: SpecFactory) -> List[ReplicaHandle]:
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        n = layout.slots_per_replica
+        groups = [placement_group([{self.resource: n}], strategy="STRICT_PACK",
+                                  name=f"foundry-elastic-g{gen_id}-r{i}") for i in range(layout.replicas)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(g.ready() for g in groups)), timeout=self.placement_timeout)
+        except Exception as exc:  # noqa: BLE001 - timeout or infeasible: give everything back
+            for g in groups:
+                remove_placement_group(g)
+            raise SlotsUnavailable(f"placement groups for {layout} not ready: {exc or 'timeout'}") from None
+        handles: List[ReplicaHandle] = []
+        for i, group in enumerate(groups):
+            strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0)
+            opts = {"num_cpus": n, "num_gpus": 0} if self.resource == "CPU" else {"num_cpus": 0, "num_gpus": n}
+            actor = _worker_actor().options(scheduling_strategy=strategy, **opts).remote()
+            handles.append(_RayReplica(i, spec_for(i), actor, group))
+        return handles
+
+    async def shutdown(self) -> None:
+        pass

@@ -1,0 +1,423 @@
+"""The elastic controller: runs the deployment as generations and switches between them live.
+
+A *generation* is a set of replicas started together with one layout. A reconfiguration is a job that goes
+through timed phases::
+
+    plan -> [shrink_old | drain_old + stop_old (gap)] -> start_new -> wait_healthy -> switch -> drain_old -> stop_old
+
+Strategy (chosen in ``plan`` from the free slots): ``scale`` when only the replica count changes (replicas
+are added to or retired from the serving generation, which keeps its id); ``overlap`` when old and new fit together; ``shrink`` when
+stopping some old replicas (at least one keeps serving) makes room; ``gap`` otherwise: the old generation is
+drained and stopped first while the router queues new requests. If the new generation fails (a worker exits,
+or it is not healthy in time) the job rolls back: the new generation is stopped and the old layout serves
+again (its remaining replicas at once, the stopped ones restarted). Only one job runs at a time; a second one,
+or an invalid one, is rejected before any state changes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import aiohttp
+
+from .backends import ReplicaHandle
+from .layout import Layout, LayoutError, ModelShape, parse_layout, validate_layout
+from .router import RouteSet, Router, Upstream
+from .workers import WorkerSpec, archive_path
+
+log = logging.getLogger("foundry_sglang.elastic.controller")
+
+PHASES = ("plan", "shrink_old", "start_new", "wait_healthy", "switch", "drain_old", "stop_old", "rollback")
+
+
+class ControllerBusy(RuntimeError):
+    """A reconfiguration is already running (HTTP 409)."""
+
+
+@dataclass
+class ControllerConfig:
+    """What the deployment runs and how patient the controller is."""
+
+    model: str
+    slots: int
+    layout: Layout = field(default_factory=Layout)
+    kind: str = "builtin"                 # worker kind: builtin | sglang
+    device: str = "cpu"
+    archive_root: Optional[str] = None    # graphs per layout under here (None: no Foundry archives)
+    foundry_mode: str = "auto"
+    extra_args: List[str] = field(default_factory=list)
+    log_dir: Optional[str] = None         # one log file per replica process
+    start_timeout: float = 600.0          # new generation must be healthy within this
+    drain_timeout: float = 600.0          # old generation's in-flight requests get this long
+    health_interval: float = 0.25
+    monitor_interval: float = 1.0
+
+
+@dataclass
+class Generation:
+    id: int
+    layout: Layout
+    replicas: List[ReplicaHandle]
+    upstreams: List[Upstream] = field(default_factory=list)
+    state: str = "starting"      # starting | healthy | active | draining | stopped | failed
+    started_at: float = field(default_factory=time.time)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"id": self.id, "layout": self.layout.to_dict(), "state": self.state,
+                "replicas": [r.describe() for r in self.replicas]}
+
+
+@dataclass
+class Job:
+    id: str
+    target: Layout
+    source: Optional[Layout]
+    state: str = "running"       # running | succeeded | rolled_back | failed
+    phase: str = "plan"
+    strategy: str = ""
+    phases: Dict[str, float] = field(default_factory=dict)
+    error: Optional[str] = None
+    generation: Optional[int] = None
+    created: float = field(default_factory=time.time)
+    finished: Optional[float] = None
+
+    def describe(self) -> Dict[str, Any]:
+        total = sum(v for k, v in self.phases.items())
+        return {"id": self.id, "state": self.state, "phase": self.phase, "strategy": self.strategy,
+                "from": self.source.to_dict() if self.source else None, "to": self.target.to_dict(),
+                "generation": self.generation, "phases_s": {k: round(v, 3) for k, v in self.phases.items()},
+                "total_s": round(total, 3), "error": self.error, "created": self.created,
+                "finished": self.finished}
+
+
+class _Timer:
+    def __init__(self, job: Job, phase: str):
+        self.job, self.phase = job, phase
+
+    def __enter__(self):
+        self.job.phase = self.phase
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        self.job.phases[self.phase] = self.job.phases.get(self.phase, 0.0) + time.monotonic() - self.t0
+        return False
+
+
+class Controller:
+    """Owns the slots, the generations and the router's routing table."""
+
+    def __init__(self, config: ControllerConfig, backend: Any, router: Router,
+                 shape: Optional[ModelShape] = None):
+        self.config, self.backend, self.router, self.shape = config, backend, router, shape
+        self.active: Optional[Generation] = None
+        self.generations: Dict[int, Generation] = {}
+        self.jobs: Dict[str, Job] = {}
+        self.current_job: Optional[Job] = None
+        self.phase_sum: Dict[str, float] = {}
+        self.phase_count: Dict[str, int] = {}
+        self.switches = {"succeeded": 0, "rolled_back": 0, "failed": 0}
+        self._next_gen = 1
+        self._tasks: List[asyncio.Task] = []
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Validate the initial layout and bring up generation 1."""
+        validate_layout(self.config.layout, self.shape, self.config.slots, self.config.kind)
+        job = Job(id="initial", target=self.config.layout, source=None, strategy="initial")
+        self.jobs[job.id] = job
+        gen = await self._start_generation(job, self.config.layout)
+        with _Timer(job, "switch"):
+            self._activate(gen)
+        self._finish(job, "succeeded")
+        self._tasks.append(asyncio.ensure_future(self._monitor()))
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        self.router.set_active(None)
+        for gen in list(self.generations.values()):
+            if gen.state != "stopped":
+                await self._stop_replicas(gen, gen.replicas)
+                gen.state = "stopped"
+
+    # -- API ---------------------------------------------------------------------------------------
+    def submit(self, body: Any) -> Job:
+        """Validate a reconfiguration request and start it. Raises LayoutError (400) or ControllerBusy (409)."""
+        if self._stopping:
+            raise ControllerBusy("the deployment is shutting down")
+        current = self.active.layout if self.active else self.config.layout
+        target = parse_layout(body, current)
+        if self.current_job is not None:
+            raise ControllerBusy(f"reconfiguration {self.current_job.id} is still running "
+                                 f"(phase {self.current_job.phase}); try again when it is done")
+        validate_layout(target, self.shape, self.config.slots, self.config.kind)
+        job = Job(id=uuid.uuid4().hex[:12], target=target, source=current)
+        self.jobs[job.id] = job
+        if self.active and target == self.active.layout:
+            job.strategy = "noop"
+            self._finish(job, "succeeded")
+            return job
+        self.current_job = job
+        self._tasks.append(asyncio.ensure_future(self._run(job)))
+        return job
+
+    async def reconfigure(self, body: Any, wait: bool = True) -> Dict[str, Any]:
+        job = self.submit(body)
+        while wait and job.state == "running":
+            await asyncio.sleep(0.1)
+        return job.describe()
+
+    def status(self) -> Dict[str, Any]:
+        return {
+            "model": self.config.model, "kind": self.config.kind, "device": self.config.device,
+            "slots": self.config.slots, "backend": getattr(self.backend, "name", "?"),
+            "generation": self.active.id if self.active else None,
+            "layout": self.active.layout.to_dict() if self.active else None,
+            "state": "reconfiguring" if self.current_job else ("serving" if self.active else "queueing"),
+            "job": self.current_job.describe() if self.current_job else None,
+            "generations": [g.describe() for g in self.generations.values() if g.state != "stopped"],
+            "router": {"queued": self.router.stats.queued_now,
+                       "inflight": self.router.inflight_by_generation(),
+                       "requests": self.router.stats.requests, "failed": self.router.stats.failed,
+                       "retries": self.router.stats.retries},
+            "switches": dict(self.switches),
+        }
+
+    # -- the reconfiguration job ---------------------------------------------------------------------
+    async def _run(self, job: Job) -> None:
+        old = self.active
+        try:
+            with _Timer(job, "plan"):
+                job.strategy, keep = self._plan(old, job.target)
+            log.info("reconfigure %s: %s -> %s (%s)", job.id, job.source, job.target, job.strategy)
+            if job.strategy == "scale":
+                try:
+                    await self._scale(job, old)
+                except Exception as exc:  # noqa: BLE001 - the added replicas were stopped again
+                    job.error = f"new replicas failed: {exc}"
+                    log.warning("reconfigure %s: %s; keeping %s", job.id, job.error, old.layout)
+                    self._activate(old)
+                    self._finish(job, "rolled_back")
+                    return
+                self._finish(job, "succeeded")
+                return
+            if old is not None and job.strategy == "shrink":
+                with _Timer(job, "shrink_old"):
+                    await self._retire(old, old.replicas[keep:])
+            elif old is not None and job.strategy == "gap":
+                self.router.set_active(None)    # the router queues from here on
+                with _Timer(job, "drain_old"):
+                    await self._drain(old, old.replicas)
+                with _Timer(job, "stop_old"):
+                    await self._stop_replicas(old, old.replicas)
+                    old.state = "stopped"
+            try:
+                new = await self._start_generation(job, job.target)
+            except Exception as exc:  # noqa: BLE001 - any failure of the new generation rolls back
+                job.error = f"new generation failed: {exc}"
+                log.warning("reconfigure %s: %s; rolling back", job.id, job.error)
+                with _Timer(job, "rollback"):
+                    await self._rollback(old)
+                self._finish(job, "rolled_back")
+                return
+            with _Timer(job, "switch"):
+                self._activate(new)
+            if old is not None and old.state != "stopped":
+                old.state = "draining"
+                with _Timer(job, "drain_old"):
+                    await self._drain(old, old.replicas)
+                with _Timer(job, "stop_old"):
+                    await self._stop_replicas(old, old.replicas)
+                    old.state = "stopped"
+            self._finish(job, "succeeded")
+        except Exception as exc:  # noqa: BLE001 - keep the controller alive, report the job as failed
+            log.exception("reconfigure %s failed", job.id)
+            job.error = f"{type(exc).__name__}: {exc}"
+            self._finish(job, "failed")
+
+    def _plan(self, old: Optional[Generation], target: Layout):
+        """Return (strategy, number of old replicas kept while the new generation starts)."""
+        if old is None:
+            return "gap", 0
+        if (target.tp, target.ep) == (old.layout.tp, old.layout.ep):
+            return "scale", 0         # same engines, only the replica count changes: no new generation
+        free = self.config.slots - old.layout.slots_per_replica * len(old.replicas)
+        if target.slots <= free:
+            return "overlap", len(old.replicas)
+        per = old.layout.slots_per_replica
+        keep = (self.config.slots - target.slots) // per
+        if keep >= 1:
+            return "shrink", min(keep, len(old.replicas))
+        return "gap", 0
+
+    async def _scale(self, job: Job, gen: Generation) -> None:
+        """Change the replica count of the serving generation in place (tp and ep unchanged)."""
+        have, want = len(gen.replicas), job.target.replicas
+        if want > have:
+            try:
+                await self._start_generation(job, Layout(gen.layout.tp, gen.layout.ep, want - have), gen=gen)
+            finally:
+                gen.layout = Layout(gen.layout.tp, gen.layout.ep, len(gen.replicas))
+            with _Timer(job, "switch"):
+                self._activate(gen)
+        else:
+            with _Timer(job, "switch"):
+                self.router.remove_upstreams(self._upstreams_of(gen, gen.replicas[want:]))
+            with _Timer(job, "drain_old"):
+                await self._drain(gen, gen.replicas[want:])
+            with _Timer(job, "stop_old"):
+                await self._stop_replicas(gen, gen.replicas[want:])
+            gen.layout = job.target
+
+    def _finish(self, job: Job, state: str) -> None:
+        job.state, job.phase, job.finished = state, "done", time.time()
+        if job.id != "initial" and job.strategy != "noop":
+            self.switches[state] = self.switches.get(state, 0) + 1
+            for k, v in job.phases.items():
+                self.phase_sum[k] = self.phase_sum.get(k, 0.0) + v
+                self.phase_count[k] = self.phase_count.get(k, 0) + 1
+        if self.current_job is job:
+            self.current_job = None
+        log.info("job %s %s: %s", job.id, state,
+                 ", ".join(f"{k} {v:.2f}s" for k, v in job.phases.items()))
+
+    # -- generations -------------------------------------------------------------------------------
+    def _spec_for(self, layout: Layout, gen_id: int):
+        cfg = self.config
+
+        def make(index: int) -> WorkerSpec:
+            archive = archive_path(cfg.archive_root, cfg.model, layout.tp, layout.ep) if cfg.archive_root else None
+            log_path = (os.path.join(cfg.log_dir, f"gen{gen_id}-tp{layout.tp}-ep{layout.ep}-r{index}.log")
+                        if cfg.log_dir else None)
+            return WorkerSpec(model=cfg.model, tp=layout.tp, ep=layout.ep, kind=cfg.kind, device=cfg.device,
+                              archive_dir=archive, foundry_mode=cfg.foundry_mode,
+                              extra_args=list(cfg.extra_args), log_path=log_path)
+        return make
+
+    async def _start_generation(self, job: Job, layout: Layout,
+                                gen: Optional[Generation] = None) -> Generation:
+        """Allocate and start ``layout``'s replicas (into ``gen`` when re-growing one) and wait until all
+        are healthy. On failure everything started here is stopped again before the error propagates."""
+        gen_id = gen.id if gen else self._next_gen
+        if gen is None:
+            self._next_gen += 1
+        job.generation = gen_id
+        replicas: List[ReplicaHandle] = []
+        try:
+            with _Timer(job, "start_new"):
+                replicas = await self.backend.allocate(gen_id, layout, self._spec_for(layout, gen_id))
+                if gen is not None:
+                    for i, r in enumerate(replicas):
+                        r.index = len(gen.replicas) + i
+                if gen is None:
+                    gen = Generation(gen_id, layout, [])
+                    self.generations[gen_id] = gen
+                gen.replicas.extend(replicas)
+                # A fresh archive is captured by the first replica; the others then restore it.
+                first_save = (self.config.archive_root and len(replicas) > 1 and not os.path.isdir(
+                    archive_path(self.config.archive_root, self.config.model, layout.tp, layout.ep)))
+                if first_save:
+                    await replicas[0].start()
+            with _Timer(job, "wait_healthy"):
+                if first_save:
+                    await self._wait_healthy(replicas[:1])
+                    await asyncio.gather(*(r.start() for r in replicas[1:]))
+                else:
+                    await asyncio.gather(*(r.start() for r in replicas))
+                await self._wait_healthy(replicas)
+        except BaseException:
+            if gen is not None:
+                gen.replicas = [r for r in gen.replicas if r not in replicas]
+                if not gen.replicas:
+                    gen.state = "failed"
+            await asyncio.gather(*(r.stop() for r in replicas), return_exceptions=True)
+            raise
+        gen.upstreams.extend(Upstream(r.url, gen_id) for r in replicas)
+        if gen.state in ("starting", "failed"):
+            gen.state = "healthy"
+        return gen
+
+    async def _wait_healthy(self, replicas: List[ReplicaHandle]) -> None:
+        deadline = time.monotonic() + self.config.start_timeout
+        pending = list(replicas)
+        session = await self.router.session()
+        while pending:
+            for r in list(pending):
+                code = await r.returncode()
+                if code is not None:
+                    raise RuntimeError(f"replica {r.index} (pid {r.pid}) exited with status {code} while starting")
+                try:
+                    async with session.get(r.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                        if resp.status == 200:
+                            pending.remove(r)
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    pass
+            if pending:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{len(pending)} replica(s) not healthy within {self.config.start_timeout:.0f}s")
+                await asyncio.sleep(self.config.health_interval)
+
+    def _activate(self, gen: Generation) -> None:
+        gen.state = "active"
+        self.active = gen
+        self.router.set_active(RouteSet(gen.id, list(gen.upstreams)))
+
+    def _upstreams_of(self, gen: Generation, replicas: List[ReplicaHandle]) -> List[Upstream]:
+        urls = {r.url for r in replicas}
+        return [u for u in gen.upstreams if u.url in urls]
+
+    async def _drain(self, gen: Generation, replicas: List[ReplicaHandle]) -> None:
+        ups = self._upstreams_of(gen, replicas)
+        if not await self.router.wait_idle(ups, self.config.drain_timeout):
+            log.warning("generation %d: %d request(s) still running after %.0fs drain; stopping anyway",
+                        gen.id, self.router.outstanding(ups), self.config.drain_timeout)
+
+    async def _retire(self, gen: Generation, replicas: List[ReplicaHandle]) -> None:
+        """Shrink a serving generation: stop routing to ``replicas``, drain them, stop them."""
+        self.router.remove_upstreams(self._upstreams_of(gen, replicas))
+        await self._drain(gen, replicas)
+        await self._stop_replicas(gen, replicas)
+
+    async def _stop_replicas(self, gen: Generation, replicas: List[ReplicaHandle]) -> None:
+        replicas = list(replicas)
+        await asyncio.gather(*(r.stop() for r in replicas), return_exceptions=True)
+        urls = {r.url for r in replicas}
+        gen.replicas = [r for r in gen.replicas if r not in replicas]
+        gen.upstreams = [u for u in gen.upstreams if u.url not in urls]
+        if not gen.replicas:
+            self.router.forget_generation(gen.id)
+
+    async def _rollback(self, old: Optional[Generation]) -> None:
+        """Serve the old layout again: what is left of it now, and restart what was stopped."""
+        if old is None:
+            return
+        missing = old.layout.replicas - len(old.replicas)
+        if old.replicas:
+            self._activate(old)           # the kept replicas serve at once
+        if missing:
+            regrow = Job(id="rollback", target=old.layout, source=None)
+            await self._start_generation(regrow, Layout(old.layout.tp, old.layout.ep, missing), gen=old)
+            self._activate(old)
+
+    # -- health monitor ----------------------------------------------------------------------------
+    async def _monitor(self) -> None:
+        """Take replicas whose server exited out of routing (the router retries their requests elsewhere)."""
+        while not self._stopping:
+            await asyncio.sleep(self.config.monitor_interval)
+            gen = self.active
+            if gen is None or self.current_job is not None:
+                continue
+            dead = [r for r in gen.replicas if (await r.returncode()) is not None]
+            if dead:
+                log.warning("generation %d: replica(s) %s exited; routing around them",
+                            gen.id, [r.index for r in dead])
+                self.router.remove_upstreams(self._upstreams_of(gen, dead))
+                await self._stop_replicas(gen, dead)

@@ -1,0 +1,246 @@
+"""Running an elastic deployment: the server object, its Ray actor, and the Python API.
+
+``ElasticServer`` puts the controller, the router and the HTTP app on one asyncio loop. With Ray it lives
+inside ``ControllerActor`` (an async Ray actor; workers are further actors in placement groups); without Ray
+it runs on a background thread of the calling process and starts workers as local processes.
+``ElasticDeployment`` is the synchronous Python API over either.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+from aiohttp import web
+
+from .api import build_app
+from .backends import LocalBackend, RayBackend
+from .controller import Controller, ControllerConfig
+from .layout import Layout, resolve_model_shape
+from .policy import LoadPolicy, PolicyConfig
+from .router import Router
+
+log = logging.getLogger("foundry_sglang.elastic.deployment")
+
+
+@dataclass
+class DeploymentConfig:
+    """All knobs of one deployment (what ``--help`` of the elastic launcher lists)."""
+
+    model: str = "builtin:tiny"
+    slots: int = 1
+    tp: int = 1
+    ep: int = 1
+    replicas: int = 1
+    kind: str = "builtin"
+    device: str = "cpu"
+    gpu_ids: Optional[List[int]] = None      # local backend on GPU: which GPUs (default 0..slots-1)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_token: Optional[str] = None
+    backend: str = "ray"                     # ray | local
+    archive_root: Optional[str] = None
+    foundry_mode: str = "auto"
+    extra_args: List[str] = field(default_factory=list)
+    log_dir: Optional[str] = None
+    queue_limit: int = 1024
+    queue_timeout: float = 300.0
+    start_timeout: float = 600.0
+    drain_timeout: float = 600.0
+    policy: Optional[Dict[str, Any]] = None  # PolicyConfig fields; None: policy off
+
+    def controller_config(self) -> ControllerConfig:
+        return ControllerConfig(model=self.model, slots=self.slots, layout=Layout(self.tp, self.ep, self.replicas),
+                                kind=self.kind, device=self.device, archive_root=self.archive_root,
+                                foundry_mode=self.foundry_mode, extra_args=list(self.extra_args),
+                                log_dir=self.log_dir, start_timeout=self.start_timeout,
+                                drain_timeout=self.drain_timeout)
+
+
+class ElasticServer:
+    """Controller + router + HTTP app on the current event loop."""
+
+    def __init__(self, config: DeploymentConfig):
+        self.config = config
+        self.router = Router(queue_limit=config.queue_limit, queue_timeout=config.queue_timeout)
+        if config.backend == "ray":
+            backend: Any = RayBackend(device=config.device)
+        elif config.backend == "local":
+            slots = config.gpu_ids if config.gpu_ids else list(range(config.slots))
+            backend = LocalBackend(slots[:config.slots])
+        else:
+            raise ValueError(f"unknown backend {config.backend!r}; expected ray or local")
+        # An SGLang model may be a hub name with no local config.json: then only the slot count is checked.
+        remote_sglang = config.kind == "sglang" and not config.model.startswith("builtin:") \
+            and not _has_config(config.model)
+        shape = None if remote_sglang else resolve_model_shape(config.model)
+        self.controller = Controller(config.controller_config(), backend, self.router, shape)
+        self.policy: Optional[LoadPolicy] = None
+        self._runner: Optional[web.AppRunner] = None
+        self.url: Optional[str] = None
+
+    async def start(self) -> str:
+        """Bring up the first generation, then open the port. Returns the base URL."""
+        await self.controller.start()
+        app = build_app(self.controller, self.router, self.config.api_token)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://{self.config.host}:{port}"
+        if self.config.policy:
+            self.policy = LoadPolicy(self.controller, self.router, PolicyConfig(**self.config.policy))
+            self.policy.start()
+        log.info("elastic deployment of %s serving on %s (%s)", self.config.model, self.url,
+                 self.controller.active.layout if self.controller.active else "-")
+        return self.url
+
+    async def stop(self) -> None:
+        if self.policy:
+            self.policy.stop()
+        await self.controller.stop()
+        if self._runner:
+            await self._runner.cleanup()
+        await self.router.close()
+
+    # Helpers the Ray actor and the thread runner share.
+    def submit(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        return self.controller.submit(body).describe()
+
+    def job(self, job_id: str) -> Optional[Dict[str, Any]]:
+        job = self.controller.jobs.get(job_id)
+        return job.describe() if job else None
+
+    def status(self) -> Dict[str, Any]:
+        return self.controller.status()
+
+
+def _has_config(model: str) -> bool:
+    import os
+    return os.path.isfile(os.path.join(model, "config.json"))
+
+
+_actor_cls = None
+
+
+def controller_actor():
+    """The Ray actor class hosting an ElasticServer (defined lazily: importing ray is slow)."""
+    global _actor_cls
+    if _actor_cls is None:
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class ControllerActor:
+            def __init__(self, config: Dict[str, Any]):
+                logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+                self.server = ElasticServer(DeploymentConfig(**config))
+
+            async def start(self) -> str:
+                return await self.server.start()
+
+            async def stop(self) -> None:
+                await self.server.stop()
+
+            async def submit(self, body: Dict[str, Any]) -> Dict[str, Any]:
+                return self.server.submit(body)
+
+            async def job(self, job_id: str) -> Optional[Dict[str, Any]]:
+                return self.server.job(job_id)
+
+            async def status(self) -> Dict[str, Any]:
+                return self.server.status()
+
+        _actor_cls = ControllerActor
+    return _actor_cls
+
+
+class ElasticDeployment:
+    """Synchronous Python API: ``start()``, ``reconfigure(tp=..)``, ``status()``, ``stop()``.
+
+    With ``backend="ray"`` the controller is a Ray actor (``ray.init`` must have run, or it is called with
+    defaults); with ``backend="local"`` it runs on a thread of this process. Errors raised by ``reconfigure``
+    are ``LayoutError`` (invalid) and ``ControllerBusy`` (another one running), as over HTTP.
+    """
+
+    def __init__(self, config: Optional[DeploymentConfig] = None, **overrides: Any):
+        self.config = config or DeploymentConfig()
+        for k, v in overrides.items():
+            setattr(self.config, k, v)
+        self.url: Optional[str] = None
+        self._actor = None
+        self._server: Optional[ElasticServer] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _call(self, method: str, *args: Any) -> Any:
+        if self._actor is not None:
+            import ray
+            return ray.get(getattr(self._actor, method).remote(*args))
+        assert self._loop is not None and self._server is not None, "start() the deployment first"
+
+        async def run():
+            result = getattr(self._server, method)(*args)
+            return await result if asyncio.iscoroutine(result) else result
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    # -- API -------------------------------------------------------------------------------------
+    def start(self) -> str:
+        """Start the first generation and the HTTP server; returns the base URL."""
+        if self.config.backend == "ray":
+            import ray
+            if not ray.is_initialized():
+                ray.init(include_dashboard=False)
+            self._actor = controller_actor().remote(asdict(self.config))
+            self.url = ray.get(self._actor.start.remote())
+            return self.url
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="foundry-elastic", daemon=True)
+        self._thread.start()
+
+        async def make():
+            self._server = ElasticServer(self.config)
+        asyncio.run_coroutine_threadsafe(make(), self._loop).result()
+        self.url = self._call("start")
+        return self.url
+
+    def reconfigure(self, wait: bool = True, timeout: float = 1800.0, **layout: int) -> Dict[str, Any]:
+        """Submit ``tp=``/``ep=``/``replicas=``; with ``wait`` block until the job ends. Returns the job."""
+        import time
+        job = self._call("submit", layout)
+        deadline = time.monotonic() + timeout
+        while wait and job["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            job = self._call("job", job["id"])
+        return job
+
+    def job(self, job_id: str) -> Optional[Dict[str, Any]]:
+        return self._call("job", job_id)
+
+    def status(self) -> Dict[str, Any]:
+        return self._call("status")
+
+    def stop(self) -> None:
+        if self._actor is not None:
+            import ray
+            try:
+                ray.get(self._actor.stop.remote())
+            finally:
+                ray.kill(self._actor)
+                self._actor = None
+        elif self._loop is not None:
+            self._call("stop")
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread:
+                self._thread.join(10)
+            self._loop = None
+
+    def __enter__(self) -> "ElasticDeployment":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

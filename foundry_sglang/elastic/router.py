@@ -1,0 +1,336 @@
+"""The request router: OpenAI-compatible proxy in front of the active generation.
+
+The router holds one *route set* (the active generation's replicas). Switching generations is replacing that
+object, which on one asyncio loop is atomic. Every request is counted on the upstream that serves it, so the
+controller can wait until an old generation is idle before stopping it. While no generation is routable (the
+gap of a reconfiguration that cannot overlap old and new), requests wait in a bounded queue; only a gap longer
+than ``queue_timeout`` turns into a 503 with a clear message.
+
+A request is retried on another replica only when nothing was sent to the client yet (connection refused,
+upstream gone before its response finished, or a 502/503/504). A greedy streaming request (temperature 0) is
+also resumed after a mid-stream loss: it is re-run elsewhere and the events already delivered are skipped,
+which is exact because greedy decoding of the same prompt repeats itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import aiohttp
+from aiohttp import web
+
+log = logging.getLogger("foundry_sglang.elastic.router")
+
+RETRYABLE_STATUS = (502, 503, 504)
+PROXIED_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+class _UpstreamLost(Exception):
+    """The upstream failed before the request completed."""
+
+
+@dataclass(eq=False)
+class Upstream:
+    """One replica's server as the router sees it."""
+
+    url: str
+    generation: int
+    outstanding: int = 0
+    down_until: float = 0.0
+    served: int = 0
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+
+@dataclass
+class RouteSet:
+    generation: int
+    upstreams: List[Upstream] = field(default_factory=list)
+
+
+def json_error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
+    """OpenAI-style error body with one clear line."""
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+
+
+class RouterStats:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.completed = 0
+        self.failed = 0
+        self.retries = 0
+        self.resumed = 0
+        self.queued_total = 0
+        self.queued_now = 0
+        self.latency_sum = 0.0
+        self.latency_count = 0
+        self.recent_latency: List[float] = []  # bounded window for the policy hook
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency_sum += seconds
+        self.latency_count += 1
+        self.recent_latency.append(seconds)
+        del self.recent_latency[:-256]
+
+
+class Router:
+    """Routes to the active route set; queues while there is none."""
+
+    def __init__(self, queue_limit: int = 1024, queue_timeout: float = 300.0, max_attempts: int = 20,
+                 request_timeout: float = 600.0, down_seconds: float = 2.0):
+        self.queue_limit = queue_limit
+        self.queue_timeout = queue_timeout
+        self.max_attempts = max_attempts
+        self.request_timeout = request_timeout
+        self.down_seconds = down_seconds
+        self.active: Optional[RouteSet] = None
+        self.stats = RouterStats()
+        self._changed = asyncio.Event()      # set whenever routing or an upstream's count changes
+        self._rr = itertools.count()
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._tracked: Dict[int, Upstream] = {}
+
+    # -- routing table (called by the controller) ----------------------------------------------
+    def set_active(self, route_set: Optional[RouteSet]) -> None:
+        """Route new requests to ``route_set`` (None: queue them). In-flight requests are not touched."""
+        self.active = route_set
+        for up in route_set.upstreams if route_set else ():
+            self._tracked[id(up)] = up
+        self._notify()
+
+    def remove_upstreams(self, upstreams: Sequence[Upstream]) -> None:
+        """Stop routing to ``upstreams`` (a shrink); the rest of the active set keeps serving."""
+        if self.active:
+            gone = {id(u) for u in upstreams}
+            self.active = RouteSet(self.active.generation, [u for u in self.active.upstreams if id(u) not in gone])
+        self._notify()
+
+    def outstanding(self, upstreams: Sequence[Upstream]) -> int:
+        return sum(u.outstanding for u in upstreams)
+
+    async def wait_idle(self, upstreams: Sequence[Upstream], timeout: float) -> bool:
+        """Wait until no request is in flight on ``upstreams``; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.outstanding(upstreams):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.5))
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+    def inflight_by_generation(self) -> Dict[int, int]:
+        out: Dict[int, int] = {}
+        for up in self._tracked.values():
+            out[up.generation] = out.get(up.generation, 0) + up.outstanding
+        return out
+
+    def forget_generation(self, generation: int) -> None:
+        self._tracked = {k: u for k, u in self._tracked.items() if u.generation != generation or u.outstanding}
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=5),
+                connector=aiohttp.TCPConnector(limit=0))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    # -- picking an upstream ---------------------------------------------------------------------
+    def _choose(self) -> Optional[Upstream]:
+        route = self.active
+        if route is None:
+            return None
+        ready = [u for u in route.upstreams if u.available]
+        if not ready:
+            return None
+        low = min(u.outstanding for u in ready)
+        least = [u for u in ready if u.outstanding == low]
+        return least[next(self._rr) % len(least)]
+
+    async def _acquire(self, deadline: float) -> Upstream:
+        """An upstream with its outstanding count taken, waiting (queued) while none is routable."""
+        up = self._choose()
+        if up is None:
+            if self.stats.queued_now >= self.queue_limit:
+                raise web.HTTPServiceUnavailable(
+                    text=_error_text(f"request queue is full ({self.queue_limit} waiting during a reconfiguration)"),
+                    content_type="application/json")
+            self.stats.queued_total += 1
+            self.stats.queued_now += 1
+            try:
+                while up is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise web.HTTPServiceUnavailable(
+                            text=_error_text(f"no serving generation became available within "
+                                             f"{self.queue_timeout:.0f}s (reconfiguration gap); retry later"),
+                            content_type="application/json")
+                    self._changed.clear()
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.25))
+                    except asyncio.TimeoutError:
+                        pass
+                    up = self._choose()
+            finally:
+                self.stats.queued_now -= 1
+        up.outstanding += 1
+        return up
+
+    def _release(self, up: Upstream) -> None:
+        up.outstanding -= 1
+        self._notify()
+
+    def _mark_down(self, up: Upstream) -> None:
+        up.down_until = time.monotonic() + self.down_seconds
+
+    # -- HTTP handlers ---------------------------------------------------------------------------
+    async def handle_proxy(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return json_error(400, f"malformed JSON body: {exc}")
+        if not isinstance(body, dict):
+            return json_error(400, "request body must be a JSON object")
+        self.stats.requests += 1
+        started = time.monotonic()
+        try:
+            if body.get("stream"):
+                resp = await self._proxy_stream(request, raw, _is_greedy(body))
+            else:
+                resp = await self._proxy_unary(request.path, raw)
+        except web.HTTPServiceUnavailable:
+            self.stats.failed += 1
+            raise
+        if resp.status < 500:
+            self.stats.completed += 1
+            self.stats.observe_latency(time.monotonic() - started)
+        return resp
+
+    async def _proxy_unary(self, path: str, raw: bytes) -> web.Response:
+        deadline = time.monotonic() + self.queue_timeout
+        last = "no attempt made"
+        for attempt in range(self.max_attempts):
+            up = await self._acquire(deadline)
+            try:
+                session = await self.session()
+                async with session.post(up.url + path, data=raw,
+                                        headers={"Content-Type": "application/json"}) as r:
+                    data = await r.read()
+                    if r.status in RETRYABLE_STATUS:
+                        raise _UpstreamLost(f"{up.url} answered {r.status}")
+                    up.served += 1
+                    return web.Response(body=data, status=r.status,
+                                        content_type=r.content_type or "application/json")
+            except (aiohttp.ClientError, asyncio.TimeoutError, _UpstreamLost, OSError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                self._mark_down(up)
+                self.stats.retries += 1
+                log.info("retrying %s after upstream %s failed (%s)", path, up.url, last)
+            finally:
+                self._release(up)
+        self.stats.failed += 1
+        return json_error(502, f"all {self.max_attempts} attempts failed; last: {last}", "upstream_error")
+
+    async def _proxy_stream(self, request: web.Request, raw: bytes, greedy: bool) -> web.StreamResponse:
+        path = request.path
+        deadline = time.monotonic() + self.queue_timeout
+        out: Optional[web.StreamResponse] = None
+        delivered = 0          # SSE events already written to the client
+        last = "no attempt made"
+        for attempt in range(self.max_attempts):
+            try:
+                up = await self._acquire(deadline)
+            except web.HTTPServiceUnavailable as exc:
+                if out is None:
+                    raise
+                last = f"resume not possible: {exc.text}"
+                break
+            skip = delivered
+            try:
+                session = await self.session()
+                async with session.post(up.url + path, data=raw,
+                                        headers={"Content-Type": "application/json"}) as r:
+                    if r.status in RETRYABLE_STATUS:
+                        await r.read()
+                        raise _UpstreamLost(f"{up.url} answered {r.status}")
+                    if r.status != 200 or "event-stream" not in (r.content_type or ""):
+                        if out is not None:   # an error after partial output cannot be shown as a status
+                            raise _UpstreamLost(f"{up.url} answered {r.status} on resume")
+                        data = await r.read()
+                        return web.Response(body=data, status=r.status,
+                                            content_type=r.content_type or "application/json")
+                    if out is None:
+                        out = web.StreamResponse(status=200, headers={
+                            "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                        await out.prepare(request)
+                    buf = b""
+                    finished = False
+                    async for chunk in r.content.iter_any():
+                        buf += chunk
+                        while b"\n\n" in buf:
+                            event, buf = buf.split(b"\n\n", 1)
+                            if skip:
+                                skip -= 1
+                                continue
+                            try:
+                                await out.write(event + b"\n\n")
+                            except (ConnectionResetError, RuntimeError):
+                                return out   # the client went away; nothing to fail
+                            delivered += 1
+                            if event.strip() == b"data: [DONE]":
+                                finished = True
+                    if not finished:
+                        raise _UpstreamLost(f"{up.url} closed the stream before [DONE]")
+                    up.served += 1
+                    await out.write_eof()
+                    return out
+            except (aiohttp.ClientError, asyncio.TimeoutError, _UpstreamLost, OSError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                self._mark_down(up)
+                if out is not None and not greedy:
+                    break        # partial sampled output cannot be resumed exactly
+                self.stats.retries += 1
+                if out is not None:
+                    self.stats.resumed += 1
+                log.info("retrying stream %s after upstream %s failed (%s); %d events delivered",
+                         path, up.url, last, delivered)
+            finally:
+                self._release(up)
+        self.stats.failed += 1
+        if out is None:
+            return json_error(502, f"all attempts failed; last: {last}", "upstream_error")
+        msg = json.dumps({"error": {"message": f"upstream lost mid-stream: {last}", "type": "upstream_error"}})
+        try:
+            await out.write(f"data: {msg}\n\n".encode())
+            await out.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return out
+
+
+def _error_text(message: str) -> str:
+    return json.dumps({"error": {"message": message, "type": "unavailable", "code": 503}})
+
+
+def _is_greedy(body: Dict[str, Any]) -> bool:
+    t = body.get("temperature")
+    return (isinstance(t, (int, float)) and t == 0) or body.get("top_k") == 1

@@ -1,0 +1,177 @@
+"""Engine workers: one engine server process per replica, behind one interface.
+
+A worker launches an OpenAI-compatible server on a free loopback port and reports its URL. Rank 0 of the
+server spawns its other TP/EP ranks itself, so one worker owns ``tp * ep`` slots. Two kinds:
+
+- ``builtin``: ``python -m foundry_sglang.engine`` (the compact built-in engine; gloo on CPU, NCCL on GPU);
+- ``sglang``: ``python -m foundry_sglang.launch`` with SGLang arguments and the Foundry plugin enabled.
+
+``ProcessWorker`` is the plain implementation; the Ray backend hosts one inside an actor placed in the
+generation's placement group, the local backend uses it directly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Protocol, Sequence
+
+log = logging.getLogger("foundry_sglang.elastic.workers")
+
+WORKER_KINDS = ("builtin", "sglang")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class WorkerSpec:
+    """Everything needed to launch one replica's engine server."""
+
+    model: str
+    tp: int = 1
+    ep: int = 1
+    kind: str = "builtin"
+    device: str = "cpu"                       # "cpu" or "cuda"
+    archive_dir: Optional[str] = None         # graphs restored from / saved to here (per layout)
+    foundry_mode: str = "auto"
+    extra_args: List[str] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    log_path: Optional[str] = None            # engine stdout/stderr go here (default: inherited)
+
+    def to_dict(self) -> Dict:
+        return dict(self.__dict__)
+
+
+class EngineWorker(Protocol):
+    """What the controller needs from a worker, whatever runs it."""
+
+    def start(self, spec: WorkerSpec, port: Optional[int] = None, gpu_ids: Sequence[int] = ()) -> str: ...
+    def health(self) -> bool: ...
+    def drain(self, timeout: float) -> bool: ...
+    def stop(self) -> None: ...
+
+
+def archive_path(root: str, model: str, tp: int, ep: int) -> str:
+    """Archive directory of one layout; the engine keys files inside it by rank."""
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.strip("/").split("/")[-1])
+    return os.path.join(root, slug, f"tp{tp}_ep{ep}")
+
+
+def build_command(spec: WorkerSpec, port: int) -> List[str]:
+    """The command line that starts ``spec``'s server on ``port``."""
+    if spec.kind == "builtin":
+        cmd = [sys.executable, "-m", "foundry_sglang.engine", "--model", spec.model,
+               "--tp", str(spec.tp), "--ep", str(spec.ep), "--host", spec.host, "--port", str(port),
+               "--device", spec.device]
+        if spec.archive_dir:
+            cmd += ["--foundry-archive", spec.archive_dir, "--foundry-mode", spec.foundry_mode]
+    elif spec.kind == "sglang":
+        cmd = [sys.executable, "-m", "foundry_sglang.launch", "--model-path", spec.model,
+               "--tp-size", str(spec.tp), "--ep-size", str(spec.ep), "--host", spec.host, "--port", str(port)]
+        if spec.archive_dir:
+            cmd += ["--foundry-archive", spec.archive_dir, "--foundry-mode", spec.foundry_mode]
+    else:
+        raise ValueError(f"unknown worker kind {spec.kind!r}; expected one of {', '.join(WORKER_KINDS)}")
+    return cmd + list(spec.extra_args)
+
+
+def build_env(spec: WorkerSpec, gpu_ids: Sequence[int]) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update(spec.env)
+    # The server must import this very checkout even when it is not installed.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+    if spec.device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if spec.kind == "sglang":
+        env.setdefault("SGLANG_PLUGINS", "foundry")
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class ProcessWorker:
+    """Runs one engine server as a child process (its own process group, so stop() reaches its ranks)."""
+
+    def __init__(self) -> None:
+        self.proc: Optional[subprocess.Popen] = None
+        self.url: Optional[str] = None
+        self.spec: Optional[WorkerSpec] = None
+        self._log_file = None
+
+    def start(self, spec: WorkerSpec, port: Optional[int] = None, gpu_ids: Sequence[int] = ()) -> str:
+        port = port or free_port(spec.host)
+        cmd = build_command(spec, port)
+        self.spec = spec
+        self.url = f"http://{spec.host}:{port}"
+        out = None
+        if spec.log_path:
+            os.makedirs(os.path.dirname(spec.log_path) or ".", exist_ok=True)
+            self._log_file = out = open(spec.log_path, "ab")
+        log.info("starting worker: %s", " ".join(cmd))
+        self.proc = subprocess.Popen(cmd, env=build_env(spec, gpu_ids), stdout=out,
+                                     stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        return self.url
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc else None
+
+    def returncode(self) -> Optional[int]:
+        """None while the server process runs, else its exit status."""
+        return self.proc.poll() if self.proc else -1
+
+    def health(self) -> bool:
+        return self.returncode() is None and bool(self.url) and http_ok(self.url + "/health")
+
+    def drain(self, timeout: float) -> bool:
+        """The router stops sending before this is called and counts in-flight requests itself; here we
+        only confirm the server still answers, so a later stop() does not cut a response short."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.returncode() is not None or self.health():
+                return True
+            time.sleep(0.2)
+        return False
+
+    def stop(self, grace: float = 10.0) -> None:
+        proc, self.proc = self.proc, self.proc
+        if proc is None or proc.poll() is not None:
+            self._close_log()
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
