@@ -8,6 +8,8 @@ records (SAVE) or restores from an archive without running ``forward_fn`` (LOAD)
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
 import time
 from contextlib import contextmanager
@@ -127,9 +129,39 @@ class FoundryGraphBackend(TorchGraphBackend):
         self._restored: Dict[str, Any] = {}
         self.archive_path = None
 
+    @classmethod
+    def from_engine_args(cls, args, rank: int = 0, barrier=None) -> "FoundryGraphBackend":
+        """Backend for the built-in engine: one archive per rank under ``args.foundry_archive`` (a directory),
+        keyed by everything that changes the decode graphs."""
+        from pathlib import Path
+
+        from foundry_core import Session
+
+        layout = f"tp{args.tp}-ep{args.ep}-rank{rank}"
+        graph_args = {
+            "model": args.model, "dtype": str(args.dtype), "tp": args.tp, "ep": args.ep, "rank": rank,
+            "page_size": args.page_size, "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+            "cuda_graph_bs": list(args.capture_batch_sizes()) if hasattr(args, "capture_batch_sizes") else
+            args.cuda_graph_bs, "cuda_graph_max_bs": getattr(args, "cuda_graph_max_bs", None), "seed": args.seed,
+        }
+        key = json.dumps(graph_args, sort_keys=True, default=str)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.model)[:60]
+        path = Path(args.foundry_archive) / f"{slug}-{layout}-{digest}.foundry"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        session = Session(path, mode=args.foundry_mode, key=key, device=rank)
+        return cls(session, barrier=barrier)
+
     @property
     def needs_forward(self) -> bool:  # type: ignore[override]
         return self.session.mode != "load"
+
+    @property
+    def saved_extra(self) -> dict:
+        """LOAD: the ``extra`` dict SAVE stored (e.g. the KV-pool size to force); empty otherwise."""
+        if self.session.mode == "load" and self.session.archive is not None:
+            return dict(self.session.archive.manifest.extra)
+        return {}
 
     def before_allocations(self) -> None:
         self.session.open()
