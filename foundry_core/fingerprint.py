@@ -9,14 +9,12 @@ an archive whose :class:`~foundry_core.schema.Fingerprint` differs from this mac
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import os
 from typing import Iterable
 
 from foundry_core.errors import IncompatibleArchive
 from foundry_core.schema import Fingerprint
 
-log = logging.getLogger(__name__)
 
 #: Fields in the order they are reported.
 FIELDS = tuple(Fingerprint.__struct_fields__)
