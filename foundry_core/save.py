@@ -12,13 +12,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from foundry_core import schema
 from foundry_core.codec import DecodedGraph, GraphReader, template_identity
-from foundry_core.errors import FoundryError, UnsafeAddress, UnsupportedGraph
+from foundry_core.errors import UnsafeAddress, UnsupportedGraph
 from foundry_core.safety import PointerOracle, candidate_words
 
 log = logging.getLogger("foundry_core.save")
@@ -75,7 +75,7 @@ def _kernel_and_copy_spans(g: DecodedGraph) -> list[tuple[int, int, int]]:
     return [(int(i), int(g.nodes[i]["payload_off"]), int(g.nodes[i]["payload_len"])) for i in sel]
 
 
-def write_archive(session, images: list, extra: dict[str, str]) -> Path:
+def write_archive(session, recorder, extra: dict[str, str]) -> Path:
     import torch
 
     from foundry_core import binaries
@@ -120,17 +120,19 @@ def write_archive(session, images: list, extra: dict[str, str]) -> Path:
         for ev in e.graph.events:
             events.setdefault(ev, len(events))
     t1 = time.perf_counter()
-    refs = binaries.resolve_functions(handles, images)
+    images = recorder.images()
+    refs = binaries.resolve_functions(handles, recorder)
+    stored_images, functions = binaries.select_images(images, refs)
+    function_of = {(stored_images[f.image].sha256, f.name): i for i, f in enumerate(functions)}
+    global_ref = [function_of[(r.sha256, r.name)] for r in refs]  # per handle index
     stats["resolve_seconds"] = time.perf_counter() - t1
-    used_images = sorted({r.image for r in refs})
-    image_slot = {img: i for i, img in enumerate(used_images)}
 
     for e in entries:
         nodes = e.graph.nodes
         kinds = nodes["kind"]
         local = nodes["ref"].copy()
         k = kinds == schema.NODE_KERNEL
-        nodes["ref"][k] = [handle_index[e.graph.functions[i]] for i in local[k]]
+        nodes["ref"][k] = [global_ref[handle_index[e.graph.functions[i]]] for i in local[k]]
         ev = (kinds == schema.NODE_EVENT_RECORD) | (kinds == schema.NODE_EVENT_WAIT)
         nodes["ref"][ev] = [events[e.graph.events[i]] for i in local[ev]]
         ch = kinds == schema.NODE_CHILD_GRAPH
@@ -147,7 +149,7 @@ def write_archive(session, images: list, extra: dict[str, str]) -> Path:
         foreign = oracle.foreign(candidate_words(e.graph.payload, [(o, n) for _, o, n in spans], lo, hi))
         if foreign:
             bad = foreign[0]
-            node, kernel = _node_holding(e.graph, spans, bad.address, reader, handles)
+            node, kernel = _node_holding(e.graph, spans, bad.address, functions)
             msg = (f"graph {e.key!r}: node {node} ({kernel}) takes address {bad.address:#x}, {bad.owner}; LOAD "
                    f"would not restore it ({len(foreign)} such address(es)). Allocate it after Session.open() on "
                    "the session's thread")
@@ -167,15 +169,7 @@ def write_archive(session, images: list, extra: dict[str, str]) -> Path:
     start, end = session._capture_range
     fingerprint = current_fingerprint(session.key, session.device)
     with ArchiveWriter(session.path) as w:
-        image_records = []
-        for img in used_images:
-            data = images[img].data
-            blob = w.add_blob(f"image/{img}", data)
-            image_records.append(schema.KernelImage(
-                sha256=images[img].sha256, blob=blob, size=len(data), kernels=list(images[img].kernels)))
-        functions = [
-            schema.KernelFunction(image=image_slot[r.image], name=r.name, attributes=dict(r.attributes)) for r in refs
-        ]
+        image_records = [img.record(w.add_blob(f"image/{img.sha256[:16]}", img.data)) for img in stored_images]
         templates: list[schema.GraphTemplate] = []
         template_of: dict[str, int] = {}
         records = []
@@ -221,13 +215,13 @@ def write_archive(session, images: list, extra: dict[str, str]) -> Path:
     return path
 
 
-def _node_holding(g: DecodedGraph, spans, address: int, reader: GraphReader, handles: list[int]) -> tuple[int, str]:
+def _node_holding(g: DecodedGraph, spans, address: int, functions) -> tuple[int, str]:
     for node, off, n in spans:
         w = np.frombuffer(g.payload, "<u8", count=n // 8, offset=off)
         if (w == address).any():
             rec = g.nodes[node]
             if rec["kind"] == schema.NODE_KERNEL:
-                return node, f"kernel '{reader.function_name(handles[int(rec['ref'])])}'"
+                return node, f"kernel '{functions[int(rec['ref'])].name}'"
             return node, schema.NODE_KIND_NAMES[int(rec["kind"])]
     return -1, "?"
 

@@ -235,9 +235,10 @@ class Session:
             raise FoundryError("save() needs a completed capture_phase()")
         if not self._graphs:
             raise FoundryError("no graphs were captured")
-        images = self._recorder.images() if self._recorder is not None else []
+        if self._recorder is None:
+            raise FoundryError("save() needs the module-image recorder (Session(record_images=True))")
         t0 = time.perf_counter()
-        path = write_archive(self, images, extra or {})
+        path = write_archive(self, self._recorder, extra or {})
         self.save_stats["write_seconds"] = time.perf_counter() - t0
         return path
 
