@@ -237,7 +237,10 @@ def _rank_layout(runner: Any):
 
     def pick(*names, default):
         for n in names:
-            v = getattr(p, n, None) if p is not None else None
+            try:
+                v = getattr(p, n, None) if p is not None else None
+            except (ValueError, RuntimeError):  # SGLang's parallel config not published (tests, early startup)
+                v = None
             if isinstance(v, int):
                 return v
         return default

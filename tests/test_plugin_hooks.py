@@ -1,0 +1,299 @@
+"""The plugin against the real sglang 0.5.23: entry-point discovery, hooks on the real classes, SAVE/LOAD routing.
+
+GPU objects are replaced by the CPU stand-ins of tests/plugin_standins.py; SGLang's classes and its own
+replay() are the real ones.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("sglang.srt.plugins")
+
+from plugin_standins import CpuStandInDevice, CpuStandInGraph, CpuStandInSession  # noqa: E402
+
+from foundry_sglang import hooks, plugin  # noqa: E402
+
+
+@pytest.fixture()
+def loaded_plugin(monkeypatch, tmp_path):
+    """Run SGLang's own load_plugins() with Foundry enabled; undo everything afterwards."""
+    import sglang.srt.plugins as sp
+
+    monkeypatch.setenv("FOUNDRY_MODE", "auto")
+    monkeypatch.setenv("FOUNDRY_ARCHIVE", str(tmp_path))
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    monkeypatch.setattr(sp, "_plugins_loaded", False)
+    originals = _current_functions()
+    sp.load_plugins()
+    yield originals
+    plugin.unregister()
+
+
+def _current_functions():
+    import pkgutil
+
+    out = {}
+    for target, *_ in plugin.HOOKS:
+        owner, attr = target.rsplit(".", 1)
+        out[target] = pkgutil.resolve_name(owner).__dict__[attr]
+    return out
+
+
+def test_entry_point_is_discovered_by_sglang():
+    from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group
+
+    found = load_plugins_by_group(GENERAL_PLUGINS_GROUP)
+    assert "foundry" in found
+    assert found["foundry"][0] is plugin.register
+
+
+def test_hooks_attach_to_real_classes_and_unregister_restores(loaded_plugin):
+    originals = loaded_plugin
+    now = _current_functions()
+    for target, _type, fn_name, _why in plugin.HOOKS:
+        assert now[target] is not originals[target], f"{target} not patched"
+        inner = now[target]
+        while plugin._is_registry_wrapper(inner):
+            inner = inner.__wrapped__
+        assert inner is originals[target]
+    plugin.unregister()
+    assert _current_functions() == originals
+
+
+def test_plugin_off_registers_nothing(monkeypatch):
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    monkeypatch.delenv("FOUNDRY_ARCHIVE", raising=False)
+    monkeypatch.setenv("FOUNDRY_MODE", "off")
+    before = {k: list(v) for k, v in HookRegistry._hooks.items()}
+    plugin.register()
+    assert {k: list(v) for k, v in HookRegistry._hooks.items()} == before
+
+
+# -- routing through the real FullCudaGraphBackend -------------------------------------------------
+class StandInDecodeRunner:
+    """Stands in for DecodeCudaGraphRunner (the backend only reads a few attributes of it)."""
+
+    enable_profile_cuda_graph = False
+
+
+class _Barrier:
+    def __init__(self):
+        self.calls = 0
+
+    def barrier(self):
+        self.calls += 1
+
+
+class _Precarve:
+    @staticmethod
+    def measure():
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def mint(self):
+        pass
+
+
+def make_backend():
+    """A real FullCudaGraphBackend instance whose device objects are CPU stand-ins."""
+    from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
+
+    b = object.__new__(FullCudaGraphBackend)
+    b._graphs, b._outputs, b._pool, b._capture_stream = {}, {}, None, "stream"
+    b._cuda_graph_runner = StandInDecodeRunner()
+    b._device_module = CpuStandInDevice()
+    b._tp_group = _Barrier()
+    b._precarve = _Precarve()
+    b._reuse_output_buffer = False
+    b._output_buffer = None
+    return b
+
+
+def shape_key(bs):
+    from sglang.srt.model_executor.runner.shape_key import ShapeKey
+
+    return ShapeKey(size=bs)
+
+
+def forward_for(bs, calls):
+    def forward():
+        calls.append(bs)
+        return torch.arange(bs, dtype=torch.float32) * 10 + bs
+    return forward
+
+
+def install_state(session, mode, blocked=None):
+    from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
+
+    live = hooks._original(FullCudaGraphBackend, "capture_one")
+    router = hooks.CaptureRouter(session, mode, live_capture=lambda b, *a: live(b, *a), load_blocked=blocked)
+    hooks._state = hooks.PluginState(session=session, router=router, archive_path=session.path,
+                                     key_material='{"k":1}', saved_kv_config=session.extra.get(hooks.EXTRA_KV)
+                                     and json.loads(session.extra[hooks.EXTRA_KV]))
+    return hooks._state
+
+
+def _save_run(tmp_path, sizes=(8, 4, 1)):
+    session = CpuStandInSession(tmp_path / "a.foundry", "auto", key="k1")
+    session.open()
+    assert session.mode == "save"
+    state = install_state(session, "save")
+    backend, calls = make_backend(), []
+    with backend.capture_session("stream"):
+        for bs in sizes:
+            backend.capture_one(shape_key(bs), forward_for(bs, calls))
+    hooks.after_init_cuda_graphs(None, StandInDecodeRunner())
+    return state, backend, calls
+
+
+def test_save_captures_records_and_writes(loaded_plugin, tmp_path):
+    state, backend, calls = _save_run(tmp_path)
+    assert calls == [8, 8, 8, 4, 4, 4, 1, 1, 1]  # two warm-ups + capture per size
+    assert state.router.recorded == ["decode_bs8", "decode_bs4", "decode_bs1"]
+    assert state.session.capture_phases == 1 and backend._pool == state.session.graph_pool
+    assert all(isinstance(g, CpuStandInGraph) for g in backend._graphs.values())
+    assert backend._device_module.captures[0][1] == state.session.graph_pool
+    saved = json.load(open(state.session.path))
+    assert saved["extra"][hooks.EXTRA_KEY] == '{"k":1}'
+    assert json.loads(saved["extra"][hooks.EXTRA_GRAPHS]) == ["decode_bs8", "decode_bs4", "decode_bs1"]
+
+
+def test_load_restores_without_forward_and_sglang_replay_is_untouched(loaded_plugin, tmp_path):
+    _save_run(tmp_path)
+    hooks.reset_state()
+    session = CpuStandInSession(tmp_path / "a.foundry", "auto", key="k1")
+    session.open()
+    assert session.mode == "load"
+    state = install_state(session, "load")
+    backend, calls = make_backend(), []
+    with backend.capture_session("stream"):
+        for bs in (8, 4, 1):
+            backend.capture_one(shape_key(bs), forward_for(bs, calls))
+    assert calls == [] and state.router.restored_names == ["decode_bs8", "decode_bs4", "decode_bs1"]
+    assert session.capture_phases == 0
+    out = backend.replay(shape_key(4), static_forward_batch=None)  # SGLang's own replay()
+    assert torch.equal(out, torch.tensor([4.0, 14.0, 24.0, 34.0]))
+    assert backend._graphs[shape_key(4)].replays == 1
+
+
+def test_load_problem_falls_back_to_live_capture_with_one_line(loaded_plugin, tmp_path, caplog):
+    _save_run(tmp_path)
+    hooks.reset_state()
+    session = CpuStandInSession(tmp_path / "a.foundry", "auto", key="k1")
+    session.open()
+    session.fail_restore = "driver mismatch"
+    state = install_state(session, "load")
+    backend, calls = make_backend(), []
+    # SGLang's own capture_one would call torch.cuda.CUDAGraph(); make the live path observable on CPU.
+    seen = []
+    state.router.live_capture = lambda b, key, fn, *a: (seen.append(key.size), fn())
+    with caplog.at_level("WARNING"):
+        backend.capture_one(shape_key(8), forward_for(8, calls))
+        backend.capture_one(shape_key(4), forward_for(4, calls))
+    assert seen == [8, 4] and state.router.mode == "live"
+    lines = [r.getMessage() for r in caplog.records if "LOAD not used" in r.getMessage()]
+    assert len(lines) == 1 and "driver mismatch" in lines[0]
+
+
+def test_missing_graph_in_archive_is_captured_live(loaded_plugin, tmp_path):
+    _save_run(tmp_path, sizes=(8,))
+    hooks.reset_state()
+    session = CpuStandInSession(tmp_path / "a.foundry", "load", key="k1")
+    session.open()
+    state = install_state(session, "load")
+    seen = []
+    state.router.live_capture = lambda b, key, fn, *a: seen.append(key.size)
+    backend = make_backend()
+    backend.capture_one(shape_key(8), forward_for(8, []))
+    backend.capture_one(shape_key(2), forward_for(2, []))
+    assert state.router.restored_names == ["decode_bs8"] and seen == [2]
+
+
+def test_kv_pool_config_recorded_at_save_and_forced_at_load(loaded_plugin, tmp_path):
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+
+    class Configurator:
+        is_draft_worker = False
+
+    profiled = []
+
+    def original(self, pre_model_load_memory):
+        profiled.append(pre_model_load_memory)
+        return MemoryPoolConfig(max_total_num_tokens=4096, max_running_requests=48, mem_fraction_static=0.8)
+
+    session = CpuStandInSession(tmp_path / "kv.foundry", "save", key="k")
+    session.open()
+    state = install_state(session, "save")
+    cfg = hooks.around_resolve_memory_pool_config(original, Configurator(), 123)
+    assert cfg.max_total_num_tokens == 4096 and profiled == [123]
+    state.session.added["decode_bs1"] = torch.ones(1)
+    state.router.recorded.append("decode_bs1")
+    hooks.after_init_cuda_graphs(None, StandInDecodeRunner())
+    hooks.reset_state()
+
+    session = CpuStandInSession(tmp_path / "kv.foundry", "load", key="k")
+    session.open()
+    state = install_state(session, "load")
+    forced = hooks.around_resolve_memory_pool_config(original, Configurator(), 999)
+    assert profiled == [123], "LOAD must not profile free memory"
+    assert forced == MemoryPoolConfig(max_total_num_tokens=4096, max_running_requests=48, mem_fraction_static=0.8)
+    assert state.kv_forced
+
+
+def test_load_without_kv_config_is_blocked(loaded_plugin, tmp_path):
+    session = CpuStandInSession(tmp_path / "none.foundry", "save", key="k")
+    session.open()
+    router = hooks.CaptureRouter(session, "load", live_capture=lambda *a: None, load_blocked="no KV config")
+    assert router.mode == "live" and "no KV config" in router.problem
+
+
+def test_model_runner_hook_opens_session_and_refuses(loaded_plugin, monkeypatch, tmp_path):
+    import foundry_core
+
+    monkeypatch.setattr(foundry_core, "Session", CpuStandInSession, raising=False)
+
+    class Runner:
+        is_draft_worker = False
+        gpu_id = 0
+        server_args = {"model_path": str(tmp_path / "m"), "tp_size": 1, "cuda_graph_backend_prefill": "disabled"}
+
+    hooks.reset_state()
+    monkeypatch.setenv("FOUNDRY_MODE", "auto")
+    hooks.before_model_runner_initialize(Runner())
+    state = hooks.current_state()
+    assert state is not None and state.router.mode == "save"
+    assert state.archive_path.startswith(str(tmp_path)) and "-tp1r0-" in state.archive_path
+    assert state.session.key.startswith("sglang:")
+
+    hooks.reset_state()
+    Runner.server_args = dict(Runner.server_args, enable_memory_saver=True)
+    hooks.before_model_runner_initialize(Runner())  # auto: warn, run plain SGLang
+    assert hooks.current_state() is None
+    monkeypatch.setenv("FOUNDRY_MODE", "save")
+    with pytest.raises(plugin.UnsafeFlag, match="--enable-memory-saver"):
+        hooks.before_model_runner_initialize(Runner())
+
+
+def test_logits_output_roundtrips_through_json_treespec():
+    import torch.utils._pytree as pytree
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+    hooks.register_output_pytrees()
+    out = LogitsProcessorOutput(next_token_logits=torch.ones(2, 3), hidden_states=torch.zeros(2, 4))
+    leaves, spec = pytree.tree_flatten(out)
+    text = pytree.treespec_dumps(spec)
+    rebuilt = pytree.tree_unflatten(leaves, pytree.treespec_loads(text))
+    assert isinstance(rebuilt, LogitsProcessorOutput)
+    assert torch.equal(rebuilt.next_token_logits, out.next_token_logits) and rebuilt.next_token_logprobs is None
+
+
+def test_graph_names():
+    from sglang.srt.model_executor.runner.shape_key import ShapeKey
+
+    assert hooks.graph_name(ShapeKey(size=8)) == "decode_bs8"
+    assert hooks.graph_name(ShapeKey(size=8, stream_idx=1, variant_label="lora")) == "decode_bs8_s1_vlora"
