@@ -164,14 +164,17 @@ class RayBackend:
     def __init__(self, device: str = "cpu", placement_timeout: float = 60.0):
         self.resource = "GPU" if device == "cuda" else "CPU"
         self.placement_timeout = placement_timeout
+        self._groups_made = 0     # placement-group names must be unique in the cluster
 
     async def allocate(self, gen_id: int, layout: Layout, spec_for: SpecFactory) -> List[ReplicaHandle]:
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         n = layout.slots_per_replica
+        first = self._groups_made
+        self._groups_made += layout.replicas
         groups = [placement_group([{self.resource: n}], strategy="STRICT_PACK",
-                                  name=f"foundry-elastic-g{gen_id}-r{i}") for i in range(layout.replicas)]
+                                  name=f"foundry-elastic-g{gen_id}-pg{first + i}") for i in range(layout.replicas)]
         try:
             await asyncio.wait_for(asyncio.gather(*(g.ready() for g in groups)), timeout=self.placement_timeout)
         except Exception as exc:  # noqa: BLE001 - timeout or infeasible: give everything back

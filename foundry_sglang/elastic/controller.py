@@ -51,6 +51,7 @@ class ControllerConfig:
     archive_root: Optional[str] = None    # graphs per layout under here (None: no Foundry archives)
     foundry_mode: str = "auto"
     extra_args: List[str] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)
     log_dir: Optional[str] = None         # one log file per replica process
     start_timeout: float = 600.0          # new generation must be healthy within this
     drain_timeout: float = 600.0          # old generation's in-flight requests get this long
@@ -299,7 +300,7 @@ class Controller:
                         if cfg.log_dir else None)
             return WorkerSpec(model=cfg.model, tp=layout.tp, ep=layout.ep, kind=cfg.kind, device=cfg.device,
                               archive_dir=archive, foundry_mode=cfg.foundry_mode,
-                              extra_args=list(cfg.extra_args), log_path=log_path)
+                              extra_args=list(cfg.extra_args), env=dict(cfg.env), log_path=log_path)
         return make
 
     async def _start_generation(self, job: Job, layout: Layout,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -44,6 +45,7 @@ class DeploymentConfig:
     archive_root: Optional[str] = None
     foundry_mode: str = "auto"
     extra_args: List[str] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)   # extra environment of every engine process
     log_dir: Optional[str] = None
     queue_limit: int = 1024
     queue_timeout: float = 300.0
@@ -55,7 +57,7 @@ class DeploymentConfig:
         return ControllerConfig(model=self.model, slots=self.slots, layout=Layout(self.tp, self.ep, self.replicas),
                                 kind=self.kind, device=self.device, archive_root=self.archive_root,
                                 foundry_mode=self.foundry_mode, extra_args=list(self.extra_args),
-                                log_dir=self.log_dir, start_timeout=self.start_timeout,
+                                env=dict(self.env), log_dir=self.log_dir, start_timeout=self.start_timeout,
                                 drain_timeout=self.drain_timeout)
 
 
@@ -119,7 +121,6 @@ class ElasticServer:
 
 
 def _has_config(model: str) -> bool:
-    import os
     return os.path.isfile(os.path.join(model, "config.json"))
 
 
@@ -194,7 +195,10 @@ class ElasticDeployment:
             import ray
             if not ray.is_initialized():
                 ray.init(include_dashboard=False)
-            self._actor = controller_actor().remote(asdict(self.config))
+            from .workers import REPO_ROOT
+            # Actors (and the worker actors they create) must import this checkout even when not installed.
+            env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}
+            self._actor = controller_actor().options(runtime_env={"env_vars": env}).remote(asdict(self.config))
             self.url = ray.get(self._actor.start.remote())
             return self.url
         self._loop = asyncio.new_event_loop()

@@ -1,0 +1,192 @@
+"""End to end on a real local Ray cluster with the real built-in engine (builtin:tiny, CPU, gloo).
+
+Two CPU slots. Under a steady load of concurrent streaming and non-streaming requests the deployment switches
+replicas 2->1, TP 1->2->1, replicas 1->2; then an engine process of the new generation is killed during a
+switch. Every response must be complete and equal to the greedy reference taken from the first configuration;
+no request may fail. Invalid reconfigurations are rejected with 4xx and change nothing. Switch time by phase
+is printed (run with -s to see it).
+"""
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import aiohttp
+import pytest
+import requests
+
+ray = pytest.importorskip("ray")
+
+from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment  # noqa: E402
+
+PROMPTS = [f"request {i}: the quick brown fox" for i in range(6)]
+MAX_TOKENS = 12
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def one_request(session, url, i, stream):
+    chat = i % 3 == 0
+    prompt = PROMPTS[i % len(PROMPTS)]
+    body = {"max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream}
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    async with session.post(url + path, json=body) as r:
+        if r.status != 200:
+            return None, f"HTTP {r.status}: {await r.text()}"
+        if not stream:
+            d = await r.json()
+            c = d["choices"][0]
+            return (c["message"]["content"] if chat else c["text"]), None
+        text, done = "", False
+        async for line in r.content:
+            line = line.strip()
+            if line == b"data: [DONE]":
+                done = True
+            elif line.startswith(b"data: "):
+                ev = json.loads(line[6:])
+                if "error" in ev:
+                    return None, f"in-stream error: {ev['error']}"
+                for c in ev.get("choices", []):
+                    text += (c.get("delta") or {}).get("content") or "" if chat else c.get("text") or ""
+        return (text, None) if done else (None, "stream ended without [DONE]")
+
+
+class LoadGenerator:
+    """Concurrent streaming and non-streaming requests on a thread until stopped."""
+
+    def __init__(self, url, reference, concurrency=4):
+        self.url, self.reference, self.concurrency = url, reference, concurrency
+        self.ok = 0
+        self.failures = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
+            async def worker(w):
+                i = w
+                while not self._stop.is_set():
+                    stream = (i // len(PROMPTS)) % 2 == 0
+                    text, err = await one_request(s, self.url, i, stream)
+                    key = (i % len(PROMPTS), i % 3 == 0, stream)
+                    if err:
+                        self.failures.append(err)
+                    elif text != self.reference[key]:
+                        self.failures.append(f"mismatch {key}: {text!r} != {self.reference[key]!r}")
+                    else:
+                        self.ok += 1
+                    i += self.concurrency
+            await asyncio.gather(*(worker(w) for w in range(self.concurrency)))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(300)
+
+
+def reference_outputs(url):
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            out = {}
+            for i in range(len(PROMPTS) * 3):
+                for stream in (False, True):
+                    text, err = await one_request(s, url, i, stream)
+                    assert err is None, err
+                    out[(i % len(PROMPTS), i % 3 == 0, stream)] = text
+            return out
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    cfg = DeploymentConfig(model="builtin:tiny", slots=2, tp=1, replicas=2, backend="ray", port=0,
+                           api_token=TOKEN, log_dir=str(tmp_path_factory.mktemp("elastic-logs")),
+                           extra_args=["--num-kv-pages", "512", "--max-running-requests", "16"],
+                           env={"OMP_NUM_THREADS": "1"}, start_timeout=180, queue_timeout=240)
+    dep = ElasticDeployment(cfg)
+    try:
+        dep.start()
+        yield dep
+    finally:
+        dep.stop()
+        ray.shutdown()
+
+
+def _print_job(job):
+    phases = " ".join(f"{k}={v:.2f}s" for k, v in job["phases_s"].items())
+    print(f"\n  {job['from']} -> {job['to']}: {job['state']} ({job['strategy']}), total {job['total_s']:.2f}s: {phases}")
+
+
+@pytest.mark.slow
+def test_live_switches_and_worker_kill_with_zero_failures(deployment):
+    url = deployment.url
+    reference = reference_outputs(url)
+    with LoadGenerator(url, reference) as load:
+        for target in ({"replicas": 1}, {"tp": 2}, {"tp": 1}, {"replicas": 2}):
+            before = load.ok
+            job = deployment.reconfigure(**target)
+            _print_job(job)
+            assert job["state"] == "succeeded", job
+            layout = deployment.status()["layout"]
+            assert all(layout[k] == v for k, v in target.items())
+            deadline = time.monotonic() + 60   # requests keep completing on the new generation
+            while load.ok < before + 4 and time.monotonic() < deadline:
+                time.sleep(0.2)
+        # kill the new generation's engine process in the middle of a switch
+        job = deployment._call("submit", {"tp": 2, "replicas": 1})
+        killed = None
+        deadline = time.monotonic() + 120
+        while killed is None and time.monotonic() < deadline:
+            st = deployment.status()
+            for gen in st["generations"]:
+                if gen["state"] == "starting" and gen["replicas"] and gen["replicas"][0]["pid"]:
+                    killed = gen["replicas"][0]["pid"]
+            time.sleep(0.05)
+        assert killed, "never saw the new generation starting"
+        os.kill(killed, signal.SIGKILL)
+        while job["state"] == "running":
+            time.sleep(0.2)
+            job = deployment.job(job["id"])
+        _print_job(job)
+        assert job["state"] in ("succeeded", "rolled_back"), job
+        time.sleep(1.0)
+    print(f"\n  load: {load.ok} complete responses, {len(load.failures)} failed")
+    assert not load.failures, load.failures[:5]
+    assert load.ok > 20
+    metrics = requests.get(url + "/metrics", timeout=10).text
+    assert "foundry_elastic_requests_failed_total 0" in metrics
+    assert 'foundry_elastic_switch_phase_seconds_count{phase="wait_healthy"}' in metrics
+
+
+@pytest.mark.slow
+def test_invalid_reconfigurations_are_rejected_without_state_change(deployment):
+    url = deployment.url
+    before = requests.get(url + "/status", headers=AUTH, timeout=10).json()
+    cases = [
+        ('{"tp": 3, "replicas": 1}', AUTH, 400, "slots"),
+        ('{"ep": 2, "replicas": 1}', AUTH, 400, "dense"),
+        ('{"tp": 2, "bogus": 1}', AUTH, 400, "unknown key"),
+        ('{"tp": 2', AUTH, 400, "malformed JSON"),
+        ('{"tp": -1}', AUTH, 400, "positive integer"),
+        ('{"tp": 1}', {}, 401, "missing bearer token"),
+    ]
+    for body, headers, status, needle in cases:
+        r = requests.post(url + "/reconfigure", data=body, headers=headers, timeout=10)
+        msg = r.json()["error"]["message"]
+        print(f"\n  POST /reconfigure {body} -> {r.status_code} {msg}")
+        assert r.status_code == status and needle in msg, (body, r.status_code, msg)
+    r = requests.post(url + "/v1/completions", data="{oops", timeout=10)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    after = requests.get(url + "/status", headers=AUTH, timeout=10).json()
+    assert before["generation"] == after["generation"] and before["layout"] == after["layout"]
+    assert before["switches"] == after["switches"]
