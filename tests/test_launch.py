@@ -1,0 +1,119 @@
+"""python -m foundry_sglang.launch: our flags parsed, everything else forwarded untouched, dispatch targets."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+from foundry_sglang import launch
+
+
+def test_split_keeps_sglang_flags_untouched_and_in_order():
+    argv = ["--model", "Qwen/Qwen3-8B", "--foundry-mode", "load", "--tp-size", "1", "--foundry-archive=/tmp/a",
+            "--elastic-ep-backend", "x", "--port", "30001"]
+    ours, rest = launch.split_argv(argv)
+    assert ours.foundry_mode == "load" and ours.foundry_archive == "/tmp/a" and not ours.elastic
+    assert rest == ["--model", "Qwen/Qwen3-8B", "--tp-size", "1", "--elastic-ep-backend", "x", "--port", "30001"]
+
+
+def test_bad_mode_is_a_usage_error():
+    proc = subprocess.run([sys.executable, "-m", "foundry_sglang.launch", "--foundry-mode", "maybe"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_documents_our_flags():
+    proc = subprocess.run([sys.executable, "-m", "foundry_sglang.launch", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--foundry-archive", "--foundry-mode", "--foundry-engine", "--elastic", "sglang.launch_server"):
+        assert flag in proc.stdout
+
+
+def test_pins_added_only_when_user_chose_nothing():
+    argv, added = launch.apply_pins(["--model", "m"])
+    assert added == ["--cuda-graph-backend-prefill", "disabled"] and argv[-2:] == added
+    for user in (["--cuda-graph-backend-prefill", "full"], ["--cuda-graph-backend-prefill=breakable"],
+                 ["--disable-prefill-cuda-graph"], ["--disable-cuda-graph"]):
+        assert launch.apply_pins(["--model", "m"] + user)[1] == []
+
+
+def test_env_flags_win_over_environment():
+    ours, _ = launch.split_argv(["--foundry-mode", "save"])
+    env = launch.foundry_env(ours, {"FOUNDRY_MODE": "load", "FOUNDRY_ARCHIVE": "/x"})
+    assert env == {"FOUNDRY_MODE": "save", "FOUNDRY_ARCHIVE": "/x"}
+    ours, _ = launch.split_argv([])
+    assert launch.foundry_env(ours, {})["FOUNDRY_MODE"] == "auto"
+
+
+@pytest.fixture()
+def recorded(monkeypatch):
+    """Replace the three dispatch targets by recorders (the real ones start servers)."""
+    calls = {}
+    monkeypatch.setattr(launch, "run_sglang", lambda rest, env: calls.setdefault("sglang", (rest, env)) and 0)
+    monkeypatch.setattr(launch, "run_builtin", lambda rest, env: calls.setdefault("builtin", (rest, env)) and 0)
+    monkeypatch.setattr(launch, "run_elastic", lambda rest, env: calls.setdefault("elastic", (rest, env)) and 0)
+    return calls
+
+
+def test_dispatch_sglang_when_importable(recorded, monkeypatch):
+    monkeypatch.setattr(launch, "sglang_available", lambda: None)
+    assert launch.main(["--model", "m", "--foundry-archive", "/tmp/arch"]) == 0
+    rest, env = recorded["sglang"]
+    assert rest == ["--model", "m"] and env["FOUNDRY_ARCHIVE"] == "/tmp/arch"
+
+
+def test_dispatch_builtin_when_sglang_missing(recorded, monkeypatch, caplog):
+    monkeypatch.setattr(launch, "sglang_available", lambda: "ModuleNotFoundError: No module named 'sglang'")
+    with caplog.at_level("WARNING"):
+        assert launch.main(["--model", "m"]) == 0
+    assert "builtin" in recorded and "SGLang is not installed" in caplog.text
+
+
+def test_dispatch_elastic(recorded):
+    assert launch.main(["--elastic", "--model", "m"]) == 0
+    assert recorded["elastic"][0] == ["--model", "m"]
+
+
+def test_engine_sglang_insisted_but_missing_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(launch, "sglang_available", lambda: "ImportError: nope")
+    assert launch.main(["--foundry-engine", "sglang"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_run_builtin_passes_flags_the_engine_knows(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("foundry_sglang.engine.server")
+    fake.add_engine_args = lambda p: (p.add_argument("--model"), p.add_argument("--foundry-archive"))
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "foundry_sglang.engine.server", fake)
+    monkeypatch.setattr(launch.os, "environ", {})
+    launch.run_builtin(["--model", "m"], {"FOUNDRY_MODE": "auto", "FOUNDRY_ARCHIVE": "/a"})
+    assert seen["argv"] == ["--model", "m", "--foundry-archive", "/a"]  # engine has no --foundry-mode
+
+
+def test_run_sglang_refuses_unsafe_flag_before_starting(monkeypatch):
+    pytest.importorskip("sglang.srt.server_args")
+    started = []
+    monkeypatch.setattr(launch, "_resolve", lambda t: started.append(t))
+    monkeypatch.setattr(launch.os, "environ", {})
+    with pytest.raises(launch.LaunchError, match="--enable-memory-saver"):
+        launch.run_sglang(["--model", "/m", "--enable-memory-saver"], {"FOUNDRY_MODE": "save", "FOUNDRY_ARCHIVE": "/a"})
+    assert started == []
+
+
+def test_run_sglang_forwards_parsed_args_and_sets_env(monkeypatch):
+    pytest.importorskip("sglang.srt.server_args")
+    import sglang.srt.plugins as sp
+
+    served = {}
+    monkeypatch.setattr(sp, "load_plugins", lambda: served.setdefault("plugins", True))
+    monkeypatch.setattr(launch, "_resolve", lambda t: (lambda *a, **k: served.setdefault(t, a)))
+    env = {}
+    monkeypatch.setattr(launch.os, "environ", env)
+    launch.run_sglang(["--model", "/m", "--port", "30123"], {"FOUNDRY_MODE": "auto", "FOUNDRY_ARCHIVE": "/a"})
+    args = served["sglang.launch_server:run_server"][0]
+    assert args.model_path == "/m" and args.port == 30123 and args.cuda_graph_backend_prefill == "disabled"
+    assert env["FOUNDRY_MODE"] == "auto" and env["FOUNDRY_ARCHIVE"] == "/a"
