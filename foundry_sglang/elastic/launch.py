@@ -1,0 +1,138 @@
+"""``python -m foundry_sglang.launch --model M --elastic ...``: an elastic deployment from the command line.
+
+Starts (or joins) Ray, the controller actor with its router on ``--host:--port``, and the first generation;
+then serves until SIGINT/SIGTERM. ``--backend local`` runs without Ray (workers are child processes).
+Engine flags that are not elastic flags are passed to every engine process (``--engine-arg`` or after ``--``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import List, Optional
+
+from .deployment import DeploymentConfig, ElasticDeployment
+from .layout import Layout, LayoutError, resolve_model_shape, validate_layout
+
+log = logging.getLogger("foundry_sglang.elastic.launch")
+
+TOKEN_ENV = "FOUNDRY_ELASTIC_API_TOKEN"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m foundry_sglang.launch --elastic",
+        description="Serve a model as an elastic deployment whose TP/EP degree and replica count change live "
+                    "(POST /reconfigure). Inference: /v1/completions, /v1/chat/completions; admin: /status, "
+                    "/reconfigure; /health, /metrics.")
+    p.add_argument("--elastic", action="store_true", help="accepted for the launcher's sake (always on here)")
+    p.add_argument("--model", "--model-path", dest="model", default="builtin:tiny",
+                   help="model: builtin:NAME preset or a HuggingFace directory (default builtin:tiny)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="GPUs (or CPU slots with --device cpu) the deployment may use; default: tp*replicas")
+    p.add_argument("--tp", type=int, default=1, help="initial tensor-parallel degree per replica (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="initial expert-parallel degree per replica (default 1)")
+    p.add_argument("--replicas", type=int, default=1, help="initial number of replicas (default 1)")
+    p.add_argument("--worker", dest="kind", choices=["builtin", "sglang"], default="builtin",
+                   help="engine per replica: the built-in engine or SGLang through our plugin (default builtin)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda", help="where engines run (default cuda)")
+    p.add_argument("--gpu-ids", default=None,
+                   help="comma-separated GPU ids for --backend local (default 0..slots-1)")
+    p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="router port, also serving the admin API (default 8000)")
+    p.add_argument("--api-token", default=os.environ.get(TOKEN_ENV),
+                   help=f"bearer token required by /reconfigure and /status (default: ${TOKEN_ENV}; none: open)")
+    p.add_argument("--backend", choices=["ray", "local"], default="ray",
+                   help="ray: controller and workers are Ray actors in placement groups; local: child processes")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--foundry-archive", dest="archive_root", default=os.environ.get("FOUNDRY_ARCHIVE"),
+                   help="root directory of graph archives, one subdirectory per layout (default: $FOUNDRY_ARCHIVE, "
+                        "which the launcher sets from its own --foundry-archive; none: no archives). "
+                        "Ignored with --device cpu (no CUDA graphs there)")
+    p.add_argument("--foundry-mode", default=os.environ.get("FOUNDRY_MODE") or "auto",
+                   choices=["auto", "save", "load", "off"],
+                   help="archive mode passed to every engine (default $FOUNDRY_MODE or auto: restore if present, "
+                        "else capture and save)")
+    p.add_argument("--log-dir", default=None, help="write each engine process's output to a file here")
+    p.add_argument("--queue-limit", type=int, default=1024, help="requests that may wait during a switch gap")
+    p.add_argument("--queue-timeout", type=float, default=300.0,
+                   help="seconds a request waits for a serving generation before a 503 (default 300)")
+    p.add_argument("--start-timeout", type=float, default=600.0,
+                   help="seconds a new generation has to become healthy before rollback (default 600)")
+    p.add_argument("--drain-timeout", type=float, default=600.0,
+                   help="seconds the old generation's in-flight requests get before it is stopped (default 600)")
+    p.add_argument("--policy", default=None,
+                   help='JSON enabling the load policy, e.g. \'{"scale_up": {"replicas": 2}, "queue_high": 8}\' '
+                        "(fields of foundry_sglang.elastic.policy.PolicyConfig; default: off)")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for every engine process (repeatable; or put them after --)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentConfig:
+    for name in ("tp", "ep", "replicas"):
+        if getattr(args, name) < 1:
+            raise LayoutError(f"--{name} must be >= 1")
+    policy = None
+    if args.policy:
+        try:
+            policy = json.loads(args.policy)
+        except json.JSONDecodeError as exc:
+            raise LayoutError(f"--policy is not valid JSON: {exc.msg}") from None
+        if not isinstance(policy, dict):
+            raise LayoutError("--policy must be a JSON object")
+    gpu_ids = [int(g) for g in args.gpu_ids.split(",") if g.strip()] if args.gpu_ids else None
+    slots = args.slots or max(args.tp, args.ep) * args.replicas
+    return DeploymentConfig(
+        model=args.model, slots=slots, tp=args.tp, ep=args.ep, replicas=args.replicas, kind=args.kind,
+        device=args.device, gpu_ids=gpu_ids, host=args.host, port=args.port, api_token=args.api_token,
+        backend=args.backend, foundry_mode=args.foundry_mode,
+        archive_root=args.archive_root if args.device == "cuda" and args.foundry_mode != "off" else None,
+        extra_args=list(args.engine_arg) + list(extra), log_dir=args.log_dir, queue_limit=args.queue_limit,
+        queue_timeout=args.queue_timeout, start_timeout=args.start_timeout, drain_timeout=args.drain_timeout,
+        policy=policy)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: List[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args, extra)
+        if cfg.kind == "builtin" or cfg.model.startswith("builtin:") or os.path.isdir(cfg.model):
+            validate_layout(Layout(cfg.tp, cfg.ep, cfg.replicas), resolve_model_shape(cfg.model), cfg.slots,
+                            cfg.kind)     # before Ray starts: a bad layout is one line, not a traceback
+    except (LayoutError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    if cfg.backend == "ray":
+        import ray
+        ray.init(address=args.ray_address, num_cpus=args.num_cpus, include_dashboard=False)
+    dep = ElasticDeployment(cfg)
+    try:
+        url = dep.start()
+    except (LayoutError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    print(f"elastic deployment serving on {url} (admin: {url}/status, {url}/reconfigure)", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    log.info("stopping")
+    dep.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Worker command construction, the elastic launcher's flags, the Serve app builder and its YAML (no GPU)."""
+import os
+import sys
+
+import pytest
+
+from foundry_sglang.elastic.launch import build_parser, config_from_args, main
+from foundry_sglang.elastic.workers import WorkerSpec, archive_path, build_command, build_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_builtin_worker_command():
+    spec = WorkerSpec(model="builtin:tiny", tp=2, ep=1, device="cpu", extra_args=["--num-kv-pages", "64"])
+    cmd = build_command(spec, 4321)
+    assert cmd[:3] == [sys.executable, "-m", "foundry_sglang.engine"]
+    assert cmd[3:] == ["--model", "builtin:tiny", "--tp", "2", "--ep", "1", "--host", "127.0.0.1", "--port",
+                       "4321", "--device", "cpu", "--num-kv-pages", "64"]
+    env = build_env(spec, [])
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and REPO in env["PYTHONPATH"].split(os.pathsep)
+
+
+def test_sglang_worker_command_enables_plugin_and_archive():
+    archive = archive_path("/data/foundry", "/models/Qwen3-8B/", 2, 1)
+    assert archive == "/data/foundry/Qwen3-8B/tp2_ep1"
+    spec = WorkerSpec(model="/models/Qwen3-8B", tp=2, ep=2, kind="sglang", device="cuda", archive_dir=archive,
+                      foundry_mode="auto", extra_args=["--cuda-graph-max-bs-decode", "64"])
+    cmd = build_command(spec, 30001)
+    assert cmd[1:3] == ["-m", "foundry_sglang.launch"]
+    joined = " ".join(cmd)
+    for part in ("--model-path /models/Qwen3-8B", "--tp-size 2", "--ep-size 2", "--host 127.0.0.1",
+                 "--port 30001", f"--foundry-archive {archive}", "--foundry-mode auto",
+                 "--cuda-graph-max-bs-decode 64"):
+        assert part in joined
+    env = build_env(spec, [2, 3])
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["SGLANG_PLUGINS"] == "foundry"
+    with pytest.raises(ValueError, match="unknown worker kind"):
+        build_command(WorkerSpec(model="m", kind="vllm"), 1)
+
+
+def test_launcher_flags_map_to_config():
+    args = build_parser().parse_args(["--elastic", "--model", "builtin:tiny", "--tp", "2", "--replicas", "2",
+                                      "--device", "cpu", "--backend", "local", "--foundry-archive", "/a",
+                                      "--engine-arg=--page-size=32"])
+    cfg = config_from_args(args, ["--num-kv-pages", "64"])
+    assert (cfg.slots, cfg.tp, cfg.replicas, cfg.backend) == (4, 2, 2, "local")
+    assert cfg.archive_root is None          # no CUDA graphs on CPU
+    assert cfg.extra_args == ["--page-size=32", "--num-kv-pages", "64"]
+    assert main(["--tp", "3", "--slots", "4", "--device", "cpu"]) == 2     # 4 heads: one line, exit 2
+    assert main(["--policy", "[1]"]) == 2
+
+
+def test_serve_app_builds_and_yaml_matches():
+    pytest.importorskip("ray.serve")
+    import yaml
+    from foundry_sglang.elastic.serve import build_app, config_from_dict
+    with open(os.path.join(REPO, "launch", "elastic_serve.yaml")) as f:
+        doc = yaml.safe_load(f)
+    app_cfg = doc["applications"][0]
+    assert app_cfg["import_path"] == "foundry_sglang.elastic.serve:build_app"
+    cfg = config_from_dict(app_cfg["args"])          # every YAML arg is a known field
+    assert cfg.backend == "ray" and cfg.host == "127.0.0.1"
+    app = build_app({"model": "builtin:tiny", "slots": 2, "device": "cpu"})
+    from ray.serve import Application
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="unknown elastic argument"):
+        build_app({"model": "builtin:tiny", "tensor_parallel": 2})
