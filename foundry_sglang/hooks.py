@@ -134,7 +134,7 @@ class CaptureRouter:
             if post_warmup_hook is not None:
                 post_warmup_hook()
         graph = self.session.new_graph()
-        with self.capture_scope(), device.graph(cuda_graph=graph, pool=backend._pool, stream=backend._capture_stream):
+        with self.capture_scope(), self._graph_ctx(backend, graph):
             backend._precarve.mint()
             out = forward_fn()
         if profiler is not None:
@@ -148,6 +148,14 @@ class CaptureRouter:
             log.error("foundry: SAVE stopped, serving with live graphs: %s", self.problem)
             return
         self.recorded.append(name)
+
+    def _graph_ctx(self, backend, graph):
+        """The session's capture context (it steps the thread's arena pools aside so the capture allocates from
+        the graph pool); SGLang's ``device_module.graph`` into the same pool when the session has none."""
+        session_capture = getattr(self.session, "graph_capture", None)
+        if session_capture is not None:
+            return session_capture(graph, stream=backend._capture_stream)
+        return backend._device_module.graph(cuda_graph=graph, pool=backend._pool, stream=backend._capture_stream)
 
     # LOAD ----------------------------------------------------------------------------------------
     def _restored_graph(self, name: str) -> Optional[Any]:
@@ -207,7 +215,7 @@ def _one_line(err: BaseException) -> str:
 
 def _archive_extra(session: Any) -> Dict[str, str]:
     """The manifest's ``extra`` of the archive a LOAD session opened."""
-    for path in (("extra",), ("manifest", "extra")):
+    for path in (("extra",), ("manifest", "extra"), ("archive", "manifest", "extra")):
         obj = session
         for attr in path:
             obj = getattr(obj, attr, None)
