@@ -9,6 +9,7 @@ rebuilds the graphs — no capture, no forward pass.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -104,6 +105,8 @@ class Session:
         for name in ("init", "warmup", "graphs"):
             self._pools[name] = self.arena.new_pool()
         self._push_pool("init")
+        # PyTorch aborts at exit if a MemPool dies while still routing allocations: always step out first.
+        atexit.register(self.close)
         return self
 
     def _open_archive(self) -> Optional[FoundryError]:
@@ -124,8 +127,11 @@ class Session:
         return None
 
     def close(self) -> None:
+        """Stop routing this thread's allocations to the arena and stop recording images. Graphs, outputs and
+        tensors already allocated stay valid."""
         while self._active:
-            self._active.pop().__exit__(None, None, None)
+            with contextlib.suppress(Exception):
+                self._active.pop().__exit__(None, None, None)
         if self._recorder is not None:
             self._recorder.stop()
             self._recorder = None
