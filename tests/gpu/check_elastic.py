@@ -1,0 +1,146 @@
+"""GPU check of live TP switching (run by the lead on nvidia-h200-x2; one command, verdict table last).
+
+    python tests/gpu/check_elastic.py --out "$OUT"
+
+No Ray there (its cp312 wheel is 79 MB, over the 64 MiB a call may carry), so the controller runs with the
+local-process backend behind the same interface the Ray backend implements. The deployment serves the
+qwen3-8b-shaped preset with reduced layers on two GPUs; under steady load of streaming and non-streaming greedy
+requests it switches TP1 -> TP2 (captures and saves the TP2 archive), TP2 -> TP1 (restores), TP1 -> TP2
+(restores). Reported: switch time by phase, failed requests (must be 0), incomplete responses (must be 0),
+and whether every response equals the TP1 greedy reference (informational: bf16 TP2 may differ in a token).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import aiohttp  # noqa: E402
+
+from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment  # noqa: E402
+
+PROMPTS = [f"Request {i}: explain the history of the printing press." for i in range(8)]
+
+
+async def one(session, url, i, stream, max_tokens):
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            return None, f"HTTP {r.status}: {(await r.text())[:200]}"
+        if not stream:
+            return (await r.json())["choices"][0]["text"], None
+        text, done = "", False
+        async for line in r.content:
+            line = line.strip()
+            if line == b"data: [DONE]":
+                done = True
+            elif line.startswith(b"data: "):
+                ev = json.loads(line[6:])
+                if "error" in ev:
+                    return None, f"in-stream error: {ev['error']}"
+                text += "".join(c.get("text") or "" for c in ev.get("choices", []))
+        return (text, None) if done else (None, "stream ended without [DONE]")
+
+
+class Load:
+    def __init__(self, url, reference, concurrency, max_tokens):
+        self.url, self.reference, self.concurrency, self.max_tokens = url, reference, concurrency, max_tokens
+        self.ok = self.mismatch = 0
+        self.failures = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.run()), daemon=True)
+
+    async def run(self):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=900)) as s:
+            async def worker(w):
+                i = w
+                while not self.stop.is_set():
+                    stream = i % 2 == 0
+                    text, err = await one(s, self.url, i, stream, self.max_tokens)
+                    if err:
+                        self.failures.append(err)
+                    else:
+                        self.ok += 1
+                        self.mismatch += text != self.reference[(i % len(PROMPTS), stream)]
+                    i += self.concurrency
+            await asyncio.gather(*(worker(w) for w in range(self.concurrency)))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/elastic-check"),
+                    help="directory for engine logs, archives and results.json (default $OUT)")
+    ap.add_argument("--model", default="builtin:qwen3-8b?num_hidden_layers=4",
+                    help="model served (default: the qwen3-8b preset with 4 layers)")
+    ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients during the switches")
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request")
+    ap.add_argument("--engine-arg", action="append", default=[], help="extra engine flag (repeatable)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.makedirs(args.out, exist_ok=True)
+    archives = os.path.join(args.out, "archives")
+    cfg = DeploymentConfig(model=args.model, slots=2, tp=1, replicas=1, device="cuda", gpu_ids=[0, 1],
+                           backend="local", port=0, archive_root=archives, foundry_mode="auto",
+                           log_dir=os.path.join(args.out, "logs"), extra_args=list(args.engine_arg),
+                           start_timeout=420, queue_timeout=420)
+    rows, jobs = [], []
+    dep = ElasticDeployment(cfg)
+    t0 = time.monotonic()
+    url = dep.start()
+    rows.append(("initial TP1 start (capture + save)", f"{time.monotonic() - t0:.1f}s", "info"))
+
+    async def reference():
+        async with aiohttp.ClientSession() as s:
+            out = {}
+            for i in range(len(PROMPTS)):
+                for stream in (False, True):
+                    text, err = await one(s, url, i, stream, args.max_tokens)
+                    if err:
+                        raise SystemExit(f"reference request failed: {err}")
+                    out[(i, stream)] = text
+            return out
+    ref = asyncio.run(reference())
+    load = Load(url, ref, args.concurrency, args.max_tokens)
+    load.thread.start()
+    try:
+        for tp, note in ((2, "capture+save"), (1, "restore"), (2, "restore")):
+            job = dep.reconfigure(tp=tp)
+            jobs.append(job)
+            phases = " ".join(f"{k}={v:.2f}" for k, v in job["phases_s"].items())
+            ok = job["state"] == "succeeded"
+            rows.append((f"switch TP{3 - tp}->TP{tp} ({note}) {job['strategy']}", f"{job['total_s']:.2f}s",
+                         "PASS" if ok else "FAIL"))
+            rows.append((f"  phases (s)", phases, "info"))
+            time.sleep(2.0)
+    finally:
+        load.stop.set()
+        load.thread.join(600)
+        status = dep.status()
+        dep.stop()
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"jobs": jobs, "status": status, "ok": load.ok, "failures": load.failures[:50],
+                   "mismatch": load.mismatch}, f, indent=1)
+    saved = sorted(os.path.relpath(os.path.join(d, n), archives) for d, _, ns in os.walk(archives) for n in ns)
+    rows.append(("archives written", ", ".join(saved[:6]) or "none", "PASS" if saved else "FAIL"))
+    restore_faster = len(jobs) == 3 and jobs[2]["phases_s"].get("wait_healthy", 1e9) < \
+        jobs[0]["phases_s"].get("wait_healthy", 0)
+    rows.append(("TP2 start restored faster than captured", str(restore_faster), "PASS" if restore_faster else "WARN"))
+    rows.append(("complete responses under load", str(load.ok), "PASS" if load.ok > 0 else "FAIL"))
+    rows.append(("failed requests", str(len(load.failures)), "PASS" if not load.failures else "FAIL"))
+    rows.append(("responses != TP1 greedy reference", str(load.mismatch), "info"))
+    print("\nVERDICT elastic TP switch on GPU")
+    w = max(len(r[0]) for r in rows)
+    for name, value, verdict in rows:
+        print(f"{name:<{w}}  {verdict:<5} {value}")
+    return 0 if all(v != "FAIL" for _, _, v in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
