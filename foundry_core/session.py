@@ -61,6 +61,7 @@ class Session:
         self._in_capture_phase = False
         self.restore_stats = None
         self.save_stats: dict[str, float] = {}
+        self.open_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------------------------
     # open / close
@@ -75,9 +76,11 @@ class Session:
     def open(self) -> "Session":
         if self.mode is not None:
             return self
+        t0 = time.perf_counter()
         mode = self.requested_mode
         if mode in ("load", "auto"):
             problem = self._open_archive()
+            self.open_stats["archive_seconds"] = time.perf_counter() - t0
             if problem:
                 if mode == "load":
                     raise problem
@@ -100,10 +103,12 @@ class Session:
         base, size = self._arena_args
         if self.archive is not None:  # LOAD: the arena must be where SAVE had it
             base, size = self.archive.manifest.arena.base, self.archive.manifest.arena.size
+        t1 = time.perf_counter()
         self.arena = Arena(self.device, base, size)
         self.arena.reserve()
         for name in ("init", "warmup", "graphs"):
             self._pools[name] = self.arena.new_pool()
+        self.open_stats["arena_seconds"] = time.perf_counter() - t1
         self._push_pool("init")
         # PyTorch aborts at exit if a MemPool dies while still routing allocations: always step out first.
         atexit.register(self.close)

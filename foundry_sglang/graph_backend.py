@@ -141,8 +141,7 @@ class FoundryGraphBackend(TorchGraphBackend):
         graph_args = {
             "model": args.model, "dtype": str(args.dtype), "tp": args.tp, "ep": args.ep, "rank": rank,
             "page_size": args.page_size, "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-            "cuda_graph_bs": list(args.capture_batch_sizes()) if hasattr(args, "capture_batch_sizes") else
-            args.cuda_graph_bs, "cuda_graph_max_bs": getattr(args, "cuda_graph_max_bs", None), "seed": args.seed,
+            "cuda_graph_bs": list(args.graph_batch_sizes()), "num_kv_pages": args.num_kv_pages, "seed": args.seed,
         }
         key = json.dumps(graph_args, sort_keys=True, default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
