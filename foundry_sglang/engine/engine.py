@@ -106,6 +106,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps_prefill": 0, "steps_decode": 0}
         self._closed = False
+        self.last_logits = None
         log.info("engine ready: %s, tp=%d ep=%d, %s %s, %d KV pages x %d tokens, context %d, graphs %s",
                  args.model, args.tp, args.ep, self.runner.device, str(self.runner.dtype).replace("torch.", ""),
                  self.runner.num_kv_pages, args.page_size, self.max_model_len, self.runner.graph_bs or "off")
@@ -154,6 +155,7 @@ class LLMEngine:
         if self.workers:
             broadcast_batch(batch, self.runner.state.control_group)
         logits = self.runner.run(batch)
+        self.last_logits = logits  # for tests and debugging; valid until the next step
         tokens = sample(logits, [s.params.temperature for s in seqs], [s.params.top_p for s in seqs],
                         [s.params.top_k for s in seqs], [s.seed for s in seqs],
                         [len(s.output_ids) for s in seqs])
