@@ -176,7 +176,11 @@ class FoundryGraphBackend(TorchGraphBackend):
     def capture_session(self, stream: Optional[torch.cuda.Stream] = None):
         if self.session.mode == "load":
             t0 = time.perf_counter()
-            order = [shape_key_name(k) for k in (self.restore_order or [])]
+            # Smallest batch sizes first: a fresh server decodes few sequences, and replay of a graph that is
+            # not instantiated yet waits for it rather than failing.
+            names = [g.key for g in self.session.archive.manifest.graphs if not g.is_child]
+            order = [shape_key_name(k) for k in self.restore_order] if self.restore_order else sorted(
+                names, key=lambda n: (len(n), n))
             self._restored = self.session.restore(order=order)
             self.capture_seconds = time.perf_counter() - t0
             yield
