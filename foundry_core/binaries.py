@@ -456,28 +456,43 @@ def _drv():
     return driver
 
 
+class DriverError(FoundryError):
+    """A CUDA driver call failed; ``status`` is the CUresult name."""
+
+    def __init__(self, message: str, status: str = ""):
+        super().__init__(message)
+        self.status = status
+
+
 def _call(what: str, fn, *args):
-    """Call a cuda.bindings function; return its results without the status, or raise a one-line error."""
+    """Call a cuda.bindings function; return its results without the status, or raise a one-line DriverError."""
     try:
         res = fn(*args)
     except Exception as err:  # no driver installed, bad handle types, ...
-        raise FoundryError(f"{what} failed: {err}") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DriverError(f"{what} failed: {first}") from None
     status, rest = (res[0], res[1:]) if isinstance(res, tuple) else (res, ())
     if int(status) != 0:
         name = getattr(status, "name", str(int(status)))
-        raise FoundryError(f"{what} failed: {name}")
+        raise DriverError(f"{what} failed: {name}", name)
     if not rest:
         return None
     return rest[0] if len(rest) == 1 else rest
 
 
 def _func_attrs(drv, func, keys: Iterable[int]) -> dict[int, int]:
+    """{attribute: value} for the given CUfunction_attribute ids; ids this driver does not know are left out."""
     out = {}
     for key in keys:
         try:
-            out[key] = int(_call("cuFuncGetAttribute", drv.cuFuncGetAttribute, drv.CUfunction_attribute(key), func))
-        except (FoundryError, ValueError):
-            continue  # attribute unknown to this driver
+            attr = drv.CUfunction_attribute(key)
+        except ValueError:
+            continue
+        try:
+            out[key] = int(_call("cuFuncGetAttribute", drv.cuFuncGetAttribute, attr, func))
+        except DriverError as err:
+            if err.status not in ("CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_SUPPORTED"):
+                raise
     return out
 
 
@@ -615,14 +630,15 @@ class StoredImage:
 def select_images(images: Sequence[CapturedImage | bytes], refs: Sequence[FunctionRef]) -> tuple[list[StoredImage], list[KernelFunction]]:
     """The images the functions need (each once) and one KernelFunction per distinct (image, name).
 
-    ``KernelFunction.image`` indexes the returned image list. Map a FunctionRef to its KernelFunction with
-    ``functions.index(...)`` or build the lookup ``{(ref.sha256, ref.name): i}`` from the returned lists.
+    ``KernelFunction.image`` indexes the returned image list; ``{(stored[f.image].sha256, f.name): i}`` maps a
+    FunctionRef (its ``sha256``, ``name``) to its KernelFunction. Two live functions of identical images and
+    names (modules loaded twice from the same bytes) share one record: their maximum dynamic shared memory is
+    merged to the larger value; any other differing attribute raises UnsupportedGraph.
     """
     data = _image_bytes(images)
     stored: list[StoredImage] = []
     where: dict[str, int] = {}
-    functions: list[KernelFunction] = []
-    seen: set[tuple[str, str]] = set()
+    attrs_of: dict[tuple[str, str], dict[int, int]] = {}
     for ref in refs:
         if ref.sha256 not in where:
             blob = data[ref.image]
@@ -633,10 +649,24 @@ def select_images(images: Sequence[CapturedImage | bytes], refs: Sequence[Functi
             where[ref.sha256] = len(stored)
             stored.append(StoredImage(blob, ref.sha256, names))
         key = (ref.sha256, ref.name)
-        if key not in seen:
-            seen.add(key)
-            functions.append(KernelFunction(image=where[ref.sha256], name=ref.name, attributes=dict(ref.attributes)))
+        if key not in attrs_of:
+            attrs_of[key] = dict(ref.attributes)
+        elif attrs_of[key] != ref.attributes:
+            attrs_of[key] = _merge_attributes(ref.name, attrs_of[key], ref.attributes)
+    functions = [KernelFunction(image=where[sha], name=name, attributes=attrs) for (sha, name), attrs in attrs_of.items()]
     return stored, functions
+
+
+def _merge_attributes(name: str, a: Mapping[int, int], b: Mapping[int, int]) -> dict[int, int]:
+    merged = {**a, **b}
+    for key in merged:
+        if key == ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES:
+            merged[key] = max(a.get(key, 0), b.get(key, 0))
+        elif a.get(key) != b.get(key):
+            raise UnsupportedGraph(f"kernel {name}: two loaded copies have different values of attribute {key} "
+                                   f"({a.get(key, 'default')} and {b.get(key, 'default')}); one archived function "
+                                   "cannot have both")
+    return merged
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,418 @@
+"""GPU check for foundry_core.binaries (run on the H200 in one command; needs msgspec importable):
+
+    python tests/gpu/check_binaries.py [--out DIR]
+
+SAVE process: arm the ImageRecorder before torch touches CUDA, run a matmul (cuBLASLt), softmax (ATen),
+SDPA (flash/cuDNN), a torch.compile'd function (Inductor/Triton) and a hand-written Triton kernel autotuned
+over three configs that share one kernel name; capture all of it in one CUDA graph; read every kernel node
+through cuda.bindings (cuGraphGetNodes / cuGraphNodeGetType / cuGraphKernelNodeGetParams, child graphs
+included); resolve each node's CUfunction to its recorded image; compare what cubin.py parsed with what the
+driver reports; write the needed images and KernelFunction records.
+LOAD processes (fresh, no torch): load_images + get_functions under CUDA_MODULE_LOADING=LAZY and EAGER, check
+every function's name, identity attributes (regs, shared, local, const, max threads) and re-applied attributes.
+Error paths: CUPTI held by another subscriber -> clear ImageCaptureError; recorder started after CUDA init ->
+RuntimeWarning. Prints a verdict table last; details go to DIR/check_binaries.json ($OUT by default).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SAVE side
+# ---------------------------------------------------------------------------------------------------------
+
+
+def graph_kernel_functions(graph_handle: int) -> list[int]:
+    """CUfunction of every kernel node (child graphs included), in node order."""
+    from cuda.bindings import driver as drv
+
+    from foundry_core.binaries import _call
+
+    out: list[int] = []
+
+    def walk(graph):
+        _, count = _call("cuGraphGetNodes", drv.cuGraphGetNodes, graph, 0)
+        nodes, _ = _call("cuGraphGetNodes", drv.cuGraphGetNodes, graph, count)
+        for node in nodes[:count]:
+            kind = _call("cuGraphNodeGetType", drv.cuGraphNodeGetType, node)
+            if kind == drv.CUgraphNodeType.CU_GRAPH_NODE_TYPE_KERNEL:
+                params = _call("cuGraphKernelNodeGetParams", drv.cuGraphKernelNodeGetParams, node)
+                func = int(params.func)
+                if not func and int(params.kern):  # launched through a CUkernel: its function in this context
+                    func = int(_call("cuKernelGetFunction", drv.cuKernelGetFunction, params.kern))
+                out.append(func)
+            elif kind == drv.CUgraphNodeType.CU_GRAPH_NODE_TYPE_GRAPH:
+                walk(_call("cuGraphChildGraphNodeGetGraph", drv.cuGraphChildGraphNodeGetGraph, node))
+
+    walk(drv.CUgraph(graph_handle))
+    return out
+
+
+def build_workload():
+    import torch
+    import torch.nn.functional as F
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK": b}, num_warps=4) for b in (256, 512, 1024)],
+        key=["n"],
+    )
+    @triton.jit
+    def scale_shift(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask)
+        tl.store(y_ptr + offs, x * 1.5 + 0.25, mask=mask)
+
+    @torch.compile(dynamic=False)
+    def fused(h):
+        return F.silu(h) * torch.sigmoid(h) + torch.tanh(h * 0.5)
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(256, 1024, generator=g).cuda().to(torch.bfloat16)
+    w = (torch.randn(1024, 1024, generator=g) / 32).cuda().to(torch.bfloat16)
+    y = torch.empty(256 * 1024, device="cuda", dtype=torch.float32)
+
+    def step():
+        h = x @ w  # cuBLASLt
+        p = torch.softmax(h.float(), dim=-1)  # ATen
+        q = h.view(4, 64, 8, 128).transpose(1, 2)  # (batch 4, 8 heads, 64 tokens, 128)
+        a = F.scaled_dot_product_attention(q, q, q, is_causal=True)  # flash / cuDNN
+        z = fused(h)  # Inductor Triton
+        n = p.numel()
+        scale_shift[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](p, y, n)  # autotuned Triton
+        return a.float().sum() + z.float().sum() + y.sum()
+
+    return step
+
+
+def phase_save(work: Path) -> dict:
+    t_start = time.perf_counter()
+    from foundry_core import binaries, cubin
+
+    recorder = binaries.ImageRecorder().start()  # before torch touches CUDA
+    import torch
+
+    step = build_workload()
+    for _ in range(3):  # compile, autotune, warm up
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph(keep_graph=True)
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    res: dict = {"graph_output": float(out)}
+
+    funcs = graph_kernel_functions(graph.raw_cuda_graph())
+    res["kernel_nodes"] = len(funcs)
+    res["distinct_functions"] = len(set(funcs))
+    stats = recorder.stats()
+    res["recorder"] = stats
+    res["paired_modules"] = len(recorder.module_images())
+
+    t = time.perf_counter()
+    images = recorder.images()
+    res["images_copy_seconds"] = time.perf_counter() - t
+    res["images_unreadable"] = []
+    for im in images:
+        try:
+            info = cubin.parse_image(im.data)
+            if not info.complete:
+                res["images_unreadable"].append(f"#{im.index}: {'; '.join(info.notes)}")
+        except ValueError as err:
+            res["images_unreadable"].append(f"#{im.index}: {err}")
+    res["image_kinds"] = dict(Counter(_kind(im.data) for im in images))
+
+    t = time.perf_counter()
+    ambiguous: list[str] = []
+    try:
+        refs = binaries.resolve_functions(funcs, recorder)
+    except binaries.FoundryError as err:
+        ambiguous.append(str(err))
+        refs = []
+        for f in dict.fromkeys(funcs):  # per function, to count how many fail
+            try:
+                refs += binaries.resolve_functions([f], recorder)
+            except binaries.FoundryError as e:
+                ambiguous.append(str(e))
+    res["resolve_seconds"] = time.perf_counter() - t
+    res["resolved_functions"] = len({r.handle for r in refs})
+    res["unresolved"] = ambiguous[1:] if len(ambiguous) > 1 else ambiguous
+    res["how"] = dict(Counter(r.how for r in {r.handle: r for r in refs}.values()))
+    res["with_changed_attributes"] = sum(1 for r in {r.handle: r for r in refs}.values() if r.attributes)
+    res["triton_autotuned"] = [(r.name, r.how) for r in {r.handle: r for r in refs}.values() if "scale_shift" in r.name]
+    res["same_name_images"] = sum(1 for im in images if _has_kernel(im.data, "scale_shift"))
+
+    # What cubin.py parsed vs what the driver reports for the same function.
+    res["cubin_vs_driver"] = compare_cubin_with_driver(refs, images)
+
+    # Write what an archive would hold.
+    stored, functions = binaries.select_images(images, refs)
+    res["stored_images"] = len(stored)
+    res["stored_bytes"] = sum(len(s.data) for s in stored)
+    res["stored_functions"] = len(functions)
+    (work / "images").mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(stored):
+        (work / "images" / f"{i:04d}.bin").write_bytes(s.data)
+    identity = {}
+    for r in refs:
+        identity[(r.sha256, r.name)] = binaries._func_attrs(_drv(), _drv().CUfunction(r.handle),
+                                                             binaries.IDENTITY_ATTRIBUTES)
+    records = [{"image": f.image, "name": f.name, "attributes": {str(k): v for k, v in f.attributes.items()},
+                "identity": {str(k): v for k, v in identity[(stored[f.image].sha256, f.name)].items()}}
+               for f in functions]
+    (work / "functions.json").write_text(json.dumps(records))
+    recorder.stop()
+    res["save_total_seconds"] = time.perf_counter() - t_start
+    return res
+
+
+def _drv():
+    from cuda.bindings import driver
+
+    return driver
+
+
+def _kind(data: bytes) -> str:
+    from foundry_core import cubin
+
+    try:
+        info = cubin.parse_image(data)
+    except ValueError:
+        return "unreadable"
+    if info.kind == "fatbin":
+        return "fatbin(" + ",".join(sorted({f"{e.kind}{e.compression and '/' + e.compression}" for e in info.entries})) + ")"
+    return info.kind
+
+
+def _has_kernel(data: bytes, fragment: str) -> bool:
+    from foundry_core import cubin
+
+    try:
+        return any(fragment in k for k in cubin.parse_image(data).kernels)
+    except ValueError:
+        return False
+
+
+def compare_cubin_with_driver(refs, images) -> dict:
+    from foundry_core import binaries, cubin
+
+    by_sha = {im.sha256: im for im in images}
+    counts = Counter()
+    examples = []
+    for r in {r.handle: r for r in refs}.values():
+        try:
+            info = cubin.parse_image(by_sha[r.sha256].data).for_arch(binaries.device_arch())
+        except ValueError:
+            info = None
+        k = info.kernels.get(r.name) if info else None
+        if k is None or k.registers < 0:
+            counts["not_parsed"] += 1
+            continue
+        a = binaries._func_attrs(_drv(), _drv().CUfunction(r.handle), binaries.IDENTITY_ATTRIBUTES)
+        counts["compared"] += 1
+        counts["regs_equal"] += a[binaries.ATTR_NUM_REGS] == k.registers
+        diff = a[binaries.ATTR_SHARED_SIZE_BYTES] - k.shared_bytes
+        counts["shared_equal"] += diff == 0
+        counts[f"shared_driver_minus_cubin_{diff}"] += diff != 0
+        counts["local_equals_frame"] += a[binaries.ATTR_LOCAL_SIZE_BYTES] == k.frame_bytes
+        if len(examples) < 5 and (diff or a[binaries.ATTR_NUM_REGS] != k.registers):
+            examples.append({"name": r.name[:80], "driver": a, "cubin": {"regs": k.registers, "shared": k.shared_bytes,
+                                                                          "frame": k.frame_bytes,
+                                                                          "const0": k.const0_bytes}})
+    return {"counts": dict(counts), "examples": examples}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LOAD side (fresh process, no torch)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def phase_load(work: Path) -> dict:
+    from cuda.bindings import driver as drv
+
+    from foundry_core import binaries, cubin
+    from foundry_core.binaries import _call
+    from foundry_core.schema import KernelFunction
+
+    t0 = time.perf_counter()
+    _call("cuInit", drv.cuInit, 0)
+    dev = _call("cuDeviceGet", drv.cuDeviceGet, 0)
+    ctx = _call("cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain, dev)
+    _call("cuCtxSetCurrent", drv.cuCtxSetCurrent, ctx)
+    init_s = time.perf_counter() - t0
+    images = [p.read_bytes() for p in sorted((work / "images").glob("*.bin"))]
+    records = json.loads((work / "functions.json").read_text())
+    functions = [KernelFunction(image=r["image"], name=r["name"], attributes={int(k): v for k, v in r["attributes"].items()})
+                 for r in records]
+    t = time.perf_counter()
+    modules = binaries.load_images(images)
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    handles = binaries.get_functions(modules, functions, load=False)
+    get_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for h in handles:
+        _call("cuFuncLoad", drv.cuFuncLoad, drv.CUfunction(h))
+    func_load_s = time.perf_counter() - t
+    bad = []
+    for h, r in zip(handles, records):
+        f = drv.CUfunction(h)
+        name = cubin.decode_name(_call("cuFuncGetName", drv.cuFuncGetName, f))
+        ident = binaries._func_attrs(drv, f, binaries.IDENTITY_ATTRIBUTES)
+        applied = binaries._func_attrs(drv, f, [int(k) for k in r["attributes"]])
+        if name != r["name"]:
+            bad.append(f"{r['name'][:60]}: name {name[:60]}")
+        if {str(k): v for k, v in ident.items()} != r["identity"]:
+            bad.append(f"{r['name'][:60]}: identity {ident} != saved {r['identity']}")
+        if {str(k): v for k, v in applied.items()} != r["attributes"]:
+            bad.append(f"{r['name'][:60]}: attributes {applied} != saved {r['attributes']}")
+    return {"mode": binaries.loading_mode(), "init_seconds": init_s, "load_images_seconds": load_s,
+            "get_functions_seconds": get_s, "cuFuncLoad_seconds": func_load_s, "images": len(images),
+            "functions": len(handles), "mismatches": bad[:20], "num_mismatches": len(bad)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Error paths
+# ---------------------------------------------------------------------------------------------------------
+
+
+def phase_errors() -> dict:
+    import ctypes
+    import warnings
+
+    from foundry_core import binaries
+
+    res = {}
+    path = binaries.find_libcupti()
+    cupti = ctypes.CDLL(path)
+    holder = ctypes.c_void_p()
+    cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p)(lambda *a: None)
+    rc = cupti.cuptiSubscribe(ctypes.byref(holder), cb, None)
+    res["holder_subscribe_rc"] = rc
+    try:
+        binaries.ImageRecorder().start(path)
+        res["busy_error"] = "started although CUPTI was held"
+    except binaries.ImageCaptureError as err:
+        res["busy_error"] = str(err)
+    cupti.cuptiUnsubscribe(holder)
+
+    import torch
+
+    torch.cuda.init()
+    torch.zeros(1, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = binaries.ImageRecorder().start(path)
+    res["late_warning"] = next((str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)), "")
+    torch.softmax(torch.randn(8, 8, device="cuda"), -1)
+    torch.cuda.synchronize()
+    res["late_images"] = rec.stats()["images"]
+    rec.stop()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_child(phase: str, work: Path, env_extra: dict[str, str] | None = None) -> dict:
+    env = dict(os.environ, **(env_extra or {}))
+    proc = subprocess.run([sys.executable, __file__, "--phase", phase, "--work", str(work)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    marker = "@@RESULT@@"
+    for line in proc.stdout.splitlines():
+        if line.startswith(marker):
+            return json.loads(line[len(marker):])
+    return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for check_binaries.json")
+    ap.add_argument("--phase", choices=["save", "load", "errors"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.phase:
+        fn = {"save": lambda: phase_save(Path(args.work)), "load": lambda: phase_load(Path(args.work)),
+              "errors": phase_errors}[args.phase]
+        print("@@RESULT@@" + json.dumps(fn(), default=str), flush=True)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="foundry-binaries-") as tmp:
+        work = Path(tmp)
+        save = run_child("save", work)
+        lazy = run_child("load", work, {"CUDA_MODULE_LOADING": "LAZY"}) if "error" not in save else {}
+        eager = run_child("load", work, {"CUDA_MODULE_LOADING": "EAGER"}) if "error" not in save else {}
+    errors = run_child("errors", Path("."))
+    report = {"save": save, "load_lazy": lazy, "load_eager": eager, "errors": errors}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "check_binaries.json").write_text(json.dumps(report, indent=1, default=str))
+
+    rows = []
+
+    def row(name, ok, detail):
+        rows.append((name, "PASS" if ok else "FAIL", detail))
+
+    if "error" in save:
+        row("save process", False, f"{save['error']}: {save['stderr'][-600:]}")
+    else:
+        r = save["recorder"]
+        row("recorder: images recorded", r["images"] > 0 and not r["out_of_memory"],
+            f"{r['images']} images, {r['bytes'] / 1e6:.1f} MB, {r['events']} module events, "
+            f"{save['paired_modules']} CUmodule pairings; kinds {save['image_kinds']}")
+        row("recorder: images readable by cubin.py", not save["images_unreadable"],
+            f"{len(save['images_unreadable'])} not fully readable {save['images_unreadable'][:2]}")
+        row("graph kernel nodes resolved", not save["unresolved"] and save["resolved_functions"] == save["distinct_functions"],
+            f"{save['kernel_nodes']} nodes, {save['resolved_functions']}/{save['distinct_functions']} functions, "
+            f"{len(save['unresolved'])} ambiguous/unresolved {[u[:160] for u in save['unresolved'][:2]]}")
+        row("resolution methods", True, f"{save['how']} in {save['resolve_seconds']:.2f} s")
+        row("autotuned Triton (same-name images)", bool(save["triton_autotuned"]) and not save["unresolved"],
+            f"{save['same_name_images']} images define scale_shift; graph uses {save['triton_autotuned']}")
+        cvd = save["cubin_vs_driver"]["counts"]
+        row("cubin.py regs == driver NUM_REGS", cvd.get("regs_equal", 0) == cvd.get("compared", -1),
+            f"{cvd} examples {save['cubin_vs_driver']['examples'][:2]}")
+        row("functions with changed attributes", True, f"{save['with_changed_attributes']} (re-applied at LOAD)")
+        row("archive selection", save["stored_images"] > 0,
+            f"{save['stored_images']} images ({save['stored_bytes'] / 1e6:.1f} MB), {save['stored_functions']} functions")
+    for label, ld in (("LOAD fresh process, LAZY", lazy), ("LOAD fresh process, EAGER", eager)):
+        if not ld:
+            continue
+        if "error" in ld:
+            row(label, False, f"{ld['error']}: {ld['stderr'][-600:]}")
+            continue
+        row(label, ld["num_mismatches"] == 0,
+            f"mode={ld['mode']} load_images {ld['load_images_seconds']:.3f} s + get_functions "
+            f"{ld['get_functions_seconds']:.3f} s + cuFuncLoad {ld['cuFuncLoad_seconds']:.3f} s for {ld['images']} images/"
+            f"{ld['functions']} functions; {ld['num_mismatches']} mismatches {ld['mismatches'][:2]}")
+    if "error" in errors:
+        row("error paths", False, f"{errors['error']}: {errors['stderr'][-600:]}")
+    else:
+        busy = errors["busy_error"]
+        row("CUPTI held by another subscriber -> clear error", "already in use" in busy and "\n" not in busy, busy[:200])
+        row("recorder started after CUDA init -> warning", "MISSED" in errors["late_warning"],
+            f"{errors['late_warning'][:120]}... (then recorded {errors['late_images']} images)")
+
+    print(f"\ndetails: {out / 'check_binaries.json'}")
+    print(f"{'VERDICT':5} | {'check':48} | detail")
+    for name, verdict, detail in rows:
+        print(f"{verdict:5} | {name:48} | {detail}")
+    sys.exit(0 if all(v == "PASS" for _, v, _ in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""foundry_core.binaries on CPU: the native recorder (built and driven through its callback entry point),
+the pure image-matching logic, archive selection, and clear errors where a driver would be needed."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from foundry_core import binaries as B
+from foundry_core import cubin
+from foundry_core.errors import FoundryError, UnsupportedGraph
+from foundry_core.schema import KernelFunction, KernelImage
+
+EXPORTS = [
+    "foundry_cupti_abi", "foundry_cupti_cuda_state", "foundry_cupti_start", "foundry_cupti_stop",
+    "foundry_cupti_active", "foundry_cupti_driver_callbacks", "foundry_cupti_stats", "foundry_cupti_image_info",
+    "foundry_cupti_image_copy", "foundry_cupti_module_count", "foundry_cupti_module_info", "foundry_cupti_clear",
+    "foundry_cupti_inject",
+]
+
+
+# --- native recorder --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lib():
+    try:
+        native = B._native()
+    except FoundryError as err:
+        pytest.skip(f"cannot build native helpers here: {err}")
+    native.foundry_cupti_clear()
+    yield native
+    native.foundry_cupti_clear()
+
+
+def test_native_library_compiles_and_exports(lib):
+    for name in EXPORTS:
+        assert hasattr(lib, name), name
+    assert lib.foundry_cupti_abi() == B.NATIVE_ABI
+    out = subprocess.run(["nm", "-D", lib._foundry_path], capture_output=True, text=True).stdout \
+        if shutil.which("nm") else ""
+    if out:  # no link-time dependency on CUPTI or the driver
+        undefined = [line.split()[-1] for line in out.splitlines() if " U " in line]
+        assert not any(s.startswith(("cupti", "cu")) and not s.startswith("__") for s in undefined), undefined
+
+
+def test_cuda_state_without_driver(lib):
+    state = lib.foundry_cupti_cuda_state()
+    if os.path.exists("/dev/nvidiactl"):
+        assert state in (0, 1, 2, 3)
+    else:
+        assert state in (B.CUDA_NOT_LOADED, B.CUDA_NOT_INITIALISED)
+
+
+def _inject(lib, module_id: int, data: bytes, loaded: bool = True, handle: int = 0):
+    lib.foundry_cupti_inject(module_id, data, len(data), int(loaded), handle)
+
+
+def test_recorder_keeps_distinct_images_in_load_order(lib):
+    a, b = b"\x7fELF-image-a" * 10, b"\x7fELF-image-b" * 20
+    _inject(lib, 1, a)
+    _inject(lib, 2, b)
+    _inject(lib, 3, a)  # same bytes loaded again: one image, two loads
+    rec = B.ImageRecorder()
+    images = rec.images()
+    assert [im.data for im in images] == [a, b]
+    assert [im.module_id for im in images] == [1, 2]
+    assert images[0].loads == 2 and images[1].loads == 1
+    assert images[0].order < images[1].order
+    assert images[0].sha256 == hashlib.sha256(a).hexdigest() and images[0].size == len(a)
+    assert rec.stats() == {"images": 2, "bytes": len(a) + len(b), "events": 3, "out_of_memory": 0}
+
+
+def test_recorder_unloads_and_images_seen_only_at_unload(lib):
+    a, early = b"A" * 100, b"E" * 50
+    _inject(lib, 1, a)
+    _inject(lib, 1, a, loaded=False)
+    _inject(lib, 9, early, loaded=False)  # loaded before recording started: caught at unload
+    images = B.ImageRecorder().images()
+    assert images[0].unloads == 1 and not images[0].seen_at_unload
+    assert images[1].data == early and images[1].seen_at_unload and images[1].loads == 0
+
+
+def test_recorder_pairs_module_handles(lib):
+    a, b = b"A" * 64, b"B" * 64
+    _inject(lib, 1, a, handle=0x1000)
+    _inject(lib, 2, b, handle=0x2000)
+    _inject(lib, 3, b)  # loaded by the runtime, no cuModuleLoad call seen: no pairing
+    rec = B.ImageRecorder()
+    assert rec.module_images() == {0x1000: 0, 0x2000: 1}
+    _inject(lib, 1, a, loaded=False)  # module 1 unloaded: its handle may be reused, forget it
+    assert rec.module_images() == {0x2000: 1}
+
+
+def test_start_with_missing_libcupti_is_a_clear_error(lib):
+    with pytest.raises(B.ImageCaptureError, match="cannot load libcupti"):
+        B.ImageRecorder().start("/nonexistent/libcupti.so.13")
+    assert not B.ImageRecorder().active
+
+
+def test_find_libcupti_env_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("FOUNDRY_LIBCUPTI", str(tmp_path / "missing.so"))
+    with pytest.raises(B.ImageCaptureError, match="FOUNDRY_LIBCUPTI"):
+        B.find_libcupti()
+    fake = tmp_path / "libcupti.so.13"
+    fake.write_bytes(b"")
+    monkeypatch.setenv("FOUNDRY_LIBCUPTI", str(fake))
+    assert B.find_libcupti() == str(fake)
+
+
+def test_start_with_real_libcupti(lib, monkeypatch):
+    """Here (no GPU driver) subscription must fail with a one-line reason; on a GPU machine it must work."""
+    monkeypatch.delenv("FOUNDRY_LIBCUPTI", raising=False)
+    try:
+        path = B.find_libcupti()
+    except B.ImageCaptureError:
+        pytest.skip("no libcupti installed")
+    rec = B.ImageRecorder()
+    try:
+        rec.start(path)
+    except B.ImageCaptureError as err:
+        assert "\n" not in str(err) and "cupti" in str(err).lower()
+        assert not rec.active
+    else:
+        assert rec.active
+        rec.stop()
+        assert not rec.active
+
+
+# --- matching (pure) --------------------------------------------------------------------------------------
+
+
+def K(name, regs=32, shared=0, max_threads=None):
+    return cubin.KernelInfo(name=name, registers=regs, shared_bytes=shared, max_threads=max_threads)
+
+
+def facts(index, kernels, sha=None):
+    ks = {k.name: k for k in kernels}
+    return B.ImageFacts(index, sha or f"{index:064x}", frozenset(ks), ks)
+
+
+def module(names, used, known=None):
+    return B.ModuleFacts(frozenset(names), {n: dict(a) for n, a in used.items()}, known)
+
+
+REGS, SHARED, LOCAL = B.ATTR_NUM_REGS, B.ATTR_SHARED_SIZE_BYTES, B.ATTR_LOCAL_SIZE_BYTES
+
+
+def test_duplicate_kernel_names_across_images_match_by_name_set():
+    images = [facts(0, [K("gemm"), K("softmax")]), facts(1, [K("gemm")]), facts(2, [K("gemm"), K("relu")])]
+    assert B.choose_image(module({"gemm"}, {"gemm": {REGS: 32}}), images) == (1, "names")
+    assert B.choose_image(module({"gemm", "relu"}, {"gemm": {REGS: 32}}), images)[0] == 2
+
+
+def test_identical_images_count_once(tmp_path):
+    blob = _tiny_cubin(tmp_path)
+    facts_list = B.image_facts([blob, b"junk", blob], arch=90)
+    assert [f.index for f in facts_list] == [0, 1]  # the second copy of blob is dropped
+    assert facts_list[1].names is None and "not a CUDA module image" in facts_list[1].problem
+    names = facts_list[0].names
+    assert B.choose_image(module(names, {"tiny_a": {}}), facts_list) == (0, "names")
+
+
+def test_same_names_narrowed_by_cubin_facts():
+    images = [facts(0, [K("triton_red", regs=40)]), facts(1, [K("triton_red", regs=56)])]
+    got = B.choose_image(module({"triton_red"}, {"triton_red": {REGS: 56}}), images)
+    assert got == (1, "names+cubin")
+
+
+def test_shared_memory_allows_the_system_reservation():
+    k = K("k", shared=5120)
+    assert B.consistent_with_cubin(k, {SHARED: 5120}) and B.consistent_with_cubin(k, {SHARED: 4096})
+    assert not B.consistent_with_cubin(k, {SHARED: 2048})
+    bounded = K("b", max_threads=(128, 1, 1))
+    assert B.consistent_with_cubin(bounded, {B.ATTR_MAX_THREADS_PER_BLOCK: 128})
+    assert not B.consistent_with_cubin(bounded, {B.ATTR_MAX_THREADS_PER_BLOCK: 1024})
+
+
+def test_same_names_and_cubin_facts_narrowed_by_probe():
+    images = [facts(0, [K("k")]), facts(1, [K("k")])]
+    fresh = {0: (frozenset({"k"}), {"k": {REGS: 32, LOCAL: 0}}), 1: (frozenset({"k"}), {"k": {REGS: 32, LOCAL: 16}})}
+    got = B.choose_image(module({"k"}, {"k": {REGS: 32, LOCAL: 16}}), images, probe=fresh.__getitem__)
+    assert got == (1, "names+probe")
+
+
+def test_ambiguous_images_raise_unsupported_graph_naming_kernel_and_candidates():
+    images = [facts(0, [K("k")], sha="a" * 64), facts(1, [K("k")], sha="b" * 64)]
+    same = lambda i: (frozenset({"k"}), {"k": {REGS: 32}})  # noqa: E731
+    with pytest.raises(UnsupportedGraph) as err:
+        B.choose_image(module({"k"}, {"k": {REGS: 32}}), images, probe=same)
+    msg = str(err.value)
+    assert "kernel k" in msg and "#0 (aaaaaaaaaaaa)" in msg and "#1 (bbbbbbbbbbbb)" in msg and "\n" not in msg
+
+
+def test_no_matching_image_is_explained():
+    images = [facts(0, [K("a")]), B.ImageFacts(1, "c" * 64, None, problem="zstd-compressed")]
+    with pytest.raises(UnsupportedGraph, match="recorder started before CUDA.*could not be read \\(zstd"):
+        B.choose_image(module({"b"}, {"b": {}}), images)
+    with pytest.raises(UnsupportedGraph, match="no functions"):
+        B.choose_image(module(set(), {"b": {}}), images)
+
+
+def test_probe_rejects_a_name_match_with_other_attributes():
+    images = [facts(0, [K("k")])]
+    fresh = lambda i: (frozenset({"k"}), {"k": {REGS: 99}})  # noqa: E731
+    with pytest.raises(UnsupportedGraph, match="none loads with the same"):
+        B.choose_image(module({"k"}, {"k": {REGS: 32}}), images, probe=fresh)
+
+
+def test_known_handle_wins_and_is_verified():
+    images = [facts(0, [K("k")]), facts(1, [K("k")])]
+    ok = {0: (frozenset({"k"}), {"k": {REGS: 32}}), 1: (frozenset({"k"}), {"k": {REGS: 32}})}
+    assert B.choose_image(module({"k"}, {"k": {REGS: 32}}, known=1), images, probe=ok.__getitem__) == (1, "handle")
+    # the recorded pairing disagrees with the module's functions: fall back to names (and find 0)
+    images2 = [facts(0, [K("k")]), facts(1, [K("other")])]
+    assert B.choose_image(module({"k"}, {"k": {REGS: 32}}, known=1), images2) == (0, "names")
+
+
+def test_changed_attributes_only_settable_and_different():
+    defaults = {B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 0, B.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT: -1,
+                B.ATTR_REQUIRED_CLUSTER_WIDTH: 0}
+    current = {B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 200_000, B.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT: -1,
+               B.ATTR_REQUIRED_CLUSTER_WIDTH: 0, REGS: 40}
+    assert B.changed_attributes(current, defaults) == {B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 200_000}
+
+
+def test_attribute_application_order():
+    attrs = [B.ATTR_REQUIRED_CLUSTER_WIDTH, B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, B.ATTR_NON_PORTABLE_CLUSTER_SIZE_ALLOWED]
+    assert sorted(attrs, key=B._attribute_order)[0] == B.ATTR_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+
+
+# --- archive selection ------------------------------------------------------------------------------------
+
+
+def test_select_images_dedupes_and_indexes(tmp_path):
+    blob = _tiny_cubin(tmp_path)
+    other = b"\x7fELF" + b"\0" * 60  # unparseable: stored with no kernel list
+    sha = hashlib.sha256(blob).hexdigest()
+    osha = hashlib.sha256(other).hexdigest()
+    refs = [
+        B.FunctionRef(1, "tiny_a", 0, sha, {B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 65536}, "names"),
+        B.FunctionRef(2, "tiny_b", 0, sha, {}, "names"),
+        B.FunctionRef(3, "tiny_a", 0, sha, {B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 65536}, "names"),
+        B.FunctionRef(4, "x", 1, osha, {}, "handle"),
+    ]
+    stored, functions = B.select_images([blob, other], refs)
+    assert [s.sha256 for s in stored] == [sha, osha]
+    assert stored[0].kernels == ["tiny_a", "tiny_b"] and stored[1].kernels == []
+    assert functions == [
+        KernelFunction(image=0, name="tiny_a", attributes={B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 65536}),
+        KernelFunction(image=0, name="tiny_b", attributes={}),
+        KernelFunction(image=1, name="x", attributes={}),
+    ]
+    rec = stored[0].record("image/abc")
+    assert rec == KernelImage(sha256=sha, blob="image/abc", size=len(blob), kernels=["tiny_a", "tiny_b"])
+
+
+# --- driver layer without a driver ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a GPU driver is present")
+def test_driver_calls_fail_with_one_line_errors():
+    for call in (lambda: B.resolve_functions([1], []), lambda: B.load_images([b"x"]), B.loading_mode,
+                 lambda: B.get_functions([1], [KernelFunction(image=0, name="k")])):
+        with pytest.raises(FoundryError) as err:
+            call()
+        assert "\n" not in str(err.value)
+    with pytest.raises(FoundryError, match="only 0 are loaded"):
+        B.get_functions([], [KernelFunction(image=0, name="k")])
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+_TINY_CU = r"""
+extern "C" __global__ void tiny_a(float* p) { p[threadIdx.x] = 1.f; }
+extern "C" __global__ void tiny_b(float* p) { p[threadIdx.x] = 2.f; }
+"""
+
+
+def _tiny_cubin(tmp_path) -> bytes:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found: needed to build a test cubin")
+    src = tmp_path / "tiny.cu"
+    src.write_text(_TINY_CU)
+    subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-o", str(tmp_path / "tiny.cubin"), str(src)], check=True)
+    return (tmp_path / "tiny.cubin").read_bytes()
+
+
+def test_ctypes_signatures_are_declared(lib):
+    for name in EXPORTS:
+        fn = getattr(lib, name)
+        assert fn.argtypes is not None, name
+    assert lib.foundry_cupti_image_copy.restype is ctypes.c_int64
+
+
+def test_select_images_merges_copies_of_one_function():
+    sha = "d" * 64
+    dyn, carve = B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, B.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT
+    blob = b"\x7fELF" + b"\0" * 60
+    refs = [B.FunctionRef(1, "k", 0, sha, {dyn: 1000}, "names"), B.FunctionRef(2, "k", 0, sha, {dyn: 9000}, "names")]
+    _, functions = B.select_images([blob], refs)
+    assert functions == [KernelFunction(image=0, name="k", attributes={dyn: 9000})]
+    refs.append(B.FunctionRef(3, "k", 0, sha, {dyn: 9000, carve: 50}, "names"))
+    with pytest.raises(UnsupportedGraph, match="kernel k"):
+        B.select_images([blob], refs)
