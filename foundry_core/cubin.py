@@ -258,7 +258,7 @@ def parse_elf(data: bytes) -> ImageInfo:
                                  entsize))
 
     symbols = _read_symbols(r, sections)
-    info_global = _parse_nv_info_records(r, sections, ".nv.info")
+    per_symbol = _per_symbol_values(_parse_nv_info_records(r, sections, ".nv.info"))
 
     # Kernels: entry-flagged function symbols whose section exists.
     kernels: dict[str, KernelInfo] = {}
@@ -278,8 +278,9 @@ def parse_elf(data: bytes) -> ImageInfo:
                 by_text[st_shndx] = (sym_index, name)
 
     per_kernel: dict[int, dict[str, object]] = {t: {} for t in by_text}
+    text_by_name = {sections[t].name: t for t in by_text}
     for s in sections:
-        target = _owner_text_section(s, sections, by_text)
+        target = _owner_text_section(s, text_by_name, by_text)
         if target is None:
             continue
         if s.name.startswith(".nv.shared.") and not s.name.startswith(".nv.shared.reserved"):
@@ -295,7 +296,8 @@ def parse_elf(data: bytes) -> ImageInfo:
         attrs = facts.get("info", [])
         regs = text.info >> 24  # older toolchains keep the register count in the top byte
         if not regs:
-            regs = _sym_value(info_global, EIATTR_REGCOUNT, sym_index, _sym_value(attrs, EIATTR_REGCOUNT, sym_index, -1))
+            regs = per_symbol.get((EIATTR_REGCOUNT, sym_index),
+                                  _per_symbol_values(attrs).get((EIATTR_REGCOUNT, sym_index), -1))
         kparams = [_kparam(v) for a, v in attrs if a == EIATTR_KPARAM_INFO and isinstance(v, bytes)]
         param_bytes, param_offset = _param_size(attrs, kparams)
         kernels[name] = KernelInfo(
@@ -305,8 +307,8 @@ def parse_elf(data: bytes) -> ImageInfo:
             const0_bytes=int(facts.get("const0_bytes", -1)),
             param_bytes=param_bytes,
             param_offset=param_offset,
-            frame_bytes=_sym_value(info_global, EIATTR_FRAME_SIZE, sym_index,
-                                   _sym_value(attrs, EIATTR_FRAME_SIZE, sym_index, -1)),
+            frame_bytes=per_symbol.get((EIATTR_FRAME_SIZE, sym_index),
+                                       _per_symbol_values(attrs).get((EIATTR_FRAME_SIZE, sym_index), -1)),
             max_registers=_hval(attrs, EIATTR_MAXREG_COUNT),
             max_threads=_dim3(attrs, EIATTR_MAX_THREADS),
             req_threads=_dim3(attrs, EIATTR_REQNTID),
@@ -333,16 +335,13 @@ def _read_symbols(r: _Reader, sections: list[_Section]) -> list[tuple[str, int, 
     return out
 
 
-def _owner_text_section(s: _Section, sections: list[_Section], by_text: dict) -> int | None:
+def _owner_text_section(s: _Section, text_by_name: dict[str, int], by_text: dict) -> int | None:
     """The kernel text section a per-kernel section (.nv.info.X, .nv.shared.X, .nv.constant0.X) belongs to."""
     if s.flags & SHF_INFO_LINK and s.info in by_text:
         return s.info
     for prefix in (".nv.info.", ".nv.shared.", ".nv.constant0."):
         if s.name.startswith(prefix):
-            text_name = ".text." + s.name[len(prefix):]
-            for t in by_text:
-                if sections[t].name == text_name:
-                    return t
+            return text_by_name.get(".text." + s.name[len(prefix):])
     return None
 
 
@@ -374,14 +373,14 @@ def _parse_nv_info(blob: bytes, where: str) -> list[tuple[int, object]]:
     return out
 
 
-def _sym_value(attrs: list[tuple[int, object]], attr_id: int, sym_index: int, default: int) -> int:
-    """Value of a {u32 symbol, u32 value} attribute for one symbol."""
+def _per_symbol_values(attrs: list[tuple[int, object]]) -> dict[tuple[int, int], int]:
+    """{(attribute id, symbol index): value} of the {u32 symbol, u32 value} attributes (REGCOUNT, FRAME_SIZE, ...)."""
+    out: dict[tuple[int, int], int] = {}
     for a, v in attrs:
-        if a == attr_id and isinstance(v, bytes) and len(v) >= 8:
+        if a in (EIATTR_REGCOUNT, EIATTR_FRAME_SIZE, EIATTR_MIN_STACK_SIZE) and isinstance(v, bytes) and len(v) >= 8:
             sym, value = struct.unpack_from("<II", v, 0)
-            if sym == sym_index:
-                return value
-    return default
+            out.setdefault((a, sym), value)
+    return out
 
 
 def _hval(attrs: list[tuple[int, object]], attr_id: int) -> int:
