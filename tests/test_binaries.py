@@ -308,3 +308,23 @@ def test_select_images_merges_copies_of_one_function():
     refs.append(B.FunctionRef(3, "k", 0, sha, {dyn: 9000, carve: 50}, "names"))
     with pytest.raises(UnsupportedGraph, match="kernel k"):
         B.select_images([blob], refs)
+
+
+def test_recorder_is_thread_safe(lib):
+    import threading
+
+    blobs = [bytes([i]) * (1000 + i) for i in range(16)]
+
+    def worker(t):
+        for k in range(200):
+            _inject(lib, t * 1000 + k, blobs[(t + k) % len(blobs)], handle=0x10000 * (t + 1) + k)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    images = B.ImageRecorder().images()
+    assert sorted(im.data for im in images) == sorted(blobs)
+    assert sum(im.loads for im in images) == 8 * 200
+    assert len(B.ImageRecorder().module_images()) == 8 * 200

@@ -155,9 +155,8 @@ static const char *result_name(CUptiResult r) {
     return "unknown CUPTI error";
 }
 
-/* Caller holds g_lock. Returns the image index, or (size_t)-1 when out of memory. */
-static size_t store_image(const char *bytes, size_t size, uint32_t module_id, int at_unload) {
-    uint64_t h = fnv1a((const uint8_t *)bytes, size);
+/* Caller holds g_lock; h = fnv1a(bytes). Returns the image index, or (size_t)-1 when out of memory. */
+static size_t store_image(const char *bytes, size_t size, uint64_t h, uint32_t module_id, int at_unload) {
     for (size_t i = 0; i < g_count; i++) {
         image_t *im = &g_images[i];
         if (im->size == size && im->hash == h && memcmp(im->data, bytes, size) == 0) {
@@ -213,7 +212,9 @@ static void on_module_load_call(const CUpti_CallbackData *cd) {
             t_npending = 0;
         return;
     }
-    if (t_depth > 0 && --t_depth > 0)
+    if (t_depth == 0)  /* the call began before we subscribed */
+        return;
+    if (--t_depth > 0)
         return;
     const int *rc = (const int *)cd->functionReturnValue;
     void *const *module_out = cd->functionParams ? *(void *const *const *)cd->functionParams : NULL;
@@ -246,6 +247,8 @@ static void on_callback(void *userdata, CUpti_CallbackDomain domain, CUpti_Callb
     const CUpti_ModuleResourceData *md = (const CUpti_ModuleResourceData *)rd->resourceDescriptor;
     if (!md)
         return;
+    int has_image = md->pCubin && md->cubinSize;
+    uint64_t h = has_image ? fnv1a((const uint8_t *)md->pCubin, md->cubinSize) : 0;  /* outside the lock */
     pthread_mutex_lock(&g_lock);
     g_events++;
     if (cbid == CUPTI_CBID_RESOURCE_MODULE_LOADED) {
@@ -253,8 +256,8 @@ static void on_callback(void *userdata, CUpti_CallbackDomain domain, CUpti_Callb
             t_pending[t_npending++] = md->moduleId;
         else if (t_depth > 0)
             t_npending++;  /* too many to pair: leave unpaired */
-        if (md->pCubin && md->cubinSize) {
-            size_t idx = store_image(md->pCubin, md->cubinSize, md->moduleId, 0);
+        if (has_image) {
+            size_t idx = store_image(md->pCubin, md->cubinSize, h, md->moduleId, 0);
             if (idx == (size_t)-1)
                 g_oom = 1;
             else
@@ -269,9 +272,9 @@ static void on_callback(void *userdata, CUpti_CallbackDomain domain, CUpti_Callb
                 break;
             }
         }
-        if (found == (size_t)-1 && md->pCubin && md->cubinSize) {
+        if (found == (size_t)-1 && has_image) {
             /* loaded before we subscribed: keep its image now */
-            found = store_image(md->pCubin, md->cubinSize, md->moduleId, 1);
+            found = store_image(md->pCubin, md->cubinSize, h, md->moduleId, 1);
             if (found == (size_t)-1)
                 g_oom = 1;
         }
