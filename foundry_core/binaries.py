@@ -641,7 +641,10 @@ def select_images(images: Sequence[CapturedImage | bytes], refs: Sequence[Functi
     attrs_of: dict[tuple[str, str], dict[int, int]] = {}
     for ref in refs:
         if ref.sha256 not in where:
-            blob = data[ref.image]
+            blob = data[ref.image] if 0 <= ref.image < len(data) else b""
+            if hashlib.sha256(blob).hexdigest() != ref.sha256:
+                raise FoundryError(f"kernel {ref.name}: image #{ref.image} is not the one it was resolved to "
+                                   "(pass select_images the image list resolve_functions used)")
             try:
                 names = sorted(cubin.parse_image(blob).kernels)
             except ValueError:

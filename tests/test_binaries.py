@@ -299,9 +299,9 @@ def test_ctypes_signatures_are_declared(lib):
 
 
 def test_select_images_merges_copies_of_one_function():
-    sha = "d" * 64
     dyn, carve = B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, B.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT
     blob = b"\x7fELF" + b"\0" * 60
+    sha = hashlib.sha256(blob).hexdigest()
     refs = [B.FunctionRef(1, "k", 0, sha, {dyn: 1000}, "names"), B.FunctionRef(2, "k", 0, sha, {dyn: 9000}, "names")]
     _, functions = B.select_images([blob], refs)
     assert functions == [KernelFunction(image=0, name="k", attributes={dyn: 9000})]
@@ -328,3 +328,11 @@ def test_recorder_is_thread_safe(lib):
     assert sorted(im.data for im in images) == sorted(blobs)
     assert sum(im.loads for im in images) == 8 * 200
     assert len(B.ImageRecorder().module_images()) == 8 * 200
+
+
+def test_select_images_refuses_a_different_image_list():
+    ref = B.FunctionRef(1, "k", 0, hashlib.sha256(b"one").hexdigest(), {}, "names")
+    with pytest.raises(FoundryError, match="not the one it was resolved to"):
+        B.select_images([b"two"], [ref])
+    with pytest.raises(FoundryError, match="not the one"):
+        B.select_images([], [ref])
