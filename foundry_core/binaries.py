@@ -349,7 +349,8 @@ def consistent_with_cubin(kernel: cubin.KernelInfo, attrs: Mapping[int, int]) ->
     if kernel.registers >= 0 and regs is not None and regs != kernel.registers:
         return False
     shared = attrs.get(ATTR_SHARED_SIZE_BYTES)
-    if kernel.shared_bytes >= 0 and shared is not None and abs(shared - kernel.shared_bytes) not in (0, RESERVED_SHARED_BYTES):
+    if (kernel.shared_bytes >= 0 and shared is not None
+            and abs(shared - kernel.shared_bytes) not in (0, RESERVED_SHARED_BYTES)):
         return False
     max_threads = attrs.get(ATTR_MAX_THREADS_PER_BLOCK)
     for bound in (kernel.max_threads, kernel.req_threads):
@@ -507,8 +508,8 @@ def device_arch() -> int:
     drv = _drv()
     dev = _call("cuCtxGetDevice (is a CUDA context current?)", drv.cuCtxGetDevice)
     attr = drv.CUdevice_attribute
-    major = _call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
-    minor = _call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev)
+    wanted = (attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+    major, minor = (_call("cuDeviceGetAttribute", drv.cuDeviceGetAttribute, a, dev) for a in wanted)
     return int(major) * 10 + int(minor)
 
 
@@ -600,8 +601,8 @@ def resolve_functions(
         defaults = probe_full(index, wanted)[2]
         for f, n in member_names.items():
             current = _func_attrs(drv, drv.CUfunction(f), SETTABLE_ATTRIBUTES)
-            resolved[f] = FunctionRef(f, n, index, sha_by_index[index], changed_attributes(current, defaults.get(n, {})),
-                                      how)
+            changed = changed_attributes(current, defaults.get(n, {}))
+            resolved[f] = FunctionRef(f, n, index, sha_by_index[index], changed, how)
     log.info("resolved %d functions in %d modules to %d images in %.3f s", len(unique), len(by_module),
              len({r.image for r in resolved.values()}), time.perf_counter() - t0)
     return [resolved[int(f)] for f in funcs]
@@ -627,7 +628,9 @@ class StoredImage:
         return KernelImage(sha256=self.sha256, blob=blob, size=len(self.data), kernels=self.kernels)
 
 
-def select_images(images: Sequence[CapturedImage | bytes], refs: Sequence[FunctionRef]) -> tuple[list[StoredImage], list[KernelFunction]]:
+def select_images(
+    images: Sequence[CapturedImage | bytes], refs: Sequence[FunctionRef]
+) -> tuple[list[StoredImage], list[KernelFunction]]:
     """The images the functions need (each once) and one KernelFunction per distinct (image, name).
 
     ``KernelFunction.image`` indexes the returned image list; ``{(stored[f.image].sha256, f.name): i}`` maps a
@@ -656,7 +659,8 @@ def select_images(images: Sequence[CapturedImage | bytes], refs: Sequence[Functi
             attrs_of[key] = dict(ref.attributes)
         elif attrs_of[key] != ref.attributes:
             attrs_of[key] = _merge_attributes(ref.name, attrs_of[key], ref.attributes)
-    functions = [KernelFunction(image=where[sha], name=name, attributes=attrs) for (sha, name), attrs in attrs_of.items()]
+    functions = [KernelFunction(image=where[sha], name=name, attributes=attrs)
+                 for (sha, name), attrs in attrs_of.items()]
     return stored, functions
 
 

@@ -208,7 +208,8 @@ class _Reader:
 
     def slice(self, offset: int, size: int, label: str) -> bytes:
         if offset < 0 or size < 0 or offset + size > len(self.data):
-            raise ValueError(f"truncated {self.what}: {label} [{offset}, {offset + size}) beyond {len(self.data)} bytes")
+            raise ValueError(f"truncated {self.what}: {label} [{offset}, {offset + size}) "
+                             f"beyond {len(self.data)} bytes")
         return self.data[offset : offset + size]
 
 
@@ -505,7 +506,8 @@ def _read_fatbin_entry(r: _Reader, off: int, end: int) -> tuple[FatbinEntry, int
         data = _decompress(codec, packed, uncompressed)
     except ValueError as err:
         raise ValueError(f"malformed fatbin: sm_{arch} {kind} entry: {err}") from None
-    note = "" if data is not None else f"sm_{arch} {kind} entry is {codec}-compressed and no {codec} decoder is installed"
+    note = "" if data is not None else \
+        f"sm_{arch} {kind} entry is {codec}-compressed and no {codec} decoder is installed"
     return FatbinEntry(kind, arch, codec, uncompressed, data, note), next_off
 
 

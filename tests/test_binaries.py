@@ -229,7 +229,8 @@ def test_changed_attributes_only_settable_and_different():
 
 
 def test_attribute_application_order():
-    attrs = [B.ATTR_REQUIRED_CLUSTER_WIDTH, B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, B.ATTR_NON_PORTABLE_CLUSTER_SIZE_ALLOWED]
+    attrs = [B.ATTR_REQUIRED_CLUSTER_WIDTH, B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+             B.ATTR_NON_PORTABLE_CLUSTER_SIZE_ALLOWED]
     assert sorted(attrs, key=B._attribute_order)[0] == B.ATTR_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 
 
@@ -336,3 +337,16 @@ def test_select_images_refuses_a_different_image_list():
         B.select_images([b"two"], [ref])
     with pytest.raises(FoundryError, match="not the one"):
         B.select_images([], [ref])
+
+
+def test_start_after_torch_initialised_cuda_warns_loudly(lib, monkeypatch, recwarn):
+    """The check reads torch.cuda.is_initialized(); a stand-in module plays a torch that already did CUDA work."""
+    import sys
+    import types
+
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_initialized=lambda: True))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    with pytest.raises(B.ImageCaptureError):
+        B.ImageRecorder().start("/nonexistent/libcupti.so.13")
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert any("MISSED" in m and "torch.cuda is initialised" in m for m in messages)

@@ -195,7 +195,8 @@ def _kind(data: bytes) -> str:
     except ValueError:
         return "unreadable"
     if info.kind == "fatbin":
-        return "fatbin(" + ",".join(sorted({f"{e.kind}{e.compression and '/' + e.compression}" for e in info.entries})) + ")"
+        parts = sorted({e.kind + (f"/{e.compression}" if e.compression else "") for e in info.entries})
+        return f"fatbin({','.join(parts)})"
     return info.kind
 
 
@@ -257,8 +258,8 @@ def phase_load(work: Path) -> dict:
     init_s = time.perf_counter() - t0
     images = [p.read_bytes() for p in sorted((work / "images").glob("*.bin"))]
     records = json.loads((work / "functions.json").read_text())
-    functions = [KernelFunction(image=r["image"], name=r["name"], attributes={int(k): v for k, v in r["attributes"].items()})
-                 for r in records]
+    functions = [KernelFunction(image=r["image"], name=r["name"],
+                                attributes={int(k): v for k, v in r["attributes"].items()}) for r in records]
     t = time.perf_counter()
     modules = binaries.load_images(images)
     load_s = time.perf_counter() - t
@@ -377,7 +378,8 @@ def main() -> None:
             f"{save['paired_modules']} CUmodule pairings; kinds {save['image_kinds']}")
         row("recorder: images readable by cubin.py", not save["images_unreadable"],
             f"{len(save['images_unreadable'])} not fully readable {save['images_unreadable'][:2]}")
-        row("graph kernel nodes resolved", not save["unresolved"] and save["resolved_functions"] == save["distinct_functions"],
+        all_resolved = not save["unresolved"] and save["resolved_functions"] == save["distinct_functions"]
+        row("graph kernel nodes resolved", all_resolved,
             f"{save['kernel_nodes']} nodes, {save['resolved_functions']}/{save['distinct_functions']} functions, "
             f"{len(save['unresolved'])} ambiguous/unresolved {[u[:160] for u in save['unresolved'][:2]]}")
         row("resolution methods", True, f"{save['how']} in {save['resolve_seconds']:.2f} s")
@@ -388,7 +390,8 @@ def main() -> None:
             f"{cvd} examples {save['cubin_vs_driver']['examples'][:2]}")
         row("functions with changed attributes", True, f"{save['with_changed_attributes']} (re-applied at LOAD)")
         row("archive selection", save["stored_images"] > 0,
-            f"{save['stored_images']} images ({save['stored_bytes'] / 1e6:.1f} MB), {save['stored_functions']} functions")
+            f"{save['stored_images']} images ({save['stored_bytes'] / 1e6:.1f} MB), "
+            f"{save['stored_functions']} functions")
     for label, ld in (("LOAD fresh process, LAZY", lazy), ("LOAD fresh process, EAGER", eager)):
         if not ld:
             continue
@@ -397,13 +400,15 @@ def main() -> None:
             continue
         row(label, ld["num_mismatches"] == 0,
             f"mode={ld['mode']} load_images {ld['load_images_seconds']:.3f} s + get_functions "
-            f"{ld['get_functions_seconds']:.3f} s + cuFuncLoad {ld['cuFuncLoad_seconds']:.3f} s for {ld['images']} images/"
+            f"{ld['get_functions_seconds']:.3f} s + cuFuncLoad {ld['cuFuncLoad_seconds']:.3f} s "
+            f"for {ld['images']} images/"
             f"{ld['functions']} functions; {ld['num_mismatches']} mismatches {ld['mismatches'][:2]}")
     if "error" in errors:
         row("error paths", False, f"{errors['error']}: {errors['stderr'][-600:]}")
     else:
         busy = errors["busy_error"]
-        row("CUPTI held by another subscriber -> clear error", "already in use" in busy and "\n" not in busy, busy[:200])
+        row("CUPTI held by another subscriber -> clear error", "already in use" in busy and "\n" not in busy,
+            busy[:200])
         row("recorder started after CUDA init -> warning", "MISSED" in errors["late_warning"],
             f"{errors['late_warning'][:120]}... (then recorded {errors['late_images']} images)")
 
