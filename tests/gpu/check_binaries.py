@@ -138,20 +138,21 @@ def phase_save(work: Path) -> dict:
     res["image_kinds"] = dict(Counter(_kind(im.data) for im in images))
 
     t = time.perf_counter()
-    ambiguous: list[str] = []
+    known = recorder.module_images()
+    unresolved: list[str] = []
     try:
-        refs = binaries.resolve_functions(funcs, recorder)
+        refs = binaries.resolve_functions(funcs, images, known)
     except binaries.FoundryError as err:
-        ambiguous.append(str(err))
         refs = []
-        for f in dict.fromkeys(funcs):  # per function, to count how many fail
+        for f in dict.fromkeys(funcs):  # one by one, to count how many fail
             try:
-                refs += binaries.resolve_functions([f], recorder)
+                refs += binaries.resolve_functions([f], images, known)
             except binaries.FoundryError as e:
-                ambiguous.append(str(e))
+                unresolved.append(str(e))
+        unresolved = unresolved or [str(err)]
     res["resolve_seconds"] = time.perf_counter() - t
     res["resolved_functions"] = len({r.handle for r in refs})
-    res["unresolved"] = ambiguous[1:] if len(ambiguous) > 1 else ambiguous
+    res["unresolved"] = unresolved
     res["how"] = dict(Counter(r.how for r in {r.handle: r for r in refs}.values()))
     res["with_changed_attributes"] = sum(1 for r in {r.handle: r for r in refs}.values() if r.attributes)
     res["triton_autotuned"] = [(r.name, r.how) for r in {r.handle: r for r in refs}.values() if "scale_shift" in r.name]
