@@ -23,6 +23,7 @@ class StepBatch:
     cu_seqlens: List[int] = field(default_factory=list)          # prefill: packed sequence boundaries
     seq_lens: List[int] = field(default_factory=list)            # decode: KV length incl. the new token
     block_tables: List[List[int]] = field(default_factory=list)  # decode: pages per sequence (ragged)
+    eager: int = 0                                                # decode: 1 = skip the CUDA graphs
 
     @property
     def num_seqs(self) -> int:
@@ -31,7 +32,7 @@ class StepBatch:
     def pack(self) -> torch.Tensor:
         width = max((len(b) for b in self.block_tables), default=0)
         n = len(self.input_ids)
-        flat: List[int] = [self.kind, n, len(self.cu_seqlens), len(self.seq_lens), width]
+        flat: List[int] = [self.kind, n, len(self.cu_seqlens), len(self.seq_lens), width, self.eager]
         flat += self.input_ids + self.positions + self.slot_mapping + self.cu_seqlens + self.seq_lens
         for row in self.block_tables:
             flat += row + [0] * (width - len(row))
@@ -40,8 +41,8 @@ class StepBatch:
     @classmethod
     def unpack(cls, t: torch.Tensor) -> "StepBatch":
         v = t.tolist()
-        kind, n, ncu, nsl, width = v[:5]
-        p = 5
+        kind, n, ncu, nsl, width, eager = v[:6]
+        p = 6
         take = lambda k: v[p:p + k]  # noqa: E731
         ids = take(n); p += n
         pos = take(n); p += n
@@ -49,7 +50,7 @@ class StepBatch:
         cu = take(ncu); p += ncu
         sl = take(nsl); p += nsl
         bts = [v[p + i * width:p + (i + 1) * width] for i in range(nsl)]
-        return cls(kind, ids, pos, slots, cu, sl, bts)
+        return cls(kind, ids, pos, slots, cu, sl, bts, eager)
 
 
 def broadcast_batch(batch: StepBatch, group) -> None:

@@ -11,11 +11,13 @@ import itertools
 import logging
 import os
 import queue
+import signal
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Dict, List, Optional, Sequence as Seq, Union
+from typing import AsyncIterator, Deque, Dict, List, Optional, Sequence as Seq, Tuple, Union
 
 import torch
 import torch.multiprocessing as mp
@@ -56,6 +58,7 @@ def free_port() -> int:
 def worker_main(args: EngineArgs, rank: int) -> None:
     """Entry of ranks > 0: build the same runner and execute every step rank 0 broadcasts."""
     logging.basicConfig(level=logging.WARNING)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C and tells the workers to exit
     parent = os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     runner = ModelRunner(args, rank=rank)
@@ -107,6 +110,8 @@ class LLMEngine:
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps_prefill": 0, "steps_decode": 0}
         self._closed = False
         self.last_logits = None
+        self.decode_eager = False  # True: decode without CUDA graphs (checks, benchmarks)
+        self.step_times: Deque[Tuple[int, int, float]] = deque(maxlen=10000)  # (kind, batch size, seconds)
         log.info("engine ready: %s, tp=%d ep=%d, %s %s, %d KV pages x %d tokens, context %d, graphs %s",
                  args.model, args.tp, args.ep, self.runner.device, str(self.runner.dtype).replace("torch.", ""),
                  self.runner.num_kv_pages, args.page_size, self.max_model_len, self.runner.graph_bs or "off")
@@ -149,9 +154,11 @@ class LLMEngine:
     # -- stepping ---------------------------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
         """Run one prefill or decode step; returns outputs of the sequences that advanced."""
+        t0 = time.perf_counter()
         seqs, batch = self.scheduler.schedule()
         if batch is None:
             return []
+        batch.eager = int(self.decode_eager)
         if self.workers:
             broadcast_batch(batch, self.runner.state.control_group)
         logits = self.runner.run(batch)
@@ -172,6 +179,7 @@ class LLMEngine:
             if reason:
                 self.scheduler.finish(seq, reason)
             outs.append(self._emit(seq))
+        self.step_times.append((batch.kind, len(seqs), time.perf_counter() - t0))
         return outs
 
     def _check_stop(self, seq: Sequence, tok: int) -> Optional[str]:
@@ -274,8 +282,9 @@ class LLM:
 class AsyncLLMEngine:
     """Runs an LLMEngine on a background thread; ``generate`` is an async iterator of RequestOutput."""
 
-    def __init__(self, args: EngineArgs, graph_backend=None):
-        self.engine = LLMEngine(args, graph_backend=graph_backend)
+    def __init__(self, args: Optional[EngineArgs] = None, graph_backend=None, engine: Optional[LLMEngine] = None):
+        """Build a new LLMEngine from ``args``, or wrap an existing idle ``engine``."""
+        self.engine = engine or LLMEngine(args, graph_backend=graph_backend)
         self.tokenizer = self.engine.tokenizer
         self.served_model_name = self.engine.served_model_name
         self.max_model_len = self.engine.max_model_len

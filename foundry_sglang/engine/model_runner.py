@@ -222,7 +222,7 @@ class ModelRunner:
             return self.model.compute_logits(hidden[last])
         assert batch.kind == DECODE
         bs = batch.num_seqs
-        padded = self.graph_size_for(bs) if (use_graph and self.graph_bs) else None
+        padded = self.graph_size_for(bs) if (use_graph and not batch.eager and self.graph_bs) else None
         n = padded or bs
         width = max(len(r) for r in batch.block_tables)
         self.s_input_ids[:bs].copy_(self._tensor(batch.input_ids))
