@@ -104,6 +104,9 @@ class ModelRunner:
         self.weights_seconds = time.perf_counter() - t0
         # 4. KV cache
         self.num_kv_pages = self._resolve_num_kv_pages()
+        save_extra = getattr(self.graph_backend, "save_extra", None)
+        if isinstance(save_extra, dict):  # Foundry SAVE: record it so LOAD can force the same size
+            save_extra["num_kv_pages"] = str(self.num_kv_pages)
         self._allocate_kv_cache()
         # 5. static decode buffers
         self._allocate_static_buffers()
@@ -143,6 +146,9 @@ class ModelRunner:
         wanted = self.max_bs * self.max_pages_per_seq + 1
         if self.args.num_kv_pages is not None:
             return self.args.num_kv_pages
+        saved = getattr(self.graph_backend, "saved_extra", None) or {}
+        if "num_kv_pages" in saved:  # Foundry LOAD: the size the archive's graphs were captured with
+            return int(saved["num_kv_pages"])
         if self.device_type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             reserve = (1 - self.args.gpu_memory_fraction) * total + 4 * 2 ** 30  # activations, graphs
@@ -192,10 +198,13 @@ class ModelRunner:
         log.info("rank %d: %d decode graphs ready in %.2f s", self.rank, len(sizes), self.capture_seconds)
 
     # -- forward ----------------------------------------------------------------------------------
-    def _decode_forward_static(self, bs: int) -> torch.Tensor:
-        """Decode forward reading only the static buffers; returns float32 logits [bs, vocab]."""
+    def _decode_forward_static(self, bs: int, width: Optional[int] = None) -> torch.Tensor:
+        """Decode forward reading only the static buffers; returns float32 logits [bs, vocab].
+
+        ``width`` (eager only) limits the block-table columns, which the CPU reference attention gathers in full.
+        """
         meta = AttentionMetadata(is_prefill=False, slot_mapping=self.s_slot_mapping[:bs],
-                                 block_tables=self.s_block_tables[:bs], seq_lens=self.s_seq_lens[:bs],
+                                 block_tables=self.s_block_tables[:bs, :width], seq_lens=self.s_seq_lens[:bs],
                                  page_size=self.page_size, use_triton=self.device_type == "cuda")
         hidden = self.model(self.s_input_ids[:bs], self.s_positions[:bs], meta)
         return self.model.compute_logits(hidden)
@@ -239,7 +248,7 @@ class ModelRunner:
             self.s_block_tables[bs:n].zero_()
         if padded:
             return self.graph_backend.replay(padded)[:bs]
-        return self._decode_forward_static(bs)
+        return self._decode_forward_static(bs, width)
 
     def shutdown(self) -> None:
         if self.graph_backend is not None:

@@ -112,18 +112,3 @@ def load_tokenizer(model: str, tokenizer: Optional[str] = None, eos_token_id: Op
         return ByteTokenizer()
     return HFTokenizer(path, eos_token_id)
 
-
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8 characters."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.text = ""
-
-    def step(self, ids: Sequence[int]) -> str:
-        text = self.tokenizer.decode(ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[len(self.text):] if text.startswith(self.text) else text
-        self.text = text
-        return delta
