@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from foundry_sglang.engine import LLM, EngineArgs, SamplingParams
 from foundry_sglang.engine.attention import paged_decode_attention_torch, prefill_attention
 from foundry_sglang.engine.config import ConfigError, builtin_config
-from foundry_sglang.engine.model import Qwen3MoE, RMSNorm, RotaryEmbedding, random_weights, weight_specs
+from foundry_sglang.engine.model import Qwen3MoE, RMSNorm, RotaryEmbedding, random_weights
 
 
 def test_rmsnorm_matches_naive():

@@ -7,3 +7,6 @@ from .config import ConfigError, EngineArgs, ModelConfig  # noqa: F401
 from .engine import LLM, AsyncLLMEngine, LLMEngine, RequestOutput  # noqa: F401
 from .model_runner import ModelRunner  # noqa: F401
 from .sampling import SamplingParams  # noqa: F401
+
+__all__ = ["ConfigError", "EngineArgs", "ModelConfig", "LLM", "AsyncLLMEngine", "LLMEngine", "RequestOutput",
+           "ModelRunner", "SamplingParams"]

@@ -19,11 +19,10 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Deque, Dict, List, Optional, Sequence as Seq, Tuple, Union
 
-import torch
 import torch.multiprocessing as mp
 
 from .batch import EXIT, StepBatch, broadcast_batch, receive_batch
-from .config import ConfigError, EngineArgs, load_model_config
+from .config import EngineArgs, load_model_config
 from .model_runner import ModelRunner
 from .sampling import SamplingParams, sample
 from .scheduler import FINISHED, PageAllocator, Scheduler, Sequence
