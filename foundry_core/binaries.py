@@ -492,7 +492,11 @@ def _func_attrs(drv, func, keys: Iterable[int]) -> dict[int, int]:
         try:
             out[key] = int(_call("cuFuncGetAttribute", drv.cuFuncGetAttribute, attr, func))
         except DriverError as err:
-            if err.status not in ("CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_SUPPORTED"):
+            if err.status == "CUDA_ERROR_FUNCTION_NOT_LOADED" and hasattr(drv, "cuFuncLoad"):
+                # Lazy module loading: a function fresh from cuModuleLoadData has no attributes until loaded.
+                _call("cuFuncLoad", drv.cuFuncLoad, func)
+                out[key] = int(_call("cuFuncGetAttribute", drv.cuFuncGetAttribute, attr, func))
+            elif err.status not in ("CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_SUPPORTED"):
                 raise
     return out
 
