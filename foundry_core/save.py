@@ -121,7 +121,7 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
             events.setdefault(ev, len(events))
     t1 = time.perf_counter()
     images = recorder.images()
-    refs = binaries.resolve_functions(handles, recorder)
+    refs = binaries.resolve_functions(handles, images, recorder.module_images())
     stored_images, functions = binaries.select_images(images, refs)
     function_of = {(stored_images[f.image].sha256, f.name): i for i, f in enumerate(functions)}
     global_ref = [function_of[(r.sha256, r.name)] for r in refs]  # per handle index

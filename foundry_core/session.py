@@ -251,6 +251,8 @@ class Session:
         t0 = time.perf_counter()
         path = write_archive(self, self._recorder, extra or {})
         self.save_stats["write_seconds"] = time.perf_counter() - t0
+        self._recorder.stop()  # frees CUPTI for profilers; later module loads are not needed
+        self._recorder = None
         return path
 
     # ------------------------------------------------------------------------------------------------------------
