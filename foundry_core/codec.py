@@ -112,10 +112,11 @@ def parse_extra(words: Callable[[int], int]) -> tuple[int, int]:
     return buf, size_ptr
 
 
-def template_identity(kinds: np.ndarray, refs: np.ndarray, edges: np.ndarray) -> str:
-    """Identity of a graph's structure: node kinds, kernel refs and edges with their data."""
+def template_identity(kinds: np.ndarray, edges: np.ndarray) -> str:
+    """Identity of a graph's topology: node kinds and edges with their data. Kernels, launch shapes and
+    arguments are per graph (batch sizes pick different GEMM kernels), so they are not part of it."""
     h = hashlib.sha256()
-    for a in (kinds, refs, edges):
+    for a in (kinds, edges):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 

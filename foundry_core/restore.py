@@ -27,10 +27,12 @@ log = logging.getLogger("foundry_core.restore")
 class RestoreStats:
     map_seconds: float = 0.0
     snapshot_seconds: float = 0.0
-    images_seconds: float = 0.0
+    images_seconds: float = 0.0  # kernel images + functions, in the preloader (overlaps the app's own init)
+    decode_seconds: float = 0.0  # graph tables read/verified/decoded, in the preloader
+    preload_wait_seconds: float = 0.0  # how long restore() waited for the preloader
     first_graph_seconds: float = 0.0  # from restore() start until the first graph is instantiated
     all_graphs_seconds: float = 0.0  # from restore() start until the last graph is instantiated
-    build_seconds: float = 0.0  # sum over graphs, native node loop
+    build_seconds: float = 0.0  # sum over graphs, native node loop (cuGraphAdd*Node, attributes, edges)
     instantiate_seconds: float = 0.0  # sum over graphs, cuGraphInstantiate + upload
     num_graphs: int = 0
     num_nodes: int = 0
@@ -103,6 +105,70 @@ class RestoredGraph:
             pass
 
 
+def graph_tables(archive, m: schema.Manifest, index: int):
+    """(nodes, payload, attrs, edges) arrays of graph ``index``, checked against its template."""
+    rec = m.graphs[index]
+    tpl = m.templates[rec.template]
+    nodes = archive.blob_array(rec.nodes, schema.NODE_DTYPE)
+    payload = archive.blob_array(rec.payload, np.uint8) if rec.payload else np.zeros(0, np.uint8)
+    attrs = archive.blob_array(rec.attrs, schema.ATTR_DTYPE) if rec.attrs else np.zeros(0, schema.ATTR_DTYPE)
+    edges = archive.blob_array(tpl.edges, schema.EDGE_DTYPE) if tpl.num_edges else np.zeros(0, schema.EDGE_DTYPE)
+    if len(nodes) != tpl.num_nodes or len(edges) != tpl.num_edges:
+        raise ArchiveError(f"{archive.path}: graph {rec.key!r} does not match its template")
+    ends = nodes["payload_off"].astype(np.uint64) + nodes["payload_len"]
+    if len(nodes) and int(ends.max()) > len(payload):
+        raise ArchiveError(f"{archive.path}: graph {rec.key!r} has node arguments beyond its payload")
+    if len(nodes) and int((nodes["attr_off"].astype(np.uint64) + nodes["attr_cnt"]).max()) > len(attrs):
+        raise ArchiveError(f"{archive.path}: graph {rec.key!r} has launch attributes beyond its table")
+    return nodes, payload, attrs, edges
+
+
+class Preloader:
+    """LOAD work that needs neither the arena nor the application: verify and decode graph tables, load kernel
+    images and resolve functions. ``Session.open()`` starts it, so it overlaps the application's own start-up
+    (weights, KV cache); ``restore()`` waits for it."""
+
+    def __init__(self, archive, device: int):
+        self.archive = archive
+        self.device = device
+        self.modules: list[int] = []
+        self.functions = np.zeros(0, np.uint64)
+        self.arrays: dict[int, tuple] = {}
+        self.images_seconds = self.decode_seconds = 0.0
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="foundry-preload", daemon=True)
+
+    def start(self) -> "Preloader":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            import torch
+
+            from foundry_core import binaries
+
+            torch.cuda.set_device(self.device)
+            m = self.archive.manifest
+            t = time.perf_counter()
+            self.modules = binaries.load_images([self.archive.blob(img.blob) for img in m.images])
+            self.functions = np.asarray(binaries.get_functions(self.modules, m.functions), dtype=np.uint64)
+            t2 = time.perf_counter()
+            self.images_seconds = t2 - t
+            self.arrays = {i: graph_tables(self.archive, m, i) for i in range(len(m.graphs))}
+            self.decode_seconds = time.perf_counter() - t2
+        except BaseException as e:  # handed to restore()
+            self._error = e
+
+    def wait(self) -> "Preloader":
+        self._thread.join()
+        if self._error is not None:
+            if isinstance(self._error, FoundryError):
+                raise self._error
+            raise FoundryError(f"preparing kernels from the archive failed: {self._error}") from self._error
+        return self
+
+
 class GraphBuilder:
     """Holds decoded tables and builds graphs natively."""
 
@@ -114,21 +180,12 @@ class GraphBuilder:
         self.events = events
         self._children: dict[int, int] = {}  # graph index -> built CUgraph handle
         self._err = ctypes.create_string_buffer(512)
-
-    def _arrays(self, rec: schema.GraphRecord):
-        tpl = self.m.templates[rec.template]
-        nodes = self.archive.blob_array(rec.nodes, schema.NODE_DTYPE)
-        payload = self.archive.blob(rec.payload) if rec.payload else b""
-        attrs = self.archive.blob_array(rec.attrs, schema.ATTR_DTYPE) if rec.attrs else np.zeros(0, schema.ATTR_DTYPE)
-        edges = self.archive.blob_array(tpl.edges, schema.EDGE_DTYPE) if tpl.num_edges else np.zeros(0, schema.EDGE_DTYPE)
-        if len(nodes) != tpl.num_nodes or len(edges) != tpl.num_edges:
-            raise ArchiveError(f"{self.archive.path}: graph {rec.key!r} does not match its template")
-        return nodes, payload, attrs, edges
+        self.arrays: dict[int, tuple] = {}  # graph index -> decoded tables (filled by the preloader)
 
     def build(self, index: int) -> tuple[int, int]:
         """Build graph ``index``; returns (CUgraph, number of nodes)."""
         rec = self.m.graphs[index]
-        nodes, payload, attrs, edges = self._arrays(rec)
+        nodes, payload, attrs, edges = self.arrays.get(index) or graph_tables(self.archive, self.m, index)
         kinds = nodes["kind"]
         child_refs = nodes["ref"][kinds == schema.NODE_CHILD_GRAPH]
         children = np.array([self.child(int(r)) for r in child_refs], dtype=np.uint64)
@@ -136,10 +193,9 @@ class GraphBuilder:
         if len(child_refs):
             nodes = nodes.copy()
             nodes["ref"][kinds == schema.NODE_CHILD_GRAPH] = np.arange(len(child_refs), dtype=np.uint32)
-        payload_buf = ctypes.create_string_buffer(payload, len(payload)) if payload else None
         graph = ctypes.c_void_p()
         rc = self.lib.foundry_build_graph(
-            nodes.ctypes.data, len(nodes), ctypes.cast(payload_buf, ctypes.c_void_p) if payload_buf else None,
+            nodes.ctypes.data, len(nodes), payload.ctypes.data if len(payload) else None,
             attrs.ctypes.data if len(attrs) else None, edges.ctypes.data if len(edges) else None, len(edges),
             self.functions.ctypes.data, self.events.ctypes.data if len(self.events) else None,
             children.ctypes.data if len(children) else None, ctypes.byref(graph), self._err, len(self._err),
@@ -195,7 +251,6 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool) -
     import torch
     from torch.utils import _pytree as pytree
 
-    from foundry_core import binaries
     from foundry_core.allocator import native_lib
 
     stats = RestoreStats()
@@ -221,9 +276,10 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool) -
     stats.snapshot_seconds = time.perf_counter() - t
 
     t = time.perf_counter()
-    modules = binaries.load_images([archive.blob(img.blob) for img in m.images])
-    functions = np.asarray(binaries.get_functions(modules, m.functions), dtype=np.uint64)
-    stats.images_seconds = time.perf_counter() - t
+    preload = (session._preload or Preloader(archive, device).start()).wait()
+    stats.preload_wait_seconds = time.perf_counter() - t
+    stats.images_seconds, stats.decode_seconds = preload.images_seconds, preload.decode_seconds
+    modules, functions = preload.modules, preload.functions
 
     events = np.zeros(m.num_events, dtype=np.uint64)
     if m.num_events:
@@ -237,7 +293,8 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool) -
 
     lib = native_lib()
     builder = GraphBuilder(archive, m, lib, functions, events)
-    builder._modules, builder._events_keep = modules, events  # keep alive as long as graphs may be rebuilt
+    builder.arrays = preload.arrays
+    builder._modules = modules  # keep alive as long as graphs may be rebuilt
     graphs: dict[int, RestoredGraph] = {}
     for i, rec in enumerate(m.graphs):
         if rec.is_child:

@@ -175,7 +175,7 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
         records = []
         for i, e in enumerate(entries):
             g = e.graph
-            ident = template_identity(g.nodes["kind"], g.nodes["ref"], g.edges)
+            ident = template_identity(g.nodes["kind"], g.edges)
             if ident not in template_of:
                 template_of[ident] = len(templates)
                 templates.append(schema.GraphTemplate(

@@ -153,10 +153,10 @@ class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class GraphTemplate(msgspec.Struct, frozen=True, kw_only=True):
-    """Structure shared by graphs of many batch sizes: node kinds, kernels and edges."""
+    """Topology shared by graphs of many batch sizes: node kinds and edges (stored once)."""
 
     num_nodes: int
-    kinds_sha256: str  # identity of (kinds, refs) sequence, for inspection
+    kinds_sha256: str  # identity of the (node kinds, edges) topology
     edges: str  # blob of EDGE_DTYPE records
     num_edges: int
 

@@ -60,6 +60,7 @@ class Session:
         self._capture_range: Optional[tuple[int, int]] = None
         self._in_capture_phase = False
         self.restore_stats = None
+        self._preload = None
         self.save_stats: dict[str, float] = {}
         self.open_stats: dict[str, float] = {}
 
@@ -103,6 +104,10 @@ class Session:
         base, size = self._arena_args
         if self.archive is not None:  # LOAD: the arena must be where SAVE had it
             base, size = self.archive.manifest.arena.base, self.archive.manifest.arena.size
+        if self.archive is not None:
+            from foundry_core.restore import Preloader
+
+            self._preload = Preloader(self.archive, self.device).start()
         t1 = time.perf_counter()
         self.arena = Arena(self.device, base, size)
         self.arena.reserve()

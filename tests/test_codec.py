@@ -101,17 +101,18 @@ def test_edge_records_keep_edge_data():
     assert back[1]["from_port"] == 1 and back[1]["type"] == 1 and back[0]["type"] == 0
 
 
-def test_template_identity_sees_edge_data_and_kernels():
+def test_template_identity_sees_edge_data_and_kinds_not_kernels():
     kinds = np.zeros(3, np.uint32)
-    refs = np.array([0, 1, 2], np.uint32)
     e = np.zeros(2, schema.EDGE_DTYPE)
     e["src"], e["dst"] = [0, 1], [1, 2]
-    base = codec.template_identity(kinds, refs, e)
+    base = codec.template_identity(kinds, e)
     e2 = e.copy()
     e2[1]["type"] = 1
-    assert codec.template_identity(kinds, refs, e2) != base
-    assert codec.template_identity(kinds, refs[::-1].copy(), e) != base
-    assert codec.template_identity(kinds, refs, e.copy()) == base
+    assert codec.template_identity(kinds, e2) != base
+    kinds2 = kinds.copy()
+    kinds2[1] = schema.NODE_MEMSET
+    assert codec.template_identity(kinds2, e) != base
+    assert codec.template_identity(kinds.copy(), e.copy()) == base
 
 
 def test_record_layouts_are_fixed():
