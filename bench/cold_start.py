@@ -66,12 +66,12 @@ def fill_kv(runner) -> None:
     runner.kv_cache.normal_(generator=g)
 
 
-def replay_hash(runner, bs: int) -> str:
+def output_hash(backend, bs: int) -> str:
+    """Poison the graph's output, replay, and hash what the replay wrote."""
     import torch
 
-    backend = runner.graph_backend
     out = backend._outputs[bs]
-    out.fill_(float("nan"))  # poison: the replay must write every element
+    out.fill_(float("nan"))  # the replay must write every element
     backend.replay(bs)
     torch.cuda.synchronize()
     return hashlib.sha256(out.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
@@ -95,6 +95,42 @@ def replay_latency(runner, bs: int, iters: int = 100) -> float:
         times.append(a.elapsed_time(b))
     times.sort()
     return times[len(times) // 2]
+
+
+def restored_vs_live(runner, rounds: int = 6, reps: int = 20) -> dict:
+    """In the LOAD process: capture the same decode graphs live (SGLang-style) next to the restored ones and
+    time them interleaved, so both see the same clocks; also compare their outputs bitwise."""
+    import torch
+
+    from foundry_sglang.graph_backend import TorchGraphBackend
+
+    restored = runner.graph_backend
+    live = TorchGraphBackend()
+    sizes = [bs for bs in LATENCY_BS if bs in runner.graph_bs]
+    with live.capture_session(torch.cuda.Stream(runner.device)):
+        for bs in sorted(sizes, reverse=True):
+            live.capture_one(bs, lambda bs=bs: runner._decode_forward_static(bs))
+    fill_kv(runner)
+    result = {}
+    for bs in sizes:
+        decode_inputs(runner, bs, seed=3)
+        same = output_hash(restored, bs) == output_hash(live, bs)
+        times = {"restored": [], "live": []}
+        for _ in range(rounds):
+            for name, backend in (("restored", restored), ("live", live)):
+                for _ in range(3):
+                    backend.replay(bs)
+                for _ in range(reps):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    backend.replay(bs)
+                    b.record()
+                    b.synchronize()
+                    times[name].append(a.elapsed_time(b))
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        result[str(bs)] = {"restored_ms": med["restored"], "live_ms": med["live"],
+                           "ratio": med["restored"] / med["live"], "bitwise_equal": same}
+    return result
 
 
 def child(mode: str, model: str, archive: str, result: str) -> None:
@@ -127,8 +163,7 @@ def child(mode: str, model: str, archive: str, result: str) -> None:
             backend.replay(runner.graph_bs[0])
         torch.cuda.synchronize()
         out["first_replay_s"] = time.perf_counter() - t
-        for g in backend._graphs.values():
-            g.wait()
+        session.wait_restored()
         st = session.restore_stats
         out["open"] = session.open_stats
         out["restore"] = {k: v for k, v in vars(st).items() if k != "per_graph"}
@@ -153,6 +188,9 @@ def child(mode: str, model: str, archive: str, result: str) -> None:
                               "kernel_nodes": sum(g.num_kernel_nodes for g in m.graphs)}
     with torch.inference_mode():  # the engine's graph outputs are inference tensors
         measure(runner, out)
+        if mode == "load":
+            session.close()  # stop routing this thread into the arena before capturing live graphs beside ours
+            out["same_process"] = restored_vs_live(runner)
     Path(result).write_text(json.dumps(out))
     os._exit(0)  # skip interpreter teardown (NCCL/allocator destructors); results are written
 
@@ -162,7 +200,7 @@ def measure(runner, out: dict) -> None:
     hashes = {}
     for bs in runner.graph_bs:
         decode_inputs(runner, bs, seed=1)
-        hashes[str(bs)] = replay_hash(runner, bs)
+        hashes[str(bs)] = output_hash(runner.graph_backend, bs)
     out["hashes"] = hashes
     fill_kv(runner)
     out["latency_ms"] = {}
@@ -203,10 +241,12 @@ def summarize(name: str, base: dict, save: dict, load: dict) -> dict:
         "load_open_s": load["open"], "load_restore": r, "load_graphs_s": load["graphs_s"],
         "first_graph_ready_s": r["first_graph_seconds"], "all_graphs_ready_s": graphs_ready,
         "first_replay_s": load["first_replay_s"], "us_per_node_all_in": 1e6 * graphs_ready / max(nodes, 1),
+        "us_per_node_build_instantiate": 1e6 * (r["build_seconds"] + r["instantiate_seconds"]) / max(nodes, 1),
         "speedup_capture_over_load": base["graphs_s"] / max(graphs_ready, 1e-9),
         "bitwise_equal_load_vs_save": f"{equal_save}/{len(save['hashes'])}",
         "bitwise_equal_save_vs_baseline": f"{equal_base}/{len(save['hashes'])}",
-        "latency_ms": lat, "processes": {"baseline": base, "save": save, "load": load},
+        "latency_ms": lat, "same_process_restored_vs_live": load.get("same_process", {}),
+        "processes": {"baseline": base, "save": save, "load": load},
     }
 
 
@@ -293,10 +333,14 @@ def main() -> None:
               f"images {rs['images_seconds']:.3f}s build {rs['build_seconds']:.3f}s inst {rs['instantiate_seconds']:.3f}s "
               f"first replay {r['first_replay_s'] * 1e3:.1f}ms")
         print(f"  first graph ready {r['first_graph_ready_s']:.3f}s, all ready {r['all_graphs_ready_s']:.3f}s "
-              f"= {r['us_per_node_all_in']:.1f} us/node, capture/LOAD = {r['speedup_capture_over_load']:.1f}x")
+              f"= {r['us_per_node_all_in']:.1f} us/node all-in ({r['us_per_node_build_instantiate']:.1f} build+inst; "
+              f"preload wait {rs['preload_wait_seconds']:.3f}s), capture/LOAD = {r['speedup_capture_over_load']:.1f}x")
         print(f"  bitwise LOAD==SAVE {r['bitwise_equal_load_vs_save']}, SAVE==baseline {r['bitwise_equal_save_vs_baseline']}")
-        print("  replay ms (baseline / load / ratio): " + ", ".join(
+        print("  replay ms, separate processes (baseline / load / ratio): " + ", ".join(
             f"bs{bs} {v['baseline']:.3f}/{v['load']:.3f}/{v['load_vs_baseline']:.3f}" for bs, v in r["latency_ms"].items()))
+        print("  replay ms, same process interleaved (live / restored / ratio, bitwise): " + ", ".join(
+            f"bs{bs} {v['live_ms']:.3f}/{v['restored_ms']:.3f}/{v['ratio']:.3f} {'=' if v['bitwise_equal'] else 'DIFF'}"
+            for bs, v in r["same_process_restored_vs_live"].items()))
 
 
 if __name__ == "__main__":

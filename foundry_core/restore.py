@@ -222,28 +222,30 @@ def build_all(builder: GraphBuilder, order: Iterable[int], graphs: dict[int, Res
     import torch
 
     torch.cuda.set_device(device)
-    for index in order:
+    order = list(order)
+    for n, index in enumerate(order):
         rg = graphs[index]
         try:
             tb = time.perf_counter()
-            graph, n = builder.build(index)
+            graph, count = builder.build(index)
             ti = time.perf_counter()
             rg._exec = builder.instantiate(graph, stream.cuda_stream)
             te = time.perf_counter()
             rg._graph = graph
             stats.build_seconds += ti - tb
             stats.instantiate_seconds += te - ti
-            stats.num_nodes += n
+            stats.num_nodes += count
             stats.per_graph[rg.key] = te - tb
         except FoundryError as e:
             rg._error = str(e)
             log.error("%s", e)
         finally:
-            rg._ready.set()
+            if n == len(order) - 1:
+                stream.synchronize()  # uploads done
+                stats.all_graphs_seconds = time.perf_counter() - t0
             if not stats.first_graph_seconds:
                 stats.first_graph_seconds = time.perf_counter() - t0
-    stream.synchronize()  # uploads done
-    stats.all_graphs_seconds = time.perf_counter() - t0
+            rg._ready.set()
 
 
 def restore_archive(session, order: Optional[Iterable[str]], background: bool) -> dict[str, RestoredGraph]:

@@ -169,7 +169,9 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
     start, end = session._capture_range
     fingerprint = current_fingerprint(session.key, session.device)
     with ArchiveWriter(session.path) as w:
-        image_records = [img.record(w.add_blob(f"image/{img.sha256[:16]}", img.data)) for img in stored_images]
+        # Raw, not zlib: LOAD inflating tens of MB would cost more than the disk space saved.
+        image_records = [img.record(w.add_blob(f"image/{img.sha256[:16]}", img.data, compress=False))
+                         for img in stored_images]
         templates: list[schema.GraphTemplate] = []
         template_of: dict[str, int] = {}
         records = []

@@ -270,3 +270,9 @@ class Session:
 
         self._require("load")
         return restore_archive(self, order, background)
+
+    def wait_restored(self) -> None:
+        """Block until every graph of ``restore()`` is instantiated (the background thread has finished)."""
+        thread = getattr(self, "_restore_thread", None)
+        if thread is not None:
+            thread.join()
