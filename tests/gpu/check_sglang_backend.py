@@ -46,6 +46,8 @@ def install_import_stubs() -> None:
             raise RuntimeError(f"{self._name} is an import-only stub (GPU wheel not carried to this machine)")
 
         def __getattr__(self, attr):
+            if attr.startswith("__"):  # introspection (inspect.signature, copy, pickle) sees a plain object
+                raise AttributeError(attr)
             return _Missing(f"{self._name}.{attr}")
 
         def __mro_entries__(self, bases):
