@@ -5,8 +5,9 @@ Our own flags are listed in ``--help``; every other flag goes unchanged to SGLan
 ``--model-path`` and all SGLang flags mean what SGLang says. The Foundry settings reach the plugin in every
 spawned scheduler process through ``FOUNDRY_MODE`` / ``FOUNDRY_ARCHIVE`` in the environment.
 
-Dispatch: ``--elastic`` → the elastic TP/EP controller (``foundry_sglang.elastic.launch.main``); SGLang importable
-→ SGLang; otherwise → the built-in engine (``foundry_sglang.engine.server.main``), with a log line saying so.
+Dispatch: ``--elastic`` → the elastic TP/EP controller (``foundry_sglang.elastic.launch.main``); SGLang importable,
+a real model and a CUDA GPU → SGLang; otherwise (or ``--foundry-engine builtin``) → the built-in engine
+(``foundry_sglang.engine.server.main``), with a log line saying why.
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "capture and (re)write; load: restore, falling back to live capture with one log line "
                              "if the archive is missing or incompatible; off: plain SGLang")
     parser.add_argument("--foundry-engine", choices=("auto", "sglang", "builtin"), default="auto",
-                        help="auto (default): SGLang if it can be imported, else the built-in engine; "
-                             "sglang/builtin: insist on one")
+                        help="auto (default): SGLang if it can be imported, a CUDA GPU is present and --model is not a "
+                             "builtin: preset; else the built-in engine. sglang/builtin: insist on one")
     parser.add_argument("--elastic", action="store_true",
                         help="start the elastic TP/EP controller (Ray) instead of a single server; "
                              "reserved for foundry_sglang.elastic")
@@ -164,6 +165,29 @@ def run_elastic(rest: list[str], env: dict[str, str]) -> int:
     return int(main(rest) or 0)
 
 
+def builtin_preferred(rest: Sequence[str]) -> Optional[str]:
+    """Why ``--foundry-engine auto`` should run the built-in engine although SGLang imports, or None."""
+    model = None
+    for i, arg in enumerate(rest):
+        for flag in ("--model", "--model-path"):
+            if arg == flag and i + 1 < len(rest):
+                model = rest[i + 1]
+            elif arg.startswith(flag + "="):
+                model = arg.split("=", 1)[1]
+    if model is None:
+        return "no --model given: the built-in engine serves its default builtin:tiny"
+    if model.startswith("builtin:"):
+        return f"{model} is a built-in preset"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "no CUDA GPU on this machine"
+    except ImportError:
+        return "torch is not installed"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse our flags and dispatch; returns the exit status (2 with a one-line message on bad input)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -172,12 +196,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if ours.elastic:
             return run_elastic(rest, env)
-        why_not = sglang_available() if ours.foundry_engine != "builtin" else "--foundry-engine builtin"
+        if ours.foundry_engine == "builtin":
+            log.info("running the built-in engine (--foundry-engine builtin)")
+            return run_builtin(rest, env)
+        why_not = sglang_available()
+        if why_not is None and ours.foundry_engine == "auto":
+            why_not = builtin_preferred(rest)
         if why_not is None:
             return run_sglang(rest, env)
         if ours.foundry_engine == "sglang":
-            raise LaunchError(f"--foundry-engine sglang: SGLang cannot be imported ({why_not})")
-        log.warning("SGLang is not installed (%s); running the built-in engine instead", why_not)
+            raise LaunchError(f"--foundry-engine sglang: SGLang cannot be used ({why_not})")
+        log.warning("not using SGLang (%s); running the built-in engine instead", why_not)
         return run_builtin(rest, env)
     except LaunchError as err:
         print(f"foundry_sglang.launch: error: {err}", file=sys.stderr)

@@ -60,6 +60,7 @@ def recorded(monkeypatch):
 
 def test_dispatch_sglang_when_importable(recorded, monkeypatch):
     monkeypatch.setattr(launch, "sglang_available", lambda: None)
+    monkeypatch.setattr(launch, "builtin_preferred", lambda rest: None)  # as on a GPU machine
     assert launch.main(["--model", "m", "--foundry-archive", "/tmp/arch"]) == 0
     rest, env = recorded["sglang"]
     assert rest == ["--model", "m"] and env["FOUNDRY_ARCHIVE"] == "/tmp/arch"
@@ -69,7 +70,26 @@ def test_dispatch_builtin_when_sglang_missing(recorded, monkeypatch, caplog):
     monkeypatch.setattr(launch, "sglang_available", lambda: "ModuleNotFoundError: No module named 'sglang'")
     with caplog.at_level("WARNING"):
         assert launch.main(["--model", "m"]) == 0
-    assert "builtin" in recorded and "SGLang is not installed" in caplog.text
+    assert "builtin" in recorded and "not using SGLang (ModuleNotFoundError" in caplog.text
+
+
+@pytest.mark.parametrize("rest, why", [
+    ([], "no --model"),
+    (["--model", "builtin:tiny"], "built-in preset"),
+    (["--model-path=builtin:qwen3-8b"], "built-in preset"),
+])
+def test_auto_prefers_builtin_for_presets_and_defaults(rest, why):
+    assert why in launch.builtin_preferred(rest)
+
+
+def test_auto_prefers_builtin_without_gpu(recorded, monkeypatch, caplog):
+    import torch
+
+    monkeypatch.setattr(launch, "sglang_available", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert launch.main(["--model", "Qwen/Qwen3-8B"]) == 0
+    assert "builtin" in recorded and "no CUDA GPU" in caplog.text
 
 
 def test_dispatch_elastic(recorded):
