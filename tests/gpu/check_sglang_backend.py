@@ -37,27 +37,15 @@ def install_import_stubs() -> None:
     import importlib.abc
     import importlib.machinery
     import types
-
-    class _Missing:
-        def __init__(self, name):
-            self._name = name
-
-        def __call__(self, *a, **k):
-            raise RuntimeError(f"{self._name} is an import-only stub (GPU wheel not carried to this machine)")
-
-        def __getattr__(self, attr):
-            if attr.startswith("__"):  # introspection (inspect.signature, copy, pickle) sees a plain object
-                raise AttributeError(attr)
-            return _Missing(f"{self._name}.{attr}")
-
-        def __mro_entries__(self, bases):
-            return (object,)
+    import typing
 
     class _StubModule(types.ModuleType):
+        # Every attribute is typing.Any: usable in annotations (pydantic models), as a base class and in
+        # isinstance-free code paths, but calling it raises TypeError ("Cannot instantiate typing.Any").
         def __getattr__(self, attr):
             if attr.startswith("__"):
                 raise AttributeError(attr)
-            return _Missing(f"{self.__name__}.{attr}")
+            return typing.Any
 
     class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         def find_spec(self, name, path=None, target=None):
