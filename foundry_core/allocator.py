@@ -54,18 +54,23 @@ def env_int(name: str, default: int) -> int:
     return int(value, 0) if value else default
 
 
-def describe_holder(start: int, end: int) -> str:
-    """Name what occupies [start, end) in this process, from /proc/self/maps when it is a host mapping."""
+def describe_holder(start: int, end: int, maps: Optional[str] = None) -> str:
+    """Name what occupies [start, end) in this process, from /proc/self/maps (or ``maps``, its text)."""
+    if maps is None:
+        try:
+            with open("/proc/self/maps") as f:
+                maps = f.read()
+        except OSError:
+            maps = ""
     holders = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-                if lo < end and hi > start:
-                    parts = line.split()
-                    holders.append(f"{lo:#x}-{hi:#x} {parts[5] if len(parts) > 5 else '[anonymous mapping]'}")
-    except OSError:
-        pass
+    for line in maps.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo < end and hi > start:
+            what = parts[5] if len(parts) > 5 else "an anonymous mapping (CUDA's own reservations look so)"
+            holders.append(f"{lo:#x}-{hi:#x} {what}")
     if holders:
         return "held by " + "; ".join(holders[:3]) + (" …" if len(holders) > 3 else "")
     return "held by a device-memory reservation in this process (the CUDA driver, another arena or a VMM pool)"

@@ -184,3 +184,14 @@ def test_arena_without_driver_reports_one_line(tmp_path, monkeypatch):
 
     with pytest.raises(ArenaUnavailable, match="libcuda.so.1"):
         Arena(0).reserve()
+
+
+def test_describe_holder_names_host_mappings():
+    from foundry_core.allocator import describe_holder
+
+    maps = ("6a0000000000-6b0000000000 ---p 00000000 00:00 0 \n"
+            "7f0000000000-7f0000100000 r--p 00000000 08:01 42    /usr/lib/libfoo.so\n")
+    assert "anonymous mapping" in describe_holder(0x6A00_0000_0000, 0x6A10_0000_0000, maps)
+    assert "/usr/lib/libfoo.so" in describe_holder(0x7F00_0000_0000, 0x7F00_0000_1000, maps)
+    assert "device-memory reservation" in describe_holder(0x1000, 0x2000, maps)
+    assert describe_holder(0x10, 0x20).startswith("held by")  # live /proc/self/maps parses
