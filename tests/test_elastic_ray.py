@@ -7,7 +7,6 @@ no request may fail. Invalid reconfigurations are rejected with 4xx and change n
 is printed (run with -s to see it).
 """
 import asyncio
-import json
 import os
 import signal
 import threading
@@ -20,6 +19,7 @@ import requests
 ray = pytest.importorskip("ray")
 
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment  # noqa: E402
+from openai_client import openai_request  # noqa: E402
 
 PROMPTS = [f"request {i}: the quick brown fox" for i in range(6)]
 MAX_TOKENS = 12
@@ -35,26 +35,7 @@ async def one_request(session, url, i, stream):
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
-    path = "/v1/chat/completions" if chat else "/v1/completions"
-    async with session.post(url + path, json=body) as r:
-        if r.status != 200:
-            return None, f"HTTP {r.status}: {await r.text()}"
-        if not stream:
-            d = await r.json()
-            c = d["choices"][0]
-            return (c["message"]["content"] if chat else c["text"]), None
-        text, done = "", False
-        async for line in r.content:
-            line = line.strip()
-            if line == b"data: [DONE]":
-                done = True
-            elif line.startswith(b"data: "):
-                ev = json.loads(line[6:])
-                if "error" in ev:
-                    return None, f"in-stream error: {ev['error']}"
-                for c in ev.get("choices", []):
-                    text += (c.get("delta") or {}).get("content") or "" if chat else c.get("text") or ""
-        return (text, None) if done else (None, "stream ended without [DONE]")
+    return await openai_request(session, url, body, chat=chat)
 
 
 class LoadGenerator:

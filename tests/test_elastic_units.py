@@ -15,9 +15,10 @@ from aiohttp import web
 
 from foundry_sglang.elastic.api import build_app
 from foundry_sglang.elastic.backends import ReplicaHandle, SlotsUnavailable
-from foundry_sglang.elastic.controller import Controller, ControllerBusy, ControllerConfig
+from foundry_sglang.elastic.controller import Controller, ControllerConfig
 from foundry_sglang.elastic.layout import Layout, LayoutError, ModelShape
 from foundry_sglang.elastic.router import RouteSet, Router, Upstream
+from openai_client import openai_request  # noqa: E402
 
 
 def answer(prompt: str) -> str:
@@ -129,23 +130,10 @@ async def _client_load(url: str, n: int, stream_every: int = 2) -> List[str]:
     async with aiohttp.ClientSession() as s:
         async def one(i):
             prompt = f"prompt number {i}"
-            stream = i % stream_every == 0
-            async with s.post(url + "/v1/completions", json={"prompt": prompt, "stream": stream,
-                                                           "temperature": 0}) as r:
-                assert r.status == 200, await r.text()
-                if not stream:
-                    return (await r.json())["choices"][0]["text"], prompt
-                text, done = "", False
-                async for line in r.content:
-                    line = line.strip()
-                    if line == b"data: [DONE]":
-                        done = True
-                    elif line.startswith(b"data: "):
-                        ev = json.loads(line[6:])
-                        assert "error" not in ev, ev
-                        text += ev["choices"][0]["text"]
-                assert done
-                return text, prompt
+            body = {"prompt": prompt, "stream": i % stream_every == 0, "temperature": 0}
+            text, error = await openai_request(s, url, body)
+            assert error is None, error
+            return text, prompt
         results = await asyncio.gather(*(one(i) for i in range(n)))
     for text, prompt in results:
         assert text == answer(prompt)

@@ -25,28 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import aiohttp  # noqa: E402
 
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment  # noqa: E402
+from tests.openai_client import openai_request  # noqa: E402
 
 PROMPTS = [f"Request {i}: explain the history of the printing press." for i in range(8)]
 
 
 async def one(session, url, i, stream, max_tokens):
     body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0, "stream": stream}
-    async with session.post(url + "/v1/completions", json=body) as r:
-        if r.status != 200:
-            return None, f"HTTP {r.status}: {(await r.text())[:200]}"
-        if not stream:
-            return (await r.json())["choices"][0]["text"], None
-        text, done = "", False
-        async for line in r.content:
-            line = line.strip()
-            if line == b"data: [DONE]":
-                done = True
-            elif line.startswith(b"data: "):
-                ev = json.loads(line[6:])
-                if "error" in ev:
-                    return None, f"in-stream error: {ev['error']}"
-                text += "".join(c.get("text") or "" for c in ev.get("choices", []))
-        return (text, None) if done else (None, "stream ended without [DONE]")
+    return await openai_request(session, url, body)
 
 
 class Load:
