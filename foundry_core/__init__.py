@@ -2,6 +2,7 @@
 from foundry_core.errors import (  # noqa: F401
     ArchiveError,
     ArenaUnavailable,
+    DeviceUnavailable,
     FoundryError,
     IncompatibleArchive,
     NativeBuildError,

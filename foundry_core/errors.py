@@ -25,5 +25,9 @@ class UnsafeAddress(FoundryError):
     """A kernel argument points to device memory that LOAD would not restore (refused at SAVE)."""
 
 
+class DeviceUnavailable(FoundryError):
+    """No usable CUDA device (no driver, no GPU, or the requested device index does not exist)."""
+
+
 class NativeBuildError(FoundryError):
     """The small native helper library could not be compiled or loaded."""

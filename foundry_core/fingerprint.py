@@ -12,7 +12,7 @@ import importlib.metadata
 import os
 from typing import Iterable
 
-from foundry_core.errors import IncompatibleArchive
+from foundry_core.errors import DeviceUnavailable, IncompatibleArchive
 from foundry_core.schema import Fingerprint
 
 
@@ -31,11 +31,11 @@ def gpu_unavailable_reason(device: int = 0) -> str | None:
 
 
 def current_fingerprint(key: str, device: int = 0) -> Fingerprint:
-    """This machine's fingerprint for CUDA device ``device`` (raises RuntimeError without a usable GPU)."""
+    """This machine's fingerprint for CUDA device ``device`` (raises DeviceUnavailable without a usable GPU)."""
     try:
         gpu_name, capability, driver = _query_device(device)
     except _NoGpu as err:
-        raise RuntimeError(str(err)) from None
+        raise DeviceUnavailable(f"no usable CUDA device: {err}") from None
     import torch
 
     import foundry_core

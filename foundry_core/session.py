@@ -18,9 +18,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from foundry_core.allocator import Arena
-from foundry_core.errors import ArchiveError, FoundryError
+from foundry_core.errors import ArchiveError, DeviceUnavailable, FoundryError
 
 log = logging.getLogger("foundry_core.session")
+
+def keep_previous(path: Path) -> Path:
+    """Move an existing archive aside to ``PATH.prev`` (replacing an older ``.prev``); returns the new path."""
+    prev = path.with_name(path.name + ".prev")
+    os.replace(path, prev)
+    log.warning("foundry: kept the previous archive as %s", prev)
+    return prev
+
 
 class Session:
     """Save CUDA graphs with their execution context, or restore them in a fresh process.
@@ -98,9 +106,14 @@ class Session:
             self._recorder.start()
         import torch
 
-        if self.device is None:
-            self.device = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
-        torch.cuda.set_device(self.device)
+        try:
+            if self.device is None:
+                self.device = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+            torch.cuda.set_device(self.device)
+        except (RuntimeError, AssertionError) as e:  # torch's own errors: no driver, no GPU, bad index
+            self.close()
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DeviceUnavailable(f"no usable CUDA device for foundry: {first}") from None
         base, size = self._arena_args
         if self.archive is not None:  # LOAD: the arena must be where SAVE had it
             base, size = self.archive.manifest.arena.base, self.archive.manifest.arena.size
@@ -253,6 +266,8 @@ class Session:
             raise FoundryError("no graphs were captured")
         if self._recorder is None:
             raise FoundryError("save() needs the module-image recorder (Session(record_images=True))")
+        if self.fallback_reason and self.path.exists():
+            keep_previous(self.path)  # "auto" replaces an unusable archive, but never destroys it
         t0 = time.perf_counter()
         path = write_archive(self, self._recorder, extra or {})
         self.save_stats["write_seconds"] = time.perf_counter() - t0
