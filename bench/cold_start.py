@@ -77,24 +77,30 @@ def output_hash(backend, bs: int) -> str:
     return hashlib.sha256(out.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
 
 
-def replay_latency(runner, bs: int, iters: int = 100) -> float:
-    """Median per-replay time (ms) over ``iters`` CUDA-event-timed replays."""
+def timed_replays(backend, bs: int, n: int, warmup: int = 3) -> list[float]:
+    """Per-replay times (ms) of ``n`` CUDA-event-timed replays after ``warmup`` untimed ones."""
     import torch
 
-    backend = runner.graph_backend
-    for _ in range(5):
+    for _ in range(warmup):
         backend.replay(bs)
-    torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
+    for _ in range(n):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         backend.replay(bs)
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    return times
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def replay_latency(runner, bs: int, iters: int = 100) -> float:
+    """Median per-replay time (ms) over ``iters`` replays."""
+    return median(timed_replays(runner.graph_backend, bs, iters, warmup=5))
 
 
 def restored_vs_live(runner, rounds: int = 6, reps: int = 20) -> dict:
@@ -118,16 +124,8 @@ def restored_vs_live(runner, rounds: int = 6, reps: int = 20) -> dict:
         times = {"restored": [], "live": []}
         for _ in range(rounds):
             for name, backend in (("restored", restored), ("live", live)):
-                for _ in range(3):
-                    backend.replay(bs)
-                for _ in range(reps):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    backend.replay(bs)
-                    b.record()
-                    b.synchronize()
-                    times[name].append(a.elapsed_time(b))
-        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+                times[name] += timed_replays(backend, bs, reps)
+        med = {k: median(v) for k, v in times.items()}
         result[str(bs)] = {"restored_ms": med["restored"], "live_ms": med["live"],
                            "ratio": med["restored"] / med["live"], "bitwise_equal": same}
     return result

@@ -539,6 +539,18 @@ def _zstd_module():
     return None
 
 
+
+def _lz4_length(src, i: int, value: int) -> tuple[int, int]:
+    """LZ4's extended length: a 4-bit field of 15 continues in bytes until one is not 255."""
+    if value == 15:
+        while True:
+            b = src[i]
+            i += 1
+            value += b
+            if b != 255:
+                break
+    return value, i
+
 def lz4_block_decompress(src: bytes, size: int) -> bytes:
     """Decode one raw LZ4 block (no frame header) that must expand to exactly ``size`` bytes."""
     out = bytearray()
@@ -547,14 +559,7 @@ def lz4_block_decompress(src: bytes, size: int) -> bytes:
         while i < n:
             token = src[i]
             i += 1
-            literals = token >> 4
-            if literals == 15:
-                while True:
-                    b = src[i]
-                    i += 1
-                    literals += b
-                    if b != 255:
-                        break
+            literals, i = _lz4_length(src, i, token >> 4)
             if i + literals > n:
                 raise ValueError("LZ4 literal run past the end of the block")
             out += src[i : i + literals]
@@ -565,14 +570,7 @@ def lz4_block_decompress(src: bytes, size: int) -> bytes:
             i += 2
             if offset == 0 or offset > len(out):
                 raise ValueError(f"LZ4 match offset {offset} outside the {len(out)} bytes decoded so far")
-            length = token & 15
-            if length == 15:
-                while True:
-                    b = src[i]
-                    i += 1
-                    length += b
-                    if b != 255:
-                        break
+            length, i = _lz4_length(src, i, token & 15)
             length += 4
             if len(out) + length > size:
                 raise ValueError(f"LZ4 block expands beyond the declared {size} bytes")

@@ -64,9 +64,6 @@ class TorchGraphBackend:
     def _new_graph(self):
         return torch.cuda.CUDAGraph()
 
-    def _record(self, key: Hashable, graph, out) -> None:
-        pass
-
     @contextmanager
     def capture_session(self, stream: Optional[torch.cuda.Stream] = None):
         if self._pool is None:
@@ -80,18 +77,21 @@ class TorchGraphBackend:
             self.capture_seconds += time.perf_counter() - t0
             self._stream = None
 
-    def capture_one(self, key: Hashable, forward_fn: Callable[[], Any]) -> None:
+    def _warm_up(self, forward_fn: Callable[[], Any]) -> None:
+        """SGLang's warm-ups: kernels loaded and one-time setup paid before capture."""
         for _ in range(self.warmups):
             torch.cuda.synchronize()
             self.barrier()
             out = forward_fn()
             del out
+
+    def capture_one(self, key: Hashable, forward_fn: Callable[[], Any]) -> None:
+        self._warm_up(forward_fn)
         graph = self._new_graph()
         with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
             out = forward_fn()
         self._graphs[key] = graph
         self._outputs[key] = out
-        self._record(key, graph, out)
 
     # -- replay ---------------------------------------------------------------------------------
     def can_run(self, key: Hashable) -> bool:
@@ -191,11 +191,7 @@ class FoundryGraphBackend(TorchGraphBackend):
 
     def capture_one(self, key: Hashable, forward_fn: Callable[[], Any]) -> None:
         if self.session.mode != "load":
-            for _ in range(self.warmups):
-                torch.cuda.synchronize()
-                self.barrier()
-                out = forward_fn()
-                del out
+            self._warm_up(forward_fn)
             graph = self._new_graph()
             t0 = time.perf_counter()
             with self.session.graph_capture(graph, self._stream):
