@@ -59,9 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Our flags, and the rest in their original order (SGLang's / the engine's flags, untouched)."""
-    ours, rest = build_parser().parse_known_args(list(argv))
-    return ours, rest
+    """Our flags, and the rest in their original order (SGLang's / the engine's flags, untouched).
+    With --elastic, -h/--help belongs to the elastic launcher, which has flags of its own."""
+    argv = list(argv)
+    help_flags = [a for a in argv if a in ("-h", "--help")] if "--elastic" in argv else []
+    ours, rest = build_parser().parse_known_args([a for a in argv if a not in help_flags])
+    return ours, rest + help_flags
 
 
 def apply_pins(rest: list[str]) -> tuple[list[str], list[str]]:

@@ -137,3 +137,8 @@ def test_run_sglang_forwards_parsed_args_and_sets_env(monkeypatch):
     args = served["sglang.launch_server:run_server"][0]
     assert args.model_path == "/m" and args.port == 30123 and args.cuda_graph_backend_prefill == "disabled"
     assert env["FOUNDRY_MODE"] == "auto" and env["FOUNDRY_ARCHIVE"] == "/a"
+
+
+def test_elastic_help_goes_to_the_elastic_launcher():
+    ours, rest = launch.split_argv(["--elastic", "--help", "--model", "builtin:tiny"])
+    assert ours.elastic and rest == ["--model", "builtin:tiny", "--help"]
