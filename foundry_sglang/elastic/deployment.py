@@ -8,6 +8,7 @@ it runs on a background thread of the calling process and starts workers as loca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -24,6 +25,9 @@ from .policy import LoadPolicy, PolicyConfig
 from .router import Router
 
 log = logging.getLogger("foundry_sglang.elastic.deployment")
+
+#: How long stop() waits for the controller to stop its generations.
+STOP_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -231,9 +235,14 @@ class ElasticDeployment:
         if self._actor is not None:
             import ray
             try:
-                ray.get(self._actor.stop.remote())
+                # Bounded: after Ctrl-C the whole process group (Ray's own daemons too) may already be gone.
+                ray.get(self._actor.stop.remote(), timeout=STOP_TIMEOUT_S)
+            except Exception as exc:  # GetTimeoutError, RayActorError, a dead raylet, ...
+                log.warning("elastic: controller did not stop cleanly (%s: %s); Ray may have exited first",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             finally:
-                ray.kill(self._actor)
+                with contextlib.suppress(Exception):
+                    ray.kill(self._actor)
                 self._actor = None
         elif self._loop is not None:
             self._call("stop")

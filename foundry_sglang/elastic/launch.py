@@ -7,6 +7,7 @@ Engine flags that are not elastic flags are passed to every engine process (``--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -131,6 +132,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     done.wait()
     log.info("stopping")
     dep.stop()
+    if cfg.backend == "ray":
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.shutdown()
     return 0
 
 

@@ -87,6 +87,7 @@ def build_env(spec: WorkerSpec, gpu_ids: Sequence[int]) -> Dict[str, str]:
     env.update(spec.env)
     # The server must import this very checkout even when it is not installed.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+    env["FOUNDRY_EXIT_WITH_PARENT"] = "1"  # the built-in engine stops if its worker dies (no orphaned servers)
     if spec.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
     else:

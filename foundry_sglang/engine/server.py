@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -387,8 +388,28 @@ async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name:
     await runner.cleanup()
 
 
+#: Set by supervisors (the elastic workers): stop when the supervising process goes away, so a Ctrl-C that takes
+#: the supervisor down never leaves an orphaned server holding GPUs.
+EXIT_WITH_PARENT_ENV = "FOUNDRY_EXIT_WITH_PARENT"
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """Send ourselves SIGTERM (a clean shutdown) once our parent process has exited."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        log.warning("parent process %d exited; shutting down", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_arg_parser().parse_args(argv)
+    if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
+        exit_with_parent()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         eargs = engine_args_from(args)
