@@ -1,0 +1,72 @@
+"""CPU tests of foundry_sglang.graph_backend: archive keys/paths for the built-in engine and LOAD routing.
+
+SAVE needs a GPU (warm-ups and torch.cuda.graph) and is covered by tests/gpu/check_launch.py and the benchmark;
+LOAD routing only looks graphs up, so it is tested here with a small restore stand-in (no CUDA involved).
+"""
+from types import SimpleNamespace
+
+import pytest
+
+from foundry_core.errors import FoundryError
+from foundry_sglang.engine.config import EngineArgs
+from foundry_sglang.graph_backend import FoundryGraphBackend, shape_key_name
+
+
+def test_shape_key_names():
+    assert shape_key_name(8) == "decode_bs8"
+    assert shape_key_name((8, 0)) == "decode_8_0"
+    assert shape_key_name("prefill") == "prefill"
+
+
+def _backend(tmp_path, rank=0, **changes):
+    args = EngineArgs(model="builtin:tiny", foundry_archive=str(tmp_path), foundry_mode="auto", **changes)
+    return FoundryGraphBackend.from_engine_args(args, rank=rank)
+
+
+def test_engine_archives_are_per_layout_and_rank_and_keyed_by_graph_inputs(tmp_path):
+    base = _backend(tmp_path)
+    assert base.session.path.parent == tmp_path and base.session.path.suffix == ".foundry"
+    assert "tp1-ep1-rank0" in base.session.path.name
+    for change in ({"page_size": 32}, {"cuda_graph_bs": [1, 2]}, {"max_num_seqs": 64}, {"num_kv_pages": 99},
+                   {"seed": 1}, {"dtype": "float16"}, {"max_model_len": 512}):
+        other = _backend(tmp_path, **change)
+        assert other.session.key != base.session.key, change
+        assert other.session.path != base.session.path, change
+    assert _backend(tmp_path).session.key == base.session.key  # deterministic
+    assert "tp2-ep1-rank1" in _backend(tmp_path, rank=1, tp=2).session.path.name
+
+
+class RestoreStandIn:
+    """Stands in for an opened LOAD-mode foundry_core.Session: restore() hands out named outputs."""
+
+    def __init__(self, names, extra=None):
+        graphs = [SimpleNamespace(key=n, is_child=False) for n in names]
+        self.archive = SimpleNamespace(manifest=SimpleNamespace(graphs=graphs, extra=extra or {}))
+        self.mode = "load"
+        self.path = "stand-in.foundry"
+        self.order = None
+
+    def restore(self, order):
+        self.order = order
+        keys = [g.key for g in self.archive.manifest.graphs]
+        return {k: SimpleNamespace(outputs=f"out-{k}", replay=lambda: None, reset=lambda: None) for k in keys}
+
+
+def test_load_routing_restores_smallest_first_and_never_runs_forward():
+    names = [shape_key_name(b) for b in (256, 16, 8, 2, 1)]  # archive order: captured largest first
+    session = RestoreStandIn(names, extra={"num_kv_pages": "123"})
+    backend = FoundryGraphBackend(session)
+    assert backend.needs_forward is False and backend.saved_extra == {"num_kv_pages": "123"}
+    with backend.capture_session(stream=None):
+        for bs in (256, 16, 8, 2, 1):
+            backend.capture_one(bs, lambda: pytest.fail("LOAD must not run the forward"))
+    assert session.order == ["decode_bs1", "decode_bs2", "decode_bs8", "decode_bs16", "decode_bs256"]
+    assert backend.can_run(8) and not backend.can_run(4)
+    assert backend._outputs[16] == "out-decode_bs16"
+
+
+def test_load_routing_names_a_missing_graph():
+    backend = FoundryGraphBackend(RestoreStandIn([shape_key_name(1)]))
+    with backend.capture_session(stream=None):
+        with pytest.raises(FoundryError, match="no graph 'decode_bs4'"):
+            backend.capture_one(4, lambda: None)
