@@ -115,6 +115,8 @@ class TorchGraphBackend:
 class FoundryGraphBackend(TorchGraphBackend):
     """SAVE: capture like TorchGraphBackend and record into a foundry_core archive.
     LOAD: restore every graph from the archive; ``capture_one`` then only looks graphs up (no forward, no warm-up).
+    Any LOAD problem (arena taken, archive unusable, restore failed) falls back to live capture with one log line;
+    only an explicit ``save`` session makes such problems fatal.
 
     ``before_allocations()`` must run before the application allocates anything the graphs touch: it opens the
     session, which reserves the deterministic arena and routes this thread's allocations into it.
@@ -128,6 +130,7 @@ class FoundryGraphBackend(TorchGraphBackend):
         self.restore_order = restore_order
         self._restored: Dict[str, Any] = {}
         self.archive_path = None
+        self.fallback_reason: Optional[str] = None  # set when graphs are captured live instead of restored
 
     @classmethod
     def from_engine_args(cls, args, rank: int = 0, barrier=None) -> "FoundryGraphBackend":
@@ -153,7 +156,12 @@ class FoundryGraphBackend(TorchGraphBackend):
 
     @property
     def needs_forward(self) -> bool:  # type: ignore[override]
-        return self.session.mode != "load"
+        return self.fallback_reason is not None or self.session.mode != "load"
+
+    def _fall_back(self, reason: str) -> None:
+        self.fallback_reason = reason
+        log.warning("foundry: %s; capturing the decode graphs live instead", reason)
+        self.session.close()  # stop routing into the arena: a live capture uses PyTorch's own graph pool
 
     @property
     def saved_extra(self) -> dict:
@@ -163,33 +171,54 @@ class FoundryGraphBackend(TorchGraphBackend):
         return {}
 
     def before_allocations(self) -> None:
-        self.session.open()
+        from foundry_core.errors import FoundryError
+
+        try:
+            self.session.open()
+        except FoundryError as e:
+            if self.session.requested_mode == "save":
+                raise
+            self._fall_back(f"cannot use {self.session.path}: {e}")
+            return
         log.info("foundry: session %s (%s)", self.session.mode, self.session.path)
 
     def _new_pool(self):
-        return self.session.graph_pool
+        return torch.cuda.graph_pool_handle() if self.fallback_reason else self.session.graph_pool
 
     def _new_graph(self):
-        return self.session.new_graph()
+        return torch.cuda.CUDAGraph() if self.fallback_reason else self.session.new_graph()
 
     @contextmanager
     def capture_session(self, stream: Optional[torch.cuda.Stream] = None):
-        if self.session.mode == "load":
+        from foundry_core.errors import FoundryError
+
+        if self.fallback_reason is None and self.session.mode == "load":
             t0 = time.perf_counter()
             # Smallest batch sizes first: a fresh server decodes few sequences, and replay of a graph that is
             # not instantiated yet waits for it rather than failing.
             names = [g.key for g in self.session.archive.manifest.graphs if not g.is_child]
             order = [shape_key_name(k) for k in self.restore_order] if self.restore_order else sorted(
                 names, key=lambda n: (len(n), n))
-            self._restored = self.session.restore(order=order)
-            self.capture_seconds = time.perf_counter() - t0
-            yield
+            try:
+                self._restored = self.session.restore(order=order)
+            except FoundryError as e:
+                self._fall_back(f"restoring from {self.session.path} failed: {e}")
+            else:
+                self.capture_seconds = time.perf_counter() - t0
+                yield
+                return
+        if self.fallback_reason is not None:
+            with TorchGraphBackend.capture_session(self, stream):
+                yield
             return
         with self.session.capture_phase(), super().capture_session(stream):
             yield
         self.archive_path = self.session.save(self.save_extra)
 
     def capture_one(self, key: Hashable, forward_fn: Callable[[], Any]) -> None:
+        if self.fallback_reason is not None:
+            TorchGraphBackend.capture_one(self, key, forward_fn)
+            return
         if self.session.mode != "load":
             self._warm_up(forward_fn)
             graph = self._new_graph()

@@ -70,3 +70,38 @@ def test_load_routing_names_a_missing_graph():
     with backend.capture_session(stream=None):
         with pytest.raises(FoundryError, match="no graph 'decode_bs4'"):
             backend.capture_one(4, lambda: None)
+
+
+class UnopenableSession:
+    """Stands in for a Session whose open() fails the way foundry_core reports it (arena range taken)."""
+
+    def __init__(self, requested_mode):
+        self.requested_mode = requested_mode
+        self.mode = None
+        self.path = "model.foundry"
+        self.closed = False
+
+    def open(self):
+        from foundry_core.errors import ArenaUnavailable
+
+        raise ArenaUnavailable("arena range 0x6a0000000000-0x6b0000000000 on cuda:0 is not free")
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("mode", ["auto", "load"])
+def test_unusable_arena_falls_back_to_live_capture_with_one_line(mode, caplog):
+    backend = FoundryGraphBackend(UnopenableSession(mode))
+    with caplog.at_level("WARNING"):
+        backend.before_allocations()
+    assert backend.needs_forward and backend.saved_extra == {} and backend.session.closed
+    assert "capturing the decode graphs live instead" in caplog.text and "not free" in caplog.text
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+
+
+def test_explicit_save_keeps_the_error():
+    from foundry_core.errors import ArenaUnavailable
+
+    with pytest.raises(ArenaUnavailable):
+        FoundryGraphBackend(UnopenableSession("save")).before_allocations()
