@@ -161,7 +161,7 @@ def _check(result, what: str):
 class GraphReader:
     """Reads CUgraphs with cuda.bindings.driver; caches per-function parameter layouts and names."""
 
-    def __init__(self, kernel_name: Optional[Callable[[int], str]] = None):
+    def __init__(self):
         from cuda.bindings import driver
 
         self.drv = driver
