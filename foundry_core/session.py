@@ -98,7 +98,18 @@ class Session:
                 mode = "save"
             else:
                 mode = "load"
+        try:
+            self._start(mode)
+        except BaseException:
+            self.close()  # a failed open leaves nothing armed; open() may be called again
+            raise
         self.mode = mode
+        # PyTorch aborts at exit if a MemPool dies while still routing allocations: always step out first.
+        atexit.register(self.close)
+        return self
+
+    def _start(self, mode: str) -> None:
+        """Recorder (SAVE), device, preloader (LOAD), arena and pools; this thread then allocates from the arena."""
         if mode == "save" and self._record_images:
             from foundry_core.binaries import ImageRecorder
 
@@ -111,15 +122,13 @@ class Session:
                 self.device = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
             torch.cuda.set_device(self.device)
         except (RuntimeError, AssertionError) as e:  # torch's own errors: no driver, no GPU, bad index
-            self.close()
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise DeviceUnavailable(f"no usable CUDA device for foundry: {first}") from None
         base, size = self._arena_args
         if self.archive is not None:  # LOAD: the arena must be where SAVE had it
-            base, size = self.archive.manifest.arena.base, self.archive.manifest.arena.size
-        if self.archive is not None:
             from foundry_core.restore import Preloader
 
+            base, size = self.archive.manifest.arena.base, self.archive.manifest.arena.size
             self._preload = Preloader(self.archive, self.device).start()
         t1 = time.perf_counter()
         self.arena = Arena(self.device, base, size)
@@ -128,9 +137,6 @@ class Session:
             self._pools[name] = self.arena.new_pool()
         self.open_stats["arena_seconds"] = time.perf_counter() - t1
         self._push_pool("init")
-        # PyTorch aborts at exit if a MemPool dies while still routing allocations: always step out first.
-        atexit.register(self.close)
-        return self
 
     def _open_archive(self) -> Optional[FoundryError]:
         """Open and check the archive; return the problem instead of raising (auto mode falls back on it)."""

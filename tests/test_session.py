@@ -43,8 +43,10 @@ def test_load_of_corrupt_archive_is_a_clear_error(tmp_path):
 @needs_no_gpu
 def test_load_of_valid_archive_without_gpu_says_so(archive_file):
     path, _ = archive_file
+    s = fc.Session(path, mode="load")
     with pytest.raises(DeviceUnavailable, match="no usable CUDA device"):
-        fc.Session(path, mode="load").open()
+        s.open()
+    assert s.mode is None  # a failed open arms nothing and can be retried
 
 
 @needs_no_gpu
