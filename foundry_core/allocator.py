@@ -6,11 +6,10 @@ allocator swap and no LD_PRELOAD is needed. Same sequence of segment requests â‡
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
-from typing import Iterator, Optional
+from typing import Optional
 
 from foundry_core import native
 from foundry_core.errors import ArenaUnavailable
@@ -34,10 +33,8 @@ def native_lib() -> ctypes.CDLL:
         lib.foundry_arena_error.restype = ctypes.c_char_p
         lib.foundry_arena_map.argtypes = [u64, u64]
         lib.foundry_arena_advance.argtypes = [u64]
-        for fn in ("base", "size", "granularity", "mapped_bytes", "cursor"):
+        for fn in ("base", "size", "granularity", "cursor"):
             getattr(lib, f"foundry_arena_{fn}").restype = u64
-        lib.foundry_arena_chunks.argtypes = [ctypes.POINTER(u64), ctypes.c_size_t]
-        lib.foundry_arena_chunks.restype = ctypes.c_size_t
         lib.foundry_sizeof_memcpy3d.restype = ctypes.c_size_t
         lib.foundry_build_graph.argtypes = [p, ctypes.c_uint32, p, p, p, ctypes.c_uint32, p, p, p, p, ctypes.c_char_p,
                                             ctypes.c_size_t]
@@ -119,10 +116,6 @@ class Arena:
     def cursor(self) -> int:
         return int(self.lib.foundry_arena_cursor())
 
-    @property
-    def mapped_bytes(self) -> int:
-        return int(self.lib.foundry_arena_mapped_bytes())
-
     def advance(self, offset: int) -> None:
         if self.lib.foundry_arena_advance(offset) != 0:
             raise ArenaUnavailable(self.lib.foundry_arena_error().decode())
@@ -131,21 +124,3 @@ class Arena:
         """Map [base+offset, +size) outside PyTorch (LOAD restores the capture region this way)."""
         if size and self.lib.foundry_arena_map(offset, size) != 0:
             raise ArenaUnavailable(self.lib.foundry_arena_error().decode())
-
-    def chunks(self) -> list[tuple[int, int, bool]]:
-        n = self.lib.foundry_arena_chunks(None, 0)
-        buf = (ctypes.c_uint64 * (3 * max(n, 1)))()
-        n = min(n, self.lib.foundry_arena_chunks(buf, n))
-        return sorted((buf[3 * i], buf[3 * i + 1], bool(buf[3 * i + 2])) for i in range(n))
-
-    def contains(self, address: int) -> bool:
-        return self.base <= address < self.base + self.size
-
-
-@contextlib.contextmanager
-def allocate_from(pool, device: int) -> Iterator[None]:
-    """Route this thread's allocations on ``device`` to ``pool`` (thin wrapper over torch.cuda.use_mem_pool)."""
-    import torch
-
-    with torch.cuda.use_mem_pool(pool, device=device):
-        yield

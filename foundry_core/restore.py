@@ -60,14 +60,14 @@ def tensor_at(spec: schema.TensorSpec, device: int):
 class RestoredGraph:
     """Drop-in for a replay-only ``torch.cuda.CUDAGraph`` whose executable was rebuilt from an archive."""
 
-    def __init__(self, key: str, outputs: Any):
+    def __init__(self, key: str, outputs: Any, lib):
         self.key = key
         self.outputs = outputs
         self._exec: Optional[int] = None
         self._graph: Optional[int] = None
         self._ready = threading.Event()
         self._error: Optional[str] = None
-        self._lib = None
+        self._lib = lib
 
     @property
     def ready(self) -> bool:
@@ -82,10 +82,8 @@ class RestoredGraph:
     def replay(self) -> None:
         import torch
 
-        if not self._ready.is_set():
-            self.wait()
-        if self._error:
-            raise FoundryError(f"graph {self.key!r} could not be restored: {self._error}")
+        if not self._ready.is_set() or self._error:
+            self.wait()  # blocks until instantiated; raises if it could not be
         rc = self._lib.foundry_launch(self._exec, torch.cuda.current_stream().cuda_stream)
         if rc != 0:
             raise FoundryError(f"cuGraphLaunch of restored graph {self.key!r} failed with CUresult {rc}")
@@ -306,12 +304,10 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool) -
             outputs = pytree.tree_unflatten(tensors, pytree.treespec_loads(rec.output_tree))
         else:
             outputs = tensors[0] if tensors else None
-        rg = RestoredGraph(rec.key, outputs)
-        rg._lib = lib
-        graphs[i] = rg
+        graphs[i] = RestoredGraph(rec.key, outputs, lib)
     index_of = {rg.key: i for i, rg in graphs.items()}
     wanted = [index_of[k] for k in (order or []) if k in index_of]
-    ordered = wanted + [i for i in graphs if i not in set(wanted)]
+    ordered = wanted + sorted(set(graphs) - set(wanted))
     stats.num_graphs = len(ordered)
     stream = torch.cuda.Stream(device)
     build_all(builder, ordered[:1], graphs, stats, t0, device, stream)

@@ -85,20 +85,25 @@ class TorchGraphBackend:
             out = forward_fn()
             del out
 
+    def _graph_context(self, graph):
+        return torch.cuda.graph(graph, pool=self._pool, stream=self._stream)
+
+    def _record(self, key: Hashable, graph, out, seconds: float) -> None:
+        """Hook for backends that keep what was captured (Foundry SAVE)."""
+
     def capture_one(self, key: Hashable, forward_fn: Callable[[], Any]) -> None:
         self._warm_up(forward_fn)
         graph = self._new_graph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+        t0 = time.perf_counter()
+        with self._graph_context(graph):
             out = forward_fn()
         self._graphs[key] = graph
         self._outputs[key] = out
+        self._record(key, graph, out, time.perf_counter() - t0)
 
     # -- replay ---------------------------------------------------------------------------------
     def can_run(self, key: Hashable) -> bool:
         return key in self._graphs
-
-    def keys(self):
-        return list(self._graphs)
 
     def replay(self, key: Hashable) -> Any:
         self._graphs[key].replay()
@@ -188,6 +193,15 @@ class FoundryGraphBackend(TorchGraphBackend):
     def _new_graph(self):
         return torch.cuda.CUDAGraph() if self.fallback_reason else self.session.new_graph()
 
+    def _graph_context(self, graph):
+        if self.fallback_reason:
+            return super()._graph_context(graph)
+        return self.session.graph_capture(graph, self._stream)
+
+    def _record(self, key: Hashable, graph, out, seconds: float) -> None:
+        if not self.fallback_reason:
+            self.session.add_graph(shape_key_name(key), graph, out, seconds)
+
     @contextmanager
     def capture_session(self, stream: Optional[torch.cuda.Stream] = None):
         from foundry_core.errors import FoundryError
@@ -216,18 +230,8 @@ class FoundryGraphBackend(TorchGraphBackend):
         self.archive_path = self.session.save(self.save_extra)
 
     def capture_one(self, key: Hashable, forward_fn: Callable[[], Any]) -> None:
-        if self.fallback_reason is not None:
-            TorchGraphBackend.capture_one(self, key, forward_fn)
-            return
-        if self.session.mode != "load":
-            self._warm_up(forward_fn)
-            graph = self._new_graph()
-            t0 = time.perf_counter()
-            with self.session.graph_capture(graph, self._stream):
-                out = forward_fn()
-            self._graphs[key] = graph
-            self._outputs[key] = out
-            self.session.add_graph(shape_key_name(key), graph, out, time.perf_counter() - t0)
+        if self.needs_forward:  # SAVE, or live capture after a LOAD problem
+            super().capture_one(key, forward_fn)
             return
         name = shape_key_name(key)
         if name not in self._restored:

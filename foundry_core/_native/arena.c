@@ -20,7 +20,6 @@ typedef struct {
     CUdeviceptr addr;
     size_t size;
     CUmemGenericAllocationHandle handle;
-    int raw; /* mapped by foundry_arena_map (LOAD), not owned by torch */
 } Chunk;
 
 static struct {
@@ -30,14 +29,14 @@ static struct {
     size_t size;
     size_t granularity;
     size_t cursor; /* offset from base */
-    size_t mapped_bytes;
     Chunk *chunks;
     size_t nchunks, cap;
     pthread_mutex_t mu;
     char err[512];
 } A = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
-#define FAIL(...) (snprintf(A.err, sizeof A.err, __VA_ARGS__), -1)
+#define SET_ERROR(...) snprintf(A.err, sizeof A.err, __VA_ARGS__)
+#define FAIL(...) (SET_ERROR(__VA_ARGS__), -1)
 
 const char *foundry_arena_error(void) { return A.err; }
 
@@ -114,7 +113,7 @@ static int push_chunk(Chunk c) {
 }
 
 /* Map physical memory at [addr, addr+size); caller holds the lock. */
-static int map_locked(CUdeviceptr addr, size_t size, int raw) {
+static int map_locked(CUdeviceptr addr, size_t size) {
     CUmemAllocationProp prop;
     memset(&prop, 0, sizeof prop);
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
@@ -137,13 +136,12 @@ static int map_locked(CUdeviceptr addr, size_t size, int raw) {
         p_cuMemRelease(h);
         return FAIL("cuMemSetAccess at 0x%llx failed: %s", (unsigned long long)addr, foundry_cu_error_name(r));
     }
-    Chunk c = {addr, size, h, raw};
+    Chunk c = {addr, size, h};
     if (push_chunk(c)) {
         p_cuMemUnmap(addr, size);
         p_cuMemRelease(h);
         return FAIL("out of host memory for the chunk table");
     }
-    A.mapped_bytes += size;
     return 0;
 }
 
@@ -153,14 +151,14 @@ void *foundry_arena_malloc(ssize_t size, int device, void *stream) {
     void *out = NULL;
     pthread_mutex_lock(&A.mu);
     if (!A.ready) {
-        FAIL("arena used before foundry_arena_init");
+        SET_ERROR("arena used before foundry_arena_init");
     } else if (device != A.device) {
-        FAIL("allocation on device %d but the arena lives on device %d", device, A.device);
+        SET_ERROR("allocation on device %d but the arena lives on device %d", device, A.device);
     } else if (size > 0) {
         size_t bytes = round_up((size_t)size, A.granularity);
         if (A.cursor + bytes > A.size) {
-            FAIL("arena exhausted: %zu bytes asked, %zu of %zu used", bytes, A.cursor, A.size);
-        } else if (map_locked(A.base + A.cursor, bytes, 0) == 0) {
+            SET_ERROR("arena exhausted: %zu bytes asked, %zu of %zu used", bytes, A.cursor, A.size);
+        } else if (map_locked(A.base + A.cursor, bytes) == 0) {
             out = (void *)(A.base + A.cursor);
             A.cursor += bytes;
         }
@@ -176,7 +174,6 @@ void foundry_arena_free(void *ptr, ssize_t size, int device, void *stream) {
         if (A.chunks[i].addr == (CUdeviceptr)ptr) {
             p_cuMemUnmap(A.chunks[i].addr, A.chunks[i].size);
             p_cuMemRelease(A.chunks[i].handle);
-            A.mapped_bytes -= A.chunks[i].size;
             A.chunks[i] = A.chunks[--A.nchunks]; /* the virtual range stays consumed: never reused */
             break;
         }
@@ -195,7 +192,7 @@ int foundry_arena_map(uint64_t offset, uint64_t size) {
         rc = FAIL("raw mapping at offset 0x%llx overlaps memory already handed out (cursor 0x%zx): the allocation "
                   "sequence before capture differs from SAVE", (unsigned long long)offset, A.cursor);
     else {
-        rc = map_locked(A.base + offset, size, 1);
+        rc = map_locked(A.base + offset, size);
         if (rc == 0) A.cursor = offset + size;
     }
     pthread_mutex_unlock(&A.mu);
@@ -205,7 +202,6 @@ int foundry_arena_map(uint64_t offset, uint64_t size) {
 uint64_t foundry_arena_base(void) { return A.base; }
 uint64_t foundry_arena_size(void) { return A.size; }
 uint64_t foundry_arena_granularity(void) { return A.granularity; }
-uint64_t foundry_arena_mapped_bytes(void) { return A.mapped_bytes; }
 
 uint64_t foundry_arena_cursor(void) {
     pthread_mutex_lock(&A.mu);
@@ -224,17 +220,4 @@ int foundry_arena_advance(uint64_t offset) {
         A.cursor = offset;
     pthread_mutex_unlock(&A.mu);
     return rc;
-}
-
-/* Copy up to `max` mapped chunks as (address, size, raw) triples; returns the total count. */
-size_t foundry_arena_chunks(uint64_t *out, size_t max) {
-    pthread_mutex_lock(&A.mu);
-    size_t n = A.nchunks;
-    for (size_t i = 0; i < n && i < max; i++) {
-        out[3 * i] = A.chunks[i].addr;
-        out[3 * i + 1] = A.chunks[i].size;
-        out[3 * i + 2] = (uint64_t)A.chunks[i].raw;
-    }
-    pthread_mutex_unlock(&A.mu);
-    return n;
 }
