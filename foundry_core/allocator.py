@@ -37,7 +37,7 @@ def native_lib() -> ctypes.CDLL:
             getattr(lib, f"foundry_arena_{fn}").restype = u64
         lib.foundry_sizeof_memcpy3d.restype = ctypes.c_size_t
         lib.foundry_build_graph.argtypes = [p, ctypes.c_uint32, p, p, p, ctypes.c_uint32, p, p, p, p, ctypes.c_char_p,
-                                            ctypes.c_size_t]
+                                            ctypes.c_size_t, p, ctypes.c_uint32]
         lib.foundry_instantiate.argtypes = [p, p, p, ctypes.c_char_p, ctypes.c_size_t]
         lib.foundry_launch.argtypes = [p, p]
         lib.foundry_exec_destroy.argtypes = [p]

@@ -161,10 +161,11 @@ def _check(result, what: str):
 class GraphReader:
     """Reads CUgraphs with cuda.bindings.driver; caches per-function parameter layouts and names."""
 
-    def __init__(self):
+    def __init__(self, slot_function: Optional[int] = None):
         from cuda.bindings import driver
 
         self.drv = driver
+        self.slot_function = slot_function  # CUfunction of foundry_core.slots' placeholder, if any
         self._layouts: dict[int, list[tuple[int, int]]] = {}
         self._names: dict[int, str] = {}
         self.memcpy3d_size: Optional[int] = None
@@ -237,6 +238,10 @@ class GraphReader:
                 if not func:
                     raise UnsupportedGraph(f"{graph_name}: kernel node {pos} has neither a function nor a kernel handle")
                 args = self._kernel_args(func, kp, graph_name, pos)
+                if self.slot_function is not None and func == self.slot_function:
+                    rec["kind"] = schema.NODE_SLOT  # a placeholder: its only argument is the slot id
+                    rec["ref"] = int.from_bytes(args[:8], "little")
+                    continue
                 rec["payload_off"], rec["payload_len"] = add_payload(args)
                 if func not in func_index:
                     func_index[func] = len(functions)

@@ -34,6 +34,8 @@ class RestoreStats:
     all_graphs_seconds: float = 0.0  # from restore() start until the last graph is instantiated
     build_seconds: float = 0.0  # sum over graphs, native node loop (cuGraphAdd*Node, attributes, edges)
     instantiate_seconds: float = 0.0  # sum over graphs, cuGraphInstantiate + upload
+    slot_seconds: float = 0.0  # capturing slot fillers (e.g. collectives) into the graphs, on restore()'s thread
+    num_slots: int = 0
     num_graphs: int = 0
     num_nodes: int = 0
     per_graph: dict[str, float] = field(default_factory=dict)
@@ -103,12 +105,38 @@ class RestoredGraph:
             pass
 
 
-def graph_tables(archive, m: schema.Manifest, index: int):
-    """(nodes, payload, attrs, edges) arrays of graph ``index``, checked against its template."""
+def rank_patches(m: schema.Manifest, rank: Optional[int]) -> list[schema.BytePatch]:
+    """The byte patches that turn the template (rank 0's graphs) into ``rank``'s; empty for rank 0 or a plain
+    single-rank archive."""
+    if m.ranks is None or not rank:
+        return []
+    for delta in m.ranks.deltas:
+        if delta.rank == rank:
+            return list(delta.patches)
+    raise ArchiveError(f"the archive's rank template has no delta for rank {rank}")
+
+
+def apply_patches(data: np.ndarray, patches: Iterable[schema.BytePatch], what: str) -> np.ndarray:
+    """A copy of ``data`` (uint8) with ``patches`` written in; a patch outside it is an ArchiveError."""
+    patches = list(patches)
+    if not patches:
+        return data
+    out = np.array(data, dtype=np.uint8, copy=True)
+    for p in patches:
+        if p.offset < 0 or p.offset + len(p.data) > len(out):
+            raise ArchiveError(f"rank delta patch at {p.offset}+{len(p.data)} lies outside {what}")
+        out[p.offset:p.offset + len(p.data)] = np.frombuffer(p.data, np.uint8)
+    return out
+
+
+def graph_tables(archive, m: schema.Manifest, index: int, patches: Iterable[schema.BytePatch] = ()):
+    """(nodes, payload, attrs, edges) arrays of graph ``index``, checked against its template; ``patches``
+    (this rank's, for this graph) are applied to the payload."""
     rec = m.graphs[index]
     tpl = m.templates[rec.template]
     nodes = archive.blob_array(rec.nodes, schema.NODE_DTYPE)
     payload = archive.blob_array(rec.payload, np.uint8) if rec.payload else np.zeros(0, np.uint8)
+    payload = apply_patches(payload, patches, f"graph {rec.key!r}'s arguments")
     attrs = archive.blob_array(rec.attrs, schema.ATTR_DTYPE) if rec.attrs else np.zeros(0, schema.ATTR_DTYPE)
     edges = archive.blob_array(tpl.edges, schema.EDGE_DTYPE) if tpl.num_edges else np.zeros(0, schema.EDGE_DTYPE)
     if len(nodes) != tpl.num_nodes or len(edges) != tpl.num_edges:
@@ -126,9 +154,10 @@ class Preloader:
     images and resolve functions. ``Session.open()`` starts it, so it overlaps the application's own start-up
     (weights, KV cache); ``restore()`` waits for it."""
 
-    def __init__(self, archive, device: int):
+    def __init__(self, archive, device: int, rank: Optional[int] = None):
         self.archive = archive
         self.device = device
+        self.rank = rank
         self.modules: list[int] = []
         self.functions = np.zeros(0, np.uint64)
         self.arrays: dict[int, tuple] = {}
@@ -153,7 +182,11 @@ class Preloader:
             self.functions = np.asarray(binaries.get_functions(self.modules, m.functions), dtype=np.uint64)
             t2 = time.perf_counter()
             self.images_seconds = t2 - t
-            self.arrays = {i: graph_tables(self.archive, m, i) for i in range(len(m.graphs))}
+            patches: dict[int, list] = {}
+            for p in rank_patches(m, self.rank):
+                if p.graph >= 0:
+                    patches.setdefault(p.graph, []).append(p)
+            self.arrays = {i: graph_tables(self.archive, m, i, patches.get(i, ())) for i in range(len(m.graphs))}
             self.decode_seconds = time.perf_counter() - t2
         except BaseException as e:  # handed to restore()
             self._error = e
@@ -180,11 +213,12 @@ class GraphBuilder:
         self._err = ctypes.create_string_buffer(512)
         self.arrays: dict[int, tuple] = {}  # graph index -> decoded tables (filled by the preloader)
 
-    def build(self, index: int) -> tuple[int, int]:
-        """Build graph ``index``; returns (CUgraph, number of nodes)."""
+    def build(self, index: int) -> tuple[int, int, np.ndarray]:
+        """Build graph ``index``; returns (CUgraph, number of nodes, slot node pairs (in, out) in node order)."""
         rec = self.m.graphs[index]
         nodes, payload, attrs, edges = self.arrays.get(index) or graph_tables(self.archive, self.m, index)
         kinds = nodes["kind"]
+        slot_nodes = np.zeros(2 * int((kinds == schema.NODE_SLOT).sum()), dtype=np.uint64)
         child_refs = nodes["ref"][kinds == schema.NODE_CHILD_GRAPH]
         children = np.array([self.child(int(r)) for r in child_refs], dtype=np.uint64)
         # Kernel refs index the global function table; child refs index `children` in node order.
@@ -197,14 +231,22 @@ class GraphBuilder:
             attrs.ctypes.data if len(attrs) else None, edges.ctypes.data if len(edges) else None, len(edges),
             self.functions.ctypes.data, self.events.ctypes.data if len(self.events) else None,
             children.ctypes.data if len(children) else None, ctypes.byref(graph), self._err, len(self._err),
+            slot_nodes.ctypes.data if len(slot_nodes) else None, len(slot_nodes) // 2,
         )
         if rc != 0:
             raise FoundryError(f"rebuilding graph {rec.key!r}: {self._err.value.decode()}")
-        return graph.value, len(nodes)
+        return graph.value, len(nodes), slot_nodes
+
+    def slot_ids(self, index: int) -> list[int]:
+        nodes = self.arrays[index][0] if index in self.arrays else graph_tables(self.archive, self.m, index)[0]
+        return [int(r) for r in nodes["ref"][nodes["kind"] == schema.NODE_SLOT]]
 
     def child(self, index: int) -> int:
         if index not in self._children:
-            self._children[index] = self.build(index)[0]
+            graph, _, slots = self.build(index)
+            if len(slots):
+                raise FoundryError(f"graph {self.m.graphs[index].key!r}: slot nodes inside a child graph")
+            self._children[index] = graph
         return self._children[index]
 
     def instantiate(self, graph: int, stream: int) -> int:
@@ -215,17 +257,25 @@ class GraphBuilder:
 
 
 def build_all(builder: GraphBuilder, order: Iterable[int], graphs: dict[int, RestoredGraph], stats: RestoreStats,
-              t0: float, device: int, stream) -> None:
-    """Build and instantiate graphs in ``order``, marking each ready as soon as it is."""
+              t0: float, device: int, stream, prebuilt: Optional[dict[int, tuple[int, int]]] = None) -> None:
+    """Build (unless ``prebuilt`` holds it) and instantiate graphs in ``order``, marking each ready as soon as
+    it is."""
     import torch
 
     torch.cuda.set_device(device)
     order = list(order)
+    prebuilt = prebuilt or {}
     for n, index in enumerate(order):
         rg = graphs[index]
         try:
             tb = time.perf_counter()
-            graph, count = builder.build(index)
+            if index in prebuilt:
+                graph, count = prebuilt.pop(index)
+            else:
+                graph, count, slots = builder.build(index)
+                if len(slots):
+                    builder.lib.foundry_graph_destroy(graph)
+                    raise FoundryError(f"graph {rg.key!r} holds {len(slots) // 2} unfilled slot(s); not instantiated")
             ti = time.perf_counter()
             rg._exec = builder.instantiate(graph, stream.cuda_stream)
             te = time.perf_counter()
@@ -246,7 +296,45 @@ def build_all(builder: GraphBuilder, order: Iterable[int], graphs: dict[int, Res
             rg._ready.set()
 
 
-def restore_archive(session, order: Optional[Iterable[str]], background: bool) -> dict[str, RestoredGraph]:
+def fill_all_slots(builder: GraphBuilder, indices: Iterable[int], filler, stats: RestoreStats,
+                   device: int) -> dict[int, tuple[int, int]]:
+    """Build every graph that has slots and fill them on this thread, in archive order (the order every rank
+    of a layout shares). Returns index -> (CUgraph, nodes) ready to instantiate."""
+    import torch
+
+    from foundry_core.slots import UnfilledSlot, fill_slots
+
+    spec_of = {s.id: s for s in builder.m.slots}
+    stream = torch.cuda.Stream(device)
+    built: dict[int, tuple[int, int]] = {}
+    for index in sorted(indices):
+        ids = builder.slot_ids(index)
+        if not ids:
+            continue
+        key = builder.m.graphs[index].key
+        if filler is None:
+            raise UnfilledSlot(f"graph {key!r} holds {len(ids)} placeholder(s) (first: slot {ids[0]}, "
+                               f"{spec_of[ids[0]].op if ids[0] in spec_of else '?'}) and restore() got no "
+                               "slot_filler; refusing to instantiate it")
+        missing = [i for i in ids if i not in spec_of]
+        if missing:
+            raise ArchiveError(f"graph {key!r}: slot {missing[0]} has no description in the manifest")
+        tb = time.perf_counter()
+        graph, count, slot_nodes = builder.build(index)
+        stats.build_seconds += time.perf_counter() - tb
+        try:
+            stats.slot_seconds += fill_slots(graph, slot_nodes, [spec_of[i] for i in ids], filler, stream, key)
+        except BaseException:
+            builder.lib.foundry_graph_destroy(graph)
+            raise
+        stats.num_slots += len(ids)
+        built[index] = (graph, count)
+    stream.synchronize()
+    return built
+
+
+def restore_archive(session, order: Optional[Iterable[str]], background: bool,
+                    slot_filler=None) -> dict[str, RestoredGraph]:
     """The LOAD sequence for ``Session.restore()``; see the module docstring."""
     import torch
     from torch.utils import _pytree as pytree
@@ -267,16 +355,26 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool) -
     arena.map_raw(start, end - start)
     stats.map_seconds = time.perf_counter() - t0
 
+    if m.slots:
+        from foundry_core.slots import check_slot_specs
+
+        check_slot_specs(m.slots, arena.base, arena.base + arena.size)
+    snapshot_patches: dict[int, list] = {}
+    for p in rank_patches(m, getattr(session, "rank", None)):
+        if p.snapshot >= 0:
+            snapshot_patches.setdefault(p.snapshot, []).append(p)
     t = time.perf_counter()
-    for snap in m.snapshots:
+    for i, snap in enumerate(m.snapshots):
         data = archive.blob(snap.blob)
+        if i in snapshot_patches:
+            data = apply_patches(np.frombuffer(data, np.uint8), snapshot_patches[i], f"snapshot {i}").tobytes()
         dst = tensor_at(schema.TensorSpec(address=snap.address, dtype="uint8", shape=[snap.size], strides=[1],
                                           storage_bytes=snap.size), device)
         dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     stats.snapshot_seconds = time.perf_counter() - t
 
     t = time.perf_counter()
-    preload = (session._preload or Preloader(archive, device).start()).wait()
+    preload = (session._preload or Preloader(archive, device, getattr(session, "rank", None)).start()).wait()
     stats.preload_wait_seconds = time.perf_counter() - t
     stats.images_seconds, stats.decode_seconds = preload.images_seconds, preload.decode_seconds
     modules, functions = preload.modules, preload.functions
@@ -309,16 +407,17 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool) -
     wanted = [index_of[k] for k in (order or []) if k in index_of]
     ordered = wanted + sorted(set(graphs) - set(wanted))
     stats.num_graphs = len(ordered)
+    prebuilt = fill_all_slots(builder, ordered, slot_filler, stats, device) if m.slots else {}
     stream = torch.cuda.Stream(device)
-    build_all(builder, ordered[:1], graphs, stats, t0, device, stream)
+    build_all(builder, ordered[:1], graphs, stats, t0, device, stream, prebuilt)
     rest = ordered[1:]
     if background and rest:
-        thread = threading.Thread(target=build_all, args=(builder, rest, graphs, stats, t0, device, stream),
+        thread = threading.Thread(target=build_all, args=(builder, rest, graphs, stats, t0, device, stream, prebuilt),
                                   name="foundry-restore", daemon=True)
         thread.start()
         session._restore_thread = thread
     else:
-        build_all(builder, rest, graphs, stats, t0, device, stream)
+        build_all(builder, rest, graphs, stats, t0, device, stream, prebuilt)
     session.restore_stats = stats
     session._builder = builder
     return {rg.key: rg for rg in graphs.values()}

@@ -89,7 +89,8 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
     t0 = time.perf_counter()
 
     # 1. read graphs ----------------------------------------------------------------------------------------
-    reader = GraphReader()
+    slot_recorder = getattr(session, "_slot_recorder", None)
+    reader = GraphReader(slot_function=slot_recorder.function if slot_recorder is not None else None)
     reader.memcpy3d_size = int(native_lib().foundry_sizeof_memcpy3d())
     entries: list[_Entry] = []
 
@@ -107,6 +108,8 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
     for key, g, outputs, secs in iterator:
         add(key, reader.read(g.raw_cuda_graph(), key), False, outputs, secs)
     stats["read_seconds"] = time.perf_counter() - t0
+
+    slots = _referenced_slots(entries, slot_recorder)
 
     # 2. archive-wide tables --------------------------------------------------------------------------------
     handles: list[int] = []
@@ -160,6 +163,10 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
             w = np.frombuffer(e.graph.payload, "<u8", count=n // 8, offset=off)
             arena_words.append(w[(w >= lo) & (w < hi)])
     words = np.unique(np.concatenate(arena_words)) if arena_words else np.zeros(0, np.uint64)
+    for spec in slots:
+        for what, addr, size in (("send", spec.send, spec.send_bytes), ("recv", spec.recv, spec.recv_bytes)):
+            if size and not (lo <= addr and addr + size <= hi):
+                raise UnsafeAddress(f"slot {spec.id} ({spec.op}): its {what} buffer {addr:#x} is outside the arena")
     stats["safety_seconds"] = time.perf_counter() - t2
 
     # 4. snapshots of live warm-up buffers ----------------------------------------------------------------
@@ -206,7 +213,7 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
             arena=schema.ArenaLayout(base=arena.base, size=arena.size, granularity=arena.granularity,
                                      capture_start=start, capture_end=end),
             blobs={}, images=image_records, functions=functions, templates=templates, graphs=records,
-            snapshots=snap_records, num_events=len(events), extra=dict(extra),
+            snapshots=snap_records, num_events=len(events), extra=dict(extra), slots=slots,
         )
         path = w.finish(manifest)
     stats["total_seconds"] = time.perf_counter() - t0
@@ -215,6 +222,24 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
              sum(not e.is_child for e in entries), len(templates), len(image_records), len(snap_records), path,
              stats["total_seconds"])
     return path
+
+
+def _referenced_slots(entries: list[_Entry], recorder) -> list[schema.SlotSpec]:
+    """The slot descriptions of every placeholder node in the saved graphs, by id."""
+    ids: list[int] = []
+    for e in entries:
+        refs = e.graph.nodes["ref"][e.graph.nodes["kind"] == schema.NODE_SLOT]
+        if len(refs) and e.is_child:
+            raise UnsupportedGraph(f"graph {e.key!r}: placeholder (slot) nodes inside a child graph are not supported")
+        ids.extend(int(r) for r in refs)
+    if len(set(ids)) != len(ids):
+        raise UnsupportedGraph("a slot placeholder appears twice in the saved graphs; launch one per collective")
+    if ids and recorder is None:
+        raise UnsupportedGraph("graphs hold slot placeholders but the session recorded no slots")
+    missing = [i for i in ids if i not in recorder.specs] if ids else []
+    if missing:
+        raise UnsupportedGraph(f"slot placeholder {missing[0]} has no recorded description")
+    return [recorder.specs[i] for i in sorted(ids)]
 
 
 def _node_holding(g: DecodedGraph, spans, address: int, functions) -> tuple[int, str]:

@@ -27,6 +27,7 @@ NODE_EMPTY = 3
 NODE_EVENT_RECORD = 4
 NODE_EVENT_WAIT = 5
 NODE_CHILD_GRAPH = 6
+NODE_SLOT = 7
 NODE_KIND_NAMES = {
     NODE_KERNEL: "kernel",
     NODE_MEMSET: "memset",
@@ -35,6 +36,7 @@ NODE_KIND_NAMES = {
     NODE_EVENT_RECORD: "event_record",
     NODE_EVENT_WAIT: "event_wait",
     NODE_CHILD_GRAPH: "child_graph",
+    NODE_SLOT: "slot",
 }
 
 #: One row per node, in topological order.
@@ -43,6 +45,8 @@ NODE_KIND_NAMES = {
 #: memcpy:  payload = raw CUDA_MEMCPY3D bytes (device-to-device only)
 #: event_*: ref = event index (events are created fresh at LOAD)
 #: child:   ref = index of a graph in Manifest.graphs (a child graph record)
+#: slot:    ref = SlotSpec.id; a placeholder the caller fills at LOAD (e.g. a collective captured on the live
+#:          communicator). LOAD refuses to instantiate a graph with an unfilled slot.
 NODE_DTYPE = np.dtype(
     [
         ("payload_off", "<u8"),
@@ -176,6 +180,52 @@ class GraphRecord(msgspec.Struct, frozen=True, kw_only=True):
     capture_seconds: float = 0.0
 
 
+class SlotSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a placeholder node stands for; the caller that recorded it (e.g. comm_patch) fills it at LOAD.
+
+    Engine-agnostic fields for communication: ``op`` (all_reduce, all_gather, ...), ``group`` (a name the
+    filler maps to a communicator), ``dtype`` (torch dtype name), ``count`` (elements per rank),
+    ``send``/``recv`` (device addresses, inside the arena), ``order`` (position in the capture sequence).
+    """
+
+    id: int
+    op: str
+    group: str = ""
+    dtype: str = ""
+    count: int = 0
+    send: int = 0
+    recv: int = 0
+    send_bytes: int = 0  # extent read from ``send`` (checked against the arena at LOAD)
+    recv_bytes: int = 0  # extent written at ``recv``
+    order: int = 0
+    extra: dict[str, str] = {}
+
+
+class BytePatch(msgspec.Struct, frozen=True, kw_only=True):
+    """Bytes that differ on one rank: in graph ``graph``'s payload (``snapshot`` < 0) or in a snapshot."""
+
+    offset: int
+    data: bytes
+    graph: int = -1
+    snapshot: int = -1
+
+
+class RankDelta(msgspec.Struct, frozen=True, kw_only=True):
+    """How rank ``rank`` differs from the template (rank 0's capture), after masking capture noise."""
+
+    rank: int
+    patches: list[BytePatch] = []
+
+
+class RankTemplate(msgspec.Struct, frozen=True, kw_only=True):
+    """One archive serving every rank of a layout: the graphs are rank 0's, ``deltas`` patch the others."""
+
+    world_size: int
+    deltas: list[RankDelta] = []
+    noise_bytes: int = 0  # argument/snapshot bytes that differed between two captures of the same rank
+    layout: dict[str, str] = {}
+
+
 class Manifest(msgspec.Struct, kw_only=True):
     schema_version: int
     created_utc: str
@@ -190,3 +240,7 @@ class Manifest(msgspec.Struct, kw_only=True):
     num_events: int = 0
     #: Free-form, caller-supplied (e.g. the SGLang plugin's KV-pool configuration).
     extra: dict[str, str] = {}
+    #: Placeholder nodes (NODE_SLOT) by id; filled at LOAD by the caller.
+    slots: list[SlotSpec] = []
+    #: Set when one archive serves several ranks (comm_patch templates); None for a single-rank archive.
+    ranks: RankTemplate | None = None

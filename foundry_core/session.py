@@ -47,6 +47,7 @@ class Session:
         arena_size: Optional[int] = None,
         progress: bool = True,
         record_images: bool = True,
+        rank: Optional[int] = None,
     ):
         if mode not in ("save", "load", "auto"):
             raise FoundryError(f"mode must be save, load or auto, not {mode!r}")
@@ -57,6 +58,8 @@ class Session:
         self.device = device
         self.progress = progress
         self.fallback_reason: Optional[str] = None  # why "auto" chose save
+        self.rank = rank  # LOAD of a multi-rank template archive: which rank's delta to apply
+        self._slot_recorder = None
         self._arena_args = (arena_base, arena_size)
         self._record_images = record_images
         self.arena: Optional[Arena] = None
@@ -129,7 +132,7 @@ class Session:
             from foundry_core.restore import Preloader
 
             base, size = self.archive.manifest.arena.base, self.archive.manifest.arena.size
-            self._preload = Preloader(self.archive, self.device).start()
+            self._preload = Preloader(self.archive, self.device, self.rank).start()
         t1 = time.perf_counter()
         self.arena = Arena(self.device, base, size)
         self.arena.reserve()
@@ -148,6 +151,10 @@ class Session:
         try:
             archive = Archive.open(self.path)
             check_compatible(archive.manifest.fingerprint, current_fingerprint(self.key, self.device or 0), self.path)
+            ranks = archive.manifest.ranks
+            if ranks is not None and not (self.rank is not None and 0 <= self.rank < ranks.world_size):
+                raise ArchiveError(f"{self.path} is a template for {ranks.world_size} ranks; this process is rank "
+                                   f"{self.rank} (pass Session(rank=...))")
         except FoundryError as e:
             with contextlib.suppress(Exception):
                 archive.close()  # noqa: F821 - bound when open succeeded
@@ -254,6 +261,16 @@ class Session:
         self.add_graph(key, graph, out, time.perf_counter() - t0)
         return graph
 
+    def slot(self, op: str, **fields) -> int:
+        """Launch a placeholder for work LOAD must re-create (e.g. a collective) and describe it; see
+        ``foundry_core.slots``. ``fields`` are ``schema.SlotSpec`` fields (group, dtype, count, send, recv, ...)."""
+        self._require("save")
+        if self._slot_recorder is None:
+            from foundry_core.slots import SlotRecorder
+
+            self._slot_recorder = SlotRecorder()
+        return self._slot_recorder.launch(op, **fields)
+
     def add_graph(self, key: str, graph, outputs: Any, capture_seconds: float = 0.0) -> None:
         """Record a captured graph (made by ``new_graph()``) and its outputs for save()."""
         self._require("save")
@@ -284,13 +301,18 @@ class Session:
     # ------------------------------------------------------------------------------------------------------------
     # LOAD
     # ------------------------------------------------------------------------------------------------------------
-    def restore(self, order: Optional[Iterable[str]] = None, background: bool = True) -> dict[str, Any]:
+    def restore(self, order: Optional[Iterable[str]] = None, background: bool = True,
+                slot_filler: Optional[Callable] = None) -> dict[str, Any]:
         """Rebuild all graphs. Returns key -> RestoredGraph. The first graph in ``order`` (default: archive
-        order) is ready on return; the rest are instantiated in the background unless ``background=False``."""
+        order) is ready on return; the rest are instantiated in the background unless ``background=False``.
+
+        ``slot_filler(spec)`` enqueues the real work of each placeholder (``schema.SlotSpec``) on torch's current
+        stream; it is required when the archive has slots and is called on this thread, in slot order, before
+        ``restore()`` returns."""
         from foundry_core.restore import restore_archive
 
         self._require("load")
-        return restore_archive(self, order, background)
+        return restore_archive(self, order, background, slot_filler)
 
     def wait_restored(self) -> None:
         """Block until every graph of ``restore()`` is instantiated (the background thread has finished)."""

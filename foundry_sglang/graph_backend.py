@@ -136,28 +136,83 @@ class FoundryGraphBackend(TorchGraphBackend):
         self._restored: Dict[str, Any] = {}
         self.archive_path = None
         self.fallback_reason: Optional[str] = None  # set when graphs are captured live instead of restored
+        self.layout_args = None  # EngineArgs of a TP/EP layout restored from a rank template
+        self.requested_mode = getattr(session, "requested_mode", None)
+        self.template_report = None
+        self.slot_filler = None
+        self.all_ranks_ok: Callable[[bool], bool] = lambda ok: ok  # set by the model runner (agreement over ranks)
+
+    def prepare_layout(self, args, rank: int) -> None:
+        """TP/EP: rank 0 saves the layout's rank template on its GPU when there is none (``auto``) or when asked
+        (``save``); the other ranks wait. A failed template save in ``auto`` mode falls back to live capture."""
+        if self.layout_args is None:
+            return
+        from foundry_core.errors import FoundryError
+
+        ok = True
+        if rank == 0 and (self.requested_mode == "save" or not self._template_usable()):
+            from foundry_sglang.comm_patch.template import save_template
+
+            try:
+                if self.session.path.exists():
+                    from foundry_core.session import keep_previous
+
+                    keep_previous(self.session.path)
+                self.template_report = save_template(args, self.session.path, self.session.key)
+                log.info("foundry: saved the tp=%d ep=%d template in %.1f s (%s)", args.tp, args.ep,
+                         self.template_report.total_seconds, self.template_report.summary)
+            except FoundryError as e:
+                if self.requested_mode == "save":
+                    raise
+                log.warning("foundry: saving the tp=%d ep=%d template failed: %s", args.tp, args.ep, e)
+                ok = False
+        self.barrier()
+        if not self.all_ranks_ok(ok):
+            self._fall_back("no rank template for this layout")
+
+    def _template_usable(self) -> bool:
+        from foundry_core.archive import Archive
+        from foundry_core.errors import FoundryError
+
+        if not self.session.path.exists():
+            return False
+        try:
+            with Archive.open(self.session.path) as a:
+                return a.manifest.fingerprint.key == self.session.key and a.manifest.ranks is not None
+        except FoundryError:
+            return False
 
     @classmethod
     def from_engine_args(cls, args, rank: int = 0, barrier=None) -> "FoundryGraphBackend":
-        """Backend for the built-in engine: one archive per rank under ``args.foundry_archive`` (a directory),
-        keyed by everything that changes the decode graphs."""
+        """Backend for the built-in engine, keyed by everything that changes the decode graphs. A single-GPU
+        layout has its own archive; a TP/EP layout has ONE rank template (no rank in its key or path) that every
+        rank restores, saved on one GPU by rank 0 (``foundry_sglang.comm_patch``)."""
         from pathlib import Path
 
         from foundry_core import Session
 
-        layout = f"tp{args.tp}-ep{args.ep}-rank{rank}"
+        world = args.world_size
+        layout = f"tp{args.tp}-ep{args.ep}" + ("-template" if world > 1 else "-rank0")
         graph_args = {
-            "model": args.model, "dtype": str(args.dtype), "tp": args.tp, "ep": args.ep, "rank": rank,
+            "model": args.model, "dtype": str(args.dtype), "tp": args.tp, "ep": args.ep,
             "page_size": args.page_size, "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
             "cuda_graph_bs": list(args.graph_batch_sizes()), "num_kv_pages": args.num_kv_pages, "seed": args.seed,
         }
+        if world == 1:
+            graph_args["rank"] = 0
         key = json.dumps(graph_args, sort_keys=True, default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.model)[:60]
         path = Path(args.foundry_archive) / f"{slug}-{layout}-{digest}.foundry"
         path.parent.mkdir(parents=True, exist_ok=True)
-        session = Session(path, mode=args.foundry_mode, key=key, device=rank)
-        return cls(session, barrier=barrier)
+        # Ranks of a TP/EP layout never SAVE in place (their graphs hold live NCCL state): they load the
+        # template that prepare_layout() makes sure exists, or capture live.
+        mode = args.foundry_mode if world == 1 else "load"
+        session = Session(path, mode=mode, key=key, device=args.gpu_of(rank), rank=rank if world > 1 else None)
+        backend = cls(session, barrier=barrier)
+        backend.layout_args = args if world > 1 else None
+        backend.requested_mode = args.foundry_mode
+        return backend
 
     @property
     def needs_forward(self) -> bool:  # type: ignore[override]
@@ -171,19 +226,24 @@ class FoundryGraphBackend(TorchGraphBackend):
     @property
     def saved_extra(self) -> dict:
         """LOAD: the ``extra`` dict SAVE stored (e.g. the KV-pool size to force); empty otherwise."""
-        if self.session.mode == "load" and self.session.archive is not None:
+        if self.fallback_reason is None and self.session.mode == "load" and self.session.archive is not None:
             return dict(self.session.archive.manifest.extra)
         return {}
 
     def before_allocations(self) -> None:
         from foundry_core.errors import FoundryError
 
+        if self.fallback_reason is not None:
+            return
+        problem = None
         try:
             self.session.open()
         except FoundryError as e:
             if self.session.requested_mode == "save":
                 raise
-            self._fall_back(f"cannot use {self.session.path}: {e}")
+            problem = f"cannot use {self.session.path}: {e}"
+        if not self.all_ranks_ok(problem is None):  # every rank restores, or every rank captures live
+            self._fall_back(problem or "another rank cannot use the archive")
             return
         log.info("foundry: session %s (%s)", self.session.mode, self.session.path)
 
@@ -213,10 +273,18 @@ class FoundryGraphBackend(TorchGraphBackend):
             names = [g.key for g in self.session.archive.manifest.graphs if not g.is_child]
             order = [shape_key_name(k) for k in self.restore_order] if self.restore_order else sorted(
                 names, key=lambda n: (len(n), n))
+            problem = None
             try:
-                self._restored = self.session.restore(order=order)
+                if self.session.archive.manifest.slots and self.slot_filler is None:
+                    from foundry_sglang.comm_patch.nccl import make_slot_filler
+
+                    self.slot_filler = make_slot_filler(self.session.device)
+                self._restored = self.session.restore(order=order, slot_filler=self.slot_filler)
             except FoundryError as e:
-                self._fall_back(f"restoring from {self.session.path} failed: {e}")
+                problem = f"restoring from {self.session.path} failed: {e}"
+            if not self.all_ranks_ok(problem is None):
+                self._restored = {}
+                self._fall_back(problem or "another rank could not restore its graphs")
             else:
                 self.capture_seconds = time.perf_counter() - t0
                 yield

@@ -33,7 +33,13 @@ def test_engine_archives_are_per_layout_and_rank_and_keyed_by_graph_inputs(tmp_p
         assert other.session.key != base.session.key, change
         assert other.session.path != base.session.path, change
     assert _backend(tmp_path).session.key == base.session.key  # deterministic
-    assert "tp2-ep1-rank1" in _backend(tmp_path, rank=1, tp=2).session.path.name
+    # A TP/EP layout has one rank template: no rank in its key or path, the rank only picks the delta at LOAD.
+    r0, r1 = _backend(tmp_path, rank=0, tp=2), _backend(tmp_path, rank=1, tp=2)
+    assert "tp2-ep1-template" in r1.session.path.name
+    assert r0.session.path == r1.session.path and r0.session.key == r1.session.key
+    assert (r0.session.rank, r1.session.rank) == (0, 1)
+    assert r1.session.requested_mode == "load"  # ranks never SAVE in place; rank 0 saves the template first
+    assert _backend(tmp_path, rank=0, ep=2).session.path != r0.session.path
 
 
 class RestoreStandIn:
@@ -41,12 +47,12 @@ class RestoreStandIn:
 
     def __init__(self, names, extra=None):
         graphs = [SimpleNamespace(key=n, is_child=False) for n in names]
-        self.archive = SimpleNamespace(manifest=SimpleNamespace(graphs=graphs, extra=extra or {}))
+        self.archive = SimpleNamespace(manifest=SimpleNamespace(graphs=graphs, extra=extra or {}, slots=[]))
         self.mode = "load"
         self.path = "stand-in.foundry"
         self.order = None
 
-    def restore(self, order):
+    def restore(self, order, slot_filler=None):
         self.order = order
         keys = [g.key for g in self.archive.manifest.graphs]
         return {k: SimpleNamespace(outputs=f"out-{k}", replay=lambda: None, reset=lambda: None) for k in keys}

@@ -38,7 +38,7 @@ typedef struct {
 } MemsetRec;
 _Static_assert(sizeof(MemsetRec) == 40, "MemsetRec must match schema.MEMSET_DTYPE");
 
-enum { K_KERNEL = 0, K_MEMSET = 1, K_MEMCPY = 2, K_EMPTY = 3, K_EVENT_RECORD = 4, K_EVENT_WAIT = 5, K_CHILD = 6 };
+enum { K_KERNEL = 0, K_MEMSET = 1, K_MEMCPY = 2, K_EMPTY = 3, K_EVENT_RECORD = 4, K_EVENT_WAIT = 5, K_CHILD = 6, K_SLOT = 7 };
 
 size_t foundry_sizeof_memcpy3d(void) { return sizeof(CUDA_MEMCPY3D); }
 
@@ -48,13 +48,17 @@ size_t foundry_sizeof_memcpy3d(void) { return sizeof(CUDA_MEMCPY3D); }
         goto fail;                                  \
     } while (0)
 
-/* Build a graph. funcs/events/children are tables indexed by NodeRec.ref. On failure returns -1, destroys the
- * partial graph and writes a one-line reason naming the node into err. */
+/* Build a graph. funcs/events/children are tables indexed by NodeRec.ref. A slot node becomes two unconnected
+ * empty nodes, one taking its incoming and one its outgoing edges (plain edges: the placeholder's edge data
+ * does not apply to what fills it); their handles go to slot_nodes (2 per slot, node order, n_slots slots).
+ * On failure returns -1, destroys the partial graph and writes a one-line reason naming the node into err. */
 int foundry_build_graph(const NodeRec *nodes, uint32_t n_nodes, const uint8_t *payload, const AttrRec *attrs,
                         const EdgeRec *edges, uint32_t n_edges, const CUfunction *funcs, const CUevent *events,
-                        const CUgraph *children, CUgraph *out, char *err, size_t errlen) {
+                        const CUgraph *children, CUgraph *out, char *err, size_t errlen, CUgraphNode *slot_nodes,
+                        uint32_t n_slots) {
     CUgraph g = NULL;
-    CUgraphNode *handles = NULL, *from = NULL, *to = NULL;
+    CUgraphNode *handles = NULL, *outs = NULL, *from = NULL, *to = NULL;
+    uint32_t slot = 0;
     CUgraphEdgeData *data = NULL;
     CUcontext ctx = NULL;
     CUresult r;
@@ -63,7 +67,8 @@ int foundry_build_graph(const NodeRec *nodes, uint32_t n_nodes, const uint8_t *p
     if ((r = p_cuCtxGetCurrent(&ctx)) != CUDA_SUCCESS || !ctx) BAIL("no current CUDA context");
     if ((r = p_cuGraphCreate(&g, 0)) != CUDA_SUCCESS) BAIL("cuGraphCreate: %s", foundry_cu_error_name(r));
     handles = malloc(sizeof(CUgraphNode) * (n_nodes ? n_nodes : 1));
-    if (!handles) BAIL("out of host memory");
+    outs = malloc(sizeof(CUgraphNode) * (n_nodes ? n_nodes : 1));
+    if (!handles || !outs) BAIL("out of host memory");
 
     for (uint32_t i = 0; i < n_nodes; i++) {
         const NodeRec *n = &nodes[i];
@@ -121,10 +126,20 @@ int foundry_build_graph(const NodeRec *nodes, uint32_t n_nodes, const uint8_t *p
             if ((r = p_cuGraphAddChildGraphNode(&handles[i], g, NULL, 0, children[n->ref])))
                 BAIL("node %u (child graph): %s", i, foundry_cu_error_name(r));
             break;
+        case K_SLOT:
+            if (slot >= n_slots || !slot_nodes) BAIL("node %u: more slot nodes than the slot table holds", i);
+            if ((r = p_cuGraphAddEmptyNode(&handles[i], g, NULL, 0)) ||
+                (r = p_cuGraphAddEmptyNode(&outs[i], g, NULL, 0)))
+                BAIL("node %u (slot): %s", i, foundry_cu_error_name(r));
+            slot_nodes[2 * slot] = handles[i], slot_nodes[2 * slot + 1] = outs[i];
+            slot++;
+            break;
         default:
             BAIL("node %u: unknown node kind %u in archive", i, n->kind);
         }
+        if (n->kind != K_SLOT) outs[i] = handles[i];
     }
+    if (slot != n_slots) BAIL("graph has %u slot nodes, the slot table %u", slot, n_slots);
 
     if (n_edges) {
         from = malloc(sizeof(CUgraphNode) * n_edges);
@@ -133,20 +148,22 @@ int foundry_build_graph(const NodeRec *nodes, uint32_t n_nodes, const uint8_t *p
         if (!from || !to || !data) BAIL("out of host memory");
         for (uint32_t e = 0; e < n_edges; e++) {
             if (edges[e].src >= n_nodes || edges[e].dst >= n_nodes) BAIL("edge %u out of range", e);
-            from[e] = handles[edges[e].src];
+            from[e] = outs[edges[e].src];
             to[e] = handles[edges[e].dst];
-            data[e].from_port = edges[e].from_port;
-            data[e].to_port = edges[e].to_port;
-            data[e].type = edges[e].type;
+            if (nodes[edges[e].src].kind != K_SLOT && nodes[edges[e].dst].kind != K_SLOT) {
+                data[e].from_port = edges[e].from_port;
+                data[e].to_port = edges[e].to_port;
+                data[e].type = edges[e].type;
+            }
         }
         if ((r = p_cuGraphAddDependencies(g, from, to, data, n_edges)) != CUDA_SUCCESS)
             BAIL("cuGraphAddDependencies (%u edges): %s", n_edges, foundry_cu_error_name(r));
     }
-    free(handles), free(from), free(to), free(data);
+    free(handles), free(outs), free(from), free(to), free(data);
     *out = g;
     return 0;
 fail:
-    free(handles), free(from), free(to), free(data);
+    free(handles), free(outs), free(from), free(to), free(data);
     if (g) p_cuGraphDestroy(g);
     return -1;
 }

@@ -166,6 +166,7 @@ class EngineArgs:
     foundry_archive: Optional[str] = None
     foundry_mode: str = "off"       # off | auto | save | load
     dist_port: Optional[int] = None  # rendezvous port of the ranks (free port if None)
+    gpu_ids: Optional[List[int]] = None  # rank r runs on cuda:gpu_ids[r] (default: cuda:r); repeats share a GPU
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -176,6 +177,13 @@ class EngineArgs:
     @property
     def world_size(self) -> int:
         return max(self.tp, self.ep)
+
+    def gpu_of(self, rank: int) -> int:
+        return self.gpu_ids[rank] if self.gpu_ids else rank
+
+    @property
+    def ranks_share_gpu(self) -> bool:
+        return bool(self.gpu_ids) and len(set(self.gpu_ids[: self.world_size])) < self.world_size
 
     def graph_batch_sizes(self) -> List[int]:
         sizes = sorted(set(self.cuda_graph_bs or DEFAULT_CUDA_GRAPH_BS))
@@ -199,5 +207,7 @@ class EngineArgs:
             raise ConfigError("--foundry-mode needs --foundry-archive")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ConfigError("--dtype must be auto, bfloat16, float16 or float32")
+        if self.gpu_ids is not None and (len(self.gpu_ids) < self.world_size or min(self.gpu_ids) < 0):
+            raise ConfigError(f"--gpu-ids needs {self.world_size} non-negative GPU indices (one per rank)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("--device must be auto, cpu or cuda")

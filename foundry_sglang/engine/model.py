@@ -124,6 +124,9 @@ class Qwen3MoE(nn.Module):
                                 requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(self.n_local, h, self.inter_local, dtype=dtype, device=device),
                                requires_grad=False)
+        # First local expert as device data (not a kernel argument): EP graphs stay rank-independent.
+        self.register_buffer("expert_start", torch.full((1,), self.e_start, dtype=torch.int64, device=device),
+                             persistent=False)
 
     def load_expert(self, expert: int, which: str, full: torch.Tensor) -> None:
         e = expert - self.e_start
@@ -142,7 +145,7 @@ class Qwen3MoE(nn.Module):
         w, ids = probs.topk(self.top_k, dim=-1)
         if self.norm_topk:
             w = w / w.sum(-1, keepdim=True)
-        local = ids - self.e_start
+        local = ids - self.expert_start
         inside = (local >= 0) & (local < self.n_local)
         comb = torch.zeros(x.shape[0], self.n_local, dtype=torch.float32, device=x.device)
         comb.scatter_add_(1, local.clamp(0, self.n_local - 1), w * inside)

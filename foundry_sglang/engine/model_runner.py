@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import time
 from typing import Callable, List, Optional
 
@@ -36,9 +37,16 @@ def resolve_dtype(args: EngineArgs, cfg: ModelConfig, device: str) -> torch.dtyp
     return _DTYPES.get(cfg.torch_dtype, torch.bfloat16) if cfg.torch_dtype != "float32" else torch.float32
 
 
-def init_distributed(args: EngineArgs, rank: int, device: str) -> ParallelState:
-    state = ParallelState(rank=rank, world_size=args.world_size, tp=args.tp, ep=args.ep)
-    if args.world_size > 1:
+def init_distributed(args: EngineArgs, rank: int, device: str, virtual: bool = False) -> ParallelState:
+    """Process group (NCCL on GPU, gloo on CPU) plus a gloo control group for step messages and barriers.
+    ``virtual``: this process captures rank ``rank`` of the layout alone (comm_patch); no group is made."""
+    state = ParallelState(rank=rank, world_size=args.world_size, tp=args.tp, ep=args.ep, virtual=virtual)
+    if args.world_size > 1 and not virtual:
+        if device == "cuda" and args.ranks_share_gpu:
+            # Several ranks on one GPU: NCCL refuses "duplicate GPU" unless each rank looks like its own host;
+            # it then uses its socket transport over loopback.
+            os.environ["NCCL_HOSTID"] = f"foundry-rank{rank}"
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device == "cuda" else "gloo",
                                     init_method=f"tcp://127.0.0.1:{args.dist_port}",
@@ -69,14 +77,16 @@ class ModelRunner:
     default (see ``make_graph_backend``); pass ``False`` to force eager decode.
     """
 
-    def __init__(self, args: EngineArgs, rank: int = 0, graph_backend=None):
+    def __init__(self, args: EngineArgs, rank: int = 0, graph_backend=None, virtual: bool = False,
+                 gpu: Optional[int] = None):
         self.args = args
         self.rank = rank
         self.device_type = args.resolved_device()
         self.cfg = load_model_config(args.model)
         if self.device_type == "cuda":
-            torch.cuda.set_device(rank)
-            self.device = torch.device("cuda", rank)
+            index = args.gpu_of(rank) if gpu is None else gpu
+            torch.cuda.set_device(index)
+            self.device = torch.device("cuda", index)
         else:
             self.device = torch.device("cpu")
         self.dtype = resolve_dtype(args, self.cfg, self.device_type)
@@ -87,16 +97,27 @@ class ModelRunner:
         self.max_bs = args.max_num_seqs
 
         # 1. distributed
-        self.state = init_distributed(args, rank, self.device_type)
-        if args.world_size > 1 and self.device_type == "cuda":
+        self.state = init_distributed(args, rank, self.device_type, virtual)
+        if args.world_size > 1 and self.device_type == "cuda" and not virtual:
             dist.all_reduce(torch.zeros(1, device=self.device))  # create the NCCL communicator before capture
         if graph_backend is None:
             graph_backend = make_graph_backend(args, rank, self.barrier)
         self.graph_backend = graph_backend or None
+        if self.graph_backend is not None:
+            # Barriers are the runner's: every rank must reach the same ones, whoever built the backend.
+            self.graph_backend.barrier = self.barrier
+            self.graph_backend.all_ranks_ok = self.all_ranks_ok
+        prepare = getattr(self.graph_backend, "prepare_layout", None)
+        if prepare is not None and not virtual:
+            prepare(args, rank)  # TP/EP with Foundry: rank 0 saves the layout's template first if needed
         # 2. hook
         hook = getattr(self.graph_backend, "before_allocations", None)
         if hook is not None:
             hook()
+        if virtual:  # collectives become placeholders recorded by the SAVE session (foundry_sglang.comm_patch)
+            from foundry_sglang.comm_patch import PlaceholderCollectives
+
+            self.state.collectives = PlaceholderCollectives(self.graph_backend.session)
         # 3. weights
         t0 = time.perf_counter()
         self.model = Qwen3ForCausalLM(self.cfg, self.dtype, self.device)
@@ -118,8 +139,16 @@ class ModelRunner:
 
     # -- startup ----------------------------------------------------------------------------------
     def barrier(self) -> None:
-        if self.state.world_size > 1:
+        if self.state.world_size > 1 and not self.state.virtual:
             dist.barrier(group=self.state.control_group)
+
+    def all_ranks_ok(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank (gloo control group); ranks use it to take the same path."""
+        if self.state.world_size == 1 or self.state.virtual:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.state.control_group)
+        return bool(flag.item())
 
     def _load_weights(self) -> None:
         if self.args.model.startswith("builtin:"):
@@ -156,7 +185,7 @@ class ModelRunner:
         else:
             pages = max(2, (64 * 2 ** 20) // self._page_bytes())  # CPU default: 64 MiB of KV
         pages = min(pages, wanted)
-        if self.state.world_size > 1:
+        if self.state.world_size > 1 and not self.state.virtual:
             t = torch.tensor([pages], dtype=torch.int64)
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.state.control_group)
             pages = int(t.item())

@@ -7,6 +7,7 @@ through ``weight_loader`` and keeps its shard, so any layout sees the same weigh
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,11 +19,17 @@ from torch import nn
 
 @dataclass
 class ParallelState:
+    """This process's place in the layout. ``collectives`` performs every cross-rank operation of the model:
+    ``TorchCollectives`` (torch.distributed) normally; ``foundry_sglang.comm_patch`` swaps in placeholders when
+    one process captures a *virtual* rank of a layout on one GPU (``virtual=True``: no process group exists)."""
+
     rank: int = 0
     world_size: int = 1
     tp: int = 1
     ep: int = 1
     control_group: Optional[object] = None   # gloo group for step messages (None when world_size == 1)
+    virtual: bool = False
+    collectives: Optional["Collectives"] = None
 
     @property
     def tp_rank(self) -> int:
@@ -33,7 +40,22 @@ class ParallelState:
         return self.rank if self.ep > 1 else 0
 
 
+class Collectives:
+    """The model's cross-rank operations, in place on contiguous tensors. The groups are "tp" and "world"
+    (the layouts here make both span every rank)."""
+
+    def all_reduce(self, x: torch.Tensor, group: str) -> None:
+        dist.all_reduce(x)
+
+    def all_gather(self, out: torch.Tensor, x: torch.Tensor, group: str) -> None:
+        """``out`` [world * x.shape[0], *x.shape[1:]] receives every rank's ``x``, rank by rank."""
+        with warnings.catch_warnings():  # newer torch renames it all_gather_single; 2.11 has only this name
+            warnings.simplefilter("ignore", FutureWarning)
+            dist.all_gather_into_tensor(out, x)
+
+
 _STATE = ParallelState()
+_TORCH = Collectives()
 
 
 def get_state() -> ParallelState:
@@ -45,15 +67,19 @@ def set_state(state: ParallelState) -> None:
     _STATE = state
 
 
+def _collectives() -> Collectives:
+    return _STATE.collectives or _TORCH
+
+
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _STATE.tp > 1:
-        dist.all_reduce(x)
+        _collectives().all_reduce(x, "tp")
     return x
 
 
 def all_reduce_world(x: torch.Tensor) -> torch.Tensor:
     if _STATE.world_size > 1:
-        dist.all_reduce(x)
+        _collectives().all_reduce(x, "world")
     return x
 
 
@@ -61,9 +87,10 @@ def tp_all_gather_last(x: torch.Tensor) -> torch.Tensor:
     """Concatenate the TP ranks' slices along the last dim."""
     if _STATE.tp == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(_STATE.tp)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=-1)
+    x = x.contiguous()
+    out = torch.empty((_STATE.tp * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    _collectives().all_gather(out, x, "tp")
+    return out.view(_STATE.tp, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], _STATE.tp * x.shape[-1])
 
 
 def divide(a: int, b: int, what: str) -> int:
@@ -152,6 +179,9 @@ class VocabParallelEmbedding(nn.Module):
         self.start = st.tp_rank * self.vocab_local
         self.weight = nn.Parameter(torch.zeros(self.vocab_local, hidden, dtype=dtype, device=device),
                                    requires_grad=False)
+        # The rank's vocabulary window as device data, not a kernel argument: graphs stay rank-independent.
+        self.register_buffer("window_start", torch.full((1,), self.start, dtype=torch.int64, device=device),
+                             persistent=False)
 
     def weight_loader(self, full: torch.Tensor, shard: int = 0) -> None:
         part = full[self.start:self.start + self.vocab_local]
@@ -160,7 +190,7 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if get_state().tp == 1:
             return F.embedding(ids, self.weight)
-        local = ids - self.start
+        local = ids - self.window_start
         inside = (local >= 0) & (local < self.vocab_local)
         out = F.embedding(local.clamp(0, self.vocab_local - 1), self.weight) * inside.unsqueeze(-1)
         return tp_all_reduce(out)

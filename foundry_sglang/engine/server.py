@@ -307,6 +307,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph-bs-decode", "--cuda-graph-bs", dest="cuda_graph_bs", type=_bs_list,
                    default=None, help="decode batch sizes to capture (default SGLang's H200 list "
                                       "1,2,4,8,12,16,24,...,256)")
+    g.add_argument("--gpu-ids", type=_bs_list, default=None,
+                   help="comma-separated GPU index per rank (default: rank r on GPU r); repeating an index puts "
+                        "several ranks on one GPU (NCCL then runs over sockets; for tests)")
     g.add_argument("--disable-cuda-graph", action="store_true", help="decode eagerly on the GPU")
     g.add_argument("--random-seed", dest="seed", type=int, default=0,
                    help="seed of the builtin: random weights")

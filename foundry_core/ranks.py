@@ -1,0 +1,179 @@
+"""One archive for every rank of a layout: differential capture → template + per-rank byte deltas.
+
+Each rank of a tensor/expert-parallel layout is captured separately (``parts[r]``, same process layout, same
+arena), and rank 0 once more (``noise``). Bytes that differ between the two rank-0 captures are capture noise —
+uninitialised padding in kernel arguments — and carry no meaning. :func:`merge_rank_archives` then requires the
+ranks to be structurally identical (graphs, topology, kernels, launch shapes, attributes, outputs, slots,
+snapshot layout, arena ranges) and stores rank 0's graphs once, plus for every other rank the bytes that differ
+from rank 0 outside the noise (``schema.RankDelta``). LOAD applies a rank's delta to the tables before building.
+
+A structural difference is refused with :class:`NotTemplatable` naming the first one: such a layout needs a
+per-rank archive, not a template.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import msgspec
+import numpy as np
+
+from foundry_core import schema
+from foundry_core.archive import Archive, ArchiveWriter
+from foundry_core.errors import FoundryError
+
+__all__ = ["NotTemplatable", "MergeReport", "merge_rank_archives", "byte_runs"]
+
+log = logging.getLogger("foundry_core.ranks")
+
+
+class NotTemplatable(FoundryError):
+    """The ranks' graphs differ in structure, not only in argument bytes."""
+
+
+@dataclass
+class MergeReport:
+    world_size: int
+    noise_bytes: int = 0
+    delta_bytes: dict[int, int] = field(default_factory=dict)  # rank -> patched bytes
+    differing: dict[int, list[str]] = field(default_factory=dict)  # rank -> where (graph/node or snapshot)
+
+    def summary(self) -> str:
+        deltas = ", ".join(f"rank {r}: {n} B" for r, n in sorted(self.delta_bytes.items()))
+        return f"{self.world_size} ranks, noise {self.noise_bytes} B masked, deltas {deltas or 'none'}"
+
+
+def byte_runs(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None, gap: int = 8) -> list[tuple[int, int]]:
+    """(offset, length) runs where ``b`` differs from ``a`` outside ``mask``; runs closer than ``gap`` merge."""
+    diff = a != b
+    if mask is not None:
+        diff &= ~mask
+    idx = np.flatnonzero(diff)
+    if not len(idx):
+        return []
+    breaks = np.flatnonzero(np.diff(idx) > gap)
+    starts = np.concatenate(([idx[0]], idx[breaks + 1]))
+    ends = np.concatenate((idx[breaks], [idx[-1]])) + 1
+    return [(int(s), int(e - s)) for s, e in zip(starts, ends)]
+
+
+def _u8(archive: Archive, name: str) -> np.ndarray:
+    return archive.blob_array(name, np.uint8) if name else np.zeros(0, np.uint8)
+
+
+def _structure(m: schema.Manifest) -> dict:
+    """Everything that must be equal across ranks, minus argument/snapshot bytes and blob names."""
+    return {
+        "arena": msgspec.to_builtins(m.arena),
+        "images": [i.sha256 for i in m.images],
+        "functions": msgspec.to_builtins(m.functions),
+        "templates": [(t.num_nodes, t.kinds_sha256, t.num_edges) for t in m.templates],
+        "graphs": [(g.key, g.template, g.num_kernel_nodes, msgspec.to_builtins(g.outputs), g.output_tree, g.is_child)
+                   for g in m.graphs],
+        "snapshots": [(s.address, s.size) for s in m.snapshots],
+        "slots": msgspec.to_builtins(m.slots),
+        "events": m.num_events,
+        "extra": m.extra,
+    }
+
+
+def _first_difference(a: dict, b: dict) -> str:
+    for k in a:
+        if a[k] != b[k]:
+            if isinstance(a[k], list) and isinstance(b[k], list) and len(a[k]) == len(b[k]):
+                i = next(i for i, (x, y) in enumerate(zip(a[k], b[k])) if x != y)
+                return f"{k}[{i}]: {str(a[k][i])[:120]} != {str(b[k][i])[:120]}"
+            return f"{k}: {str(a[k])[:120]} != {str(b[k])[:120]}"
+    return "?"
+
+
+def merge_rank_archives(parts: Sequence[str | Path], out: str | Path, noise: Optional[str | Path] = None,
+                        layout: Optional[dict[str, str]] = None) -> MergeReport:
+    """Write ``out``: rank 0's archive (``parts[0]``) with a ``RankTemplate`` holding every rank's delta.
+
+    ``noise``: a second capture of rank 0; bytes it changes are masked (never patched, never compared).
+    Raises NotTemplatable if any rank differs in structure.
+    """
+    if not parts:
+        raise FoundryError("merge_rank_archives needs at least one rank archive")
+    archives = [Archive.open(p) for p in parts]
+    noise_archive = Archive.open(noise) if noise else None
+    try:
+        return _merge(archives, noise_archive, Path(out), layout or {})
+    finally:
+        for a in archives + ([noise_archive] if noise_archive else []):
+            a.close()
+
+
+def _merge(archives: list[Archive], noise: Optional[Archive], out: Path, layout: dict[str, str]) -> MergeReport:
+    base = archives[0]
+    m0 = base.manifest
+    ref = _structure(m0)
+    for r, a in enumerate(archives[1:] + ([noise] if noise else []), start=1):
+        other = _structure(a.manifest)
+        if other != ref:
+            who = f"rank {r}" if r < len(archives) else "the second rank-0 capture"
+            raise NotTemplatable(f"{who} differs from rank 0 in structure: {_first_difference(ref, other)}")
+    report = MergeReport(world_size=len(archives))
+
+    # Noise mask per table: bytes the second rank-0 capture changed.
+    tables: list[tuple[str, int, int]] = []  # (what, graph index or -1, snapshot index or -1)
+    for gi, g in enumerate(m0.graphs):
+        tables.append(("nodes", gi, -1))
+        tables.append(("attrs", gi, -1))
+        tables.append(("payload", gi, -1))
+    for si in range(len(m0.snapshots)):
+        tables.append(("snapshot", -1, si))
+
+    def blob_of(m: schema.Manifest, what: str, gi: int, si: int) -> str:
+        if what == "snapshot":
+            return m.snapshots[si].blob
+        return getattr(m.graphs[gi], what)
+
+    masks: dict[tuple[str, int, int], np.ndarray] = {}
+    for t in tables:
+        a0 = _u8(base, blob_of(m0, *t))
+        if noise is not None:
+            b = _u8(noise, blob_of(noise.manifest, *t))
+            if len(b) != len(a0):
+                raise NotTemplatable(f"the second rank-0 capture has a different {t[0]} size in graph/snapshot {t[1:]}")
+            masks[t] = a0 != b
+            report.noise_bytes += int(masks[t].sum())
+        else:
+            masks[t] = np.zeros(len(a0), bool)
+
+    deltas = []
+    for r, a in enumerate(archives[1:], start=1):
+        patches: list[schema.BytePatch] = []
+        where: list[str] = []
+        for what, gi, si in tables:
+            a0 = _u8(base, blob_of(m0, what, gi, si))
+            ar = _u8(a, blob_of(a.manifest, what, gi, si))
+            if len(ar) != len(a0):
+                raise NotTemplatable(f"rank {r}: graph {m0.graphs[gi].key if gi >= 0 else si!r} has a different "
+                                     f"{what} size ({len(ar)} vs {len(a0)} bytes)")
+            runs = byte_runs(a0, ar, masks[(what, gi, si)])
+            if not runs:
+                continue
+            if what in ("nodes", "attrs"):  # launch shapes, kernels or attributes differ: not a byte delta
+                raise NotTemplatable(f"rank {r}: graph {m0.graphs[gi].key!r} differs from rank 0 in its node "
+                                     f"{'table' if what == 'nodes' else 'launch attributes'} "
+                                     f"(record {runs[0][0] // (64 if what == 'nodes' else 72)})")
+            where.append(f"graph {m0.graphs[gi].key!r}" if gi >= 0 else f"snapshot {si}")
+            for off, n in runs:
+                patches.append(schema.BytePatch(offset=off, data=ar[off:off + n].tobytes(), graph=gi, snapshot=si))
+        deltas.append(schema.RankDelta(rank=r, patches=patches))
+        report.delta_bytes[r] = sum(len(p.data) for p in patches)
+        report.differing[r] = where
+
+    with ArchiveWriter(out) as w:
+        for name in sorted(m0.blobs):
+            w.add_blob(name, base.blob(name), compress=m0.blobs[name].codec != "raw")
+        manifest = msgspec.structs.replace(
+            m0, ranks=schema.RankTemplate(world_size=len(archives), deltas=deltas, noise_bytes=report.noise_bytes,
+                                          layout=dict(layout)))
+        w.finish(manifest)
+    log.info("foundry: rank template %s: %s", out, report.summary())
+    return report

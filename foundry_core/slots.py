@@ -1,0 +1,147 @@
+"""Slots: placeholder nodes that SAVE records and LOAD fills with work only the loading process can create.
+
+Some work inside a graph cannot be archived, because it is welded to state that exists only in the process
+that runs it: a collective on a live NCCL communicator is the typical case. SAVE therefore captures a
+*placeholder* in its place — a no-op kernel of our own, launched with its slot id as the only argument — and
+records a ``schema.SlotSpec`` describing what it stands for. The codec turns each placeholder kernel node into a
+``NODE_SLOT`` record. At LOAD the native builder puts two empty nodes where the placeholder was (one carries its
+incoming edges, one its outgoing edges) and :func:`fill_slots` captures the real work *into the restored graph*
+between them (``cuStreamBeginCaptureToGraph``), in slot order, with a caller-supplied filler. A graph with an
+unfilled slot is never instantiated.
+
+The placeholder is built from PTX shipped here and loaded with the driver, so it needs no compiler and no
+kernel image is archived for it.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+from foundry_core import schema
+from foundry_core.errors import FoundryError
+
+__all__ = ["SlotRecorder", "SlotFiller", "placeholder_function", "fill_slots", "UnfilledSlot"]
+
+log = logging.getLogger("foundry_core.slots")
+
+PLACEHOLDER_NAME = "foundry_slot_placeholder"
+_PTX = b"""
+.version 6.0
+.target sm_50
+.address_size 64
+.visible .entry foundry_slot_placeholder(.param .u64 slot)
+{
+    ret;
+}
+"""
+
+#: ``filler(spec)`` enqueues the real work of one slot on torch's current stream (which is capturing).
+SlotFiller = Callable[[schema.SlotSpec], None]
+
+
+class UnfilledSlot(FoundryError):
+    """A graph still holds a placeholder that LOAD has no filler for."""
+
+
+def _check(result, what: str):
+    err = result[0] if isinstance(result, tuple) else result
+    if int(err) != 0:
+        raise FoundryError(f"{what} failed: {err!r}")
+    return result[1] if isinstance(result, tuple) and len(result) == 2 else result
+
+
+_modules: dict[int, tuple[object, int]] = {}  # CUcontext -> (CUmodule, CUfunction)
+_lock = threading.Lock()
+
+
+def placeholder_function() -> int:
+    """The placeholder's CUfunction in the current context (loaded from PTX on first use)."""
+    from cuda.bindings import driver as drv
+
+    ctx = int(_check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent"))
+    if not ctx:
+        raise FoundryError("no current CUDA context for the slot placeholder")
+    with _lock:
+        if ctx not in _modules:
+            mod = _check(drv.cuModuleLoadData(_PTX + b"\0"), "cuModuleLoadData(slot placeholder)")
+            func = _check(drv.cuModuleGetFunction(mod, PLACEHOLDER_NAME.encode()), "cuModuleGetFunction")
+            _modules[ctx] = (mod, int(func))
+        return _modules[ctx][1]
+
+
+class SlotRecorder:
+    """SAVE side: hands out slot ids, launches the placeholder and keeps each slot's description.
+
+    Placeholders launched outside a capture (warm-ups) run as no-ops; only those that end up in a saved graph
+    are written to the archive.
+    """
+
+    def __init__(self):
+        self.specs: dict[int, schema.SlotSpec] = {}
+        self._next = 1
+        self._func: Optional[int] = None
+
+    @property
+    def function(self) -> int:
+        if self._func is None:
+            self._func = placeholder_function()
+        return self._func
+
+    def launch(self, op: str, **fields) -> int:
+        """Record a slot and launch its placeholder on torch's current stream; returns the slot id."""
+        import torch
+        from cuda.bindings import driver as drv
+
+        slot = self._next
+        self._next += 1
+        self.specs[slot] = schema.SlotSpec(id=slot, op=op, order=slot, **fields)
+        stream = torch.cuda.current_stream().cuda_stream
+        params = ((slot,), (ctypes.c_uint64,))
+        _check(drv.cuLaunchKernel(drv.CUfunction(self.function), 1, 1, 1, 1, 1, 1, 0, drv.CUstream(stream),
+                                  params, 0), "cuLaunchKernel(slot placeholder)")
+        return slot
+
+
+def check_slot_specs(specs: Sequence[schema.SlotSpec], lo: int, hi: int) -> None:
+    """LOAD: every address a slot reads or writes lies inside the arena ``[lo, hi)``."""
+    for s in specs:
+        for what, addr, size in (("send", s.send, s.send_bytes), ("recv", s.recv, s.recv_bytes)):
+            if size and not (lo <= addr and addr + size <= hi):
+                raise FoundryError(f"slot {s.id} ({s.op}): {what} buffer {addr:#x}+{size} lies outside the arena")
+
+
+def fill_slots(graph: int, slot_nodes: Sequence[int], specs: Sequence[schema.SlotSpec], filler: SlotFiller,
+               stream, key: str) -> float:
+    """Capture each slot's real work into ``graph`` between its two empty nodes; returns seconds spent.
+
+    ``slot_nodes`` holds (in-node, out-node) pairs in node order; ``specs`` the matching descriptions.
+    Runs on the calling thread; every rank must call it in the same order (collectives match by order).
+    """
+    import torch
+    from cuda.bindings import driver as drv
+
+    t0 = time.perf_counter()
+    g = drv.CUgraph(graph)
+    s = drv.CUstream(stream.cuda_stream)
+    relaxed = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
+    for k, spec in enumerate(specs):
+        node_in, node_out = drv.CUgraphNode(slot_nodes[2 * k]), drv.CUgraphNode(slot_nodes[2 * k + 1])
+        _check(drv.cuStreamBeginCaptureToGraph(s, g, [node_in], None, 1, relaxed), "cuStreamBeginCaptureToGraph")
+        try:
+            with torch.cuda.stream(stream):
+                filler(spec)
+            info = drv.cuStreamGetCaptureInfo(s)
+            if int(info[0]) != 0:
+                raise FoundryError(f"cuStreamGetCaptureInfo failed: {info[0]!r}")
+            leaves, count = info[4], int(info[-1])
+        except BaseException:
+            drv.cuStreamEndCapture(s)
+            raise
+        _check(drv.cuStreamEndCapture(s), "cuStreamEndCapture")
+        leaves = list(leaves)[:count] if count else [node_in]
+        _check(drv.cuGraphAddDependencies(g, leaves, [node_out] * len(leaves), None, len(leaves)),
+               f"graph {key!r}: joining slot {spec.id}")
+    return time.perf_counter() - t0
