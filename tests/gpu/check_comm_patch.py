@@ -1,0 +1,406 @@
+"""GPU check of comm_patch: TP/EP decode graphs restored from ONE single-GPU capture, on real NCCL.
+
+    python3 tests/gpu/check_comm_patch.py              # one GPU: both ranks share it (NCCL over sockets)
+    python3 tests/gpu/check_comm_patch.py --gpus 2     # two GPUs: rank r on GPU r (NVLink); SAVE on GPU 0 alone
+
+Rows:
+  (a) the TP=2 warm-up deadlock of the old wiring (rank 0's graph backend without the runner's barrier)
+      reproduced with a timeout, then TP=2 with the runner-owned barrier: greedy tokens equal TP=1, graphs on;
+  (b) SAVE once (the virtual ranks captured in fresh processes on one GPU, merged into one rank template), then
+      LOAD in two fresh rank processes: every batch size and several input sets bitwise equal to live-captured
+      TP=2 graphs in the same processes (outputs poisoned first; live replay-to-replay determinism checked);
+  (c) per-rank materialisation (slot) time and LOAD per rank against single-GPU (TP=1) LOAD of the same model;
+      node anatomy of the restored graphs; replay latency restored vs live;
+  (d) EP=2 with the MoE preset, the same way.
+Details go to $OUT/check_comm_patch.json. The verdict table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+ROWS: list[tuple[str, str, str]] = []
+DETAILS: dict = {}
+DENSE = "builtin:qwen3-8b?num_hidden_layers=4"
+MOE = "builtin:qwen3-30b-a3b?num_hidden_layers=4"
+SIZES_ALL = [1, 2, 4, 8, 12] + list(range(16, 257, 8))
+
+
+def row(name, ok, info):
+    verdict = {True: "PASS", False: "FAIL", None: "INFO"}.get(ok, ok)
+    ROWS.append((name, verdict, info))
+    print(f"[{verdict}] {name}: {info}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_args(model, world, gpus, kind="tp", **kw):
+    from foundry_sglang.engine import EngineArgs
+
+    ids = [0] * world if gpus == 1 else list(range(world))
+    par = {"tp": world} if kind == "tp" else {"ep": world}
+    base = dict(model=model, device="cuda", max_model_len=2048, max_num_seqs=256, num_kv_pages=4096,
+                dtype="bfloat16", gpu_ids=ids, dist_port=free_port())
+    base.update(par)
+    base.update(kw)
+    return EngineArgs(**base)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rank processes
+# ---------------------------------------------------------------------------------------------------------------
+def _node_anatomy(graph_handle: int) -> dict:
+    from cuda.bindings import driver as drv
+
+    names = {0: "kernel", 1: "memcpy", 2: "memset", 3: "host", 4: "child", 5: "empty", 6: "event_wait",
+             7: "event_record", 8: "sem_signal", 9: "sem_wait", 10: "mem_alloc", 11: "mem_free", 12: "batch_memop",
+             13: "conditional"}
+    g = drv.CUgraph(graph_handle)
+    err, _, n = drv.cuGraphGetNodes(g, 0)
+    err, nodes, n = drv.cuGraphGetNodes(g, n)
+    out: dict[str, int] = {}
+    for node in nodes[:n]:
+        err, t = drv.cuGraphNodeGetType(node)
+        k = names.get(int(t), str(int(t)))
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def _fill_inputs(runner, bs, gen):
+    """Random but valid decode inputs in the runner's static buffers (identical on every rank: same seed)."""
+    import torch
+
+    vocab = runner.cfg.vocab_size
+    pages = runner.num_kv_pages
+    width = runner.max_pages_per_seq
+    seq = torch.randint(1, 64 * runner.page_size, (bs,), generator=gen)
+    tables = torch.randint(1, pages, (bs, width), generator=gen, dtype=torch.int64).to(torch.int32)
+    pos = seq - 1
+    slot = tables[torch.arange(bs), pos // runner.page_size].long() * runner.page_size + pos % runner.page_size
+    runner.s_input_ids[:bs].copy_(torch.randint(0, vocab, (bs,), generator=gen))
+    runner.s_positions[:bs].copy_(pos)
+    runner.s_slot_mapping[:bs].copy_(slot)
+    runner.s_seq_lens[:bs].copy_(seq.to(torch.int32))
+    runner.s_block_tables[:bs].copy_(tables)
+
+
+def rank_compare(rank, cfg, q):
+    """LOAD from the template (or capture live when ``cfg['live_only']``), live-capture the same graphs in this
+    process and compare them bitwise."""
+    try:
+        import torch
+
+        from foundry_sglang.engine import EngineArgs
+        from foundry_sglang.engine.model_runner import ModelRunner
+        from foundry_sglang.graph_backend import TorchGraphBackend
+
+        logging.basicConfig(level=logging.WARNING)
+        args = EngineArgs(**cfg["args"])
+        res: dict = {"rank": rank}
+        t0 = time.perf_counter()
+        runner = ModelRunner(args, rank=rank)
+        res["init_s"] = time.perf_counter() - t0
+        res["weights_s"] = runner.weights_seconds
+        backend = runner.graph_backend
+        res["graphs_s"] = backend.capture_seconds
+        res["fallback"] = getattr(backend, "fallback_reason", None)
+        session = getattr(backend, "session", None)
+        if session is not None and session.mode == "load" and not res["fallback"]:
+            t = time.perf_counter()
+            session.wait_restored()
+            st = session.restore_stats
+            res.update(restore_wait_s=time.perf_counter() - t, first_graph_s=st.first_graph_seconds,
+                       all_graphs_s=st.all_graphs_seconds, slot_s=st.slot_seconds, slots=st.num_slots,
+                       build_s=st.build_seconds, inst_s=st.instantiate_seconds, nodes=st.num_nodes,
+                       preload_wait_s=st.preload_wait_seconds, images_s=st.images_seconds)
+            g1 = backend._graphs[min(backend._graphs)]
+            res["anatomy_bs1"] = _node_anatomy(g1._graph)
+            session.close()  # the live graphs below must not allocate from the arena's pools
+        if cfg.get("timing_only"):
+            q.put(res)
+            return
+        sizes = args.graph_batch_sizes()
+        live = TorchGraphBackend()
+        live.barrier = runner.barrier
+        stream = torch.cuda.Stream()
+        t = time.perf_counter()
+        with torch.inference_mode(), live.capture_session(stream):
+            for bs in sorted(sizes, reverse=True):
+                live.capture_one(bs, lambda bs=bs: runner._decode_forward_static(bs))
+        torch.cuda.synchronize()
+        res["live_capture_s"] = time.perf_counter() - t
+        gen = torch.Generator().manual_seed(cfg.get("seed", 1234))
+        equal = nondet = total = 0
+        first_bad = None
+        with torch.inference_mode():
+            for set_i in range(cfg.get("input_sets", 3)):
+                for bs in sizes:
+                    _fill_inputs(runner, bs, gen)
+                    outs = []
+                    for which in (backend, live, live):
+                        out = which._outputs[bs]
+                        out.fill_(float("nan"))
+                        which.replay(bs)
+                        torch.cuda.synchronize()
+                        outs.append(out.clone())
+                    total += 1
+                    if torch.equal(outs[1], outs[2]):
+                        if torch.equal(outs[0], outs[1]):
+                            equal += 1
+                        elif first_bad is None:
+                            first_bad = (set_i, bs, float((outs[0] - outs[1]).abs().nan_to_num(1e9).max()))
+                    else:
+                        nondet += 1
+            res.update(equal=equal, total=total, nondeterministic=nondet, first_bad=first_bad)
+            # replay latency, interleaved restored/live, events
+            lat = {}
+            for bs in [b for b in (1, 8, 64, 256) if b in sizes]:
+                _fill_inputs(runner, bs, gen)
+                times = {"restored": [], "live": []}
+                for _ in range(3):
+                    backend.replay(bs)
+                    live.replay(bs)
+                for _ in range(20):
+                    for name, which in (("restored", backend), ("live", live)):
+                        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        a.record()
+                        which.replay(bs)
+                        b.record()
+                        b.synchronize()
+                        times[name].append(a.elapsed_time(b))
+                lat[bs] = {k: statistics.median(v) for k, v in times.items()}
+            res["replay_ms"] = lat
+        q.put(res)
+    except BaseException as e:  # reported as a row by the parent
+        q.put({"rank": rank, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
+
+
+class _NoBarrierBackend:
+    """Old wiring: rank 0's backend built by the caller, ignoring the runner's barrier (the TP=2 deadlock)."""
+
+
+def rank_old_wiring(rank, cfg, q):
+    try:
+        import torch  # noqa: F401
+
+        from foundry_sglang.engine import EngineArgs
+        from foundry_sglang.engine.model_runner import ModelRunner
+        from foundry_sglang.graph_backend import TorchGraphBackend
+
+        class Deaf(TorchGraphBackend):
+            @property
+            def barrier(self):
+                return lambda: None
+
+            @barrier.setter
+            def barrier(self, value):
+                pass
+
+        args = EngineArgs(**cfg["args"])
+        ModelRunner(args, rank=rank, graph_backend=Deaf() if rank == 0 else None)
+        q.put({"rank": rank, "finished": True})
+    except BaseException as e:
+        q.put({"rank": rank, "error": f"{type(e).__name__}: {e}"})
+
+
+def run_ranks(target, cfg, world, timeout):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, cfg, q), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, deadline = {}, time.time() + timeout
+    while len(results) < world and time.time() < deadline:
+        try:
+            r = q.get(timeout=max(0.1, min(5.0, deadline - time.time())))
+            results[r["rank"]] = r
+        except Exception:
+            if all(not p.is_alive() for p in procs) and q.empty():
+                break
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------------------------
+def check_deadlock_and_tp_greedy(gpus):
+    from foundry_sglang.engine import LLMEngine, SamplingParams
+
+    cfg = {"args": engine_args(DENSE, 2, gpus, cuda_graph_bs=[1, 8]).__dict__}
+    t = time.perf_counter()
+    res = run_ranks(rank_old_wiring, cfg, 2, timeout=40)
+    hung = not any(r.get("finished") for r in res.values())
+    row("(a) old wiring deadlocks", True if hung else "WARN",
+        f"rank 0 backend without the runner's barrier: {'no rank finished start-up in 40 s (deadlock reproduced)' if hung else res}")
+    DETAILS["deadlock_repro_s"] = time.perf_counter() - t
+
+    prompts = [[(7 * i + 3 * j) % 1000 + 1 for j in range(12 + i)] for i in range(16)]
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+    def greedy(args):
+        eng = LLMEngine(args)
+        try:
+            ids = [eng.add_request(p, sp).request_id for p in prompts]
+            done = {}
+            while eng.has_unfinished():
+                for o in eng.step():
+                    if o.finished:
+                        done[o.request_id] = o.token_ids
+            graphs = eng.runner.graph_bs
+            return [done[i] for i in ids], graphs
+        finally:
+            eng.shutdown()
+
+    t = time.perf_counter()
+    ref, _ = greedy(engine_args(DENSE, 1, gpus, dtype="float32", tp=1, gpu_ids=[0], disable_cuda_graph=True,
+                                cuda_graph_bs=[1, 8, 16]))
+    tp2, graphs = greedy(engine_args(DENSE, 2, gpus, dtype="float32", cuda_graph_bs=[1, 8, 16]))
+    same = sum(a == b for a, b in zip(ref, tp2))
+    row("(a) TP=2 (fixed) greedy == TP=1", same == len(prompts) and bool(graphs),
+        f"{same}/{len(prompts)} sequences of 16 tokens identical (fp32; TP=1 eager, TP=2 decode graphs {graphs}); "
+        f"{time.perf_counter() - t:.1f} s")
+
+
+def check_template(model, kind, gpus, label, sets):
+    import torch
+
+    from foundry_sglang.comm_patch.template import save_template
+    from foundry_sglang.graph_backend import FoundryGraphBackend
+
+    out_dir = tempfile.mkdtemp(prefix=f"foundry-{label}-")
+    world = 2
+    args = engine_args(model, world, gpus, kind, foundry_archive=out_dir, foundry_mode="load")
+    backend = FoundryGraphBackend.from_engine_args(args, rank=0)
+    path, key = backend.session.path, backend.session.key
+    t = time.perf_counter()
+    rep = save_template(args, path, key, gpu=0)
+    save_s = time.perf_counter() - t
+    from foundry_core.archive import Archive
+
+    with Archive.open(path) as a:
+        m = a.manifest
+        info = dict(graphs=len(m.graphs), templates=len(m.templates), slots=len(m.slots),
+                    deltas={d.rank: sum(len(p.data) for p in d.patches) for d in m.ranks.deltas},
+                    noise=m.ranks.noise_bytes, mb=round(path.stat().st_size / 2**20, 1))
+    DETAILS[f"{label}_template"] = dict(info, capture_s=rep.capture_seconds, merge_s=rep.merge_seconds, total_s=save_s)
+    row(f"({label}) SAVE one GPU -> rank template", True,
+        f"{info['graphs']} graphs, {info['templates']} topologies, {info['slots']} collective slots, per-rank delta "
+        f"bytes {info['deltas']}, noise masked {info['noise']} B, {info['mb']} MB; captures "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in rep.capture_seconds.items()) + f", merge {rep.merge_seconds:.1f}s")
+    torch.cuda.empty_cache()
+
+    cfg = {"args": dict(args.__dict__, dist_port=free_port()), "input_sets": sets}
+    res = run_ranks(rank_compare, cfg, world, timeout=400)
+    DETAILS[f"{label}_ranks"] = res
+    errors = [f"rank {r['rank']}: {r['error']}" for r in res.values() if "error" in r]
+    if errors or len(res) < world:
+        row(f"({label}) LOAD x{world} == live TP graphs", False, "; ".join(errors) or f"only {len(res)} ranks answered")
+        for r in res.values():
+            if "trace" in r:
+                print(r["trace"])
+        return None
+    fb = [r["fallback"] for r in res.values() if r.get("fallback")]
+    eq = sum(r["equal"] for r in res.values())
+    tot = sum(r["total"] for r in res.values())
+    nd = sum(r["nondeterministic"] for r in res.values())
+    ok = not fb and eq == tot - nd and tot > 0 and nd == 0
+    row(f"({label}) LOAD x{world} bitwise == live", ok if not fb else False,
+        f"{eq}/{tot} (rank x batch size x input set) equal, {nd} live-nondeterministic; fallback: {fb or 'none'}; "
+        f"first mismatch {[r['first_bad'] for r in res.values() if r['first_bad']][:1]}")
+    r0 = res[0]
+    row(f"({label}) per-rank LOAD", None,
+        " | ".join(f"rank {r['rank']}: graphs {r['graphs_s']:.3f}s (slots {r.get('slots')} in {r.get('slot_s', 0):.3f}s, "
+                   f"build {r.get('build_s', 0):.3f}s, inst {r.get('inst_s', 0):.3f}s, all ready "
+                   f"{r.get('all_graphs_s', 0):.3f}s), live capture {r['live_capture_s']:.2f}s"
+                   for r in res.values()))
+    row(f"({label}) node anatomy bs1 (restored)", None, str(r0.get("anatomy_bs1")))
+    lat = r0.get("replay_ms", {})
+    row(f"({label}) replay ms restored/live", None,
+        ", ".join(f"bs{b}: {v['restored']:.3f}/{v['live']:.3f} ({v['restored'] / v['live']:.3f})" for b, v in lat.items()))
+    return res
+
+
+def check_single_gpu_load(model, gpus, label, tp_res):
+    """TP=1 SAVE then LOAD of the same model in fresh processes: the single-GPU LOAD time to compare with."""
+    out_dir = tempfile.mkdtemp(prefix=f"foundry-{label}-tp1-")
+    args = engine_args(model, 1, gpus, "tp", tp=1, gpu_ids=[0], foundry_archive=out_dir, foundry_mode="save")
+    res = run_ranks(rank_compare, {"args": args.__dict__, "timing_only": True}, 1, timeout=300)
+    if 0 not in res or "error" in res[0]:
+        row(f"({label}) single-GPU LOAD", False, str(res.get(0, {}).get("error", "no answer")))
+        return
+    args = engine_args(model, 1, gpus, "tp", tp=1, gpu_ids=[0], foundry_archive=out_dir, foundry_mode="load")
+    res = run_ranks(rank_compare, {"args": args.__dict__, "timing_only": True}, 1, timeout=300)
+    r = res.get(0, {})
+    if "error" in r or "graphs_s" not in r:
+        row(f"({label}) single-GPU LOAD", False, str(r.get("error", "no answer")))
+        return
+    DETAILS[f"{label}_tp1_load"] = r
+    per_rank = max(x["graphs_s"] + x.get("restore_wait_s", 0) for x in tp_res.values())
+    single = r["graphs_s"] + r.get("restore_wait_s", 0)
+    row(f"({label}) LOAD per rank vs single GPU", per_rank - single <= 0.1,
+        f"TP=2 rank (worst) {per_rank:.3f}s vs TP=1 {single:.3f}s: {per_rank - single:+.3f}s "
+        f"(restore() + background instantiation; target <= +0.1 s)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", type=int, default=1, choices=[1, 2], help="1: both ranks on GPU 0; 2: rank r on GPU r")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c,d")
+    ap.add_argument("--input-sets", type=int, default=3, help="fresh random input sets per batch size")
+    ns = ap.parse_args()
+    skip = set(ns.skip.split(","))
+    t_start = time.perf_counter()
+    import torch
+
+    DETAILS.update(device=torch.cuda.get_device_name(0), gpus=ns.gpus, torch=torch.__version__,
+                   nccl=".".join(map(str, torch.cuda.nccl.version())), date=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                          time.gmtime()))
+    print(f"check_comm_patch: {DETAILS['device']} x{torch.cuda.device_count()}, ranks on "
+          f"{'one GPU' if ns.gpus == 1 else 'two GPUs'}, torch {torch.__version__}, NCCL {DETAILS['nccl']}", flush=True)
+    for part, fn in (("a", lambda: check_deadlock_and_tp_greedy(ns.gpus)),
+                     ("b", lambda: DETAILS.__setitem__("b_res", check_template(DENSE, "tp", ns.gpus, "b", ns.input_sets))),
+                     ("c", lambda: check_single_gpu_load(DENSE, ns.gpus, "c", DETAILS.get("b_res") or {})),
+                     ("d", lambda: check_template(MOE, "ep", ns.gpus, "d", ns.input_sets))):
+        if part in skip:
+            continue
+        try:
+            fn()
+        except Exception as e:
+            row(f"({part}) crashed", False, f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+    DETAILS["total_s"] = time.perf_counter() - t_start
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "check_comm_patch.json"), "w") as f:
+            json.dump({"rows": ROWS, "details": DETAILS}, f, indent=1, default=str)
+    print(f"\ntotal {DETAILS['total_s']:.1f} s\n")
+    print(f"{'check':<40} {'verdict':<7} info")
+    for name, verdict, info in ROWS:
+        print(f"{name:<40} {verdict:<7} {info}")
+    return 0 if all(v != "FAIL" for _, v, _ in ROWS) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
