@@ -302,23 +302,14 @@ def fill_all_slots(builder: GraphBuilder, indices: Iterable[int], filler, stats:
     of a layout shares). Returns index -> (CUgraph, nodes) ready to instantiate."""
     import torch
 
-    from foundry_core.slots import UnfilledSlot, fill_slots
+    from foundry_core.slots import check_fillable, fill_slots
 
-    spec_of = {s.id: s for s in builder.m.slots}
+    slot_ids = {i: ids for i in sorted(indices) if (ids := builder.slot_ids(i))}
+    spec_of = check_fillable(builder.m, slot_ids, filler)
     stream = torch.cuda.Stream(device)
     built: dict[int, tuple[int, int]] = {}
-    for index in sorted(indices):
-        ids = builder.slot_ids(index)
-        if not ids:
-            continue
+    for index, ids in slot_ids.items():
         key = builder.m.graphs[index].key
-        if filler is None:
-            raise UnfilledSlot(f"graph {key!r} holds {len(ids)} placeholder(s) (first: slot {ids[0]}, "
-                               f"{spec_of[ids[0]].op if ids[0] in spec_of else '?'}) and restore() got no "
-                               "slot_filler; refusing to instantiate it")
-        missing = [i for i in ids if i not in spec_of]
-        if missing:
-            raise ArchiveError(f"graph {key!r}: slot {missing[0]} has no description in the manifest")
         tb = time.perf_counter()
         graph, count, slot_nodes = builder.build(index)
         stats.build_seconds += time.perf_counter() - tb

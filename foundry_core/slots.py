@@ -23,7 +23,8 @@ from typing import Callable, Optional, Sequence
 from foundry_core import schema
 from foundry_core.errors import FoundryError
 
-__all__ = ["SlotRecorder", "SlotFiller", "placeholder_function", "fill_slots", "UnfilledSlot"]
+__all__ = ["SlotRecorder", "SlotFiller", "placeholder_function", "fill_slots", "check_fillable", "check_slot_specs",
+           "UnfilledSlot"]
 
 log = logging.getLogger("foundry_core.slots")
 
@@ -103,6 +104,23 @@ class SlotRecorder:
         _check(drv.cuLaunchKernel(drv.CUfunction(self.function), 1, 1, 1, 1, 1, 1, 0, drv.CUstream(stream),
                                   params, 0), "cuLaunchKernel(slot placeholder)")
         return slot
+
+
+def check_fillable(m: schema.Manifest, slot_ids: dict[int, list[int]], filler) -> dict[int, schema.SlotSpec]:
+    """Before anything is built: every slot of every graph (graph index -> slot ids in node order) has a
+    description, and there is a filler. Returns the descriptions by id."""
+    from foundry_core.errors import ArchiveError
+
+    spec_of = {s.id: s for s in m.slots}
+    for index, ids in slot_ids.items():
+        key = m.graphs[index].key
+        missing = [i for i in ids if i not in spec_of]
+        if missing:
+            raise ArchiveError(f"graph {key!r}: slot {missing[0]} has no description in the manifest")
+        if filler is None:
+            raise UnfilledSlot(f"graph {key!r} holds {len(ids)} placeholder(s) (first: slot {ids[0]}, "
+                               f"{spec_of[ids[0]].op}) and restore() got no slot filler; refusing to instantiate it")
+    return spec_of
 
 
 def check_slot_specs(specs: Sequence[schema.SlotSpec], lo: int, hi: int) -> None:

@@ -1,0 +1,252 @@
+"""CPU tests of rank patching: slot descriptors, rank templates (noise mask, deltas, refusals), leftover
+placeholders, template keys, and the collective layer the model uses (gloo path unchanged).
+
+The CUDA halves (placeholder kernel, capture into the restored graph on NCCL) run in tests/gpu/check_comm_patch.py.
+"""
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from conftest import sample_archive
+from foundry_core import schema
+from foundry_core.archive import Archive, ArchiveWriter
+from foundry_core.errors import ArchiveError, UnsupportedGraph
+from foundry_core.ranks import NotTemplatable, byte_runs, merge_rank_archives
+from foundry_core.restore import apply_patches, graph_tables, rank_patches
+from foundry_core.slots import UnfilledSlot, check_fillable, check_slot_specs
+from foundry_sglang.engine import parallel
+
+
+# -- descriptors -------------------------------------------------------------------------------------------------
+class SlotLog:
+    """Stands in for a SAVE session: records what ``Session.slot`` would be told (no kernel launched)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def slot(self, op, **fields):
+        self.calls.append(dict(fields, op=op))
+        return len(self.calls)
+
+
+@pytest.fixture
+def virtual_rank():
+    from foundry_sglang.comm_patch import PlaceholderCollectives
+
+    log = SlotLog()
+    old = parallel.get_state()
+    parallel.set_state(parallel.ParallelState(rank=1, world_size=2, tp=2, virtual=True,
+                                              collectives=PlaceholderCollectives(log)))
+    yield log
+    parallel.set_state(old)
+
+
+def test_collectives_become_ordered_descriptors(virtual_rank):
+    x = torch.randn(4, 8)
+    assert parallel.tp_all_reduce(x) is x  # in place, untouched (the placeholder does not communicate)
+    h = torch.randn(3, 5, dtype=torch.bfloat16)
+    out = parallel.tp_all_gather_last(h)
+    y = torch.randn(2, 2)
+    parallel.all_reduce_world(y)
+    ops = [c["op"] for c in virtual_rank.calls]
+    assert ops == ["all_reduce", "all_gather", "all_reduce"]  # capture order = slot order
+    ar, ag, aw = virtual_rank.calls
+    assert ar == dict(op="all_reduce", group="tp", dtype="float32", count=32, send=x.data_ptr(), recv=x.data_ptr(),
+                      send_bytes=128, recv_bytes=128)
+    assert ag["group"] == "tp" and ag["dtype"] == "bfloat16" and ag["count"] == 15 and ag["send"] == h.data_ptr()
+    assert ag["recv_bytes"] == 2 * 15 * 2 and out.shape == (3, 10)
+    assert aw["group"] == "world" and aw["send"] == y.data_ptr()
+
+
+def test_gather_layout_matches_rank_order():
+    """What the gather returns from the buffer the collective fills: rank 0's columns, then rank 1's."""
+    parts = [torch.arange(6.0).view(2, 3), 100 + torch.arange(6.0).view(2, 3)]
+
+    class Fake(parallel.Collectives):
+        def all_gather(self, out, x, group):
+            out.copy_(torch.cat(parts, 0))
+
+    old = parallel.get_state()
+    parallel.set_state(parallel.ParallelState(rank=0, world_size=2, tp=2, collectives=Fake()))
+    try:
+        got = parallel.tp_all_gather_last(parts[0].clone())
+    finally:
+        parallel.set_state(old)
+    assert torch.equal(got, torch.cat(parts, -1))
+
+
+def test_referenced_slots_refusals():
+    from foundry_core.codec import DecodedGraph
+    from foundry_core.save import _Entry, _referenced_slots
+
+    def entry(ids, child=False):
+        nodes = np.zeros(len(ids) + 1, schema.NODE_DTYPE)
+        nodes["kind"][1:] = schema.NODE_SLOT
+        nodes["ref"][1:] = ids
+        g = DecodedGraph(nodes, b"", np.zeros(0, schema.ATTR_DTYPE), np.zeros(0, schema.EDGE_DTYPE), [], [])
+        return _Entry("g", g, child, None, 0.0, [])
+
+    class Rec:
+        specs = {i: schema.SlotSpec(id=i, op="all_reduce") for i in (3, 5, 9)}
+
+    assert [s.id for s in _referenced_slots([entry([5, 3])], Rec())] == [3, 5]  # warm-up slot 9 is not saved
+    with pytest.raises(UnsupportedGraph, match="twice"):
+        _referenced_slots([entry([3]), entry([3])], Rec())
+    with pytest.raises(UnsupportedGraph, match="no recorded description"):
+        _referenced_slots([entry([4])], Rec())
+    with pytest.raises(UnsupportedGraph, match="child graph"):
+        _referenced_slots([entry([3], child=True)], Rec())
+    with pytest.raises(UnsupportedGraph, match="recorded no slots"):
+        _referenced_slots([entry([3])], None)
+
+
+def test_leftover_placeholders_are_refused_before_anything_is_built():
+    m = schema.Manifest(schema_version=1, created_utc="", fingerprint=None, arena=None, blobs={}, images=[],
+                        functions=[], templates=[], graphs=[schema.GraphRecord(key="decode_bs8", template=0,
+                                                                                nodes="n", payload="", attrs="",
+                                                                                num_kernel_nodes=0)],
+                        slots=[schema.SlotSpec(id=7, op="all_gather")])
+    with pytest.raises(UnfilledSlot, match="decode_bs8.*slot 7, all_gather.*refusing"):
+        check_fillable(m, {0: [7]}, None)
+    with pytest.raises(ArchiveError, match="slot 8 has no description"):
+        check_fillable(m, {0: [7, 8]}, lambda spec: None)
+    assert set(check_fillable(m, {0: [7]}, lambda spec: None)) == {7}
+
+
+def test_slot_buffers_must_lie_in_the_arena():
+    lo, hi = 0x1000, 0x2000
+    check_slot_specs([schema.SlotSpec(id=1, op="all_reduce", send=0x1000, recv=0x1000, send_bytes=0x1000,
+                                      recv_bytes=0x1000)], lo, hi)
+    with pytest.raises(Exception, match="recv buffer 0x1f00\\+512 lies outside the arena"):
+        check_slot_specs([schema.SlotSpec(id=2, op="all_gather", send=0x1000, recv=0x1F00, send_bytes=8,
+                                          recv_bytes=512)], lo, hi)
+
+
+# -- rank templates ---------------------------------------------------------------------------------------------
+def test_byte_runs():
+    a = np.zeros(64, np.uint8)
+    b = a.copy()
+    b[[3, 5, 40]] = 1
+    assert byte_runs(a, b) == [(3, 3), (40, 1)]
+    mask = np.zeros(64, bool)
+    mask[40] = True
+    assert byte_runs(a, b, mask) == [(3, 3)]
+    assert byte_runs(a, a) == []
+
+
+def rewrite(src, dst, mutate=None, **manifest_changes):
+    """Copy archive ``src`` to ``dst``; ``mutate(name, bytes) -> bytes`` may change blobs."""
+    with Archive.open(src) as a:
+        m = a.manifest
+        with ArchiveWriter(dst) as w:
+            for name in m.blobs:
+                data = a.blob(name)
+                w.add_blob(name, mutate(name, data) if mutate else data)
+            w.finish(msgspec.structs.replace(m, **manifest_changes))
+
+
+def poke(offsets, blob_suffix="decode_bs1/payload", value=0x5A):
+    def mutate(name, data):
+        if not name.endswith(blob_suffix):
+            return data
+        b = bytearray(data)
+        for o in offsets:
+            b[o] ^= value
+        return bytes(b)
+    return mutate
+
+
+@pytest.fixture
+def ranks(tmp_path):
+    r0 = tmp_path / "rank0.foundry"
+    sample_archive(r0)
+    noise = tmp_path / "noise.foundry"
+    rewrite(r0, noise, poke([16, 17]))  # "uninitialised padding": differs between two captures of rank 0
+    r1 = tmp_path / "rank1.foundry"
+
+    def rank1(name, data):
+        data = poke([16, 40, 41])(name, data)  # 16 is noise, 40-41 a real rank difference
+        return poke([5], "snapshots/0", 0x01)(name, data)
+
+    rewrite(r0, r1, rank1)
+    return tmp_path, r0, noise, r1
+
+
+def test_template_holds_rank0_plus_masked_deltas(ranks):
+    tmp, r0, noise, r1 = ranks
+    out = tmp / "tpl.foundry"
+    report = merge_rank_archives([r0, r1], out, noise=noise, layout={"tp": "2"})
+    assert report.world_size == 2 and report.noise_bytes == 2
+    with Archive.open(out) as t, Archive.open(r0) as a0, Archive.open(r1) as a1:
+        m = t.manifest
+        assert m.ranks.world_size == 2 and m.ranks.layout == {"tp": "2"} and m.ranks.noise_bytes == 2
+        (delta,) = m.ranks.deltas
+        assert delta.rank == 1
+        assert [(p.graph, p.snapshot, p.offset, len(p.data)) for p in delta.patches] == [(0, -1, 40, 2), (-1, 0, 5, 1)]
+        assert report.delta_bytes == {1: 3}
+        # LOAD side: rank 1's tables are rank 1's bytes except where capture noise lives
+        p1 = graph_tables(t, m, 0, [p for p in rank_patches(m, 1) if p.graph == 0])[1]
+        want = a1.blob_array(a1.manifest.graphs[0].payload, np.uint8).copy()
+        want[16] = a0.blob_array(a0.manifest.graphs[0].payload, np.uint8)[16]
+        assert np.array_equal(p1, want)
+        assert rank_patches(m, 0) == [] and rank_patches(m, None) == []
+        with pytest.raises(ArchiveError, match="no delta for rank 5"):
+            rank_patches(m, 5)
+
+
+def test_without_noise_capture_padding_becomes_delta(ranks):
+    tmp, r0, _, r1 = ranks
+    report = merge_rank_archives([r0, r1], tmp / "tpl.foundry")
+    assert report.noise_bytes == 0 and report.delta_bytes == {1: 4}  # offsets 16, 40, 41 and the snapshot byte
+
+
+@pytest.mark.parametrize("what", ["grid", "extra", "snapshot_size"])
+def test_structural_differences_are_not_templatable(ranks, what):
+    tmp, r0, _, _ = ranks
+    bad = tmp / "bad.foundry"
+    if what == "grid":
+        def mutate(name, data):
+            if not name.endswith("decode_bs2/nodes"):
+                return data
+            nodes = np.frombuffer(data, schema.NODE_DTYPE).copy()
+            nodes["grid"][3, 0] += 1
+            return nodes.tobytes()
+        rewrite(r0, bad, mutate)
+        match = "node table"
+    elif what == "extra":
+        rewrite(r0, bad, extra={"kv_pages": "2048"})
+        match = "extra"
+    else:
+        with Archive.open(r0) as a:
+            snaps = [msgspec.structs.replace(a.manifest.snapshots[0], size=10)]
+        rewrite(r0, bad, snapshots=snaps)
+        match = "snapshots"
+    with pytest.raises(NotTemplatable, match=match):
+        merge_rank_archives([r0, bad], tmp / "tpl.foundry")
+    assert not (tmp / "tpl.foundry").exists()
+
+
+def test_patch_outside_table_is_an_archive_error():
+    with pytest.raises(ArchiveError, match="outside"):
+        apply_patches(np.zeros(8, np.uint8), [schema.BytePatch(offset=6, data=b"abc", graph=0)], "x")
+    assert apply_patches(np.zeros(4, np.uint8), [schema.BytePatch(offset=1, data=b"\x07", graph=0)], "x")[1] == 7
+
+
+# -- keys and the engine path on gloo ------------------------------------------------------------------------------
+def test_template_key_has_no_rank_and_ranks_load(tmp_path):
+    from foundry_sglang.engine.config import EngineArgs
+    from foundry_sglang.graph_backend import FoundryGraphBackend
+
+    def backend(rank, **kw):
+        args = EngineArgs(model="builtin:tiny", foundry_archive=str(tmp_path), foundry_mode="auto", **kw)
+        return FoundryGraphBackend.from_engine_args(args, rank=rank)
+
+    b0, b1 = backend(0, tp=2), backend(1, tp=2)
+    assert b0.session.key == b1.session.key and '"rank"' not in b0.session.key
+    assert b0.session.path == b1.session.path and "template" in b0.session.path.name
+    assert b0.layout_args is not None and backend(0).layout_args is None
+    assert b1.session.rank == 1 and backend(0).session.rank is None
+    assert backend(0, ep=2).session.key != b0.session.key
