@@ -135,31 +135,40 @@ def fill_slots(graph: int, slot_nodes: Sequence[int], specs: Sequence[schema.Slo
                stream, key: str) -> float:
     """Capture each slot's real work into ``graph`` between its two empty nodes; returns seconds spent.
 
-    ``slot_nodes`` holds (in-node, out-node) pairs in node order; ``specs`` the matching descriptions.
-    Runs on the calling thread; every rank must call it in the same order (collectives match by order).
+    ``slot_nodes`` holds (in-node, out-node) pairs in node order; ``specs`` the matching descriptions. One
+    capture sequence per graph, as a live capture would be (libraries such as NCCL keep per-capture state);
+    before each slot the stream's capture dependencies are set to that slot's in-node. Runs on the calling
+    thread; every rank must call it in the same order (collectives match by order).
     """
     import torch
     from cuda.bindings import driver as drv
 
     t0 = time.perf_counter()
+    if not specs:
+        return 0.0
     g = drv.CUgraph(graph)
     s = drv.CUstream(stream.cuda_stream)
     relaxed = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
-    for k, spec in enumerate(specs):
-        node_in, node_out = drv.CUgraphNode(slot_nodes[2 * k]), drv.CUgraphNode(slot_nodes[2 * k + 1])
-        _check(drv.cuStreamBeginCaptureToGraph(s, g, [node_in], None, 1, relaxed), "cuStreamBeginCaptureToGraph")
-        try:
-            with torch.cuda.stream(stream):
+    set_deps = int(drv.CUstreamUpdateCaptureDependencies_flags.CU_STREAM_SET_CAPTURE_DEPENDENCIES)
+    first_in = drv.CUgraphNode(slot_nodes[0])
+    _check(drv.cuStreamBeginCaptureToGraph(s, g, [first_in], None, 1, relaxed), "cuStreamBeginCaptureToGraph")
+    try:
+        with torch.cuda.stream(stream):
+            for k, spec in enumerate(specs):
+                node_in, node_out = drv.CUgraphNode(slot_nodes[2 * k]), drv.CUgraphNode(slot_nodes[2 * k + 1])
+                if k:
+                    _check(drv.cuStreamUpdateCaptureDependencies(s, [node_in], None, 1, set_deps),
+                           "cuStreamUpdateCaptureDependencies")
                 filler(spec)
-            info = drv.cuStreamGetCaptureInfo(s)
-            if int(info[0]) != 0:
-                raise FoundryError(f"cuStreamGetCaptureInfo failed: {info[0]!r}")
-            leaves, count = info[4], int(info[-1])
-        except BaseException:
-            drv.cuStreamEndCapture(s)
-            raise
-        _check(drv.cuStreamEndCapture(s), "cuStreamEndCapture")
-        leaves = list(leaves)[:count] if count else [node_in]
-        _check(drv.cuGraphAddDependencies(g, leaves, [node_out] * len(leaves), None, len(leaves)),
-               f"graph {key!r}: joining slot {spec.id}")
+                info = drv.cuStreamGetCaptureInfo(s)
+                if int(info[0]) != 0:
+                    raise FoundryError(f"cuStreamGetCaptureInfo failed: {info[0]!r}")
+                leaves, count = list(info[4])[: int(info[-1])], int(info[-1])
+                if not count:
+                    leaves = [node_in]
+                _check(drv.cuGraphAddDependencies(g, leaves, [node_out] * len(leaves), None, len(leaves)),
+                       f"graph {key!r}: joining slot {spec.id}")
+    finally:
+        err = drv.cuStreamEndCapture(s)
+    _check(err, f"graph {key!r}: cuStreamEndCapture")
     return time.perf_counter() - t0

@@ -93,8 +93,12 @@ def _fill_inputs(runner, bs, gen):
     pages = runner.num_kv_pages
     width = runner.max_pages_per_seq
     seq = torch.randint(1, 64 * runner.page_size, (bs,), generator=gen)
-    tables = torch.randint(1, pages, (bs, width), generator=gen, dtype=torch.int64).to(torch.int32)
+    tables = torch.randint(1, pages, (bs, width), generator=gen, dtype=torch.int64)
     pos = seq - 1
+    # Each sequence writes its new K/V into a page no other sequence of the batch uses for writing: two writes
+    # to one slot would race (replay-to-replay nondeterminism of the inputs, not of the graphs).
+    tables[torch.arange(bs), pos // runner.page_size] = torch.randperm(pages - 1, generator=gen)[:bs] + 1
+    tables = tables.to(torch.int32)
     slot = tables[torch.arange(bs), pos // runner.page_size].long() * runner.page_size + pos % runner.page_size
     runner.s_input_ids[:bs].copy_(torch.randint(0, vocab, (bs,), generator=gen))
     runner.s_positions[:bs].copy_(pos)
@@ -303,7 +307,9 @@ def check_template(model, kind, gpus, label, sets):
     with Archive.open(path) as a:
         m = a.manifest
         info = dict(graphs=len(m.graphs), templates=len(m.templates), slots=len(m.slots),
-                    deltas={d.rank: sum(len(p.data) for p in d.patches) for d in m.ranks.deltas},
+                    deltas={d.rank: {"args": sum(len(p.data) for p in d.patches if p.graph >= 0),
+                                     "snapshots": sum(len(p.data) for p in d.patches if p.snapshot >= 0)}
+                            for d in m.ranks.deltas},
                     noise=m.ranks.noise_bytes, mb=round(path.stat().st_size / 2**20, 1))
     DETAILS[f"{label}_template"] = dict(info, capture_s=rep.capture_seconds, merge_s=rep.merge_seconds, total_s=save_s)
     row(f"({label}) SAVE one GPU -> rank template", True,
