@@ -39,6 +39,7 @@ class MergeReport:
     noise_bytes: int = 0
     delta_bytes: dict[int, int] = field(default_factory=dict)  # rank -> patched bytes
     differing: dict[int, list[str]] = field(default_factory=dict)  # rank -> where (graph/node or snapshot)
+    by_kernel: dict[str, int] = field(default_factory=dict)  # kernel name (or "snapshot") -> delta bytes, all ranks
 
     def summary(self) -> str:
         deltas = ", ".join(f"rank {r}: {n} B" for r, n in sorted(self.delta_bytes.items()))
@@ -61,6 +62,19 @@ def byte_runs(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None, g
 
 def _u8(archive: Archive, name: str) -> np.ndarray:
     return archive.blob_array(name, np.uint8) if name else np.zeros(0, np.uint8)
+
+
+def _kernel_at(archive: Archive, m: schema.Manifest, gi: int, offset: int) -> str:
+    """Name of the kernel whose argument bytes hold payload ``offset`` of graph ``gi`` (for reports)."""
+    nodes = archive.blob_array(m.graphs[gi].nodes, schema.NODE_DTYPE)
+    starts = nodes["payload_off"].astype(np.int64)
+    hit = np.flatnonzero((starts <= offset) & (offset < starts + nodes["payload_len"]))
+    if not len(hit):
+        return "?"
+    rec = nodes[hit[0]]
+    if rec["kind"] == schema.NODE_KERNEL and int(rec["ref"]) < len(m.functions):
+        return m.functions[int(rec["ref"])].name
+    return schema.NODE_KIND_NAMES.get(int(rec["kind"]), "?")
 
 
 def _structure(m: schema.Manifest) -> dict:
@@ -164,6 +178,8 @@ def _merge(archives: list[Archive], noise: Optional[Archive], out: Path, layout:
             where.append(f"graph {m0.graphs[gi].key!r}" if gi >= 0 else f"snapshot {si}")
             for off, n in runs:
                 patches.append(schema.BytePatch(offset=off, data=ar[off:off + n].tobytes(), graph=gi, snapshot=si))
+                name = _kernel_at(base, m0, gi, off) if what == "payload" else "snapshot"
+                report.by_kernel[name] = report.by_kernel.get(name, 0) + n
         deltas.append(schema.RankDelta(rank=r, patches=patches))
         report.delta_bytes[r] = sum(len(p.data) for p in patches)
         report.differing[r] = where

@@ -257,25 +257,27 @@ class GraphBuilder:
 
 
 def build_all(builder: GraphBuilder, order: Iterable[int], graphs: dict[int, RestoredGraph], stats: RestoreStats,
-              t0: float, device: int, stream, prebuilt: Optional[dict[int, tuple[int, int]]] = None) -> None:
-    """Build (unless ``prebuilt`` holds it) and instantiate graphs in ``order``, marking each ready as soon as
-    it is."""
+              t0: float, device: int, stream, slots: Optional[SlotPipeline] = None) -> None:
+    """Build (or take from ``slots`` once filled) and instantiate graphs in ``order``, marking each ready as
+    soon as it is."""
     import torch
 
     torch.cuda.set_device(device)
     order = list(order)
-    prebuilt = prebuilt or {}
     for n, index in enumerate(order):
         rg = graphs[index]
         try:
             tb = time.perf_counter()
-            if index in prebuilt:
-                graph, count = prebuilt.pop(index)
+            filled = slots.take(index) if slots is not None else None
+            if filled is not None:
+                graph, count = filled
+                tb = time.perf_counter()  # built and filled (and timed) by the filling thread
             else:
-                graph, count, slots = builder.build(index)
-                if len(slots):
+                graph, count, unfilled = builder.build(index)
+                if len(unfilled):
                     builder.lib.foundry_graph_destroy(graph)
-                    raise FoundryError(f"graph {rg.key!r} holds {len(slots) // 2} unfilled slot(s); not instantiated")
+                    raise FoundryError(f"graph {rg.key!r} holds {len(unfilled) // 2} unfilled slot(s); "
+                                       "not instantiated")
             ti = time.perf_counter()
             rg._exec = builder.instantiate(graph, stream.cuda_stream)
             te = time.perf_counter()
@@ -296,32 +298,61 @@ def build_all(builder: GraphBuilder, order: Iterable[int], graphs: dict[int, Res
             rg._ready.set()
 
 
-def fill_all_slots(builder: GraphBuilder, indices: Iterable[int], filler, stats: RestoreStats,
-                   device: int) -> dict[int, tuple[int, int]]:
-    """Build every graph that has slots and fill them on this thread, in archive order (the order every rank
-    of a layout shares). Returns index -> (CUgraph, nodes) ready to instantiate."""
+class SlotPipeline:
+    """Hands graphs whose slots the main thread filled to the instantiating thread, one by one, so filling
+    (which must stay on one thread, in the same order on every rank) overlaps instantiation."""
+
+    def __init__(self, indices: Iterable[int]):
+        self.events = {i: threading.Event() for i in indices}
+        self.built: dict[int, tuple[int, int]] = {}
+        self.error: Optional[str] = None
+
+    def put(self, index: int, graph: int, count: int) -> None:
+        self.built[index] = (graph, count)
+        self.events[index].set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = str(error) or type(error).__name__
+        for ev in self.events.values():
+            ev.set()
+
+    def take(self, index: int) -> Optional[tuple[int, int]]:
+        """The filled graph ``index`` (waiting for it); None if it has no slots."""
+        ev = self.events.get(index)
+        if ev is None:
+            return None
+        ev.wait()
+        if index not in self.built:
+            raise FoundryError(f"filling its slots failed: {self.error}")
+        return self.built.pop(index)
+
+
+def fill_all_slots(builder: GraphBuilder, slot_ids: dict[int, list[int]], spec_of: dict, filler,
+                   stats: RestoreStats, device: int, pipeline: SlotPipeline) -> None:
+    """Build every graph that has slots and fill them on this thread, in the order of ``slot_ids`` (the order
+    every rank of a layout shares); each is handed to ``pipeline`` as soon as it is filled."""
     import torch
 
-    from foundry_core.slots import check_fillable, fill_slots
+    from foundry_core.slots import fill_slots
 
-    slot_ids = {i: ids for i in sorted(indices) if (ids := builder.slot_ids(i))}
-    spec_of = check_fillable(builder.m, slot_ids, filler)
     stream = torch.cuda.Stream(device)
-    built: dict[int, tuple[int, int]] = {}
-    for index, ids in slot_ids.items():
-        key = builder.m.graphs[index].key
-        tb = time.perf_counter()
-        graph, count, slot_nodes = builder.build(index)
-        stats.build_seconds += time.perf_counter() - tb
-        try:
-            stats.slot_seconds += fill_slots(graph, slot_nodes, [spec_of[i] for i in ids], filler, stream, key)
-        except BaseException:
-            builder.lib.foundry_graph_destroy(graph)
-            raise
-        stats.num_slots += len(ids)
-        built[index] = (graph, count)
-    stream.synchronize()
-    return built
+    try:
+        for index, ids in slot_ids.items():
+            key = builder.m.graphs[index].key
+            tb = time.perf_counter()
+            graph, count, slot_nodes = builder.build(index)
+            stats.build_seconds += time.perf_counter() - tb
+            try:
+                stats.slot_seconds += fill_slots(graph, slot_nodes, [spec_of[i] for i in ids], filler, stream, key)
+            except BaseException:
+                builder.lib.foundry_graph_destroy(graph)
+                raise
+            stats.num_slots += len(ids)
+            pipeline.put(index, graph, count)
+        stream.synchronize()
+    except BaseException as e:
+        pipeline.fail(e)
+        raise
 
 
 def restore_archive(session, order: Optional[Iterable[str]], background: bool,
@@ -398,17 +429,34 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool,
     wanted = [index_of[k] for k in (order or []) if k in index_of]
     ordered = wanted + sorted(set(graphs) - set(wanted))
     stats.num_graphs = len(ordered)
-    prebuilt = fill_all_slots(builder, ordered, slot_filler, stats, device) if m.slots else {}
     stream = torch.cuda.Stream(device)
-    build_all(builder, ordered[:1], graphs, stats, t0, device, stream, prebuilt)
-    rest = ordered[1:]
-    if background and rest:
-        thread = threading.Thread(target=build_all, args=(builder, rest, graphs, stats, t0, device, stream, prebuilt),
-                                  name="foundry-restore", daemon=True)
-        thread.start()
-        session._restore_thread = thread
+    if m.slots:
+        # Slots are filled here, in `ordered` order (callers pass the same order on every rank); each filled
+        # graph is instantiated by the background thread meanwhile.
+        from foundry_core.slots import check_fillable
+
+        slot_ids = {i: ids for i in ordered if (ids := builder.slot_ids(i))}
+        spec_of = check_fillable(m, slot_ids, slot_filler)
+        pipeline = SlotPipeline(slot_ids)
+        thread = threading.Thread(target=build_all, args=(builder, ordered, graphs, stats, t0, device, stream,
+                                                          pipeline), name="foundry-restore", daemon=True)
+        if background:
+            thread.start()
+            session._restore_thread = thread
+        fill_all_slots(builder, slot_ids, spec_of, slot_filler, stats, device, pipeline)
+        if not background:
+            thread.start()
+            thread.join()
     else:
-        build_all(builder, rest, graphs, stats, t0, device, stream, prebuilt)
+        build_all(builder, ordered[:1], graphs, stats, t0, device, stream)
+        rest = ordered[1:]
+        if background and rest:
+            thread = threading.Thread(target=build_all, args=(builder, rest, graphs, stats, t0, device, stream),
+                                      name="foundry-restore", daemon=True)
+            thread.start()
+            session._restore_thread = thread
+        else:
+            build_all(builder, rest, graphs, stats, t0, device, stream)
     session.restore_stats = stats
     session._builder = builder
     return {rg.key: rg for rg in graphs.values()}

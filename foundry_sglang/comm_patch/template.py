@@ -37,6 +37,7 @@ class TemplateReport:
     merge_seconds: float = 0.0
     total_seconds: float = 0.0
     summary: str = ""
+    by_kernel: dict = dataclasses.field(default_factory=dict)  # where the rank deltas fall (kernel -> bytes)
 
 
 def save_template(args, path: str | os.PathLike, key: str, gpu: Optional[int] = None, noise: bool = True,
@@ -79,6 +80,7 @@ def save_template(args, path: str | os.PathLike, key: str, gpu: Optional[int] = 
                                      layout={"tp": str(args.tp), "ep": str(args.ep), "world_size": str(world)})
         report.merge_seconds = time.perf_counter() - tm
     report.summary = merged.summary()
+    report.by_kernel = merged.by_kernel
     report.total_seconds = time.perf_counter() - t0
     log.info("foundry: template %s saved in %.1f s (%s)", path, report.total_seconds, report.summary)
     return report

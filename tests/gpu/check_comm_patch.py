@@ -250,16 +250,18 @@ def run_ranks(target, cfg, world, timeout):
 # ---------------------------------------------------------------------------------------------------------------
 # checks
 # ---------------------------------------------------------------------------------------------------------------
-def check_deadlock_and_tp_greedy(gpus):
-    from foundry_sglang.engine import LLMEngine, SamplingParams
-
+def check_old_wiring_deadlocks(gpus):
     cfg = {"args": engine_args(DENSE, 2, gpus, cuda_graph_bs=[1, 8]).__dict__}
     t = time.perf_counter()
     res = run_ranks(rank_old_wiring, cfg, 2, timeout=40)
     hung = not any(r.get("finished") for r in res.values())
-    row("(a) old wiring deadlocks", True if hung else "WARN",
-        f"rank 0 backend without the runner's barrier: {'no rank finished start-up in 40 s (deadlock reproduced)' if hung else res}")
+    what = "no rank finished start-up in 40 s (deadlock reproduced)" if hung else res
+    row("(a) old wiring deadlocks", True if hung else "WARN", f"rank 0 backend without the runner's barrier: {what}")
     DETAILS["deadlock_repro_s"] = time.perf_counter() - t
+
+
+def check_tp_greedy(gpus):
+    from foundry_sglang.engine import LLMEngine, SamplingParams
 
     prompts = [[(7 * i + 3 * j) % 1000 + 1 for j in range(12 + i)] for i in range(16)]
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -311,7 +313,10 @@ def check_template(model, kind, gpus, label, sets):
                                      "snapshots": sum(len(p.data) for p in d.patches if p.snapshot >= 0)}
                             for d in m.ranks.deltas},
                     noise=m.ranks.noise_bytes, mb=round(path.stat().st_size / 2**20, 1))
-    DETAILS[f"{label}_template"] = dict(info, capture_s=rep.capture_seconds, merge_s=rep.merge_seconds, total_s=save_s)
+    DETAILS[f"{label}_template"] = dict(info, capture_s=rep.capture_seconds, merge_s=rep.merge_seconds, total_s=save_s,
+                                        delta_by_kernel=rep.by_kernel)
+    top = sorted(rep.by_kernel.items(), key=lambda kv: -kv[1])[:4]
+    row(f"({label}) where rank deltas fall", None, ", ".join(f"{k[:60]}: {v} B" for k, v in top) or "nowhere")
     row(f"({label}) SAVE one GPU -> rank template", True,
         f"{info['graphs']} graphs, {info['templates']} topologies, {info['slots']} collective slots, per-rank delta "
         f"bytes {info['deltas']}, noise masked {info['noise']} B, {info['mb']} MB; captures "
@@ -338,14 +343,15 @@ def check_template(model, kind, gpus, label, sets):
         f"first mismatch {[r['first_bad'] for r in res.values() if r['first_bad']][:1]}")
     r0 = res[0]
     row(f"({label}) per-rank LOAD", None,
-        " | ".join(f"rank {r['rank']}: graphs {r['graphs_s']:.3f}s (slots {r.get('slots')} in {r.get('slot_s', 0):.3f}s, "
-                   f"build {r.get('build_s', 0):.3f}s, inst {r.get('inst_s', 0):.3f}s, all ready "
+        " | ".join(f"rank {r['rank']}: graphs {r['graphs_s']:.3f}s (slots {r.get('slots')} in "
+                   f"{r.get('slot_s', 0):.3f}s, build {r.get('build_s', 0):.3f}s, inst {r.get('inst_s', 0):.3f}s, all ready "
                    f"{r.get('all_graphs_s', 0):.3f}s), live capture {r['live_capture_s']:.2f}s"
                    for r in res.values()))
     row(f"({label}) node anatomy bs1 (restored)", None, str(r0.get("anatomy_bs1")))
     lat = r0.get("replay_ms", {})
     row(f"({label}) replay ms restored/live", None,
-        ", ".join(f"bs{b}: {v['restored']:.3f}/{v['live']:.3f} ({v['restored'] / v['live']:.3f})" for b, v in lat.items()))
+        ", ".join(f"bs{b}: {v['restored']:.3f}/{v['live']:.3f} ({v['restored'] / v['live']:.3f})"
+                  for b, v in lat.items()))
     return res
 
 
@@ -374,7 +380,7 @@ def check_single_gpu_load(model, gpus, label, tp_res):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=1, choices=[1, 2], help="1: both ranks on GPU 0; 2: rank r on GPU r")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: a,b,c,d")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: a0 (old-wiring deadlock), a, b, c, d")
     ap.add_argument("--input-sets", type=int, default=3, help="fresh random input sets per batch size")
     ns = ap.parse_args()
     skip = set(ns.skip.split(","))
@@ -386,8 +392,12 @@ def main():
                                                                                           time.gmtime()))
     print(f"check_comm_patch: {DETAILS['device']} x{torch.cuda.device_count()}, ranks on "
           f"{'one GPU' if ns.gpus == 1 else 'two GPUs'}, torch {torch.__version__}, NCCL {DETAILS['nccl']}", flush=True)
-    for part, fn in (("a", lambda: check_deadlock_and_tp_greedy(ns.gpus)),
-                     ("b", lambda: DETAILS.__setitem__("b_res", check_template(DENSE, "tp", ns.gpus, "b", ns.input_sets))),
+    def dense():
+        DETAILS["b_res"] = check_template(DENSE, "tp", ns.gpus, "b", ns.input_sets)
+
+    for part, fn in (("a0", lambda: check_old_wiring_deadlocks(ns.gpus)),
+                     ("a", lambda: check_tp_greedy(ns.gpus)),
+                     ("b", dense),
                      ("c", lambda: check_single_gpu_load(DENSE, ns.gpus, "c", DETAILS.get("b_res") or {})),
                      ("d", lambda: check_template(MOE, "ep", ns.gpus, "d", ns.input_sets))):
         if part in skip:
