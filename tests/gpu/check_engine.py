@@ -48,7 +48,7 @@ class KeepGraphBackend(TorchGraphBackend):
         except TypeError:
             return torch.cuda.CUDAGraph()
 
-    def _record(self, key, graph, out):
+    def _record(self, key, graph, out, seconds=0.0):
         if hasattr(graph, "instantiate"):
             try:
                 graph.instantiate()
