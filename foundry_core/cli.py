@@ -157,6 +157,16 @@ def summarise(archive) -> dict:
         "snapshots": len(m.snapshots),
         "num_events": m.num_events,
         "extra": dict(m.extra),
+        "slots": {op: sum(1 for x in m.slots if x.op == op) for op in sorted({x.op for x in m.slots})},
+        "ranks": None if m.ranks is None else {
+            "world_size": m.ranks.world_size,
+            "layout": dict(m.ranks.layout),
+            "noise_bytes": m.ranks.noise_bytes,
+            "deltas": {d.rank: {"patches": len(d.patches), "bytes": sum(len(p.data) for p in d.patches),
+                                "graphs": len({p.graph for p in d.patches if p.graph >= 0}),
+                                "snapshots": len({p.snapshot for p in d.patches if p.snapshot >= 0})}
+                       for d in m.ranks.deltas},
+        },
     }
 
 
@@ -185,6 +195,17 @@ def render(s: dict) -> str:
     )
     if s["extra"]:
         lines.append("extra       " + " ".join(f"{k}={v!r}" for k, v in sorted(s["extra"].items())))
+    if s.get("slots"):
+        lines.append("slots       " + ", ".join(f"{n} {op}" for op, n in s["slots"].items())
+                     + " (placeholders filled at LOAD on the live communicator)")
+    if s.get("ranks"):
+        r = s["ranks"]
+        layout = " ".join(f"{k}={v}" for k, v in r["layout"].items())
+        lines.append(f"ranks       one template for {r['world_size']} ranks ({layout}); "
+                     f"noise masked {_size(r['noise_bytes'])}")
+        for rank, d in sorted(r["deltas"].items()):
+            lines.append(f"  rank {rank}    delta {d['patches']} patches, {_size(d['bytes'])} in {d['graphs']} graphs "
+                         f"and {d['snapshots']} snapshots")
     lines.append("")
     lines.append(f"graphs ({len(s['graphs'])})")
     lines += _table(

@@ -250,3 +250,22 @@ def test_template_key_has_no_rank_and_ranks_load(tmp_path):
     assert b0.layout_args is not None and backend(0).layout_args is None
     assert b1.session.rank == 1 and backend(0).session.rank is None
     assert backend(0, ep=2).session.key != b0.session.key
+
+
+def test_sglang_tp_refusal_names_the_flag():
+    from foundry_sglang.comm_patch import check_parallel_restore
+
+    msg = check_parallel_restore({"tp_size": 2})
+    assert msg.startswith("--tp-size 2:") and "--disable-custom-all-reduce" in msg and "--foundry-mode off" in msg
+    assert "--disable-custom-all-reduce" not in check_parallel_restore({"tp_size": 2, "disable_custom_all_reduce": True})
+    assert "--enable-symm-mem" in check_parallel_restore({"tp_size": 1, "enable_symm_mem": True})
+
+
+def test_inspect_shows_the_rank_template(ranks, capsys):
+    from foundry_core.cli import main
+
+    tmp, r0, noise, r1 = ranks
+    merge_rank_archives([r0, r1], tmp / "tpl.foundry", noise=noise, layout={"tp": "2"})
+    assert main(["inspect", str(tmp / "tpl.foundry")]) == 0
+    out = capsys.readouterr().out
+    assert "one template for 2 ranks (tp=2)" in out and "rank 1    delta 2 patches" in out

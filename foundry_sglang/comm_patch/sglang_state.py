@@ -1,4 +1,4 @@
-"""Rank-dependent state inside tensor/expert-parallel CUDA graphs, and whether a restore may rely on it.
+"""SGLang: rank-dependent state inside its tensor/expert-parallel CUDA graphs, and why the plugin refuses them.
 
 A decode graph captured on one rank of a TP/EP group does not only read weights, KV cache and static buffers
 (which the deterministic arena puts at the same addresses in SAVE and LOAD). In SGLang 0.5.23 it also holds:
@@ -69,6 +69,8 @@ def check_parallel_restore(server_args: Any) -> Optional[str]:
     if not state:
         return None
     flag = "--tp-size" if tp > 1 else "--ep-size" if ep > 1 else "--pp-size" if pp > 1 else "--enable-dp-attention"
+    hint = "; --disable-custom-all-reduce removes the IPC part" if "custom all-reduce" in state[0] else ""
     return (f"{flag} {max(tp, ep, pp) if flag != '--enable-dp-attention' else ''}".rstrip()
-            + f": graphs would contain {' and '.join(state)}, which Foundry cannot restore yet "
-            f"(see foundry_sglang.comm_patch); use a single-GPU layout or --foundry-mode off")
+            + f": SGLang graphs would contain {' and '.join(state)}, which Foundry does not restore for SGLang yet "
+            f"(rank templates exist for the built-in engine: foundry_sglang.comm_patch){hint}; use a single-GPU "
+            "layout or --foundry-mode off")
