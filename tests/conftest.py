@@ -147,3 +147,17 @@ def rewrite_manifest(path: Path, manifest_doc) -> None:
     data += encoded
     HEADER.pack_into(data, 0, magic, version, flags, offset, len(encoded), hashlib.sha256(encoded).digest())
     path.write_bytes(bytes(data))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests skip (with the reason) on a machine without a CUDA GPU."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in gpu_items:
+        item.add_marker(skip)

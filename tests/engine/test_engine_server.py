@@ -131,7 +131,7 @@ def test_client_disconnect_aborts_request(server):
 
 
 def test_main_serves_and_exits_on_sigterm():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-m", "foundry_sglang.engine", "--model", "builtin:tiny", "--port", "0",
                              "--context-length", "128"], cwd=root, stderr=subprocess.PIPE, text=True)
     try:

@@ -12,7 +12,7 @@ from foundry_core.archive import Archive
 from foundry_core.cli import main
 from foundry_core.fingerprint import gpu_unavailable_reason
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NO_GPU = gpu_unavailable_reason() is not None
 
 

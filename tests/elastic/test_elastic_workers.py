@@ -7,7 +7,7 @@ import pytest
 from foundry_sglang.elastic.launch import build_parser, config_from_args, main
 from foundry_sglang.elastic.workers import WorkerSpec, archive_path, build_command, build_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_builtin_worker_command():

@@ -83,7 +83,7 @@ def test_prefill_attention_is_causal_sdpa_per_sequence():
 _TRITON_CHECK = r"""
 import math, torch, sys
 sys.path.insert(0, sys.argv[1])
-from tests.test_engine_model import _paged_setup
+from tests.engine.test_engine_model import _paged_setup
 from foundry_sglang.engine.attention import paged_decode_attention_torch
 from foundry_sglang.engine.triton_decode import paged_decode_attention
 page, seq_lens = 4, [1, 5, 37, 8]
@@ -98,7 +98,7 @@ print("TRITON_OK")
 
 def test_triton_paged_decode_kernel_in_interpreter():
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", _TRITON_CHECK, root], env=env, capture_output=True, text=True,
                        timeout=120, cwd=root)
