@@ -235,7 +235,8 @@ class GraphReader:
                 if not func and kp.kern:
                     func = int(_check(drv.cuKernelGetFunction(drv.CUkernel(kp.kern)), "cuKernelGetFunction"))
                 if not func:
-                    raise UnsupportedGraph(f"{graph_name}: kernel node {pos} has neither a function nor a kernel handle")
+                    raise UnsupportedGraph(
+                        f"{graph_name}: kernel node {pos} has neither a function nor a kernel handle")
                 args = self._kernel_args(func, kp, graph_name, pos)
                 rec["payload_off"], rec["payload_len"] = add_payload(args)
                 if func not in func_index:

@@ -150,7 +150,7 @@ class Session:
             check_compatible(archive.manifest.fingerprint, current_fingerprint(self.key, self.device or 0), self.path)
         except FoundryError as e:
             with contextlib.suppress(Exception):
-                archive.close()  # noqa: F821 - bound when open succeeded
+                archive.close()  # unbound (NameError, suppressed) when open failed
             return e
         self.archive = archive
         return None

@@ -119,7 +119,8 @@ class CaptureRouter:
     # SAVE ----------------------------------------------------------------------------------------
     def _capture_and_record(self, backend, shape_key, name, forward_fn, post_warmup_hook) -> None:
         if getattr(backend, "_reuse_output_buffer", False):
-            raise FoundryError("foundry: FullCudaGraphBackend with reuse_output_buffer (prefill graphs) is not supported")
+            raise FoundryError(
+                "foundry: FullCudaGraphBackend with reuse_output_buffer (prefill graphs) is not supported")
         runner = getattr(backend, "_cuda_graph_runner", None)
         profiler = getattr(runner, "_profiler", None) if getattr(runner, "enable_profile_cuda_graph", False) else None
         device = backend._device_module
@@ -273,7 +274,7 @@ def _resolved_graph_config_problem() -> Optional[str]:
         return None
     if check_cuda_graph_backend(Phase.DECODE, Backend.BREAKABLE):
         return "decode graph backend resolved to 'breakable'; use --cuda-graph-backend-decode full"
-    if check_cuda_graph_backend(Phase.PREFILL, Backend.FULL) or check_cuda_graph_backend(Phase.PREFILL, Backend.BREAKABLE):
+    if any(check_cuda_graph_backend(Phase.PREFILL, b) for b in (Backend.FULL, Backend.BREAKABLE)):
         return "prefill CUDA graphs are enabled; add --cuda-graph-backend-prefill disabled"
     return None
 

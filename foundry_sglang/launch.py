@@ -19,7 +19,13 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from foundry_sglang.plugin import (
-    DEFAULT_ARCHIVE_DIR, ENV_ARCHIVE, ENV_MODE, MODES, PINS, UnsafeFlag, check_flags,
+    DEFAULT_ARCHIVE_DIR,
+    ENV_ARCHIVE,
+    ENV_MODE,
+    MODES,
+    PINS,
+    UnsafeFlag,
+    check_flags,
 )
 
 log = logging.getLogger("foundry_sglang.launch")
@@ -43,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # never let a prefix of an SGLang flag be taken as ours
     )
     parser.add_argument("--foundry-archive", metavar="DIR", default=None,
-                        help=f"directory of per-rank graph archives (default: $FOUNDRY_ARCHIVE or {DEFAULT_ARCHIVE_DIR}); "
+                        help="directory of per-rank graph archives (default: $FOUNDRY_ARCHIVE or "
+                             f"{DEFAULT_ARCHIVE_DIR}); "
                              "file names encode the model, rank layout and a hash of every graph-relevant input")
     parser.add_argument("--foundry-mode", choices=MODES, default=None,
                         help="auto (default): load a compatible archive, else capture and save one; save: always "

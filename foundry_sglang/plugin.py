@@ -123,7 +123,8 @@ def refusals(args: Any) -> list[str]:
         out.append("prefill CUDA graphs (breakable by default) share the graph pool; add "
                    "--cuda-graph-backend-prefill disabled (python -m foundry_sglang.launch adds it for you)")
     if _get(args, "cuda_graph_config"):
-        out.append("--cuda-graph-config is not interpreted by Foundry; use --cuda-graph-bs-decode/--cuda-graph-max-bs-decode")
+        out.append("--cuda-graph-config is not interpreted by Foundry; "
+                   "use --cuda-graph-bs-decode/--cuda-graph-max-bs-decode")
     if _get(args, "use_ray"):
         out.append("--use-ray: SGLang's SchedulerActor does not call load_plugins(), so Foundry cannot run; remove it")
     if _get(args, "enable_pdmux"):
@@ -131,7 +132,8 @@ def refusals(args: Any) -> list[str]:
     if _get(args, "speculative_algorithm"):
         out.append("--speculative-algorithm: verify/draft graphs are not supported by Foundry yet; remove it")
     if _get(args, "enable_two_batch_overlap") or _get(args, "enable_single_batch_overlap"):
-        out.append("--enable-two-batch-overlap/--enable-single-batch-overlap (multi-stream graphs) are not validated; remove it")
+        out.append("--enable-two-batch-overlap/--enable-single-batch-overlap (multi-stream graphs) are not validated; "
+                   "remove it")
     if _get(args, "enable_lora"):
         out.append("--enable-lora: adapter buffers are loaded after the graphs and are not restored; remove it")
     if (_get(args, "cpu_offload_gb") or 0) > 0:

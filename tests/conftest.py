@@ -59,7 +59,8 @@ def sample_archive(path: Path, *, graphs: int = 3, nodes: int = 12, image_size: 
     for i, data in enumerate(images_bytes):
         sha = hashlib.sha256(data).hexdigest()
         blobs[f"images/{sha}"] = data
-        images.append(schema.KernelImage(sha256=sha, blob=f"images/{sha}", size=len(data), kernels=[f"k{i}a", f"k{i}b"]))
+        images.append(schema.KernelImage(sha256=sha, blob=f"images/{sha}", size=len(data),
+                                         kernels=[f"k{i}a", f"k{i}b"]))
     functions = [
         schema.KernelFunction(image=0, name="k0a", attributes={8: 232448}),
         schema.KernelFunction(image=0, name="k0b"),
@@ -108,7 +109,8 @@ def sample_archive(path: Path, *, graphs: int = 3, nodes: int = 12, image_size: 
         created_utc="2026-11-28T12:00:00Z",
         fingerprint=FINGERPRINT,
         arena=schema.ArenaLayout(
-            base=ARENA_BASE, size=80 << 30, granularity=2 << 20, capture_start=17 << 30, capture_end=(17 << 30) + (6 << 20)
+            base=ARENA_BASE, size=80 << 30, granularity=2 << 20, capture_start=17 << 30,
+            capture_end=(17 << 30) + (6 << 20),
         ),
         blobs={},
         images=images,

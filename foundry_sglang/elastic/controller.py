@@ -6,7 +6,8 @@ through timed phases::
     plan -> [shrink_old | drain_old + stop_old (gap)] -> start_new -> wait_healthy -> switch -> drain_old -> stop_old
 
 Strategy (chosen in ``plan`` from the free slots): ``scale`` when only the replica count changes (replicas
-are added to or retired from the serving generation, which keeps its id); ``overlap`` when old and new fit together; ``shrink`` when
+are added to or retired from the serving generation, which keeps its id); ``overlap`` when old and new fit
+together; ``shrink`` when
 stopping some old replicas (at least one keeps serving) makes room; ``gap`` otherwise: the old generation is
 drained and stopped first while the router queues new requests. If the new generation fails (a worker exits,
 or it is not healthy in time) the job rolls back: the new generation is stopped and the old layout serves
@@ -26,8 +27,8 @@ from typing import Any, Dict, List, Optional
 import aiohttp
 
 from .backends import ReplicaHandle
-from .layout import Layout, LayoutError, ModelShape, parse_layout, validate_layout
-from .router import RouteSet, Router, Upstream
+from .layout import Layout, ModelShape, parse_layout, validate_layout
+from .router import Router, RouteSet, Upstream
 from .workers import WorkerSpec, archive_path
 
 log = logging.getLogger("foundry_sglang.elastic.controller")
@@ -202,7 +203,7 @@ class Controller:
             if job.strategy == "scale":
                 try:
                     await self._scale(job, old)
-                except Exception as exc:  # noqa: BLE001 - the added replicas were stopped again
+                except Exception as exc:  # the added replicas were stopped again
                     job.error = f"new replicas failed: {exc}"
                     log.warning("reconfigure %s: %s; keeping %s", job.id, job.error, old.layout)
                     self._activate(old)
@@ -222,7 +223,7 @@ class Controller:
                     old.state = "stopped"
             try:
                 new = await self._start_generation(job, job.target)
-            except Exception as exc:  # noqa: BLE001 - any failure of the new generation rolls back
+            except Exception as exc:  # any failure of the new generation rolls back
                 job.error = f"new generation failed: {exc}"
                 log.warning("reconfigure %s: %s; rolling back", job.id, job.error)
                 with _Timer(job, "rollback"):
@@ -239,7 +240,7 @@ class Controller:
                     await self._stop_replicas(old, old.replicas)
                     old.state = "stopped"
             self._finish(job, "succeeded")
-        except Exception as exc:  # noqa: BLE001 - keep the controller alive, report the job as failed
+        except Exception as exc:  # keep the controller alive, report the job as failed
             log.exception("reconfigure %s failed", job.id)
             job.error = f"{type(exc).__name__}: {exc}"
             self._finish(job, "failed")

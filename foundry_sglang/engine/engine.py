@@ -17,7 +17,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Deque, Dict, List, Optional, Sequence as Seq, Tuple, Union
+from typing import AsyncIterator, Deque, Dict, List, Optional, Tuple, Union
+from typing import Sequence as Seq
 
 import torch.multiprocessing as mp
 

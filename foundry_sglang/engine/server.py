@@ -112,7 +112,7 @@ class OpenAIServer:
             resp = error_response(f"{e.reason}: {request.method} {request.path}", e.status)
         except (ConnectionResetError, asyncio.CancelledError):
             raise
-        except Exception as e:  # noqa: BLE001 - one line to the client, the traceback to the log
+        except Exception as e:  # one line to the client, the traceback to the log
             log.exception("request failed")
             resp = error_response(f"internal error: {type(e).__name__}: {e}", 500)
         if generation:

@@ -53,6 +53,7 @@ def test_launcher_flags_map_to_config():
 def test_serve_app_builds_and_yaml_matches():
     pytest.importorskip("ray.serve")
     import yaml
+
     from foundry_sglang.elastic.serve import build_app, config_from_dict
     with open(os.path.join(REPO, "launch", "elastic_serve.yaml")) as f:
         doc = yaml.safe_load(f)

@@ -122,7 +122,8 @@ def test_preset_overrides_and_errors():
     cfg = builtin_config("builtin:qwen3-8b?num_hidden_layers=4")
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size) == (4, 4096, 8, 151936)
     moe = builtin_config("builtin:qwen3-30b-a3b")
-    assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size, moe.num_hidden_layers) == (128, 8, 768, 48)
+    shape = (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size, moe.num_hidden_layers)
+    assert shape == (128, 8, 768, 48)
     with pytest.raises(ConfigError, match="unknown preset"):
         builtin_config("builtin:nope")
     with pytest.raises(ConfigError, match="override"):

@@ -12,9 +12,9 @@ import torch
 
 pytest.importorskip("sglang.srt.plugins")
 
-from plugin_standins import CpuStandInDevice, CpuStandInGraph, CpuStandInSession  # noqa: E402
+from plugin_standins import CpuStandInDevice, CpuStandInGraph, CpuStandInSession
 
-from foundry_sglang import hooks, plugin  # noqa: E402
+from foundry_sglang import hooks, plugin
 
 
 @pytest.fixture()

@@ -42,8 +42,8 @@ def test_irrelevant_args_do_not_change_the_key():
     assert key(dict(BASE, port=30001, log_level="debug", api_key="x")).key == key().key
 
 
-@pytest.mark.parametrize("layout", [RankLayout(tp_size=2, tp_rank=1), RankLayout(ep_size=2), RankLayout(dp_size=2, dp_rank=1),
-                                    RankLayout(pp_size=2, pp_rank=1)])
+@pytest.mark.parametrize("layout", [RankLayout(tp_size=2, tp_rank=1), RankLayout(ep_size=2),
+                                    RankLayout(dp_size=2, dp_rank=1), RankLayout(pp_size=2, pp_rank=1)])
 def test_layout_changes_key_and_name(layout):
     k = key(layout=layout)
     assert k.key != key().key and k.file_name != key().file_name
