@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable, Optional
 from foundry_core.allocator import Arena
 from foundry_core.errors import ArchiveError, DeviceUnavailable, FoundryError
 
+__all__ = ["Session", "keep_previous"]
+
 log = logging.getLogger("foundry_core.session")
 
 def keep_previous(path: Path) -> Path:
