@@ -21,7 +21,9 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Sequence
+from typing import Dict, List, Optional, Sequence
+
+from foundry_sglang.graphs.settings import FoundryMode
 
 log = logging.getLogger("foundry_sglang.elastic.workers")
 
@@ -39,7 +41,7 @@ class WorkerSpec:
     kind: str = "builtin"
     device: str = "cpu"                       # "cpu" or "cuda"
     archive_dir: Optional[str] = None         # graphs restored from / saved to here (per layout)
-    foundry_mode: str = "auto"
+    foundry_mode: str = FoundryMode.AUTO
     extra_args: List[str] = field(default_factory=list)
     env: Dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
@@ -47,21 +49,6 @@ class WorkerSpec:
 
     def to_dict(self) -> Dict:
         return dict(self.__dict__)
-
-
-class EngineWorker(Protocol):
-    """What the controller needs from a worker, whatever runs it."""
-
-    def start(self, spec: WorkerSpec, port: Optional[int] = None, gpu_ids: Sequence[int] = ()) -> str: ...
-    def health(self) -> bool: ...
-    def drain(self, timeout: float) -> bool: ...
-    def stop(self) -> None: ...
-
-
-def archive_path(root: str, model: str, tp: int, ep: int) -> str:
-    """Archive directory of one layout; the engine keys files inside it by rank."""
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.strip("/").split("/")[-1])
-    return os.path.join(root, slug, f"tp{tp}_ep{ep}")
 
 
 def build_command(spec: WorkerSpec, port: int) -> List[str]:

@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from aiohttp import web
 
+from foundry_sglang.graphs.settings import MODE_CHOICES, MODE_HELP
+
 from .config import ConfigError, EngineArgs
 from .engine import AsyncLLMEngine
 from .metrics import Metrics
@@ -311,10 +313,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--random-seed", dest="seed", type=int, default=0,
                    help="seed of the builtin: random weights")
     g.add_argument("--served-model-name", default=None, help="model id reported by the API (default: --model)")
-    g.add_argument("--foundry-archive", default=None, help="Foundry archive of decode graphs to save or load")
-    g.add_argument("--foundry-mode", default="off", choices=["off", "auto", "save", "load"],
-                   help="off: capture live; save: capture and write the archive; load: restore from it; "
-                        "auto: load when a compatible archive exists, else save")
+    g.add_argument("--foundry-archive", default=None,
+                   help="directory of the per-rank Foundry archives of the decode graphs (saved or loaded there)")
+    g.add_argument("--foundry-mode", default=None, choices=MODE_CHOICES, help=MODE_HELP)
     return parser
 
 
