@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from foundry_sglang.graphs.settings import FoundryMode
+from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, free_port
 
 log = logging.getLogger("foundry_sglang.elastic.workers")
 
@@ -74,7 +74,7 @@ def build_env(spec: WorkerSpec, gpu_ids: Sequence[int]) -> Dict[str, str]:
     env.update(spec.env)
     # The server must import this very checkout even when it is not installed.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-    env["FOUNDRY_EXIT_WITH_PARENT"] = "1"  # the built-in engine stops if its worker dies (no orphaned servers)
+    env[EXIT_WITH_PARENT_ENV] = "1"  # the built-in engine stops if its worker dies (no orphaned servers)
     if spec.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
     else:
@@ -82,12 +82,6 @@ def build_env(spec: WorkerSpec, gpu_ids: Sequence[int]) -> Dict[str, str]:
     if spec.kind == "sglang":
         env.setdefault("SGLANG_PLUGINS", "foundry")
     return env
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:

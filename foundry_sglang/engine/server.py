@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from aiohttp import web
 
 from foundry_sglang.graphs.settings import MODE_CHOICES, MODE_HELP
+from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent
 
 from .config import ConfigError, EngineArgs
 from .engine import AsyncLLMEngine
@@ -387,24 +388,6 @@ async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name:
     await stop.wait()
     log.info("shutting down")
     await runner.cleanup()
-
-
-#: Set by supervisors (the elastic workers): stop when the supervising process goes away, so a Ctrl-C that takes
-#: the supervisor down never leaves an orphaned server holding GPUs.
-EXIT_WITH_PARENT_ENV = "FOUNDRY_EXIT_WITH_PARENT"
-
-
-def exit_with_parent(poll_s: float = 1.0) -> None:
-    """Send ourselves SIGTERM (a clean shutdown) once our parent process has exited."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        log.warning("parent process %d exited; shutting down", parent)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
