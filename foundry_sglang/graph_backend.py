@@ -120,9 +120,9 @@ class FoundryGraphBackend(TorchGraphBackend):
     """
 
     def __init__(self, session, warmups: int = 2, barrier=None, save_extra: Optional[dict] = None,
-                 restore_order: Optional[list] = None, mode: Optional[str] = None):
+                 restore_order: Optional[list] = None):
         super().__init__(warmups, barrier)
-        self.router = GraphRouter(session, mode or session.requested_mode)
+        self.router = GraphRouter(session, session.requested_mode)
         self.save_extra = save_extra or {}
         self.restore_order = restore_order
         self.archive_path = None
@@ -157,7 +157,7 @@ class FoundryGraphBackend(TorchGraphBackend):
         path = key.path(config.archive_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         session = Session(path, mode=config.mode.value, key=key.key, device=rank)
-        return cls(session, barrier=barrier, mode=config.mode)
+        return cls(session, barrier=barrier)
 
     @property
     def saved_extra(self) -> dict:
