@@ -329,20 +329,25 @@ def main() -> None:
     plot(results, out / "cold_start.png")
     print(f"\n=== cold start, {doc['device']}, commit {doc['commit'][:10]}, {doc['date']} ===")
     for r in results:
+        by_category = json.dumps({k: round(v / 1e6, 1) for k, v in r['archive_by_category'].items()})
         print(f"[{r['model']}] {r['layers']} layers, {r['graphs']} graphs, {r['nodes']} nodes, archive "
-              f"{r['archive_bytes'] / 1e6:.1f} MB {json.dumps({k: round(v / 1e6, 1) for k, v in r['archive_by_category'].items()})}")
+              f"{r['archive_bytes'] / 1e6:.1f} MB {by_category}")
         rs = r["load_restore"]
-        print(f"  baseline capture {r['baseline_capture_s']:.2f}s | SAVE capture+write {r['save_capture_and_write_s']:.2f}s "
+        print(f"  baseline capture {r['baseline_capture_s']:.2f}s | "
+              f"SAVE capture+write {r['save_capture_and_write_s']:.2f}s "
               f"(+{r['save_overhead_s']:.2f}s)")
         print(f"  LOAD: open {r['load_open_s']} | map {rs['map_seconds']:.3f}s snapshots {rs['snapshot_seconds']:.3f}s "
-              f"images {rs['images_seconds']:.3f}s build {rs['build_seconds']:.3f}s inst {rs['instantiate_seconds']:.3f}s "
+              f"images {rs['images_seconds']:.3f}s build {rs['build_seconds']:.3f}s "
+              f"inst {rs['instantiate_seconds']:.3f}s "
               f"first replay {r['first_replay_s'] * 1e3:.1f}ms")
         print(f"  first graph ready {r['first_graph_ready_s']:.3f}s, all ready {r['all_graphs_ready_s']:.3f}s "
               f"= {r['us_per_node_all_in']:.1f} us/node all-in ({r['us_per_node_build_instantiate']:.1f} build+inst; "
               f"preload wait {rs['preload_wait_seconds']:.3f}s), capture/LOAD = {r['speedup_capture_over_load']:.1f}x")
-        print(f"  bitwise LOAD==SAVE {r['bitwise_equal_load_vs_save']}, SAVE==baseline {r['bitwise_equal_save_vs_baseline']}")
+        print(f"  bitwise LOAD==SAVE {r['bitwise_equal_load_vs_save']}, "
+              f"SAVE==baseline {r['bitwise_equal_save_vs_baseline']}")
         print("  replay ms, separate processes (baseline / load / ratio): " + ", ".join(
-            f"bs{bs} {v['baseline']:.3f}/{v['load']:.3f}/{v['load_vs_baseline']:.3f}" for bs, v in r["latency_ms"].items()))
+            f"bs{bs} {v['baseline']:.3f}/{v['load']:.3f}/{v['load_vs_baseline']:.3f}"
+            for bs, v in r["latency_ms"].items()))
         print("  replay ms, same process interleaved (live / restored / ratio, bitwise): " + ", ".join(
             f"bs{bs} {v['live_ms']:.3f}/{v['restored_ms']:.3f}/{v['ratio']:.3f} {'=' if v['bitwise_equal'] else 'DIFF'}"
             for bs, v in r["same_process_restored_vs_live"].items()))

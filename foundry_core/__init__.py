@@ -1,5 +1,9 @@
-"""foundry_core: save CUDA graphs with their execution context and restore them in a fresh process."""
-from foundry_core.errors import (  # noqa: F401
+"""foundry_core: save CUDA graphs with their execution context and restore them in a fresh process.
+
+Public API: :class:`Session` (save/load), :class:`RestoredGraph` (what LOAD returns) and the
+:class:`FoundryError` hierarchy. ``__version__`` is the package version (pyproject reads it from here).
+"""
+from foundry_core.errors import (
     ArchiveError,
     ArenaUnavailable,
     DeviceUnavailable,
@@ -12,10 +16,31 @@ from foundry_core.errors import (  # noqa: F401
 
 __version__ = "0.1.0"
 
+__all__ = [
+    "Session",
+    "RestoredGraph",
+    "FoundryError",
+    "ArchiveError",
+    "ArenaUnavailable",
+    "DeviceUnavailable",
+    "IncompatibleArchive",
+    "NativeBuildError",
+    "UnsafeAddress",
+    "UnsupportedGraph",
+    "__version__",
+]
 
-def __getattr__(name):  # Session pulls in torch; keep `import foundry_core` light for the CLI.
-    if name in ("Session", "RestoredGraph"):
-        from foundry_core import session
+# Session and RestoredGraph pull in torch: resolve them on first use to keep `import foundry_core` light (CLI).
+_LAZY = {"Session": "foundry_core.session", "RestoredGraph": "foundry_core.restore"}
 
-        return getattr(session, name)
-    raise AttributeError(name)
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'foundry_core' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

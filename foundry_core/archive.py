@@ -30,6 +30,8 @@ import numpy as np
 from foundry_core.errors import ArchiveError
 from foundry_core.schema import SCHEMA_VERSION, Blob, Manifest
 
+__all__ = ["Archive", "ArchiveWriter", "blob_names"]
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"FNDRYARC"

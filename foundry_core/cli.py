@@ -248,8 +248,8 @@ def _size(n: int) -> str:
 
 
 def cmd_verify(args) -> int:
-    from foundry_core.archive import Archive
     from foundry_core import fingerprint as fpr
+    from foundry_core.archive import Archive
 
     with Archive.open(args.archive) as archive:
         records = archive.verify_all(progress=args.verbose > 0 and sys.stderr.isatty())

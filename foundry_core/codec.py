@@ -236,7 +236,8 @@ class GraphReader:
                 if not func and kp.kern:
                     func = int(_check(drv.cuKernelGetFunction(drv.CUkernel(kp.kern)), "cuKernelGetFunction"))
                 if not func:
-                    raise UnsupportedGraph(f"{graph_name}: kernel node {pos} has neither a function nor a kernel handle")
+                    raise UnsupportedGraph(
+                        f"{graph_name}: kernel node {pos} has neither a function nor a kernel handle")
                 args = self._kernel_args(func, kp, graph_name, pos)
                 if self.slot_function is not None and func == self.slot_function:
                     rec["kind"] = schema.NODE_SLOT  # a placeholder: its only argument is the slot id

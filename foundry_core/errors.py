@@ -1,5 +1,10 @@
 """Errors a user can cause. Each carries a one-line message meant to be printed as is."""
 
+__all__ = [
+    "FoundryError", "ArchiveError", "IncompatibleArchive", "ArenaUnavailable", "UnsupportedGraph", "UnsafeAddress",
+    "DeviceUnavailable", "NativeBuildError",
+]
+
 
 class FoundryError(Exception):
     """Base class: a clear, one-line reason. CLIs print ``str(err)`` without a traceback."""

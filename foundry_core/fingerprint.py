@@ -15,7 +15,6 @@ from typing import Iterable
 from foundry_core.errors import DeviceUnavailable, IncompatibleArchive
 from foundry_core.schema import Fingerprint
 
-
 #: Fields in the order they are reported.
 FIELDS = tuple(Fingerprint.__struct_fields__)
 _SHOW = 40  # characters of a long value shown around the first difference

@@ -20,6 +20,8 @@ import numpy as np
 from foundry_core import schema
 from foundry_core.errors import ArchiveError, FoundryError
 
+__all__ = ["RestoredGraph", "RestoreStats", "restore_archive"]
+
 log = logging.getLogger("foundry_core.restore")
 
 

@@ -67,7 +67,8 @@ def _driver_query(address: int) -> Optional[str]:
         return None
     err1, start = drv.cuPointerGetAttribute(attr.CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, address)
     err2, size = drv.cuPointerGetAttribute(attr.CU_POINTER_ATTRIBUTE_RANGE_SIZE, address)
-    kind = {1: "host memory", 2: "device memory", 3: "array", 4: "managed memory"}.get(int(mtype), f"memory type {int(mtype)}")
+    kinds = {1: "host memory", 2: "device memory", 3: "array", 4: "managed memory"}
+    kind = kinds.get(int(mtype), f"memory type {int(mtype)}")
     if int(err1) == 0 and int(err2) == 0:
         return f"{kind} {int(start):#x}+{int(size)} allocated outside the Foundry arena"
     return f"{kind} allocated outside the Foundry arena"

@@ -9,8 +9,8 @@ are defined once here as numpy dtypes; the C side mirrors them in ``restore.h``.
 """
 from __future__ import annotations
 
-import numpy as np
 import msgspec
+import numpy as np
 
 SCHEMA_VERSION = 1
 

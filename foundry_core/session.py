@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable, Optional
 from foundry_core.allocator import Arena
 from foundry_core.errors import ArchiveError, DeviceUnavailable, FoundryError
 
+__all__ = ["Session", "keep_previous"]
+
 log = logging.getLogger("foundry_core.session")
 
 def keep_previous(path: Path) -> Path:
@@ -157,7 +159,7 @@ class Session:
                                    f"{self.rank} (pass Session(rank=...))")
         except FoundryError as e:
             with contextlib.suppress(Exception):
-                archive.close()  # noqa: F821 - bound when open succeeded
+                archive.close()  # unbound (NameError, suppressed) when open failed
             return e
         self.archive = archive
         return None

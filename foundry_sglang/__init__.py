@@ -1,2 +1,4 @@
 """Foundry for SGLang: fast cold starts by restoring CUDA graphs, and live TP/EP switching."""
-__version__ = "0.1.0"
+from foundry_core import __version__
+
+__all__ = ["__version__"]

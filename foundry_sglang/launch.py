@@ -18,9 +18,16 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
-from foundry_sglang.plugin import (
-    DEFAULT_ARCHIVE_DIR, ENV_ARCHIVE, ENV_MODE, MODES, PINS, UnsafeFlag, check_flags,
+from foundry_sglang.graphs.settings import (
+    DEFAULT_ARCHIVE_DIR,
+    ENV_ARCHIVE,
+    ENV_MODE,
+    MODE_CHOICES,
+    MODE_HELP,
+    FoundryConfig,
+    FoundryMode,
 )
+from foundry_sglang.plugin.flags import PINS, UnsafeFlag, check_flags
 
 log = logging.getLogger("foundry_sglang.launch")
 
@@ -43,12 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # never let a prefix of an SGLang flag be taken as ours
     )
     parser.add_argument("--foundry-archive", metavar="DIR", default=None,
-                        help=f"directory of per-rank graph archives (default: $FOUNDRY_ARCHIVE or {DEFAULT_ARCHIVE_DIR}); "
+                        help="directory of per-rank graph archives (default: $FOUNDRY_ARCHIVE or "
+                             f"{DEFAULT_ARCHIVE_DIR}); "
                              "file names encode the model, rank layout and a hash of every graph-relevant input")
-    parser.add_argument("--foundry-mode", choices=MODES, default=None,
-                        help="auto (default): load a compatible archive, else capture and save one; save: always "
-                             "capture and (re)write; load: restore, falling back to live capture with one log line "
-                             "if the archive is missing or incompatible; off: plain SGLang")
+    parser.add_argument("--foundry-mode", choices=MODE_CHOICES, default=None, help=MODE_HELP)
     parser.add_argument("--foundry-engine", choices=("auto", "sglang", "builtin"), default="auto",
                         help="auto (default): SGLang if it can be imported, a CUDA GPU is present and --model is not a "
                              "builtin: preset; else the built-in engine. sglang/builtin: insist on one")
@@ -78,11 +83,15 @@ def apply_pins(rest: list[str]) -> tuple[list[str], list[str]]:
 
 
 def foundry_env(ours: argparse.Namespace, environ: Optional[dict] = None) -> dict[str, str]:
-    """FOUNDRY_MODE/FOUNDRY_ARCHIVE for the child processes (flags win over the environment)."""
+    """FOUNDRY_MODE/FOUNDRY_ARCHIVE for the child processes (flags win over the environment; the archive directory
+    defaults to DEFAULT_ARCHIVE_DIR, so the mode defaults to auto)."""
     env = os.environ if environ is None else environ
-    mode = ours.foundry_mode or env.get(ENV_MODE) or "auto"
-    archive = ours.foundry_archive or env.get(ENV_ARCHIVE) or os.path.expanduser(DEFAULT_ARCHIVE_DIR)
-    return {ENV_MODE: mode, ENV_ARCHIVE: os.path.abspath(os.path.expanduser(archive))}
+    archive = ours.foundry_archive or env.get(ENV_ARCHIVE) or DEFAULT_ARCHIVE_DIR
+    try:
+        config = FoundryConfig.resolve(ours.foundry_mode or env.get(ENV_MODE), archive)
+    except ValueError as err:
+        raise LaunchError(str(err)) from None
+    return config.to_env()
 
 
 def sglang_available() -> Optional[str]:
@@ -109,8 +118,8 @@ def _resolve(target: str) -> Callable:
 
 def run_sglang(rest: list[str], env: dict[str, str]) -> int:
     """Check flags, set the environment, then do what ``python -m sglang.launch_server`` does."""
-    mode = env[ENV_MODE]
-    if mode != "off":
+    mode = FoundryMode.parse(env[ENV_MODE])
+    if mode is not FoundryMode.OFF:
         if not plugin_installed():
             raise LaunchError("the foundry SGLang plugin entry point is not installed; run `pip install -e .` "
                               "in the foundry-sglang checkout (or use --foundry-mode off)")
@@ -123,14 +132,14 @@ def run_sglang(rest: list[str], env: dict[str, str]) -> int:
     from sglang.srt.server_args import prepare_server_args
 
     server_args = prepare_server_args(rest)
-    if mode != "off":
+    if mode is not FoundryMode.OFF:
         try:
             reason = check_flags(server_args, mode)
         except UnsafeFlag as err:
             raise LaunchError(str(err)) from None
         if reason:
             log.warning("foundry: off for this server: %s", reason)
-            env = dict(env, **{ENV_MODE: "off"})
+            env = dict(env, **{ENV_MODE: FoundryMode.OFF.value})
     os.environ.update(env)
     log.info("foundry: mode=%s archive=%s; starting SGLang", env[ENV_MODE], env[ENV_ARCHIVE])
     from sglang.srt.plugins import load_plugins
@@ -146,19 +155,14 @@ def run_sglang(rest: list[str], env: dict[str, str]) -> int:
 
 
 def run_builtin(rest: list[str], env: dict[str, str]) -> int:
-    """The built-in engine; our settings go through the environment (and as flags if its parser knows them)."""
-    os.environ.update(env)
+    """The built-in engine; our settings go to its own --foundry-archive/--foundry-mode flags (flags the user
+    already gave it win)."""
     engine_server = importlib.import_module("foundry_sglang.engine.server")
+    present = {a.split("=", 1)[0] for a in rest}
     extra: list[str] = []
-    add_args = getattr(engine_server, "add_engine_args", None)
-    if add_args is not None:
-        probe = argparse.ArgumentParser(add_help=False)
-        add_args(probe)
-        known = {s for a in probe._actions for s in a.option_strings}
-        present = {a.split("=", 1)[0] for a in rest}
-        for flag, value in (("--foundry-archive", env[ENV_ARCHIVE]), ("--foundry-mode", env[ENV_MODE])):
-            if flag in known and flag not in present:
-                extra += [flag, value]
+    for flag, value in (("--foundry-archive", env.get(ENV_ARCHIVE)), ("--foundry-mode", env[ENV_MODE])):
+        if value and flag not in present:
+            extra += [flag, value]
     return int(engine_server.main(rest + extra) or 0)
 
 
@@ -195,8 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse our flags and dispatch; returns the exit status (2 with a one-line message on bad input)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ours, rest = split_argv(sys.argv[1:] if argv is None else argv)
-    env = foundry_env(ours)
     try:
+        env = foundry_env(ours)
         if ours.elastic:
             return run_elastic(rest, env)
         if ours.foundry_engine == "builtin":

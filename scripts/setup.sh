@@ -8,7 +8,7 @@ $PY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # SGLang 0.5.23 pins torch 2.14.1; on machines where that wheel is not at hand any torch >= 2.6 works for
 # foundry itself (SGLang plugin tests then skip).
 $PY -m pip install -q "torch==2.14.1" || $PY -m pip install -q "torch>=2.6"
-$PY -m pip install -q -e ".[dev]"
+$PY -m pip install -q -e ".[dev]"  # includes ruff, which .ci/run uses to lint
 # SGLang without its GPU-only dependency tree; these light packages are what importing its graph-runner,
 # plugin and server-args modules needs.
 $PY -m pip install -q --no-deps "sglang==0.5.23" || echo "setup: sglang 0.5.23 not installable here; plugin tests will skip"

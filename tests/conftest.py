@@ -59,7 +59,8 @@ def sample_archive(path: Path, *, graphs: int = 3, nodes: int = 12, image_size: 
     for i, data in enumerate(images_bytes):
         sha = hashlib.sha256(data).hexdigest()
         blobs[f"images/{sha}"] = data
-        images.append(schema.KernelImage(sha256=sha, blob=f"images/{sha}", size=len(data), kernels=[f"k{i}a", f"k{i}b"]))
+        images.append(schema.KernelImage(sha256=sha, blob=f"images/{sha}", size=len(data),
+                                         kernels=[f"k{i}a", f"k{i}b"]))
     functions = [
         schema.KernelFunction(image=0, name="k0a", attributes={8: 232448}),
         schema.KernelFunction(image=0, name="k0b"),
@@ -108,7 +109,8 @@ def sample_archive(path: Path, *, graphs: int = 3, nodes: int = 12, image_size: 
         created_utc="2026-11-28T12:00:00Z",
         fingerprint=FINGERPRINT,
         arena=schema.ArenaLayout(
-            base=ARENA_BASE, size=80 << 30, granularity=2 << 20, capture_start=17 << 30, capture_end=(17 << 30) + (6 << 20)
+            base=ARENA_BASE, size=80 << 30, granularity=2 << 20, capture_start=17 << 30,
+            capture_end=(17 << 30) + (6 << 20),
         ),
         blobs={},
         images=images,
@@ -147,3 +149,17 @@ def rewrite_manifest(path: Path, manifest_doc) -> None:
     data += encoded
     HEADER.pack_into(data, 0, magic, version, flags, offset, len(encoded), hashlib.sha256(encoded).digest())
     path.write_bytes(bytes(data))
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests skip (with the reason) on a machine without a CUDA GPU."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in gpu_items:
+        item.add_marker(skip)

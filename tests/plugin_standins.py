@@ -59,6 +59,7 @@ class CpuStandInSession:
         self.extra = {}
         self.capture_phases = 0
         self.fail_restore = None
+        self.closed = False
         CpuStandInSession.instances.append(self)
 
     def open(self):
@@ -70,9 +71,14 @@ class CpuStandInSession:
             with open(self.path) as f:
                 data = json.load(f)
             if data["key"] != self.key:
-                raise RuntimeError("key differs")
+                from foundry_core.errors import IncompatibleArchive
+
+                raise IncompatibleArchive("key differs")
             self.extra = data["extra"]
         return self
+
+    def close(self):
+        self.closed = True
 
     def new_graph(self):
         return CpuStandInGraph()
@@ -82,7 +88,7 @@ class CpuStandInSession:
         self.capture_phases += 1
         yield
 
-    def add_graph(self, key, graph, outputs):
+    def add_graph(self, key, graph, outputs, capture_seconds=0.0):
         self.added[key] = outputs
 
     def save(self, extra=None):
@@ -92,7 +98,7 @@ class CpuStandInSession:
             json.dump(data, f)
         return self.path
 
-    def restore(self):
+    def restore(self, order=None):
         if self.fail_restore:
             raise RuntimeError(self.fail_restore)
         with open(self.path) as f:

@@ -18,8 +18,12 @@ SGLang's own TP graphs are not wired to this yet: ``sglang_state`` lists the ran
 one-line message naming the flag to use.
 """
 from foundry_sglang.comm_patch.collectives import PlaceholderCollectives
-from foundry_sglang.comm_patch.sglang_state import (COMM_FLAGS, UnsupportedParallelRestore, check_parallel_restore,
-                                                    rank_dependent_state)
+from foundry_sglang.comm_patch.sglang_state import (
+                                                    COMM_FLAGS,
+                                                    UnsupportedParallelRestore,
+                                                    check_parallel_restore,
+                                                    rank_dependent_state,
+)
 
 __all__ = ["PlaceholderCollectives", "COMM_FLAGS", "UnsupportedParallelRestore", "check_parallel_restore",
            "rank_dependent_state"]

@@ -44,7 +44,7 @@ async def _errors(request: web.Request, handler):
         if exc.content_type == "application/json":
             raise
         return json_error(exc.status, exc.reason if exc.status in (404, 405) else (exc.text or exc.reason))
-    except Exception as exc:  # noqa: BLE001 - reported, not leaked
+    except Exception as exc:  # reported, not leaked
         log.exception("unhandled error on %s", request.path)
         return json_error(500, f"internal error: {type(exc).__name__}", "internal_error")
 

@@ -138,7 +138,7 @@ class _RayReplica(ReplicaHandle):
     async def returncode(self) -> Optional[int]:
         try:
             return await self.actor.returncode.remote()
-        except Exception:  # noqa: BLE001 - the actor itself died: its server is gone too
+        except Exception:  # the actor itself died: its server is gone too
             return -1
 
     async def stop(self) -> None:
@@ -147,7 +147,7 @@ class _RayReplica(ReplicaHandle):
 
         try:
             await asyncio.wait_for(self.actor.stop.remote(), timeout=30)
-        except Exception as exc:  # noqa: BLE001 - best effort; the actor is killed next anyway
+        except Exception as exc:  # best effort; the actor is killed next anyway
             log.warning("replica %d did not stop cleanly: %s", self.index, exc)
         ray.kill(self.actor)
         if self.group is not None:
@@ -177,7 +177,7 @@ class RayBackend:
                                   name=f"foundry-elastic-g{gen_id}-pg{first + i}") for i in range(layout.replicas)]
         try:
             await asyncio.wait_for(asyncio.gather(*(g.ready() for g in groups)), timeout=self.placement_timeout)
-        except Exception as exc:  # noqa: BLE001 - timeout or infeasible: give everything back
+        except Exception as exc:  # timeout or infeasible: give everything back
             for g in groups:
                 remove_placement_group(g)
             raise SlotsUnavailable(f"placement groups for {layout} not ready: {exc or 'timeout'}") from None

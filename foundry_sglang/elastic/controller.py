@@ -6,7 +6,8 @@ through timed phases::
     plan -> [shrink_old | drain_old + stop_old (gap)] -> start_new -> wait_healthy -> switch -> drain_old -> stop_old
 
 Strategy (chosen in ``plan`` from the free slots): ``scale`` when only the replica count changes (replicas
-are added to or retired from the serving generation, which keeps its id); ``overlap`` when old and new fit together; ``shrink`` when
+are added to or retired from the serving generation, which keeps its id); ``overlap`` when old and new fit
+together; ``shrink`` when
 stopping some old replicas (at least one keeps serving) makes room; ``gap`` otherwise: the old generation is
 drained and stopped first while the router queues new requests. If the new generation fails (a worker exits,
 or it is not healthy in time) the job rolls back: the new generation is stopped and the old layout serves
@@ -25,14 +26,22 @@ from typing import Any, Dict, List, Optional
 
 import aiohttp
 
+from foundry_sglang.graphs.keys import RankLayout, layout_dir
+from foundry_sglang.graphs.settings import FoundryMode
+
 from .backends import ReplicaHandle
-from .layout import Layout, LayoutError, ModelShape, parse_layout, validate_layout
-from .router import RouteSet, Router, Upstream
-from .workers import WorkerSpec, archive_path
+from .layout import Layout, ModelShape, parse_layout, validate_layout
+from .router import Router, RouteSet, Upstream
+from .workers import WorkerSpec
 
 log = logging.getLogger("foundry_sglang.elastic.controller")
 
 PHASES = ("plan", "shrink_old", "start_new", "wait_healthy", "switch", "drain_old", "stop_old", "rollback")
+
+
+def _archive_dir(root: str, model: str, layout: Layout) -> str:
+    """The archive directory of one generation layout (the engines name per-rank files inside it)."""
+    return str(layout_dir(root, model, RankLayout(tp_size=layout.tp, ep_size=layout.ep)))
 
 
 class ControllerBusy(RuntimeError):
@@ -49,7 +58,7 @@ class ControllerConfig:
     kind: str = "builtin"                 # worker kind: builtin | sglang
     device: str = "cpu"
     archive_root: Optional[str] = None    # graphs per layout under here (None: no Foundry archives)
-    foundry_mode: str = "auto"
+    foundry_mode: str = FoundryMode.AUTO
     extra_args: List[str] = field(default_factory=list)
     env: Dict[str, str] = field(default_factory=dict)
     log_dir: Optional[str] = None         # one log file per replica process
@@ -202,7 +211,7 @@ class Controller:
             if job.strategy == "scale":
                 try:
                     await self._scale(job, old)
-                except Exception as exc:  # noqa: BLE001 - the added replicas were stopped again
+                except Exception as exc:  # the added replicas were stopped again
                     job.error = f"new replicas failed: {exc}"
                     log.warning("reconfigure %s: %s; keeping %s", job.id, job.error, old.layout)
                     self._activate(old)
@@ -222,7 +231,7 @@ class Controller:
                     old.state = "stopped"
             try:
                 new = await self._start_generation(job, job.target)
-            except Exception as exc:  # noqa: BLE001 - any failure of the new generation rolls back
+            except Exception as exc:  # any failure of the new generation rolls back
                 job.error = f"new generation failed: {exc}"
                 log.warning("reconfigure %s: %s; rolling back", job.id, job.error)
                 with _Timer(job, "rollback"):
@@ -239,7 +248,7 @@ class Controller:
                     await self._stop_replicas(old, old.replicas)
                     old.state = "stopped"
             self._finish(job, "succeeded")
-        except Exception as exc:  # noqa: BLE001 - keep the controller alive, report the job as failed
+        except Exception as exc:  # keep the controller alive, report the job as failed
             log.exception("reconfigure %s failed", job.id)
             job.error = f"{type(exc).__name__}: {exc}"
             self._finish(job, "failed")
@@ -295,7 +304,7 @@ class Controller:
         cfg = self.config
 
         def make(index: int) -> WorkerSpec:
-            archive = archive_path(cfg.archive_root, cfg.model, layout.tp, layout.ep) if cfg.archive_root else None
+            archive = _archive_dir(cfg.archive_root, cfg.model, layout) if cfg.archive_root else None
             log_path = (os.path.join(cfg.log_dir, f"gen{gen_id}-tp{layout.tp}-ep{layout.ep}-r{index}.log")
                         if cfg.log_dir else None)
             return WorkerSpec(model=cfg.model, tp=layout.tp, ep=layout.ep, kind=cfg.kind, device=cfg.device,
@@ -324,7 +333,7 @@ class Controller:
                 gen.replicas.extend(replicas)
                 # A fresh archive is captured by the first replica; the others then restore it.
                 first_save = (self.config.archive_root and len(replicas) > 1 and not os.path.isdir(
-                    archive_path(self.config.archive_root, self.config.model, layout.tp, layout.ep)))
+                    _archive_dir(self.config.archive_root, self.config.model, layout)))
                 if first_save:
                     await replicas[0].start()
             with _Timer(job, "wait_healthy"):

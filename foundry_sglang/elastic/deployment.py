@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 
 from aiohttp import web
 
+from foundry_sglang.graphs.settings import FoundryMode
+
 from .api import build_app
 from .backends import LocalBackend, RayBackend
 from .controller import Controller, ControllerConfig
@@ -47,7 +49,7 @@ class DeploymentConfig:
     api_token: Optional[str] = None
     backend: str = "ray"                     # ray | local
     archive_root: Optional[str] = None
-    foundry_mode: str = "auto"
+    foundry_mode: str = FoundryMode.AUTO
     extra_args: List[str] = field(default_factory=list)
     env: Dict[str, str] = field(default_factory=dict)   # extra environment of every engine process
     log_dir: Optional[str] = None

@@ -16,6 +16,8 @@ import sys
 import threading
 from typing import List, Optional
 
+from foundry_sglang.graphs.settings import ENV_ARCHIVE, ENV_MODE, MODE_CHOICES, MODE_HELP, FoundryConfig
+
 from .deployment import DeploymentConfig, ElasticDeployment
 from .layout import Layout, LayoutError, resolve_model_shape, validate_layout
 
@@ -51,14 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ray: controller and workers are Ray actors in placement groups; local: child processes")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--foundry-archive", dest="archive_root", default=os.environ.get("FOUNDRY_ARCHIVE"),
+    p.add_argument("--foundry-archive", dest="archive_root", default=os.environ.get(ENV_ARCHIVE),
                    help="root directory of graph archives, one subdirectory per layout (default: $FOUNDRY_ARCHIVE, "
                         "which the launcher sets from its own --foundry-archive; none: no archives). "
                         "Ignored with --device cpu (no CUDA graphs there)")
-    p.add_argument("--foundry-mode", default=os.environ.get("FOUNDRY_MODE") or "auto",
-                   choices=["auto", "save", "load", "off"],
-                   help="archive mode passed to every engine (default $FOUNDRY_MODE or auto: restore if present, "
-                        "else capture and save)")
+    p.add_argument("--foundry-mode", default=os.environ.get(ENV_MODE) or None, choices=MODE_CHOICES,
+                   help=f"archive mode passed to every engine (default: ${ENV_MODE}). {MODE_HELP}")
     p.add_argument("--log-dir", default=None, help="write each engine process's output to a file here")
     p.add_argument("--queue-limit", type=int, default=1024, help="requests that may wait during a switch gap")
     p.add_argument("--queue-timeout", type=float, default=300.0,
@@ -90,11 +90,15 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
             raise LayoutError("--policy must be a JSON object")
     gpu_ids = [int(g) for g in args.gpu_ids.split(",") if g.strip()] if args.gpu_ids else None
     slots = args.slots or max(args.tp, args.ep) * args.replicas
+    try:
+        foundry = FoundryConfig.resolve(args.foundry_mode, args.archive_root)
+    except ValueError as exc:
+        raise LayoutError(str(exc)) from None
     return DeploymentConfig(
         model=args.model, slots=slots, tp=args.tp, ep=args.ep, replicas=args.replicas, kind=args.kind,
         device=args.device, gpu_ids=gpu_ids, host=args.host, port=args.port, api_token=args.api_token,
-        backend=args.backend, foundry_mode=args.foundry_mode,
-        archive_root=args.archive_root if args.device == "cuda" and args.foundry_mode != "off" else None,
+        backend=args.backend, foundry_mode=foundry.mode,
+        archive_root=str(foundry.archive_dir) if args.device == "cuda" and foundry.enabled else None,
         extra_args=list(args.engine_arg) + list(extra), log_dir=args.log_dir, queue_limit=args.queue_limit,
         queue_timeout=args.queue_timeout, start_timeout=args.start_timeout, drain_timeout=args.drain_timeout,
         policy=policy)

@@ -2,7 +2,8 @@
 
 A *layout* says how one deployment generation is laid out: every replica is one engine server with ``tp``
 tensor-parallel and ``ep`` expert-parallel width. As in SGLang, EP runs over the TP ranks, so a replica has
-``max(tp, ep)`` ranks and occupies that many slots (GPUs, or CPU slots in tests). Validation turns every bad request into a :class:`LayoutError` with one clear line.
+``max(tp, ep)`` ranks and occupies that many slots (GPUs, or CPU slots in tests). Validation turns every bad
+request into a :class:`LayoutError` with one clear line.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 from .controller import Controller, ControllerBusy
 from .layout import LayoutError

@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Protocol, Sequence
+from typing import Dict, List, Optional, Sequence
+
+from foundry_sglang.graphs.settings import FoundryMode
+from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, free_port
 
 log = logging.getLogger("foundry_sglang.elastic.workers")
 
@@ -39,7 +41,7 @@ class WorkerSpec:
     kind: str = "builtin"
     device: str = "cpu"                       # "cpu" or "cuda"
     archive_dir: Optional[str] = None         # graphs restored from / saved to here (per layout)
-    foundry_mode: str = "auto"
+    foundry_mode: str = FoundryMode.AUTO
     extra_args: List[str] = field(default_factory=list)
     env: Dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
@@ -47,21 +49,6 @@ class WorkerSpec:
 
     def to_dict(self) -> Dict:
         return dict(self.__dict__)
-
-
-class EngineWorker(Protocol):
-    """What the controller needs from a worker, whatever runs it."""
-
-    def start(self, spec: WorkerSpec, port: Optional[int] = None, gpu_ids: Sequence[int] = ()) -> str: ...
-    def health(self) -> bool: ...
-    def drain(self, timeout: float) -> bool: ...
-    def stop(self) -> None: ...
-
-
-def archive_path(root: str, model: str, tp: int, ep: int) -> str:
-    """Archive directory of one layout; the engine keys files inside it by rank."""
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.strip("/").split("/")[-1])
-    return os.path.join(root, slug, f"tp{tp}_ep{ep}")
 
 
 def build_command(spec: WorkerSpec, port: int) -> List[str]:
@@ -87,7 +74,7 @@ def build_env(spec: WorkerSpec, gpu_ids: Sequence[int]) -> Dict[str, str]:
     env.update(spec.env)
     # The server must import this very checkout even when it is not installed.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-    env["FOUNDRY_EXIT_WITH_PARENT"] = "1"  # the built-in engine stops if its worker dies (no orphaned servers)
+    env[EXIT_WITH_PARENT_ENV] = "1"  # the built-in engine stops if its worker dies (no orphaned servers)
     if spec.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
     else:
@@ -95,12 +82,6 @@ def build_env(spec: WorkerSpec, gpu_ids: Sequence[int]) -> Dict[str, str]:
     if spec.kind == "sglang":
         env.setdefault("SGLANG_PLUGINS", "foundry")
     return env
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:

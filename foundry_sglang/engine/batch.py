@@ -43,12 +43,13 @@ class StepBatch:
         v = t.tolist()
         kind, n, ncu, nsl, width, eager = v[:6]
         p = 6
-        take = lambda k: v[p:p + k]  # noqa: E731
-        ids = take(n); p += n
-        pos = take(n); p += n
-        slots = take(n); p += n
-        cu = take(ncu); p += ncu
-        sl = take(nsl); p += nsl
+
+        def take(k: int) -> list:
+            nonlocal p
+            p += k
+            return v[p - k:p]
+
+        ids, pos, slots, cu, sl = take(n), take(n), take(n), take(ncu), take(nsl)
         bts = [v[p + i * width:p + (i + 1) * width] for i in range(nsl)]
         return cls(kind, ids, pos, slots, cu, sl, bts, eager)
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 from urllib.parse import parse_qsl
 
+from foundry_sglang.graphs.settings import FoundryConfig
+
 # SGLang's default decode batch sizes on an H200 (tp < 4): [1, 2, 4, 8, 12] + range(16, 257, 8).
 DEFAULT_CUDA_GRAPH_BS: List[int] = [1, 2, 4, 8, 12] + list(range(16, 257, 8))
 
@@ -164,7 +166,7 @@ class EngineArgs:
     seed: int = 0
     served_model_name: Optional[str] = None
     foundry_archive: Optional[str] = None
-    foundry_mode: str = "off"       # off | auto | save | load
+    foundry_mode: Optional[str] = None  # a FoundryMode; None: auto with an archive, else off
     dist_port: Optional[int] = None  # rendezvous port of the ranks (free port if None)
     gpu_ids: Optional[List[int]] = None  # rank r runs on cuda:gpu_ids[r] (default: cuda:r); repeats share a GPU
 
@@ -185,6 +187,13 @@ class EngineArgs:
     def ranks_share_gpu(self) -> bool:
         return bool(self.gpu_ids) and len(set(self.gpu_ids[: self.world_size])) < self.world_size
 
+    def foundry_config(self) -> FoundryConfig:
+        """The resolved Foundry settings (ConfigError with one line when they do not fit together)."""
+        try:
+            return FoundryConfig.resolve(self.foundry_mode, self.foundry_archive)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def graph_batch_sizes(self) -> List[int]:
         sizes = sorted(set(self.cuda_graph_bs or DEFAULT_CUDA_GRAPH_BS))
         cap = min(self.cuda_graph_max_bs or sizes[-1], self.max_num_seqs)
@@ -201,10 +210,7 @@ class EngineArgs:
             raise ConfigError("--page-size and --max-running-requests must be >= 1")
         if self.num_kv_pages is not None and self.num_kv_pages < 2:
             raise ConfigError("--num-kv-pages must be >= 2 (page 0 is the padding page)")
-        if self.foundry_mode not in ("off", "auto", "save", "load"):
-            raise ConfigError("--foundry-mode must be off, auto, save or load")
-        if self.foundry_mode != "off" and not self.foundry_archive:
-            raise ConfigError("--foundry-mode needs --foundry-archive")
+        self.foundry_config()
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ConfigError("--dtype must be auto, bfloat16, float16 or float32")
         if self.gpu_ids is not None and (len(self.gpu_ids) < self.world_size or min(self.gpu_ids) < 0):

@@ -9,17 +9,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import queue
 import signal
-import socket
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Deque, Dict, List, Optional, Sequence as Seq, Tuple, Union
+from typing import AsyncIterator, Deque, Dict, List, Optional, Tuple, Union
+from typing import Sequence as Seq
 
 import torch.multiprocessing as mp
+
+from foundry_sglang.proc import exit_with_parent, free_port
 
 from .batch import EXIT, StepBatch, broadcast_batch, receive_batch
 from .config import EngineArgs, load_model_config
@@ -48,18 +49,11 @@ class RequestOutput:
     token_ids: List[int] = field(default_factory=list)  # all output ids (filled when finished)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker_main(args: EngineArgs, rank: int) -> None:
     """Entry of ranks > 0: build the same runner and execute every step rank 0 broadcasts."""
     logging.basicConfig(level=logging.WARNING)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C and tells the workers to exit
-    parent = os.getppid()
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    exit_with_parent()
     runner = ModelRunner(args, rank=rank)
     group = runner.state.control_group
     while True:
@@ -68,12 +62,6 @@ def worker_main(args: EngineArgs, rank: int) -> None:
             break
         runner.run(batch)
     runner.shutdown()
-
-
-def _exit_with_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
 
 
 class LLMEngine:

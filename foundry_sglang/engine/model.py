@@ -19,8 +19,15 @@ from torch import nn
 
 from .attention import AttentionMetadata, decode_attention, prefill_attention, write_kv
 from .config import ModelConfig
-from .parallel import (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                       all_reduce_world, divide, get_state)
+from .parallel import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    all_reduce_world,
+    divide,
+    get_state,
+)
 
 log = logging.getLogger("foundry_sglang.engine")
 
@@ -272,7 +279,8 @@ def weight_specs(cfg: ModelConfig) -> Iterator[Tuple[str, Tuple[int, ...], float
         yield p + "self_attn.q_proj.weight", (cfg.num_attention_heads * d, h), h ** -0.5
         yield p + "self_attn.k_proj.weight", (cfg.num_key_value_heads * d, h), h ** -0.5
         yield p + "self_attn.v_proj.weight", (cfg.num_key_value_heads * d, h), h ** -0.5
-        yield p + "self_attn.o_proj.weight", (h, cfg.num_attention_heads * d), 0.5 * (cfg.num_attention_heads * d) ** -0.5
+        yield p + "self_attn.o_proj.weight", (h, cfg.num_attention_heads * d), \
+            0.5 * (cfg.num_attention_heads * d) ** -0.5
         yield p + "self_attn.q_norm.weight", (d,), 0.0
         yield p + "self_attn.k_norm.weight", (d,), 0.0
         if cfg.layer_is_moe(i):

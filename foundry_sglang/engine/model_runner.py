@@ -62,9 +62,7 @@ def make_graph_backend(args: EngineArgs, rank: int, barrier: Callable[[], None])
     if args.disable_cuda_graph or args.resolved_device() != "cuda":
         return None
     from foundry_sglang import graph_backend as gb
-    if args.foundry_mode != "off":
-        if not hasattr(gb, "FoundryGraphBackend"):
-            raise ConfigError("--foundry-mode needs foundry_sglang.graph_backend.FoundryGraphBackend")
+    if args.foundry_config().enabled:
         return gb.FoundryGraphBackend.from_engine_args(args, rank=rank, barrier=barrier)
     return gb.TorchGraphBackend(barrier=barrier)
 
@@ -73,7 +71,7 @@ class ModelRunner:
     """Owns the model, the KV cache, the static decode buffers and the decode graphs of one rank.
 
     ``graph_backend``: an object with ``capture_session(stream)``, ``capture_one(bs, fn)``, ``can_run(bs)``,
-    ``replay(bs)``, ``cleanup()``, ``needs_forward`` and optionally ``before_allocations()``. None picks the
+    ``replay(bs)``, ``cleanup()`` and optionally ``before_allocations()``. None picks the
     default (see ``make_graph_backend``); pass ``False`` to force eager decode.
     """
 

@@ -19,6 +19,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from aiohttp import web
 
+from foundry_sglang.graphs.settings import MODE_CHOICES, MODE_HELP
+from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent
+
 from .config import ConfigError, EngineArgs
 from .engine import AsyncLLMEngine
 from .metrics import Metrics
@@ -112,7 +115,7 @@ class OpenAIServer:
             resp = error_response(f"{e.reason}: {request.method} {request.path}", e.status)
         except (ConnectionResetError, asyncio.CancelledError):
             raise
-        except Exception as e:  # noqa: BLE001 - one line to the client, the traceback to the log
+        except Exception as e:  # one line to the client, the traceback to the log
             log.exception("request failed")
             resp = error_response(f"internal error: {type(e).__name__}: {e}", 500)
         if generation:
@@ -314,10 +317,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--random-seed", dest="seed", type=int, default=0,
                    help="seed of the builtin: random weights")
     g.add_argument("--served-model-name", default=None, help="model id reported by the API (default: --model)")
-    g.add_argument("--foundry-archive", default=None, help="Foundry archive of decode graphs to save or load")
-    g.add_argument("--foundry-mode", default="off", choices=["off", "auto", "save", "load"],
-                   help="off: capture live; save: capture and write the archive; load: restore from it; "
-                        "auto: load when a compatible archive exists, else save")
+    g.add_argument("--foundry-archive", default=None,
+                   help="directory of the per-rank Foundry archives of the decode graphs (saved or loaded there)")
+    g.add_argument("--foundry-mode", default=None, choices=MODE_CHOICES, help=MODE_HELP)
     return parser
 
 
@@ -389,24 +391,6 @@ async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name:
     await stop.wait()
     log.info("shutting down")
     await runner.cleanup()
-
-
-#: Set by supervisors (the elastic workers): stop when the supervising process goes away, so a Ctrl-C that takes
-#: the supervisor down never leaves an orphaned server holding GPUs.
-EXIT_WITH_PARENT_ENV = "FOUNDRY_EXIT_WITH_PARENT"
-
-
-def exit_with_parent(poll_s: float = 1.0) -> None:
-    """Send ourselves SIGTERM (a clean shutdown) once our parent process has exited."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        log.warning("parent process %d exited; shutting down", parent)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

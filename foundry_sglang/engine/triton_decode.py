@@ -21,7 +21,7 @@ def _paged_decode_kernel(Q, K, V, BlockTables, SeqLens, Out, scale,
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_d).to(tl.float32)
     seq_len = tl.load(SeqLens + b)
     m = tl.full([1], float("-inf"), tl.float32)
-    l = tl.zeros([1], tl.float32)
+    denom = tl.zeros([1], tl.float32)
     acc = tl.zeros([D], tl.float32)
     for start in range(0, seq_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -37,9 +37,9 @@ def _paged_decode_kernel(Q, K, V, BlockTables, SeqLens, Out, scale,
         p = tl.exp(s - m_new)
         v = tl.load(V + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l = l * alpha + tl.sum(p, axis=0)
+        denom = denom * alpha + tl.sum(p, axis=0)
         m = m_new
-    out = acc / l
+    out = acc / denom
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 

@@ -344,7 +344,8 @@ def check_template(model, kind, gpus, label, sets):
     r0 = res[0]
     row(f"({label}) per-rank LOAD", None,
         " | ".join(f"rank {r['rank']}: graphs {r['graphs_s']:.3f}s (slots {r.get('slots')} in "
-                   f"{r.get('slot_s', 0):.3f}s, build {r.get('build_s', 0):.3f}s, inst {r.get('inst_s', 0):.3f}s, all ready "
+                   f"{r.get('slot_s', 0):.3f}s, build {r.get('build_s', 0):.3f}s, inst {r.get('inst_s', 0):.3f}s, "
+                   "all ready "
                    f"{r.get('all_graphs_s', 0):.3f}s), live capture {r['live_capture_s']:.2f}s"
                    for r in res.values()))
     row(f"({label}) node anatomy bs1 (restored)", None, str(r0.get("anatomy_bs1")))

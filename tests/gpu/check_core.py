@@ -158,9 +158,10 @@ def run_load(archive: str, result: str) -> None:
 
 
 def run_taken(archive: str) -> None:
+    from cuda.bindings import driver as drv
+
     import foundry_core as fc
     from foundry_core.archive import Archive
-    from cuda.bindings import driver as drv
 
     arena = Archive.open(archive).manifest.arena
     drv.cuInit(0)
@@ -222,7 +223,8 @@ def sub(mode: str, *args: str, timeout: int = 300) -> tuple[int, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", nargs="?", default="all", choices=["all", "save", "load", "taken", "wrong-key", "host-node"])
+    ap.add_argument("mode", nargs="?", default="all",
+                    choices=["all", "save", "load", "taken", "wrong-key", "host-node"])
     ap.add_argument("args", nargs="*")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/foundry-check"))
     a = ap.parse_args()
@@ -252,7 +254,8 @@ def main() -> None:
         rows.append(("SAVE (process A)", "ok", f"capture {save['capture_s']:.2f}s, save {save['save_s']:.2f}s, "
                      f"archive {save['archive_bytes'] / 1e6:.1f} MB"))
         det = all(save["determinism"].values())
-        rows.append(("captured graphs replay-to-replay deterministic", "ok" if det else "NOTE", str(sum(save["determinism"].values())) + f"/{len(save['determinism'])}"))
+        rows.append(("captured graphs replay-to-replay deterministic", "ok" if det else "NOTE",
+                     f"{sum(save['determinism'].values())}/{len(save['determinism'])}"))
         rc, text = step("load", "load", archive, str(out / "load.json"))
         if rc != 0:
             print(text[-4000:])
@@ -263,15 +266,18 @@ def main() -> None:
             rows.append(("LOAD bitwise == SAVE (graphs x input sets)", "PASS" if all(same.values()) else "FAIL",
                          f"{sum(same.values())}/{len(same)} equal"))
             st = load["stats"]
-            rows.append(("LOAD timings", "info", f"open {load['open_s']:.3f}s, first graph {load['restore_first_s']:.3f}s, "
+            rows.append(("LOAD timings", "info",
+                         f"open {load['open_s']:.3f}s, first graph {load['restore_first_s']:.3f}s, "
                          f"all {load['restore_all_s']:.3f}s, images {st['images_seconds']:.3f}s, "
-                         f"nodes {st['num_nodes']}, build {st['build_seconds']:.3f}s, inst {st['instantiate_seconds']:.3f}s"))
+                         f"nodes {st['num_nodes']}, build {st['build_seconds']:.3f}s, "
+                         f"inst {st['instantiate_seconds']:.3f}s"))
     for name, mode, expect in [("LOAD with arena base taken", "taken", "ArenaUnavailable"),
                                ("LOAD with changed key (fingerprint)", "wrong-key", "IncompatibleArchive"),
                                ("graph with a host node at SAVE", "host-node", "UnsupportedGraph")]:
         args = [archive] if mode != "host-node" else [str(out / "host.foundry")]
         rc, text = step(name, mode, *args)
-        line = next((l for l in text.splitlines() if l.startswith("RESULT")), f"rc={rc} " + text[-300:].replace("\n", " | "))
+        line = next((t for t in text.splitlines() if t.startswith("RESULT")),
+                    f"rc={rc} " + text[-300:].replace("\n", " | "))
         rows.append((name, "PASS" if expect in line else "FAIL", line[7:200]))
     print("\n=== foundry_core GPU check ===")
     for name, verdict, detail in rows:

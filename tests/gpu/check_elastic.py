@@ -22,10 +22,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment  # noqa: E402
-from tests.openai_client import openai_request  # noqa: E402
+from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
+from tests.openai_client import openai_request
 
 PROMPTS = [f"Request {i}: explain the history of the printing press." for i in range(8)]
 
@@ -103,7 +103,7 @@ def main() -> int:
             ok = job["state"] == "succeeded"
             rows.append((f"switch TP{3 - tp}->TP{tp} ({note}) {job['strategy']}", f"{job['total_s']:.2f}s",
                          "PASS" if ok else "FAIL"))
-            rows.append((f"  phases (s)", phases, "info"))
+            rows.append(("  phases (s)", phases, "info"))
             time.sleep(2.0)
     finally:
         load.stop.set()

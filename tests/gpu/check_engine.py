@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import torch  # noqa: E402
+import torch
 
-from foundry_sglang.engine import AsyncLLMEngine, EngineArgs, LLMEngine, SamplingParams  # noqa: E402
-from foundry_sglang.engine.server import ServerThread  # noqa: E402
-from foundry_sglang.graph_backend import TorchGraphBackend  # noqa: E402
+from foundry_sglang.engine import AsyncLLMEngine, EngineArgs, LLMEngine, SamplingParams
+from foundry_sglang.engine.server import ServerThread
+from foundry_sglang.graph_backend import TorchGraphBackend
 
 ROWS = []
 DETAILS = {}
@@ -76,7 +76,7 @@ def graph_nodes(graph):
                 err, name = cu.cuFuncGetName(params.func)
                 names.append(name.decode() if isinstance(name, bytes) else str(name))
         return n, names
-    except Exception as e:  # noqa: BLE001 - diagnostics only
+    except Exception as e:  # diagnostics only
         return None, [f"unavailable: {type(e).__name__}: {e}"]
 
 

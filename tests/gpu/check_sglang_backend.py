@@ -73,12 +73,14 @@ def install_import_stubs() -> None:
 def step_import(out: str) -> dict:
     t0 = time.perf_counter()
     try:
+        import importlib
+
         import torch
 
-        import sglang.srt.model_executor.runner_backend.full_cuda_graph_backend as m  # noqa: F401
-        from sglang.srt.model_executor.runner.shape_key import ShapeKey  # noqa: F401
-        from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: F401
-        import foundry_sglang.hooks  # noqa: F401  (imports the classes the plugin patches)
+        for name in ("sglang.srt.model_executor.runner_backend.full_cuda_graph_backend",
+                     "sglang.srt.model_executor.runner.shape_key", "sglang.srt.plugins.hook_registry",
+                     "foundry_sglang.plugin.hooks"):  # the last imports the classes the plugin patches
+            importlib.import_module(name)
         stubs = f"; import-only stubs: {sorted(set(n.split('.')[0] for n in STUBBED))}" if STUBBED else ""
         return {"ok": True, "torch": torch.__version__ + stubs, "seconds": time.perf_counter() - t0}
     except BaseException as err:
@@ -88,9 +90,7 @@ def step_import(out: str) -> dict:
 class SglangBackendAdapter:
     """The engine's graph-backend interface on top of a real (plugin-patched) FullCudaGraphBackend."""
 
-    needs_forward = True
-
-    def __init__(self, session):
+    def __init__(self, router):
         import torch
         from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
         from sglang.srt.model_executor.runner_utils.pool import GraphPoolPrecarve
@@ -110,10 +110,10 @@ class SglangBackendAdapter:
         b._cuda_graph_runner, b._device_module, b._tp_group = _Runner(), torch.cuda, _NoTpGroup()
         b._precarve, b._reuse_output_buffer, b._output_buffer = GraphPoolPrecarve(), False, None
         b._memory_saver_adapter = None
-        self.backend, self.session = b, session
+        self.backend, self.router = b, router
 
     def before_allocations(self):
-        self.session.open()
+        self.router.open()
 
     @staticmethod
     def key(bs):
@@ -142,13 +142,15 @@ def step_run(phase: str, out: str) -> dict:
 
     os.environ["FOUNDRY_MODE"] = phase
     os.environ["FOUNDRY_ARCHIVE"] = out
+    from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     import foundry_core
-    from foundry_sglang import hooks, plugin
+    from foundry_sglang import plugin
     from foundry_sglang.engine.config import EngineArgs
     from foundry_sglang.engine.model_runner import ModelRunner
-    from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
+    from foundry_sglang.graphs import GraphRouter
+    from foundry_sglang.plugin import hooks
 
     plugin.register()
     HookRegistry.apply_hooks()
@@ -157,11 +159,12 @@ def step_run(phase: str, out: str) -> dict:
     path = os.path.join(out, "engine-tiny.foundry")
     session = foundry_core.Session(path, mode=phase, key="check_sglang_backend", device=0)
     live = hooks._original(FullCudaGraphBackend, "capture_one")
-    router = hooks.CaptureRouter(session, "save" if phase == "save" else "load",
-                                 live_capture=lambda b, *a: live(b, *a), capture_scope=hooks._graph_pool_capture_scope())
-    hooks._state = hooks.PluginState(session=session, router=router, archive_path=path, key_material="{}",
-                                     kv_config={"num_kv_pages": 64})
-    adapter = SglangBackendAdapter(session)
+    router = GraphRouter(session, phase)
+    capture = hooks.CaptureAdapter(router, live_capture=lambda b, *a: live(b, *a),
+                                   capture_scope=hooks._graph_pool_capture_scope())
+    hooks._state = hooks.PluginState(session=session, router=router, capture=capture, archive_path=path,
+                                     key_material="{}", kv_config={"num_kv_pages": 64})
+    adapter = SglangBackendAdapter(router)
     t0 = time.perf_counter()
     args = EngineArgs(model="builtin:tiny", device="cuda", num_kv_pages=64, cuda_graph_bs=SIZES, max_num_seqs=16)
     runner = ModelRunner(args, rank=0, graph_backend=adapter)
@@ -231,7 +234,8 @@ def main() -> int:
         rows.append(("restored replays == saved replays (bitwise)", same,
                      f"{len(save.get('digests', {}))} sizes; save startup {save.get('startup_s', 0):.2f}s, "
                      f"load startup {load.get('startup_s', 0):.2f}s"))
-        rows.append(("repeat replays bitwise (save/load)", save.get("repeat_bitwise") and load.get("repeat_bitwise"), ""))
+        repeat_ok = save.get("repeat_bitwise") and load.get("repeat_bitwise")
+        rows.append(("repeat replays bitwise (save/load)", repeat_ok, ""))
     print("\n| check | verdict | detail |\n|---|---|---|")
     for name, ok, detail in rows:
         print(f"| {name} | {'PASS' if ok else 'FAIL'} | {str(detail)[:160]} |")

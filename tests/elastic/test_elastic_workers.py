@@ -5,9 +5,10 @@ import sys
 import pytest
 
 from foundry_sglang.elastic.launch import build_parser, config_from_args, main
-from foundry_sglang.elastic.workers import WorkerSpec, archive_path, build_command, build_env
+from foundry_sglang.elastic.workers import WorkerSpec, build_command, build_env
+from foundry_sglang.graphs.keys import RankLayout, layout_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_builtin_worker_command():
@@ -21,8 +22,8 @@ def test_builtin_worker_command():
 
 
 def test_sglang_worker_command_enables_plugin_and_archive():
-    archive = archive_path("/data/foundry", "/models/Qwen3-8B/", 2, 1)
-    assert archive == "/data/foundry/Qwen3-8B/tp2_ep1"
+    archive = str(layout_dir("/data/foundry", "/models/Qwen3-8B/", RankLayout(tp_size=2)))
+    assert archive == "/data/foundry/Qwen3-8B/tp2"
     spec = WorkerSpec(model="/models/Qwen3-8B", tp=2, ep=2, kind="sglang", device="cuda", archive_dir=archive,
                       foundry_mode="auto", extra_args=["--cuda-graph-max-bs-decode", "64"])
     cmd = build_command(spec, 30001)
@@ -53,6 +54,7 @@ def test_launcher_flags_map_to_config():
 def test_serve_app_builds_and_yaml_matches():
     pytest.importorskip("ray.serve")
     import yaml
+
     from foundry_sglang.elastic.serve import build_app, config_from_dict
     with open(os.path.join(REPO, "launch", "elastic_serve.yaml")) as f:
         doc = yaml.safe_load(f)

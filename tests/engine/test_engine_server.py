@@ -74,7 +74,7 @@ def test_chat_completions(server):
     r = requests.post(server + "/v1/chat/completions", stream=True, timeout=60,
                       json={"messages": msgs, "max_tokens": 5, "temperature": 0, "stream": True,
                             "stream_options": {"include_usage": True}})
-    chunks = [json.loads(l[6:]) for l in r.iter_lines() if l.startswith(b"data: {")]
+    chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == \
         d["choices"][0]["message"]["content"]
@@ -131,7 +131,7 @@ def test_client_disconnect_aborts_request(server):
 
 
 def test_main_serves_and_exits_on_sigterm():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-m", "foundry_sglang.engine", "--model", "builtin:tiny", "--port", "0",
                              "--context-length", "128"], cwd=root, stderr=subprocess.PIPE, text=True)
     try:

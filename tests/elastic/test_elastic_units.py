@@ -12,13 +12,13 @@ from typing import List, Optional
 import aiohttp
 import pytest
 from aiohttp import web
+from openai_client import openai_request
 
 from foundry_sglang.elastic.api import build_app
 from foundry_sglang.elastic.backends import ReplicaHandle, SlotsUnavailable
 from foundry_sglang.elastic.controller import Controller, ControllerConfig
 from foundry_sglang.elastic.layout import Layout, LayoutError, ModelShape
-from foundry_sglang.elastic.router import RouteSet, Router, Upstream
-from openai_client import openai_request  # noqa: E402
+from foundry_sglang.elastic.router import Router, RouteSet, Upstream
 
 
 def answer(prompt: str) -> str:

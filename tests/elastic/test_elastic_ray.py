@@ -15,11 +15,11 @@ import time
 import aiohttp
 import pytest
 import requests
+from openai_client import openai_request
+
+from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
 
 ray = pytest.importorskip("ray")
-
-from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment  # noqa: E402
-from openai_client import openai_request  # noqa: E402
 
 PROMPTS = [f"request {i}: the quick brown fox" for i in range(6)]
 MAX_TOKENS = 12
@@ -105,7 +105,8 @@ def deployment(tmp_path_factory):
 
 def _print_job(job):
     phases = " ".join(f"{k}={v:.2f}s" for k, v in job["phases_s"].items())
-    print(f"\n  {job['from']} -> {job['to']}: {job['state']} ({job['strategy']}), total {job['total_s']:.2f}s: {phases}")
+    print(f"\n  {job['from']} -> {job['to']}: {job['state']} ({job['strategy']}), "
+          f"total {job['total_s']:.2f}s: {phases}")
 
 
 @pytest.mark.slow

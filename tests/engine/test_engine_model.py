@@ -83,7 +83,7 @@ def test_prefill_attention_is_causal_sdpa_per_sequence():
 _TRITON_CHECK = r"""
 import math, torch, sys
 sys.path.insert(0, sys.argv[1])
-from tests.test_engine_model import _paged_setup
+from tests.engine.test_engine_model import _paged_setup
 from foundry_sglang.engine.attention import paged_decode_attention_torch
 from foundry_sglang.engine.triton_decode import paged_decode_attention
 page, seq_lens = 4, [1, 5, 37, 8]
@@ -98,7 +98,7 @@ print("TRITON_OK")
 
 def test_triton_paged_decode_kernel_in_interpreter():
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", _TRITON_CHECK, root], env=env, capture_output=True, text=True,
                        timeout=120, cwd=root)
@@ -122,7 +122,8 @@ def test_preset_overrides_and_errors():
     cfg = builtin_config("builtin:qwen3-8b?num_hidden_layers=4")
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size) == (4, 4096, 8, 151936)
     moe = builtin_config("builtin:qwen3-30b-a3b")
-    assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size, moe.num_hidden_layers) == (128, 8, 768, 48)
+    shape = (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size, moe.num_hidden_layers)
+    assert shape == (128, 8, 768, 48)
     with pytest.raises(ConfigError, match="unknown preset"):
         builtin_config("builtin:nope")
     with pytest.raises(ConfigError, match="override"):

@@ -7,7 +7,9 @@ import pytest
 
 from foundry_sglang import plugin
 from foundry_sglang.comm_patch import check_parallel_restore, rank_dependent_state
-from foundry_sglang.keys import GRAPH_ARGS, RankLayout, archive_key, describe_difference, model_identity
+from foundry_sglang.graphs.keys import RankLayout, describe_difference, model_identity
+from foundry_sglang.plugin.keys import GRAPH_ARGS
+from foundry_sglang.plugin.keys import sglang_archive_key as archive_key
 
 MACHINE = {"gpu": "NVIDIA H200", "capability": "9.0", "driver": "13000", "cuda_runtime": "13.0",
            "torch": "2.11.0", "triton": "3.6.0", "sglang": "0.5.23", "foundry": "0.1.0"}
@@ -42,8 +44,8 @@ def test_irrelevant_args_do_not_change_the_key():
     assert key(dict(BASE, port=30001, log_level="debug", api_key="x")).key == key().key
 
 
-@pytest.mark.parametrize("layout", [RankLayout(tp_size=2, tp_rank=1), RankLayout(ep_size=2), RankLayout(dp_size=2, dp_rank=1),
-                                    RankLayout(pp_size=2, pp_rank=1)])
+@pytest.mark.parametrize("layout", [RankLayout(tp_size=2, tp_rank=1), RankLayout(ep_size=2),
+                                    RankLayout(dp_size=2, dp_rank=1), RankLayout(pp_size=2, pp_rank=1)])
 def test_layout_changes_key_and_name(layout):
     k = key(layout=layout)
     assert k.key != key().key and k.file_name != key().file_name

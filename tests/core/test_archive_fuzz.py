@@ -17,7 +17,8 @@ from foundry_core.errors import ArchiveError
 
 # FOUNDRY_FUZZ_EXAMPLES=5000 for a longer hunt; the default keeps the suite fast.
 FUZZ = settings(
-    max_examples=int(os.environ.get("FOUNDRY_FUZZ_EXAMPLES", "150")), deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow],
+    max_examples=int(os.environ.get("FOUNDRY_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 
 _WORKDIR = Path(tempfile.mkdtemp(prefix="foundry-fuzz-"))

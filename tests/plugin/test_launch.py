@@ -103,15 +103,26 @@ def test_engine_sglang_insisted_but_missing_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().count("\n") == 0
 
 
-def test_run_builtin_passes_flags_the_engine_knows(monkeypatch):
+def test_run_builtin_hands_settings_to_the_engine_flags(monkeypatch):
     seen = {}
     fake = types.ModuleType("foundry_sglang.engine.server")
-    fake.add_engine_args = lambda p: (p.add_argument("--model"), p.add_argument("--foundry-archive"))
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
     monkeypatch.setitem(sys.modules, "foundry_sglang.engine.server", fake)
-    monkeypatch.setattr(launch.os, "environ", {})
     launch.run_builtin(["--model", "m"], {"FOUNDRY_MODE": "auto", "FOUNDRY_ARCHIVE": "/a"})
-    assert seen["argv"] == ["--model", "m", "--foundry-archive", "/a"]  # engine has no --foundry-mode
+    assert seen["argv"] == ["--model", "m", "--foundry-archive", "/a", "--foundry-mode", "auto"]
+    seen.clear()
+    launch.run_builtin(["--model", "m", "--foundry-mode=off"], {"FOUNDRY_MODE": "auto", "FOUNDRY_ARCHIVE": "/a"})
+    assert seen["argv"] == ["--model", "m", "--foundry-mode=off", "--foundry-archive", "/a"]  # the user's flag wins
+
+
+def test_launcher_flags_reach_the_real_engine_parser():
+    from foundry_sglang.engine.server import build_arg_parser, engine_args_from
+
+    ours, rest = launch.split_argv(["--model", "builtin:tiny", "--foundry-mode", "load", "--foundry-archive", "/a"])
+    env = launch.foundry_env(ours, {})
+    argv = rest + ["--foundry-archive", env["FOUNDRY_ARCHIVE"], "--foundry-mode", env["FOUNDRY_MODE"]]
+    config = engine_args_from(build_arg_parser().parse_args(argv)).foundry_config()
+    assert config.mode == "load" and str(config.archive_dir) == "/a"
 
 
 def test_run_sglang_refuses_unsafe_flag_before_starting(monkeypatch):

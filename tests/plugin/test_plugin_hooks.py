@@ -12,9 +12,12 @@ import torch
 
 pytest.importorskip("sglang.srt.plugins")
 
-from plugin_standins import CpuStandInDevice, CpuStandInGraph, CpuStandInSession  # noqa: E402
+from plugin_standins import CpuStandInDevice, CpuStandInGraph, CpuStandInSession
 
-from foundry_sglang import hooks, plugin  # noqa: E402
+from foundry_sglang import plugin
+from foundry_sglang.graphs import GraphRouter
+from foundry_sglang.graphs.router import shape_key_name
+from foundry_sglang.plugin import hooks
 
 
 @pytest.fixture()
@@ -127,12 +130,14 @@ def forward_for(bs, calls):
     return forward
 
 
-def install_state(session, mode, blocked=None):
+def install_state(session, mode):
     from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
 
     live = hooks._original(FullCudaGraphBackend, "capture_one")
-    router = hooks.CaptureRouter(session, mode, live_capture=lambda b, *a: live(b, *a), load_blocked=blocked)
-    hooks._state = hooks.PluginState(session=session, router=router, archive_path=session.path,
+    router = GraphRouter(session, mode)
+    router.open()
+    capture = hooks.CaptureAdapter(router, live_capture=lambda b, *a: live(b, *a))
+    hooks._state = hooks.PluginState(session=session, router=router, capture=capture, archive_path=session.path,
                                      key_material='{"k":1}', saved_kv_config=session.extra.get(hooks.EXTRA_KV)
                                      and json.loads(session.extra[hooks.EXTRA_KV]))
     return hooks._state
@@ -191,12 +196,12 @@ def test_load_problem_falls_back_to_live_capture_with_one_line(loaded_plugin, tm
     backend, calls = make_backend(), []
     # SGLang's own capture_one would call torch.cuda.CUDAGraph(); make the live path observable on CPU.
     seen = []
-    state.router.live_capture = lambda b, key, fn, *a: (seen.append(key.size), fn())
+    state.capture.live_capture = lambda b, key, fn, *a: (seen.append(key.size), fn())
     with caplog.at_level("WARNING"):
         backend.capture_one(shape_key(8), forward_for(8, calls))
         backend.capture_one(shape_key(4), forward_for(4, calls))
-    assert seen == [8, 4] and state.router.mode == "live"
-    lines = [r.getMessage() for r in caplog.records if "LOAD not used" in r.getMessage()]
+    assert seen == [8, 4] and state.router.route == "live" and session.closed
+    lines = [r.getMessage() for r in caplog.records if "capturing CUDA graphs live" in r.getMessage()]
     assert len(lines) == 1 and "driver mismatch" in lines[0]
 
 
@@ -207,7 +212,7 @@ def test_missing_graph_in_archive_is_captured_live(loaded_plugin, tmp_path):
     session.open()
     state = install_state(session, "load")
     seen = []
-    state.router.live_capture = lambda b, key, fn, *a: seen.append(key.size)
+    state.capture.live_capture = lambda b, key, fn, *a: seen.append(key.size)
     backend = make_backend()
     backend.capture_one(shape_key(8), forward_for(8, []))
     backend.capture_one(shape_key(2), forward_for(2, []))
@@ -248,8 +253,10 @@ def test_kv_pool_config_recorded_at_save_and_forced_at_load(loaded_plugin, tmp_p
 def test_load_without_kv_config_is_blocked(loaded_plugin, tmp_path):
     session = CpuStandInSession(tmp_path / "none.foundry", "save", key="k")
     session.open()
-    router = hooks.CaptureRouter(session, "load", live_capture=lambda *a: None, load_blocked="no KV config")
-    assert router.mode == "live" and "no KV config" in router.problem
+    router = GraphRouter(session, "load")
+    router.open()
+    router.fall_back("archive has no usable KV-pool configuration (KeyError)")
+    assert router.route == "live" and "KV-pool" in router.problem
 
 
 def test_model_runner_hook_opens_session_and_refuses(loaded_plugin, monkeypatch, tmp_path):
@@ -266,7 +273,7 @@ def test_model_runner_hook_opens_session_and_refuses(loaded_plugin, monkeypatch,
     monkeypatch.setenv("FOUNDRY_MODE", "auto")
     hooks.before_model_runner_initialize(Runner())
     state = hooks.current_state()
-    assert state is not None and state.router.mode == "save"
+    assert state is not None and state.router.route == "save"
     assert state.archive_path.startswith(str(tmp_path)) and "-tp1r0-" in state.archive_path
     assert state.session.key.startswith("sglang:")
 
@@ -295,5 +302,5 @@ def test_logits_output_roundtrips_through_json_treespec():
 def test_graph_names():
     from sglang.srt.model_executor.runner.shape_key import ShapeKey
 
-    assert hooks.graph_name(ShapeKey(size=8)) == "decode_bs8"
-    assert hooks.graph_name(ShapeKey(size=8, stream_idx=1, variant_label="lora")) == "decode_bs8_s1_vlora"
+    assert shape_key_name(ShapeKey(size=8)) == "decode_bs8"
+    assert shape_key_name(ShapeKey(size=8, stream_idx=1, variant_label="lora")) == "decode_bs8_s1_vlora"

@@ -1,15 +1,16 @@
 """Hook bodies the plugin registers on SGLang 0.5.23 (see ``foundry_sglang.plugin.HOOKS`` for targets and seams).
 
-One :class:`PluginState` per scheduler process holds the ``foundry_core.Session`` and a :class:`CaptureRouter`.
-The router is the whole SAVE/LOAD decision and is written against the attributes of SGLang's
+One :class:`PluginState` per scheduler process holds the ``foundry_core.Session``, its
+:class:`~foundry_sglang.graphs.router.GraphRouter` (which decides SAVE / LOAD / live and owns the fallback policy)
+and a :class:`CaptureAdapter`, which only translates the router's decisions into the attributes of SGLang's
 ``FullCudaGraphBackend`` (``_graphs``, ``_outputs``, ``_pool``, ``_capture_stream``, ``_device_module``,
 ``_tp_group``, ``_precarve``, ``_cuda_graph_runner``), so it is testable on CPU with a stand-in graph object:
 
 * ``save``: two warm-ups and a capture exactly as ``FullCudaGraphBackend.capture_one`` does them, but into a
-  graph from ``session.new_graph()`` (kept topology) and the session's graph pool; then ``session.add_graph``.
-* ``load``: ``session.restore()`` once, then ``_graphs[key] = restored``, ``_outputs[key] = restored.outputs``;
+  graph from ``session.new_graph()`` (kept topology) and the session's graph pool; the router records it.
+* ``load``: the router restores once, then ``_graphs[key] = restored``, ``_outputs[key] = restored.outputs``;
   ``forward_fn`` is never run. SGLang's ``replay()`` then calls ``restored.replay()`` unchanged.
-* ``live``: SGLang's own ``capture_one`` (Foundry disabled, or after a LOAD problem, logged once with the reason).
+* ``live``: SGLang's own ``capture_one`` (after a problem, logged once with the reason by the router).
 """
 from __future__ import annotations
 
@@ -18,30 +19,17 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any, Callable, Dict, Optional
 
 from foundry_core.errors import FoundryError
+from foundry_sglang.graphs.router import FALLBACK_ERRORS, GraphRouter, Route, one_line, shape_key_name
+from foundry_sglang.graphs.settings import FoundryMode
 
-log = logging.getLogger("foundry_sglang.hooks")
+log = logging.getLogger("foundry_sglang.plugin.hooks")
 
 EXTRA_KV = "sglang.memory_pool_config"
 EXTRA_KEY = "sglang.key_material"
 EXTRA_GRAPHS = "sglang.graphs"
-
-
-def graph_name(shape_key: Any, runner: Any = None) -> str:
-    """Archive name of an SGLang ShapeKey (``decode_bs8``, plus ``_s1``/``_v<label>``/``_a<variant>`` when set)."""
-    size = getattr(shape_key, "size", None)
-    if size is None:
-        return f"decode_{shape_key}"
-    prefix = "decode" if runner is None or "Decode" in type(runner).__name__ else type(runner).__name__
-    name = f"{prefix}_bs{size}"
-    for attr, tag in (("stream_idx", "s"), ("variant_label", "v"), ("attention_variant", "a")):
-        value = getattr(shape_key, attr, None)
-        if value is not None:
-            name += f"_{tag}{value}"
-    return name
 
 
 # -- output pytrees --------------------------------------------------------------------------------
@@ -74,52 +62,35 @@ def register_output_pytrees() -> None:
     register_dataclass_pytree(LogitsProcessorOutput, "sglang.srt.layers.logits_processor.LogitsProcessorOutput")
 
 
-# -- the router ------------------------------------------------------------------------------------
-class CaptureRouter:
-    """Decides what ``FullCudaGraphBackend.capture_one`` does: ``save``, ``load`` or ``live``.
+# -- the adapter -----------------------------------------------------------------------------------
+class CaptureAdapter:
+    """What ``FullCudaGraphBackend.capture_one`` does, as the router decides.
 
     ``live_capture(backend, shape_key, forward_fn, capture_inputs, post_warmup_hook)`` is SGLang's original
     method; ``capture_scope()`` is SGLang's ``graph_pool_capture_scope`` (injectable for tests).
     """
 
-    def __init__(self, session: Any, mode: str, live_capture: Callable[..., None],
-                 capture_scope: Callable[[], Any] = contextlib.nullcontext,
-                 load_blocked: Optional[str] = None):
-        if mode not in ("save", "load", "live"):
-            raise ValueError(f"unknown capture mode {mode!r}")
-        self.session = session
-        self.mode = mode
+    def __init__(self, router: GraphRouter, live_capture: Callable[..., None],
+                 capture_scope: Callable[[], Any] = contextlib.nullcontext):
+        self.router = router
         self.live_capture = live_capture
         self.capture_scope = capture_scope
-        self.recorded: list[str] = []
-        self.restored_names: list[str] = []
-        self.live_names: list[str] = []
-        self.problem: Optional[str] = None  # why SAVE stopped recording or LOAD fell back
-        self._restored: Optional[Dict[str, Any]] = None
-        if mode == "load" and load_blocked:
-            self._fall_back(load_blocked)
 
-    # entry point -------------------------------------------------------------------------------
     def capture_one(self, backend: Any, shape_key: Any, forward_fn: Callable[[], Any],
                     capture_inputs: Any = None, post_warmup_hook: Optional[Callable[[], None]] = None) -> None:
-        name = graph_name(shape_key, getattr(backend, "_cuda_graph_runner", None))
-        if self.mode == "load":
-            graph = self._restored_graph(name)
-            if graph is not None:
-                backend._graphs[shape_key] = graph
-                backend._outputs[shape_key] = graph.outputs
-                self.restored_names.append(name)
-                return
-        if self.mode == "save" and self.problem is None:
-            self._capture_and_record(backend, shape_key, name, forward_fn, post_warmup_hook)
-            return
-        self.live_names.append(name)
-        self.live_capture(backend, shape_key, forward_fn, capture_inputs, post_warmup_hook)
+        def install(graph: Any) -> None:
+            backend._graphs[shape_key] = graph
+            backend._outputs[shape_key] = graph.outputs
 
-    # SAVE ----------------------------------------------------------------------------------------
-    def _capture_and_record(self, backend, shape_key, name, forward_fn, post_warmup_hook) -> None:
+        self.router.capture_one(
+            shape_key_name(shape_key, getattr(backend, "_cuda_graph_runner", None)), install=install,
+            capture=lambda: self._capture(backend, shape_key, forward_fn, post_warmup_hook),
+            capture_live=lambda: self.live_capture(backend, shape_key, forward_fn, capture_inputs, post_warmup_hook))
+
+    def _capture(self, backend, shape_key, forward_fn, post_warmup_hook) -> tuple[Any, Any, float]:
         if getattr(backend, "_reuse_output_buffer", False):
-            raise FoundryError("foundry: FullCudaGraphBackend with reuse_output_buffer (prefill graphs) is not supported")
+            raise FoundryError(
+                "foundry: FullCudaGraphBackend with reuse_output_buffer (prefill graphs) is not supported")
         runner = getattr(backend, "_cuda_graph_runner", None)
         profiler = getattr(runner, "_profiler", None) if getattr(runner, "enable_profile_cuda_graph", False) else None
         device = backend._device_module
@@ -133,7 +104,8 @@ class CaptureRouter:
                 profiler.step()
             if post_warmup_hook is not None:
                 post_warmup_hook()
-        graph = self.session.new_graph()
+        session = self.router.session
+        graph = session.new_graph()
         with self.capture_scope(), self._graph_ctx(backend, graph):
             backend._precarve.mint()
             out = forward_fn()
@@ -141,45 +113,15 @@ class CaptureRouter:
             profiler.step()
         backend._graphs[shape_key] = graph
         backend._outputs[shape_key] = out
-        try:
-            self.session.add_graph(name, graph, out)
-        except FoundryError as err:  # the graph itself is fine for this process; only the archive is given up
-            self.problem = f"graph {name} cannot be saved: {err}"
-            log.error("foundry: SAVE stopped, serving with live graphs: %s", self.problem)
-            return
-        self.recorded.append(name)
+        return graph, out, 0.0
 
     def _graph_ctx(self, backend, graph):
         """The session's capture context (it steps the thread's arena pools aside so the capture allocates from
         the graph pool); SGLang's ``device_module.graph`` into the same pool when the session has none."""
-        session_capture = getattr(self.session, "graph_capture", None)
+        session_capture = getattr(self.router.session, "graph_capture", None)
         if session_capture is not None:
             return session_capture(graph, stream=backend._capture_stream)
         return backend._device_module.graph(cuda_graph=graph, pool=backend._pool, stream=backend._capture_stream)
-
-    # LOAD ----------------------------------------------------------------------------------------
-    def _restored_graph(self, name: str) -> Optional[Any]:
-        if self._restored is None:
-            t0 = time.perf_counter()
-            try:
-                self._restored = dict(self.session.restore())
-            except Exception as err:  # any LOAD problem: capture live instead, say why once
-                self._fall_back(f"restore failed: {_one_line(err)}")
-                return None
-            log.info("foundry: restored %d graphs in %.2f s", len(self._restored), time.perf_counter() - t0)
-        graph = self._restored.get(name)
-        if graph is None:
-            log.warning("foundry: archive has no graph %s; capturing it live", name)
-        return graph
-
-    def _fall_back(self, reason: str) -> None:
-        self.problem = reason
-        self.mode = "live"
-        log.warning("foundry: LOAD not used, capturing CUDA graphs live: %s", reason)
-
-    def summary(self) -> str:
-        return (f"mode={self.mode} recorded={len(self.recorded)} restored={len(self.restored_names)} "
-                f"live={len(self.live_names)}" + (f" problem={self.problem}" if self.problem else ""))
 
 
 # -- per-process state -----------------------------------------------------------------------------
@@ -188,7 +130,8 @@ class PluginState:
     """Foundry's state in one scheduler process."""
 
     session: Any
-    router: CaptureRouter
+    router: GraphRouter
+    capture: CaptureAdapter
     archive_path: str
     key_material: str
     saved_kv_config: Optional[dict] = None  # LOAD: from the archive
@@ -206,11 +149,6 @@ def current_state() -> Optional[PluginState]:
 def reset_state() -> None:
     global _state
     _state = None
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def _archive_extra(session: Any) -> Dict[str, str]:
@@ -233,7 +171,7 @@ def _original(cls: type, name: str) -> Callable:
 
 
 def _rank_layout(runner: Any):
-    from foundry_sglang.keys import RankLayout
+    from foundry_sglang.graphs.keys import RankLayout
 
     try:
         from sglang.srt.runtime_context import get_parallel
@@ -273,7 +211,7 @@ def _resolved_graph_config_problem() -> Optional[str]:
         return None
     if check_cuda_graph_backend(Phase.DECODE, Backend.BREAKABLE):
         return "decode graph backend resolved to 'breakable'; use --cuda-graph-backend-decode full"
-    if check_cuda_graph_backend(Phase.PREFILL, Backend.FULL) or check_cuda_graph_backend(Phase.PREFILL, Backend.BREAKABLE):
+    if any(check_cuda_graph_backend(Phase.PREFILL, b) for b in (Backend.FULL, Backend.BREAKABLE)):
         return "prefill CUDA graphs are enabled; add --cuda-graph-backend-prefill disabled"
     return None
 
@@ -284,20 +222,20 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
     global _state
     if getattr(runner, "is_draft_worker", False) or _state is not None:
         return None
-    from foundry_sglang.keys import archive_key
-    from foundry_sglang.plugin import UnsafeFlag, check_flags, config_from_env
+    from foundry_sglang.plugin.flags import UnsafeFlag, check_flags, config_from_env
+    from foundry_sglang.plugin.keys import sglang_archive_key
 
     config = config_from_env()
     if not config.enabled:
         return None
     reason = check_flags(runner.server_args, config.mode) or _resolved_graph_config_problem()
     if reason:
-        if config.mode in ("save", "load"):
+        if config.mode in (FoundryMode.SAVE, FoundryMode.LOAD):
             raise UnsafeFlag(f"--foundry-mode {config.mode} refused: {reason}")
         log.warning("foundry: disabled for this server: %s", reason)
         return None
     layout = _rank_layout(runner)
-    key = archive_key(runner.server_args, layout)
+    key = sglang_archive_key(runner.server_args, layout)
     path = key.path(config.archive_dir)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,29 +243,28 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
         _disable_graph_pool_borrow()
         import foundry_core
 
-        session = foundry_core.Session(str(path), mode=config.mode, key=key.key, device=int(runner.gpu_id))
-        session.open()
-    except Exception as err:
-        if config.mode == "save":
+        session = foundry_core.Session(str(path), mode=config.mode.value, key=key.key, device=int(runner.gpu_id))
+    except FALLBACK_ERRORS as err:
+        if config.mode is FoundryMode.SAVE:
             raise
-        log.warning("foundry: not used, running plain SGLang: cannot open %s: %s", path, _one_line(err))
+        log.warning("foundry: not used, running plain SGLang: cannot open %s: %s", path, one_line(err))
+        return None
+    router = GraphRouter(session, config.mode)
+    if router.open() is Route.LIVE:  # the router said why; SGLang runs as is
         return None
     from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
 
     live = _original(FullCudaGraphBackend, "capture_one")
-    mode = session.mode
-    saved_kv, blocked = None, None
-    if mode == "load":
+    saved_kv = None
+    if router.route is Route.LOAD:
         try:
-            extra = _archive_extra(session)
-            saved_kv = json.loads(extra[EXTRA_KV])
+            saved_kv = json.loads(_archive_extra(session)[EXTRA_KV])
         except (FoundryError, KeyError, ValueError) as err:
-            blocked = f"archive has no usable KV-pool configuration ({_one_line(err)})"
-    router = CaptureRouter(session, mode, live_capture=lambda b, *a: live(b, *a),
-                           capture_scope=_graph_pool_capture_scope(), load_blocked=blocked)
-    _state = PluginState(session=session, router=router, archive_path=str(path), key_material=key.material,
-                         saved_kv_config=saved_kv)
-    log.info("foundry: %s %s (rank %s, pid %d)", mode.upper(), path, layout.tag(), os.getpid())
+            router.fall_back(f"archive has no usable KV-pool configuration ({one_line(err)})")
+    capture = CaptureAdapter(router, live_capture=lambda b, *a: live(b, *a), capture_scope=_graph_pool_capture_scope())
+    _state = PluginState(session=session, router=router, capture=capture, archive_path=str(path),
+                         key_material=key.material, saved_kv_config=saved_kv)
+    log.info("foundry: %s %s (rank %s, pid %d)", router.route.value.upper(), path, layout.tag(), os.getpid())
     return None
 
 
@@ -336,7 +273,7 @@ def around_resolve_memory_pool_config(original: Callable, configurator: Any, *ar
     state = _state
     if state is None or getattr(configurator, "is_draft_worker", False):
         return original(configurator, *args, **kwargs)
-    if state.router.mode == "load" and state.saved_kv_config is not None:
+    if state.router.route is Route.LOAD and state.saved_kv_config is not None:
         from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
 
         known = {f.name for f in dataclasses.fields(MemoryPoolConfig)}
@@ -346,7 +283,7 @@ def around_resolve_memory_pool_config(original: Callable, configurator: Any, *ar
                  config.max_total_num_tokens)
         return config
     config = original(configurator, *args, **kwargs)
-    if state.router.mode == "save":
+    if state.router.route is Route.SAVE:
         state.kv_config = dataclasses.asdict(config)
     return config
 
@@ -354,7 +291,7 @@ def around_resolve_memory_pool_config(original: Callable, configurator: Any, *ar
 def around_capture_session(original: Callable, backend: Any, stream: Any, *args, **kwargs):
     """AROUND FullCudaGraphBackend.capture_session: in SAVE, use the session's graph pool and capture phase."""
     state = _state
-    if state is None or state.router.mode != "save" or state.router.problem is not None:
+    if state is None or state.router.route is not Route.SAVE:
         return original(backend, stream, *args, **kwargs)
     return _save_capture_session(state, original, backend, stream, *args, **kwargs)
 
@@ -376,14 +313,14 @@ def _save_capture_session(state: PluginState, original, backend, stream, *args, 
 
 def replace_capture_one(backend: Any, shape_key: Any, forward_fn: Callable[[], Any], capture_inputs: Any = None,
                         post_warmup_hook: Optional[Callable[[], None]] = None) -> None:
-    """REPLACE FullCudaGraphBackend.capture_one: route through the process's CaptureRouter."""
+    """REPLACE FullCudaGraphBackend.capture_one: route through the process's CaptureAdapter."""
     state = _state
     if state is None:  # Foundry not active in this process (e.g. auto mode refused a flag): SGLang as is
         from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
 
         original = _original(FullCudaGraphBackend, "capture_one")
         return original(backend, shape_key, forward_fn, capture_inputs, post_warmup_hook)
-    return state.router.capture_one(backend, shape_key, forward_fn, capture_inputs, post_warmup_hook)
+    return state.capture.capture_one(backend, shape_key, forward_fn, capture_inputs, post_warmup_hook)
 
 
 def after_init_cuda_graphs(result: Any, runner: Any, *args, **kwargs) -> Any:
@@ -392,18 +329,13 @@ def after_init_cuda_graphs(result: Any, runner: Any, *args, **kwargs) -> Any:
     if state is None or getattr(runner, "is_draft_worker", False):
         return result
     router = state.router
-    if router.mode == "save" and router.problem is None and router.recorded:
+    if router.route is Route.SAVE and router.recorded:
         extra = {EXTRA_KEY: state.key_material, EXTRA_GRAPHS: json.dumps(router.recorded)}
         if state.kv_config is not None:
             extra[EXTRA_KV] = json.dumps(state.kv_config, sort_keys=True)
         else:
             log.warning("foundry: KV-pool configuration was not observed; the archive will not be loadable")
-        try:
-            path = state.session.save(extra=extra)
-            log.info("foundry: saved %d graphs to %s", len(router.recorded), path)
-        except Exception as err:
-            router.problem = f"save failed: {_one_line(err)}"
-            log.error("foundry: archive not written (serving continues): %s", router.problem)
+        router.save(extra)
     log.info("foundry: %s", router.summary())
     return result
 

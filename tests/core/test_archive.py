@@ -227,7 +227,8 @@ def test_header_field_errors(archive_file):
     path, _ = archive_file
     good = path.read_bytes()
     fields = list(HEADER.unpack_from(good))
-    for index, value, message in [(1, 2, "container version 2, this foundry reads 1"), (2, 4, "unknown header flags 0x4")]:
+    cases = [(1, 2, "container version 2, this foundry reads 1"), (2, 4, "unknown header flags 0x4")]
+    for index, value, message in cases:
         bad = bytearray(good)
         f = list(fields)
         f[index] = value
@@ -386,7 +387,8 @@ def _minimal_manifest() -> schema.Manifest:
         schema_version=schema.SCHEMA_VERSION,
         created_utc="2026-11-28T12:00:00Z",
         fingerprint=FINGERPRINT,
-        arena=schema.ArenaLayout(base=0x6A0000000000, size=1 << 30, granularity=2 << 20, capture_start=0, capture_end=0),
+        arena=schema.ArenaLayout(base=0x6A0000000000, size=1 << 30, granularity=2 << 20, capture_start=0,
+                                 capture_end=0),
         blobs={},
         images=[],
         functions=[],

@@ -5,7 +5,7 @@ import sys
 import textwrap
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_server_exits_when_its_parent_dies(tmp_path):
@@ -13,7 +13,7 @@ def test_server_exits_when_its_parent_dies(tmp_path):
     child = textwrap.dedent(f"""
         import os, signal, sys, time
         sys.path.insert(0, {ROOT!r})
-        from foundry_sglang.engine.server import exit_with_parent
+        from foundry_sglang.proc import exit_with_parent
         signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r} + ".term", "w").close(), os._exit(0)))
         open({str(marker)!r}, "w").write(str(os.getpid()))
         exit_with_parent(poll_s=0.05)

@@ -1,4 +1,5 @@
-"""CPU tests of foundry_sglang.graph_backend: archive keys/paths for the built-in engine and LOAD routing.
+"""CPU tests of foundry_sglang.graph_backend (the engine's adapter over the graphs router): archive keys/paths
+for the built-in engine, LOAD routing and the fallback policy.
 
 SAVE needs a GPU (warm-ups and torch.cuda.graph) and is covered by tests/gpu/check_launch.py and the benchmark;
 LOAD routing only looks graphs up, so it is tested here with a small restore stand-in (no CUDA involved).
@@ -26,20 +27,25 @@ def _backend(tmp_path, rank=0, **changes):
 def test_engine_archives_are_per_layout_and_rank_and_keyed_by_graph_inputs(tmp_path):
     base = _backend(tmp_path)
     assert base.session.path.parent == tmp_path and base.session.path.suffix == ".foundry"
-    assert "tp1-ep1-rank0" in base.session.path.name
+    assert base.session.path.name.startswith("builtin_tiny-tp1r0-") and base.session.key.startswith("builtin:")
     for change in ({"page_size": 32}, {"cuda_graph_bs": [1, 2]}, {"max_num_seqs": 64}, {"num_kv_pages": 99},
                    {"seed": 1}, {"dtype": "float16"}, {"max_model_len": 512}):
         other = _backend(tmp_path, **change)
         assert other.session.key != base.session.key, change
         assert other.session.path != base.session.path, change
     assert _backend(tmp_path).session.key == base.session.key  # deterministic
-    # A TP/EP layout has one rank template: no rank in its key or path, the rank only picks the delta at LOAD.
+    # A TP/EP layout has one rank template: no rank in its key or path; the rank only picks the delta at LOAD.
     r0, r1 = _backend(tmp_path, rank=0, tp=2), _backend(tmp_path, rank=1, tp=2)
-    assert "tp2-ep1-template" in r1.session.path.name
     assert r0.session.path == r1.session.path and r0.session.key == r1.session.key
-    assert (r0.session.rank, r1.session.rank) == (0, 1)
-    assert r1.session.requested_mode == "load"  # ranks never SAVE in place; rank 0 saves the template first
-    assert _backend(tmp_path, rank=0, ep=2).session.path != r0.session.path
+    assert "-tp2-" in r1.session.path.name and "r1" not in r1.session.path.name.split("-tp2-")[0][-3:]
+    assert (r0.session.rank, r1.session.rank) == (0, 1) and base.session.rank is None
+    assert r1.session.requested_mode == "load" and r1.requested_mode == "auto"  # rank 0 saves the template first
+    assert _backend(tmp_path, rank=1, ep=2).session.path not in (r0.session.path, base.session.path)
+
+
+def test_archive_flag_alone_means_auto(tmp_path):
+    args = EngineArgs(model="builtin:tiny", foundry_archive=str(tmp_path))
+    assert FoundryGraphBackend.from_engine_args(args).session.requested_mode == "auto"
 
 
 class RestoreStandIn:
@@ -47,10 +53,18 @@ class RestoreStandIn:
 
     def __init__(self, names, extra=None):
         graphs = [SimpleNamespace(key=n, is_child=False) for n in names]
-        self.archive = SimpleNamespace(manifest=SimpleNamespace(graphs=graphs, extra=extra or {}, slots=[]))
-        self.mode = "load"
+        self.archive = SimpleNamespace(manifest=SimpleNamespace(graphs=graphs, extra=extra or {}))
+        self.requested_mode = "load"
+        self.mode = None
         self.path = "stand-in.foundry"
         self.order = None
+        self.closed = False
+
+    def open(self):
+        self.mode = "load"
+
+    def close(self):
+        self.closed = True
 
     def restore(self, order, slot_filler=None):
         self.order = order
@@ -62,20 +76,47 @@ def test_load_routing_restores_smallest_first_and_never_runs_forward():
     names = [shape_key_name(b) for b in (256, 16, 8, 2, 1)]  # archive order: captured largest first
     session = RestoreStandIn(names, extra={"num_kv_pages": "123"})
     backend = FoundryGraphBackend(session)
-    assert backend.needs_forward is False and backend.saved_extra == {"num_kv_pages": "123"}
+    backend.before_allocations()
+    assert backend.router.route == "load" and backend.saved_extra == {"num_kv_pages": "123"}
     with backend.capture_session(stream=None):
         for bs in (256, 16, 8, 2, 1):
             backend.capture_one(bs, lambda: pytest.fail("LOAD must not run the forward"))
     assert session.order == ["decode_bs1", "decode_bs2", "decode_bs8", "decode_bs16", "decode_bs256"]
     assert backend.can_run(8) and not backend.can_run(4)
     assert backend._outputs[16] == "out-decode_bs16"
+    assert backend.router.restored_names == names and backend.router.live_names == []
 
 
-def test_load_routing_names_a_missing_graph():
-    backend = FoundryGraphBackend(RestoreStandIn([shape_key_name(1)]))
-    with backend.capture_session(stream=None):
-        with pytest.raises(FoundryError, match="no graph 'decode_bs4'"):
-            backend.capture_one(4, lambda: None)
+def test_load_routing_captures_a_missing_graph_live(monkeypatch, caplog):
+    session = RestoreStandIn([shape_key_name(1)])
+    backend = FoundryGraphBackend(session)
+    backend.before_allocations()
+    live = []
+    monkeypatch.setattr(backend, "_capture", lambda key, fn: live.append(key))
+    with caplog.at_level("WARNING"), backend.capture_session(stream=None):
+        backend.capture_one(1, lambda: pytest.fail("restored graphs never run the forward"))
+        backend.capture_one(4, lambda: None)
+    assert live == [4] and backend.router.restored_names == ["decode_bs1"]
+    assert backend.router.live_names == ["decode_bs4"]
+    assert "has no graph decode_bs4" in caplog.text and session.closed  # live capture outside the arena
+
+
+class FailingRestore(RestoreStandIn):
+    def restore(self, order):
+        raise FoundryError("archive stand-in.foundry: blob images/x sha256 mismatch")
+
+
+def test_restore_failure_falls_back_to_live_capture_with_one_line(monkeypatch, caplog):
+    backend = FoundryGraphBackend(FailingRestore([shape_key_name(1)]))
+    backend.before_allocations()
+    live = []
+    monkeypatch.setattr(backend, "_capture", lambda key, fn: live.append(key))
+    monkeypatch.setattr("foundry_sglang.graph_backend.torch.cuda.graph_pool_handle", lambda: "torch-pool")
+    with caplog.at_level("WARNING"), backend.capture_session(stream="s"):
+        backend.capture_one(1, lambda: None)
+    assert live == [1] and backend.router.route == "live" and backend.session.closed
+    assert "sha256 mismatch" in backend.fallback_reason
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
 
 
 class UnopenableSession:
@@ -101,8 +142,8 @@ def test_unusable_arena_falls_back_to_live_capture_with_one_line(mode, caplog):
     backend = FoundryGraphBackend(UnopenableSession(mode))
     with caplog.at_level("WARNING"):
         backend.before_allocations()
-    assert backend.needs_forward and backend.saved_extra == {} and backend.session.closed
-    assert "capturing the decode graphs live instead" in caplog.text and "not free" in caplog.text
+    assert backend.router.route == "live" and backend.saved_extra == {} and backend.session.closed
+    assert "capturing CUDA graphs live" in caplog.text and "not free" in caplog.text
     assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
 
 

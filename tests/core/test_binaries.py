@@ -189,7 +189,9 @@ def test_same_names_and_cubin_facts_narrowed_by_probe():
 
 def test_ambiguous_images_raise_unsupported_graph_naming_kernel_and_candidates():
     images = [facts(0, [K("k")], sha="a" * 64), facts(1, [K("k")], sha="b" * 64)]
-    same = lambda i: (frozenset({"k"}), {"k": {REGS: 32}})  # noqa: E731
+    def same(i):
+        return frozenset({"k"}), {"k": {REGS: 32}}
+
     with pytest.raises(UnsupportedGraph) as err:
         B.choose_image(module({"k"}, {"k": {REGS: 32}}), images, probe=same)
     msg = str(err.value)
@@ -206,7 +208,9 @@ def test_no_matching_image_is_explained():
 
 def test_probe_rejects_a_name_match_with_other_attributes():
     images = [facts(0, [K("k")])]
-    fresh = lambda i: (frozenset({"k"}), {"k": {REGS: 99}})  # noqa: E731
+    def fresh(i):
+        return frozenset({"k"}), {"k": {REGS: 99}}
+
     with pytest.raises(UnsupportedGraph, match="none loads with the same"):
         B.choose_image(module({"k"}, {"k": {REGS: 32}}), images, probe=fresh)
 

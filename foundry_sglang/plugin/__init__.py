@@ -1,0 +1,108 @@
+"""The SGLang plugin: entry point and the hooks it registers on SGLang 0.5.23.
+
+SGLang calls every entry point of the group ``sglang.srt.plugins`` from ``load_plugins()``
+(``srt/plugins/__init__.py``) in the launcher, in each scheduler process, the DP controller and the detokenizer.
+Our entry point (``pyproject.toml``: ``foundry = "foundry_sglang.plugin:register"``) does nothing unless Foundry
+is enabled through the environment (``FOUNDRY_MODE`` / ``FOUNDRY_ARCHIVE``, see :mod:`.flags`);
+``python -m foundry_sglang.launch`` sets both. When enabled, :func:`register` registers the hooks listed in
+:data:`HOOKS` with SGLang's ``HookRegistry`` (``srt/plugins/hook_registry.py``); ``load_plugins()`` applies them.
+
+Modules: :mod:`.flags` (settings from the environment, flag pins and refusals), :mod:`.keys` (the archive key
+material of an SGLang server), :mod:`.hooks` (the hook bodies: a thin adapter over
+:class:`foundry_sglang.graphs.router.GraphRouter`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from foundry_sglang.plugin import hooks
+from foundry_sglang.plugin.flags import UnsafeFlag, check_flags, config_from_env, refusals
+
+__all__ = ["HOOKS", "UnsafeFlag", "check_flags", "config_from_env", "refusals", "register", "unregister"]
+
+log = logging.getLogger("foundry_sglang.plugin")
+
+_MR = "sglang.srt.model_executor.model_runner.ModelRunner"
+_FULL = "sglang.srt.model_executor.runner_backend.full_cuda_graph_backend.FullCudaGraphBackend"
+_KVC = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+
+#: (target, hook type name, hook function name in foundry_sglang.plugin.hooks, why). Seams of sglang 0.5.23:
+HOOKS = (
+    # ModelRunner.__init__ runs init_torch_distributed() (NCCL and custom all-reduce already up: Scheduler
+    # called bootstrap.init_parallel_runtime) and then initialize(), whose load_model() allocates the weights.
+    (f"{_MR}.initialize", "BEFORE", "before_model_runner_initialize", "arm the arena before weights/KV"),
+    # alloc_memory_pool -> KVCacheConfigurator.configure -> _resolve_memory_pool_config profiles free memory;
+    # SAVE records its MemoryPoolConfig, LOAD returns the recorded one so the KV pool is allocated identically.
+    (f"{_KVC}._resolve_memory_pool_config", "AROUND", "around_resolve_memory_pool_config", "save/force KV pool"),
+    # DecodeCudaGraphRunner._capture enters backend.capture_session(stream) around all capture_one calls.
+    (f"{_FULL}.capture_session", "AROUND", "around_capture_session", "arena capture phase + graph pool"),
+    # capture_one: SAVE captures and records, LOAD fills _graphs/_outputs from the archive; replay() untouched.
+    (f"{_FULL}.capture_one", "REPLACE", "replace_capture_one", "capture+record or restore"),
+    # init_cuda_graphs ends after the last capture: SAVE writes the archive there.
+    (f"{_MR}.init_cuda_graphs", "AFTER", "after_init_cuda_graphs", "write the archive"),
+)
+
+# -- entry point -----------------------------------------------------------------------------------
+_registered = False
+
+
+def register() -> None:
+    """Entry point of ``sglang.srt.plugins``: register Foundry's hooks when FOUNDRY_MODE/FOUNDRY_ARCHIVE enable it."""
+    global _registered
+    try:
+        config = config_from_env()
+    except UnsafeFlag as err:
+        log.error("foundry: %s; Foundry disabled", err)
+        return
+    if not config.enabled or _registered:
+        log.debug("foundry plugin: mode=%s, registered=%s", config.mode, _registered)
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target, hook_type, fn_name, _why in HOOKS:
+        HookRegistry.register(target, getattr(hooks, fn_name), HookType[hook_type])
+    _registered = True
+    log.info("foundry plugin enabled: mode=%s archive=%s pid=%d", config.mode, config.archive_dir, os.getpid())
+
+
+def unregister() -> None:
+    """Undo :func:`register` in this process: restore the original functions and drop our hooks.
+
+    SGLang's HookRegistry has no unregister path (``reset()`` clears every plugin's hooks but leaves patched
+    functions in place), so this restores the originals from the ``__wrapped__`` chain its wrappers keep and
+    removes only our targets from the registry. Meant for tests and for turning Foundry off in-process.
+    """
+    global _registered
+    import pkgutil
+
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    ours = {getattr(hooks, fn_name) for _t, _h, fn_name, _w in HOOKS}
+    for target, _hook_type, _fn, _why in HOOKS:
+        owner_path, attr = target.rsplit(".", 1)
+        owner = pkgutil.resolve_name(owner_path)
+        current = owner.__dict__.get(attr)
+        original = current
+        while _is_registry_wrapper(original):
+            original = original.__wrapped__
+        if original is not current:
+            setattr(owner, attr, original)
+        remaining = [h for h in HookRegistry._hooks.get(target, []) if h[1] not in ours]
+        if remaining:  # another plugin's hooks on the same target: re-apply them on the next apply_hooks()
+            HookRegistry._hooks[target] = remaining
+        else:
+            HookRegistry._hooks.pop(target, None)
+        HookRegistry._patched.discard(target)
+    hooks.reset_state()
+    _registered = False
+
+
+def _is_registry_wrapper(fn: Any) -> bool:
+    """True for the wrapper functions HookRegistry builds (their code lives in hook_registry.py)."""
+    from sglang.srt.plugins import hook_registry
+
+    code = getattr(fn, "__code__", None)
+    return (code is not None and hasattr(fn, "__wrapped__")
+            and os.path.samefile(code.co_filename, hook_registry.__file__))
