@@ -8,13 +8,24 @@ import socket
 import threading
 import time
 
-__all__ = ["EXIT_WITH_PARENT_ENV", "exit_with_parent", "free_port"]
+__all__ = ["EXIT_WITH_PARENT_ENV", "NVLS_OFF_ENV", "disable_nvls", "exit_with_parent", "free_port"]
 
 log = logging.getLogger("foundry_sglang.proc")
 
 #: Set by supervisors (the elastic workers): stop when the supervising process goes away, so a Ctrl-C that takes
 #: the supervisor down never leaves an orphaned server holding GPUs.
 EXIT_WITH_PARENT_ENV = "FOUNDRY_EXIT_WITH_PARENT"
+
+#: NVLink multicast (NVLS) stays off in every process we start or run in: a program that uses it can put a
+#: shared host's GPUs out of service, and Foundry refuses graphs that would hold multicast objects anyway.
+NVLS_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def disable_nvls(env=None) -> dict:
+    """Force :data:`NVLS_OFF_ENV` into ``env`` (default: this process's environment, before NCCL starts)."""
+    target = os.environ if env is None else env
+    target.update(NVLS_OFF_ENV)
+    return target
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from foundry_sglang.graphs.settings import FoundryMode
-from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, free_port
+from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, disable_nvls, free_port
 
 log = logging.getLogger("foundry_sglang.elastic.workers")
 
@@ -75,6 +75,7 @@ def build_env(spec: WorkerSpec, gpu_ids: Sequence[int]) -> Dict[str, str]:
     # The server must import this very checkout even when it is not installed.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
     env[EXIT_WITH_PARENT_ENV] = "1"  # the built-in engine stops if its worker dies (no orphaned servers)
+    disable_nvls(env)  # also over a spec's own environment: NVLink multicast stays off in every engine
     if spec.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpu_ids)
     else:

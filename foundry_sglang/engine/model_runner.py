@@ -17,6 +17,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..proc import disable_nvls
 from .attention import AttentionMetadata
 from .batch import DECODE, PREFILL, StepBatch
 from .config import ConfigError, EngineArgs, ModelConfig, load_model_config
@@ -40,6 +41,7 @@ def resolve_dtype(args: EngineArgs, cfg: ModelConfig, device: str) -> torch.dtyp
 def init_distributed(args: EngineArgs, rank: int, device: str, virtual: bool = False) -> ParallelState:
     """Process group (NCCL on GPU, gloo on CPU) plus a gloo control group for step messages and barriers.
     ``virtual``: this process captures rank ``rank`` of the layout alone (comm_patch); no group is made."""
+    disable_nvls()  # before any NCCL communicator exists in this process
     state = ParallelState(rank=rank, world_size=args.world_size, tp=args.tp, ep=args.ep, virtual=virtual)
     if args.world_size > 1 and not virtual:
         if device == "cuda" and args.ranks_share_gpu:

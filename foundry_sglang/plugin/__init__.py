@@ -19,6 +19,7 @@ from typing import Any
 
 from foundry_sglang.plugin import hooks
 from foundry_sglang.plugin.flags import UnsafeFlag, check_flags, config_from_env, refusals
+from foundry_sglang.proc import disable_nvls
 
 __all__ = ["HOOKS", "UnsafeFlag", "check_flags", "config_from_env", "refusals", "register", "unregister"]
 
@@ -59,6 +60,7 @@ def register() -> None:
     if not config.enabled or _registered:
         log.debug("foundry plugin: mode=%s, registered=%s", config.mode, _registered)
         return
+    disable_nvls()  # SGLang processes load plugins before they create NCCL communicators
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     for target, hook_type, fn_name, _why in HOOKS:

@@ -5,6 +5,8 @@ The CUDA halves (placeholder kernel, capture into the restored graph on NCCL) ru
 """
 from __future__ import annotations
 
+import os
+
 import msgspec
 import numpy as np
 import pytest
@@ -270,3 +272,21 @@ def test_inspect_shows_the_rank_template(ranks, capsys):
     assert main(["inspect", str(tmp / "tpl.foundry")]) == 0
     out = capsys.readouterr().out
     assert "one template for 2 ranks (tp=2)" in out and "rank 1    delta 2 patches" in out
+
+
+def test_nvlink_multicast_is_off_in_every_process_we_start(monkeypatch):
+    from foundry_sglang.elastic.workers import WorkerSpec, build_env
+    from foundry_sglang.engine.config import EngineArgs
+    from foundry_sglang.engine.model_runner import init_distributed
+    from foundry_sglang.proc import NVLS_OFF_ENV
+
+    env = build_env(WorkerSpec(model="builtin:tiny", device="cuda", tp=2, env={"NCCL_NVLS_ENABLE": "1"}), [0, 1])
+    assert {k: env[k] for k in NVLS_OFF_ENV} == NVLS_OFF_ENV  # even over the spec's own environment
+    for k in NVLS_OFF_ENV:
+        monkeypatch.setenv(k, "1")
+    old = parallel.get_state()
+    try:
+        init_distributed(EngineArgs(model="builtin:tiny", device="cpu"), 0, "cpu")
+    finally:
+        parallel.set_state(old)
+    assert {k: os.environ[k] for k in NVLS_OFF_ENV} == NVLS_OFF_ENV
