@@ -2,7 +2,8 @@
 
 ``Arena`` wraps ``_native/arena.c``. PyTorch's caching allocator keeps doing the splitting and caching; it asks
 the arena for whole segments through ``CUDAPluggableAllocator`` under ``torch.cuda.MemPool``s, so no global
-allocator swap and no LD_PRELOAD is needed. Same sequence of segment requests ⇒ same addresses in SAVE and LOAD.
+allocator swap and no LD_PRELOAD is needed. Same sequence of segment requests ⇒ same addresses in SAVE and LOAD;
+the arena records that sequence (``trace()``) so LOAD can prove it.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import ctypes
 import logging
 import os
 from typing import Optional
+
+import numpy as np
 
 from foundry_core import native
 from foundry_core.errors import ArenaUnavailable
@@ -33,8 +36,10 @@ def native_lib() -> ctypes.CDLL:
         lib.foundry_arena_error.restype = ctypes.c_char_p
         lib.foundry_arena_map.argtypes = [u64, u64]
         lib.foundry_arena_advance.argtypes = [u64]
-        for fn in ("base", "size", "granularity", "cursor"):
+        for fn in ("base", "size", "granularity", "cursor", "trace_len"):
             getattr(lib, f"foundry_arena_{fn}").restype = u64
+        lib.foundry_arena_trace_copy.argtypes = [p, u64, u64]
+        lib.foundry_arena_trace_copy.restype = u64
         lib.foundry_sizeof_memcpy3d.restype = ctypes.c_size_t
         lib.foundry_build_graph.argtypes = [p, ctypes.c_uint32, p, p, p, ctypes.c_uint32, p, p, p, p, ctypes.c_char_p,
                                             ctypes.c_size_t, p, ctypes.c_uint32]
@@ -81,7 +86,7 @@ class Arena:
         self.base = base if base is not None else env_int("FOUNDRY_ARENA_BASE", DEFAULT_BASE)
         self.size = size if size is not None else env_int("FOUNDRY_ARENA_SIZE", DEFAULT_SIZE)
         self.lib = native_lib()
-        self._allocator = None
+        self._allocators: dict[str, object] = {}
 
     def reserve(self) -> None:
         got = ctypes.c_uint64(0)
@@ -97,15 +102,19 @@ class Arena:
         log.info("arena reserved at %#x (+%#x) on cuda:%d", self.base, self.size, self.device)
 
     # -- PyTorch -------------------------------------------------------------------------------------------------
-    def new_pool(self):
-        """A torch.cuda.MemPool whose segments come from this arena."""
+    #: Pools with their own malloc entry point in arena.c, so the trace records which pool asked.
+    POOLS = ("init", "warmup", "graphs")
+
+    def new_pool(self, name: str = ""):
+        """A torch.cuda.MemPool whose segments come from this arena; ``name`` is one of POOLS (or "" for none)."""
         import torch
 
-        if self._allocator is None:
-            self._allocator = torch.cuda.memory.CUDAPluggableAllocator(
-                self.lib._foundry_path, "foundry_arena_malloc", "foundry_arena_free"
+        if name not in self._allocators:
+            symbol = f"foundry_arena_malloc_{name}" if name in self.POOLS else "foundry_arena_malloc"
+            self._allocators[name] = torch.cuda.memory.CUDAPluggableAllocator(
+                self.lib._foundry_path, symbol, "foundry_arena_free"
             )
-        return torch.cuda.MemPool(self._allocator.allocator())
+        return torch.cuda.MemPool(self._allocators[name].allocator())
 
     # -- state ---------------------------------------------------------------------------------------------------
     @property
@@ -115,6 +124,20 @@ class Arena:
     @property
     def cursor(self) -> int:
         return int(self.lib.foundry_arena_cursor())
+
+    def trace_len(self) -> int:
+        return int(self.lib.foundry_arena_trace_len())
+
+    def trace(self, start: int = 0, end: Optional[int] = None) -> np.ndarray:
+        """Records [start, end) of the allocation trace, as ``layout.TRACE_DTYPE``."""
+        from foundry_core.layout import TRACE_DTYPE
+
+        end = self.trace_len() if end is None else end
+        out = np.zeros(max(end - start, 0), TRACE_DTYPE)
+        if len(out):
+            got = self.lib.foundry_arena_trace_copy(out.ctypes.data, start, len(out))
+            out = out[:got]
+        return out
 
     def advance(self, offset: int) -> None:
         if self.lib.foundry_arena_advance(offset) != 0:

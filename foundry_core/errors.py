@@ -2,7 +2,7 @@
 
 __all__ = [
     "FoundryError", "ArchiveError", "IncompatibleArchive", "ArenaUnavailable", "UnsupportedGraph", "UnsafeAddress",
-    "DeviceUnavailable", "NativeBuildError",
+    "DeviceUnavailable", "NativeBuildError", "LayoutMismatch",
 ]
 
 
@@ -36,3 +36,7 @@ class DeviceUnavailable(FoundryError):
 
 class NativeBuildError(FoundryError):
     """The small native helper library could not be compiled or loaded."""
+
+
+class LayoutMismatch(FoundryError):
+    """LOAD's arena allocations differ from SAVE's, so the graphs would read the wrong memory (refused at LOAD)."""

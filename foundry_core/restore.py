@@ -1,10 +1,12 @@
 """LOAD: rebuild executable graphs from an archive without capturing and without running the workload.
 
-Order of work (each step timed in ``RestoreStats``): map the capture region of the arena and write back the
-warm-up buffers graphs read; load kernel images and resolve functions; then build + instantiate + upload graphs
-in ``_native/restore.c`` (one native call per graph). The first graph is built before ``restore()`` returns;
-the others are built by a background thread in the requested order. ``RestoredGraph.replay()`` waits for its
-own graph if it is not ready yet, so replay never fails.
+Order of work (each step timed in ``RestoreStats``): compare this process's arena allocation trace and live blocks
+with SAVE's (``layout``: a different layout is refused before anything is rebuilt); map the capture region of the
+arena and write back the warm-up buffers graphs read; load kernel images and resolve functions; then build +
+instantiate + upload graphs in ``_native/restore.c`` (one native call per graph). The first graph is built before
+``restore()`` returns; the others are built by a background thread in the requested order.
+``RestoredGraph.replay()`` waits for its own graph if it is not ready yet, so replay never fails; for a graph
+that draws random numbers it first does what ``CUDAGraph.replay()`` does with the generator (``rng_prologue``).
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ log = logging.getLogger("foundry_core.restore")
 
 @dataclass
 class RestoreStats:
+    layout_seconds: float = 0.0  # allocation trace read back and compared with SAVE's
+    layout_records: int = 0
+    blocks_seconds: float = 0.0  # live blocks of the init pool read and compared with SAVE's
+    layout_blocks: int = 0
     map_seconds: float = 0.0
     snapshot_seconds: float = 0.0
     images_seconds: float = 0.0  # kernel images + functions, in the preloader (overlaps the app's own init)
@@ -72,6 +78,8 @@ class RestoredGraph:
         self._ready = threading.Event()
         self._error: Optional[str] = None
         self._lib = lib
+        self._rng: list[tuple[Any, Any, int]] = []  # (seed tensor, offset tensor, increment) in the arena
+        self._device = 0
 
     @property
     def ready(self) -> bool:
@@ -88,6 +96,8 @@ class RestoredGraph:
 
         if not self._ready.is_set() or self._error:
             self.wait()  # blocks until instantiated; raises if it could not be
+        if self._rng:
+            rng_prologue(torch.cuda.default_generators[self._device], self._rng)
         rc = self._lib.foundry_launch(self._exec, torch.cuda.current_stream().cuda_stream)
         if rc != 0:
             raise FoundryError(f"cuGraphLaunch of restored graph {self.key!r} failed with CUresult {rc}")
@@ -105,6 +115,21 @@ class RestoredGraph:
             self.reset()
         except Exception:
             pass
+
+
+def rng_prologue(gen, states) -> None:
+    """What ``CUDAGraph.replay()`` does before launching a graph that draws random numbers: write the generator's
+    seed and current offset where the graph's kernels read them (int64 tensors in the arena), then advance the
+    generator past the graph's draws. ``states``: (seed tensor, offset tensor, increment) per RNG state."""
+    for seed_t, offset_t, increment in states:
+        offset = gen.get_offset()
+        seed_t.fill_(_as_int64(gen.initial_seed()))
+        offset_t.fill_(_as_int64(offset))
+        gen.set_offset(offset + increment)
+
+
+def _as_int64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def rank_patches(m: schema.Manifest, rank: Optional[int]) -> list[schema.BytePatch]:
@@ -370,6 +395,15 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool,
     archive, arena, device = session.archive, session.arena, session.device
     m = archive.manifest
     start, end = m.arena.capture_start, m.arena.capture_end
+    from foundry_core import layout
+
+    live = arena.trace()
+    layout.check(m.trace, session._saved_trace, live, m.arena.granularity)
+    stats.layout_seconds, stats.layout_records = time.perf_counter() - t0, len(live)
+    t = time.perf_counter()
+    blocks = layout.live_blocks(session._pools["init"], arena.base)
+    layout.check_blocks(m.trace, session._saved_blocks, blocks, session._saved_trace)
+    stats.blocks_seconds, stats.layout_blocks = time.perf_counter() - t, len(blocks)
     if arena.cursor > start:
         raise FoundryError(
             f"the application allocated {arena.cursor - start} bytes more before restore() than before the "
@@ -426,7 +460,10 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool,
             outputs = pytree.tree_unflatten(tensors, pytree.treespec_loads(rec.output_tree))
         else:
             outputs = tensors[0] if tensors else None
-        graphs[i] = RestoredGraph(rec.key, outputs, lib)
+        graphs[i] = rg = RestoredGraph(rec.key, outputs, lib)
+        rg._device = device
+        rg._rng = [(_int64_at(r.seed_address, device), _int64_at(r.offset_address, device), r.increment)
+                   for r in rec.rng]
     index_of = {rg.key: i for i, rg in graphs.items()}
     wanted = [index_of[k] for k in (order or []) if k in index_of]
     ordered = wanted + sorted(set(graphs) - set(wanted))
@@ -462,3 +499,7 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool,
     session.restore_stats = stats
     session._builder = builder
     return {rg.key: rg for rg in graphs.values()}
+
+
+def _int64_at(address: int, device: int):
+    return tensor_at(schema.TensorSpec(address=address, dtype="int64", shape=[1], strides=[1], storage_bytes=8), device)

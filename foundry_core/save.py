@@ -2,7 +2,8 @@
 
 Steps: read every graph (codec), give kernels, events and child graphs archive-wide indices, map kernels to
 the module images they came from (binaries), refuse arguments that point outside restorable memory (safety),
-snapshot the warm-up buffers graphs read, share structure between graphs (templates), write blobs + manifest.
+find the graph-safe RNG state graphs read, snapshot the warm-up buffers graphs read, share structure between
+graphs (templates), write blobs + manifest with the arena's allocation trace (layout).
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from foundry_core import schema
+from foundry_core import layout, schema
 from foundry_core.codec import DecodedGraph, GraphReader, template_identity
 from foundry_core.errors import UnsafeAddress, UnsupportedGraph
-from foundry_core.safety import PointerOracle, candidate_words
+from foundry_core.safety import PointerOracle, candidate_words, judge_graph, padding_ranges, whole_word_params
 
 log = logging.getLogger("foundry_core.save")
 
@@ -146,19 +147,34 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
     lo, hi = arena.base, arena.base + arena.size
     oracle = PointerOracle()
     allow = os.environ.get("FOUNDRY_ALLOW_FOREIGN_POINTERS") == "1"
+    layouts = {global_ref[handle_index[h]]: reader.param_layout(h) for h in handles}
+    pointer_params = {f: whole_word_params(layout_) for f, layout_ in layouts.items()}
+    stale = 0
     arena_words = []
     for e in entries:
         spans = _kernel_and_copy_spans(e.graph)
         foreign = oracle.foreign(candidate_words(e.graph.payload, [(o, n) for _, o, n in spans], lo, hi))
         if foreign:
-            bad = foreign[0]
-            node, kernel = _node_holding(e.graph, spans, bad.address, functions)
-            msg = (f"graph {e.key!r}: node {node} ({kernel}) takes address {bad.address:#x}, {bad.owner}; LOAD "
-                   f"would not restore it ({len(foreign)} such address(es)). Allocate it after Session.open() on "
-                   "the session's thread")
-            if not allow:
-                raise UnsafeAddress(msg)
-            log.warning("%s (allowed by FOUNDRY_ALLOW_FOREIGN_POINTERS=1)", msg)
+            nodes = e.graph.nodes
+
+            def kernel_info(i, args, nodes=nodes):
+                if int(nodes[i]["kind"]) != schema.NODE_KERNEL:
+                    return None
+                f = int(nodes[i]["ref"])
+                return pointer_params[f], padding_ranges(functions[f].name, layouts[f], args)
+
+            verdicts = judge_graph(e.graph.payload, spans, {f.address: f.owner for f in foreign}, kernel_info)
+            refused = [v for v in verdicts if v.refused]
+            stale += len(verdicts) - len(refused)
+            if refused:
+                bad = refused[0]
+                msg = (f"graph {e.key!r}: node {bad.node} ({_node_name(e.graph, bad.node, functions)}) takes address "
+                       f"{bad.address:#x} as {bad.rule} (argument byte {bad.offset}), {bad.owner}; LOAD would not "
+                       f"restore it ({len(refused)} such use(s)). Allocate it with PyTorch after Session.open(); "
+                       "memory a library allocates by itself cannot be restored")
+                if not allow:
+                    raise UnsafeAddress(msg)
+                log.warning("%s (allowed by FOUNDRY_ALLOW_FOREIGN_POINTERS=1)", msg)
         for _, off, n in spans:
             w = np.frombuffer(e.graph.payload, "<u8", count=n // 8, offset=off)
             arena_words.append(w[(w >= lo) & (w < hi)])
@@ -167,7 +183,14 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
         for what, addr, size in (("send", spec.send, spec.send_bytes), ("recv", spec.recv, spec.recv_bytes)):
             if size and not (lo <= addr and addr + size <= hi):
                 raise UnsafeAddress(f"slot {spec.id} ({spec.op}): its {what} buffer {addr:#x} is outside the arena")
+    if stale:
+        log.info("foundry: %d argument word(s) in unused slots of PyTorch TensorInfo/OffsetCalculator parameters "
+                 "hold stale addresses of memory outside the arena; never read by their kernels, ignored", stale)
+    stats["stale_words"] = float(stale)
     stats["safety_seconds"] = time.perf_counter() - t2
+
+    # 3b. graph-safe RNG state: found through the blocks PyTorch allocated in capture_begin ------------------
+    rng_of = _find_rng_states(session, entries, words)
 
     # 4. snapshots of live warm-up buffers ----------------------------------------------------------------
     snapshots = _snapshot_blocks(session, words)
@@ -201,7 +224,7 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
                 payload=w.add_blob(f"graph/{i}/payload", g.payload) if g.payload else "",
                 attrs=w.add_blob(f"graph/{i}/attrs", g.attrs.tobytes()) if len(g.attrs) else "",
                 num_kernel_nodes=g.num_kernel_nodes, outputs=outputs, output_tree=tree, is_child=e.is_child,
-                capture_seconds=e.capture_seconds))
+                capture_seconds=e.capture_seconds, rng=rng_of.get(i, [])))
         snap_records = [
             schema.MemorySnapshot(address=a, size=len(data), blob=w.add_blob(f"snapshot/{a:#x}", data), note=note)
             for a, data, note in snapshots
@@ -214,6 +237,7 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
                                      capture_start=start, capture_end=end),
             blobs={}, images=image_records, functions=functions, templates=templates, graphs=records,
             snapshots=snap_records, num_events=len(events), extra=dict(extra), slots=slots,
+            trace=_allocation_trace(session, words),
         )
         path = w.finish(manifest)
     stats["total_seconds"] = time.perf_counter() - t0
@@ -242,15 +266,99 @@ def _referenced_slots(entries: list[_Entry], recorder) -> list[schema.SlotSpec]:
     return [recorder.specs[i] for i in sorted(ids)]
 
 
-def _node_holding(g: DecodedGraph, spans, address: int, functions) -> tuple[int, str]:
-    for node, off, n in spans:
-        w = np.frombuffer(g.payload, "<u8", count=n // 8, offset=off)
-        if (w == address).any():
-            rec = g.nodes[node]
-            if rec["kind"] == schema.NODE_KERNEL:
-                return node, f"kernel '{functions[int(rec['ref'])].name}'"
-            return node, schema.NODE_KIND_NAMES[int(rec["kind"])]
-    return -1, "?"
+def _node_name(g: DecodedGraph, node: int, functions) -> str:
+    rec = g.nodes[node]
+    if rec["kind"] == schema.NODE_KERNEL:
+        return f"kernel '{functions[int(rec['ref'])].name}'"
+    return schema.NODE_KIND_NAMES[int(rec["kind"])]
+
+
+def _allocation_trace(session, words: np.ndarray) -> schema.AllocationTrace:
+    """The arena's trace from open() to now (LOAD must reproduce the part before the capture phase) and the live
+    blocks of that time which the graphs' arguments (``words``) point into."""
+    import torch
+
+    arena = session.arena
+    rows = arena.trace()
+    compared = session._trace_at_capture
+    held: dict[int, str] = {}
+    segments = {int(seg["address"]): seg for seg in torch.cuda.memory_snapshot()}
+    for i in np.nonzero(rows["op"][:compared] == layout.OP_ALLOC)[0].tolist():
+        seg = segments.get(arena.base + int(rows[i]["offset"]))
+        if seg is None:
+            continue
+        sizes = sorted((int(b["size"]) for b in seg["blocks"] if b["state"] == "active_allocated"), reverse=True)
+        if sizes:
+            shown = ", ".join(layout.human_bytes(n) for n in sizes[:3]) + (" …" if len(sizes) > 3 else "")
+            held[i] = f"{len(sizes)} tensor(s): {shown}"
+    blocks = layout.read_blocks(session._blocks_at_capture, words, arena.base)
+    return layout.encode(rows, compared, session._labels, held, blocks)
+
+
+def _find_rng_states(session, entries: list[_Entry], words: np.ndarray) -> dict[int, list[schema.RngState]]:
+    """Graphs whose arguments hold a pair of pointers into the graph-safe RNG state PyTorch allocated in
+    capture_begin (PhiloxCudaState: seed pointer, offset pointer — a lone stale copy in padding does not count):
+    replay each once with the generator at a probe offset, read the state back to tell seed from offset, and
+    measure how far the replay advanced the generator (torch's whole-graph increment). The generator state is
+    put back after; the replay writes what the graph writes, like one more warm-up."""
+    import torch
+
+    blocks = sorted(a for a, _ in session._capture_begin_blocks)
+    if not blocks or not len(words):
+        return {}
+    graphs = {key: g for key, g, _, _ in session._graphs}
+    gen = torch.cuda.default_generators[session.device]
+    out: dict[int, list[schema.RngState]] = {}
+    for i, e in enumerate(entries):
+        if e.is_child:
+            continue
+        w = _graph_words(e, entries)
+        state = np.isin(w, np.asarray(blocks, np.uint64))
+        pairs = state[:-1] & state[1:] & (w[:-1] != w[1:])
+        if not pairs.any():
+            continue
+        refs = sorted(set(w[:-1][pairs].tolist()) | set(w[1:][pairs].tolist()))
+        saved_state = gen.get_state()
+        seed = gen.initial_seed()
+        probe = ((gen.get_offset() + (1 << 40) + 0x5EED0) // 4) * 4
+        try:
+            gen.set_offset(probe)
+            graphs[e.key].replay()
+            torch.cuda.synchronize()
+            increment = gen.get_offset() - probe
+            values = {a: _read_u64(a, session.device) for a in refs}
+        finally:
+            gen.set_state(saved_state)
+        seeds = [a for a, v in values.items() if v == seed % (1 << 64)]
+        offsets = [a for a, v in values.items() if v == probe]
+        if increment == 0:
+            continue  # the graph draws no random numbers; the words are stale copies
+        if len(seeds) != 1 or len(offsets) != 1:
+            raise UnsupportedGraph(
+                f"graph {e.key!r} draws random numbers (generator advanced by {increment}) but its RNG state could "
+                "not be identified (a generator other than the default CUDA generator?); keep random sampling "
+                "outside the graph or use the default generator")
+        out[i] = [schema.RngState(generator="default", seed_address=seeds[0], offset_address=offsets[0],
+                                  increment=int(increment))]
+        log.info("foundry: graph %r draws random numbers: Philox state at %#x/%#x, +%d per replay", e.key, seeds[0],
+                 offsets[0], increment)
+    return out
+
+
+def _graph_words(e: _Entry, entries: list[_Entry]) -> np.ndarray:
+    """All 8-byte argument words of a graph and its child graphs."""
+    parts = []
+    for _, off, n in _kernel_and_copy_spans(e.graph):
+        parts.append(np.frombuffer(e.graph.payload, "<u8", count=n // 8, offset=off))
+    parts += [_graph_words(entries[c], entries) for c in e.child_indices]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
+
+def _read_u64(address: int, device: int) -> int:
+    from foundry_core.restore import tensor_at
+
+    t = tensor_at(schema.TensorSpec(address=address, dtype="int64", shape=[1], strides=[1], storage_bytes=8), device)
+    return int(t.item()) % (1 << 64)
 
 
 def _snapshot_blocks(session, words: np.ndarray) -> list[tuple[int, bytes, str]]:

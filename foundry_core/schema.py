@@ -9,10 +9,12 @@ are defined once here as numpy dtypes; the C side mirrors them in ``restore.h``.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import msgspec
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: allocation trace, RNG state per graph
 
 # ---------------------------------------------------------------------------
 # Binary records (little-endian, packed) used inside graph blobs.
@@ -156,6 +158,45 @@ class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
     storage_bytes: int  # bytes from data_ptr() the view may touch
 
 
+class TraceLabel(msgspec.Struct, frozen=True, kw_only=True):
+    """A name the application gave to trace records [first, end) with ``Session.label()``."""
+
+    name: str
+    first: int
+    end: int
+
+
+class AllocationTrace(msgspec.Struct, frozen=True, kw_only=True):
+    """The arena's segment allocations and frees, in order, from ``Session.open()`` to ``save()``.
+
+    ``records`` is zlib-compressed ``layout.TRACE_DTYPE`` rows (op, pool, size in granules, offset). LOAD must
+    have made exactly the first ``compared`` rows (those before the capture phase) when ``restore()`` is called.
+    """
+
+    records: bytes
+    count: int
+    compared: int
+    sha256: str  # of the first ``compared`` raw rows
+    labels: list[TraceLabel] = []
+    #: Row index -> what the segment held at SAVE (live tensors' sizes), for messages.
+    held: dict[int, str] = {}
+    #: The live PyTorch blocks of that point which the graphs' arguments point into: zlib of (arena offset, size)
+    #: <u8 pairs, sorted. Catches tensors that moved inside shared segments (invisible to the segment rows).
+    blocks: bytes = b""
+    num_blocks: int = 0
+    blocks_sha256: str = ""
+
+
+class RngState(msgspec.Struct, frozen=True, kw_only=True):
+    """PyTorch's graph-safe Philox state that a graph reads: before each replay LOAD writes the generator's seed and
+    offset there and advances the generator by ``increment``, exactly as ``CUDAGraph.replay()`` does."""
+
+    generator: str  # "default": torch.cuda.default_generators[device]
+    seed_address: int  # int64 holding the seed
+    offset_address: int  # int64 holding the generator offset at replay
+    increment: int  # offset advance per replay (sum of the graph's Philox increments)
+
+
 class GraphTemplate(msgspec.Struct, frozen=True, kw_only=True):
     """Topology shared by graphs of many batch sizes: node kinds and edges (stored once)."""
 
@@ -178,6 +219,7 @@ class GraphRecord(msgspec.Struct, frozen=True, kw_only=True):
     output_tree: str = ""  # torch.utils._pytree treespec as JSON; "" for a single tensor / no outputs
     is_child: bool = False  # True: only used as a child-graph node of another graph
     capture_seconds: float = 0.0
+    rng: list[RngState] = []
 
 
 class SlotSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -238,6 +280,7 @@ class Manifest(msgspec.Struct, kw_only=True):
     graphs: list[GraphRecord]
     snapshots: list[MemorySnapshot] = []
     num_events: int = 0
+    trace: Optional[AllocationTrace] = None  # None only in archives written without a session (tests, tools)
     #: Free-form, caller-supplied (e.g. the SGLang plugin's KV-pool configuration).
     extra: dict[str, str] = {}
     #: Placeholder nodes (NODE_SLOT) by id; filled at LOAD by the caller.

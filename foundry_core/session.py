@@ -1,11 +1,12 @@
 """``Session``: the public entry point tying arena, binaries, codec, archive and restore together.
 
-SAVE: ``open()`` starts recording module images (before CUDA work), reserves the arena and routes this thread's
-allocations into it; the application initialises; ``capture_phase()`` brackets warm-ups and captures;
-``save()`` reads the graphs, checks them, and writes the archive.
+SAVE: ``open()`` starts recording module images (before CUDA work), reserves the arena and routes every
+allocation PyTorch makes from then on — any thread, any stream, PyTorch's own included — into it; the application
+initialises; ``capture_phase()`` brackets warm-ups and captures; ``save()`` reads the graphs, checks them, and
+writes the archive together with the arena's allocation trace.
 LOAD: ``open()`` checks the archive against this machine and reserves the same arena; the application runs the
-same initialisation; ``restore()`` maps the capture region, writes back warm-up buffers, loads kernels and
-rebuilds the graphs — no capture, no forward pass.
+same initialisation; ``restore()`` compares this process's allocation trace with SAVE's, maps the capture region,
+writes back warm-up buffers, loads kernels and rebuilds the graphs — no capture, no forward pass.
 """
 from __future__ import annotations
 
@@ -68,7 +69,13 @@ class Session:
         self.archive = None
         self._recorder = None
         self._pools: dict[str, Any] = {}
-        self._active: list[contextlib.AbstractContextManager] = []  # this thread's use_mem_pool contexts
+        self._route: Optional[str] = None  # the arena pool every allocation goes to now
+        self._labels: list[tuple[str, int, int]] = []  # (name, first trace record, end) from label()
+        self._capture_begin_blocks: set[tuple[int, int]] = set()  # blocks PyTorch allocated inside capture_begin
+        self._trace_at_capture: Optional[int] = None
+        self._saved_trace = None  # LOAD: SAVE's trace rows (layout.TRACE_DTYPE), decoded at open()
+        self._saved_blocks = None  # LOAD: SAVE's live blocks before capture, (offset, size) rows
+        self._blocks_at_capture = None  # SAVE: the same, taken when the capture phase began
         self._graphs: list[tuple[str, Any, Any, float]] = []  # (key, CUDAGraph, outputs, capture seconds)
         self._capture_range: Optional[tuple[int, int]] = None
         self._in_capture_phase = False
@@ -139,12 +146,13 @@ class Session:
         self.arena = Arena(self.device, base, size)
         self.arena.reserve()
         for name in ("init", "warmup", "graphs"):
-            self._pools[name] = self.arena.new_pool()
+            self._pools[name] = self.arena.new_pool(name)
         self.open_stats["arena_seconds"] = time.perf_counter() - t1
-        self._push_pool("init")
+        self._route_to("init")
 
     def _open_archive(self) -> Optional[FoundryError]:
         """Open and check the archive; return the problem instead of raising (auto mode falls back on it)."""
+        from foundry_core import layout
         from foundry_core.archive import Archive
         from foundry_core.fingerprint import check_compatible, current_fingerprint
 
@@ -157,6 +165,10 @@ class Session:
             if ranks is not None and not (self.rank is not None and 0 <= self.rank < ranks.world_size):
                 raise ArchiveError(f"{self.path} is a template for {ranks.world_size} ranks; this process is rank "
                                    f"{self.rank} (pass Session(rank=...))")
+            layout.check_addresses(archive.manifest, str(self.path))
+            if archive.manifest.trace is not None:  # decoded now so restore() only compares
+                self._saved_trace = layout.decode(archive.manifest.trace, str(self.path))
+                self._saved_blocks = layout.decode_blocks(archive.manifest.trace, str(self.path))
         except FoundryError as e:
             with contextlib.suppress(Exception):
                 archive.close()  # unbound (NameError, suppressed) when open failed
@@ -165,41 +177,41 @@ class Session:
         return None
 
     def close(self) -> None:
-        """Stop routing this thread's allocations to the arena and stop recording images. Graphs, outputs and
-        tensors already allocated stay valid."""
-        while self._active:
-            with contextlib.suppress(Exception):
-                self._active.pop().__exit__(None, None, None)
+        """Stop routing allocations to the arena and stop recording images. Graphs, outputs and tensors already
+        allocated stay valid."""
+        with contextlib.suppress(Exception):
+            self._route_to(None)
         if self._recorder is not None:
             self._recorder.stop()
             self._recorder = None
 
     # ------------------------------------------------------------------------------------------------------------
-    # memory pools on this thread
+    # where allocations go
     # ------------------------------------------------------------------------------------------------------------
-    def _push_pool(self, name: str) -> None:
+    def _route_to(self, name: Optional[str]) -> None:
+        """Route every allocation (all threads, all streams) to the arena pool ``name``; None stops routing.
+        One route at a time: PyTorch takes the first matching pool, so stacked routes would hide the newer one."""
         import torch
 
-        ctx = torch.cuda.use_mem_pool(self._pools[name], device=self.device)
-        ctx.__enter__()
-        ctx._foundry_pool = name
-        self._active.append(ctx)
-
-    def _pop_pool(self) -> None:
-        self._active.pop().__exit__(None, None, None)
+        if self._route is not None:
+            pool_id = self._pools[self._route].id
+            torch._C._cuda_endAllocateToPool(self.device, pool_id)
+            torch._C._cuda_releasePool(self.device, pool_id)
+            self._route = None
+        if name is not None:
+            torch._C._cuda_beginAllocateToPool(self.device, self._pools[name].id)
+            self._route = name
 
     @contextlib.contextmanager
-    def _thread_pools_suspended(self):
-        """PyTorch routes a thread's allocations to the FIRST matching pool, so during a graph capture the
-        thread-wide pools must step aside for the capture pool."""
-        names = [c._foundry_pool for c in self._active]
-        while self._active:
-            self._pop_pool()
+    def label(self, name: str):
+        """Name the arena allocations made inside (e.g. "weights", "kv cache"): a LOAD whose layout differs
+        from SAVE's then says what the first divergent allocation was."""
+        first = self.arena.trace_len() if self.arena is not None else 0
         try:
             yield
         finally:
-            for name in names:
-                self._push_pool(name)
+            if self.arena is not None:
+                self._labels.append((name, first, self.arena.trace_len()))
 
     @property
     def graph_pool(self):
@@ -222,13 +234,17 @@ class Session:
         if self._capture_range is not None:
             raise FoundryError("capture_phase() may be entered once per session")
         start = self.arena.cursor
-        self._push_pool("warmup")
+        self._trace_at_capture = self.arena.trace_len()
+        from foundry_core.layout import live_blocks
+
+        self._blocks_at_capture = live_blocks(self._pools["init"], self.arena.base)
+        self._route_to("warmup")
         self._in_capture_phase = True
         try:
             yield self
         finally:
             self._in_capture_phase = False
-            self._pop_pool()
+            self._route_to("init")
             self._capture_range = (start, self.arena.cursor)
 
     def new_graph(self):
@@ -239,12 +255,19 @@ class Session:
 
     @contextlib.contextmanager
     def graph_capture(self, graph, stream=None):
-        """``torch.cuda.graph`` into the session's graph pool, with this thread's pools stepped aside."""
+        """``torch.cuda.graph`` into the session's graph pool.
+
+        What PyTorch allocates inside ``capture_begin`` (the generator's graph-safe RNG state) still goes to the
+        arena; once capture has begun, the session's route steps behind the capture's own pool, so the capture
+        allocates from the graph pool and other threads keep allocating from the arena."""
         import torch
 
         if not self._in_capture_phase:
             raise FoundryError("graphs must be captured inside Session.capture_phase()")
-        with self._thread_pools_suspended(), torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+        before = _live_blocks(self.device)
+        with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+            self._capture_begin_blocks |= _live_blocks(self.device) - before
+            self._route_to(self._route)  # re-register: now after the capture's pool in PyTorch's routing list
             yield
 
     def capture(self, key: str, fn: Callable[[], Any], warmups: int = 2, stream=None):
@@ -321,3 +344,17 @@ class Session:
         thread = getattr(self, "_restore_thread", None)
         if thread is not None:
             thread.join()
+
+
+def _live_blocks(device: int) -> set[tuple[int, int]]:
+    """(address, size) of every allocated block PyTorch's caching allocator holds on ``device``."""
+    import torch
+
+    out = set()
+    for seg in torch.cuda.memory_snapshot():
+        if seg.get("device", device) != device:
+            continue
+        for blk in seg["blocks"]:
+            if blk["state"] == "active_allocated":
+                out.add((int(blk["address"]), int(blk["size"])))
+    return out

@@ -4,8 +4,11 @@
  * its own physical allocation, mapped on demand. Virtual addresses are never reused, so the address of every
  * segment is a pure function of the sequence of segment sizes asked for — the same in a SAVE and a LOAD process.
  *
- * PyTorch reaches this through CUDAPluggableAllocator (foundry_arena_malloc / foundry_arena_free), under a
+ * PyTorch reaches this through CUDAPluggableAllocator (foundry_arena_malloc_<pool> / foundry_arena_free), under a
  * torch.cuda.MemPool, so its caching allocator still splits and caches blocks inside our segments.
+ *
+ * Every segment handed out or given back is appended to a trace (op, pool, offset, size): SAVE stores it, LOAD
+ * compares its own trace with it before rebuilding anything (see foundry_core/layout.py).
  */
 #include "driver.h"
 
@@ -20,7 +23,19 @@ typedef struct {
     CUdeviceptr addr;
     size_t size;
     CUmemGenericAllocationHandle handle;
+    uint8_t pool;
 } Chunk;
+
+/* One trace record; mirrored by foundry_core.layout.TRACE_DTYPE (16 bytes, little-endian). */
+enum { TRACE_ALLOC = 1, TRACE_FREE = 2, TRACE_MAP = 3 };
+typedef struct {
+    uint8_t op;
+    uint8_t pool; /* 0 init, 1 warmup, 2 graphs, 3 raw (LOAD's capture region), 255 unnamed */
+    uint16_t reserved;
+    uint32_t granules; /* size in units of the arena granularity */
+    uint64_t offset;   /* from the arena base */
+} TraceEvent;
+_Static_assert(sizeof(TraceEvent) == 16, "TraceEvent must match foundry_core.layout.TRACE_DTYPE");
 
 static struct {
     int ready;
@@ -31,6 +46,8 @@ static struct {
     size_t cursor; /* offset from base */
     Chunk *chunks;
     size_t nchunks, cap;
+    TraceEvent *trace;
+    size_t ntrace, trace_cap;
     pthread_mutex_t mu;
     char err[512];
 } A = {.mu = PTHREAD_MUTEX_INITIALIZER};
@@ -112,8 +129,24 @@ static int push_chunk(Chunk c) {
     return 0;
 }
 
+/* Caller holds the lock. A trace that cannot grow is marked by a record with op 0 (LOAD then refuses). */
+static void trace_locked(uint8_t op, uint8_t pool, size_t offset, size_t size) {
+    if (A.ntrace == A.trace_cap) {
+        size_t cap = A.trace_cap ? A.trace_cap * 2 : 1024;
+        TraceEvent *n = realloc(A.trace, cap * sizeof(TraceEvent));
+        if (!n) {
+            if (A.ntrace) A.trace[A.ntrace - 1].op = 0;
+            return;
+        }
+        A.trace = n;
+        A.trace_cap = cap;
+    }
+    TraceEvent e = {op, pool, 0, (uint32_t)(size / A.granularity), (uint64_t)offset};
+    A.trace[A.ntrace++] = e;
+}
+
 /* Map physical memory at [addr, addr+size); caller holds the lock. */
-static int map_locked(CUdeviceptr addr, size_t size) {
+static int map_locked(CUdeviceptr addr, size_t size, uint8_t pool) {
     CUmemAllocationProp prop;
     memset(&prop, 0, sizeof prop);
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
@@ -136,7 +169,7 @@ static int map_locked(CUdeviceptr addr, size_t size) {
         p_cuMemRelease(h);
         return FAIL("cuMemSetAccess at 0x%llx failed: %s", (unsigned long long)addr, foundry_cu_error_name(r));
     }
-    Chunk c = {addr, size, h};
+    Chunk c = {addr, size, h, pool};
     if (push_chunk(c)) {
         p_cuMemUnmap(addr, size);
         p_cuMemRelease(h);
@@ -145,9 +178,8 @@ static int map_locked(CUdeviceptr addr, size_t size) {
     return 0;
 }
 
-/* PyTorch CUDAPluggableAllocator entry points. */
-void *foundry_arena_malloc(ssize_t size, int device, void *stream) {
-    (void)stream;
+/* PyTorch CUDAPluggableAllocator entry points: one malloc per pool so the trace knows which pool asked. */
+static void *arena_malloc(ssize_t size, int device, uint8_t pool) {
     void *out = NULL;
     pthread_mutex_lock(&A.mu);
     if (!A.ready) {
@@ -158,8 +190,9 @@ void *foundry_arena_malloc(ssize_t size, int device, void *stream) {
         size_t bytes = round_up((size_t)size, A.granularity);
         if (A.cursor + bytes > A.size) {
             SET_ERROR("arena exhausted: %zu bytes asked, %zu of %zu used", bytes, A.cursor, A.size);
-        } else if (map_locked(A.base + A.cursor, bytes) == 0) {
+        } else if (map_locked(A.base + A.cursor, bytes, pool) == 0) {
             out = (void *)(A.base + A.cursor);
+            trace_locked(TRACE_ALLOC, pool, A.cursor, bytes);
             A.cursor += bytes;
         }
     }
@@ -167,11 +200,23 @@ void *foundry_arena_malloc(ssize_t size, int device, void *stream) {
     return out;
 }
 
+void *foundry_arena_malloc(ssize_t size, int device, void *stream) { (void)stream; return arena_malloc(size, device, 255); }
+void *foundry_arena_malloc_init(ssize_t size, int device, void *stream) { (void)stream; return arena_malloc(size, device, 0); }
+void *foundry_arena_malloc_warmup(ssize_t size, int device, void *stream) {
+    (void)stream;
+    return arena_malloc(size, device, 1);
+}
+void *foundry_arena_malloc_graphs(ssize_t size, int device, void *stream) {
+    (void)stream;
+    return arena_malloc(size, device, 2);
+}
+
 void foundry_arena_free(void *ptr, ssize_t size, int device, void *stream) {
     (void)size, (void)device, (void)stream;
     pthread_mutex_lock(&A.mu);
     for (size_t i = 0; i < A.nchunks; i++) {
         if (A.chunks[i].addr == (CUdeviceptr)ptr) {
+            trace_locked(TRACE_FREE, A.chunks[i].pool, A.chunks[i].addr - A.base, A.chunks[i].size);
             p_cuMemUnmap(A.chunks[i].addr, A.chunks[i].size);
             p_cuMemRelease(A.chunks[i].handle);
             A.chunks[i] = A.chunks[--A.nchunks]; /* the virtual range stays consumed: never reused */
@@ -192,8 +237,11 @@ int foundry_arena_map(uint64_t offset, uint64_t size) {
         rc = FAIL("raw mapping at offset 0x%llx overlaps memory already handed out (cursor 0x%zx): the allocation "
                   "sequence before capture differs from SAVE", (unsigned long long)offset, A.cursor);
     else {
-        rc = map_locked(A.base + offset, size);
-        if (rc == 0) A.cursor = offset + size;
+        rc = map_locked(A.base + offset, size, 3);
+        if (rc == 0) {
+            trace_locked(TRACE_MAP, 3, offset, size);
+            A.cursor = offset + size;
+        }
     }
     pthread_mutex_unlock(&A.mu);
     return rc;
@@ -220,4 +268,21 @@ int foundry_arena_advance(uint64_t offset) {
         A.cursor = offset;
     pthread_mutex_unlock(&A.mu);
     return rc;
+}
+
+/* The allocation trace: number of records, and a copy of records [start, start+n) into dst (returns how many). */
+uint64_t foundry_arena_trace_len(void) {
+    pthread_mutex_lock(&A.mu);
+    uint64_t n = A.ntrace;
+    pthread_mutex_unlock(&A.mu);
+    return n;
+}
+
+uint64_t foundry_arena_trace_copy(void *dst, uint64_t start, uint64_t n) {
+    pthread_mutex_lock(&A.mu);
+    if (start > A.ntrace) start = A.ntrace;
+    if (n > A.ntrace - start) n = A.ntrace - start;
+    if (n) memcpy(dst, A.trace + start, n * sizeof(TraceEvent));
+    pthread_mutex_unlock(&A.mu);
+    return n;
 }

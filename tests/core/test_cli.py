@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from foundry_core import schema
 from foundry_core.archive import Archive
 from foundry_core.cli import main
 from foundry_core.fingerprint import gpu_unavailable_reason
@@ -34,7 +35,7 @@ def test_inspect_text(archive_file, capsys):
     path, _ = archive_file
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "schema      1, created 2026-11-28T12:00:00Z" in out
+    assert f"schema      {schema.SCHEMA_VERSION}, created 2026-11-28T12:00:00Z" in out
     assert "gpu_name='NVIDIA H200'" in out and "key         'qwen3-8b|tp1|rank0|kv_pages=4096'" in out
     assert "base 0x6a0000000000, reserved 80.0 GiB" in out
     assert "capture range [0x6a0440000000, 0x6a0440600000) = 6.0 MiB" in out
