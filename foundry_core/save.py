@@ -312,12 +312,9 @@ def _find_rng_states(session, entries: list[_Entry], words: np.ndarray) -> dict[
     for i, e in enumerate(entries):
         if e.is_child:
             continue
-        w = _graph_words(e, entries)
-        state = np.isin(w, np.asarray(blocks, np.uint64))
-        pairs = state[:-1] & state[1:] & (w[:-1] != w[1:])
-        if not pairs.any():
+        refs = rng_state_refs(_graph_words(e, entries), blocks)
+        if not refs:
             continue
-        refs = sorted(set(w[:-1][pairs].tolist()) | set(w[1:][pairs].tolist()))
         saved_state = gen.get_state()
         seed = gen.initial_seed()
         probe = ((gen.get_offset() + (1 << 40) + 0x5EED0) // 4) * 4
@@ -343,6 +340,15 @@ def _find_rng_states(session, entries: list[_Entry], words: np.ndarray) -> dict[
         log.info("foundry: graph %r draws random numbers: Philox state at %#x/%#x, +%d per replay", e.key, seeds[0],
                  offsets[0], increment)
     return out
+
+
+def rng_state_refs(words: np.ndarray, blocks) -> list[int]:
+    """Addresses among ``blocks`` that ``words`` hold as an adjacent pair of two different ones (PhiloxCudaState's
+    seed and offset pointers); a lone copy (stale padding) does not count."""
+    w = np.asarray(words, np.uint64)
+    state = np.isin(w, np.asarray(list(blocks), np.uint64))
+    pairs = state[:-1] & state[1:] & (w[:-1] != w[1:])
+    return sorted(set(w[:-1][pairs].tolist()) | set(w[1:][pairs].tolist()))
 
 
 def _graph_words(e: _Entry, entries: list[_Entry]) -> np.ndarray:

@@ -323,6 +323,18 @@ def test_bad_addresses_are_refused_before_touching_the_device(change, message):
         layout.check_addresses(manifest(**change), "x.foundry")
 
 
+def test_rng_state_is_recognised_by_its_pointer_pair_only():
+    from foundry_core.save import rng_state_refs
+
+    seed, offset = BASE + 0x3800000, BASE + 0x3800200
+    philox = [BASE + 0x10, seed, offset, 0x1_0000_0008, 7]  # data ptr, PhiloxCudaState{seed*, offset*, 8, true}
+    assert rng_state_refs(np.array(philox, "<u8"), {seed, offset}) == [seed, offset]
+    stale = [BASE + 0x10, 3, seed, 4, offset, 5]  # lone copies in padding: no replay at SAVE
+    assert rng_state_refs(np.array(stale, "<u8"), {seed, offset}) == []
+    assert rng_state_refs(np.array([seed, seed], "<u8"), {seed, offset}) == []
+    assert rng_state_refs(np.zeros(0, "<u8"), {seed}) == []
+
+
 # -- replay-time RNG bookkeeping (torch.cuda.graphs' replay prologue) -----------------------------------------------
 class Generator:
     """The three generator methods the prologue uses, on a plain object (CPU)."""
