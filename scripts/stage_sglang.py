@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -211,7 +210,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     part_bytes = int(args.part_mib * 2**20)
     parts = []
     with open(bundle, "rb") as fh:
-        for i in iter(int, 1):
+        while True:
             data = fh.read(part_bytes)
             if not data:
                 break
