@@ -270,17 +270,17 @@ def run_server(name: str, model: Path, out: Path, gpu: int, mode, archive, timeo
 
 
 # -- the check ---------------------------------------------------------------------------------------------------
-def fallback_checks(model: Path, out: Path, gpu: int, save_archive: Path, saved: threading.Event, timeout: float,
-                    vocab: int, ids: list[list[int]], max_new: int, results: dict) -> None:
+def fallback_checks(model: Path, out: Path, work: Path, gpu: int, save_archive: Path, saved: threading.Event,
+                    timeout: float, vocab: int, ids: list[list[int]], max_new: int, results: dict) -> None:
     """On a second GPU: LOAD with no archive, then (once SAVE wrote one) LOAD with a truncated copy of it."""
-    empty = out / "archive-missing"
+    empty = work / "archive-missing"
     empty.mkdir(exist_ok=True)
     results["missing"] = run_server("load-missing", model, out, gpu, "load", empty, timeout, vocab, ids[:4],
                                     max_new, throughput=False)
     if not saved.wait(timeout=2 * timeout):
         results["corrupt"] = {"error": "no SAVE archive to corrupt"}
         return
-    broken = out / "archive-corrupt"
+    broken = work / "archive-corrupt"
     shutil.rmtree(broken, ignore_errors=True)
     shutil.copytree(save_archive, broken)
     for f in broken.rglob("*.foundry"):
@@ -291,10 +291,11 @@ def fallback_checks(model: Path, out: Path, gpu: int, save_archive: Path, saved:
 
 
 def check_model(kind: str, layers: int, args, out: Path) -> tuple[list, dict]:
-    model = write_model(out / "models", kind, layers)
+    work = Path(args.workdir)
+    model = write_model(work / "models", kind, layers)
     vocab = MODELS[kind]["vocab_size"]
     ids = prompts(args.requests, vocab)
-    archive = out / f"archive-{kind}"
+    archive = work / f"archive-{kind}"
     shutil.rmtree(archive, ignore_errors=True)
     archive.mkdir(parents=True)
     results: dict = {}
@@ -302,7 +303,7 @@ def check_model(kind: str, layers: int, args, out: Path) -> tuple[list, dict]:
     side = None
     if args.fallback_gpu is not None:
         side = threading.Thread(target=fallback_checks, daemon=True,
-                                args=(model, out, args.fallback_gpu, archive, saved, args.server_timeout, vocab,
+                                args=(model, out, work, args.fallback_gpu, archive, saved, args.server_timeout, vocab,
                                       ids, args.max_new_tokens, results))
         side.start()
     results["save"] = run_server(f"{kind}-foundry-auto-1", model, out, 0, "auto", archive, args.server_timeout,
@@ -405,13 +406,18 @@ def main(argv=None) -> int:
                         help="GPU index for the fallback starts, run in parallel (default: 1 if there are 2 GPUs)")
     parser.add_argument("--no-fallback", action="store_true", help="skip the missing/corrupt archive starts")
     parser.add_argument("--out", default=os.environ.get("OUT", "check_sglang_server_out"),
-                        help="folder for logs and sglang_server.json (default: $OUT)")
+                        help="folder for server logs and sglang_server.json (default: $OUT)")
+    parser.add_argument("--workdir", default="/tmp/foundry_sglang_check",
+                        help="folder for the model directories and archives (default: %(default)s)")
+    parser.add_argument("--commit", default=os.environ.get("FOUNDRY_COMMIT", ""),
+                        help="commit recorded in the JSON (the device copy has no .git)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(1))
-    rows, report = [], {"date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())}
+    rows, report = [], {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": args.commit,
+                        "flags": SERVER_FLAGS}
     try:
         import torch
 
