@@ -394,6 +394,34 @@ def verdicts(kind: str, layers: int, r: dict) -> list:
     return rows
 
 
+def plot(report: dict, path: Path) -> None:
+    """Bar chart of one model's time to healthy and SGLang's graph phase: plain vs Foundry SAVE vs LOAD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("dense", "moe") if k in report]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        runs = [("plain SGLang", report[kind].get("plain", {})), ("Foundry SAVE", report[kind].get("save", {})),
+                ("Foundry LOAD", report[kind].get("load", {}))]
+        healthy = [r.get("healthy_s", 0) for _, r in runs]
+        graphs = [r.get("decode_graph_phase_s", 0) for _, r in runs]
+        x = range(len(runs))
+        ax.bar([i - 0.2 for i in x], healthy, 0.4, label="time to healthy (s)")
+        ax.bar([i + 0.2 for i in x], graphs, 0.4, label="SGLang decode-graph phase (s)")
+        for i, (h, g) in enumerate(zip(healthy, graphs)):
+            ax.text(i - 0.2, h, f"{h:.1f}", ha="center", va="bottom", fontsize=8)
+            ax.text(i + 0.2, g, f"{g:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(x), [n for n, _ in runs])
+        ax.set_title(f"SGLang {report.get('sglang', '')}, Qwen3 {kind} {report[kind].get('layers')} layers, "
+                     f"{report.get('device', '')}", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="dense", help="comma list of dense, moe (default: dense)")
@@ -411,7 +439,11 @@ def main(argv=None) -> int:
                         help="folder for the model directories and archives (default: %(default)s)")
     parser.add_argument("--commit", default=os.environ.get("FOUNDRY_COMMIT", ""),
                         help="commit recorded in the JSON (the device copy has no .git)")
+    parser.add_argument("--plot-only", metavar="JSON", help="draw JSON's bar chart next to it (.png) and exit")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
+        return 0
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -451,6 +483,10 @@ def main(argv=None) -> int:
             rows.append(("FAIL", f"{kind}: check", f"{type(err).__name__}: {err}"[:300]))
         (out / "sglang_server.json").write_text(json.dumps(report, indent=1))
     kill_all()
+    try:
+        plot(report, out / "sglang_server.png")
+    except Exception as err:  # matplotlib missing: the JSON is what counts
+        print(f"no plot: {type(err).__name__}: {err}")
     print("\n| verdict | check | detail |\n|---|---|---|")
     for verdict, name, detail in rows:
         print(f"| {verdict} | {name} | {detail} |")
