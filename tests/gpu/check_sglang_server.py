@@ -133,7 +133,8 @@ class Server:
         raise RuntimeError(f"{self.name} not healthy after {timeout:.0f} s: {self.last_error()}")
 
     def text(self) -> str:
-        self.fh.flush()
+        if not self.fh.closed:
+            self.fh.flush()
         return self.log.read_text(errors="replace")
 
     def last_error(self) -> str:
@@ -311,8 +312,11 @@ def check_model(kind: str, layers: int, args, out: Path) -> tuple[list, dict]:
     saved.set()
     results["plain"] = run_server(f"{kind}-plain", model, out, 0, None, None, args.server_timeout, vocab, ids,
                                   args.max_new_tokens)
-    results["load"] = run_server(f"{kind}-foundry-auto-2", model, out, 0, "auto", archive, args.server_timeout,
-                                 vocab, ids, args.max_new_tokens)
+    if "healthy_s" in results["save"]:
+        results["load"] = run_server(f"{kind}-foundry-auto-2", model, out, 0, "auto", archive, args.server_timeout,
+                                     vocab, ids, args.max_new_tokens)
+    else:  # the first start never served: a second one would only repeat it
+        results["load"] = {"name": f"{kind}-foundry-auto-2", "error": "not run: the SAVE start failed"}
     if side is not None:
         side.join(timeout=3 * args.server_timeout)
     return verdicts(kind, layers, results), results
