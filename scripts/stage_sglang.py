@@ -151,19 +151,43 @@ for name, fn, args in jobs:
 """
 
 
+#: SGLang 0.5.17 for *this* machine's Python, over the SGLang 0.5.23 environment scripts/setup.sh installs: what
+#: differs for 0.5.17's server-args, graph-runner and plugin modules to import on a CPU (the JIT prebuild and
+#: tests/plugin/test_sglang017_wheel.py use it; huggingface-hub 1.x because transformers 5.12.1 refuses 2.x).
+HOST_LOCK = (
+    f"sglang=={SGLANG_VERSION}", TVM_FFI, "transformers==5.12.1", "tokenizers==0.22.2", "xgrammar==0.2.7",
+    "flashinfer-python==0.6.15.post1", "setproctitle==1.3.8", "soundfile==0.13.1", "python-multipart==0.0.34",
+    "huggingface-hub==1.33.0", "httpx==0.28.1", "httpcore==1.0.9", "anyio==4.16.0", "sniffio==1.3.1", "h11==0.16.0",
+)
+
+
+def build_host_site(stage: Path) -> Path:
+    """``stage/host``: SGLang 0.5.17 importable on this machine (CPU), put first on PYTHONPATH."""
+    host = stage / "host"
+    if (host / "sglang").is_dir():
+        return host
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    log(f"downloading sglang {SGLANG_VERSION} and its differing dependencies for this Python ({tag}) into {host}")
+    wheels = stage / "host-wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    pip_download(list(HOST_LOCK), wheels, platform=False)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(host),
+                    *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
+    return host
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    host = build_host_site(Path(args.stage).resolve())
+    log(f"SGLang {SGLANG_VERSION} for this Python in {host}; e.g. FOUNDRY_SGLANG017_SITE={host} "
+        "python3 -m pytest -q tests/plugin/test_sglang017_wheel.py")
+    return 0
+
+
 def build_jit_cache(stage: Path, cache: Path, head_dims: str, row_bytes: str) -> None:
     """Prebuild the tvm-ffi JIT cache for sm_90a with this machine's nvcc, using SGLang's own build code."""
     if shutil.which("nvcc") is None:
         raise StageError("nvcc not found: the JIT cache is built on the dev machine (or pass --skip-jit)")
-    host = stage / "host"
-    if not (host / "sglang").is_dir():
-        tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
-        log(f"downloading sglang {SGLANG_VERSION} + tvm-ffi for this Python ({tag}) to run SGLang's JIT build")
-        wheels = stage / "host-wheels"
-        wheels.mkdir(parents=True, exist_ok=True)
-        pip_download([f"sglang=={SGLANG_VERSION}", TVM_FFI], wheels, platform=False)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(host),
-                        *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
+    host = build_host_site(stage)
     cuda_home = os.environ.get("CUDA_HOME") or str(Path(shutil.which("nvcc")).resolve().parent.parent)
     lib = next((p for p in (Path(cuda_home) / "lib64", Path(cuda_home) / "lib") if (p / "libcudart.so").exists()),
                None)
@@ -353,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Qwen3-30B-A3B shapes at TP 1, 2048,1024)")
     b.add_argument("--skip-jit", action="store_true", help="ship no JIT cache (SGLang then builds with nvcc there)")
     b.add_argument("--rebuild-jit", action="store_true", help="rebuild the JIT cache even if one exists")
+    h = sub.add_parser("host", help="dev machine: SGLang 0.5.17 for this Python (CPU tests, JIT prebuild)")
+    h.add_argument("--stage", default=str(DEFAULT_STAGE), help="output folder (default: %(default)s)")
     a = sub.add_parser("append", help="GPU machine: stage one part under --dest and check its sha256")
     a.add_argument("part", help="path of part-N (its manifest.json beside it)")
     a.add_argument("--manifest", default=None, help="manifest.json (default: beside the part)")
@@ -370,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"build": cmd_build, "append": cmd_append, "install": cmd_install}[args.cmd](args)
+        return {"build": cmd_build, "host": cmd_host, "append": cmd_append, "install": cmd_install}[args.cmd](args)
     except StageError as err:
         print(f"stage_sglang: error: {err}", file=sys.stderr)
         return 2
