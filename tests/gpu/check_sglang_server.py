@@ -242,7 +242,7 @@ def graph_facts(text: str) -> dict:
     if m:
         facts["restore_s"] = float(m.group(2))
     facts["fallback_lines"] = [x.split("foundry:", 1)[1].strip()[:200] for x in text.splitlines()
-                               if "foundry:" in x and ("not used" in x or "falling back" in x)]
+                               if "foundry:" in x and ("not used" in x or "capturing CUDA graphs live" in x)]
     facts["tracebacks"] = text.count("Traceback (most recent call last)")
     return facts
 
