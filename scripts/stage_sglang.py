@@ -188,12 +188,16 @@ def build_jit_cache(stage: Path, cache: Path, head_dims: str, row_bytes: str) ->
     if shutil.which("nvcc") is None:
         raise StageError("nvcc not found: the JIT cache is built on the dev machine (or pass --skip-jit)")
     host = build_host_site(stage)
-    cuda_home = os.environ.get("CUDA_HOME") or str(Path(shutil.which("nvcc")).resolve().parent.parent)
-    lib = next((p for p in (Path(cuda_home) / "lib64", Path(cuda_home) / "lib") if (p / "libcudart.so").exists()),
-               None)
+    # tvm-ffi links -lcudart from $CUDA_HOME/lib64; find a toolkit that has it (nvcc may be a wrapper script in
+    # /usr/local/bin, and some toolkits keep the library in lib/, which LIBRARY_PATH then names).
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", str(Path(shutil.which("nvcc")).resolve().parent.parent)]
+    found = [(h, d) for h in filter(None, homes) for d in (Path(h) / "lib64", Path(h) / "lib")
+             if (d / "libcudart.so").exists()]
+    if not found:
+        raise StageError(f"no libcudart.so under {', '.join(filter(None, homes))}: set CUDA_HOME")
+    cuda_home, lib = found[0]
     env = dict(os.environ, TVM_FFI_CACHE_DIR=str(cache), PYTHONPATH=str(host), CUDA_HOME=cuda_home)
-    if lib is not None:  # tvm-ffi links -lcudart from $CUDA_HOME/lib64, which some toolkits lack
-        env["LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib), env.get("LIBRARY_PATH")]))
+    env["LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib), env.get("LIBRARY_PATH")]))
     proc = subprocess.run([sys.executable, "-c", JIT_SCRIPT, head_dims, row_bytes], env=env, text=True,
                           stdout=sys.stdout, stderr=subprocess.PIPE)
     if proc.returncode != 0:

@@ -139,3 +139,53 @@ def test_parallel_value_before_sglang_published_it():
     assert compat.parallel_value(Unpublished(), "tp_rank") is None
     assert compat.parallel_value(None, "tp_size") is None
     assert compat.parallel_value(Published(), "tp_size") == 2
+
+
+# -- the plugin's flag policy on 0.5.17-resolved args ----------------------------------------------------------
+def test_017_flag_check_accepts_the_pinned_prefill_flag():
+    from foundry_sglang.plugin.flags import check_flags, refusals
+
+    pinned = args017(prefill="disabled")
+    assert refusals(pinned) == [] and check_flags(pinned, "save") is None
+    default = args017(prefill="breakable")  # what 0.5.17 resolves without the pin
+    assert any("prefill CUDA graphs" in x for x in refusals(default))
+    assert any("breakable" in x for x in refusals(args017(decode="breakable")))
+    assert "disabled" in check_flags(args017(decode="disabled"), "save")  # nothing to do, not a refusal
+
+
+def test_user_json_config_is_judged_by_what_it_says():
+    from foundry_sglang.plugin.flags import refusals
+
+    ok = json.dumps({"decode": {"backend": "full", "max_bs": 64}, "prefill": {"backend": "disabled"}})
+    assert refusals({"cuda_graph_config": ok}) == []
+    bad = json.dumps({"decode": {"backend": "full"}, "prefill": {"backend": "full"}})
+    assert any("prefill CUDA graphs" in x for x in refusals({"cuda_graph_config": bad}))
+
+
+# -- the kernel-image recorder starts at the entry point of spawned processes ---------------------------------
+class _FakeRecorder:
+    started = 0
+
+    def start(self):
+        _FakeRecorder.started += 1
+        return self
+
+
+def test_image_recorder_starts_early_only_in_spawned_processes(monkeypatch):
+    import multiprocessing
+
+    import foundry_core.binaries as binaries
+    from foundry_sglang import plugin
+
+    monkeypatch.setattr(binaries, "ImageRecorder", _FakeRecorder)
+    _FakeRecorder.started = 0
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: None)  # the launcher's own process
+    plugin.start_image_recorder_early()
+    assert _FakeRecorder.started == 0
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())  # a scheduler process
+    monkeypatch.setattr("torch.cuda.is_initialized", lambda: False)
+    plugin.start_image_recorder_early()
+    assert _FakeRecorder.started == 1
+    monkeypatch.setattr("torch.cuda.is_initialized", lambda: True)  # too late: the Session will warn
+    plugin.start_image_recorder_early()
+    assert _FakeRecorder.started == 1
