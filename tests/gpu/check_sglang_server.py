@@ -389,8 +389,9 @@ def verdicts(kind: str, layers: int, r: dict) -> list:
             continue
         guarded(f"{label} falls back (1 line)",
                 lambda res=res: ("healthy_s" in res and len(res.get("fallback_lines", [])) == 1
-                                 and res.get("live", 0) > 0 and res.get("answers"),
-                                 f"healthy {res.get('healthy_s', '-')} s, live {res.get('live')}, "
+                                 and bool(res.get("bs")) and res.get("restored", 0) == 0 and bool(res.get("answers")),
+                                 f"healthy {res.get('healthy_s', '-')} s, SGLang captured {len(res.get('bs', []))} "
+                                 f"graphs live in {res.get('decode_graph_phase_s', '-')} s, "
                                  f"lines: {res.get('fallback_lines')} {res.get('error', '')}"))
     tb = {res.get("name"): res.get("tracebacks") for res in (save, plain, load, *(r.get(k) or {} for k in
                                                                                   ("missing", "corrupt")))}
