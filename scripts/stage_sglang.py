@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -207,6 +208,35 @@ def build_jit_cache(stage: Path, cache: Path, head_dims: str, row_bytes: str) ->
             junk.unlink()
 
 
+def pack_parts(bundle_dir: Path, parts_dir: Path, part_bytes: int) -> dict:
+    """Tar ``bundle_dir`` and split it into ``parts_dir/part-N`` of at most ``part_bytes``; writes and returns the
+    manifest (sha256 and size of every part and of the whole, the wheels and JIT modules it holds)."""
+    bundle = parts_dir.parent / f"{parts_dir.name}.tar"
+    with tarfile.open(bundle, "w") as tar:
+        tar.add(bundle_dir, arcname="bundle")
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    parts_dir.mkdir(parents=True)
+    parts = []
+    with open(bundle, "rb") as fh:
+        while True:
+            data = fh.read(part_bytes)
+            if not data:
+                break
+            part = parts_dir / f"part-{len(parts) + 1}"
+            part.write_bytes(data)
+            parts.append({"name": part.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    cache = bundle_dir / "tvm-ffi-cache"
+    manifest = {
+        "sglang": SGLANG_VERSION, "bundle_sha256": sha256_file(bundle), "bundle_size": bundle.stat().st_size,
+        "parts": parts, "wheels": sorted(p.name for p in (bundle_dir / "wheels").glob("*.whl")),
+        "jit_modules": sorted(p.name for p in cache.glob("*")) if cache.exists() else [],
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (parts_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    bundle.unlink()
+    return manifest
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     stage = Path(args.stage).resolve()
     dl, wheels, cache = stage / "download", stage / "bundle" / "wheels", stage / "bundle" / "tvm-ffi-cache"
@@ -229,30 +259,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(cache, ignore_errors=True)
             build_jit_cache(stage, cache, args.head_dims, args.kv_row_bytes)
-    bundle = stage / "bundle.tar"
-    with tarfile.open(bundle, "w") as tar:
-        tar.add(stage / "bundle", arcname="bundle")
-    parts_dir = stage / "parts"
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    parts_dir.mkdir()
-    part_bytes = int(args.part_mib * 2**20)
-    parts = []
-    with open(bundle, "rb") as fh:
-        while True:
-            data = fh.read(part_bytes)
-            if not data:
-                break
-            part = parts_dir / f"part-{len(parts) + 1}"
-            part.write_bytes(data)
-            parts.append({"name": part.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {
-        "sglang": SGLANG_VERSION, "bundle_sha256": sha256_file(bundle), "bundle_size": bundle.stat().st_size,
-        "parts": parts, "wheels": sorted(p.name for p in wheels.glob("*.whl")),
-        "jit_modules": sorted(p.name for p in cache.glob("*")) if cache.exists() else [],
-        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    (parts_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    bundle.unlink()
+    manifest = pack_parts(stage / "bundle", stage / "parts", int(args.part_mib * 2**20))
+    parts, parts_dir = manifest["parts"], stage / "parts"
     log(f"{len(manifest['wheels'])} wheels, {len(manifest['jit_modules'])} JIT modules, "
         f"{manifest['bundle_size'] / 2**20:.1f} MiB in {len(parts)} parts under {parts_dir} ({time.time() - t0:.0f} s)")
     for p in parts:
@@ -292,8 +300,17 @@ def write_dist_info(project: Path, target: Path) -> Path:
     """An entry-point-only .dist-info for this project in ``target`` (the code itself comes from PYTHONPATH)."""
     import tomllib
 
-    meta = tomllib.loads((project / "pyproject.toml").read_text())["project"]
-    name, version = meta["name"], meta["version"]
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    meta = pyproject["project"]
+    name, version = meta["name"], meta.get("version")
+    if version is None:  # dynamic: read the literal `__version__ = "..."` the attr names, without importing
+        attr = pyproject["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+        module, _, var = attr.rpartition(".")
+        source = (project / (module.replace(".", "/") + "/__init__.py")).read_text()
+        match = re.search(rf"^{var}\s*=\s*[\"']([^\"']+)[\"']", source, re.M)
+        if match is None:
+            raise StageError(f"cannot read {attr} in {project}")
+        version = match.group(1)
     info = target / f"{name.replace('-', '_')}-{version}.dist-info"
     shutil.rmtree(info, ignore_errors=True)
     info.mkdir(parents=True)
