@@ -17,6 +17,7 @@ import logging
 import os
 from typing import Any
 
+from foundry_sglang.graphs.settings import FoundryMode
 from foundry_sglang.plugin import hooks
 from foundry_sglang.plugin.flags import UnsafeFlag, check_flags, config_from_env, refusals
 from foundry_sglang.proc import disable_nvls
@@ -67,6 +68,33 @@ def register() -> None:
         HookRegistry.register(target, getattr(hooks, fn_name), HookType[hook_type])
     _registered = True
     log.info("foundry plugin enabled: mode=%s archive=%s pid=%d", config.mode, config.archive_dir, os.getpid())
+    if config.mode in (FoundryMode.AUTO, FoundryMode.SAVE):
+        start_image_recorder_early()
+
+
+def start_image_recorder_early() -> None:
+    """Start recording kernel module images now, in a spawned SGLang process before it touches CUDA.
+
+    ``load_plugins()`` is the first statement of SGLang's scheduler process; the Session opens only in
+    ``ModelRunner.initialize``, after NCCL and the first CUDA work, whose lazily loaded modules (torch's
+    elementwise kernels, ...) the decode graphs use too, so a SAVE would lack their images. The recorder is
+    process-wide: the Session's own ``start()`` later finds it running and keeps what it saw; a process that does
+    not SAVE stops it (``hooks._stop_early_recorder``). Not in the launcher's own process, which has no parent.
+    """
+    import multiprocessing
+    import sys
+
+    if multiprocessing.parent_process() is None:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return  # too late to help; the Session warns when it starts its recorder
+    try:
+        from foundry_core.binaries import ImageRecorder
+
+        ImageRecorder().start()
+    except Exception as err:  # no CUPTI here: a SAVE says so when the Session starts its recorder
+        log.warning("foundry: cannot record kernel images early: %s", err)
 
 
 def unregister() -> None:

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional
 
 from foundry_core.errors import FoundryError
 from foundry_sglang.graphs.settings import DEFAULT_ARCHIVE_DIR, ENV_MODE, MODE_CHOICES, FoundryConfig, FoundryMode
+from foundry_sglang.sglang_compat import graph_backends
 
 __all__ = [
     "PINS", "UnsafeFlag", "check_flags", "config_from_env", "graphs_disabled", "prefill_graphs_disabled", "refusals",
@@ -44,14 +45,15 @@ def graphs_disabled(args: Any) -> Optional[str]:
         return "--disable-cuda-graph is set"
     if _get(args, "disable_decode_cuda_graph"):
         return "--disable-decode-cuda-graph is set"
-    if _get(args, "cuda_graph_backend_decode") == "disabled":
-        return "--cuda-graph-backend-decode disabled is set"
+    if graph_backends(args)[0] == "disabled":
+        return "the decode CUDA-graph backend is disabled"
     return None
 
 
 def prefill_graphs_disabled(args: Any) -> bool:
-    return bool(_get(args, "disable_prefill_cuda_graph") or _get(args, "disable_cuda_graph")
-                or _get(args, "cuda_graph_backend_prefill") == "disabled")
+    """Whether the effective prefill backend is 'disabled' (from the flags, or from the ``cuda_graph_config``
+    SGLang 0.5.17 resolves every graph flag into, Foundry's own pin included)."""
+    return graph_backends(args)[1] == "disabled"
 
 
 #: Launcher pins: flags added when the user gave none of the listed alternatives.
@@ -70,16 +72,15 @@ def refusals(args: Any) -> list[str]:
     out = []
     if _get(args, "enable_memory_saver"):
         out.append("--enable-memory-saver (torch_memory_saver) moves graph memory behind our arena; remove it")
-    if _get(args, "cuda_graph_backend_decode") == "breakable":
-        out.append("--cuda-graph-backend-decode breakable splits graphs at Python breaks; use full (the default)")
+    decode_backend = graph_backends(args)[0]
+    if decode_backend in ("breakable", "tc_piecewise"):
+        out.append(f"--cuda-graph-backend-decode {decode_backend} splits graphs at Python breaks; "
+                   "use full (the default)")
     if _get(args, "debug_cuda_graph"):
         out.append("--debug-cuda-graph needs the breakable backend; remove it")
     if not prefill_graphs_disabled(args):
         out.append("prefill CUDA graphs (breakable by default) share the graph pool; add "
                    "--cuda-graph-backend-prefill disabled (python -m foundry_sglang.launch adds it for you)")
-    if _get(args, "cuda_graph_config"):
-        out.append("--cuda-graph-config is not interpreted by Foundry; "
-                   "use --cuda-graph-bs-decode/--cuda-graph-max-bs-decode")
     if _get(args, "use_ray"):
         out.append("--use-ray: SGLang's SchedulerActor does not call load_plugins(), so Foundry cannot run; remove it")
     if _get(args, "enable_pdmux"):

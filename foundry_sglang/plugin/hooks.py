@@ -22,6 +22,7 @@ import os
 from typing import Any, Callable, Dict, Optional
 
 from foundry_core.errors import FoundryError
+from foundry_sglang import sglang_compat as compat
 from foundry_sglang.graphs.router import FALLBACK_ERRORS, GraphRouter, Route, one_line, shape_key_name
 from foundry_sglang.graphs.settings import FoundryMode
 
@@ -97,7 +98,7 @@ class CaptureAdapter:
         for _ in range(2):  # as FullCudaGraphBackend.capture_one: sync, TP barrier, forward, hook
             device.synchronize()
             backend._tp_group.barrier()
-            with backend._precarve.measure():
+            with compat.precarve_measure(backend):
                 output = forward_fn()
             del output
             if profiler is not None:
@@ -107,7 +108,7 @@ class CaptureAdapter:
         session = self.router.session
         graph = session.new_graph()
         with self.capture_scope(), self._graph_ctx(backend, graph):
-            backend._precarve.mint()
+            compat.precarve_mint(backend)
             out = forward_fn()
         if profiler is not None:
             profiler.step()
@@ -183,11 +184,8 @@ def _rank_layout(runner: Any):
 
     def pick(*names, default):
         for n in names:
-            try:
-                v = getattr(p, n, None) if p is not None else None
-            except (ValueError, RuntimeError):  # SGLang's parallel config not published (tests, early startup)
-                v = None
-            if isinstance(v, int):
+            v = compat.parallel_value(p, n)  # None before SGLang published its parallel config
+            if v is not None:
                 return v
         return default
 
@@ -233,6 +231,7 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
         if config.mode in (FoundryMode.SAVE, FoundryMode.LOAD):
             raise UnsafeFlag(f"--foundry-mode {config.mode} refused: {reason}")
         log.warning("foundry: disabled for this server: %s", reason)
+        _stop_early_recorder()
         return None
     layout = _rank_layout(runner)
     key = sglang_archive_key(runner.server_args, layout)
@@ -248,9 +247,12 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
         if config.mode is FoundryMode.SAVE:
             raise
         log.warning("foundry: not used, running plain SGLang: cannot open %s: %s", path, one_line(err))
+        _stop_early_recorder()
         return None
     router = GraphRouter(session, config.mode)
-    if router.open() is Route.LIVE:  # the router said why; SGLang runs as is
+    if router.open() is not Route.SAVE:  # LOAD needs no recorder; LIVE: the router said why, SGLang runs as is
+        _stop_early_recorder()
+    if router.route is Route.LIVE:
         return None
     from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
 
@@ -276,8 +278,11 @@ def around_resolve_memory_pool_config(original: Callable, configurator: Any, *ar
     if state.router.route is Route.LOAD and state.saved_kv_config is not None:
         from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
 
-        known = {f.name for f in dataclasses.fields(MemoryPoolConfig)}
-        config = MemoryPoolConfig(**{k: v for k, v in state.saved_kv_config.items() if k in known})
+        try:
+            config = compat.memory_pool_config(MemoryPoolConfig, state.saved_kv_config)
+        except compat.IncompatiblePoolConfig as err:
+            state.router.fall_back(str(err))
+            return original(configurator, *args, **kwargs)
         state.kv_forced = True
         log.info("foundry: KV pool forced to the saved configuration: max_total_num_tokens=%s",
                  config.max_total_num_tokens)
@@ -338,6 +343,19 @@ def after_init_cuda_graphs(result: Any, runner: Any, *args, **kwargs) -> Any:
         router.save(extra)
     log.info("foundry: %s", router.summary())
     return result
+
+
+def _stop_early_recorder() -> None:
+    """Stop the image recorder the entry point started (``plugin.start_image_recorder_early``) when no SAVE
+    follows in this process."""
+    try:
+        from foundry_core.binaries import ImageRecorder
+
+        recorder = ImageRecorder()
+        if recorder.active:
+            recorder.stop()
+    except Exception as err:  # the native helper never built: nothing was started
+        log.debug("image recorder not stopped: %s", err)
 
 
 def _disable_graph_pool_borrow() -> None:

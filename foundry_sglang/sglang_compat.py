@@ -1,0 +1,120 @@
+"""The one place that knows how the SGLang versions the plugin supports differ.
+
+SGLang 0.5.17 is what runs on the lent H200 (it pins the device's torch 2.11); 0.5.23 is what CI installs. What
+moved between them and matters to Foundry:
+
+* **CUDA-graph settings.** 0.5.17's ``prepare_server_args`` folds every graph flag (``--cuda-graph-backend-*``,
+  ``--disable-*-cuda-graph``, ``--cuda-graph-max-bs-decode``/``--cuda-graph-bs-decode``) into one resolved
+  ``server_args.cuda_graph_config`` (a ``CudaGraphConfig`` of two ``PhaseConfig``), so that field is set on every
+  server, the flags Foundry pins included. 0.5.23 leaves it ``None`` and keeps the per-phase flags.
+  :func:`graph_backends` reads the effective (decode, prefill) backends from either form, or from a user's raw
+  ``--cuda-graph-config`` JSON before SGLang resolved it.
+* **FullCudaGraphBackend.** 0.5.23's has a graph-pool precarver (``_precarve.measure()`` around warm-ups,
+  ``_precarve.mint()`` in the capture) and graph-pool borrowing; 0.5.17's has neither. :func:`precarve_measure`
+  and :func:`precarve_mint` are no-ops there.
+* **KV pool configuration.** Both resolve a ``MemoryPoolConfig`` in ``KVCacheConfigurator.
+  _resolve_memory_pool_config(pre_model_load_memory)``, but the dataclass gained fields in 0.5.23
+  (``unified_memory_pool_bytes``, ``unified_total_bytes``). :func:`memory_pool_config` rebuilds one from a saved
+  dict keeping the fields this version has and refusing to drop a field that was set.
+* **Parallel state.** ``runtime_context.get_parallel()`` raises ``ValueError`` (0.5.23) or ``AssertionError``
+  (0.5.17, from ``get_tp_group``) before SGLang published it; :func:`parallel_value` treats both as "unknown".
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from typing import Any, Optional
+
+FULL, BREAKABLE, TC_PIECEWISE, DISABLED = "full", "breakable", "tc_piecewise", "disabled"
+
+
+def _get(args: Any, name: str, default: Any = None) -> Any:
+    if isinstance(args, dict):
+        return args.get(name, default)
+    return getattr(args, name, default)
+
+
+def _phase_value(config: Any, phase: str, key: str) -> Any:
+    """``config[phase][key]`` of a CudaGraphConfig object, a dict or a JSON string (None if absent)."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except ValueError:
+            return None
+    section = config.get(phase) if isinstance(config, dict) else getattr(config, phase, None)
+    if section is None:
+        return None
+    value = section.get(key) if isinstance(section, dict) else getattr(section, key, None)
+    return getattr(value, "value", value)  # enum members -> their string
+
+
+def graph_backends(args: Any) -> tuple[Optional[str], Optional[str]]:
+    """Effective (decode, prefill) CUDA-graph backends of server args of either version; None = SGLang's default.
+
+    Precedence is SGLang's own: the ``cuda_graph_config`` JSON/object wins over the per-phase flags, which win over
+    ``--disable-*-cuda-graph``, which win over ``--disable-cuda-graph``.
+    """
+    backends = []
+    config = _get(args, "cuda_graph_config")
+    for phase in ("decode", "prefill"):
+        backend = _phase_value(config, phase, "backend") if config else None
+        if backend is None:
+            backend = _get(args, f"cuda_graph_backend_{phase}")
+        if backend is None and (_get(args, f"disable_{phase}_cuda_graph") or _get(args, "disable_cuda_graph")):
+            backend = DISABLED
+        backends.append(backend)
+    return backends[0], backends[1]
+
+
+def decode_batch_settings(args: Any) -> tuple[Optional[int], Optional[list]]:
+    """(max_bs, bs list) for decode graphs from the resolved config or the flags (None where SGLang decides)."""
+    config = _get(args, "cuda_graph_config")
+    max_bs = _phase_value(config, "decode", "max_bs") if config else None
+    bs = _phase_value(config, "decode", "bs") if config else None
+    return (max_bs if max_bs is not None else _get(args, "cuda_graph_max_bs_decode"),
+            bs if bs is not None else _get(args, "cuda_graph_bs_decode"))
+
+
+# -- FullCudaGraphBackend ----------------------------------------------------------------------------------------
+def precarve_measure(backend: Any):
+    """``backend._precarve.measure()`` (0.5.23: sizes the graph pool from the warm-ups), else a no-op context."""
+    precarve = getattr(backend, "_precarve", None)
+    return precarve.measure() if precarve is not None else contextlib.nullcontext()
+
+
+def precarve_mint(backend: Any) -> None:
+    """``backend._precarve.mint()`` inside the capture (0.5.23); nothing on 0.5.17."""
+    precarve = getattr(backend, "_precarve", None)
+    if precarve is not None:
+        precarve.mint()
+
+
+# -- KV pool -----------------------------------------------------------------------------------------------------
+class IncompatiblePoolConfig(ValueError):
+    """A saved MemoryPoolConfig set a field this SGLang version does not have."""
+
+
+def memory_pool_config(cls: type, saved: dict) -> Any:
+    """Rebuild ``cls`` (SGLang's MemoryPoolConfig) from a dict saved by either version.
+
+    Fields this version lacks are dropped only when they hold their default (None or 0): a set field (e.g. a
+    unified-memory pool size saved by 0.5.23) means the pool would be laid out differently, so it is refused.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    lost = sorted(k for k, v in saved.items() if k not in known and v not in (None, 0))
+    if lost:
+        raise IncompatiblePoolConfig(f"saved KV pool config sets {', '.join(lost)}, unknown to this SGLang")
+    return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+# -- parallel state ----------------------------------------------------------------------------------------------
+def parallel_value(parallel: Any, name: str) -> Optional[int]:
+    """``getattr(parallel, name)`` as an int, or None when absent or not published yet (either version's error)."""
+    if parallel is None:
+        return None
+    try:
+        value = getattr(parallel, name, None)
+    except (ValueError, RuntimeError, AssertionError):
+        return None
+    return value if isinstance(value, int) else None

@@ -1,0 +1,502 @@
+"""GPU check of the SGLang plugin on a real SGLang server: plain SGLang vs Foundry SAVE vs Foundry LOAD.
+
+    source /tmp/foundry_stage/env.sh      # after scripts/stage_sglang.py append/install (docs/STAGING.md)
+    python tests/gpu/check_sglang_server.py [--models dense[,moe]] [--dense-layers 4] [--out DIR]
+
+For each model it writes a model directory (a Qwen3 config, no weights: SGLang's ``--load-format dummy`` fills
+random ones; ``--skip-tokenizer-init``: requests are token ids) and starts, on GPU 0, one after the other:
+
+1. ``python -m foundry_sglang.launch --foundry-mode auto`` with an empty archive directory: must choose SAVE;
+2. plain ``python -m sglang.launch_server`` with the same flags (and the prefill-graph setting the launcher pins);
+3. the same ``foundry_sglang.launch`` again: must choose LOAD, restore every decode graph and capture none.
+
+SAVE runs first so that it, not the baseline, pays the machine's cold caches (Python bytecode, Triton kernels).
+Each server reports its time to healthy and SGLang's own startup timings (``/server_info``: load_weight,
+kv_cache_allocation, cuda_graph, scheduler_e2e), answers the same greedy requests (token ids must be identical to
+plain SGLang's) and is timed on decode (1 and 64 concurrent streams). On a second GPU, at the same time, a
+``--foundry-mode load`` start with no archive and one with a truncated archive must each fall back to live capture
+with exactly one log line and serve. Every row is guarded; servers are killed at exit; logs and a JSON go to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: Flags measured to serve on the lent H200 with SGLang 0.5.17 (docs/STAGING.md): no FlashAttention-3 in the
+#: trimmed kernel wheel, no flashinfer sampling/grammar, no custom all-reduce, dummy weights, no tokenizer.
+SERVER_FLAGS = ["--load-format", "dummy", "--attention-backend", "triton", "--sampling-backend", "pytorch",
+                "--grammar-backend", "none", "--disable-custom-all-reduce", "--mem-fraction-static", "0.3",
+                "--mm-feature-transport", "cpu", "--skip-server-warmup", "--skip-tokenizer-init",
+                "--random-seed", "0", "--host", "127.0.0.1", "--log-level", "info"]
+PREFILL_PIN = ["--cuda-graph-backend-prefill", "disabled"]  # what foundry_sglang.launch adds by itself
+
+MODELS = {
+    # Qwen3-8B's shapes with fewer layers.
+    "dense": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096,
+              "intermediate_size": 12288, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+              "vocab_size": 151936, "max_position_embeddings": 40960, "rope_theta": 1000000.0,
+              "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
+              "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645},
+    # A small Qwen3-MoE (Qwen3-30B-A3B's attention and expert shapes, fewer experts and layers).
+    "moe": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 2048,
+            "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 32, "num_experts_per_tok": 8,
+            "decoder_sparse_step": 1, "norm_topk_prob": True, "mlp_only_layers": [], "num_attention_heads": 32,
+            "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960,
+            "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "hidden_act": "silu", "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645},
+}
+
+_servers: list[subprocess.Popen] = []
+
+
+def kill_all() -> None:
+    for proc in _servers:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except OSError:
+                pass
+    deadline = time.time() + 10
+    for proc in _servers:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+atexit.register(kill_all)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body: dict | None = None, timeout: float = 120) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def write_model(root: Path, kind: str, layers: int) -> Path:
+    path = root / f"qwen3-{kind}-{layers}l"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(dict(MODELS[kind], num_hidden_layers=layers), indent=1))
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    return path
+
+
+class Server:
+    """One SGLang server process (own process group), its log and its base URL."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, log: Path, port: int):
+        self.name, self.log, self.base = name, log, f"http://127.0.0.1:{port}"
+        self.t0 = time.perf_counter()
+        self.fh = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     start_new_session=True)
+        _servers.append(self.proc)
+
+    def wait_healthy(self, timeout: float) -> float:
+        while time.perf_counter() - self.t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.last_error()}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - self.t0
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not healthy after {timeout:.0f} s: {self.last_error()}")
+
+    def text(self) -> str:
+        if not self.fh.closed:
+            self.fh.flush()
+        return self.log.read_text(errors="replace")
+
+    def last_error(self) -> str:
+        lines = [x for x in self.text().splitlines() if "Error" in x or "error" in x]
+        return (lines[-1] if lines else (self.text().splitlines() or ["(empty log)"])[-1])[:300]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=15)
+            except (OSError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        self.fh.close()
+
+
+def server_env(gpu: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FOUNDRY_")}
+    env.update(CUDA_VISIBLE_DEVICES=str(gpu), NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+               NVSHMEM_DISABLE_NVLS="1", PYTHONUNBUFFERED="1", SGLANG_IS_FLASHINFER_AVAILABLE="false")
+    return env  # plain SGLang: the plugin is installed but idle without FOUNDRY_MODE/FOUNDRY_ARCHIVE
+
+
+def start_server(name: str, model: Path, out: Path, gpu: int, mode: str | None, archive: Path | None,
+                 extra: list[str] = ()) -> Server:
+    port = free_port()
+    common = ["--model-path", str(model), "--port", str(port), *SERVER_FLAGS, *extra]
+    if mode is None:
+        cmd = [sys.executable, "-m", "sglang.launch_server", *common, *PREFILL_PIN]
+    else:
+        cmd = [sys.executable, "-m", "foundry_sglang.launch", "--foundry-engine", "sglang", "--foundry-mode", mode,
+               "--foundry-archive", str(archive), *common]
+    return Server(name, cmd, server_env(gpu), out / f"{name}.log", port)
+
+
+# -- measurements ------------------------------------------------------------------------------------------------
+def prompts(n: int, vocab: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(1234)
+    return [[rng.randrange(1000, vocab - 1000) for _ in range(rng.randrange(8, 65))] for _ in range(n)]
+
+
+def generate(base: str, ids: list[int], max_new: int) -> dict:
+    body = {"input_ids": ids, "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new,
+                                                  "ignore_eos": True}}
+    return http(base + "/generate", body, timeout=300)
+
+
+def greedy_answers(base: str, ids: list[list[int]], max_new: int) -> list[list[int]]:
+    with ThreadPoolExecutor(len(ids)) as pool:
+        return [r["output_ids"] for r in pool.map(lambda x: generate(base, x, max_new), ids)]
+
+
+def decode_throughput(base: str, streams: int, max_new: int, vocab: int) -> float:
+    ids = prompts(streams, vocab)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        outs = list(pool.map(lambda x: generate(base, x[:16], max_new), ids))
+    return sum(len(o["output_ids"]) for o in outs) / (time.perf_counter() - t0)
+
+
+def server_info(base: str) -> dict:
+    for path in ("/server_info", "/get_server_info"):
+        try:
+            return http(base + path, timeout=30)
+        except Exception:
+            continue
+    return {}
+
+
+def startup_fields(info: dict) -> dict:
+    st = info.get("startup_time") or {}
+    if isinstance(st, dict) and "scheduler" in st and isinstance(st["scheduler"], dict):
+        st = dict(st, **st["scheduler"])
+    keep = {}
+    for key in ("load_weight", "kv_cache_allocation", "scheduler_e2e"):
+        if key in st:
+            keep[key] = round(float(st[key]), 2)
+    graphs = st.get("cuda_graph")
+    if isinstance(graphs, dict):
+        keep["cuda_graph"] = {k: round(float(v), 2) for k, v in graphs.items()}
+    return keep
+
+
+def graph_facts(text: str) -> dict:
+    facts = {}
+    m = re.search(r"Capture target decode CUDA graph begin\..*?bs=\[([0-9, ]*)\]", text)
+    if m:
+        facts["bs"] = [int(x) for x in m.group(1).split(",") if x.strip()]
+    m = re.search(r"Capture target decode CUDA graph end\. elapsed=([0-9.]+) s", text)
+    if m:
+        facts["decode_graph_phase_s"] = float(m.group(1))
+    m = re.findall(r"foundry: mode=(\w+) recorded=(\d+) restored=(\d+) live=(\d+)", text)
+    if m:
+        mode, rec, res, live = m[-1]
+        facts.update(foundry_mode=mode, recorded=int(rec), restored=int(res), live=int(live))
+    m = re.search(r"foundry: (SAVE|LOAD) (\S+)", text)
+    if m:
+        facts["chose"], facts["archive"] = m.group(1), m.group(2)
+    m = re.search(r"foundry: restored (\d+) graphs in ([0-9.]+) s", text)
+    if m:
+        facts["restore_s"] = float(m.group(2))
+    facts["fallback_lines"] = [x.split("foundry:", 1)[1].strip()[:200] for x in text.splitlines()
+                               if "foundry:" in x and ("not used" in x or "capturing CUDA graphs live" in x)]
+    facts["tracebacks"] = text.count("Traceback (most recent call last)")
+    return facts
+
+
+def run_server(name: str, model: Path, out: Path, gpu: int, mode, archive, timeout: float, vocab: int,
+               answers_for: list[list[int]] | None, max_new: int, extra=(), throughput=True) -> dict:
+    res = {"name": name}
+    srv = start_server(name, model, out, gpu, mode, archive, list(extra))
+    try:
+        res["healthy_s"] = round(srv.wait_healthy(timeout), 2)
+        res["startup_time"] = startup_fields(server_info(srv.base))
+        if answers_for is not None:
+            t0 = time.perf_counter()
+            res["answers"] = greedy_answers(srv.base, answers_for, max_new)
+            res["first_batch_s"] = round(time.perf_counter() - t0, 2)
+        if throughput:
+            decode_throughput(srv.base, 4, 8, vocab)  # settle: first requests pay lazy kernel loads
+            res["tok_s_1"] = round(decode_throughput(srv.base, 1, 128, vocab), 1)
+            res["tok_s_64"] = round(decode_throughput(srv.base, 64, 128, vocab), 1)
+    except Exception as err:
+        res["error"] = f"{type(err).__name__}: {err}"[:400]
+    finally:
+        srv.stop()
+        res.update(graph_facts(srv.text()))
+    return res
+
+
+# -- the check ---------------------------------------------------------------------------------------------------
+def fallback_checks(model: Path, out: Path, work: Path, gpu: int, save_archive: Path, saved: threading.Event,
+                    timeout: float, vocab: int, ids: list[list[int]], max_new: int, results: dict) -> None:
+    """On a second GPU: LOAD with no archive, then (once SAVE wrote one) LOAD with a truncated copy of it."""
+    empty = work / "archive-missing"
+    empty.mkdir(exist_ok=True)
+    results["missing"] = run_server("load-missing", model, out, gpu, "load", empty, timeout, vocab, ids[:4],
+                                    max_new, throughput=False)
+    if not saved.wait(timeout=2 * timeout):
+        results["corrupt"] = {"error": "no SAVE archive to corrupt"}
+        return
+    broken = work / "archive-corrupt"
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(save_archive, broken)
+    for f in broken.rglob("*.foundry"):
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+    results["corrupt"] = run_server("load-corrupt", model, out, gpu, "load", broken, timeout, vocab, ids[:4],
+                                    max_new, throughput=False)
+
+
+def check_model(kind: str, layers: int, args, out: Path) -> tuple[list, dict]:
+    work = Path(args.workdir)
+    model = write_model(work / "models", kind, layers)
+    vocab = MODELS[kind]["vocab_size"]
+    ids = prompts(args.requests, vocab)
+    archive = work / f"archive-{kind}"
+    shutil.rmtree(archive, ignore_errors=True)
+    archive.mkdir(parents=True)
+    results: dict = {}
+    saved = threading.Event()
+    side = None
+    if args.fallback_gpu is not None:
+        side = threading.Thread(target=fallback_checks, daemon=True,
+                                args=(model, out, work, args.fallback_gpu, archive, saved, args.server_timeout, vocab,
+                                      ids, args.max_new_tokens, results))
+        side.start()
+    results["save"] = run_server(f"{kind}-foundry-auto-1", model, out, 0, "auto", archive, args.server_timeout,
+                                 vocab, ids, args.max_new_tokens)
+    saved.set()
+    results["plain"] = run_server(f"{kind}-plain", model, out, 0, None, None, args.server_timeout, vocab, ids,
+                                  args.max_new_tokens)
+    if "healthy_s" in results["save"]:
+        results["load"] = run_server(f"{kind}-foundry-auto-2", model, out, 0, "auto", archive, args.server_timeout,
+                                     vocab, ids, args.max_new_tokens)
+    else:  # the first start never served: a second one would only repeat it
+        results["load"] = {"name": f"{kind}-foundry-auto-2", "error": "not run: the SAVE start failed"}
+    if side is not None:
+        side.join(timeout=3 * args.server_timeout)
+    return verdicts(kind, layers, results), results
+
+
+def verdicts(kind: str, layers: int, r: dict) -> list:
+    rows = []
+    tag = f"{kind} {layers}L"
+
+    def row(name, ok, detail):
+        rows.append(("PASS" if ok else ("n/a" if ok is None else "FAIL"), f"{tag}: {name}", detail))
+
+    def guarded(name, fn):
+        try:
+            ok, detail = fn()
+        except Exception as err:
+            ok, detail = False, f"{type(err).__name__}: {err}"[:200]
+        row(name, ok, detail)
+
+    plain, save, load = r.get("plain", {}), r.get("save", {}), r.get("load", {})
+    for res in (save, plain, load):
+        if "error" in res:
+            row(f"{res['name']} ran", False, res["error"])
+
+    def healthy():
+        parts = []
+        for label, res in (("plain", plain), ("SAVE", save), ("LOAD", load)):
+            st = res.get("startup_time", {})
+            cg = st.get("cuda_graph", {})
+            parts.append(f"{label} {res.get('healthy_s', '-')} s (graphs {res.get('decode_graph_phase_s', '-')} s, "
+                         f"load_weight {st.get('load_weight', '-')}, cuda_graph {cg or '-'}, "
+                         f"scheduler_e2e {st.get('scheduler_e2e', '-')})")
+        ok = all("healthy_s" in x for x in (plain, save, load)) and load["healthy_s"] < plain["healthy_s"]
+        return ok, "; ".join(parts)
+    guarded("time to healthy plain / SAVE / LOAD", healthy)
+    guarded("auto chose SAVE then LOAD",
+            lambda: (save.get("chose") == "SAVE" and load.get("chose") == "LOAD",
+                     f"1st start {save.get('chose')}, 2nd start {load.get('chose')}"))
+
+    def graphs():
+        bs = plain.get("bs") or load.get("bs") or []
+        ok = (bool(bs) and load.get("restored") == len(bs) and load.get("live") == 0
+              and save.get("recorded") == len(bs))
+        return ok, (f"default decode bs list {len(bs)} sizes {bs[:5]}..{bs[-1:] if bs else ''}: SAVE recorded "
+                    f"{save.get('recorded')}, LOAD restored {load.get('restored')} captured live {load.get('live')} "
+                    f"in {load.get('restore_s', '-')} s")
+    guarded("every decode graph restored", graphs)
+
+    def answers(other, label):
+        a, b = plain.get("answers"), other.get("answers")
+        if not a or not b:
+            return False, "no answers"
+        same = sum(x == y for x, y in zip(a, b))
+        return same == len(a) == len(b), f"{same}/{len(a)} greedy answers ({len(a[0])} tokens) identical to plain"
+    guarded("greedy answers LOAD == plain", lambda: answers(load, "LOAD"))
+    guarded("greedy answers SAVE == plain", lambda: answers(save, "SAVE"))
+
+    def speed():
+        details, ok = [], True
+        for key in ("tok_s_1", "tok_s_64"):
+            ratio = load[key] / plain[key]
+            ok = ok and ratio > 0.9
+            details.append(f"{key[6:]} streams: plain {plain[key]} tok/s, LOAD {load[key]} tok/s ({ratio:.3f}x)")
+        return ok, "; ".join(details)
+    guarded("decode throughput restored vs captured", speed)
+    for key, label in (("missing", "LOAD with no archive"), ("corrupt", "LOAD with a truncated archive")):
+        res = r.get(key)
+        if res is None:
+            row(f"{label} falls back", None, "not run (no second GPU or --no-fallback)")
+            continue
+        guarded(f"{label} falls back (1 line)",
+                lambda res=res: ("healthy_s" in res and len(res.get("fallback_lines", [])) == 1
+                                 and bool(res.get("bs")) and res.get("restored", 0) == 0 and bool(res.get("answers")),
+                                 f"healthy {res.get('healthy_s', '-')} s, SGLang captured {len(res.get('bs', []))} "
+                                 f"graphs live in {res.get('decode_graph_phase_s', '-')} s, "
+                                 f"lines: {res.get('fallback_lines')} {res.get('error', '')}"))
+    tb = {res.get("name"): res.get("tracebacks") for res in (save, plain, load, *(r.get(k) or {} for k in
+                                                                                  ("missing", "corrupt")))}
+    row("no tracebacks in server logs", all(not v for v in tb.values()), json.dumps(tb))
+    return rows
+
+
+def plot(report: dict, path: Path) -> None:
+    """Bar chart of one model's time to healthy and SGLang's graph phase: plain vs Foundry SAVE vs LOAD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in ("dense", "moe") if k in report]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        runs = [("plain SGLang", report[kind].get("plain", {})), ("Foundry SAVE", report[kind].get("save", {})),
+                ("Foundry LOAD", report[kind].get("load", {}))]
+        healthy = [r.get("healthy_s", 0) for _, r in runs]
+        graphs = [r.get("decode_graph_phase_s", 0) for _, r in runs]
+        x = range(len(runs))
+        ax.bar([i - 0.2 for i in x], healthy, 0.4, label="time to healthy (s)")
+        ax.bar([i + 0.2 for i in x], graphs, 0.4, label="SGLang decode-graph phase (s)")
+        for i, (h, g) in enumerate(zip(healthy, graphs)):
+            ax.text(i - 0.2, h, f"{h:.1f}", ha="center", va="bottom", fontsize=8)
+            ax.text(i + 0.2, g, f"{g:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(x), [n for n, _ in runs])
+        ax.set_title(f"SGLang {report.get('sglang', '')}, Qwen3 {kind} {report[kind].get('layers')} layers, "
+                     f"{report.get('device', '')}", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="dense", help="comma list of dense, moe (default: dense)")
+    parser.add_argument("--dense-layers", type=int, default=4, help="layers of the Qwen3-8B-shaped model (4)")
+    parser.add_argument("--moe-layers", type=int, default=4, help="layers of the small Qwen3-MoE (4)")
+    parser.add_argument("--requests", type=int, default=16, help="greedy requests compared (16)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per greedy request (32)")
+    parser.add_argument("--server-timeout", type=float, default=240, help="seconds to healthy before failing (240)")
+    parser.add_argument("--fallback-gpu", type=int, default=None,
+                        help="GPU index for the fallback starts, run in parallel (default: 1 if there are 2 GPUs)")
+    parser.add_argument("--no-fallback", action="store_true", help="skip the missing/corrupt archive starts")
+    parser.add_argument("--out", default=os.environ.get("OUT", "check_sglang_server_out"),
+                        help="folder for server logs and sglang_server.json (default: $OUT)")
+    parser.add_argument("--workdir", default="/tmp/foundry_sglang_check",
+                        help="folder for the model directories and archives (default: %(default)s)")
+    parser.add_argument("--commit", default=os.environ.get("FOUNDRY_COMMIT", ""),
+                        help="commit recorded in the JSON (the device copy has no .git)")
+    parser.add_argument("--plot-only", metavar="JSON", help="draw JSON's bar chart next to it (.png) and exit")
+    args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
+        return 0
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(1))
+    rows, report = [], {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": args.commit,
+                        "flags": SERVER_FLAGS}
+    try:
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+        report["device"] = torch.cuda.get_device_name(0) if n_gpus else "none"
+        report["torch"] = torch.__version__
+        import sglang
+
+        report["sglang"] = sglang.__version__
+        from importlib.metadata import entry_points
+
+        eps = [e.value for e in entry_points(group="sglang.srt.plugins")]
+        rows.append(("PASS" if "foundry_sglang.plugin:register" in eps else "FAIL", "plugin entry point installed",
+                     f"sglang {sglang.__version__}, torch {torch.__version__}, {n_gpus} GPU(s), plugins {eps}"))
+    except Exception as err:
+        rows.append(("FAIL", "environment", f"{type(err).__name__}: {err}"[:300]))
+        n_gpus = 0
+    if args.fallback_gpu is None and n_gpus >= 2 and not args.no_fallback:
+        args.fallback_gpu = 1
+    if args.no_fallback:
+        args.fallback_gpu = None
+    for kind in [m.strip() for m in args.models.split(",") if m.strip()]:
+        layers = args.dense_layers if kind == "dense" else args.moe_layers
+        try:
+            model_rows, results = check_model(kind, layers, args, out)
+            rows += model_rows
+            report[kind] = {"layers": layers, **{k: {kk: vv for kk, vv in v.items() if kk != "answers"}
+                                                for k, v in results.items()}}
+        except Exception as err:
+            traceback.print_exc()
+            rows.append(("FAIL", f"{kind}: check", f"{type(err).__name__}: {err}"[:300]))
+        (out / "sglang_server.json").write_text(json.dumps(report, indent=1))
+    kill_all()
+    try:
+        plot(report, out / "sglang_server.png")
+    except Exception as err:  # matplotlib missing: the JSON is what counts
+        print(f"no plot: {type(err).__name__}: {err}")
+    print("\n| verdict | check | detail |\n|---|---|---|")
+    for verdict, name, detail in rows:
+        print(f"| {verdict} | {name} | {detail} |")
+    return 0 if all(v != "FAIL" for v, _, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
