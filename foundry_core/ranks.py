@@ -84,8 +84,8 @@ def _structure(m: schema.Manifest) -> dict:
         "images": [i.sha256 for i in m.images],
         "functions": msgspec.to_builtins(m.functions),
         "templates": [(t.num_nodes, t.kinds_sha256, t.num_edges) for t in m.templates],
-        "graphs": [(g.key, g.template, g.num_kernel_nodes, msgspec.to_builtins(g.outputs), g.output_tree, g.is_child)
-                   for g in m.graphs],
+        "graphs": [(g.key, g.template, g.num_kernel_nodes, msgspec.to_builtins(g.outputs), g.output_tree,
+                    g.output_constants, g.is_child) for g in m.graphs],
         "snapshots": [(s.address, s.size) for s in m.snapshots],
         "slots": msgspec.to_builtins(m.slots),
         "events": m.num_events,

@@ -386,9 +386,9 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool,
                     slot_filler=None) -> dict[str, RestoredGraph]:
     """The LOAD sequence for ``Session.restore()``; see the module docstring."""
     import torch
-    from torch.utils import _pytree as pytree
 
     from foundry_core.allocator import native_lib
+    from foundry_core.save import unflatten_outputs
 
     stats = RestoreStats()
     t0 = time.perf_counter()
@@ -456,10 +456,7 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool,
         if rec.is_child:
             continue
         tensors = [tensor_at(spec, device) for spec in rec.outputs]
-        if rec.output_tree:
-            outputs = pytree.tree_unflatten(tensors, pytree.treespec_loads(rec.output_tree))
-        else:
-            outputs = tensors[0] if tensors else None
+        outputs = unflatten_outputs(tensors, rec.output_tree, rec.output_constants)
         graphs[i] = rg = RestoredGraph(rec.key, outputs, lib)
         rg._device = device
         rg._rng = [(_int64_at(r.seed_address, device), _int64_at(r.offset_address, device), r.increment)

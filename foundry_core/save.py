@@ -48,26 +48,45 @@ def tensor_spec(t) -> schema.TensorSpec:
     )
 
 
-def flatten_outputs(key: str, outputs: Any) -> tuple[list[schema.TensorSpec], str]:
+def flatten_outputs(key: str, outputs: Any) -> tuple[list[schema.TensorSpec], str, dict]:
+    """(tensor leaves, treespec JSON, constant leaves by leaf position) of a graph's outputs.
+
+    Leaves that are not tensors — ``None`` for an optional field (SGLang's ``LogitsProcessorOutput``), or a
+    plain bool/int/float/str — are constants of the graph and are stored by value."""
     import torch
     from torch.utils import _pytree as pytree
 
     if outputs is None:
-        return [], ""
+        return [], "", {}
     if isinstance(outputs, torch.Tensor):
-        return [tensor_spec(outputs)], ""
+        return [tensor_spec(outputs)], "", {}
     leaves, spec = pytree.tree_flatten(outputs)
-    for leaf in leaves:
-        if not isinstance(leaf, torch.Tensor):
+    constants = {}
+    for i, leaf in enumerate(leaves):
+        if leaf is None or (isinstance(leaf, (bool, int, float, str)) and not isinstance(leaf, torch.Tensor)):
+            constants[i] = leaf
+        elif not isinstance(leaf, torch.Tensor):
             raise UnsupportedGraph(
-                f"graph {key!r}: output leaf of type {type(leaf).__name__} is not a tensor; return tensors "
-                "(or register the container with torch.utils._pytree)"
+                f"graph {key!r}: output leaf of type {type(leaf).__name__} is not a tensor or a constant; return "
+                "tensors (or register the container with torch.utils._pytree)"
             )
     try:
         tree = pytree.treespec_dumps(spec)
     except Exception as e:  # unregistered/unserialisable container
         raise UnsupportedGraph(f"graph {key!r}: output structure cannot be stored: {e}") from None
-    return [tensor_spec(t) for t in leaves], tree
+    return [tensor_spec(t) for t in leaves if isinstance(t, torch.Tensor)], tree, constants
+
+
+def unflatten_outputs(tensors: list, tree: str, constants: dict):
+    """The inverse of :func:`flatten_outputs` over restored tensors."""
+    from torch.utils import _pytree as pytree
+
+    if not tree:
+        return tensors[0] if tensors else None
+    it = iter(tensors)
+    n = len(tensors) + len(constants)
+    leaves = [constants[i] if i in constants else next(it) for i in range(n)]
+    return pytree.tree_unflatten(leaves, pytree.treespec_loads(tree))
 
 
 def _kernel_and_copy_spans(g: DecodedGraph) -> list[tuple[int, int, int]]:
@@ -214,7 +233,7 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
                     num_nodes=len(g.nodes), kinds_sha256=ident,
                     edges=w.add_blob(f"template/{len(templates)}/edges", g.edges.tobytes()) if len(g.edges) else "",
                     num_edges=len(g.edges)))
-            outputs, tree = flatten_outputs(e.key, e.outputs) if not e.is_child else ([], "")
+            outputs, tree, constants = flatten_outputs(e.key, e.outputs) if not e.is_child else ([], "", {})
             for spec in outputs:
                 if not (lo <= spec.address < hi):
                     raise UnsafeAddress(f"graph {e.key!r}: an output tensor at {spec.address:#x} is outside the arena")
@@ -223,7 +242,8 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
                 nodes=w.add_blob(f"graph/{i}/nodes", g.nodes.tobytes()),
                 payload=w.add_blob(f"graph/{i}/payload", g.payload) if g.payload else "",
                 attrs=w.add_blob(f"graph/{i}/attrs", g.attrs.tobytes()) if len(g.attrs) else "",
-                num_kernel_nodes=g.num_kernel_nodes, outputs=outputs, output_tree=tree, is_child=e.is_child,
+                num_kernel_nodes=g.num_kernel_nodes, outputs=outputs, output_tree=tree,
+                output_constants=constants, is_child=e.is_child,
                 capture_seconds=e.capture_seconds, rng=rng_of.get(i, [])))
         snap_records = [
             schema.MemorySnapshot(address=a, size=len(data), blob=w.add_blob(f"snapshot/{a:#x}", data), note=note)

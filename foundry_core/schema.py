@@ -217,6 +217,8 @@ class GraphRecord(msgspec.Struct, frozen=True, kw_only=True):
     num_kernel_nodes: int
     outputs: list[TensorSpec] = []
     output_tree: str = ""  # torch.utils._pytree treespec as JSON; "" for a single tensor / no outputs
+    #: Output leaves that are not tensors (None for an optional field, or a bool/int/float/str), by leaf position.
+    output_constants: dict[int, bool | int | float | str | None] = {}
     is_child: bool = False  # True: only used as a child-graph node of another graph
     capture_seconds: float = 0.0
     rng: list[RngState] = []

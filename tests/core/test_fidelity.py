@@ -361,3 +361,25 @@ def test_rng_prologue_advances_like_graph_replay():
         seen.append(int(offset_t))
         assert int(seed_t) % 2**64 == 2**64 - 5
     assert seen == [40, 52, 64, 76, 88] and gen.offset == 100
+
+
+def test_output_constants_round_trip():
+    """SGLang's decode graphs return a dataclass-like tree with None fields: None and plain constants are stored
+    by value, tensors by address; the restored structure is the original one."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from foundry_core.errors import UnsupportedGraph
+    from foundry_core.save import flatten_outputs, unflatten_outputs
+
+    a, b = torch.zeros(2, 3), torch.ones(4, dtype=torch.int32)
+    out = {"logits": a, "hidden": None, "ids": [b, 7, "x"], "flag": True}
+    specs, tree, constants = flatten_outputs("g", out)
+    assert [s.address for s in specs] == [a.data_ptr(), b.data_ptr()] and len(specs) == 2
+    assert sorted(constants.values(), key=str) == sorted([None, 7, "x", True], key=str)
+    back = unflatten_outputs([a, b], tree, constants)
+    assert back["hidden"] is None and back["ids"][1:] == [7, "x"] and back["flag"] is True
+    assert back["logits"] is a and back["ids"][0] is b
+    assert pytree.tree_structure(back) == pytree.tree_structure(out)
+    with pytest.raises(UnsupportedGraph, match="not a tensor or a constant"):
+        flatten_outputs("g", {"bad": object()})
