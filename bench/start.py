@@ -36,7 +36,9 @@ TPOT_BS = [1, 8, 64, 256]
 TARGET_S = 0.1
 MODES = ("eager", "capture", "load")
 MODE_FLAGS = {"eager": ["--disable-cuda-graph"], "capture": [], "save": ["--foundry-mode", "save"],
-              "load": ["--foundry-mode", "load"]}
+              "load": ["--foundry-mode", "load"],
+              # another graph set (another archive key), as a second TP/EP layout would have
+              "save_second_layout": ["--foundry-mode", "save", "--cuda-graph-max-bs", "128"]}
 TIMELINE = re.compile(r"startup timeline: (\{.*\})")
 
 
@@ -167,6 +169,21 @@ def tpot_child(a, result: str) -> None:
     os._exit(0)
 
 
+def store_report(archive_dir: Path) -> dict:
+    """Bytes on disk of the archives and their shared kernel-image store, and each archive's shared/own split."""
+    from foundry_core.archive import Archive
+    from foundry_core.store import STORE_DIRNAME, store_usage
+
+    archives = {}
+    for p in sorted(archive_dir.glob("*.foundry")):
+        with Archive.open(p) as archive:
+            archives[p.name] = dict(store_usage(archive), file_bytes=p.stat().st_size,
+                                    graphs=len(archive.manifest.graphs))
+    store = archive_dir / STORE_DIRNAME
+    files = list(store.glob("*.img")) if store.is_dir() else []
+    return {"archives": archives, "store_images": len(files), "store_bytes": sum(f.stat().st_size for f in files)}
+
+
 def run_tpot(a, log_path: Path) -> dict:
     result = Path(a.work) / "tpot.json"
     result.unlink(missing_ok=True)
@@ -283,6 +300,14 @@ def print_table(doc: dict) -> None:
             print(f"| {bs} | {v['eager']:.2f} | {v['restored']:.2f} | {v['speedup']:.2f}x | {v['argmax_equal']} |")
     elif tp.get("error"):
         print(f"TPOT: FAILED {tp['error'][-300:]}")
+    st = doc.get("image_store") or {}
+    if st.get("archives"):
+        print(f"\nimage store: {st['store_images']} images, {st['store_bytes'] / 1e6:.1f} MB, shared by:")
+        print("| archive | graphs | file (MB) | images shared with others (MB) | own images (MB) |")
+        print("|---|---|---|---|---|")
+        for name, u in st["archives"].items():
+            print(f"| {name[:48]} | {u['graphs']} | {u['file_bytes'] / 1e6:.1f} | {u['shared_bytes'] / 1e6:.1f} | "
+                  f"{u['own_bytes'] / 1e6:.1f} |")
     v = s["verdict"]
     if "met" in v:
         print(f"\nverdict: {v['target']}: {'MET' if v['met'] else 'NOT MET'} (LOAD - eager = "
@@ -302,6 +327,8 @@ def main() -> None:
     ap.add_argument("--kv-pages", type=int, default=8192, help="KV-cache pages of 16 tokens (same for every mode)")
     ap.add_argument("--tpot-iters", type=int, default=50, help="timed decode steps per batch size")
     ap.add_argument("--no-tpot", action="store_true", help="skip the eager-vs-restored decode timing")
+    ap.add_argument("--second-layout", action="store_true",
+                    help="also save a second archive (other graph sizes) beside the first and report the image store")
     ap.add_argument("--start-timeout", type=float, default=240.0, help="seconds a start may take")
     ap.add_argument("--work", default=os.environ.get("FOUNDRY_BENCH_WORK", "/tmp/foundry-start"),
                     help="scratch directory (archives, logs of the starts)")
@@ -339,6 +366,10 @@ def main() -> None:
     tpot = {}
     if "load" in modes and not a.no_tpot and a.device == "cuda":
         tpot = run_tpot(a, logs / "tpot.log")
+    store = {}
+    if "load" in modes and a.second_layout:
+        runs["save_second_layout"] = [start_once("save_second_layout", a, logs / "save2.log")]
+        store = store_report(a.archive_dir)
     device = "cpu"
     if a.device == "cuda":
         import torch
@@ -348,7 +379,7 @@ def main() -> None:
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": device,
            "commit": commit, "model": a.model, "kv_pages": a.kv_pages, "starts_per_mode": a.starts,
-           "summary": summarize({m: runs[m] for m in modes}), "tpot": tpot, "starts": runs}
+           "summary": summarize({m: runs[m] for m in modes}), "tpot": tpot, "image_store": store, "starts": runs}
     (out / "start.json").write_text(json.dumps(doc, indent=1))
     plot(doc, out / "start.png")
     print_table(doc)
