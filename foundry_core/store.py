@@ -29,7 +29,7 @@ from typing import Iterable, Optional, Sequence
 
 import msgspec
 
-from foundry_core.archive import _fsync_dir
+from foundry_core.archive import Archive, ArchiveWriter, _fsync_dir
 from foundry_core.errors import ArchiveError
 from foundry_core.schema import KernelImage
 
@@ -88,6 +88,8 @@ class ImageStore:
         sha = sha256_of(view)
         final = self.path(sha)
         if final.is_file() and self._intact(final, sha, len(view)):
+            with contextlib.suppress(OSError):
+                os.utime(final)  # fresh again: gc spares it until this SAVE's archive refers to it
             return sha
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -152,7 +154,7 @@ class ImageStore:
            dry_run: bool = False) -> GcReport:
         """Remove images no archive refers to (default: every ``*.foundry`` beside the store) and stale temporary
         files, except those younger than ``grace_s``. Refuses (StoreError) if an archive cannot be read."""
-        paths = self._archives(archives)
+        paths = [Path(a) for a in archives] if archives is not None else self.archives_beside()
         referenced: set[str] = set()
         for p in paths:
             try:
@@ -190,9 +192,8 @@ class ImageStore:
                         p.unlink()
         return report
 
-    def _archives(self, archives) -> list[Path]:
-        if archives is not None:
-            return [Path(a) for a in archives]
+    def archives_beside(self) -> list[Path]:
+        """The archives that share this store: ``*.foundry`` in its parent directory."""
         return sorted(self.root.parent.glob(ARCHIVE_GLOB))
 
     @staticmethod
@@ -226,14 +227,8 @@ def image_bytes(archive, image: KernelImage) -> bytes:
     return archive.blob(image.blob)
 
 
-class _ImagesOnly(msgspec.Struct):
-    images: list[KernelImage]
-
-
 def read_images(path: str | os.PathLike) -> list[KernelImage]:
     """The image records of an archive (validated open, manifest only)."""
-    from foundry_core.archive import Archive
-
     with Archive.open(path) as archive:
         return list(archive.manifest.images)
 
@@ -245,9 +240,8 @@ def store_usage(archive) -> dict:
     mine = {im.sha256: im.size for im in archive.manifest.images if im.in_store}
     others: set[str] = set()
     unreadable = 0
-    for p in store._archives(None):
-        if p.resolve() == Path(archive.path).resolve():
-            continue
+    other_paths = [p for p in store.archives_beside() if p.resolve() != Path(archive.path).resolve()]
+    for p in other_paths:
         try:
             others |= {im.sha256 for im in read_images(p) if im.in_store}
         except ArchiveError:
@@ -264,15 +258,13 @@ def store_usage(archive) -> dict:
         "own_images": len(mine) - len(shared),
         "own_bytes": sum(v for s, v in mine.items() if s not in shared),
         "missing_images": sum(s not in present for s in mine),
-        "other_archives": len(store._archives(None)) - 1 if mine else None,
+        "other_archives": len(other_paths),
         "unreadable_archives": unreadable,
     }
 
 
 def pack_archive(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Export ``src`` as a single-file archive at ``dst`` with every store image embedded (verified on the way)."""
-    from foundry_core.archive import Archive, ArchiveWriter
-
     if Path(src).resolve() == Path(dst).resolve():
         raise StoreError(f"{dst}: pack needs a destination other than the source")
     with Archive.open(src) as archive, ArchiveWriter(dst) as writer:

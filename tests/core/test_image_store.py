@@ -201,6 +201,9 @@ def test_gc_removes_only_old_unreferenced_images(tmp_path, capsys):
     report = store.gc()
     assert report.removed == [old_orphan] and report.spared_recent == 1 and report.kept == 4
     assert report.temp_removed == 1 and not stale_tmp.exists() and foreign.exists()
+    age(store.path(imgs[0].sha256), 7200)
+    store.put(imgs[0].data)  # a SAVE that reuses an old image makes it recent again (its archive is not written yet)
+    assert time.time() - store.path(imgs[0].sha256).stat().st_mtime < 60
     b.unlink()
     assert main(["gc", str(tmp_path), "--grace", "0", "--dry-run"]) == 0
     assert "would remove 2 unreferenced images" in capsys.readouterr().out
