@@ -289,7 +289,6 @@ def _size(n: int) -> str:
 def cmd_verify(args) -> int:
     from foundry_core import fingerprint as fpr
     from foundry_core.archive import Archive
-
     from foundry_core.store import image_bytes
 
     with Archive.open(args.archive) as archive:
