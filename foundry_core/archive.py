@@ -67,7 +67,8 @@ def blob_names(manifest: Manifest) -> dict[str, str]:
     """Every blob name the manifest refers to, mapped to the category it belongs to (for checks and ``inspect``)."""
     names: dict[str, str] = {}
     for image in manifest.images:
-        names.setdefault(image.blob, "images")
+        if not image.in_store:  # store images live in foundry_core.store, not in the file
+            names.setdefault(image.blob, "images")
     for graph in manifest.graphs:
         names.setdefault(graph.nodes, "graph nodes")
         names.setdefault(graph.payload, "graph payload")

@@ -56,6 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--device", type=int, default=0, help="CUDA device to compare against (default 0)")
 
+    pack = commands.add_parser(
+        "pack",
+        help="export an archive as one self-contained file",
+        description="Write a copy of ARCHIVE with every kernel image from the host's image store embedded, so the "
+        "single file can be copied to another machine. Images are verified on the way.",
+    )
+    pack.add_argument("archive", metavar="ARCHIVE", help="path of the .foundry archive")
+    pack.add_argument("output", metavar="OUTPUT", help="path of the self-contained archive to write")
+
+    gc = commands.add_parser(
+        "gc",
+        help="remove kernel images no archive uses from a directory's image store",
+        description="Delete images in DIR/foundry-images that no DIR/*.foundry archive refers to, and stale "
+        "temporary files. Files younger than --grace are spared (a SAVE in progress writes its images before its "
+        "archive). Refuses to delete anything while an archive in DIR cannot be read.",
+    )
+    gc.add_argument("directory", metavar="DIR", help="directory holding the archives and their foundry-images store")
+    gc.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                    help="spare unreferenced files modified within this many seconds (default 3600)")
+    gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+
     machine = commands.add_parser(
         "machine",
         help="print this machine's fingerprint fields",
@@ -73,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return {"inspect": cmd_inspect, "verify": cmd_verify, "machine": cmd_machine}[args.command](args)
+        commands = {"inspect": cmd_inspect, "verify": cmd_verify, "pack": cmd_pack, "gc": cmd_gc,
+                    "machine": cmd_machine}
+        return commands[args.command](args)
     except FoundryError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD
@@ -108,6 +131,7 @@ def cmd_inspect(args) -> int:
 def summarise(archive) -> dict:
     """The facts ``inspect`` prints, as plain data."""
     from foundry_core.archive import CONTAINER_VERSION, blob_names
+    from foundry_core.store import store_usage
 
     m = archive.manifest
     category_of = blob_names(m)
@@ -150,8 +174,10 @@ def summarise(archive) -> dict:
             for g in m.graphs
         ],
         "images": [
-            {"sha256": im.sha256, "size": im.size, "kernels": len(im.kernels)} for im in m.images
+            {"sha256": im.sha256, "size": im.size, "kernels": len(im.kernels), "in_store": im.in_store}
+            for im in m.images
         ],
+        "image_store": store_usage(archive),
         "functions": len(m.functions),
         "templates": len(m.templates),
         "snapshots": len(m.snapshots),
@@ -193,6 +219,17 @@ def render(s: dict) -> str:
             if v["count"]
         ],
     )
+    u = s["image_store"]
+    if u["store_images"]:
+        lines.append(
+            f"image store {u['store']}: {u['store_images']} images of this archive, "
+            f"{_size(u['shared_bytes'])} shared with other archives there ({u['shared_images']} images), "
+            f"{_size(u['own_bytes'])} own ({u['own_images']} images)"
+            + (f"; {u['missing_images']} MISSING" if u["missing_images"] else "")
+            + (f"; {u['unreadable_archives']} unreadable archives not counted" if u["unreadable_archives"] else "")
+        )
+    if u["embedded_images"]:
+        lines.append(f"embedded    {u['embedded_images']} images, {_size(u['embedded_bytes'])} in the file")
     if s["extra"]:
         lines.append("extra       " + " ".join(f"{k}={v!r}" for k, v in sorted(s["extra"].items())))
     if s.get("slots"):
@@ -218,7 +255,9 @@ def render(s: dict) -> str:
     lines.append("")
     lines.append(f"images ({len(s['images'])})")
     lines += _table(
-        ["sha256", "size", "kernels"], [[im["sha256"][:16], _size(im["size"]), im["kernels"]] for im in s["images"]]
+        ["sha256", "size", "kernels", "where"],
+        [[im["sha256"][:16], _size(im["size"]), im["kernels"], "store" if im["in_store"] else "file"]
+         for im in s["images"]],
     )
     return "\n".join(lines) + "\n"
 
@@ -250,11 +289,16 @@ def _size(n: int) -> str:
 def cmd_verify(args) -> int:
     from foundry_core import fingerprint as fpr
     from foundry_core.archive import Archive
+    from foundry_core.store import image_bytes
 
     with Archive.open(args.archive) as archive:
         records = archive.verify_all(progress=args.verbose > 0 and sys.stderr.isatty())
         saved = archive.manifest.fingerprint
-    print(f"ok: {args.archive}: header, manifest and {records} blob records intact")
+        in_store = [im for im in archive.manifest.images if im.in_store]
+        for im in in_store:
+            image_bytes(archive, im)
+    print(f"ok: {args.archive}: header, manifest and {records} blob records intact"
+          + (f"; {len(in_store)} images in the image store intact" if in_store else ""))
 
     if args.key is not None:
         expected = msgspec.structs.replace(saved, key=args.key)
@@ -271,6 +315,33 @@ def cmd_verify(args) -> int:
     current = fpr.current_fingerprint(key=saved.key if args.key is None else args.key, device=args.device)
     fpr.check_compatible(saved, current, args.archive)
     print(f"ok: compatible with this machine ({current.gpu_name}, driver {current.driver_version})")
+    return EXIT_OK
+
+
+# -- pack / gc ---------------------------------------------------------------------------------------------
+
+
+def cmd_pack(args) -> int:
+    from foundry_core.store import pack_archive
+
+    out = pack_archive(args.archive, args.output)
+    print(f"ok: wrote {out} ({_size(out.stat().st_size)}, self-contained)")
+    return EXIT_OK
+
+
+def cmd_gc(args) -> int:
+    from pathlib import Path
+
+    from foundry_core.store import STORE_DIRNAME, ImageStore
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        print(f"error: {directory}: not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    r = ImageStore(directory / STORE_DIRNAME).gc(grace_s=args.grace, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(r.removed)} unreferenced images ({_size(r.freed_bytes)}) and {r.temp_removed} stale "
+          f"temporary files; kept {r.kept} referenced, spared {r.spared_recent} recent")
     return EXIT_OK
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from foundry_core import schema
 from foundry_core.errors import ArchiveError, FoundryError
+from foundry_core.store import image_bytes
 
 __all__ = ["RestoredGraph", "RestoreStats", "restore_archive"]
 
@@ -205,7 +206,7 @@ class Preloader:
             torch.cuda.set_device(self.device)
             m = self.archive.manifest
             t = time.perf_counter()
-            self.modules = binaries.load_images([self.archive.blob(img.blob) for img in m.images])
+            self.modules = binaries.load_images([image_bytes(self.archive, img) for img in m.images])
             self.functions = np.asarray(binaries.get_functions(self.modules, m.functions), dtype=np.uint64)
             t2 = time.perf_counter()
             self.images_seconds = t2 - t

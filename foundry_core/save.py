@@ -21,6 +21,7 @@ from foundry_core import layout, schema
 from foundry_core.codec import DecodedGraph, GraphReader, template_identity
 from foundry_core.errors import UnsafeAddress, UnsupportedGraph
 from foundry_core.safety import PointerOracle, candidate_words, judge_graph, padding_ranges, whole_word_params
+from foundry_core.store import store_images
 
 log = logging.getLogger("foundry_core.save")
 
@@ -218,9 +219,7 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
     start, end = session._capture_range
     fingerprint = current_fingerprint(session.key, session.device)
     with ArchiveWriter(session.path) as w:
-        # Raw, not zlib: LOAD inflating tens of MB would cost more than the disk space saved.
-        image_records = [img.record(w.add_blob(f"image/{img.sha256[:16]}", img.data, compress=False))
-                         for img in stored_images]
+        image_records = store_images(w, stored_images, session.image_store)
         templates: list[schema.GraphTemplate] = []
         template_of: dict[str, int] = {}
         records = []

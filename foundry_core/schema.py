@@ -130,12 +130,14 @@ class MemorySnapshot(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class KernelImage(msgspec.Struct, frozen=True, kw_only=True):
-    """A module image (cubin/fatbin) loaded by the workload, stored once by hash."""
+    """A module image (cubin/fatbin) loaded by the workload, stored once by hash: embedded as ``blob``, or, with
+    ``in_store``, in the host's image store beside the archive under its sha256 (``blob`` is then "")."""
 
     sha256: str
     blob: str
     size: int
     kernels: list[str]  # entry points in the image (from its ELF symbol table)
+    in_store: bool = False
 
 
 class KernelFunction(msgspec.Struct, frozen=True, kw_only=True):

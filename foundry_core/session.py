@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from foundry_core.allocator import Arena
 from foundry_core.errors import ArchiveError, DeviceUnavailable, FoundryError
+from foundry_core.store import ImageStore
 
 __all__ = ["Session", "keep_previous"]
 
@@ -38,6 +39,8 @@ class Session:
 
     ``mode``: "save", "load", or "auto" (load when a compatible archive exists at ``path``, else save).
     ``key``: caller's identity of the model/config/layout; LOAD refuses an archive saved under another key.
+    ``image_store``: SAVE puts kernel images into the host's store beside the archive (``foundry_core.store``,
+    shared by every archive there); False embeds them in the archive file.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class Session:
         progress: bool = True,
         record_images: bool = True,
         rank: Optional[int] = None,
+        image_store: bool = True,
     ):
         if mode not in ("save", "load", "auto"):
             raise FoundryError(f"mode must be save, load or auto, not {mode!r}")
@@ -65,6 +69,7 @@ class Session:
         self._slot_recorder = None
         self._arena_args = (arena_base, arena_size)
         self._record_images = record_images
+        self.image_store = ImageStore.beside(self.path) if image_store else None
         self.arena: Optional[Arena] = None
         self.archive = None
         self._recorder = None
@@ -169,6 +174,7 @@ class Session:
             if archive.manifest.trace is not None:  # decoded now so restore() only compares
                 self._saved_trace = layout.decode(archive.manifest.trace, str(self.path))
                 self._saved_blocks = layout.decode_blocks(archive.manifest.trace, str(self.path))
+            ImageStore.beside(self.path).check(archive.manifest.images)
         except FoundryError as e:
             with contextlib.suppress(Exception):
                 archive.close()  # unbound (NameError, suppressed) when open failed

@@ -19,6 +19,7 @@ from torch import nn
 
 from .attention import AttentionMetadata, decode_attention, prefill_attention, write_kv
 from .config import ModelConfig
+from .moe import Routing, routed_moe, select_experts
 from .parallel import (
     ColumnParallelLinear,
     QKVParallelLinear,
@@ -108,9 +109,8 @@ class Qwen3MoE(nn.Module):
     """Top-k routed experts. With ep > 1 each rank holds num_experts/ep whole experts; otherwise every rank
     holds all experts with their intermediate dim split over TP. Partial outputs are summed by one all-reduce.
 
-    ``static=True`` (decode, CUDA-graph capture) runs every local expert on every token with one bmm and
-    weights the results by the routing matrix: no host syncs, fixed shapes. ``static=False`` (prefill) gathers
-    each expert's tokens, which is cheaper for long inputs but syncs with the host.
+    Only the routed experts run (``moe.routed_moe``: grouping by expert and a grouped GEMM), with fixed shapes
+    and no host syncs, so prefill and CUDA-graph decode share one path.
     """
 
     def __init__(self, cfg: ModelConfig, dtype, device):
@@ -146,36 +146,11 @@ class Qwen3MoE(nn.Module):
             off = 0 if which == "gate_proj" else n
             self.w13.data[e, off:off + n].copy_(full[r * n:(r + 1) * n])
 
-    def routing(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense [N, n_local] combine weights of this rank's experts (zero where not routed)."""
-        probs = F.linear(x.float(), self.gate.float()).softmax(-1)
-        w, ids = probs.topk(self.top_k, dim=-1)
-        if self.norm_topk:
-            w = w / w.sum(-1, keepdim=True)
-        local = ids - self.expert_start
-        inside = (local >= 0) & (local < self.n_local)
-        comb = torch.zeros(x.shape[0], self.n_local, dtype=torch.float32, device=x.device)
-        comb.scatter_add_(1, local.clamp(0, self.n_local - 1), w * inside)
-        return comb
+    def routing(self, x: torch.Tensor) -> Routing:
+        return select_experts(x, self.gate, self.top_k, self.norm_topk, self.expert_start, self.n_local)
 
-    def forward(self, x: torch.Tensor, static: bool) -> torch.Tensor:
-        comb = self.routing(x)
-        if static:
-            gu = torch.bmm(x.unsqueeze(0).expand(self.n_local, -1, -1), self.w13.transpose(1, 2))
-            g, u = gu.chunk(2, dim=-1)
-            y = torch.bmm(F.silu(g) * u, self.w2.transpose(1, 2))           # [E, N, H]
-            out = (y.float() * comb.t().unsqueeze(-1)).sum(0).to(x.dtype)
-        else:
-            out = torch.zeros_like(x, dtype=torch.float32)
-            for e in range(self.n_local):
-                tokens = comb[:, e].nonzero().squeeze(1)
-                if tokens.numel() == 0:
-                    continue
-                g, u = F.linear(x[tokens], self.w13[e]).chunk(2, dim=-1)
-                y = F.linear(F.silu(g) * u, self.w2[e])
-                out.index_add_(0, tokens, y.float() * comb[tokens, e].unsqueeze(1))
-            out = out.to(x.dtype)
-        return all_reduce_world(out)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce_world(routed_moe(x, self.w13, self.w2, self.routing(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -191,7 +166,7 @@ class Qwen3DecoderLayer(nn.Module):
     def forward(self, positions, h, meta: AttentionMetadata):
         h = h + self.self_attn(positions, self.input_layernorm(h), meta)
         x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, static=not meta.is_prefill) if self.is_moe else self.mlp(x))
+        return h + self.mlp(x)
 
 
 class Qwen3ForCausalLM(nn.Module):

@@ -12,7 +12,7 @@ import datetime
 import logging
 import os
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -81,14 +81,16 @@ class ModelRunner:
                  gpu: Optional[int] = None):
         self.args = args
         self.rank = rank
+        self.startup_marks: Dict[str, float] = {"runner": time.time()}  # wall clock at the end of each phase
         self.device_type = args.resolved_device()
         self.cfg = load_model_config(args.model)
         if self.device_type == "cuda":
             index = args.gpu_of(rank) if gpu is None else gpu
-            torch.cuda.set_device(index)
+            torch.cuda.set_device(index)  # creates the CUDA context (CUDA >= 12)
             self.device = torch.device("cuda", index)
         else:
             self.device = torch.device("cpu")
+        self.startup_marks["cuda_init"] = time.time()
         self.dtype = resolve_dtype(args, self.cfg, self.device_type)
         self.max_model_len = min(args.max_model_len or self.cfg.max_position_embeddings,
                                  self.cfg.max_position_embeddings)
@@ -118,11 +120,13 @@ class ModelRunner:
             from foundry_sglang.comm_patch import PlaceholderCollectives
 
             self.state.collectives = PlaceholderCollectives(self.graph_backend.session)
+        self.startup_marks["distributed_and_graph_backend"] = time.time()
         # 3. weights
         t0 = time.perf_counter()
         self.model = Qwen3ForCausalLM(self.cfg, self.dtype, self.device)
         self._load_weights()
         self.weights_seconds = time.perf_counter() - t0
+        self.startup_marks["weights"] = time.time()
         # 4. KV cache
         self.num_kv_pages = self._resolve_num_kv_pages()
         save_extra = getattr(self.graph_backend, "save_extra", None)
@@ -131,11 +135,13 @@ class ModelRunner:
         self._allocate_kv_cache()
         # 5. static decode buffers
         self._allocate_static_buffers()
+        self.startup_marks["kv_cache"] = time.time()
         # 6. graphs
         self.graph_bs: List[int] = []
         self.capture_seconds = 0.0
         if self.graph_backend is not None:
             self.capture_graphs()
+        self.startup_marks["graphs"] = time.time()
 
     # -- startup ----------------------------------------------------------------------------------
     def barrier(self) -> None:

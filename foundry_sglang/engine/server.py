@@ -380,9 +380,13 @@ class ServerThread:
         self.thread.join(10)
 
 
-async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name: Optional[str] = None) -> None:
-    """Serve until SIGINT/SIGTERM."""
+async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name: Optional[str] = None,
+                startup_marks: Optional[Dict[str, float]] = None) -> None:
+    """Serve until SIGINT/SIGTERM. ``startup_marks`` (phase -> wall-clock end) is logged once listening."""
     runner, url = await _start_site(engine, host, port, served_model_name)
+    if startup_marks is not None:
+        marks = dict(startup_marks, **engine.engine.runner.startup_marks, listening=time.time())
+        log.info("startup timeline: %s", json.dumps(dict(sorted(marks.items(), key=lambda kv: kv[1]))))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -394,6 +398,7 @@ async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    marks = {"imported": time.time()}
     args = build_arg_parser().parse_args(argv)
     if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
         exit_with_parent()
@@ -405,8 +410,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
+    marks["engine"] = time.time()
     try:
-        asyncio.run(serve(engine, args.host, args.port, args.served_model_name))
+        asyncio.run(serve(engine, args.host, args.port, args.served_model_name, marks))
     finally:
         engine.shutdown()
     return 0

@@ -1,0 +1,280 @@
+"""One content-addressed kernel-image store per host, shared by the archives beside it.
+
+Archives of different layouts (TP1, TP2, EP2 ...) and models load mostly the same kernel images (about 90 of the
+96 MB of an 8B archive). SAVE puts each image into ``<archive dir>/foundry-images/<sha256>.img`` and the archive's
+manifest refers to it by hash (``KernelImage.in_store``); an archive then holds only its own graph tables and
+snapshots, and N layouts store their images once.
+
+- Names are the sha256 of the contents; a read re-hashes the file and refuses one that does not match.
+- Writers never expose a partial file: each writes a temporary file of its own (exclusive create), fsyncs it and
+  renames it over the final name. Concurrent writers of the same image race harmlessly (same bytes).
+- ``gc`` removes images no archive in the directory refers to, sparing recent files (a SAVE in progress has put
+  its images but not yet written its archive) and refusing to run while an archive cannot be read.
+- ``pack_archive`` exports an archive with its images embedded (the single-file form, for copying elsewhere).
+Images are GPU code: the store is trusted input, as archives are; verification protects against damage, not
+against someone who can write the directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import msgspec
+
+from foundry_core.archive import Archive, ArchiveWriter, _fsync_dir
+from foundry_core.errors import ArchiveError
+from foundry_core.schema import KernelImage
+
+log = logging.getLogger(__name__)
+
+STORE_DIRNAME = "foundry-images"
+SUFFIX = ".img"
+ARCHIVE_GLOB = "*.foundry"
+#: gc spares unreferenced files younger than this: a concurrent SAVE writes its images before its archive.
+DEFAULT_GRACE_S = 3600.0
+_NAME = re.compile(r"[0-9a-f]{64}")
+_TMP_PREFIX = ".tmp-"
+
+
+class StoreError(ArchiveError):
+    """An image is missing from the store, damaged, or the store cannot be written (one line)."""
+
+
+def sha256_of(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class GcReport:
+    removed: list[str] = field(default_factory=list)  # sha256 of removed images
+    freed_bytes: int = 0
+    kept: int = 0
+    spared_recent: int = 0  # unreferenced but younger than the grace period
+    temp_removed: int = 0
+
+
+class ImageStore:
+    """Kernel images by sha256 in one directory. Safe for concurrent readers and writers across processes."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @classmethod
+    def beside(cls, archive_path: str | os.PathLike) -> "ImageStore":
+        """The store of the directory that holds ``archive_path``."""
+        return cls(Path(archive_path).parent / STORE_DIRNAME)
+
+    def path(self, sha256: str) -> Path:
+        if not _NAME.fullmatch(sha256):
+            raise StoreError(f"{self.root}: {sha256[:80]!r} is not a sha256 image name")
+        return self.root / (sha256 + SUFFIX)
+
+    def __contains__(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def put(self, data) -> str:
+        """Store ``data`` (bytes-like) and return its sha256. An intact existing copy is kept; a damaged one is
+        replaced."""
+        view = memoryview(data).cast("B")
+        sha = sha256_of(view)
+        final = self.path(sha)
+        if final.is_file() and self._intact(final, sha, len(view)):
+            with contextlib.suppress(OSError):
+                os.utime(final)  # fresh again: gc spares it until this SAVE's archive refers to it
+            return sha
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=SUFFIX, dir=self.root)  # O_EXCL, unique
+        except OSError as err:
+            raise StoreError(f"{self.root}: cannot write the image store: {err.strerror or err}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(view)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, final)  # atomic: readers see no file or the whole file
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StoreError(f"{final}: cannot write: {err.strerror or err}") from None
+        _fsync_dir(self.root)
+        return sha
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def get(self, sha256: str, size: Optional[int] = None) -> bytes:
+        """The image's bytes, re-hashed; StoreError if it is missing, truncated or damaged."""
+        path = self.path(sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"{path}: kernel image missing from the store (removed, or the archive was copied "
+                             f"without it; export with 'python -m foundry_core pack')") from None
+        except OSError as err:
+            raise StoreError(f"{path}: cannot read: {err.strerror or err}") from None
+        if size is not None and len(data) != size:
+            raise StoreError(f"{path}: {len(data)} bytes, the archive recorded {size} (truncated or corrupt)")
+        if sha256_of(data) != sha256:
+            raise StoreError(f"{path}: sha256 mismatch (corrupt image refused)")
+        return data
+
+    def check(self, images: Iterable[KernelImage]) -> None:
+        """Cheap presence check (exists, recorded size) of an archive's store images, for open()."""
+        for image in images:
+            if not image.in_store:
+                continue
+            path = self.path(image.sha256)
+            try:
+                size = path.stat().st_size
+            except OSError:
+                raise StoreError(f"{path}: kernel image missing from the store") from None
+            if size != image.size:
+                raise StoreError(f"{path}: {size} bytes, the archive recorded {image.size} (truncated or corrupt)")
+
+    def entries(self) -> dict[str, int]:
+        """sha256 -> size of every image file."""
+        out = {}
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.suffix == SUFFIX and _NAME.fullmatch(p.stem):
+                    out[p.stem] = p.stat().st_size
+        return out
+
+    # -- garbage collection --------------------------------------------------------------------------------
+    def gc(self, archives: Optional[Sequence[str | os.PathLike]] = None, grace_s: float = DEFAULT_GRACE_S,
+           dry_run: bool = False) -> GcReport:
+        """Remove images no archive refers to (default: every ``*.foundry`` beside the store) and stale temporary
+        files, except those younger than ``grace_s``. Refuses (StoreError) if an archive cannot be read."""
+        paths = [Path(a) for a in archives] if archives is not None else self.archives_beside()
+        referenced: set[str] = set()
+        for p in paths:
+            try:
+                referenced |= {im.sha256 for im in read_images(p) if im.in_store}
+            except ArchiveError as err:
+                raise StoreError(f"gc refused: cannot tell which images {p} needs ({err})") from None
+        report = GcReport()
+        now = time.time()
+        if not self.root.is_dir():
+            return report
+        for p in sorted(self.root.iterdir()):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue  # a concurrent writer renamed it away
+            recent = now - st.st_mtime < grace_s
+            if p.name.startswith(_TMP_PREFIX):
+                if not recent:
+                    report.temp_removed += 1
+                    if not dry_run:
+                        with contextlib.suppress(OSError):
+                            p.unlink()
+                continue
+            if p.suffix != SUFFIX or not _NAME.fullmatch(p.stem):
+                continue  # not ours
+            if p.stem in referenced:
+                report.kept += 1
+            elif recent:
+                report.spared_recent += 1
+            else:
+                report.removed.append(p.stem)
+                report.freed_bytes += st.st_size
+                if not dry_run:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+        return report
+
+    def archives_beside(self) -> list[Path]:
+        """The archives that share this store: ``*.foundry`` in its parent directory."""
+        return sorted(self.root.parent.glob(ARCHIVE_GLOB))
+
+    @staticmethod
+    def _intact(path: Path, sha256: str, size: int) -> bool:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return False
+        return len(data) == size and sha256_of(data) == sha256
+
+
+def store_images(writer, images, store: Optional[ImageStore]) -> list[KernelImage]:
+    """SAVE: manifest records for ``images`` (objects with ``sha256``, ``data``, ``record(blob)``), put into
+    ``store`` when given, else embedded as raw blobs of ``writer``."""
+    records = []
+    for img in images:
+        if store is None:
+            # Raw, not zlib: LOAD inflating tens of MB would cost more than the disk space saved.
+            records.append(img.record(writer.add_blob(f"image/{img.sha256[:16]}", img.data, compress=False)))
+            continue
+        if store.put(img.data) != img.sha256:
+            raise StoreError(f"image {img.sha256[:16]}: contents changed while saving")
+        records.append(msgspec.structs.replace(img.record(""), in_store=True))
+    return records
+
+
+def image_bytes(archive, image: KernelImage) -> bytes:
+    """LOAD: one image's bytes, from the archive or from the store beside it (verified either way)."""
+    if image.in_store:
+        return ImageStore.beside(archive.path).get(image.sha256, image.size)
+    return archive.blob(image.blob)
+
+
+def read_images(path: str | os.PathLike) -> list[KernelImage]:
+    """The image records of an archive (validated open, manifest only)."""
+    with Archive.open(path) as archive:
+        return list(archive.manifest.images)
+
+
+def store_usage(archive) -> dict:
+    """Bytes of an archive's images by where they live: embedded, in the store and shared with at least one other
+    archive beside it, or in the store and used by this archive alone."""
+    store = ImageStore.beside(archive.path)
+    mine = {im.sha256: im.size for im in archive.manifest.images if im.in_store}
+    others: set[str] = set()
+    unreadable = 0
+    other_paths = [p for p in store.archives_beside() if p.resolve() != Path(archive.path).resolve()]
+    for p in other_paths:
+        try:
+            others |= {im.sha256 for im in read_images(p) if im.in_store}
+        except ArchiveError:
+            unreadable += 1
+    present = store.entries()
+    shared = {s for s in mine if s in others}
+    return {
+        "store": str(store.root),
+        "embedded_images": sum(not im.in_store for im in archive.manifest.images),
+        "embedded_bytes": sum(im.size for im in archive.manifest.images if not im.in_store),
+        "store_images": len(mine),
+        "shared_images": len(shared),
+        "shared_bytes": sum(mine[s] for s in shared),
+        "own_images": len(mine) - len(shared),
+        "own_bytes": sum(v for s, v in mine.items() if s not in shared),
+        "missing_images": sum(s not in present for s in mine),
+        "other_archives": len(other_paths),
+        "unreadable_archives": unreadable,
+    }
+
+
+def pack_archive(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Export ``src`` as a single-file archive at ``dst`` with every store image embedded (verified on the way)."""
+    if Path(src).resolve() == Path(dst).resolve():
+        raise StoreError(f"{dst}: pack needs a destination other than the source")
+    with Archive.open(src) as archive, ArchiveWriter(dst) as writer:
+        m = archive.manifest
+        for name, blob in m.blobs.items():
+            writer.add_blob(name, archive.blob(name), compress=blob.codec != "raw")
+        images = []
+        for im in m.images:
+            if im.in_store:
+                name = writer.add_blob(f"image/{im.sha256[:16]}", image_bytes(archive, im), compress=False)
+                im = msgspec.structs.replace(im, blob=name, in_store=False)
+            images.append(im)
+        return writer.finish(msgspec.structs.replace(m, images=images))

@@ -1,0 +1,150 @@
+"""Routed mixture-of-experts: each token runs only through the experts it is routed to.
+
+Four steps, all with shapes fixed by the token count alone and no host synchronisation, so a decode step that
+contains them can be captured into a CUDA graph:
+
+1. ``select_experts``: softmax router, top-k, optional renormalisation. Experts held by other expert-parallel
+   ranks are sent to a *drop bucket* (id ``num_local``) and contribute nothing here; the all-reduce after the
+   layer adds them from their own rank.
+2. ``group_by_expert``: the N*k (token, slot) assignments are laid out expert by expert in blocks of ``block_m``
+   rows, each expert's rows padded up to a whole block. The layout has a fixed maximum length
+   (``max_grouped_rows``); blocks past the used length are skipped by the kernels.
+3. Grouped GEMM, twice: for every row block, ``rows @ W[expert]^T``. First gate+up (rows gathered from the
+   tokens), SiLU(gate) * up, then down, scaled by the routing weight of each assignment.
+4. Sum of each token's k scaled rows.
+
+``grouped_moe_triton`` runs step 3 as one Triton kernel launch per GEMM (GPU; also under ``TRITON_INTERPRET=1``);
+``grouped_moe_torch`` is the same algorithm with a batched matmul per row block (CPU). ``all_experts_moe`` is
+the reference that runs every local expert on every token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    """Top-k routing of N tokens onto one rank's experts."""
+
+    weights: torch.Tensor  # [N, k] float32 combine weights
+    ids: torch.Tensor      # [N, k] int64 local expert ids; num_local (the drop bucket) for other ranks' experts
+    num_local: int
+
+
+@dataclass
+class ExpertGroups:
+    """Assignments grouped by expert in blocks of ``block_m`` rows (fixed maximum shapes)."""
+
+    rows: torch.Tensor          # [max_rows] int32: flat assignment index token*k + slot; N*k marks padding
+    block_expert: torch.Tensor  # [max_rows // block_m] int32: the expert of each row block
+    rows_used: torch.Tensor     # [1] int32: rows of the layout in use (a multiple of block_m)
+    block_m: int
+
+
+def select_experts(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize: bool,
+                   first_expert: int | torch.Tensor, num_local: int) -> Routing:
+    """Qwen3-MoE routing: softmax over all experts in fp32, top-k, optionally renormalised over the k.
+
+    ``first_expert``: this rank's first expert; pass it as a one-element device tensor so that captured graphs
+    hold no rank-dependent kernel argument (comm_patch restores one EP rank's graphs on the others)."""
+    probs = F.linear(x.float(), gate.float()).softmax(-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    local = ids - first_expert
+    inside = (local >= 0) & (local < num_local)
+    return Routing(weights=weights * inside, ids=torch.where(inside, local, num_local), num_local=num_local)
+
+
+def pick_block_m(num_assignments: int, num_experts: int) -> int:
+    """Rows per block: small when experts get few rows each (decode), larger for long prefills."""
+    per_expert = num_assignments / max(num_experts, 1)
+    return 16 if per_expert <= 16 else 32 if per_expert <= 64 else 64
+
+
+def max_grouped_rows(num_assignments: int, num_experts: int, block_m: int) -> int:
+    """Upper bound of the padded layout: at most min(assignments, experts) experts are non-empty, and each
+    wastes fewer than block_m rows."""
+    bound = num_assignments + min(num_assignments, num_experts) * (block_m - 1)
+    return -(-bound // block_m) * block_m
+
+
+def group_by_expert(ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertGroups:
+    """Stable grouping of the assignments ``ids`` [N, k] (values 0..num_experts, the last being the drop
+    bucket) by expert, without host syncs: a one-hot running count gives each assignment its rank inside its
+    expert, padded per-expert offsets give its row."""
+    flat = ids.reshape(-1)
+    n = flat.numel()
+    dev = flat.device
+    onehot = torch.zeros(n, num_experts + 1, dtype=torch.int32, device=dev)
+    onehot.scatter_(1, flat.unsqueeze(1), 1)
+    running = onehot.cumsum(0, dtype=torch.int32)
+    rank = running.gather(1, flat.unsqueeze(1)).squeeze(1) - 1
+    counts = running[-1, :num_experts].long()
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    max_rows = max_grouped_rows(n, num_experts, block_m)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1], ends.new_full((1,), max_rows)])  # drop bucket -> spill row
+    dest = starts[flat] + rank * (flat < num_experts)
+    rows = torch.full((max_rows + 1,), n, dtype=torch.int32, device=dev)
+    rows.scatter_(0, dest, torch.arange(n, dtype=torch.int32, device=dev))
+    block_start = torch.arange(0, max_rows, block_m, device=dev)
+    block_expert = torch.searchsorted(ends, block_start, right=True).clamp_(max=num_experts - 1)
+    return ExpertGroups(rows=rows[:max_rows], block_expert=block_expert.to(torch.int32),
+                        rows_used=ends[-1:].to(torch.int32), block_m=block_m)
+
+
+def grouped_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """The routed algorithm with one batched matmul per GEMM over the row blocks (CPU path; gathers each
+    block's expert weights, so it suits small models only)."""
+    n, k = routing.ids.shape
+    groups = group_by_expert(routing.ids, routing.num_local, pick_block_m(n * k, routing.num_local))
+    bm = groups.block_m
+    rows = groups.rows.long()
+    valid = rows < n * k                                               # padding rows hold n * k
+    safe = torch.where(valid, rows, 0)
+    a = x[safe // k].reshape(-1, bm, x.shape[1])                       # [blocks, bm, H]
+    experts = groups.block_expert.long()
+    gu = torch.bmm(a, w13[experts].transpose(1, 2))                    # [blocks, bm, 2I]
+    g, u = gu.chunk(2, dim=-1)
+    y = torch.bmm(F.silu(g) * u, w2[experts].transpose(1, 2))         # [blocks, bm, H]
+    scale = routing.weights.reshape(-1)[safe] * valid
+    out = torch.zeros(n * k + 1, x.shape[1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, torch.where(valid, rows, n * k), y.reshape(-1, x.shape[1]).float() * scale.unsqueeze(1))
+    return out[:n * k].reshape(n, k, -1).sum(1).to(x.dtype)
+
+
+def grouped_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """The routed algorithm with the Triton grouped GEMM (two launches; graph-safe)."""
+    from .triton_moe import grouped_gemm
+
+    n, k = routing.ids.shape
+    groups = group_by_expert(routing.ids, routing.num_local, pick_block_m(n * k, routing.num_local))
+    gu = torch.empty(n * k, w13.shape[1], dtype=x.dtype, device=x.device)
+    grouped_gemm(x, w13, gu, groups, rows_per_a=k)
+    g, u = gu.chunk(2, dim=-1)
+    act = F.silu(g) * u
+    y = torch.zeros(n * k, w2.shape[1], dtype=torch.float32, device=x.device)  # dropped rows stay 0
+    grouped_gemm(act, w2, y, groups, rows_per_a=1, row_weights=routing.weights.reshape(-1))
+    return y.view(n, k, -1).sum(1).to(x.dtype)
+
+
+def all_experts_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Reference: every local expert on every token (one bmm), weighted by the dense routing matrix."""
+    n, e = x.shape[0], routing.num_local
+    comb = torch.zeros(n, e + 1, dtype=torch.float32, device=x.device)
+    comb.scatter_add_(1, routing.ids, routing.weights)
+    gu = torch.bmm(x.unsqueeze(0).expand(e, -1, -1), w13.transpose(1, 2))
+    g, u = gu.chunk(2, dim=-1)
+    y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2))                   # [E, N, H]
+    return (y.float() * comb[:, :e].t().unsqueeze(-1)).sum(0).to(x.dtype)
+
+
+def routed_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """This rank's share of the MoE output: the Triton path on CUDA, the torch path elsewhere."""
+    if x.is_cuda:
+        return grouped_moe_triton(x, w13, w2, routing)
+    return grouped_moe_torch(x, w13, w2, routing)
