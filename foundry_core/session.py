@@ -40,7 +40,9 @@ class Session:
     ``mode``: "save", "load", or "auto" (load when a compatible archive exists at ``path``, else save).
     ``key``: caller's identity of the model/config/layout; LOAD refuses an archive saved under another key.
     ``image_store``: SAVE puts kernel images into the host's store beside the archive (``foundry_core.store``,
-    shared by every archive there); False embeds them in the archive file.
+    shared by every archive there); False embeds them in the archive file. Default (None): the store when
+    ``FOUNDRY_IMAGE_STORE=1``, else embedded — the store has not run on a GPU yet (CPU-tested only), so the
+    GPU-proven single-file layout stays the default until it has.
     """
 
     def __init__(
@@ -54,7 +56,7 @@ class Session:
         progress: bool = True,
         record_images: bool = True,
         rank: Optional[int] = None,
-        image_store: bool = True,
+        image_store: Optional[bool] = None,
     ):
         if mode not in ("save", "load", "auto"):
             raise FoundryError(f"mode must be save, load or auto, not {mode!r}")
@@ -69,6 +71,8 @@ class Session:
         self._slot_recorder = None
         self._arena_args = (arena_base, arena_size)
         self._record_images = record_images
+        if image_store is None:
+            image_store = os.environ.get("FOUNDRY_IMAGE_STORE", "0") == "1"
         self.image_store = ImageStore.beside(self.path) if image_store else None
         self.arena: Optional[Arena] = None
         self.archive = None
