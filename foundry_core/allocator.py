@@ -41,8 +41,9 @@ def native_lib() -> ctypes.CDLL:
         lib.foundry_arena_trace_copy.argtypes = [p, u64, u64]
         lib.foundry_arena_trace_copy.restype = u64
         lib.foundry_sizeof_memcpy3d.restype = ctypes.c_size_t
-        lib.foundry_build_graph.argtypes = [p, ctypes.c_uint32, p, p, p, ctypes.c_uint32, p, p, p, p, ctypes.c_char_p,
-                                            ctypes.c_size_t, p, ctypes.c_uint32]
+        tables = [p, ctypes.c_uint32, p, p, p, ctypes.c_uint32, p, p, p]  # see restore.NativeTables.pointers
+        lib.foundry_build_graph.argtypes = tables + [p, ctypes.c_char_p, ctypes.c_size_t, p, ctypes.c_uint32, p]
+        lib.foundry_check_graph.argtypes = tables + [p, ctypes.c_char_p, ctypes.c_size_t]
         lib.foundry_instantiate.argtypes = [p, p, p, ctypes.c_char_p, ctypes.c_size_t]
         lib.foundry_launch.argtypes = [p, p]
         lib.foundry_exec_destroy.argtypes = [p]

@@ -27,6 +27,7 @@ from typing import Iterator
 import msgspec
 import numpy as np
 
+from foundry_core import validate
 from foundry_core.errors import ArchiveError
 from foundry_core.schema import SCHEMA_VERSION, Blob, Manifest
 
@@ -486,4 +487,5 @@ def _check_manifest(path: Path, manifest: Manifest, blobs_end: int) -> None:
             f"{path}: arena capture range [{arena.capture_start}, {arena.capture_end}) "
             f"does not fit the arena size {arena.size}"
         )
+    validate.check_manifest(str(path), manifest)
 

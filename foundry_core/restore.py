@@ -5,8 +5,10 @@ with SAVE's (``layout``: a different layout is refused before anything is rebuil
 arena and write back the warm-up buffers graphs read; load kernel images and resolve functions; then build +
 instantiate + upload graphs in ``_native/restore.c`` (one native call per graph). The first graph is built before
 ``restore()`` returns; the others are built by a background thread in the requested order.
-``RestoredGraph.replay()`` waits for its own graph if it is not ready yet, so replay never fails; for a graph
-that draws random numbers it first does what ``CUDAGraph.replay()`` does with the generator (``rng_prologue``).
+``RestoredGraph.replay()`` waits for its own graph if it is not ready yet, and raises a FoundryError if it could
+not be built (never waits forever); for a graph that draws random numbers it first does what
+``CUDAGraph.replay()`` does with the generator (``rng_prologue``). Before any of it, every table is checked against
+the manifest and the arena (``validate``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from foundry_core import schema
+from foundry_core import schema, validate
 from foundry_core.errors import ArchiveError, FoundryError
 from foundry_core.store import image_bytes
 
@@ -158,8 +160,9 @@ def apply_patches(data: np.ndarray, patches: Iterable[schema.BytePatch], what: s
 
 
 def graph_tables(archive, m: schema.Manifest, index: int, patches: Iterable[schema.BytePatch] = ()):
-    """(nodes, payload, attrs, edges) arrays of graph ``index``, checked against its template; ``patches``
-    (this rank's, for this graph) are applied to the payload."""
+    """(nodes, payload, attrs, edges) arrays of graph ``index``, checked against its template, the manifest's
+    tables and the arena (``validate.check_graph_tables``); ``patches`` (this rank's, for this graph) are applied
+    to the payload first, so what is checked is what is built."""
     rec = m.graphs[index]
     tpl = m.templates[rec.template]
     nodes = archive.blob_array(rec.nodes, schema.NODE_DTYPE)
@@ -169,12 +172,52 @@ def graph_tables(archive, m: schema.Manifest, index: int, patches: Iterable[sche
     edges = archive.blob_array(tpl.edges, schema.EDGE_DTYPE) if tpl.num_edges else np.zeros(0, schema.EDGE_DTYPE)
     if len(nodes) != tpl.num_nodes or len(edges) != tpl.num_edges:
         raise ArchiveError(f"{archive.path}: graph {rec.key!r} does not match its template")
-    ends = nodes["payload_off"].astype(np.uint64) + nodes["payload_len"]
-    if len(nodes) and int(ends.max()) > len(payload):
-        raise ArchiveError(f"{archive.path}: graph {rec.key!r} has node arguments beyond its payload")
-    if len(nodes) and int((nodes["attr_off"].astype(np.uint64) + nodes["attr_cnt"]).max()) > len(attrs):
-        raise ArchiveError(f"{archive.path}: graph {rec.key!r} has launch attributes beyond its table")
+    validate.check_graph_tables(f"{archive.path}: graph {rec.key[:60]!r}", m, index, nodes, payload, attrs, edges)
     return nodes, payload, attrs, edges
+
+
+def output_structure(rec: schema.GraphRecord):
+    """The pytree structure of a graph's outputs, checked against their tensors and constants (None: a single
+    tensor or none), so that ``save.unflatten_outputs`` cannot fail at LOAD."""
+    from torch.utils import _pytree as pytree
+
+    constants = rec.output_constants
+    if not rec.output_tree:
+        if len(rec.outputs) > 1 or constants:
+            raise ArchiveError(f"graph {rec.key[:60]!r} has {len(rec.outputs)} outputs and {len(constants)} "
+                               "constants but no output structure")
+        return None
+    try:
+        spec = pytree.treespec_loads(rec.output_tree)
+        leaves = spec.num_leaves
+    except RecursionError:
+        raise ArchiveError(f"graph {rec.key[:60]!r}: output structure is nested too deep") from None
+    except Exception as e:  # json/pytree errors of every kind: the string is not a structure SAVE wrote
+        raise ArchiveError(f"graph {rec.key[:60]!r}: output structure is invalid ({type(e).__name__})") from None
+    if leaves != len(rec.outputs) + len(constants) or any(not 0 <= k < leaves for k in constants):
+        raise ArchiveError(f"graph {rec.key[:60]!r}: output structure has {leaves} leaves for {len(rec.outputs)} "
+                           f"tensors and {len(constants)} constants")
+    return spec
+
+
+def check_archive_for_load(archive, rank: Optional[int] = None) -> dict[int, tuple]:
+    """Everything LOAD can check without a GPU: every graph's tables (with ``rank``'s patches applied), the child
+    graphs between them and the output structures. Returns graph index -> (nodes, payload, attrs, edges)."""
+    m = archive.manifest
+    patches: dict[int, list] = {}
+    for p in rank_patches(m, rank):
+        if p.graph >= 0:
+            patches.setdefault(p.graph, []).append(p)
+    arrays = {i: graph_tables(archive, m, i, patches.get(i, ())) for i in range(len(m.graphs))}
+    child_refs = {i: nodes["ref"][nodes["kind"] == schema.NODE_CHILD_GRAPH].tolist()
+                  for i, (nodes, *_) in arrays.items()}
+    validate.check_child_graphs(str(archive.path), m, child_refs)
+    for rec in m.graphs:
+        try:
+            output_structure(rec)
+        except ArchiveError as e:
+            raise ArchiveError(f"{archive.path}: {e}") from None
+    return arrays
 
 
 class Preloader:
@@ -206,16 +249,12 @@ class Preloader:
             torch.cuda.set_device(self.device)
             m = self.archive.manifest
             t = time.perf_counter()
+            self.arrays = check_archive_for_load(self.archive, self.rank)  # all checked before it reaches the GPU
+            t2 = time.perf_counter()
+            self.decode_seconds = t2 - t
             self.modules = binaries.load_images([image_bytes(self.archive, img) for img in m.images])
             self.functions = np.asarray(binaries.get_functions(self.modules, m.functions), dtype=np.uint64)
-            t2 = time.perf_counter()
-            self.images_seconds = t2 - t
-            patches: dict[int, list] = {}
-            for p in rank_patches(m, self.rank):
-                if p.graph >= 0:
-                    patches.setdefault(p.graph, []).append(p)
-            self.arrays = {i: graph_tables(self.archive, m, i, patches.get(i, ())) for i in range(len(m.graphs))}
-            self.decode_seconds = time.perf_counter() - t2
+            self.images_seconds = time.perf_counter() - t2
         except BaseException as e:  # handed to restore()
             self._error = e
 
@@ -228,6 +267,40 @@ class Preloader:
         return self
 
 
+class TableSizes(ctypes.Structure):
+    """Mirrors ``TableSizes`` in ``_native/restore.c``: how far each table a node record indexes into reaches."""
+
+    _fields_ = [("payload_size", ctypes.c_uint64), ("n_attrs", ctypes.c_uint32), ("n_funcs", ctypes.c_uint32),
+                ("n_events", ctypes.c_uint32), ("n_children", ctypes.c_uint32)]
+
+
+class NativeTables:
+    """One graph's tables as the native builder takes them: pointers plus the sizes it checks records against."""
+
+    def __init__(self, nodes: np.ndarray, payload: np.ndarray, attrs: np.ndarray, edges: np.ndarray,
+                 functions: np.ndarray, events: np.ndarray, children: np.ndarray):
+        self.arrays = (nodes, payload, attrs, edges, functions, events, children)  # kept alive for the call
+        self.sizes = TableSizes(len(payload), len(attrs), len(functions), len(events), len(children))
+
+    def pointers(self) -> tuple:
+        """(nodes, n_nodes, payload, attrs, edges, n_edges, funcs, events, children) for the C signature."""
+        nodes, payload, attrs, edges, functions, events, children = self.arrays
+
+        def ptr(a: np.ndarray):
+            return a.ctypes.data if len(a) else None
+
+        return (ptr(nodes), len(nodes), ptr(payload), ptr(attrs), ptr(edges), len(edges), ptr(functions), ptr(events),
+                ptr(children))
+
+
+def native_check(lib, tables: NativeTables) -> Optional[str]:
+    """The native builder's own bounds check (no CUDA needed): None when every record is in bounds, else why not."""
+    err = ctypes.create_string_buffer(512)
+    if lib.foundry_check_graph(*tables.pointers(), ctypes.byref(tables.sizes), err, len(err)) == 0:
+        return None
+    return err.value.decode(errors="replace")
+
+
 class GraphBuilder:
     """Holds decoded tables and builds graphs natively."""
 
@@ -238,6 +311,7 @@ class GraphBuilder:
         self.functions = functions  # uint64 CUfunction per manifest function index
         self.events = events
         self._children: dict[int, int] = {}  # graph index -> built CUgraph handle
+        self._building: list[int] = []  # graphs being built, outermost first (child graphs nest)
         self._err = ctypes.create_string_buffer(512)
         self.arrays: dict[int, tuple] = {}  # graph index -> decoded tables (filled by the preloader)
 
@@ -248,21 +322,23 @@ class GraphBuilder:
         kinds = nodes["kind"]
         slot_nodes = np.zeros(2 * int((kinds == schema.NODE_SLOT).sum()), dtype=np.uint64)
         child_refs = nodes["ref"][kinds == schema.NODE_CHILD_GRAPH]
-        children = np.array([self.child(int(r)) for r in child_refs], dtype=np.uint64)
+        self._building.append(index)
+        try:
+            children = np.array([self.child(int(r)) for r in child_refs], dtype=np.uint64)
+        finally:
+            self._building.pop()
         # Kernel refs index the global function table; child refs index `children` in node order.
         if len(child_refs):
             nodes = nodes.copy()
             nodes["ref"][kinds == schema.NODE_CHILD_GRAPH] = np.arange(len(child_refs), dtype=np.uint32)
+        tables = NativeTables(nodes, payload, attrs, edges, self.functions, self.events, children)
         graph = ctypes.c_void_p()
         rc = self.lib.foundry_build_graph(
-            nodes.ctypes.data, len(nodes), payload.ctypes.data if len(payload) else None,
-            attrs.ctypes.data if len(attrs) else None, edges.ctypes.data if len(edges) else None, len(edges),
-            self.functions.ctypes.data, self.events.ctypes.data if len(self.events) else None,
-            children.ctypes.data if len(children) else None, ctypes.byref(graph), self._err, len(self._err),
-            slot_nodes.ctypes.data if len(slot_nodes) else None, len(slot_nodes) // 2,
+            *tables.pointers(), ctypes.byref(graph), self._err, len(self._err),
+            slot_nodes.ctypes.data if len(slot_nodes) else None, len(slot_nodes) // 2, ctypes.byref(tables.sizes),
         )
         if rc != 0:
-            raise FoundryError(f"rebuilding graph {rec.key!r}: {self._err.value.decode()}")
+            raise FoundryError(f"rebuilding graph {rec.key!r}: {self._err.value.decode(errors='replace')}")
         return graph.value, len(nodes), slot_nodes
 
     def slot_ids(self, index: int) -> list[int]:
@@ -271,6 +347,13 @@ class GraphBuilder:
 
     def child(self, index: int) -> int:
         if index not in self._children:
+            parent = self.m.graphs[self._building[-1]].key[:60] if self._building else "?"
+            if not (0 <= index < len(self.m.graphs) and self.m.graphs[index].is_child):
+                raise ArchiveError(f"{self.archive.path}: graph {parent!r} refers to child graph {index}, which is "
+                                   "not a child graph of this archive")
+            if index in self._building or len(self._building) > validate.MAX_CHILD_DEPTH:
+                raise ArchiveError(f"{self.archive.path}: graph {parent!r} contains child graph {index} within "
+                                   "itself (a cycle) or too deep")
             graph, _, slots = self.build(index)
             if len(slots):
                 raise FoundryError(f"graph {self.m.graphs[index].key!r}: slot nodes inside a child graph")
@@ -280,50 +363,73 @@ class GraphBuilder:
     def instantiate(self, graph: int, stream: int) -> int:
         exec_ = ctypes.c_void_p()
         if self.lib.foundry_instantiate(graph, stream, ctypes.byref(exec_), self._err, len(self._err)) != 0:
-            raise FoundryError(self._err.value.decode())
+            raise FoundryError(self._err.value.decode(errors="replace"))
         return exec_.value
+
+
+def _one_line(e: BaseException) -> str:
+    """A FoundryError's own message; anything else (a bug or a resource failure) with its type."""
+    if isinstance(e, FoundryError):
+        return str(e)
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def build_all(builder: GraphBuilder, order: Iterable[int], graphs: dict[int, RestoredGraph], stats: RestoreStats,
               t0: float, device: int, stream, slots: Optional[SlotPipeline] = None) -> None:
     """Build (or take from ``slots`` once filled) and instantiate graphs in ``order``, marking each ready as
-    soon as it is."""
-    import torch
+    soon as it is.
 
-    torch.cuda.set_device(device)
+    Never raises and never leaves a graph unmarked: a graph that cannot be built carries its error, so its
+    ``replay()`` raises a FoundryError instead of waiting for a thread that has died.
+    """
     order = list(order)
-    for n, index in enumerate(order):
-        rg = graphs[index]
-        try:
-            tb = time.perf_counter()
-            filled = slots.take(index) if slots is not None else None
-            if filled is not None:
-                graph, count = filled
-                tb = time.perf_counter()  # built and filled (and timed) by the filling thread
-            else:
-                graph, count, unfilled = builder.build(index)
-                if len(unfilled):
-                    builder.lib.foundry_graph_destroy(graph)
-                    raise FoundryError(f"graph {rg.key!r} holds {len(unfilled) // 2} unfilled slot(s); "
-                                       "not instantiated")
-            ti = time.perf_counter()
-            rg._exec = builder.instantiate(graph, stream.cuda_stream)
-            te = time.perf_counter()
-            rg._graph = graph
-            stats.build_seconds += ti - tb
-            stats.instantiate_seconds += te - ti
-            stats.num_nodes += count
-            stats.per_graph[rg.key] = te - tb
-        except FoundryError as e:
-            rg._error = str(e)
-            log.error("%s", e)
-        finally:
-            if n == len(order) - 1:
-                stream.synchronize()  # uploads done
-                stats.all_graphs_seconds = time.perf_counter() - t0
-            if not stats.first_graph_seconds:
-                stats.first_graph_seconds = time.perf_counter() - t0
-            rg._ready.set()
+    done = 0
+    try:
+        import torch
+
+        torch.cuda.set_device(device)
+        for n, index in enumerate(order):
+            rg = graphs[index]
+            try:
+                tb = time.perf_counter()
+                filled = slots.take(index) if slots is not None else None
+                if filled is not None:
+                    graph, count = filled
+                    tb = time.perf_counter()  # built and filled (and timed) by the filling thread
+                else:
+                    graph, count, unfilled = builder.build(index)
+                    if len(unfilled):
+                        builder.lib.foundry_graph_destroy(graph)
+                        raise FoundryError(f"graph {rg.key!r} holds {len(unfilled) // 2} unfilled slot(s); "
+                                           "not instantiated")
+                ti = time.perf_counter()
+                rg._exec = builder.instantiate(graph, stream.cuda_stream)
+                te = time.perf_counter()
+                rg._graph = graph
+                stats.build_seconds += ti - tb
+                stats.instantiate_seconds += te - ti
+                stats.num_nodes += count
+                stats.per_graph[rg.key] = te - tb
+            except BaseException as e:  # every failure must reach replay(), whatever it is
+                rg._error = _one_line(e)
+                log.error("foundry: graph %r could not be restored: %s", rg.key, rg._error)
+            finally:
+                if n == len(order) - 1:
+                    stream.synchronize()  # uploads done
+                    stats.all_graphs_seconds = time.perf_counter() - t0
+                if not stats.first_graph_seconds:
+                    stats.first_graph_seconds = time.perf_counter() - t0
+                rg._ready.set()
+                done = n + 1
+    except BaseException as e:  # the thread itself failed: so do the graphs it did not reach
+        reason = _one_line(e)
+        log.error("foundry: restoring graphs stopped: %s", reason)
+        for index in order[done:]:
+            rg = graphs[index]
+            if not rg._ready.is_set():
+                rg._error = rg._error or reason
+                rg._ready.set()
 
 
 class SlotPipeline:

@@ -48,14 +48,74 @@ size_t foundry_sizeof_memcpy3d(void) { return sizeof(CUDA_MEMCPY3D); }
         goto fail;                                  \
     } while (0)
 
-/* Build a graph. funcs/events/children are tables indexed by NodeRec.ref. A slot node becomes two unconnected
- * empty nodes, one taking its incoming and one its outgoing edges (plain edges: the placeholder's edge data
- * does not apply to what fills it); their handles go to slot_nodes (2 per slot, node order, n_slots slots).
- * On failure returns -1, destroys the partial graph and writes a one-line reason naming the node into err. */
+/* Sizes of the tables that node records index into. */
+typedef struct {
+    uint64_t payload_size; /* bytes */
+    uint32_t n_attrs, n_funcs, n_events, n_children;
+} TableSizes;
+
+/* Every record's offsets and indices against the table sizes, before anything is read through them. The Python
+ * side (foundry_core/validate.py) checks the same and more (addresses against the arena); this is the last line
+ * for callers that skip it. 0 if all is in bounds; otherwise -1 and a one-line reason naming the record. */
+int foundry_check_graph(const NodeRec *nodes, uint32_t n_nodes, const uint8_t *payload, const AttrRec *attrs,
+                        const EdgeRec *edges, uint32_t n_edges, const CUfunction *funcs, const CUevent *events,
+                        const CUgraph *children, const TableSizes *t, char *err, size_t errlen) {
+#define REFUSE(...) return snprintf(err, errlen, __VA_ARGS__), -1
+    if (!t) REFUSE("no table sizes given");
+    if ((n_nodes && !nodes) || (n_edges && !edges) || (t->payload_size && !payload) || (t->n_attrs && !attrs) ||
+        (t->n_funcs && !funcs) || (t->n_events && !events) || (t->n_children && !children))
+        REFUSE("a non-empty table is missing");
+    for (uint32_t i = 0; i < n_nodes; i++) {
+        const NodeRec *n = &nodes[i];
+        if (n->payload_off > t->payload_size || n->payload_len > t->payload_size - n->payload_off)
+            REFUSE("node %u: payload %llu+%u lies outside the %llu-byte payload table", i,
+                   (unsigned long long)n->payload_off, n->payload_len, (unsigned long long)t->payload_size);
+        switch (n->kind) {
+        case K_KERNEL:
+            if (n->ref >= t->n_funcs) REFUSE("node %u: kernel %u of %u", i, n->ref, t->n_funcs);
+            if (n->attr_off > t->n_attrs || n->attr_cnt > t->n_attrs - n->attr_off)
+                REFUSE("node %u: launch attributes %u+%u of %u", i, n->attr_off, n->attr_cnt, t->n_attrs);
+            break;
+        case K_MEMSET:
+            if (n->payload_len != sizeof(MemsetRec) || n->payload_off % 8)
+                REFUSE("node %u: memset payload of %u bytes at %llu", i, n->payload_len,
+                       (unsigned long long)n->payload_off);
+            break;
+        case K_MEMCPY: {
+            if (n->payload_len != sizeof(CUDA_MEMCPY3D) || n->payload_off % 8)
+                REFUSE("node %u: memcpy payload of %u bytes at %llu", i, n->payload_len,
+                       (unsigned long long)n->payload_off);
+            const CUDA_MEMCPY3D *c = (const CUDA_MEMCPY3D *)(payload + n->payload_off);
+            if (c->srcMemoryType != CU_MEMORYTYPE_DEVICE || c->dstMemoryType != CU_MEMORYTYPE_DEVICE)
+                REFUSE("node %u: memcpy is not device-to-device", i);
+            break;
+        }
+        case K_EVENT_RECORD:
+        case K_EVENT_WAIT:
+            if (n->ref >= t->n_events) REFUSE("node %u: event %u of %u", i, n->ref, t->n_events);
+            break;
+        case K_CHILD:
+            if (n->ref >= t->n_children) REFUSE("node %u: child graph %u of %u", i, n->ref, t->n_children);
+            break;
+        default: /* kinds without table references; the builder refuses kinds it does not know */
+            break;
+        }
+    }
+    for (uint32_t e = 0; e < n_edges; e++)
+        if (edges[e].src >= n_nodes || edges[e].dst >= n_nodes)
+            REFUSE("edge %u (%u -> %u) out of range of %u nodes", e, edges[e].src, edges[e].dst, n_nodes);
+    return 0;
+#undef REFUSE
+}
+
+/* Build a graph. funcs/events/children are tables indexed by NodeRec.ref, of the sizes in `t` (checked first by
+ * foundry_check_graph). A slot node becomes two unconnected empty nodes, one taking its incoming and one its
+ * outgoing edges (plain edges: the placeholder's edge data does not apply to what fills it); their handles go to
+ * slot_nodes (2 per slot, node order, n_slots slots). On failure returns -1, destroys the partial graph and writes a one-line reason naming the node into err. */
 int foundry_build_graph(const NodeRec *nodes, uint32_t n_nodes, const uint8_t *payload, const AttrRec *attrs,
                         const EdgeRec *edges, uint32_t n_edges, const CUfunction *funcs, const CUevent *events,
                         const CUgraph *children, CUgraph *out, char *err, size_t errlen, CUgraphNode *slot_nodes,
-                        uint32_t n_slots) {
+                        uint32_t n_slots, const TableSizes *t) {
     CUgraph g = NULL;
     CUgraphNode *handles = NULL, *outs = NULL, *from = NULL, *to = NULL;
     uint32_t slot = 0;
@@ -63,6 +123,8 @@ int foundry_build_graph(const NodeRec *nodes, uint32_t n_nodes, const uint8_t *p
     CUcontext ctx = NULL;
     CUresult r;
     *out = NULL;
+    if (foundry_check_graph(nodes, n_nodes, payload, attrs, edges, n_edges, funcs, events, children, t, err, errlen))
+        return -1;
     if (foundry_driver_load(err, errlen)) return -1;
     if ((r = p_cuCtxGetCurrent(&ctx)) != CUDA_SUCCESS || !ctx) BAIL("no current CUDA context");
     if ((r = p_cuGraphCreate(&g, 0)) != CUDA_SUCCESS) BAIL("cuGraphCreate: %s", foundry_cu_error_name(r));

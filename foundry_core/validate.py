@@ -1,0 +1,217 @@
+"""LOAD-time checks of an archive against itself and its arena: every index, offset, size and address.
+
+SAVE writes consistent tables, but an archive is a file that anyone with write access can change, and LOAD hands
+its contents to native code and the GPU. So LOAD re-checks everything SAVE guaranteed and a check can see: table
+indices and sizes, payload bounds, memset and memcpy targets (device memory inside the arena), snapshot and
+output addresses (inside the memory LOAD restores), output tensor shapes, and the child-graph references between
+graphs (no cycles, bounded depth). ``_native/restore.c`` checks the table bounds once more before it builds.
+
+What no check can see is what a kernel does with its arguments: an archive is code (README, "Security and trust").
+Every problem raises :class:`~foundry_core.errors.ArchiveError` with one line naming the graph, node and field.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from foundry_core import schema
+from foundry_core.errors import ArchiveError
+
+#: sizeof(CUDA_MEMCPY3D) on 64-bit platforms; ``restore.c`` refuses any other payload size for memcpy nodes too.
+MEMCPY3D_SIZE = 200
+CU_MEMORYTYPE_DEVICE = 2
+#: Launch attributes SAVE carries over (``codec.KERNEL_NODE_ATTRIBUTES``); any other id in an archive is tampering.
+KERNEL_NODE_ATTRIBUTES = frozenset((1, 2, 4, 5, 8, 9, 10, 11, 13, 16))
+MAX_EVENTS = 1 << 20
+MAX_CHILD_DEPTH = 64
+MAX_TENSOR_DIMS = 64
+#: Element sizes of the torch dtypes SAVE can record (``str(dtype)`` without "torch.").
+DTYPE_SIZES = {
+    "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "complex32": 4, "complex64": 8, "complex128": 16,
+    "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+    "float4_e2m1fn_x2": 1,
+}
+
+# Word indices of the CUDA_MEMCPY3D fields we check (the struct is 25 eight-byte words on 64-bit Linux).
+_SRC_X, _SRC_Y, _SRC_Z, _SRC_TYPE, _SRC_DEVICE, _SRC_PITCH, _SRC_HEIGHT = 0, 1, 2, 4, 6, 9, 10
+_DST_X, _DST_Y, _DST_Z, _DST_TYPE, _DST_DEVICE, _DST_PITCH, _DST_HEIGHT = 11, 12, 13, 15, 17, 20, 21
+_WIDTH, _HEIGHT, _DEPTH = 22, 23, 24
+_NO_PAYLOAD = (schema.NODE_EMPTY, schema.NODE_EVENT_RECORD, schema.NODE_EVENT_WAIT, schema.NODE_CHILD_GRAPH)
+
+
+def restored_range(m: schema.Manifest) -> tuple[int, int]:
+    """[lo, hi) of device memory that exists after LOAD: the arena up to the end of the capture region."""
+    return m.arena.base, m.arena.base + m.arena.capture_end
+
+
+def check_manifest(where: str, m: schema.Manifest) -> None:
+    """Arena, events, snapshots and outputs of a decoded manifest (indices and blob bounds are archive.py's)."""
+    arena = m.arena
+    if arena.base < 0 or arena.size <= 0 or arena.base + arena.size > 2**64 or arena.granularity <= 0:
+        raise ArchiveError(f"{where}: arena {arena.base:#x}+{arena.size:#x} (granularity {arena.granularity}) "
+                           "is not a valid address range")
+    if not 0 <= m.num_events <= MAX_EVENTS:
+        raise ArchiveError(f"{where}: {m.num_events} events (at most {MAX_EVENTS})")
+    capture_lo, capture_hi = arena.base + arena.capture_start, arena.base + arena.capture_end
+    for i, snap in enumerate(m.snapshots):
+        blob = m.blobs.get(snap.blob)
+        if blob is not None and blob.size != snap.size:
+            raise ArchiveError(f"{where}: snapshot {i} records {snap.size} bytes but its blob holds {blob.size}")
+        if not (snap.size >= 0 and capture_lo <= snap.address and snap.address + snap.size <= capture_hi):
+            raise ArchiveError(
+                f"{where}: snapshot {i} at {snap.address:#x}+{snap.size} lies outside the arena's capture region "
+                f"[{capture_lo:#x}, {capture_hi:#x}); LOAD writes snapshots only into memory it restores itself"
+            )
+    lo, hi = restored_range(m)
+    for graph in m.graphs:
+        for j, spec in enumerate(graph.outputs):
+            check_tensor(f"{where}: graph {graph.key[:60]!r} output {j}", spec, lo, hi)
+
+
+def check_tensor(where: str, spec: schema.TensorSpec, lo: int, hi: int) -> None:
+    """A tensor view LOAD will create over restored memory: known dtype, sane shape, inside [lo, hi)."""
+    itemsize = DTYPE_SIZES.get(spec.dtype)
+    if itemsize is None:
+        raise ArchiveError(f"{where} has dtype {spec.dtype[:40]!r}, not a torch dtype foundry saves")
+    if len(spec.shape) != len(spec.strides) or len(spec.shape) > MAX_TENSOR_DIMS:
+        raise ArchiveError(f"{where} has {len(spec.shape)} sizes but {len(spec.strides)} strides")
+    if any(s < 0 for s in spec.shape) or any(s < 0 for s in spec.strides):
+        raise ArchiveError(f"{where} has a negative size or stride")
+    extent = 0 if 0 in spec.shape else 1 + sum((n - 1) * s for n, s in zip(spec.shape, spec.strides))
+    if extent * itemsize > spec.storage_bytes:
+        raise ArchiveError(f"{where} spans {extent * itemsize} bytes but records {spec.storage_bytes}")
+    if not (spec.storage_bytes >= 0 and lo <= spec.address and spec.address + spec.storage_bytes <= hi):
+        raise ArchiveError(f"{where} at {spec.address:#x}+{spec.storage_bytes} lies outside the arena's restored "
+                           f"memory [{lo:#x}, {hi:#x})")
+
+
+def check_graph_tables(where: str, m: schema.Manifest, index: int, nodes: np.ndarray, payload: np.ndarray,
+                       attrs: np.ndarray, edges: np.ndarray) -> None:
+    """Every node's kind, table indices, payload bounds and memory targets, and every edge, of graph ``index``.
+
+    ``where`` names the archive and graph. Vectorised: LOAD runs this on every node of every graph.
+    """
+    kinds = nodes["kind"]
+    names = schema.NODE_KIND_NAMES
+
+    def fail(mask: np.ndarray, what: str) -> None:
+        if mask.any():
+            i = int(np.argmax(mask))
+            kind = names.get(int(kinds[i]), f"kind {int(kinds[i])}")
+            raise ArchiveError(f"{where} node {i} ({kind}): {what(i) if callable(what) else what}")
+
+    fail(~np.isin(kinds, list(names)), "unknown node kind")
+    size = np.uint64(len(payload))
+    off, length = nodes["payload_off"], nodes["payload_len"].astype(np.uint64)
+    room = np.where(off <= size, size - np.minimum(off, size), np.uint64(0))
+    fail((off > size) | (length > room),
+         lambda i: f"payload {int(off[i])}+{int(length[i])} lies outside the {len(payload)}-byte payload table")
+    fail((length > 0) & (off % np.uint64(8) != 0), lambda i: f"payload offset {int(off[i])} is not 8-byte aligned")
+    fail(np.isin(kinds, _NO_PAYLOAD) & (length > 0), lambda i: f"has a {int(length[i])}-byte payload; it takes none")
+
+    refs = nodes["ref"]
+    kernel = kinds == schema.NODE_KERNEL
+    fail(kernel & (refs >= len(m.functions)), lambda i: f"refers to kernel {int(refs[i])} of {len(m.functions)}")
+    attr_end = nodes["attr_off"].astype(np.uint64) + nodes["attr_cnt"]
+    fail(kernel & (attr_end > len(attrs)),
+         lambda i: f"launch attributes {int(nodes['attr_off'][i])}+{int(nodes['attr_cnt'][i])} lie outside the "
+                   f"{len(attrs)}-entry attribute table")
+    fail(~kernel & (nodes["attr_cnt"] > 0), "has launch attributes; only kernel nodes take them")
+    unknown_attr = ~np.isin(attrs["id"], list(KERNEL_NODE_ATTRIBUTES))
+    if unknown_attr.any():
+        raise ArchiveError(f"{where}: launch attribute {int(attrs['id'][np.argmax(unknown_attr)])} is not one "
+                           "foundry saves")
+    event = (kinds == schema.NODE_EVENT_RECORD) | (kinds == schema.NODE_EVENT_WAIT)
+    fail(event & (refs >= m.num_events), lambda i: f"refers to event {int(refs[i])} of {m.num_events}")
+    child = kinds == schema.NODE_CHILD_GRAPH
+    fail(child & ((refs >= len(m.graphs)) | (refs == index)),
+         lambda i: f"refers to child graph {int(refs[i])} of {len(m.graphs)}")
+    for i in np.nonzero(child)[0].tolist():
+        if not m.graphs[int(refs[i])].is_child:
+            raise ArchiveError(f"{where} node {i} (child_graph): graph {int(refs[i])} is not a child graph")
+
+    lo, hi = restored_range(m)
+    memset = kinds == schema.NODE_MEMSET
+    fail(memset & (length != schema.MEMSET_DTYPE.itemsize),
+         lambda i: f"memset payload is {int(length[i])} bytes, not a {schema.MEMSET_DTYPE.itemsize}-byte record")
+    for i in np.nonzero(memset)[0].tolist():
+        _check_memset(f"{where} node {i} (memset)", payload, int(off[i]), lo, hi)
+    memcpy = kinds == schema.NODE_MEMCPY
+    fail(memcpy & (length != MEMCPY3D_SIZE),
+         lambda i: f"memcpy payload is {int(length[i])} bytes, not a {MEMCPY3D_SIZE}-byte CUDA_MEMCPY3D")
+    for i in np.nonzero(memcpy)[0].tolist():
+        _check_memcpy(f"{where} node {i} (memcpy)", payload, int(off[i]), lo, hi)
+
+    src, dst = edges["src"], edges["dst"]
+    bad = (src >= dst) | (dst >= len(nodes))
+    if bad.any():
+        e = int(np.argmax(bad))
+        raise ArchiveError(f"{where}: edge {e} ({int(src[e])} -> {int(dst[e])}) does not point forward to one of "
+                           f"the {len(nodes)} nodes")
+
+
+def _inside(where: str, what: str, start: int, end: int, lo: int, hi: int) -> None:
+    if not lo <= start <= end <= hi:
+        raise ArchiveError(f"{where}: {what} {start:#x}..{end:#x} lies outside the arena's restored memory "
+                           f"[{lo:#x}, {hi:#x})")
+
+
+def _check_memset(where: str, payload: np.ndarray, off: int, lo: int, hi: int) -> None:
+    rec = np.frombuffer(payload, schema.MEMSET_DTYPE, count=1, offset=off)[0]
+    dst, pitch, width, height = int(rec["dst"]), int(rec["pitch"]), int(rec["width"]), int(rec["height"])
+    element = int(rec["element_size"])
+    if element not in (1, 2, 4) or height < 1:
+        raise ArchiveError(f"{where}: element size {element}, height {height} (expected 1, 2 or 4 and >= 1)")
+    row = width * element
+    if height > 1 and pitch < row:
+        raise ArchiveError(f"{where}: pitch {pitch} is smaller than a row of {row} bytes")
+    _inside(where, "target", dst, dst + pitch * (height - 1) + row, lo, hi)
+
+
+def _check_memcpy(where: str, payload: np.ndarray, off: int, lo: int, hi: int) -> None:
+    w = [int(x) for x in np.frombuffer(payload, "<u8", count=MEMCPY3D_SIZE // 8, offset=off)]
+    src_type, dst_type = w[_SRC_TYPE] & 0xFFFFFFFF, w[_DST_TYPE] & 0xFFFFFFFF
+    if src_type != CU_MEMORYTYPE_DEVICE or dst_type != CU_MEMORYTYPE_DEVICE:
+        raise ArchiveError(f"{where}: copies memory types {src_type} -> {dst_type}; only device-to-device copies "
+                           "are restored")
+    width, height, depth = w[_WIDTH], w[_HEIGHT], w[_DEPTH]
+    if height < 1 or depth < 1:
+        raise ArchiveError(f"{where}: height {height}, depth {depth} (expected >= 1)")
+    for side, (x, y, z, base, pitch, rows) in (
+        ("source", (w[_SRC_X], w[_SRC_Y], w[_SRC_Z], w[_SRC_DEVICE], w[_SRC_PITCH], w[_SRC_HEIGHT])),
+        ("destination", (w[_DST_X], w[_DST_Y], w[_DST_Z], w[_DST_DEVICE], w[_DST_PITCH], w[_DST_HEIGHT])),
+    ):
+        if (height > 1 or depth > 1) and pitch < x + width:
+            raise ArchiveError(f"{where}: {side} pitch {pitch} is smaller than a row of {x + width} bytes")
+        if depth > 1 and rows < y + height:
+            raise ArchiveError(f"{where}: {side} height {rows} is smaller than {y + height} rows")
+        start = base + z * pitch * rows + y * pitch + x
+        _inside(where, side, start, start + (depth - 1) * pitch * rows + (height - 1) * pitch + width, lo, hi)
+
+
+def check_child_graphs(where: str, m: schema.Manifest, child_refs: dict[int, list[int]]) -> None:
+    """Child-graph references between graphs form no cycle and nest at most ``MAX_CHILD_DEPTH`` deep.
+
+    ``child_refs`` maps a graph index to the graph indices of its child nodes (already range-checked).
+    """
+    depth: dict[int, int] = {}  # graph -> nesting depth below it, once known
+    for root in child_refs:
+        if root in depth:
+            continue
+        stack, on_path = [(root, iter(child_refs.get(root, ())))], {root}
+        while stack:
+            graph, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                on_path.discard(graph)
+                depth[graph] = 1 + max((depth[c] for c in child_refs.get(graph, ())), default=0)
+                if depth[graph] > MAX_CHILD_DEPTH:
+                    raise ArchiveError(f"{where}: child graphs of graph {m.graphs[graph].key[:60]!r} nest deeper "
+                                       f"than {MAX_CHILD_DEPTH}")
+            elif child in on_path:
+                raise ArchiveError(f"{where}: graph {m.graphs[graph].key[:60]!r} contains itself through child "
+                                   f"graph {child} (a cycle)")
+            elif child not in depth:
+                stack.append((child, iter(child_refs.get(child, ()))))
+                on_path.add(child)
