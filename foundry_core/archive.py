@@ -7,8 +7,9 @@ Layout (little-endian)::
            64  blobs, each raw or zlib, each starting at a multiple of 64 (gaps are zero bytes)
            end manifest: msgpack of :class:`foundry_core.schema.Manifest`, ending exactly at end of file
 
-:class:`ArchiveWriter` streams blobs into ``PATH.tmp`` and, on :meth:`ArchiveWriter.finish`, appends the
-manifest, patches the header, fsyncs and renames over ``PATH``; an existing archive is never damaged.
+:class:`ArchiveWriter` streams blobs into a new temporary file next to ``PATH`` (created exclusively, so a planted
+file or symlink is never followed) and, on :meth:`ArchiveWriter.finish`, appends the manifest, patches the header,
+fsyncs and renames over ``PATH``; an existing archive is never damaged.
 :class:`Archive` reads through one read-only ``mmap``: the header and manifest are validated on open, each
 blob's sha256 on first use. Every problem raises :class:`~foundry_core.errors.ArchiveError` with one line that
 names the file and what is wrong.
@@ -20,6 +21,7 @@ import logging
 import mmap
 import os
 import struct
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -47,6 +49,8 @@ BLOB_ALIGN = 64
 MIN_SAVING = 1 / 16
 #: zlib cannot expand data by more than ~1032:1; a larger declared size is corruption, not a real blob.
 MAX_ZLIB_RATIO = 1100
+#: Ceiling of :func:`inflate_budget` (real graph tables and snapshots are far smaller; images are stored raw).
+DEFAULT_INFLATE_BUDGET = 8 << 30
 _CHUNK = 4 << 20
 _CODECS = ("raw", "zlib")
 
@@ -57,6 +61,23 @@ def _bytes_view(data) -> memoryview:
     if not view.c_contiguous:
         raise ValueError("blob data must be C-contiguous")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def inflate_budget() -> int:
+    """Most bytes one blob may decompress to: FOUNDRY_INFLATE_BUDGET, else half the available memory (at most
+    ``DEFAULT_INFLATE_BUDGET``). A declared size is the archive's word only; this bounds what believing it costs."""
+    value = os.environ.get("FOUNDRY_INFLATE_BUDGET")
+    if value:
+        try:
+            return int(value, 0)
+        except ValueError:
+            raise ArchiveError(f"FOUNDRY_INFLATE_BUDGET={value!r} is not a number of bytes") from None
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return DEFAULT_INFLATE_BUDGET
+    return min(DEFAULT_INFLATE_BUDGET, available // 2)
 
 
 def _chunks(view: memoryview) -> Iterator[memoryview]:
@@ -92,19 +113,24 @@ class ArchiveWriter:
         if not 1 <= level <= 9:
             raise ValueError(f"zlib level must be 1..9, got {level}")
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
         self.level = level
         self._blobs: dict[str, Blob] = {}
         self._by_content: dict[str, Blob] = {}  # sha256 of the raw data -> its stored record
         self._raw_sha: dict[str, str] = {}  # blob name -> sha256 of its raw data
         self._stored_bytes = 0
         self._raw_bytes = 0
+        try:  # a new file of our own (O_EXCL: no symlink or earlier file is followed), renamed over PATH at the end
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as err:
+            raise ArchiveError(f"{self.path}: cannot write: {err.strerror or err}") from None
+        self.tmp_path = Path(tmp)
+        self._file = os.fdopen(fd, "w+b")
+        self._done = False
         try:
-            self._file = open(self.tmp_path, "w+b")
             self._file.write(bytes(HEADER_SIZE))  # patched by finish()
         except OSError as err:
+            self.abort()
             raise ArchiveError(f"{self.tmp_path}: cannot write: {err.strerror or err}") from None
-        self._done = False
 
     def __enter__(self) -> "ArchiveWriter":
         return self
@@ -167,6 +193,7 @@ class ArchiveWriter:
                 HEADER.pack(MAGIC, CONTAINER_VERSION, 0, offset, len(encoded), hashlib.sha256(encoded).digest())
             )
             f.flush()
+            os.fchmod(f.fileno(), _FILE_MODE & ~_umask())  # private while written, then readable
             os.fsync(f.fileno())
             f.close()
             os.replace(self.tmp_path, self.path)
@@ -244,6 +271,22 @@ class ArchiveWriter:
         hasher.update(out)
         stored += len(out)
         return ("zlib", stored, hasher.hexdigest()) if stored <= limit else None
+
+
+#: Archives are readable by everyone the umask allows and writable only by their owner (LOAD refuses others).
+_FILE_MODE = 0o644
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask would race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -362,7 +405,7 @@ class Archive:
             for name, record in ordered:
                 stored = self._stored(name, record, verify=True, force=True)
                 if record.codec == "zlib":
-                    self._inflate(name, record, stored)
+                    self._inflate(name, record, stored, keep=False)
                 if bar is not None:
                     bar.update(record.stored_size)
         finally:
@@ -391,18 +434,37 @@ class Archive:
             self._verified.add(ident)
         return stored
 
-    def _inflate(self, name: str, record: Blob, stored: memoryview) -> bytes:
+    def _inflate(self, name: str, record: Blob, stored: memoryview, keep: bool = True) -> bytes:
+        """Decompress in bounded steps, never past the declared size; ``keep=False`` only checks (``verify``)."""
+        budget = inflate_budget()
+        if record.size > budget:
+            raise ArchiveError(
+                f"{self.path}: blob {name!r} declares {record.size} bytes uncompressed, over the decompression "
+                f"budget of {budget} bytes (set FOUNDRY_INFLATE_BUDGET to allow more)"
+            )
+        out = bytearray(record.size) if keep else None
         inflater = zlib.decompressobj()
+        pending: memoryview | bytes = stored
+        total = 0
         try:
-            data = inflater.decompress(stored, record.size)
-            trailing = not inflater.eof or inflater.unconsumed_tail or inflater.unused_data
+            while True:
+                chunk = inflater.decompress(pending, _CHUNK)
+                if total + len(chunk) > record.size:
+                    total += len(chunk)
+                    break
+                if out is not None:
+                    out[total : total + len(chunk)] = chunk
+                total += len(chunk)
+                pending = inflater.unconsumed_tail
+                if inflater.eof or not chunk:
+                    break
         except zlib.error as err:
             raise ArchiveError(f"{self.path}: blob {name!r} does not decompress ({err}) (corrupt)") from None
-        if len(data) != record.size or trailing:
+        if total != record.size or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
             raise ArchiveError(
                 f"{self.path}: blob {name!r} decompresses to a different size than the recorded {record.size} bytes"
             )
-        return data
+        return bytes(out) if out is not None else b""
 
     def _check_gaps(self, ordered: list[tuple[str, Blob]]) -> None:
         view = self._view()
@@ -442,12 +504,16 @@ def _read_manifest(path: Path, mm: mmap.mmap, size: int) -> tuple[int, Manifest]
             schema = msgspec.msgpack.decode(raw, type=_VersionProbe).schema_version
         except msgspec.DecodeError as err:  # ValidationError is a DecodeError
             raise ArchiveError(f"{path}: manifest is unreadable: {err}") from None
+        except RecursionError:  # msgspec skips unknown fields recursively; a real manifest is a few levels deep
+            raise ArchiveError(f"{path}: manifest is nested too deep (corrupt)") from None
         if schema != SCHEMA_VERSION:
             raise ArchiveError(f"{path}: schema version {schema}, this foundry reads {SCHEMA_VERSION}")
         try:
             return offset, msgspec.msgpack.decode(raw, type=Manifest, strict=True)
         except msgspec.DecodeError as err:
             raise ArchiveError(f"{path}: manifest is invalid: {err}") from None
+        except RecursionError:
+            raise ArchiveError(f"{path}: manifest is nested too deep (corrupt)") from None
     finally:
         raw.release()
 

@@ -175,10 +175,10 @@ def write_archive(path: Path, doc, blobs: dict[str, bytes]) -> None:
 
 
 def replace_manifest(path: Path, doc) -> None:
-    """Replace the manifest with ``doc`` (any msgpack-able object), fixing the header's size and sha256."""
+    """Replace the manifest with ``doc`` (msgpack-able, :class:`Deep` allowed), fixing the header's size and sha256."""
     data = bytearray(path.read_bytes())
     magic, version, flags, offset, _, _ = HEADER.unpack_from(data)
-    encoded = msgspec.msgpack.encode(doc)
+    encoded = encode_manifest(doc)
     del data[offset:]
     data += encoded
     HEADER.pack_into(data, 0, magic, version, flags, offset, len(encoded), hashlib.sha256(encoded).digest())
@@ -220,11 +220,41 @@ def _odd_value(rng: random.Random):
                        [1, 2, 3], {"a": 1}, "bfloat16", "__class__", "load", "..", -7, 3])
 
 
-def _nested(depth: int, rng: random.Random):
-    value = 0
-    for _ in range(depth):
-        value = [value] if rng.random() < 0.5 else {"k": value}
-    return value
+class Deep:
+    """A value nested ``depth`` levels deep (lists and maps), encoded as raw msgpack by :func:`encode_manifest`
+    (msgspec itself refuses to encode such depths, so a generator needs this to reach the decoder's limits)."""
+
+    def __init__(self, depth: int, seed: int = 0):
+        self.depth, self.seed = depth, seed
+
+    def msgpack(self) -> bytes:
+        rng = random.Random(self.seed)
+        return b"".join(b"\x91" if rng.random() < 0.5 else b"\x81\xa1k" for _ in range(self.depth)) + b"\x00"
+
+
+def encode_manifest(doc) -> bytes:
+    """msgpack of ``doc``, with every :class:`Deep` in it expanded."""
+    deep: dict[bytes, bytes] = {}
+
+    def mark(value):
+        if isinstance(value, Deep):
+            token = f"\x00deep{len(deep)}\x00"
+            deep[msgspec.msgpack.encode(token)] = value.msgpack()
+            return token
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mark(v) for v in value]
+        return value
+
+    encoded = msgspec.msgpack.encode(mark(doc))
+    for token, raw in deep.items():
+        encoded = encoded.replace(token, raw)
+    return encoded
+
+
+def _nested(depth: int, rng: random.Random) -> Deep:
+    return Deep(depth, rng.randrange(1 << 30))
 
 
 def _paths(doc, prefix=()):

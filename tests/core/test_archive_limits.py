@@ -1,0 +1,154 @@
+"""Hostile archives hit limits, not the interpreter's or the machine's: nesting depth, decompression size and
+memory, and the writer's temporary file (CPU)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import msgspec
+import pytest
+from fuzz_archives import Deep, replace_manifest
+
+from foundry_core import cli
+from foundry_core.archive import Archive, ArchiveWriter
+from foundry_core.errors import ArchiveError
+
+
+def _doc(path):
+    with Archive.open(path) as archive:
+        return msgspec.to_builtins(archive.manifest)
+
+
+# -- item 9: nesting ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [997, 2000, 100_000])
+def test_manifest_nested_deep_is_an_archive_error(archive_file, depth):
+    path, _ = archive_file
+    replace_manifest(path, dict(_doc(path), unknown_field=Deep(depth)))
+    with pytest.raises(ArchiveError, match="nested too deep|unreadable|invalid") as err:
+        Archive.open(path)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_reports_a_deep_manifest_in_one_line(archive_file, capsys):
+    path, _ = archive_file
+    replace_manifest(path, dict(_doc(path), unknown_field=Deep(100_000)))
+    assert cli.main(["verify", str(path), "--no-machine-check"]) == cli.EXIT_BAD
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "internal error" not in err and err.count("\n") == 1
+
+
+def test_auto_mode_falls_back_when_the_manifest_is_nested_deep(archive_file):
+    import foundry_core as fc
+
+    path, _ = archive_file
+    replace_manifest(path, dict(_doc(path), unknown_field=Deep(100_000)))
+    problem = fc.Session(path, mode="auto")._open_archive()  # auto mode saves afresh on any returned problem
+    assert isinstance(problem, ArchiveError) and "nested too deep" in str(problem)
+
+
+# -- item 10: decompression is bounded ----------------------------------------------------------------------------
+
+
+def _zlib_bomb(path, size: int) -> None:
+    """A valid archive whose one blob is `size` zero bytes, zlib-compressed about 1000:1."""
+    with ArchiveWriter(path, level=9) as w:
+        w.add_blob("zeros", memoryview(bytearray(size)))
+        from fuzz_archives import _EMPTY_MANIFEST
+
+        w.finish(_EMPTY_MANIFEST)
+
+
+def test_verify_of_a_zlib_bomb_stays_small(tmp_path):
+    """Before: verify held the whole inflated blob; a 0.25 MB file took over 256 MB of memory."""
+    path = tmp_path / "bomb.foundry"
+    _zlib_bomb(path, 256 << 20)
+    assert path.stat().st_size < 512 << 10
+    probe = textwrap.dedent(f"""
+        from foundry_core import cli
+        rc = cli.main(["verify", {str(path)!r}, "--no-machine-check"])
+        with open("/proc/self/status") as f:  # VmHWM: this process's peak (ru_maxrss would include the parent's)
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        print(rc, peak // 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    rc, peak_mib = map(int, out.stdout.split()[-2:])
+    assert rc == 0, out.stderr
+    assert peak_mib < 160, f"verify peaked at {peak_mib} MiB for a {path.stat().st_size} byte file"
+
+
+def test_decompression_budget_refuses_large_declared_sizes(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.foundry"
+    _zlib_bomb(path, 8 << 20)
+    monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(4 << 20))
+    with Archive.open(path) as archive:
+        with pytest.raises(ArchiveError, match="decompression budget"):
+            archive.blob("zeros")
+        with pytest.raises(ArchiveError, match="decompression budget"):
+            archive.verify_all()
+    monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(16 << 20))
+    with Archive.open(path) as archive:
+        assert archive.blob("zeros") == bytes(8 << 20)
+
+
+def test_inflating_more_than_declared_stops_at_the_declared_size(tmp_path):
+    path = tmp_path / "a.foundry"
+    _zlib_bomb(path, 1 << 20)
+    doc = _doc(path)
+    stored = doc["blobs"]["zeros"]
+    doc["blobs"]["zeros"] = dict(stored, size=4096)  # claims less than the stream holds
+    replace_manifest(path, doc)
+    with Archive.open(path) as archive, pytest.raises(ArchiveError, match="different size"):
+        archive.blob("zeros")
+    assert zlib.decompress(path.read_bytes()[stored["offset"]:stored["offset"] + stored["stored_size"]]) \
+        == bytes(1 << 20)
+
+
+# -- item 12: the writer's temporary file -------------------------------------------------------------------------
+
+
+def test_writer_does_not_follow_a_planted_symlink(tmp_path):
+    """Before: ArchiveWriter opened PATH.tmp with O_TRUNC, following a symlink someone planted there."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    path = tmp_path / "model.foundry"
+    for name in ("model.foundry.tmp", ".model.foundry.tmp"):
+        (tmp_path / name).symlink_to(victim)
+    with ArchiveWriter(path) as w:
+        w.add_blob("x", b"data")
+        from fuzz_archives import _EMPTY_MANIFEST
+
+        w.finish(_EMPTY_MANIFEST)
+    assert victim.read_bytes() == b"precious"
+    with Archive.open(path) as archive:
+        assert archive.blob("x") == b"data"
+
+
+def test_writer_temporary_file_is_private_and_unique(tmp_path):
+    path = tmp_path / "model.foundry"
+    a, b = ArchiveWriter(path), ArchiveWriter(path)
+    try:
+        assert a.tmp_path != b.tmp_path and a.tmp_path.parent == b.tmp_path.parent == tmp_path
+        assert a.tmp_path.stat().st_mode & 0o077 == 0
+    finally:
+        a.abort()
+        b.abort()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_finished_archive_is_not_writable_by_others(tmp_path):
+    path = tmp_path / "model.foundry"
+    old = os.umask(0)
+    try:
+        with ArchiveWriter(path) as w:
+            from fuzz_archives import _EMPTY_MANIFEST
+
+            w.finish(_EMPTY_MANIFEST)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o022 == 0
