@@ -13,6 +13,7 @@ from foundry_core.errors import (
     NativeBuildError,
     UnsafeAddress,
     UnsupportedGraph,
+    UntrustedArchive,
 )
 
 __version__ = "0.1.0"

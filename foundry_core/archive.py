@@ -29,7 +29,7 @@ from typing import Iterator
 import msgspec
 import numpy as np
 
-from foundry_core import validate
+from foundry_core import trust, validate
 from foundry_core.errors import ArchiveError
 from foundry_core.schema import SCHEMA_VERSION, Blob, Manifest
 
@@ -188,14 +188,18 @@ class ArchiveWriter:
             f = self._file
             offset = f.seek(0, os.SEEK_END)
             f.write(encoded)
+            header = HEADER.pack(MAGIC, CONTAINER_VERSION, 0, offset, len(encoded), hashlib.sha256(encoded).digest())
             f.seek(0)
-            f.write(
-                HEADER.pack(MAGIC, CONTAINER_VERSION, 0, offset, len(encoded), hashlib.sha256(encoded).digest())
-            )
+            f.write(header)
             f.flush()
             os.fchmod(f.fileno(), _FILE_MODE & ~_umask())  # private while written, then readable
             os.fsync(f.fileno())
             f.close()
+            key = trust.archive_key()
+            if key is not None:
+                trust.write_signature(self.path, header, key)
+            else:
+                trust.signature_path(self.path).unlink(missing_ok=True)  # a stale tag would only mislead
             os.replace(self.tmp_path, self.path)
         except OSError as err:
             self.abort()
@@ -312,6 +316,8 @@ class Archive:
         self.manifest = manifest
         self._mm: mmap.mmap | None = mm
         self._verified: set[tuple[int, int]] = set()  # (offset, stored_size) of records whose sha256 matched
+        self.header = bytes(mm[:HEADER_SIZE])  # what a signature covers (``trust``)
+        self.file_stat: os.stat_result | None = None  # of the file as opened: owner and mode for ``trust``
 
     # -- opening -----------------------------------------------------------------------------------------
 
@@ -321,7 +327,8 @@ class Archive:
         path = Path(path)
         try:
             with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+                st = os.fstat(f.fileno())
+                size = st.st_size
                 if size < HEADER_SIZE:
                     raise ArchiveError(f"{path}: truncated: {size} bytes, smaller than the {HEADER_SIZE}-byte header")
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -335,7 +342,9 @@ class Archive:
         except BaseException:
             mm.close()
             raise
-        return cls(path, mm, size, manifest_offset, manifest)
+        archive = cls(path, mm, size, manifest_offset, manifest)
+        archive.file_stat = st
+        return archive
 
     def __enter__(self) -> "Archive":
         return self

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify",
         help="check an archive's integrity and its compatibility with this machine",
-        description="Check the header, the manifest and every blob's sha256 (and decompression), then compare "
+        description="Check the header, the manifest and every blob's sha256 (and decompression), that LOAD would "
+        "trust the file (not writable by other users, or signed when FOUNDRY_ARCHIVE_KEY is set), then compare "
         "the saved fingerprint with this machine's when a CUDA GPU is present.",
     )
     verify.add_argument("archive", metavar="ARCHIVE", help="path of the .foundry archive")
@@ -77,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="spare unreferenced files modified within this many seconds (default 3600)")
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
 
+    sign = commands.add_parser(
+        "sign",
+        help="sign an archive with the deployment's key (for shared archive directories)",
+        description="Write ARCHIVE.hmac, an HMAC-SHA256 made with the key in FOUNDRY_ARCHIVE_KEY or the file named "
+        "by FOUNDRY_ARCHIVE_KEY_FILE. With a key configured, LOAD accepts only archives signed with it, and then "
+        "also from directories other users can write. The archive is checked (as verify does) before it is signed.",
+    )
+    sign.add_argument("archive", metavar="ARCHIVE", help="path of the .foundry archive")
+
     machine = commands.add_parser(
         "machine",
         help="print this machine's fingerprint fields",
@@ -94,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        commands = {"inspect": cmd_inspect, "verify": cmd_verify, "pack": cmd_pack, "gc": cmd_gc,
+        commands = {"inspect": cmd_inspect, "verify": cmd_verify, "pack": cmd_pack, "gc": cmd_gc, "sign": cmd_sign,
                     "machine": cmd_machine}
         return commands[args.command](args)
     except FoundryError as err:
@@ -288,6 +298,7 @@ def _size(n: int) -> str:
 
 def cmd_verify(args) -> int:
     from foundry_core import fingerprint as fpr
+    from foundry_core import trust
     from foundry_core.archive import Archive
     from foundry_core.store import image_bytes
 
@@ -297,8 +308,9 @@ def cmd_verify(args) -> int:
         in_store = [im for im in archive.manifest.images if im.in_store]
         for im in in_store:
             image_bytes(archive, im)
-    print(f"ok: {args.archive}: header, manifest and {records} blob records intact"
-          + (f"; {len(in_store)} images in the image store intact" if in_store else ""))
+        print(f"ok: {args.archive}: header, manifest and {records} blob records intact"
+              + (f"; {len(in_store)} images in the image store intact" if in_store else ""))
+        print(f"ok: trusted for LOAD: {trust.check_archive(archive)}")
 
     if args.key is not None:
         expected = msgspec.structs.replace(saved, key=args.key)
@@ -342,6 +354,24 @@ def cmd_gc(args) -> int:
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(r.removed)} unreferenced images ({_size(r.freed_bytes)}) and {r.temp_removed} stale "
           f"temporary files; kept {r.kept} referenced, spared {r.spared_recent} recent")
+    return EXIT_OK
+
+
+# -- sign --------------------------------------------------------------------------------------------------
+
+
+def cmd_sign(args) -> int:
+    from foundry_core import trust
+    from foundry_core.archive import Archive
+    from foundry_core.errors import UntrustedArchive
+
+    key = trust.archive_key()
+    if key is None:
+        raise UntrustedArchive(f"no key to sign with: set {trust.KEY_ENV} or {trust.KEY_FILE_ENV}")
+    with Archive.open(args.archive) as archive:
+        records = archive.verify_all(progress=args.verbose > 0 and sys.stderr.isatty())
+        target = trust.write_signature(archive.path, archive.header, key)
+    print(f"ok: {args.archive}: {records} blob records intact; signature written to {target}")
     return EXIT_OK
 
 

@@ -40,3 +40,8 @@ class NativeBuildError(FoundryError):
 
 class LayoutMismatch(FoundryError):
     """LOAD's arena allocations differ from SAVE's, so the graphs would read the wrong memory (refused at LOAD)."""
+
+
+class UntrustedArchive(ArchiveError):
+    """The archive could have been written by someone else (other users can write it, or its signature is
+    missing or wrong). LOAD runs an archive's GPU code, so it loads only archives it can trust."""

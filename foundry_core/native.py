@@ -1,7 +1,9 @@
 """Build and load the small native helper libraries in ``foundry_core/_native``.
 
 The C files need only a C compiler and the CUDA driver API header (``cuda.h``); they are compiled on first use
-into a per-user cache keyed by the source hash, so no build step is needed at install time and no NVCC.
+into a private per-user directory (0700, refused if anyone else can write it), keyed by the source hash, so no
+build step is needed at install time and no NVCC. A built library is loaded only if its sha256 is the one
+recorded when it was built; anything else found under its name is rebuilt, never run.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -47,22 +50,65 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def library_path(name: str, sources: list[str]) -> Path:
-    """Compile ``sources`` (files in _native) into ``lib<name>-<hash>.so`` unless cached; return its path."""
+def private_dir() -> Path:
+    """``cache_dir()/native``: created 0700; refused unless it is a real directory of this user that nobody else
+    can write (whoever can write there chooses the code this process runs)."""
+    directory = cache_dir() / "native"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(directory)
+    except OSError as e:
+        raise NativeBuildError(f"cannot create foundry's native cache {directory}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise NativeBuildError(f"foundry's native cache {directory} is not a directory (a symlink?); remove it")
+    if st.st_uid != os.geteuid():
+        raise NativeBuildError(f"foundry's native cache {directory} belongs to uid {st.st_uid}, not this user; "
+                               "set FOUNDRY_CACHE to a directory of your own")
+    if st.st_mode & 0o022:
+        raise NativeBuildError(f"foundry's native cache {directory} is writable by other users "
+                               f"(mode {stat.S_IMODE(st.st_mode):o}); run `chmod 700 {directory}` or set FOUNDRY_CACHE")
+    if st.st_mode & 0o077:
+        os.chmod(directory, 0o700)
+    return directory
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _trusted(path: Path) -> bool:
+    """``path`` is a regular file of this user, writable by nobody else, whose sha256 is the one recorded when
+    foundry built it (in ``PATH.sha256``, in the same private directory)."""
+    try:
+        st = os.lstat(path)
+        recorded = path.with_name(path.name + ".sha256").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return False
+    return _sha256(path) == recorded
+
+
+def library_path(name: str, sources: list[str], rebuild: bool = False) -> Path:
+    """Compile ``sources`` (files in _native) into ``lib<name>-<hash>.so`` in :func:`private_dir` unless a trusted
+    build is there already; return its path. A file that fails :func:`_trusted` is rebuilt, never loaded."""
     texts = [(SOURCE_DIR / s).read_bytes() for s in sources]
     headers = sorted(SOURCE_DIR.glob("*.h"))
     digest = hashlib.sha256(b"".join(texts + [h.read_bytes() for h in headers])).hexdigest()[:16]
-    out = cache_dir() / f"lib{name}-{digest}.so"
-    if out.exists():
+    directory = private_dir()
+    out = directory / f"lib{name}-{digest}.so"
+    if not rebuild and _trusted(out):
         return out
+    if out.exists() or out.is_symlink():
+        log.warning("foundry: %s is not the library foundry built (hash, owner or mode differ); rebuilding", out)
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
         raise NativeBuildError("no C compiler found (set CC) to build foundry's native helper")
     incs = cuda_include_dirs()
     if not incs:
         raise NativeBuildError("cuda.h not found (set CUDA_HOME) to build foundry's native helper")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(fd)
     cmd = [cc, "-O2", "-shared", "-fPIC", "-std=gnu11", "-Wall", f"-I{SOURCE_DIR}"]
     cmd += [f"-I{d}" for d in incs] + [str(SOURCE_DIR / s) for s in sources] + ["-o", tmp, "-ldl", "-lpthread"]
@@ -76,15 +122,24 @@ def library_path(name: str, sources: list[str]) -> Path:
         os.unlink(tmp)
         first = (proc.stderr.strip().splitlines() or ["?"])[0]
         raise NativeBuildError(f"building native helper {name} failed: {first}")
+    os.chmod(tmp, 0o700)
+    fd, tmp_sum = tempfile.mkstemp(suffix=".sha256", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        f.write(_sha256(Path(tmp)) + "\n")
+    os.replace(tmp_sum, out.with_name(out.name + ".sha256"))
     os.replace(tmp, out)
     return out
 
 
 def load(name: str, sources: list[str]) -> ctypes.CDLL:
-    """Build if needed and dlopen the library (once per process)."""
+    """Build if needed, check the file once more, and dlopen the library (once per process)."""
     with _lock:
         if name not in _loaded:
             path = library_path(name, sources)
+            if not _trusted(path):  # another process replaced it between our build or check and now
+                path = library_path(name, sources, rebuild=True)
+                if not _trusted(path):
+                    raise NativeBuildError(f"{path} changed while foundry was loading it; not loading it")
             _loaded[name] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
             _loaded[name]._foundry_path = str(path)
         return _loaded[name]

@@ -161,7 +161,7 @@ class Session:
 
     def _open_archive(self) -> Optional[FoundryError]:
         """Open and check the archive; return the problem instead of raising (auto mode falls back on it)."""
-        from foundry_core import layout
+        from foundry_core import layout, trust
         from foundry_core.archive import Archive
         from foundry_core.fingerprint import check_compatible, current_fingerprint
 
@@ -169,6 +169,7 @@ class Session:
             return ArchiveError(f"{self.path}: no archive")
         try:
             archive = Archive.open(self.path)
+            trust.check_archive(archive)  # before anything of it is used: an archive is code
             check_compatible(archive.manifest.fingerprint, current_fingerprint(self.key, self.device or 0), self.path)
             ranks = archive.manifest.ranks
             if ranks is not None and not (self.rank is not None and 0 <= self.rank < ranks.world_size):

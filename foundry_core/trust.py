@@ -1,0 +1,114 @@
+"""Who may have written an archive. LOAD runs the GPU code an archive holds, so an archive is trusted like code.
+
+Without a key, LOAD accepts an archive only if no other user could have written it: the opened file belongs to
+this user (or root) and is writable by nobody else. The check runs on the file LOAD actually opened (``fstat``),
+so swapping files in the directory afterwards changes nothing.
+
+With a key (``FOUNDRY_ARCHIVE_KEY``, or ``FOUNDRY_ARCHIVE_KEY_FILE`` naming a file that only its owner can write),
+archives may live in directories shared by the deployment's service accounts: every archive must then carry an
+HMAC-SHA256 in ``PATH.hmac``, made with that key. ``ArchiveWriter`` signs automatically when a key is configured;
+``python -m foundry_core sign`` signs an existing archive. The HMAC covers the 64-byte header, which holds the
+manifest's sha256, which holds every blob's sha256, and LOAD verifies each blob before use: one tag covers the
+whole file. It proves a key holder wrote the archive; like any signature it does not stop an older archive, also
+signed with the key, from being put back in place.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from foundry_core.errors import UntrustedArchive
+
+log = logging.getLogger("foundry_core.trust")
+
+KEY_ENV = "FOUNDRY_ARCHIVE_KEY"
+KEY_FILE_ENV = "FOUNDRY_ARCHIVE_KEY_FILE"
+MIN_KEY_BYTES = 16
+_TAG_PREFIX = "hmac-sha256:"
+_DOMAIN = b"foundry archive header v1\0"
+
+
+def archive_key() -> Optional[bytes]:
+    """The configured archive key, or None. A key file that others can write is refused like an archive."""
+    key = os.environ.get(KEY_ENV)
+    source = KEY_ENV
+    if not key and os.environ.get(KEY_FILE_ENV):
+        path = Path(os.environ[KEY_FILE_ENV])
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                key = f.read().strip()
+        except OSError as e:
+            raise UntrustedArchive(f"{KEY_FILE_ENV}={path}: cannot read the archive key: {e.strerror or e}") from None
+        _check_owner(st, f"archive key file {path}")
+        if st.st_mode & 0o044:
+            log.warning("foundry: archive key file %s is readable by other users; they can sign archives", path)
+        source = str(path)
+    if not key:
+        return None
+    key = key.encode() if isinstance(key, str) else key
+    if len(key) < MIN_KEY_BYTES:
+        raise UntrustedArchive(f"the archive key from {source} is {len(key)} bytes; use at least {MIN_KEY_BYTES}")
+    return key
+
+
+def signature_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".hmac")
+
+
+def tag(header: bytes, key: bytes) -> str:
+    return _TAG_PREFIX + hmac.new(key, _DOMAIN + bytes(header), hashlib.sha256).hexdigest()
+
+
+def write_signature(path: str | os.PathLike, header: bytes, key: bytes) -> Path:
+    """Write ``PATH.hmac`` for an archive whose header is ``header`` (atomically, never through a symlink)."""
+    target = signature_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(tag(header, key) + "\n")
+            os.fchmod(f.fileno(), 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def check_archive(archive) -> str:
+    """Refuse an opened :class:`~foundry_core.archive.Archive` that LOAD must not trust; returns how it is trusted."""
+    st = archive.file_stat
+    key = archive_key()
+    if key is None:
+        _check_owner(st, f"{archive.path}")
+        return "private to this user (not writable by others)"
+    if st.st_mode & 0o022:
+        raise UntrustedArchive(f"{archive.path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                               "`chmod go-w` it")
+    try:
+        recorded = signature_path(archive.path).read_text().strip()
+    except FileNotFoundError:
+        raise UntrustedArchive(f"{archive.path} is not signed ({signature_path(archive.path).name} is missing) and "
+                               f"{KEY_ENV} is set; sign it with `python -m foundry_core sign`") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UntrustedArchive(f"{signature_path(archive.path)}: cannot read the signature: {e}") from None
+    if not hmac.compare_digest(recorded, tag(archive.header, key)):
+        raise UntrustedArchive(f"{archive.path}: signature does not match (changed since it was signed, or signed "
+                               "with another key)")
+    return "signed with the configured key"
+
+
+def _check_owner(st: os.stat_result, what: str) -> None:
+    if st.st_uid not in (os.geteuid(), 0):
+        raise UntrustedArchive(f"{what} belongs to uid {st.st_uid}, not this user or root; LOAD runs an archive's "
+                               f"GPU code, so it loads only what this user wrote (or sign archives: {KEY_ENV})")
+    if st.st_mode & 0o022:
+        raise UntrustedArchive(f"{what} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); LOAD runs an "
+                               f"archive's GPU code: `chmod go-w` it, or sign archives for shared use ({KEY_ENV})")
