@@ -213,7 +213,8 @@ _BOUNDARY = [0, 1, 2, 7, 8, 39, 40, 41, 63, 64, 199, 200, 201, 2**31 - 1, 2**31,
 def _odd_value(rng: random.Random):
     roll = rng.random()
     if roll < 0.45:
-        return rng.choice(_BOUNDARY) + rng.choice((0, 0, 0, 1, -1))
+        value = rng.choice(_BOUNDARY) + rng.choice((0, 0, 0, 1, -1))
+        return value if -(2**63) <= value < 2**64 else value // 2  # msgpack holds no wider integers
     if roll < 0.55:
         return _nested(rng.choice((2, 50, 996, 997, 1500, 5000, 20000)), rng)
     return rng.choice([None, True, False, 1.5, float("nan"), "", "x" * rng.randint(1, 300), b"\x00\xff", [], {},
@@ -424,8 +425,10 @@ def _worker(conn, valid_path: str, workdir: str) -> None:
     from foundry_core.allocator import native_lib
 
     lib = native_lib()
+    selftest = os.environ.get("FOUNDRY_FUZZ_SELFTEST") == "1"
     valid = read_archive(Path(valid_path))
     case_path = Path(workdir) / f"case-{os.getpid()}.foundry"
+    conn.send("ready")
     while True:
         seed = conn.recv()
         if seed is None:
@@ -436,6 +439,8 @@ def _worker(conn, valid_path: str, workdir: str) -> None:
             conn.send((seed, "skipped", f"generator: {err!r}", []))
             continue
         try:
+            if selftest:  # prove the harness sees each kind of defect (test_archive_fuzz_load.py)
+                _misbehave(seed)
             outcome = check_case(case_path, lib)
             kind = "accepted" if outcome.startswith("accepted") else "refused"
             conn.send((seed, kind, outcome, done))
@@ -444,10 +449,19 @@ def _worker(conn, valid_path: str, workdir: str) -> None:
                        + traceback.format_exc(), done))
 
 
+def _misbehave(seed: int) -> None:
+    if seed % 4 == 0:
+        os.abort()
+    if seed % 4 == 1:
+        time.sleep(3600)
+    if seed % 4 == 2:
+        raise ValueError("a non-Foundry exception")
+
+
 def run(cases: int, seed0: int, timeout: float, jobs: int, verbose: bool, progress: bool = True) -> dict:
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # workers start from this process's imports: a crashed one is replaced at once
     workdir = Path(tempfile.mkdtemp(prefix="foundry-fuzz-"))
     valid_path = workdir / "valid.foundry"
     write_realistic_archive(valid_path)
@@ -465,6 +479,8 @@ def run(cases: int, seed0: int, timeout: float, jobs: int, verbose: bool, progre
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(child, str(valid_path), str(workdir)), daemon=True)
         proc.start()
+        if not parent.poll(300) or parent.recv() != "ready":
+            raise RuntimeError("a fuzz worker did not start")
         return {"proc": proc, "conn": parent, "seed": None, "since": 0.0}
 
     bar = None
@@ -482,11 +498,14 @@ def run(cases: int, seed0: int, timeout: float, jobs: int, verbose: bool, progre
                     w["conn"].send(w["seed"])
                 if w["seed"] is None:
                     continue
+                answer = None
                 if w["conn"].poll(0.01):
                     try:
-                        seed, kind, detail, done = w["conn"].recv()
-                    except EOFError:
-                        continue  # the process died: reported below
+                        answer = w["conn"].recv()
+                    except (EOFError, OSError):
+                        w["proc"].join(5)  # the process died: reported below
+                if answer is not None:
+                    seed, kind, detail, done = answer
                     counts[kind] += 1
                     if kind == "refused":
                         reasons[_reason(detail)] += 1
