@@ -18,8 +18,10 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -288,6 +290,16 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def work_dir() -> Path:
+    """Where the archives go: FOUNDRY_BENCH_WORK if set, else a new private directory (a fixed /tmp path could be
+    a symlink or a directory someone else prepared, and LOAD would run whatever archive they left there)."""
+    chosen = os.environ.get("FOUNDRY_BENCH_WORK")
+    if chosen:
+        Path(chosen).mkdir(mode=0o700, parents=True, exist_ok=True)
+        return Path(chosen)
+    return Path(tempfile.mkdtemp(prefix="foundry-bench-"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="dense,moe", help="comma list of: dense (qwen3-8b), moe (qwen3-30b-a3b)")
@@ -306,8 +318,7 @@ def main() -> None:
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(os.environ.get("FOUNDRY_BENCH_WORK", "/tmp/foundry-bench"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir()
     presets = {"dense": f"builtin:qwen3-8b?num_hidden_layers={a.dense_layers}",
                "moe": f"builtin:qwen3-30b-a3b?num_hidden_layers={a.moe_layers}"}
     log = open(out / "cold_start.log", "w")
@@ -327,6 +338,8 @@ def main() -> None:
            "torch": torch.__version__, "results": results}
     (out / "cold_start.json").write_text(json.dumps(doc, indent=1))
     plot(results, out / "cold_start.png")
+    if not os.environ.get("FOUNDRY_BENCH_WORK"):
+        shutil.rmtree(work, ignore_errors=True)  # archives of several GB; FOUNDRY_BENCH_WORK keeps them
     print(f"\n=== cold start, {doc['device']}, commit {doc['commit'][:10]}, {doc['date']} ===")
     for r in results:
         by_category = json.dumps({k: round(v / 1e6, 1) for k, v in r['archive_by_category'].items()})

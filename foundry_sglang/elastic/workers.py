@@ -69,6 +69,27 @@ def build_command(spec: WorkerSpec, port: int) -> List[str]:
     return cmd + list(spec.extra_args)
 
 
+_SECRET_FLAG_WORDS = ("key", "token", "secret", "password")
+
+
+def printable_command(cmd: Sequence[str]) -> str:
+    """``cmd`` for logs, with the values of secret-looking flags (``--api-key``, ``--hf-token``, ...) masked."""
+    def secret(flag: str) -> bool:
+        return flag.startswith("-") and any(word in flag.lower() for word in _SECRET_FLAG_WORDS)
+
+    out, mask_next = [], False
+    for arg in cmd:
+        if mask_next:
+            out.append("***")
+            mask_next = False
+        elif "=" in arg and secret(arg.split("=", 1)[0]):
+            out.append(arg.split("=", 1)[0] + "=***")
+        else:
+            out.append(arg)
+            mask_next = secret(arg)
+    return " ".join(out)
+
+
 def build_env(spec: WorkerSpec, gpu_ids: Sequence[int]) -> Dict[str, str]:
     env = dict(os.environ)
     env.update(spec.env)
@@ -111,7 +132,7 @@ class ProcessWorker:
         if spec.log_path:
             os.makedirs(os.path.dirname(spec.log_path) or ".", exist_ok=True)
             self._log_file = out = open(spec.log_path, "ab")
-        log.info("starting worker: %s", " ".join(cmd))
+        log.info("starting worker: %s", printable_command(cmd))
         self.proc = subprocess.Popen(cmd, env=build_env(spec, gpu_ids), stdout=out,
                                      stderr=subprocess.STDOUT if out else None, start_new_session=True)
         return self.url

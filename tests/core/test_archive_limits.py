@@ -152,3 +152,21 @@ def test_finished_archive_is_not_writable_by_others(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o022 == 0
+
+
+def test_cold_start_benchmark_uses_a_fresh_private_work_directory(monkeypatch):
+    """Before: a fixed /tmp/foundry-bench, which another user could prepare (or symlink) in advance."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("cold_start", Path(__file__).parents[2] / "bench" / "cold_start.py")
+    cold_start = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cold_start)
+    monkeypatch.delenv("FOUNDRY_BENCH_WORK", raising=False)
+    first, second = cold_start.work_dir(), cold_start.work_dir()
+    try:
+        assert first != second and first != Path("/tmp/foundry-bench")
+        assert first.stat().st_mode & 0o777 == 0o700 and first.stat().st_uid == os.geteuid()
+    finally:
+        first.rmdir()
+        second.rmdir()
