@@ -312,3 +312,22 @@ def test_native_check_refuses_a_short_memset(lib, realistic, tmp_path):
     def change(nodes):
         nodes[_kind_index(nodes, schema.NODE_MEMSET)]["payload_len"] = 8
     assert "memset" in _native(lib, _with_nodes(realistic, tmp_path, change))
+
+
+def test_too_many_events_for_the_nodes_is_refused(realistic, tmp_path):
+    """Before: LOAD created num_events CUDA events, however many the manifest claimed."""
+    path = tamper(realistic, tmp_path / "t.foundry", edit=lambda doc, blobs: doc.update(num_events=10**6))
+    with pytest.raises(ArchiveError, match="events for"):
+        Archive.open(path)
+
+
+def test_foreign_memset_targets_follow_the_save_switch(realistic, tmp_path, monkeypatch):
+    rec, nodes, payload = _nodes(realistic)
+    off = int(nodes[_kind_index(nodes, schema.NODE_MEMSET)]["payload_off"])
+    outside = memset_record(0x7F00_0000_0000, width=1024)  # e.g. a buffer SAVE was told to allow
+    path = tamper(realistic, tmp_path / "t.foundry",
+                  blobs={rec.payload: payload[:off] + outside + payload[off + len(outside):]})
+    with pytest.raises(ArchiveError, match="outside"):
+        _tables(path)
+    monkeypatch.setenv("FOUNDRY_ALLOW_FOREIGN_POINTERS", "1")
+    _tables(path)
