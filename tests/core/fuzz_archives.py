@@ -507,6 +507,9 @@ def run(cases: int, seed0: int, timeout: float, jobs: int, verbose: bool, progre
                 if answer is not None:
                     seed, kind, detail, done = answer
                     counts[kind] += 1
+                    if "[native refused" in detail:  # the C check's own verdict on the raw tables
+                        counts["native refused"] += 1
+                        counts["native refused, Python accepted"] += kind == "accepted"
                     if kind == "refused":
                         reasons[_reason(detail)] += 1
                     if kind in ("exception", "skipped"):
@@ -567,6 +570,8 @@ def main(argv=None) -> int:
     print(f"  accepted {c['accepted']}, refused with a FoundryError {c['refused']}")
     print(f"  crashes {c['crash']}, hangs {c['hang']}, non-Foundry exceptions {c['exception']}, "
           f"generator failures {c['skipped']}")
+    print(f"  native bounds check (raw tables, also where Python refused): refused in {c['native refused']} "
+          f"archives, {c['native refused, Python accepted']} of them accepted by Python")
     print("  most common refusals:")
     for reason, n in result["reasons"].most_common(12):
         print(f"    {n:6d}  {reason}")
