@@ -25,13 +25,18 @@ def _doc(path):
 # -- item 9: nesting ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("depth", [997, 2000, 100_000])
+@pytest.mark.parametrize("depth", [997, 2000, 5000, 100_000])
 def test_manifest_nested_deep_is_an_archive_error(archive_file, depth):
+    """Before: RecursionError. Where decoding stops depends on the stack left (an unknown field a few hundred levels
+    deep may still be skipped, harmlessly); whatever the depth, only ArchiveError may come out."""
     path, _ = archive_file
     replace_manifest(path, dict(_doc(path), unknown_field=Deep(depth)))
-    with pytest.raises(ArchiveError, match="nested too deep|unreadable|invalid") as err:
-        Archive.open(path)
-    assert "\n" not in str(err.value)
+    try:
+        Archive.open(path).close()
+    except ArchiveError as err:
+        assert str(err).endswith("manifest is nested too deep (corrupt)")
+    else:
+        assert depth < 100_000, "a manifest 100,000 levels deep was accepted"
 
 
 def test_cli_reports_a_deep_manifest_in_one_line(archive_file, capsys):
