@@ -30,6 +30,7 @@ __all__ = [
     "NativeBuildError",
     "UnsafeAddress",
     "UnsupportedGraph",
+    "UntrustedArchive",
     "__version__",
 ]
 

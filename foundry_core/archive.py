@@ -33,7 +33,7 @@ from foundry_core import trust, validate
 from foundry_core.errors import ArchiveError
 from foundry_core.schema import SCHEMA_VERSION, Blob, Manifest
 
-__all__ = ["Archive", "ArchiveWriter", "blob_names"]
+__all__ = ["Archive", "ArchiveWriter", "blob_names", "inflate_budget"]
 
 log = logging.getLogger(__name__)
 

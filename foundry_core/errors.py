@@ -2,7 +2,7 @@
 
 __all__ = [
     "FoundryError", "ArchiveError", "IncompatibleArchive", "ArenaUnavailable", "UnsupportedGraph", "UnsafeAddress",
-    "DeviceUnavailable", "NativeBuildError", "LayoutMismatch",
+    "DeviceUnavailable", "NativeBuildError", "LayoutMismatch", "UntrustedArchive",
 ]
 
 

@@ -25,6 +25,8 @@ from typing import Optional
 
 from foundry_core.errors import UntrustedArchive
 
+__all__ = ["archive_key", "check_archive", "signature_path", "tag", "write_signature"]
+
 log = logging.getLogger("foundry_core.trust")
 
 KEY_ENV = "FOUNDRY_ARCHIVE_KEY"

@@ -18,6 +18,8 @@ import numpy as np
 from foundry_core import schema
 from foundry_core.errors import ArchiveError
 
+__all__ = ["check_manifest", "check_graph_tables", "check_child_graphs", "check_tensor", "restored_range"]
+
 #: sizeof(CUDA_MEMCPY3D) on 64-bit platforms; ``restore.c`` refuses any other payload size for memcpy nodes too.
 MEMCPY3D_SIZE = 200
 CU_MEMORYTYPE_DEVICE = 2
