@@ -44,6 +44,11 @@ def _graph_tables(rng, num_nodes: int, batch: int):
     payload = bytearray()
     for i in range(num_nodes):  # three device pointers into the arena per node
         payload += np.array([ARENA_BASE + 0x1000 * i + batch * 64, ARENA_BASE + 0x200000, batch], "<u8").tobytes()
+    memset = np.zeros(1, schema.MEMSET_DTYPE)  # node 0 clears 4 KiB of the arena; its record goes last
+    memset["dst"], memset["pitch"], memset["value"], memset["element_size"] = ARENA_BASE + 0x300000, 4096, 0, 4
+    memset["width"], memset["height"] = 1024, 1
+    nodes["payload_off"][0], nodes["payload_len"][0], nodes["attr_cnt"][0] = len(payload), memset.itemsize, 0
+    payload += memset.tobytes()
     attrs = np.zeros(num_nodes * 2, schema.ATTR_DTYPE)
     attrs["id"][0::2] = 5  # cluster scheduling policy
     attrs["id"][1::2] = 9  # mem sync domain map
