@@ -40,7 +40,8 @@ DTYPE_SIZES = {
 _SRC_X, _SRC_Y, _SRC_Z, _SRC_TYPE, _SRC_DEVICE, _SRC_PITCH, _SRC_HEIGHT = 0, 1, 2, 4, 6, 9, 10
 _DST_X, _DST_Y, _DST_Z, _DST_TYPE, _DST_DEVICE, _DST_PITCH, _DST_HEIGHT = 11, 12, 13, 15, 17, 20, 21
 _WIDTH, _HEIGHT, _DEPTH = 22, 23, 24
-_NO_PAYLOAD = (schema.NODE_EMPTY, schema.NODE_EVENT_RECORD, schema.NODE_EVENT_WAIT, schema.NODE_CHILD_GRAPH)
+_NO_PAYLOAD = (schema.NODE_EMPTY, schema.NODE_EVENT_RECORD, schema.NODE_EVENT_WAIT, schema.NODE_CHILD_GRAPH,
+               schema.NODE_SLOT)
 
 
 def restored_range(m: schema.Manifest) -> tuple[int, int]:
@@ -71,6 +72,13 @@ def check_manifest(where: str, m: schema.Manifest) -> None:
     for graph in m.graphs:
         for j, spec in enumerate(graph.outputs):
             check_tensor(f"{where}: graph {graph.key[:60]!r} output {j}", spec, lo, hi)
+    if len({s.id for s in m.slots}) != len(m.slots):
+        raise ArchiveError(f"{where}: two slot descriptions share an id")
+    for s in m.slots:
+        for what, address, size in (("send", s.send, s.send_bytes), ("recv", s.recv, s.recv_bytes)):
+            if size < 0 or (size and not lo <= address <= address + size <= hi):
+                raise ArchiveError(f"{where}: slot {s.id} ({s.op[:40]}) {what} buffer {address:#x}+{size} lies "
+                                   f"outside the arena's restored memory [{lo:#x}, {hi:#x})")
 
 
 def check_tensor(where: str, spec: schema.TensorSpec, lo: int, hi: int) -> None:
@@ -134,6 +142,12 @@ def check_graph_tables(where: str, m: schema.Manifest, index: int, nodes: np.nda
     for i in np.nonzero(child)[0].tolist():
         if not m.graphs[int(refs[i])].is_child:
             raise ArchiveError(f"{where} node {i} (child_graph): graph {int(refs[i])} is not a child graph")
+    slot = kinds == schema.NODE_SLOT
+    if slot.any():
+        ids = {s.id for s in m.slots}
+        fail(slot & ~np.isin(refs, list(ids)), lambda i: f"refers to slot {int(refs[i])}, which the manifest does "
+                                                         "not describe")
+        fail(slot & m.graphs[index].is_child, "slot nodes may not sit inside a child graph")
 
     lo, hi = restored_range(m)
     if os.environ.get("FOUNDRY_ALLOW_FOREIGN_POINTERS") == "1":  # SAVE allowed them under the same switch

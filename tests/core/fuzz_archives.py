@@ -90,6 +90,8 @@ def _tables(kinds: list[int], batch: int, child_ref: int = 0):
             data = memcpy3d_record(CAPTURE + 0x20000, CAPTURE + 0x30000, 512 * batch)
         elif kind == schema.NODE_CHILD_GRAPH:
             nodes[i]["ref"] = child_ref
+        elif kind == schema.NODE_SLOT:
+            nodes[i]["ref"] = 7 + batch  # a slot id of Manifest.slots
         if data:
             nodes[i]["payload_off"], nodes[i]["payload_len"] = len(payload), len(data)
             payload += data + bytes(-len(data) % 8)
@@ -104,13 +106,13 @@ def _tables(kinds: list[int], batch: int, child_ref: int = 0):
 
 
 def write_realistic_archive(path: Path) -> None:
-    """Two top-level graphs sharing a template (every node kind, a child graph) and their child graph."""
+    """Two top-level graphs sharing a template (every node kind, a child graph, a slot) and their child graph."""
     import torch
     from torch.utils import _pytree as pytree
 
     k = schema
     parent_kinds = [k.NODE_MEMSET, k.NODE_KERNEL, k.NODE_MEMCPY, k.NODE_EVENT_RECORD, k.NODE_KERNEL,
-                    k.NODE_CHILD_GRAPH, k.NODE_EVENT_WAIT, k.NODE_EMPTY, k.NODE_KERNEL]
+                    k.NODE_CHILD_GRAPH, k.NODE_EVENT_WAIT, k.NODE_EMPTY, k.NODE_SLOT, k.NODE_KERNEL]
     child_kinds = [k.NODE_KERNEL, k.NODE_KERNEL]
     tree = pytree.treespec_dumps(pytree.tree_flatten((torch.zeros(1), [torch.zeros(1)]))[1])
     with ArchiveWriter(path) as w:
@@ -152,7 +154,10 @@ def write_realistic_archive(path: Path) -> None:
             arena=schema.ArenaLayout(base=ARENA_BASE, size=ARENA_SIZE, granularity=2 << 20,
                                      capture_start=CAPTURE_START, capture_end=CAPTURE_END),
             blobs={}, images=images, functions=functions, templates=templates, graphs=graphs, snapshots=snapshots,
-            num_events=1, extra={"kv_pages": "64"}))
+            num_events=1, extra={"kv_pages": "64"},
+            slots=[schema.SlotSpec(id=7 + batch, op="all_reduce", group="tp", dtype="bfloat16", count=256,
+                                   send=CAPTURE + 0x70000, recv=CAPTURE + 0x70000, send_bytes=512, recv_bytes=512,
+                                   order=batch) for batch in (1, 2)]))
 
 
 def read_archive(path: Path) -> tuple[dict, dict[str, bytes]]:

@@ -331,3 +331,15 @@ def test_foreign_memset_targets_follow_the_save_switch(realistic, tmp_path, monk
         _tables(path)
     monkeypatch.setenv("FOUNDRY_ALLOW_FOREIGN_POINTERS", "1")
     _tables(path)
+
+
+def test_slot_node_must_be_described_and_its_buffers_inside_the_arena(realistic, tmp_path):
+    def change(nodes):
+        nodes[_kind_index(nodes, schema.NODE_SLOT)]["ref"] = 99
+    with pytest.raises(ArchiveError, match="slot 99, which the manifest does not describe"):
+        _tables(_with_nodes(realistic, tmp_path, change))
+
+    def edit(doc, blobs):
+        doc["slots"][0]["recv"] = 0x7F00_0000_0000
+    with pytest.raises(ArchiveError, match="slot 8 .*recv buffer .*outside"):
+        Archive.open(tamper(realistic, tmp_path / "slot.foundry", edit=edit))
