@@ -108,7 +108,9 @@ def sample_archive(path: Path, *, graphs: int = 3, nodes: int = 12, image_size: 
             )
         )
     blobs["snapshots/0"] = rng.bytes(3000)  # random: stays raw
-    snapshots = [schema.MemorySnapshot(address=ARENA_BASE + (17 << 30) + 0x1000, size=3000, blob="snapshots/0", note="rope")]
+    # inside the capture region (warm-up buffers are allocated there; LOAD refuses snapshots anywhere else)
+    snapshots = [schema.MemorySnapshot(address=ARENA_BASE + (17 << 30) + 0x1000, size=3000, blob="snapshots/0",
+                                       note="rope")]
     manifest = schema.Manifest(
         schema_version=schema.SCHEMA_VERSION,
         created_utc="2026-11-28T12:00:00Z",
