@@ -99,6 +99,7 @@ def blob_names(manifest: Manifest) -> dict[str, str]:
         names.setdefault(template.edges, "templates")
     for snapshot in manifest.snapshots:
         names.setdefault(snapshot.blob, "snapshots")
+    names.pop("", None)  # "" means "no blob": a graph without arguments or launch attributes, a template without edges
     return names
 
 

@@ -175,3 +175,28 @@ def test_cold_start_benchmark_uses_a_fresh_private_work_directory(monkeypatch):
     finally:
         first.rmdir()
         second.rmdir()
+
+
+def test_graph_without_attributes_payload_or_edges_can_be_saved_and_loaded(tmp_path):
+    """"" means "no blob" (SAVE writes it for a graph without launch attributes, arguments or edges); before, the
+    writer took it for a missing blob and refused the whole archive."""
+    import msgspec
+    import numpy as np
+    from fuzz_archives import _EMPTY_MANIFEST
+
+    from foundry_core import schema
+    from foundry_core.restore import graph_tables
+
+    nodes = np.zeros(1, schema.NODE_DTYPE)
+    nodes["kind"] = schema.NODE_EMPTY
+    manifest = msgspec.structs.replace(
+        _EMPTY_MANIFEST,
+        templates=[schema.GraphTemplate(num_nodes=1, kinds_sha256="0" * 64, edges="", num_edges=0)],
+        graphs=[schema.GraphRecord(key="g", template=0, nodes="n", payload="", attrs="", num_kernel_nodes=0)])
+    path = tmp_path / "bare.foundry"
+    with ArchiveWriter(path) as w:
+        w.add_blob("n", nodes.tobytes())
+        w.finish(manifest)
+    with Archive.open(path) as archive:
+        tables = graph_tables(archive, archive.manifest, 0)
+    assert [len(t) for t in tables] == [1, 0, 0, 0]
