@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from foundry_core import schema
+from foundry_core import codec, schema
 from foundry_core.errors import ArchiveError
 
 __all__ = ["check_manifest", "check_graph_tables", "check_child_graphs", "check_tensor", "restored_range"]
@@ -23,8 +23,8 @@ __all__ = ["check_manifest", "check_graph_tables", "check_child_graphs", "check_
 #: sizeof(CUDA_MEMCPY3D) on 64-bit platforms; ``restore.c`` refuses any other payload size for memcpy nodes too.
 MEMCPY3D_SIZE = 200
 CU_MEMORYTYPE_DEVICE = 2
-#: Launch attributes SAVE carries over (``codec.KERNEL_NODE_ATTRIBUTES``); any other id in an archive is tampering.
-KERNEL_NODE_ATTRIBUTES = frozenset((1, 2, 4, 5, 8, 9, 10, 11, 13, 16))
+#: Launch attributes SAVE carries over; any other id in an archive is tampering.
+KERNEL_NODE_ATTRIBUTES = frozenset(codec.KERNEL_NODE_ATTRIBUTES)
 MAX_EVENTS = 1 << 20
 MAX_CHILD_DEPTH = 64
 MAX_TENSOR_DIMS = 64
@@ -196,8 +196,8 @@ def _check_memcpy(where: str, payload: np.ndarray, off: int, lo: int, hi: int) -
         raise ArchiveError(f"{where}: copies memory types {src_type} -> {dst_type}; only device-to-device copies "
                            "are restored")
     width, height, depth = w[_WIDTH], w[_HEIGHT], w[_DEPTH]
-    if height < 1 or depth < 1:
-        raise ArchiveError(f"{where}: height {height}, depth {depth} (expected >= 1)")
+    if not (width and height and depth):
+        return  # copies nothing
     for side, (x, y, z, base, pitch, rows) in (
         ("source", (w[_SRC_X], w[_SRC_Y], w[_SRC_Z], w[_SRC_DEVICE], w[_SRC_PITCH], w[_SRC_HEIGHT])),
         ("destination", (w[_DST_X], w[_DST_Y], w[_DST_Z], w[_DST_DEVICE], w[_DST_PITCH], w[_DST_HEIGHT])),
