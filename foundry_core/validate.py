@@ -2,9 +2,10 @@
 
 SAVE writes consistent tables, but an archive is a file that anyone with write access can change, and LOAD hands
 its contents to native code and the GPU. So LOAD re-checks everything SAVE guaranteed and a check can see: table
-indices and sizes, payload bounds, memset and memcpy targets (device memory inside the arena), snapshot and
-output addresses (inside the memory LOAD restores), output tensor shapes, and the child-graph references between
-graphs (no cycles, bounded depth). ``_native/restore.c`` checks the table bounds once more before it builds.
+indices and sizes, payload bounds, memset and memcpy targets (device memory inside the arena), snapshot, output,
+RNG and slot addresses (inside the memory LOAD restores; ``layout.check_addresses`` does the first three), and
+the child-graph references between graphs (no cycles, bounded depth). ``_native/restore.c`` checks the table
+bounds once more before it builds.
 
 What no check can see is what a kernel does with its arguments: an archive is code (README, "Security and trust").
 Every problem raises :class:`~foundry_core.errors.ArchiveError` with one line naming the graph, node and field.
@@ -18,7 +19,7 @@ import numpy as np
 from foundry_core import codec, schema
 from foundry_core.errors import ArchiveError
 
-__all__ = ["check_manifest", "check_graph_tables", "check_child_graphs", "check_tensor", "restored_range"]
+__all__ = ["check_manifest", "check_graph_tables", "check_child_graphs", "restored_range"]
 
 #: sizeof(CUDA_MEMCPY3D) on 64-bit platforms; ``restore.c`` refuses any other payload size for memcpy nodes too.
 MEMCPY3D_SIZE = 200
@@ -28,14 +29,6 @@ KERNEL_NODE_ATTRIBUTES = frozenset(codec.KERNEL_NODE_ATTRIBUTES)
 MAX_EVENTS = 1 << 20
 MAX_CHILD_DEPTH = 64
 MAX_TENSOR_DIMS = 64
-#: Element sizes of the torch dtypes SAVE can record (``str(dtype)`` without "torch.").
-DTYPE_SIZES = {
-    "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "complex32": 4, "complex64": 8, "complex128": 16,
-    "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "bool": 1,
-    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
-    "float4_e2m1fn_x2": 1,
-}
-
 # Word indices of the CUDA_MEMCPY3D fields we check (the struct is 25 eight-byte words on 64-bit Linux).
 _SRC_X, _SRC_Y, _SRC_Z, _SRC_TYPE, _SRC_DEVICE, _SRC_PITCH, _SRC_HEIGHT = 0, 1, 2, 4, 6, 9, 10
 _DST_X, _DST_Y, _DST_Z, _DST_TYPE, _DST_DEVICE, _DST_PITCH, _DST_HEIGHT = 11, 12, 13, 15, 17, 20, 21
@@ -50,7 +43,10 @@ def restored_range(m: schema.Manifest) -> tuple[int, int]:
 
 
 def check_manifest(where: str, m: schema.Manifest) -> None:
-    """Arena, events, snapshots and outputs of a decoded manifest (indices and blob bounds are archive.py's)."""
+    """Arena, events, outputs, snapshots, RNG state and slots of a decoded manifest (indices and blob bounds are
+    archive.py's; snapshot, output and RNG addresses are ``layout.check_addresses``'s)."""
+    from foundry_core import layout
+
     arena = m.arena
     if arena.base < 0 or arena.size <= 0 or arena.base + arena.size > 2**64 or arena.granularity <= 0:
         raise ArchiveError(f"{where}: arena {arena.base:#x}+{arena.size:#x} (granularity {arena.granularity}) "
@@ -58,20 +54,12 @@ def check_manifest(where: str, m: schema.Manifest) -> None:
     nodes = sum(m.templates[g.template].num_nodes for g in m.graphs)  # template indices are checked already
     if not 0 <= m.num_events <= min(MAX_EVENTS, max(nodes, 0)):
         raise ArchiveError(f"{where}: {m.num_events} events for {nodes} nodes (corrupt)")
-    capture_lo, capture_hi = arena.base + arena.capture_start, arena.base + arena.capture_end
-    for i, snap in enumerate(m.snapshots):
-        blob = m.blobs.get(snap.blob)
-        if blob is not None and blob.size != snap.size:
-            raise ArchiveError(f"{where}: snapshot {i} records {snap.size} bytes but its blob holds {blob.size}")
-        if not (snap.size >= 0 and capture_lo <= snap.address and snap.address + snap.size <= capture_hi):
-            raise ArchiveError(
-                f"{where}: snapshot {i} at {snap.address:#x}+{snap.size} lies outside the arena's capture region "
-                f"[{capture_lo:#x}, {capture_hi:#x}); LOAD writes snapshots only into memory it restores itself"
-            )
-    lo, hi = restored_range(m)
     for graph in m.graphs:
         for j, spec in enumerate(graph.outputs):
-            check_tensor(f"{where}: graph {graph.key[:60]!r} output {j}", spec, lo, hi)
+            if len(spec.shape) > MAX_TENSOR_DIMS:
+                raise ArchiveError(f"{where}: graph {graph.key[:60]!r} output {j} has {len(spec.shape)} dimensions")
+    layout.check_addresses(m, where)
+    lo, hi = restored_range(m)
     if len({s.id for s in m.slots}) != len(m.slots):
         raise ArchiveError(f"{where}: two slot descriptions share an id")
     for s in m.slots:
@@ -79,23 +67,6 @@ def check_manifest(where: str, m: schema.Manifest) -> None:
             if size < 0 or (size and not lo <= address <= address + size <= hi):
                 raise ArchiveError(f"{where}: slot {s.id} ({s.op[:40]}) {what} buffer {address:#x}+{size} lies "
                                    f"outside the arena's restored memory [{lo:#x}, {hi:#x})")
-
-
-def check_tensor(where: str, spec: schema.TensorSpec, lo: int, hi: int) -> None:
-    """A tensor view LOAD will create over restored memory: known dtype, sane shape, inside [lo, hi)."""
-    itemsize = DTYPE_SIZES.get(spec.dtype)
-    if itemsize is None:
-        raise ArchiveError(f"{where} has dtype {spec.dtype[:40]!r}, not a torch dtype foundry saves")
-    if len(spec.shape) != len(spec.strides) or len(spec.shape) > MAX_TENSOR_DIMS:
-        raise ArchiveError(f"{where} has {len(spec.shape)} sizes but {len(spec.strides)} strides")
-    if any(s < 0 for s in spec.shape) or any(s < 0 for s in spec.strides):
-        raise ArchiveError(f"{where} has a negative size or stride")
-    extent = 0 if 0 in spec.shape else 1 + sum((n - 1) * s for n, s in zip(spec.shape, spec.strides))
-    if extent * itemsize > spec.storage_bytes:
-        raise ArchiveError(f"{where} spans {extent * itemsize} bytes but records {spec.storage_bytes}")
-    if not (spec.storage_bytes >= 0 and lo <= spec.address and spec.address + spec.storage_bytes <= hi):
-        raise ArchiveError(f"{where} at {spec.address:#x}+{spec.storage_bytes} lies outside the arena's restored "
-                           f"memory [{lo:#x}, {hi:#x})")
 
 
 def check_graph_tables(where: str, m: schema.Manifest, index: int, nodes: np.ndarray, payload: np.ndarray,
