@@ -33,7 +33,7 @@ from foundry_core import trust, validate
 from foundry_core.errors import ArchiveError
 from foundry_core.schema import SCHEMA_VERSION, Blob, Manifest
 
-__all__ = ["Archive", "ArchiveWriter", "blob_names", "inflate_budget"]
+__all__ = ["Archive", "ArchiveWriter", "blob_names", "inflate", "inflate_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,37 @@ def inflate_budget() -> int:
     except (OSError, StopIteration, ValueError, IndexError):
         return DEFAULT_INFLATE_BUDGET
     return min(DEFAULT_INFLATE_BUDGET, available // 2)
+
+
+def inflate(stored, size: int, what: str, keep: bool = True) -> bytes:
+    """zlib data that must inflate to exactly ``size`` bytes, decompressed in bounded steps and never past ``size``
+    (which must fit :func:`inflate_budget`); ``keep=False`` only checks. ``what`` starts every error message."""
+    budget = inflate_budget()
+    if not 0 <= size <= budget:
+        raise ArchiveError(f"{what} declares {size} bytes uncompressed, over the decompression budget of {budget} "
+                           "bytes (set FOUNDRY_INFLATE_BUDGET to allow more)" if size > budget else
+                           f"{what} declares {size} bytes uncompressed (corrupt)")
+    out = bytearray(size) if keep else None
+    inflater = zlib.decompressobj()
+    pending = stored
+    total = 0
+    try:
+        while True:
+            chunk = inflater.decompress(pending, min(_CHUNK, size - total + 1))  # one byte past size is enough
+            if total + len(chunk) > size:
+                total += len(chunk)
+                break
+            if out is not None:
+                out[total : total + len(chunk)] = chunk
+            total += len(chunk)
+            pending = inflater.unconsumed_tail
+            if inflater.eof or not chunk:
+                break
+    except zlib.error as err:
+        raise ArchiveError(f"{what} does not decompress ({err}) (corrupt)") from None
+    if total != size or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise ArchiveError(f"{what} decompresses to a different size than the recorded {size} bytes (corrupt)")
+    return bytes(out) if out is not None else b""
 
 
 def _chunks(view: memoryview) -> Iterator[memoryview]:
@@ -445,36 +476,7 @@ class Archive:
         return stored
 
     def _inflate(self, name: str, record: Blob, stored: memoryview, keep: bool = True) -> bytes:
-        """Decompress in bounded steps, never past the declared size; ``keep=False`` only checks (``verify``)."""
-        budget = inflate_budget()
-        if record.size > budget:
-            raise ArchiveError(
-                f"{self.path}: blob {name!r} declares {record.size} bytes uncompressed, over the decompression "
-                f"budget of {budget} bytes (set FOUNDRY_INFLATE_BUDGET to allow more)"
-            )
-        out = bytearray(record.size) if keep else None
-        inflater = zlib.decompressobj()
-        pending: memoryview | bytes = stored
-        total = 0
-        try:
-            while True:
-                chunk = inflater.decompress(pending, _CHUNK)
-                if total + len(chunk) > record.size:
-                    total += len(chunk)
-                    break
-                if out is not None:
-                    out[total : total + len(chunk)] = chunk
-                total += len(chunk)
-                pending = inflater.unconsumed_tail
-                if inflater.eof or not chunk:
-                    break
-        except zlib.error as err:
-            raise ArchiveError(f"{self.path}: blob {name!r} does not decompress ({err}) (corrupt)") from None
-        if total != record.size or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
-            raise ArchiveError(
-                f"{self.path}: blob {name!r} decompresses to a different size than the recorded {record.size} bytes"
-            )
-        return bytes(out) if out is not None else b""
+        return inflate(stored, record.size, f"{self.path}: blob {name!r}", keep)
 
     def _check_gaps(self, ordered: list[tuple[str, Blob]]) -> None:
         view = self._view()

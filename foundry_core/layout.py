@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from foundry_core import schema
+from foundry_core.archive import inflate
 from foundry_core.errors import ArchiveError, LayoutMismatch
 
 __all__ = ["TRACE_DTYPE", "encode", "decode", "decode_blocks", "check", "check_blocks", "check_addresses",
@@ -54,11 +55,8 @@ def encode(rows: np.ndarray, compared: int, labels: list[tuple[str, int, int]] =
 
 def decode(trace: schema.AllocationTrace, where: str = "archive") -> np.ndarray:
     """The trace's rows, checked (length and hash); raises ArchiveError if they are damaged."""
-    try:
-        raw = zlib.decompress(trace.records)
-    except zlib.error as e:
-        raise ArchiveError(f"{where}: allocation trace is corrupt ({e})") from None
     n = TRACE_DTYPE.itemsize
+    raw = inflate(trace.records, trace.count * n, f"{where}: allocation trace")  # no more than it declares
     if len(raw) != trace.count * n or not 0 <= trace.compared <= trace.count:
         raise ArchiveError(f"{where}: allocation trace holds {len(raw)} bytes for {trace.count} records (corrupt)")
     if hashlib.sha256(raw[: trace.compared * n]).hexdigest() != trace.sha256:
@@ -68,10 +66,8 @@ def decode(trace: schema.AllocationTrace, where: str = "archive") -> np.ndarray:
 
 def decode_blocks(trace: schema.AllocationTrace, where: str = "archive") -> np.ndarray:
     """The (offset, size) rows of the blocks SAVE's graphs read (live before its capture phase); checked."""
-    try:
-        raw = zlib.decompress(trace.blocks) if trace.blocks else b""
-    except zlib.error as e:
-        raise ArchiveError(f"{where}: block table of the allocation trace is corrupt ({e})") from None
+    raw = inflate(trace.blocks, 16 * trace.num_blocks, f"{where}: block table of the allocation trace") \
+        if trace.blocks else b""
     if len(raw) != 16 * trace.num_blocks or hashlib.sha256(raw).hexdigest() != trace.blocks_sha256:
         raise ArchiveError(f"{where}: block table of the allocation trace does not match its size/sha256 (corrupt)")
     return np.frombuffer(raw, "<u8").reshape(-1, 2)

@@ -200,3 +200,26 @@ def test_graph_without_attributes_payload_or_edges_can_be_saved_and_loaded(tmp_p
     with Archive.open(path) as archive:
         tables = graph_tables(archive, archive.manifest, 0)
     assert [len(t) for t in tables] == [1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("field", ["records", "blocks"])
+def test_allocation_trace_inflates_no_more_than_it_declares(field):
+    """The manifest's own zlib fields (the allocation trace) are bounded like blobs: a 64 MiB bomb declared as one
+    record is refused after at most one record's worth of output. Before: inflated in full, then refused."""
+    import tracemalloc
+
+    from foundry_core import layout, schema
+
+    bomb = zlib.compress(bytes(64 << 20), 9)
+    trace = schema.AllocationTrace(records=bomb if field == "records" else zlib.compress(bytes(16)), count=1,
+                                   compared=1, sha256="0" * 64, blocks=bomb if field == "blocks" else b"",
+                                   num_blocks=1, blocks_sha256="0" * 64)
+    decode = layout.decode if field == "records" else layout.decode_blocks
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveError, match="trace"):
+            decode(trace, "x.foundry")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"decoding a {len(bomb)}-byte field took {peak >> 20} MiB"
