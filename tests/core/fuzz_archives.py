@@ -7,8 +7,9 @@ Every case starts from a realistic archive (kernels, memset, memcpy, events, a c
 with a pytree structure) and corrupts it: manifest fields (odd types, boundary integers, nesting thousands deep,
 deletions) or the node, payload, attribute and edge tables. Tables are re-stored with valid sha256s, as a
 deliberate tamperer would, so the corruption reaches the consistency checks instead of stopping at the hashes.
-Each case then runs the CPU side of LOAD (``restore.check_archive_for_load``: container, manifest, addresses,
-every table, child graphs, output structures) and, whether Python accepted the tables or not, the native
+Each case then runs the CPU side of LOAD (``restore.check_archive_for_load`` as rank 1 of a rank template:
+container, manifest, addresses, every table with the rank's patches, child graphs, output structures; the
+allocation trace) and, whether Python accepted the tables or not, the native
 builder's own bounds check (``foundry_check_graph`` in ``_native/restore.c``) on the raw tables.
 
 Outcomes: accepted, refused (a one-line FoundryError), or a defect: a crash (the checking process died), a hang
@@ -106,7 +107,8 @@ def _tables(kinds: list[int], batch: int, child_ref: int = 0):
 
 
 def write_realistic_archive(path: Path) -> None:
-    """Two top-level graphs sharing a template (every node kind, a child graph, a slot) and their child graph."""
+    """Two top-level graphs sharing a template (every node kind, a child graph, a slot, RNG state) and their child
+    graph, with an allocation trace and a rank template (rank 1's patches)."""
     import torch
     from torch.utils import _pytree as pytree
 
@@ -139,12 +141,14 @@ def write_realistic_archive(path: Path) -> None:
                 outputs = [schema.TensorSpec(address=CAPTURE + 0x40000 * (g + 1) + 0x1000 * j, dtype="bfloat16",
                                              shape=[batch, 16], strides=[16, 1], storage_bytes=batch * 32)
                            for j in range(2)]
+            rng = [schema.RngState(generator="default", seed_address=CAPTURE + 0x80000 + 64 * g,
+                                   offset_address=CAPTURE + 0x80008 + 64 * g, increment=4)] if template == 0 else []
             graphs.append(schema.GraphRecord(
                 key=key, template=template, nodes=w.add_blob(f"graph/{g}/nodes", nodes.tobytes()),
                 payload=w.add_blob(f"graph/{g}/payload", payload),
                 attrs=w.add_blob(f"graph/{g}/attrs", attrs.tobytes()),
                 num_kernel_nodes=int((nodes["kind"] == k.NODE_KERNEL).sum()), outputs=outputs,
-                output_tree=tree if template == 0 else "", is_child=template == 1))
+                output_tree=tree if template == 0 else "", is_child=template == 1, rng=rng))
         snapshots = [schema.MemorySnapshot(address=CAPTURE + 0x50000, size=3000,
                                            blob=w.add_blob("snap/0", bytes(3000))),
                      schema.MemorySnapshot(address=CAPTURE + 0x60000, size=64,
@@ -155,15 +159,30 @@ def write_realistic_archive(path: Path) -> None:
                                      capture_start=CAPTURE_START, capture_end=CAPTURE_END),
             blobs={}, images=images, functions=functions, templates=templates, graphs=graphs, snapshots=snapshots,
             num_events=1, extra={"kv_pages": "64"},
+            trace=_trace(),
+            ranks=schema.RankTemplate(world_size=2, deltas=[schema.RankDelta(rank=1, patches=[
+                schema.BytePatch(offset=56, data=b"\x02", graph=0),  # a kernel's batch argument
+                schema.BytePatch(offset=5, data=b"\x07", snapshot=0)])]),
             slots=[schema.SlotSpec(id=7 + batch, op="all_reduce", group="tp", dtype="bfloat16", count=256,
                                    send=CAPTURE + 0x70000, recv=CAPTURE + 0x70000, send_bytes=512, recv_bytes=512,
                                    order=batch) for batch in (1, 2)]))
 
 
+def _trace() -> schema.AllocationTrace:
+    """A short allocation trace as SAVE records it (init allocations, then the capture phase) with live blocks."""
+    from foundry_core import layout
+
+    rows = np.zeros(4, layout.TRACE_DTYPE)
+    rows["op"], rows["pool"] = layout.OP_ALLOC, [0, 0, 1, 2]
+    rows["granules"], rows["offset"] = [1, 4, 1, 2], [0, 2 << 20, CAPTURE_START, CAPTURE_START + (2 << 20)]
+    return layout.encode(rows, 2, labels=[("weights", 0, 2)], blocks=np.array([[0, 4096], [2 << 20, 8192]], "<u8"))
+
+
 def read_archive(path: Path) -> tuple[dict, dict[str, bytes]]:
     """(manifest as plain data, every blob's bytes) of an archive, for building tampered variants."""
     with Archive.open(path) as archive:
-        return msgspec.to_builtins(archive.manifest), {n: archive.blob(n) for n in archive.names()}
+        doc = msgspec.to_builtins(archive.manifest, builtin_types=(bytes,))  # bytes stay msgpack bin, not base64
+        return doc, {n: archive.blob(n) for n in archive.names()}
 
 
 def write_archive(path: Path, doc, blobs: dict[str, bytes]) -> None:
@@ -173,7 +192,7 @@ def write_archive(path: Path, doc, blobs: dict[str, bytes]) -> None:
             w.add_blob(name, data)
         w.finish(_EMPTY_MANIFEST)
     with Archive.open(path) as archive:
-        records = msgspec.to_builtins(archive.manifest.blobs)
+        records = msgspec.to_builtins(archive.manifest.blobs, builtin_types=(bytes,))
     if isinstance(doc, dict):
         doc = dict(doc, blobs=records)
     replace_manifest(path, doc)
@@ -382,14 +401,18 @@ def make_case(valid: tuple[dict, dict[str, bytes]], seed: int, out: Path) -> lis
 
 def check_case(path: Path, lib) -> str:
     """Run the CPU side of LOAD and the native bounds check; 'accepted' or 'refused: ...'. Other exceptions escape."""
-    from foundry_core import restore
+    from foundry_core import layout, restore
 
     native_refusals = 0
     outcome = "accepted"
     try:
         with Archive.open(path) as archive:
             try:
-                restore.check_archive_for_load(archive)
+                m = archive.manifest
+                restore.check_archive_for_load(archive, rank=1 if m.ranks is not None else None)
+                if m.trace is not None:  # what Session.open() decodes
+                    layout.decode(m.trace, str(path))
+                    layout.decode_blocks(m.trace, str(path))
             except FoundryError as err:
                 outcome = f"refused: {err}"
             native_refusals = _native_checks(archive, lib)
