@@ -343,3 +343,15 @@ def test_slot_node_must_be_described_and_its_buffers_inside_the_arena(realistic,
         doc["slots"][0]["recv"] = 0x7F00_0000_0000
     with pytest.raises(ArchiveError, match="slot 8 .*recv buffer .*outside"):
         Archive.open(tamper(realistic, tmp_path / "slot.foundry", edit=edit))
+
+
+def test_output_constants_must_fit_the_output_structure(realistic, tmp_path):
+    """A constant leaf outside the structure made save.unflatten_outputs run out of tensors (StopIteration inside
+    restore()); the preloader now refuses the archive first."""
+    from foundry_core.restore import check_archive_for_load
+
+    def edit(doc, blobs):
+        doc["graphs"][0]["output_constants"] = {7: None}
+    path = tamper(realistic, tmp_path / "constants.foundry", edit=edit)
+    with Archive.open(path) as archive, pytest.raises(ArchiveError, match="2 tensors and 1 constants"):
+        check_archive_for_load(archive)
