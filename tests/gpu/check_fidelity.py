@@ -491,7 +491,7 @@ def child_rng_load(archive, result):
 
     def run():
         s = fc.Session(archive, mode="load", key=f"{KEY}-rng", progress=False).open()
-        rng_init(s.device)
+        forward = rng_init(s.device)  # keeps the weights and inputs the graphs read alive (as SAVE does)
         restored = s.restore()
 
         def run_graph(bs):
@@ -503,6 +503,7 @@ def child_rng_load(archive, result):
         stream = rng_stream(run_graph)
         import torch
 
+        del forward
         return {"stream": stream, "offset_after": torch.cuda.default_generators[s.device].get_offset()}
 
     outcome(run, result)
