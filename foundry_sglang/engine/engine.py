@@ -45,8 +45,24 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     finished: bool = False
-    finish_reason: Optional[str] = None   # "stop" | "length" | "abort"
+    finish_reason: Optional[str] = None   # "stop" | "length" | "abort" | "error"
     token_ids: List[int] = field(default_factory=list)  # all output ids (filled when finished)
+    error: Optional[str] = None           # finish_reason "error": what failed (one line)
+
+
+class RequestFailed(RuntimeError):
+    """This request failed inside the engine; the engine and its other requests go on."""
+
+
+class EngineDead(RuntimeError):
+    """The engine loop has stopped (a failure not attributable to one request); the server answers 503."""
+
+
+#: Consecutive forward failures of single, isolated requests after which the failure is taken to be the
+#: engine's own (the loop stops and /health turns 503) rather than a request's.
+MAX_ISOLATED_FAILURES = 4
+#: A request taking part in this many failed batches is failed itself, so isolation always ends.
+MAX_BATCH_FAILURES = 3
 
 
 def worker_main(args: EngineArgs, rank: int) -> None:
@@ -94,7 +110,9 @@ class LLMEngine:
                                    max(args.max_num_batched_tokens, self.max_model_len))
         self.seqs: Dict[str, Sequence] = {}
         self._ids = itertools.count()
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps_prefill": 0, "steps_decode": 0}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "steps_prefill": 0, "steps_decode": 0,
+                         "requests_aborted": 0, "requests_failed": 0}
+        self._isolated_failures = 0
         self._closed = False
         self.last_logits = None
         self.decode_eager = False  # True: decode without CUDA graphs (checks, benchmarks)
@@ -133,6 +151,7 @@ class LLMEngine:
         if seq is None or seq.status == FINISHED:
             return None
         self.scheduler.finish(seq, "abort")
+        self.counters["requests_aborted"] += 1
         return self._emit(seq)
 
     def has_unfinished(self) -> bool:
@@ -140,7 +159,11 @@ class LLMEngine:
 
     # -- stepping ---------------------------------------------------------------------------------
     def step(self) -> List[RequestOutput]:
-        """Run one prefill or decode step; returns outputs of the sequences that advanced."""
+        """Run one prefill or decode step; returns outputs of the sequences that advanced or failed.
+
+        A failure is the failing request's alone: a sampler row that cannot be sampled, or a stop check that
+        raises, finishes that request with reason "error". When the forward itself fails, the batch's requests
+        are re-queued and re-run one at a time, so only the one that fails alone is failed."""
         t0 = time.perf_counter()
         seqs, batch = self.scheduler.schedule()
         if batch is None:
@@ -148,25 +171,85 @@ class LLMEngine:
         batch.eager = int(self.decode_eager)
         if self.workers:
             broadcast_batch(batch, self.runner.state.control_group)
-        logits = self.runner.run(batch)
+        try:
+            logits = self.runner.run(batch)
+        except Exception as exc:
+            if self.workers:
+                raise  # the other ranks may be inside a collective: not recoverable here
+            return self._isolate(seqs, exc)
+        self._isolated_failures = 0
         self.last_logits = logits  # for tests and debugging; valid until the next step
-        tokens = sample(logits, [s.params.temperature for s in seqs], [s.params.top_p for s in seqs],
-                        [s.params.top_k for s in seqs], [s.seed for s in seqs],
-                        [len(s.output_ids) for s in seqs])
+        tokens = self._sample(seqs, logits)
         self.counters["steps_prefill" if batch.kind == 1 else "steps_decode"] += 1
         now = time.monotonic()
         outs = []
         for seq, tok in zip(seqs, tokens):
+            if isinstance(tok, Exception):
+                outs.append(self._fail(seq, tok))
+                continue
+            if batch.kind != 1:
+                seq.isolate = False  # ran a decode step alone after a failed batch: cleared
             seq.output_ids.append(tok)
             seq.num_cached = seq.num_tokens - 1
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self.counters["generation_tokens"] += 1
-            reason = self._check_stop(seq, tok)
+            try:
+                reason = self._check_stop(seq, tok)
+            except Exception as exc:
+                outs.append(self._fail(seq, exc))
+                continue
             if reason:
                 self.scheduler.finish(seq, reason)
             outs.append(self._emit(seq))
         self.step_times.append((batch.kind, len(seqs), time.perf_counter() - t0))
+        return outs
+
+    def _sample(self, seqs: List[Sequence], logits) -> List[Union[int, Exception]]:
+        """One token per sequence; a row that cannot be sampled gets its exception instead."""
+        def run(rows, lg):
+            return sample(lg, [s.params.temperature for s in rows], [s.params.top_p for s in rows],
+                          [s.params.top_k for s in rows], [s.seed for s in rows],
+                          [len(s.output_ids) for s in rows])
+        try:
+            return run(seqs, logits)
+        except Exception as exc:
+            if len(seqs) == 1:
+                return [exc]
+        out: List[Union[int, Exception]] = []
+        for i, seq in enumerate(seqs):
+            try:
+                out += run([seq], logits[i:i + 1])
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> RequestOutput:
+        """Finish one request with reason "error"; the engine goes on."""
+        seq.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        log.warning("request %s failed inside the engine: %s", seq.request_id, seq.error)
+        log.debug("request %s failure", seq.request_id, exc_info=exc)
+        self.scheduler.finish(seq, "error")
+        self.counters["requests_failed"] += 1
+        return self._emit(seq)
+
+    def _isolate(self, seqs: List[Sequence], exc: BaseException) -> List[RequestOutput]:
+        """The forward failed: fail a request that was alone; otherwise re-queue the batch to run one by one."""
+        if len(seqs) == 1:
+            self._isolated_failures += 1
+            if self._isolated_failures >= MAX_ISOLATED_FAILURES:
+                raise EngineDead(f"{MAX_ISOLATED_FAILURES} requests in a row failed alone in the forward; last: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+            return [self._fail(seqs[0], exc)]
+        log.warning("a batch of %d requests failed (%s: %s); re-running them one at a time",
+                    len(seqs), type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        outs = []
+        for seq in seqs:
+            seq.batch_failures += 1
+            if seq.batch_failures >= MAX_BATCH_FAILURES:
+                outs.append(self._fail(seq, exc))
+            else:
+                self.scheduler.requeue(seq)
         return outs
 
     def _check_stop(self, seq: Sequence, tok: int) -> Optional[str]:
@@ -206,7 +289,7 @@ class LLMEngine:
             self.seqs.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, delta, new_ids, text[:seq.sent_chars], len(seq.prompt_ids),
                              len(seq.output_ids), finished, seq.finish_reason,
-                             list(seq.output_ids) if finished else [])
+                             list(seq.output_ids) if finished else [], seq.error)
 
     def stats(self) -> Dict[str, float]:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
@@ -322,7 +405,7 @@ class AsyncLLMEngine:
             prompt, params = payload
             try:
                 self.engine.add_request(prompt, params, rid)
-            except ValueError as e:
+            except Exception as e:  # bad input (ValueError) or a failure of this request alone
                 entry = self._streams.pop(rid, None)
                 if entry:
                     entry[0].call_soon_threadsafe(entry[1].put_nowait, e)
@@ -330,6 +413,11 @@ class AsyncLLMEngine:
             out = self.engine.abort(rid)
             if out is not None:
                 self._deliver(out)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests accepted and not finished (running or waiting)."""
+        return len(self._streams)
 
     def check_request(self, prompt: Prompt, params: SamplingParams) -> List[int]:
         """Validate up front (raises ValueError) so the server can answer 400 before streaming."""
@@ -343,9 +431,10 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt: Prompt, params: SamplingParams,
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
-        """Yield incremental outputs until the request finishes; ValueError for bad input."""
+        """Yield incremental outputs until the request finishes; ValueError for bad input, RequestFailed when
+        the request failed inside the engine, EngineDead when the engine has stopped."""
         if self.error is not None or self._stop.is_set():
-            raise RuntimeError("the engine is not running")
+            raise EngineDead(f"the engine is not running ({self._error_line()})")
         rid = request_id or f"areq-{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
@@ -355,7 +444,14 @@ class AsyncLLMEngine:
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
-                    raise item
+                    if isinstance(item, ValueError):
+                        raise item
+                    if self.error is item:
+                        raise EngineDead(f"the engine failed: {self._error_line()}")
+                    raise RequestFailed(f"{type(item).__name__}: {item}")
+                if item.finish_reason == "error":
+                    finished = True
+                    raise RequestFailed(item.error or "the request failed inside the engine")
                 yield item
                 if item.finished:
                     finished = True
@@ -366,6 +462,12 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None))
+
+    def _error_line(self) -> str:
+        e = self.error
+        if e is None:
+            return "stopped"
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
     def stats(self) -> Dict[str, float]:
         return dict(self._stats)

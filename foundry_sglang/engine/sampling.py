@@ -5,11 +5,35 @@ seeded request samples the same tokens whatever else is in its batch and on any 
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
+
+#: Bounds a request must keep so that one request cannot overflow the sampler or slow every batch.
+MAX_INT = 2 ** 31 - 1
+MAX_SEED = 2 ** 63 - 1
+MAX_STOP_STRINGS = 32
+MAX_STOP_CHARS = 512
+MAX_STOP_TOKEN_IDS = 256
+
+
+class InvalidParam(ValueError):
+    """A request field out of its range (one line); ``param`` names the field as the client spelled it."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -26,19 +50,27 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        """Raise ValueError with one line for out-of-range values."""
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError("max_tokens must be a positive integer")
-        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
-            raise ValueError("temperature must be a number in [0, 100]")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be a number in (0, 1]")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k != -1):
-            raise ValueError("top_k must be -1 or a positive integer")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError("seed must be a non-negative integer")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError("stop must be a string or a list of non-empty strings")
+        """Raise InvalidParam with one line for a value out of range."""
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_INT:
+            raise InvalidParam("max_tokens must be a positive integer", "max_tokens")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise InvalidParam("temperature must be a number in [0, 100]", "temperature")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidParam("top_p must be a number in (0, 1]", "top_p")
+        if not _is_int(self.top_k) or not (self.top_k == -1 or 1 <= self.top_k <= MAX_INT):
+            raise InvalidParam(f"top_k must be -1 or an integer in [1, {MAX_INT}]", "top_k")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidParam("seed must be an integer in [0, 2**63-1]", "seed")
+        if (not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop)
+                or len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop)):
+            raise InvalidParam(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings "
+                               f"of at most {MAX_STOP_CHARS} characters", "stop")
+        if (not isinstance(self.stop_token_ids, list) or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS
+                or not all(_is_int(t) and 0 <= t <= MAX_INT for t in self.stop_token_ids)):
+            raise InvalidParam(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids "
+                               f"(integers in [0, {MAX_INT}])", "stop_token_ids")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidParam("ignore_eos must be a boolean", "ignore_eos")
 
     def resolved_seed(self) -> int:
         return self.seed if self.seed is not None else random.getrandbits(31)
@@ -66,7 +98,8 @@ def hashed_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torc
 
 def sample(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float],
            top_ks: Sequence[int], seeds: Sequence[int], steps: Sequence[int]) -> List[int]:
-    """One token per row of float32 logits [B, V]."""
+    """One token per row of float32 logits [B, V]. Raises when a row's parameters do not fit (the engine then
+    samples row by row to find and fail only that request)."""
     B, V = logits.shape
     dev = logits.device
     greedy = logits.argmax(-1)
@@ -78,7 +111,7 @@ def sample(logits: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence
     cum = sorted_p.cumsum(-1)
     top_p = torch.tensor(list(top_ps), device=dev, dtype=torch.float32)
     keep = (cum - sorted_p) < top_p[:, None]                      # always keeps the most likely token
-    k = torch.tensor([kk if kk > 0 else V for kk in top_ks], device=dev)
+    k = torch.tensor([min(kk, V) if kk > 0 else V for kk in top_ks], device=dev)
     keep &= torch.arange(V, device=dev)[None, :] < k[:, None]
     sorted_p = sorted_p * keep
     filtered = torch.zeros_like(probs).scatter_(1, order, sorted_p)

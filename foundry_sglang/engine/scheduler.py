@@ -27,6 +27,9 @@ class Sequence:
         self.pages: List[int] = []
         self.num_cached = 0          # tokens whose KV is in the cache
         self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None   # finish_reason "error": why
+        self.isolate = False         # run alone until one decode step succeeds (it was in a failed batch)
+        self.batch_failures = 0
         self.arrival = time.monotonic()
         self.first_token_time: Optional[float] = None
         # output text state (kept by the engine)
@@ -102,11 +105,23 @@ class Scheduler:
         seq.status = WAITING
         self.waiting.appendleft(seq)
 
+    def requeue(self, seq: Sequence) -> None:
+        """Put a running sequence of a failed step back at the head of the queue, to be run alone."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self.allocator.release(seq.pages)
+        seq.num_cached = 0
+        seq.status = WAITING
+        seq.isolate = True
+        self.waiting.appendleft(seq)
+
     def schedule(self) -> Tuple[List[Sequence], Optional[StepBatch]]:
         """Pick the next step's sequences and build its batch (None when idle)."""
         batch, tokens = [], 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.isolate and batch:
+                break
             need = self.allocator.pages_for(seq.num_tokens)
             if tokens + seq.num_tokens > self.max_num_batched_tokens and batch:
                 break
@@ -117,6 +132,8 @@ class Scheduler:
             seq.status = RUNNING
             batch.append(seq)
             tokens += seq.num_tokens
+            if seq.isolate:
+                break
         if batch:
             self.running.extend(batch)
             return batch, self._prefill_batch(batch)
@@ -132,6 +149,9 @@ class Scheduler:
                 if victim is seq:
                     break
         decode = [s for s in self.running if s.status == RUNNING]
+        suspects = [s for s in decode if s.isolate]
+        if suspects:
+            decode = suspects[:1]
         if not decode:
             return [], None
         return decode, self._decode_batch(decode)

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from aiohttp import web
@@ -23,28 +24,60 @@ from foundry_sglang.graphs.settings import MODE_CHOICES, MODE_HELP
 from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent
 
 from .config import ConfigError, EngineArgs
-from .engine import AsyncLLMEngine
+from .engine import AsyncLLMEngine, EngineDead, RequestFailed
 from .metrics import Metrics
-from .sampling import SamplingParams
+from .sampling import InvalidParam, SamplingParams
 
 log = logging.getLogger("foundry_sglang.engine.server")
 
 
+@dataclass
+class ServerLimits:
+    """What one client may hold or send (``--help`` of the server lists them as flags)."""
+
+    max_queued_requests: int = 1024   # requests waiting beyond --max-running-requests; more: 503 + Retry-After
+    header_timeout: float = 30.0      # a connection must send complete request headers within this (seconds)
+    body_timeout: float = 30.0        # and then its body within this (408 otherwise)
+    max_body_bytes: int = 32 * 2 ** 20
+
+
 class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, param: Optional[str] = None):
+    """An error answer: one line, an HTTP status, the request field at fault (``param``)."""
+
+    def __init__(self, message: str, status: int = 400, param: Optional[str] = None, retry_after: int = 0):
         super().__init__(message)
-        self.status, self.param = status, param
+        self.status, self.param, self.retry_after = status, param, retry_after
 
 
 def error_response(message: str, status: int, param: Optional[str] = None) -> web.Response:
     kind = {404: "not_found_error", 405: "invalid_request_error"}.get(status, "invalid_request_error")
     if status >= 500:
-        kind = "server_error"
+        kind = "unavailable" if status == 503 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return web.json_response(body, status=status)
 
 
 # -- request parsing --------------------------------------------------------------------------------
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+#: Fields we do not implement, with the values that mean "not used" (anything else is a 400, never ignored).
+UNSUPPORTED = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+}
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The decoded JSON of a request body; BadRequest (400, one line) for anything that is not JSON."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadRequest("malformed JSON body: nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"malformed JSON body: {e}") from None
+
+
 def _number(body: Dict, key: str, default, kind=float):
     v = body.get(key, default)
     if v is None:
@@ -54,21 +87,37 @@ def _number(body: Dict, key: str, default, kind=float):
     return v
 
 
-def sampling_from_body(body: Dict, default_max_tokens: int) -> SamplingParams:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, int)
+def _bool(body: Dict, key: str, param: Optional[str] = None) -> bool:
+    v = body.get(key)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise BadRequest(f"{key} must be a boolean (true or false), got {json.dumps(v)[:40]}", param=param or key)
+    return v
+
+
+def _reject_unsupported(body: Dict) -> None:
+    for key, unused in UNSUPPORTED.items():
+        if key in body and body[key] not in unused:
+            raise BadRequest(f"{key} is not supported by this server", param=key)
+
+
+def sampling_from_body(body: Dict, default_max_tokens: int) -> Tuple[SamplingParams, Optional[str]]:
+    """The request's sampling parameters, and the key that set max_tokens (None: the default was used)."""
+    _reject_unsupported(body)
+    max_key = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), None)
+    max_tokens = _number(body, max_key, default_max_tokens, int) if max_key else default_max_tokens
     if max_tokens < 1:
-        raise BadRequest("max_tokens must be a positive integer", param="max_tokens")
-    stop = body.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest(f"{max_key} must be a positive integer", param=max_key)
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
         raise BadRequest("stop must be a string or a list of non-empty strings", param="stop")
-    n = body.get("n", 1)
+    n = _number(body, "n", 1, int)
     if n != 1:
         raise BadRequest("only n=1 is supported", param="n")
     stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
         raise BadRequest("stop_token_ids must be a list of integers", param="stop_token_ids")
     params = SamplingParams(
         max_tokens=max_tokens,
@@ -77,26 +126,66 @@ def sampling_from_body(body: Dict, default_max_tokens: int) -> SamplingParams:
         top_k=_number(body, "top_k", -1, int),
         seed=_number(body, "seed", None, int),
         stop=stop, stop_token_ids=stop_ids,
-        ignore_eos=bool(body.get("ignore_eos", False)))
+        ignore_eos=_bool(body, "ignore_eos"))
     try:
         params.validate()
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
-    return params
+    except InvalidParam as e:
+        param = max_key if e.param == "max_tokens" and max_key else e.param
+        raise BadRequest(str(e).replace("max_tokens", param or "max_tokens"), param=param) from None
+    return params, max_key
+
+
+def stream_settings(body: Dict) -> Tuple[bool, bool]:
+    """(stream, include_usage), type-checked."""
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not isinstance(opts, dict):
+        raise BadRequest("stream_options must be an object such as {\"include_usage\": true}",
+                         param="stream_options")
+    return stream, _bool(opts, "include_usage", "stream_options.include_usage")
+
+
+def chat_messages(messages: Any) -> List[Dict[str, str]]:
+    """Checked chat messages as {role, content} with text content."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list", param="messages")
+    clean: List[Dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise BadRequest("each message must be an object with a role and content", param=f"messages[{i}]")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise BadRequest(f"unknown role {json.dumps(role)[:40]}; expected one of {', '.join(CHAT_ROLES)}",
+                             param=f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}]
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                       for c in content):
+                raise BadRequest("only text content parts are supported", param=f"messages[{i}].content")
+            content = "".join(c["text"] for c in content)
+        if not isinstance(content, str):
+            raise BadRequest("message content must be a string or a list of text parts",
+                             param=f"messages[{i}].content")
+        clean.append({"role": role, "content": content})
+    return clean
 
 
 class OpenAIServer:
     """HTTP handlers bound to one AsyncLLMEngine."""
 
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: Optional[str] = None):
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: Optional[str] = None,
+                 limits: Optional[ServerLimits] = None):
         self.engine = engine
+        self.limits = limits or ServerLimits()
         self.model_name = served_model_name or engine.served_model_name
         self.aliases = {self.model_name, engine.engine.args.model}
         self.metrics = Metrics(engine.stats)
         self.created = int(time.time())
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors], client_max_size=32 * 2 ** 20)
+        app = web.Application(middlewares=[self._errors], client_max_size=self.limits.max_body_bytes)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -111,6 +200,8 @@ class OpenAIServer:
             resp = await handler(request)
         except BadRequest as e:
             resp = error_response(str(e), e.status, e.param)
+            if e.status == 503 and e.retry_after:
+                resp.headers["Retry-After"] = str(e.retry_after)
         except web.HTTPException as e:
             resp = error_response(f"{e.reason}: {request.method} {request.path}", e.status)
         except (ConnectionResetError, asyncio.CancelledError):
@@ -124,21 +215,23 @@ class OpenAIServer:
 
     async def _body(self, request: web.Request) -> Dict[str, Any]:
         try:
-            body = json.loads(await request.read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"malformed JSON body: {e}") from None
+            raw = await asyncio.wait_for(request.read(), self.limits.body_timeout)
+        except asyncio.TimeoutError:
+            raise BadRequest(f"the request body did not arrive within {self.limits.body_timeout:g}s",
+                             status=408) from None
+        body = parse_json_body(raw)
         if not isinstance(body, dict):
             raise BadRequest("the JSON body must be an object")
         model = body.get("model")
         if model is not None and model not in self.aliases:
-            raise BadRequest(f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                             status=404, param="model")
+            raise BadRequest(f"the model {str(model)[:200]!r} does not exist; this server serves "
+                             f"{self.model_name!r}", status=404, param="model")
         return body
 
     # -- endpoints --------------------------------------------------------------------------------
     async def health(self, request):
         if self.engine.error is not None:
-            return error_response(f"engine failed: {self.engine.error}", 503)
+            return error_response(f"engine failed: {self.engine._error_line()}", 503)
         return web.Response(text="ok")
 
     async def models(self, request):
@@ -160,41 +253,48 @@ class OpenAIServer:
                              param="prompt")
         if not isinstance(prompt, (str, list)):
             raise BadRequest("prompt must be a string or a list of token ids", param="prompt")
-        params = sampling_from_body(body, 16)
-        return await self._generate(request, body, prompt, params, chat=False)
+        params, max_key = sampling_from_body(body, 16)
+        return await self._generate(request, body, prompt, params, max_key, chat=False)
 
     async def chat_completions(self, request):
         body = await self._body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("messages must be a non-empty list", param="messages")
-        clean: List[Dict[str, str]] = []
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise BadRequest("each message needs a string role and content", param="messages")
-            content = m.get("content", "")
-            if isinstance(content, list):  # [{"type": "text", "text": ...}]
-                if not all(isinstance(c, dict) and c.get("type") == "text" for c in content):
-                    raise BadRequest("only text content parts are supported", param="messages")
-                content = "".join(str(c.get("text", "")) for c in content)
-            if not isinstance(content, str):
-                raise BadRequest("message content must be a string", param="messages")
-            clean.append({"role": m["role"], "content": content})
+        clean = chat_messages(body.get("messages"))
+        params, max_key = sampling_from_body(body, 256)
         prompt = self.engine.tokenizer.apply_chat_template(clean)
-        params = sampling_from_body(body, 256)
-        return await self._generate(request, body, prompt, params, chat=True)
+        return await self._generate(request, body, prompt, params, max_key, chat=True)
 
-    async def _generate(self, request, body, prompt, params: SamplingParams, chat: bool):
+    def _admit(self) -> None:
+        """503 with Retry-After when the waiting queue is full."""
+        eng = self.engine
+        capacity = eng.engine.args.max_num_seqs
+        waiting = eng.num_requests - capacity
+        if waiting >= self.limits.max_queued_requests:
+            retry = max(1, min(60, waiting // max(1, capacity)))
+            raise BadRequest(f"the server is busy: {waiting} requests are waiting (queue limit "
+                             f"{self.limits.max_queued_requests}); retry later", status=503,
+                             retry_after=retry)
+        if eng.error is not None:
+            raise BadRequest(f"engine failed: {eng._error_line()}", status=503)
+
+    async def _generate(self, request, body, prompt, params: SamplingParams, max_key: Optional[str], chat: bool):
+        stream, include_usage = stream_settings(body)
         try:
             prompt_ids = self.engine.check_request(prompt, params)
+        except InvalidParam as e:
+            raise BadRequest(str(e), param=e.param) from None
         except ValueError as e:
-            raise BadRequest(str(e)) from None
+            raise BadRequest(str(e), param="messages" if chat else "prompt") from None
+        room = self.engine.max_model_len - len(prompt_ids)
+        if params.max_tokens > room:
+            if max_key:
+                raise BadRequest(f"the prompt has {len(prompt_ids)} tokens and {max_key} is {params.max_tokens}, "
+                                 f"more than the context length {self.engine.max_model_len}", param=max_key)
+            params.max_tokens = room   # not asked for: the default is cut to what fits
+        self._admit()
         t0 = time.monotonic()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        stream = bool(body.get("stream", False))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
         gen = self.engine.generate(prompt_ids, params, request_id=rid)
         self.metrics.tokens(prompt=len(prompt_ids))
 
@@ -211,6 +311,8 @@ class OpenAIServer:
 
         first = True
         if not stream:
+            # A client that disconnects cancels this handler (handler_cancellation): closing the generator
+            # aborts the request in the engine.
             text, last = [], None
             try:
                 async for out in gen:
@@ -222,6 +324,12 @@ class OpenAIServer:
                     last = out
             except ValueError as e:
                 raise BadRequest(str(e)) from None
+            except RequestFailed as e:
+                raise BadRequest(f"the request failed inside the engine: {e}", status=500) from None
+            except EngineDead as e:
+                raise BadRequest(str(e), status=503) from None
+            finally:
+                await gen.aclose()
             full = "".join(text)
             choice = ({"index": 0, "message": {"role": "assistant", "content": full},
                        "finish_reason": last.finish_reason} if chat else
@@ -255,13 +363,25 @@ class OpenAIServer:
                     d["choices"] = []
                     await send(d)
             await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            await gen.aclose()  # the client went away: abort the request
+        except ConnectionResetError:  # the client went away: abort its request, quietly
+            await gen.aclose()
+            log.debug("client of %s disconnected mid-stream", rid)
+            return resp
+        except asyncio.CancelledError:
+            await gen.aclose()
             raise
         except Exception as e:  # headers are sent: report the error in-band
             await gen.aclose()
-            await send({"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
-        await resp.write_eof()
+            kind = "unavailable" if isinstance(e, EngineDead) else "server_error"
+            try:
+                await send({"error": {"message": str(e).splitlines()[0] if str(e) else type(e).__name__,
+                                      "type": kind, "param": None, "code": 503 if kind == "unavailable" else 500}})
+            except ConnectionResetError:
+                return resp
+        try:
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass
         return resp
 
 
@@ -342,9 +462,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 # -- running ----------------------------------------------------------------------------------------
-async def _start_site(engine: AsyncLLMEngine, host: str, port: int,
-                      served_model_name: Optional[str]) -> Tuple[web.AppRunner, str]:
-    runner = web.AppRunner(OpenAIServer(engine, served_model_name).app(), access_log=None)
+async def _start_site(engine: AsyncLLMEngine, host: str, port: int, served_model_name: Optional[str],
+                      limits: Optional[ServerLimits] = None) -> Tuple[web.AppRunner, str]:
+    limits = limits or ServerLimits()
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
+    # keepalive_timeout: aiohttp closes a connection that has not sent complete headers within it.
+    runner = web.AppRunner(OpenAIServer(engine, served_model_name, limits).app(), access_log=None,
+                           handler_cancellation=True, keepalive_timeout=limits.header_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -356,7 +480,7 @@ class ServerThread:
     """Serve an AsyncLLMEngine from a background thread (tests, elastic workers): ``.url``, ``.stop()``."""
 
     def __init__(self, engine: AsyncLLMEngine, host: str = "127.0.0.1", port: int = 0,
-                 served_model_name: Optional[str] = None):
+                 served_model_name: Optional[str] = None, limits: Optional[ServerLimits] = None):
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self.url = ""
@@ -364,7 +488,7 @@ class ServerThread:
         def run():
             asyncio.set_event_loop(self.loop)
             self._runner, self.url = self.loop.run_until_complete(
-                _start_site(engine, host, port, served_model_name))
+                _start_site(engine, host, port, served_model_name, limits))
             started.set()
             self.loop.run_forever()
 

@@ -19,12 +19,17 @@ PROMPTS = ["hello", "the quick brown fox", "Foundry restores graphs", "z" * 50, 
 
 
 @pytest.fixture(scope="module")
-def server():
-    engine = AsyncLLMEngine(ARGS)
+def engine():
+    eng = AsyncLLMEngine(ARGS)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
     srv = ServerThread(engine)
     yield srv.url
     srv.stop()
-    engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +119,11 @@ def test_malformed_json_and_server_keeps_serving(server):
     assert "foundry_engine_time_to_first_token_seconds_count" in m and "foundry_engine_kv_cache_usage" in m
 
 
-def test_client_disconnect_aborts_request(server):
+def test_client_disconnect_aborts_request(engine, server):
+    """The request is aborted in the engine (counted), long before its 240 tokens are generated."""
+    before = engine.stats()
     r = requests.post(server + "/v1/completions", stream=True, timeout=60,
-                      json={"prompt": "long", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+                      json={"prompt": "long", "max_tokens": 240, "temperature": 0, "ignore_eos": True,
                             "stream": True})
     next(r.iter_lines())
     r.close()
@@ -128,6 +135,9 @@ def test_client_disconnect_aborts_request(server):
         time.sleep(0.2)
     else:
         pytest.fail("the aborted request kept running")
+    after = engine.stats()
+    assert after["requests_aborted"] == before["requests_aborted"] + 1
+    assert after["generation_tokens"] - before["generation_tokens"] < 240
 
 
 def test_main_serves_and_exits_on_sigterm():
