@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from aiohttp import web
 
-from foundry_sglang.graphs.settings import MODE_CHOICES, MODE_HELP
+from foundry_sglang.graphs.settings import MODE_CHOICES, MODE_HELP, FoundryMode
 from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent
 
 from .config import ConfigError, EngineArgs
@@ -458,6 +459,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=30000, help="port (0 picks a free one; default 30000)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="logging level")
+    d = ServerLimits()
+    s.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="requests that may wait beyond --max-running-requests; more get 503 with Retry-After "
+                        f"(default {d.max_queued_requests})")
+    s.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a connection has to send complete request headers (also the idle keep-alive "
+                        f"time; default {d.header_timeout:g})")
+    s.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help=f"seconds a request body may take to arrive; then 408 (default {d.body_timeout:g})")
     return p
 
 
@@ -505,9 +515,9 @@ class ServerThread:
 
 
 async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name: Optional[str] = None,
-                startup_marks: Optional[Dict[str, float]] = None) -> None:
+                startup_marks: Optional[Dict[str, float]] = None, limits: Optional[ServerLimits] = None) -> None:
     """Serve until SIGINT/SIGTERM. ``startup_marks`` (phase -> wall-clock end) is logged once listening."""
-    runner, url = await _start_site(engine, host, port, served_model_name)
+    runner, url = await _start_site(engine, host, port, served_model_name, limits)
     if startup_marks is not None:
         marks = dict(startup_marks, **engine.engine.runner.startup_marks, listening=time.time())
         log.info("startup timeline: %s", json.dumps(dict(sorted(marks.items(), key=lambda kv: kv[1]))))
@@ -521,22 +531,57 @@ async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name:
     await runner.cleanup()
 
 
+def preflight(eargs: EngineArgs, host: str, port: int) -> None:
+    """Check what would otherwise fail deep inside start-up (ConfigError, one line): a GPU asked for but absent,
+    a port already taken, an archive to load that does not exist."""
+    if eargs.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no usable CUDA GPU here (torch.cuda.is_available() is False); "
+                              "use --device cpu")
+        if eargs.world_size > torch.cuda.device_count():
+            raise ConfigError(f"--tp/--ep need {eargs.world_size} GPUs; {torch.cuda.device_count()} visible")
+    foundry = eargs.foundry_config()
+    if foundry.enabled and eargs.resolved_device() == "cpu":
+        if foundry.mode is FoundryMode.LOAD and not foundry.archive_dir.exists():
+            raise ConfigError(f"--foundry-mode load: the archive {foundry.archive_dir} does not exist")
+        if foundry.mode in (FoundryMode.LOAD, FoundryMode.SAVE):
+            log.warning("--foundry-mode %s: there are no CUDA graphs on CPU; the archive %s is not used",
+                        foundry.mode, foundry.archive_dir)
+    if port:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     marks = {"imported": time.time()}
     args = build_arg_parser().parse_args(argv)
     if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
         exit_with_parent()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limits = ServerLimits(max_queued_requests=args.max_queued_requests, header_timeout=args.header_timeout,
+                          body_timeout=args.body_timeout)
     try:
         eargs = engine_args_from(args)
         eargs.validate()
+        preflight(eargs, args.host, args.port)
         engine = AsyncLLMEngine(eargs)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
+    except Exception as e:  # noqa: BLE001 - one line for the user; the traceback at debug level
+        log.error("cannot start the engine: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        log.debug("start-up failure", exc_info=True)
+        return 1
     marks["engine"] = time.time()
     try:
-        asyncio.run(serve(engine, args.host, args.port, args.served_model_name, marks))
+        asyncio.run(serve(engine, args.host, args.port, args.served_model_name, marks, limits))
+    except OSError as e:  # the port was taken between the check and the bind
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, e.strerror or e)
+        return 2
     finally:
         engine.shutdown()
     return 0

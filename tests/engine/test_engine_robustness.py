@@ -268,3 +268,42 @@ def test_full_waiting_queue_is_503_with_retry_after(reference):
     finally:
         srv.stop()
         eng.shutdown()
+
+
+def test_failed_forward_is_rerun_one_by_one_and_fails_only_the_culprit():
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    with LLM(ARGS) as llm:
+        ref = llm.generate([[1, 2, 3], [4, 5, 6]], sp)
+        eng = llm.engine
+        real = eng.runner.run
+
+        def run(batch):
+            if 252 in batch.input_ids:
+                raise RuntimeError("injected forward failure")
+            return real(batch)
+        eng.runner.run = run
+        ids = [eng.add_request(p, sp).request_id for p in ([1, 2, 3], [250, 251, 252], [4, 5, 6])]
+        done = {}
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    done[o.request_id] = o
+        assert done[ids[1]].finish_reason == "error" and "injected" in done[ids[1]].error
+        assert [done[ids[0]].token_ids, done[ids[2]].token_ids] == [r.token_ids for r in ref]
+
+
+def test_an_engine_that_keeps_failing_turns_unhealthy_with_503():
+    eng = AsyncLLMEngine(ARGS)
+
+    def broken(batch):
+        raise RuntimeError("device lost")
+    eng.engine.runner.run = broken
+    srv = ServerThread(eng)
+    try:
+        codes = [completion(srv.url, prompt=f"p{i}").status_code for i in range(6)]
+        assert codes[0] == 500 and codes[-1] == 503, codes
+        h = requests.get(srv.url + "/health", timeout=10)
+        assert h.status_code == 503 and "device lost" in error_of(h)["message"]
+    finally:
+        srv.stop()
+        eng.shutdown()
