@@ -6,7 +6,7 @@ Everything is served on one port (127.0.0.1 by default):
 ``POST /v1/completions``           proxied to the active generation (``"stream": true`` passes SSE through)
 ``POST /v1/chat/completions``      same
 ``GET /v1/models``                 the served model
-``GET /health``                    200 ``{"status": "ok" | "queueing" | "reconfiguring", ...}``
+``GET /health``                    200 ``{"status": "ok" | "degraded" | "reconfiguring" | ...}``; 503 unavailable
 ``GET /metrics``                   Prometheus text
 ``POST /reconfigure``              body ``{"tp": 2, "ep": 1, "replicas": 1}`` → 202 ``{"id": ..., ...}``
 ``GET /reconfigure/{id}``          the job: state, phase, strategy, time per phase
@@ -67,10 +67,8 @@ def build_app(controller: Controller, router: Router, api_token: Optional[str] =
     app[ROUTER] = router
 
     async def health(request: web.Request) -> web.Response:
-        status = controller.status()
-        state = {"serving": "ok"}.get(status["state"], status["state"])
-        return web.json_response({"status": state, "generation": status["generation"],
-                                  "layout": status["layout"]})
+        health = await controller.health()
+        return web.json_response(health, status=health.pop("code"))
 
     async def prometheus(request: web.Request) -> web.Response:
         return web.Response(text=metrics.render(router, controller), content_type="text/plain",

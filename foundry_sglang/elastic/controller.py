@@ -7,12 +7,17 @@ through timed phases::
 
 Strategy (chosen in ``plan`` from the free slots): ``scale`` when only the replica count changes (replicas
 are added to or retired from the serving generation, which keeps its id); ``overlap`` when old and new fit
-together; ``shrink`` when
-stopping some old replicas (at least one keeps serving) makes room; ``gap`` otherwise: the old generation is
-drained and stopped first while the router queues new requests. If the new generation fails (a worker exits,
-or it is not healthy in time) the job rolls back: the new generation is stopped and the old layout serves
+together; ``shrink`` when stopping some old replicas (at least one keeps serving) makes room; ``gap``
+otherwise: the old generation is drained and stopped first while the router queues new requests. If the new
+generation fails (a worker exits, or it is not healthy in time) the job rolls back: the new generation is stopped and the old layout serves
 again (its remaining replicas at once, the stopped ones restarted). Only one job runs at a time; a second one,
 or an invalid one, is rejected before any state changes.
+
+Outside a switch the controller keeps the declared layout itself: a replica whose process exited, or whose
+``/health`` failed ``health_failures`` times in a row, is taken out of routing, stopped, and replaced by a fresh
+one (which restores its graphs from the layout's archive). Replacements are counted (``/status`` ``restarts``,
+``foundry_elastic_replica_restarts_total``). A reconfiguration to the current layout is such a repair, done at
+once. Stopping the controller ends a running job as ``cancelled`` after everything it started is stopped.
 """
 from __future__ import annotations
 
@@ -65,7 +70,9 @@ class ControllerConfig:
     start_timeout: float = 600.0          # new generation must be healthy within this
     drain_timeout: float = 600.0          # old generation's in-flight requests get this long
     health_interval: float = 0.25
-    monitor_interval: float = 1.0
+    monitor_interval: float = 1.0         # how often the serving replicas are checked
+    health_failures: int = 3              # failed /health checks in a row that make a running replica "failed"
+    repair_backoff_max: float = 30.0      # longest wait between attempts to replace a replica
 
 
 @dataclass
@@ -87,7 +94,7 @@ class Job:
     id: str
     target: Layout
     source: Optional[Layout]
-    state: str = "running"       # running | succeeded | rolled_back | failed
+    state: str = "running"       # running | succeeded | rolled_back | failed | cancelled
     phase: str = "plan"
     strategy: str = ""
     phases: Dict[str, float] = field(default_factory=dict)
@@ -131,7 +138,10 @@ class Controller:
         self.current_job: Optional[Job] = None
         self.phase_sum: Dict[str, float] = {}
         self.phase_count: Dict[str, int] = {}
-        self.switches = {"succeeded": 0, "rolled_back": 0, "failed": 0}
+        self.switches = {"succeeded": 0, "rolled_back": 0, "failed": 0, "cancelled": 0}
+        self.restarts = 0                    # replicas replaced outside a switch
+        self._health_failures: Dict[int, int] = {}   # id(replica) -> failed health checks in a row
+        self._repair_backoff = 0.0
         self._next_gen = 1
         self._tasks: List[asyncio.Task] = []
         self._stopping = False
@@ -149,9 +159,17 @@ class Controller:
         self._tasks.append(asyncio.ensure_future(self._monitor()))
 
     async def stop(self) -> None:
+        """Cancel the monitor and any running job (waiting until they have cleaned up), then stop every replica."""
         self._stopping = True
-        for t in self._tasks:
+        tasks = [t for t in self._tasks if not t.done()]
+        for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = []
+        job = self.current_job
+        if job is not None:   # cancelled before its task ran, or its task did not get to finish it
+            job.error = job.error or "the controller stopped during the reconfiguration"
+            self._finish(job, "cancelled")
         self.router.set_active(None)
         for gen in list(self.generations.values()):
             if gen.state != "stopped":
@@ -171,12 +189,12 @@ class Controller:
         validate_layout(target, self.shape, self.config.slots, self.config.kind)
         job = Job(id=uuid.uuid4().hex[:12], target=target, source=current)
         self.jobs[job.id] = job
-        if self.active and target == self.active.layout:
-            job.strategy = "noop"
-            self._finish(job, "succeeded")
-            return job
         self.current_job = job
-        self._tasks.append(asyncio.ensure_future(self._run(job)))
+        if self.active and target == self.active.layout:
+            job.strategy = "repair"     # the layout is kept: check every replica now, replace what failed
+            self._tasks.append(asyncio.ensure_future(self._run_repair(job, self.active, probe=True)))
+        else:
+            self._tasks.append(asyncio.ensure_future(self._run(job)))
         return job
 
     async def reconfigure(self, body: Any, wait: bool = True) -> Dict[str, Any]:
@@ -186,12 +204,15 @@ class Controller:
         return job.describe()
 
     def status(self) -> Dict[str, Any]:
+        job = self.current_job
+        state = ("repairing" if job.strategy == "repair" else "reconfiguring") if job else \
+            ("serving" if self.active else "queueing")
         return {
             "model": self.config.model, "kind": self.config.kind, "device": self.config.device,
             "slots": self.config.slots, "backend": getattr(self.backend, "name", "?"),
             "generation": self.active.id if self.active else None,
             "layout": self.active.layout.to_dict() if self.active else None,
-            "state": "reconfiguring" if self.current_job else ("serving" if self.active else "queueing"),
+            "state": state, "restarts": self.restarts,
             "job": self.current_job.describe() if self.current_job else None,
             "generations": [g.describe() for g in self.generations.values() if g.state != "stopped"],
             "router": {"queued": self.router.stats.queued_now,
@@ -248,6 +269,10 @@ class Controller:
                     await self._stop_replicas(old, old.replicas)
                     old.state = "stopped"
             self._finish(job, "succeeded")
+        except asyncio.CancelledError:
+            job.error = "the controller stopped during the reconfiguration"
+            self._finish(job, "cancelled")
+            raise
         except Exception as exc:  # keep the controller alive, report the job as failed
             log.exception("reconfigure %s failed", job.id)
             job.error = f"{type(exc).__name__}: {exc}"
@@ -289,7 +314,7 @@ class Controller:
 
     def _finish(self, job: Job, state: str) -> None:
         job.state, job.phase, job.finished = state, "done", time.time()
-        if job.id != "initial" and job.strategy != "noop":
+        if job.id != "initial" and job.strategy not in ("noop", "repair"):
             self.switches[state] = self.switches.get(state, 0) + 1
             for k, v in job.phases.items():
                 self.phase_sum[k] = self.phase_sum.get(k, 0.0) + v
@@ -417,17 +442,117 @@ class Controller:
             await self._start_generation(regrow, Layout(old.layout.tp, old.layout.ep, missing), gen=old)
             self._activate(old)
 
-    # -- health monitor ----------------------------------------------------------------------------
+    # -- health monitor and repair ------------------------------------------------------------------
+    async def _failed_replicas(self, gen: Generation, probe: bool) -> List[ReplicaHandle]:
+        """Replicas of ``gen`` whose process exited or whose /health failed too often (``probe``: one failed
+        check is enough)."""
+        failed = []
+        session = await self.router.session()
+        for r in list(gen.replicas):
+            if (await r.returncode()) is not None:
+                failed.append(r)
+                continue
+            try:
+                async with session.get(r.url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    ok = resp.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                ok = False
+            n = 0 if ok else self._health_failures.get(id(r), 0) + 1
+            self._health_failures[id(r)] = n
+            if n >= (1 if probe else self.config.health_failures):
+                failed.append(r)
+        return failed
+
+    async def _repair(self, job: Job, gen: Generation, failed: List[ReplicaHandle]) -> int:
+        """Take ``failed`` out of routing, stop them, and start replicas until ``gen`` has its declared count.
+        Returns the number of replicas started."""
+        if failed:
+            log.warning("generation %d: replica(s) %s failed (exited or unhealthy); replacing them",
+                        gen.id, [r.index for r in failed])
+            with _Timer(job, "stop_old"):
+                self.router.remove_upstreams(self._upstreams_of(gen, failed))
+                await self._stop_replicas(gen, failed)
+            for r in failed:
+                self._health_failures.pop(id(r), None)
+        missing = gen.layout.replicas - len(gen.replicas)
+        if missing <= 0:
+            return 0
+        await self._start_generation(job, Layout(gen.layout.tp, gen.layout.ep, missing), gen=gen)
+        self.restarts += missing
+        with _Timer(job, "switch"):
+            self._activate(gen)
+        log.info("generation %d: %d replica(s) replaced; %s serving again", gen.id, missing, gen.layout)
+        return missing
+
+    async def _run_repair(self, job: Job, gen: Generation, probe: bool = False,
+                          failed: Optional[List[ReplicaHandle]] = None) -> None:
+        """A repair as a job: one at a time with reconfigurations, visible in /status while it runs."""
+        try:
+            if failed is None:
+                failed = await self._failed_replicas(gen, probe)
+            started = await self._repair(job, gen, failed)
+            if not failed and not started:
+                job.strategy = "noop"
+            self._repair_backoff = 0.0
+            self._finish(job, "succeeded")
+        except asyncio.CancelledError:
+            job.error = "the controller stopped during the repair"
+            self._finish(job, "cancelled")
+            raise
+        except Exception as exc:  # retried by the monitor with a growing pause
+            job.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self._repair_backoff = min(self.config.repair_backoff_max, max(1.0, 2 * self._repair_backoff))
+            log.warning("generation %d: replacing replicas failed (%s); next attempt in %.0fs",
+                        gen.id, job.error, self._repair_backoff)
+            if gen.state == "failed":
+                gen.state = "active"     # still the declared generation; the monitor tries again
+            self._finish(job, "failed")
+
     async def _monitor(self) -> None:
-        """Take replicas whose server exited out of routing (the router retries their requests elsewhere)."""
+        """Keep the active generation at its declared replica count (see the module docstring)."""
         while not self._stopping:
-            await asyncio.sleep(self.config.monitor_interval)
+            await asyncio.sleep(self.config.monitor_interval + self._repair_backoff)
             gen = self.active
             if gen is None or self.current_job is not None:
                 continue
-            dead = [r for r in gen.replicas if (await r.returncode()) is not None]
-            if dead:
-                log.warning("generation %d: replica(s) %s exited; routing around them",
-                            gen.id, [r.index for r in dead])
-                self.router.remove_upstreams(self._upstreams_of(gen, dead))
-                await self._stop_replicas(gen, dead)
+            try:
+                failed = await self._failed_replicas(gen, probe=False)
+            except Exception as exc:  # the monitor must outlive any one check
+                log.warning("health check of generation %d failed: %s", gen.id, exc)
+                continue
+            if self.current_job is not None or self.active is not gen:
+                continue     # a reconfiguration started while we were checking: it owns the replicas now
+            if failed or len(gen.replicas) < gen.layout.replicas:
+                job = Job(id="repair-" + uuid.uuid4().hex[:8], target=gen.layout, source=gen.layout,
+                          strategy="repair")
+                self.jobs[job.id] = job
+                self.current_job = job
+                await self._run_repair(job, gen, failed=failed)
+
+    async def health(self) -> Dict[str, Any]:
+        """What /health answers: ``ok`` (all declared replicas serve), ``degraded`` (some do), ``reconfiguring``
+        / ``repairing`` / ``queueing`` (requests are held until replicas serve), ``unavailable`` (nothing can
+        serve and nothing is being done about it) or ``stopping``; ``code`` is 503 for the last two."""
+        st = self.status()
+        gen = self.active
+        live = 0
+        if gen is not None:
+            for r in gen.replicas:
+                if (await r.returncode()) is None and self._health_failures.get(id(r), 0) == 0:
+                    live += 1
+            live = min(live, self.router.routable())
+        if self._stopping:
+            state = "stopping"
+        elif st["state"] in ("reconfiguring", "repairing") and not live:
+            state = st["state"]
+        elif gen is None:
+            state = "queueing" if self.current_job else "unavailable"
+        elif live == 0:
+            state = "unavailable"
+        elif live < gen.layout.replicas:
+            state = "degraded"
+        else:
+            state = "ok"
+        return {"status": state, "code": 503 if state in ("unavailable", "stopping") else 200,
+                "generation": st["generation"], "layout": st["layout"], "live_replicas": live,
+                "restarts": self.restarts}

@@ -30,6 +30,8 @@ log = logging.getLogger("foundry_sglang.elastic.deployment")
 
 #: How long stop() waits for the controller to stop its generations.
 STOP_TIMEOUT_S = 30.0
+#: Seconds a client connection has to send complete request headers (and the idle keep-alive time).
+HEADER_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -93,7 +95,10 @@ class ElasticServer:
         """Bring up the first generation, then open the port. Returns the base URL."""
         await self.controller.start()
         app = build_app(self.controller, self.router, self.config.api_token)
-        self._runner = web.AppRunner(app, access_log=None)
+        # handler_cancellation: a client that disconnects cancels its proxied request (and so the upstream's);
+        # keepalive_timeout: connections that do not send complete headers in time are closed.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                                     keepalive_timeout=HEADER_TIMEOUT_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await site.start()

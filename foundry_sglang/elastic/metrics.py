@@ -44,6 +44,9 @@ def render(router: Router, controller: Optional[Controller]) -> str:
     if active:
         L = active.layout
         _line(out, "foundry_elastic_layout_info", 1, f'tp="{L.tp}",ep="{L.ep}",replicas="{L.replicas}"')
+    out += ["# HELP foundry_elastic_replica_restarts_total Replicas replaced outside a switch (exited or unhealthy).",
+            "# TYPE foundry_elastic_replica_restarts_total counter"]
+    _line(out, "foundry_elastic_replica_restarts_total", controller.restarts)
     out += ["# HELP foundry_elastic_reconfiguring 1 while a reconfiguration runs.",
             "# TYPE foundry_elastic_reconfiguring gauge"]
     _line(out, "foundry_elastic_reconfiguring", int(controller.current_job is not None))

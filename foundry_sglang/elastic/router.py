@@ -7,9 +7,13 @@ gap of a reconfiguration that cannot overlap old and new), requests wait in a bo
 than ``queue_timeout`` turns into a 503 with a clear message.
 
 A request is retried on another replica only when nothing was sent to the client yet (connection refused,
-upstream gone before its response finished, or a 502/503/504). A greedy streaming request (temperature 0) is
-also resumed after a mid-stream loss: it is re-run elsewhere and the events already delivered are skipped,
-which is exact because greedy decoding of the same prompt repeats itself.
+upstream gone before its response finished, or a 502/503/504). A 500 and a "busy" 503 (one with Retry-After)
+are tried once more on a replica that has not answered this request yet; when all have, the client gets that
+answer. A greedy streaming request (temperature 0) is also resumed after a mid-stream loss: it is re-run
+elsewhere and the events already delivered are skipped, which is exact because greedy decoding of the same
+prompt repeats itself. An upstream that fails several requests in a row is routed around for a while even
+before the controller's health check replaces it. A client that disconnects is never the upstream's fault:
+its request is dropped (the upstream connection closes, which aborts it there) and nothing is retried.
 """
 from __future__ import annotations
 
@@ -28,10 +32,38 @@ log = logging.getLogger("foundry_sglang.elastic.router")
 
 RETRYABLE_STATUS = (502, 503, 504)
 PROXIED_PATHS = ("/v1/completions", "/v1/chat/completions")
+#: Consecutive failed answers (5xx or a lost connection) after which an upstream is routed around for a while.
+FAILURES_BEFORE_DOWN = 3
 
 
 class _UpstreamLost(Exception):
     """The upstream failed before the request completed."""
+
+
+class _ClientGone(Exception):
+    """The client disconnected; nothing to retry, nobody to blame."""
+
+
+async def _to_client(out: web.StreamResponse, data: Optional[bytes] = None) -> None:
+    """Write (or end, with None) a response to the client; _ClientGone if it is no longer there."""
+    try:
+        if data is None:
+            await out.write_eof()
+        else:
+            await out.write(data)
+    except (ConnectionError, RuntimeError) as exc:   # reset, or "cannot write to closing transport"
+        raise _ClientGone() from exc
+
+
+def _busy(r: aiohttp.ClientResponse) -> bool:
+    """A replica shedding load (503 with Retry-After), as opposed to one that is down."""
+    return r.status == 503 and "Retry-After" in r.headers
+
+
+def _answer(r: aiohttp.ClientResponse, data: bytes) -> web.Response:
+    headers = {"Retry-After": r.headers["Retry-After"]} if "Retry-After" in r.headers else None
+    return web.Response(body=data, status=r.status, content_type=r.content_type or "application/json",
+                        headers=headers)
 
 
 @dataclass(eq=False)
@@ -43,6 +75,7 @@ class Upstream:
     outstanding: int = 0
     down_until: float = 0.0
     served: int = 0
+    failures: int = 0            # consecutive failed answers
 
     @property
     def available(self) -> bool:
@@ -84,7 +117,8 @@ class Router:
     """Routes to the active route set; queues while there is none."""
 
     def __init__(self, queue_limit: int = 1024, queue_timeout: float = 300.0, max_attempts: int = 20,
-                 request_timeout: float = 600.0, down_seconds: float = 2.0):
+                 request_timeout: float = 600.0, down_seconds: float = 2.0, body_timeout: float = 30.0):
+        self.body_timeout = body_timeout
         self.queue_limit = queue_limit
         self.queue_timeout = queue_timeout
         self.max_attempts = max_attempts
@@ -153,21 +187,32 @@ class Router:
         if self._session is not None:
             await self._session.close()
 
+    def routable(self) -> int:
+        """Upstreams of the active route set that take requests now."""
+        return sum(u.available for u in self.active.upstreams) if self.active else 0
+
     # -- picking an upstream ---------------------------------------------------------------------
-    def _choose(self) -> Optional[Upstream]:
+    def _choose(self, tried: Sequence[Upstream] = ()) -> Optional[Upstream]:
+        """The least busy available upstream, preferring those not ``tried`` for this request yet."""
         route = self.active
         if route is None:
             return None
         ready = [u for u in route.upstreams if u.available]
         if not ready:
             return None
+        fresh = [u for u in ready if all(u is not t for t in tried)]
+        ready = fresh or ready
         low = min(u.outstanding for u in ready)
         least = [u for u in ready if u.outstanding == low]
         return least[next(self._rr) % len(least)]
 
-    async def _acquire(self, deadline: float) -> Upstream:
+    def _untried(self, tried: Sequence[Upstream]) -> bool:
+        route = self.active
+        return bool(route) and any(u.available and all(u is not t for t in tried) for u in route.upstreams)
+
+    async def _acquire(self, deadline: float, tried: Sequence[Upstream] = ()) -> Upstream:
         """An upstream with its outstanding count taken, waiting (queued) while none is routable."""
-        up = self._choose()
+        up = self._choose(tried)
         if up is None:
             if self.stats.queued_now >= self.queue_limit:
                 raise web.HTTPServiceUnavailable(
@@ -188,7 +233,7 @@ class Router:
                         await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.25))
                     except asyncio.TimeoutError:
                         pass
-                    up = self._choose()
+                    up = self._choose(tried)
             finally:
                 self.stats.queued_now -= 1
         up.outstanding += 1
@@ -199,13 +244,30 @@ class Router:
         self._notify()
 
     def _mark_down(self, up: Upstream) -> None:
+        up.failures += 1
         up.down_until = time.monotonic() + self.down_seconds
+
+    def _answered(self, up: Upstream, ok: bool) -> None:
+        """Passive health: FAILURES_BEFORE_DOWN failed answers in a row take ``up`` out for a while."""
+        if ok:
+            up.failures = 0
+            return
+        up.failures += 1
+        if up.failures >= FAILURES_BEFORE_DOWN:
+            log.warning("upstream %s failed %d requests in a row; routing around it for %.0fs",
+                        up.url, up.failures, self.down_seconds)
+            up.down_until = time.monotonic() + self.down_seconds
 
     # -- HTTP handlers ---------------------------------------------------------------------------
     async def handle_proxy(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
+        try:
+            raw = await asyncio.wait_for(request.read(), self.body_timeout)
+        except asyncio.TimeoutError:
+            return json_error(408, f"the request body did not arrive within {self.body_timeout:g}s")
         try:
             body = json.loads(raw)
+        except RecursionError:
+            return json_error(400, "malformed JSON body: nested too deeply")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return json_error(400, f"malformed JSON body: {exc}")
         if not isinstance(body, dict):
@@ -213,33 +275,44 @@ class Router:
         self.stats.requests += 1
         started = time.monotonic()
         try:
-            if body.get("stream"):
+            if body.get("stream") is True:
                 resp = await self._proxy_stream(request, raw, _is_greedy(body))
             else:
                 resp = await self._proxy_unary(request.path, raw)
         except web.HTTPServiceUnavailable:
             self.stats.failed += 1
             raise
-        if resp.status < 500:
+        except _ClientGone:
+            log.debug("client of %s left before its answer was complete", request.path)
+            return web.Response(status=499)   # nobody reads this; aiohttp needs a response object
+        if resp.status < 500 and not getattr(resp, "failed_mid_stream", False):
             self.stats.completed += 1
             self.stats.observe_latency(time.monotonic() - started)
+        else:
+            self.stats.failed += 1
         return resp
 
     async def _proxy_unary(self, path: str, raw: bytes) -> web.Response:
         deadline = time.monotonic() + self.queue_timeout
         last = "no attempt made"
+        tried: List[Upstream] = []
         for attempt in range(self.max_attempts):
-            up = await self._acquire(deadline)
+            up = await self._acquire(deadline, tried)
+            tried.append(up)
             try:
                 session = await self.session()
                 async with session.post(up.url + path, data=raw,
                                         headers={"Content-Type": "application/json"}) as r:
                     data = await r.read()
-                    if r.status in RETRYABLE_STATUS:
+                    if r.status in RETRYABLE_STATUS and not _busy(r):
                         raise _UpstreamLost(f"{up.url} answered {r.status}")
+                    self._answered(up, r.status < 500 or _busy(r))
+                    if (r.status == 500 or _busy(r)) and self._untried(tried):
+                        self.stats.retries += 1
+                        log.info("%s answered %d to %s; trying another replica", up.url, r.status, path)
+                        continue
                     up.served += 1
-                    return web.Response(body=data, status=r.status,
-                                        content_type=r.content_type or "application/json")
+                    return _answer(r, data)
             except (aiohttp.ClientError, asyncio.TimeoutError, _UpstreamLost, OSError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 self._mark_down(up)
@@ -247,7 +320,6 @@ class Router:
                 log.info("retrying %s after upstream %s failed (%s)", path, up.url, last)
             finally:
                 self._release(up)
-        self.stats.failed += 1
         return json_error(502, f"all {self.max_attempts} attempts failed; last: {last}", "upstream_error")
 
     async def _proxy_stream(self, request: web.Request, raw: bytes, greedy: bool) -> web.StreamResponse:
@@ -256,32 +328,40 @@ class Router:
         out: Optional[web.StreamResponse] = None
         delivered = 0          # SSE events already written to the client
         last = "no attempt made"
+        tried: List[Upstream] = []
         for attempt in range(self.max_attempts):
             try:
-                up = await self._acquire(deadline)
+                up = await self._acquire(deadline, tried)
             except web.HTTPServiceUnavailable as exc:
                 if out is None:
                     raise
                 last = f"resume not possible: {exc.text}"
                 break
+            tried.append(up)
             skip = delivered
             try:
                 session = await self.session()
                 async with session.post(up.url + path, data=raw,
                                         headers={"Content-Type": "application/json"}) as r:
-                    if r.status in RETRYABLE_STATUS:
+                    if r.status in RETRYABLE_STATUS and not _busy(r):
                         await r.read()
                         raise _UpstreamLost(f"{up.url} answered {r.status}")
                     if r.status != 200 or "event-stream" not in (r.content_type or ""):
                         if out is not None:   # an error after partial output cannot be shown as a status
                             raise _UpstreamLost(f"{up.url} answered {r.status} on resume")
                         data = await r.read()
-                        return web.Response(body=data, status=r.status,
-                                            content_type=r.content_type or "application/json")
+                        self._answered(up, r.status < 500 or _busy(r))
+                        if (r.status == 500 or _busy(r)) and self._untried(tried):
+                            self.stats.retries += 1
+                            continue
+                        return _answer(r, data)
                     if out is None:
                         out = web.StreamResponse(status=200, headers={
                             "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-                        await out.prepare(request)
+                        try:
+                            await out.prepare(request)
+                        except (ConnectionError, RuntimeError) as exc:
+                            raise _ClientGone() from exc
                     buf = b""
                     finished = False
                     async for chunk in r.content.iter_any():
@@ -291,17 +371,15 @@ class Router:
                             if skip:
                                 skip -= 1
                                 continue
-                            try:
-                                await out.write(event + b"\n\n")
-                            except (ConnectionResetError, RuntimeError):
-                                return out   # the client went away; nothing to fail
+                            await _to_client(out, event + b"\n\n")
                             delivered += 1
                             if event.strip() == b"data: [DONE]":
                                 finished = True
                     if not finished:
                         raise _UpstreamLost(f"{up.url} closed the stream before [DONE]")
                     up.served += 1
-                    await out.write_eof()
+                    self._answered(up, True)
+                    await _to_client(out)
                     return out
             except (aiohttp.ClientError, asyncio.TimeoutError, _UpstreamLost, OSError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
@@ -315,14 +393,14 @@ class Router:
                          path, up.url, last, delivered)
             finally:
                 self._release(up)
-        self.stats.failed += 1
         if out is None:
             return json_error(502, f"all attempts failed; last: {last}", "upstream_error")
+        out.failed_mid_stream = True   # type: ignore[attr-defined]  # counted as failed by handle_proxy
         msg = json.dumps({"error": {"message": f"upstream lost mid-stream: {last}", "type": "upstream_error"}})
         try:
-            await out.write(f"data: {msg}\n\n".encode())
-            await out.write_eof()
-        except (ConnectionResetError, RuntimeError):
+            await _to_client(out, f"data: {msg}\n\n".encode())
+            await _to_client(out)
+        except _ClientGone:
             pass
         return out
 

@@ -1,0 +1,238 @@
+"""The control plane recovers on its own (issue 12, serving items 2-5), against in-process test doubles.
+
+A replica that is up but failing (500s, /health 503) leaves routing and is replaced; so is one that dies outside
+a switch, from the same archive, and the restarts show in /status and /metrics. Stopping the controller during a
+switch ends the job. A client that disconnects is never blamed on the replica that served it.
+"""
+import asyncio
+import json
+import logging
+import socket
+
+import aiohttp
+from aiohttp import web
+from openai_client import openai_request
+from test_elastic_units import FakeBackend, FakeEngine, _client_load, _serve, answer, run
+
+from foundry_sglang.elastic.controller import Controller, ControllerConfig
+from foundry_sglang.elastic.layout import Layout, ModelShape
+from foundry_sglang.elastic.router import Router, RouteSet, Upstream
+
+
+class BrokenEngine(FakeEngine):
+    """TEST DOUBLE: an engine that is up but has failed (every request 500, /health 503) once ``broken``."""
+
+    broken = False
+
+    async def _health(self, request):
+        if self.broken:
+            return web.json_response({"error": {"message": "engine failed"}}, status=503)
+        return await super()._health(request)
+
+    async def _complete(self, request):
+        if self.broken:
+            return web.json_response({"error": {"message": "internal error"}}, status=500)
+        return await super()._complete(request)
+
+
+class SlowDoneEngine(FakeEngine):
+    """TEST DOUBLE: keeps the stream open a moment after ``data: [DONE]`` (as a real server may)."""
+
+    async def _complete(self, request):
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for ch in answer(body["prompt"]):
+            await resp.write(f"data: {json.dumps({'choices': [{'text': ch}]})}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.3)
+        self.served += 1
+        return resp
+
+
+class BrokenBackend(FakeBackend):
+    async def allocate(self, gen_id, layout, spec_for):
+        replicas = await super().allocate(gen_id, layout, spec_for)
+        for r in replicas:
+            r.engine.__class__ = BrokenEngine
+        return replicas
+
+
+def _controller(slots=2, layout=Layout(1, 1, 2)):
+    backend = BrokenBackend(slots)
+    router = Router(queue_timeout=20)
+    cfg = ControllerConfig(model="builtin:tiny", slots=slots, layout=layout, health_interval=0.02,
+                           start_timeout=5, monitor_interval=0.1)
+    return Controller(cfg, backend, router, ModelShape(4, 2, 0)), backend, router
+
+
+async def _until(predicate, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def _get(url, path):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + path) as r:
+            return r.status, await r.text()
+
+
+# -- item 2: up but failed ---------------------------------------------------------------------------------
+def test_router_retries_a_500_on_another_replica():
+    async def main():
+        router = Router(queue_timeout=5)
+        bad, good = BrokenEngine(), FakeEngine()
+        await bad.start()
+        await good.start()
+        bad.broken = True
+        router.set_active(RouteSet(1, [Upstream(bad.url, 1), Upstream(good.url, 1)]))
+        ctl = type("C", (), {"status": lambda self: {"state": "serving", "generation": 1, "layout": None},
+                              "config": type("K", (), {"model": "m"})()})()
+        runner, url = await _serve(ctl, router)
+        try:
+            await _client_load(url, 8)
+            assert router.stats.failed == 0 and router.stats.retries > 0
+        finally:
+            await runner.cleanup()
+            await router.close()
+            await good.stop()
+            await bad.stop()
+    run(main())
+
+
+def test_replica_that_is_up_but_failed_leaves_routing_and_is_replaced():
+    async def main():
+        controller, backend, router = _controller()
+        await controller.start()
+        runner, url = await _serve(controller, router)
+        try:
+            victim = controller.active.replicas[0].engine
+            victim.broken = True
+            await _client_load(url, 8)       # served by the healthy replica meanwhile
+            await _until(lambda: controller.restarts >= 1 and len(controller.active.upstreams) == 2)
+            assert victim.runner is None                      # the failed engine was stopped
+            assert all(r.engine is not victim for r in controller.active.replicas)
+            await _client_load(url, 8)
+            assert router.stats.failed == 0
+            status, text = await _get(url, "/metrics")
+            assert "foundry_elastic_replica_restarts_total 1" in text
+            assert controller.status()["restarts"] == 1
+            assert backend.free == 0
+        finally:
+            await controller.stop()
+            await runner.cleanup()
+            await router.close()
+    run(main())
+
+
+# -- item 3: dead outside a switch -------------------------------------------------------------------------------
+def test_the_only_replica_dying_is_replaced_and_requests_wait_for_it():
+    async def main():
+        controller, backend, router = _controller(slots=1, layout=Layout(1, 1, 1))
+        await controller.start()
+        runner, url = await _serve(controller, router)
+        try:
+            await controller.active.replicas[0].engine.kill()
+            await _client_load(url, 6)        # queued until the replacement is healthy, then served
+            assert controller.restarts == 1 and controller.active.layout == Layout(1, 1, 1)
+            assert len(controller.active.replicas) == 1 and router.stats.failed == 0
+            status, text = await _get(url, "/health")
+            assert status == 200 and json.loads(text)["status"] == "ok"
+        finally:
+            await controller.stop()
+            await runner.cleanup()
+            await router.close()
+    run(main())
+
+
+def test_health_is_503_while_no_replica_can_serve_and_reconfigure_same_layout_repairs():
+    async def main():
+        controller, backend, router = _controller(slots=1, layout=Layout(1, 1, 1))
+        controller.config.monitor_interval = 3600       # the monitor stays out of the way
+        await controller.start()
+        runner, url = await _serve(controller, router)
+        try:
+            await controller.active.replicas[0].engine.kill()
+            status, text = await _get(url, "/health")
+            assert status == 503 and json.loads(text)["status"] == "unavailable", text
+            job = controller.submit({"replicas": 1})
+            while job.state == "running":
+                await asyncio.sleep(0.02)
+            assert job.state == "succeeded" and job.strategy == "repair", job.describe()
+            assert controller.restarts == 1
+            await _client_load(url, 4)
+            status, text = await _get(url, "/health")
+            assert status == 200
+        finally:
+            await controller.stop()
+            await runner.cleanup()
+            await router.close()
+    run(main())
+
+
+# -- item 4: stop during a switch ------------------------------------------------------------------------------
+def test_stopping_the_controller_during_a_switch_ends_the_job_and_frees_every_slot():
+    async def main():
+        controller, backend, router = _controller()
+        await controller.start()
+        backend.healthy_after = 30.0        # the new generation never becomes healthy in this test
+        job = controller.submit({"tp": 2, "replicas": 1})
+        await _until(lambda: job.phase == "wait_healthy")
+        await asyncio.wait_for(controller.stop(), 10)
+        assert job.state == "cancelled" and "stopped" in job.error, job.describe()
+        assert controller.current_job is None
+        assert backend.free == 2 and all(e.runner is None for e in backend.engines)
+        await router.close()
+    run(main())
+
+
+# -- item 5: client disconnects ---------------------------------------------------------------------------------
+def _raw_stream_then_close(url, prompt, after=b"[DONE]"):
+    host, port = url.split("//")[1].split(":")
+    body = json.dumps({"prompt": prompt, "stream": True, "temperature": 0}).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    seen = b""
+    while after not in seen:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        seen += chunk
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")   # RST on close
+    s.close()
+    return seen
+
+
+def test_client_leaving_after_done_or_mid_stream_is_not_an_upstream_failure(caplog):
+    async def main():
+        router = Router(queue_timeout=5)
+        eng = SlowDoneEngine(delay=0.01)
+        await eng.start()
+        up = Upstream(eng.url, 1)
+        router.set_active(RouteSet(1, [up]))
+        ctl = type("C", (), {"status": lambda self: {"state": "serving", "generation": 1, "layout": None},
+                              "config": type("K", (), {"model": "m"})()})()
+        runner, url = await _serve(ctl, router)
+        loop = asyncio.get_running_loop()
+        try:
+            caplog.set_level(logging.INFO)
+            seen = await loop.run_in_executor(None, _raw_stream_then_close, url, "finished")
+            assert b"[DONE]" in seen
+            await loop.run_in_executor(None, _raw_stream_then_close, url, "a long prompt " * 5, b"data:")
+            await asyncio.sleep(1.0)
+            assert up.available and up.outstanding == 0
+            assert router.stats.retries == 0 and router.stats.failed == 0, vars(router.stats)
+            assert eng.served <= 2           # never replayed
+            async with aiohttp.ClientSession() as s:
+                text, err = await openai_request(s, url, {"prompt": "next", "stream": True})
+            assert err is None and text == answer("next")
+            noisy = [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+            assert not noisy, [r.getMessage() for r in noisy]
+        finally:
+            await runner.cleanup()
+            await router.close()
+            await eng.stop()
+    run(main())
