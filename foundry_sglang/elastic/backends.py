@@ -161,10 +161,26 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, device: str = "cpu", placement_timeout: float = 60.0):
+    def __init__(self, device: str = "cpu", placement_timeout: float = 60.0, instance: str = ""):
         self.resource = "GPU" if device == "cuda" else "CPU"
         self.placement_timeout = placement_timeout
         self._groups_made = 0     # placement-group names must be unique in the cluster
+        self.prefix = f"foundry-elastic-{instance}-" if instance else "foundry-elastic-"
+
+    def remove_stale_groups(self) -> int:
+        """Remove placement groups a previous (crashed) incarnation of this deployment left behind."""
+        from ray.util import placement_group_table
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        removed = 0
+        for pg_id, info in placement_group_table().items():
+            if info.get("name", "").startswith(self.prefix) and info.get("state") != "REMOVED":
+                remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+                removed += 1
+        if removed:
+            log.warning("removed %d placement group(s) left by a previous controller", removed)
+        return removed
 
     async def allocate(self, gen_id: int, layout: Layout, spec_for: SpecFactory) -> List[ReplicaHandle]:
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -174,7 +190,7 @@ class RayBackend:
         first = self._groups_made
         self._groups_made += layout.replicas
         groups = [placement_group([{self.resource: n}], strategy="STRICT_PACK",
-                                  name=f"foundry-elastic-g{gen_id}-pg{first + i}") for i in range(layout.replicas)]
+                                  name=f"{self.prefix}g{gen_id}-pg{first + i}") for i in range(layout.replicas)]
         try:
             await asyncio.wait_for(asyncio.gather(*(g.ready() for g in groups)), timeout=self.placement_timeout)
         except Exception as exc:  # timeout or infeasible: give everything back

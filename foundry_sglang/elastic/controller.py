@@ -27,7 +27,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import aiohttp
 
@@ -145,6 +145,8 @@ class Controller:
         self._next_gen = 1
         self._tasks: List[asyncio.Task] = []
         self._stopping = False
+        #: Called with the layout served after every finished job (the Ray actor persists it for its restarts).
+        self.on_layout: Optional[Callable[[Layout], None]] = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -321,6 +323,11 @@ class Controller:
                 self.phase_count[k] = self.phase_count.get(k, 0) + 1
         if self.current_job is job:
             self.current_job = None
+        if self.on_layout is not None and self.active is not None:
+            try:
+                self.on_layout(self.active.layout)
+            except Exception as exc:  # noqa: BLE001 - persistence is best effort; serving goes on
+                log.warning("could not record the layout %s: %s", self.active.layout, exc)
         log.info("job %s %s: %s", job.id, state,
                  ", ".join(f"{k} {v:.2f}s" for k, v in job.phases.items()))
 

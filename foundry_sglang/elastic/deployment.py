@@ -4,14 +4,22 @@
 inside ``ControllerActor`` (an async Ray actor; workers are further actors in placement groups); without Ray
 it runs on a background thread of the calling process and starts workers as local processes.
 ``ElasticDeployment`` is the synchronous Python API over either.
+
+Recovery (Ray): the controller actor is restarted by Ray when it crashes (``max_restarts``). Its workers and
+placement groups die with it, so the restarted actor starts over, but from what it persisted in Ray's key-value
+store at every finished job: the layout it served and its port. ``ElasticDeployment.supervise()`` (which the
+launcher calls every few seconds) starts the restarted actor's service again, and reports a controller that is
+gone for good.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import threading
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -30,6 +38,13 @@ log = logging.getLogger("foundry_sglang.elastic.deployment")
 
 #: How long stop() waits for the controller to stop its generations.
 STOP_TIMEOUT_S = 30.0
+#: Ray restarts of a crashed controller actor (-1: always, as Ray Serve does for its own controller).
+CONTROLLER_MAX_RESTARTS = -1
+KV_NAMESPACE = "foundry_elastic"
+
+
+class ControllerLost(RuntimeError):
+    """The controller actor is gone for good (its restarts are used up, or Ray itself is gone)."""
 #: Seconds a client connection has to send complete request headers (and the idle keep-alive time).
 HEADER_TIMEOUT_S = 30.0
 
@@ -72,11 +87,12 @@ class DeploymentConfig:
 class ElasticServer:
     """Controller + router + HTTP app on the current event loop."""
 
-    def __init__(self, config: DeploymentConfig):
+    def __init__(self, config: DeploymentConfig, instance: str = ""):
+        """``instance`` names this deployment's Ray resources (so a restarted controller finds its leftovers)."""
         self.config = config
         self.router = Router(queue_limit=config.queue_limit, queue_timeout=config.queue_timeout)
         if config.backend == "ray":
-            backend: Any = RayBackend(device=config.device)
+            backend: Any = RayBackend(device=config.device, instance=instance)
         elif config.backend == "local":
             slots = config.gpu_ids if config.gpu_ids else list(range(config.slots))
             backend = LocalBackend(slots[:config.slots])
@@ -88,6 +104,7 @@ class ElasticServer:
         shape = None if remote_sglang else resolve_model_shape(config.model)
         self.controller = Controller(config.controller_config(), backend, self.router, shape)
         self.policy: Optional[LoadPolicy] = None
+        self.recovered = False    # True in a controller Ray restarted after a crash
         self._runner: Optional[web.AppRunner] = None
         self.url: Optional[str] = None
 
@@ -128,7 +145,7 @@ class ElasticServer:
         return job.describe() if job else None
 
     def status(self) -> Dict[str, Any]:
-        return self.controller.status()
+        return dict(self.controller.status(), recovered=self.recovered)
 
 
 def _has_config(model: str) -> bool:
@@ -146,15 +163,47 @@ def controller_actor():
 
         @ray.remote(num_cpus=0)
         class ControllerActor:
-            def __init__(self, config: Dict[str, Any]):
+            def __init__(self, config: Dict[str, Any], state_key: str):
                 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-                self.server = ElasticServer(DeploymentConfig(**config))
+                self.state_key = state_key.encode()
+                cfg = DeploymentConfig(**config)
+                saved = self._saved()
+                if saved:   # restarted after a crash: serve what we served, where we served it
+                    cfg.tp, cfg.ep, cfg.replicas, cfg.port = saved["tp"], saved["ep"], saved["replicas"], saved["port"]
+                    log.warning("elastic: controller restarted; resuming %s on port %d",
+                                Layout(cfg.tp, cfg.ep, cfg.replicas), cfg.port)
+                self.server = ElasticServer(cfg, instance=state_key)
+                self.server.recovered = bool(saved)
+                self.server.controller.on_layout = self._save
+                if saved:
+                    self.server.controller.backend.remove_stale_groups()
+
+            def _saved(self) -> Optional[Dict[str, int]]:
+                from ray.experimental import internal_kv
+                raw = internal_kv._internal_kv_get(self.state_key, namespace=KV_NAMESPACE)
+                return json.loads(raw) if raw else None
+
+            def _save(self, layout: Layout) -> None:
+                from ray.experimental import internal_kv
+                port = int(self.server.url.rsplit(":", 1)[1]) if self.server.url else self.server.config.port
+                state = {"tp": layout.tp, "ep": layout.ep, "replicas": layout.replicas, "port": port}
+                internal_kv._internal_kv_put(self.state_key, json.dumps(state).encode(), overwrite=True,
+                                             namespace=KV_NAMESPACE)
 
             async def start(self) -> str:
-                return await self.server.start()
+                url = await self.server.start()
+                if self.server.controller.active is not None:
+                    self._save(self.server.controller.active.layout)
+                return url
+
+            async def ensure_started(self) -> str:
+                """The URL; starts the service first when this is a restarted actor."""
+                return self.server.url or await self.start()
 
             async def stop(self) -> None:
                 await self.server.stop()
+                from ray.experimental import internal_kv
+                internal_kv._internal_kv_del(self.state_key, namespace=KV_NAMESPACE)
 
             async def submit(self, body: Dict[str, Any]) -> Dict[str, Any]:
                 return self.server.submit(body)
@@ -209,7 +258,10 @@ class ElasticDeployment:
             from .workers import REPO_ROOT
             # Actors (and the worker actors they create) must import this checkout even when not installed.
             env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}
-            self._actor = controller_actor().options(runtime_env={"env_vars": env}).remote(asdict(self.config))
+            state_key = uuid.uuid4().hex[:12]
+            self._actor = controller_actor().options(
+                runtime_env={"env_vars": env}, max_restarts=CONTROLLER_MAX_RESTARTS,
+            ).remote(asdict(self.config), state_key)
             self.url = ray.get(self._actor.start.remote())
             return self.url
         self._loop = asyncio.new_event_loop()
@@ -234,6 +286,27 @@ class ElasticDeployment:
 
     def job(self, job_id: str) -> Optional[Dict[str, Any]]:
         return self._call("job", job_id)
+
+    def supervise(self, timeout: float = 10.0) -> bool:
+        """Check the controller; after Ray restarted a crashed one, start its service again. True when it
+        serves; False while it is coming back; ControllerLost when it is gone for good (Ray backend only;
+        the local backend's controller lives in this process)."""
+        if self._actor is None:
+            return True
+        import ray
+        from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+        try:
+            url = ray.get(self._actor.ensure_started.remote(), timeout=timeout)
+        except ActorDiedError as exc:
+            raise ControllerLost(f"the elastic controller died and was not restarted: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        except (GetTimeoutError, RayActorError) as exc:
+            log.info("elastic: controller not reachable yet (%s)", type(exc).__name__)
+            return False
+        if url != self.url:
+            log.warning("elastic: the controller now serves on %s (was %s)", url, self.url)
+            self.url = url
+        return True
 
     def status(self) -> Dict[str, Any]:
         return self._call("status")

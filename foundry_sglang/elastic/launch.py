@@ -18,12 +18,13 @@ from typing import List, Optional
 
 from foundry_sglang.graphs.settings import ENV_ARCHIVE, ENV_MODE, MODE_CHOICES, MODE_HELP, FoundryConfig
 
-from .deployment import DeploymentConfig, ElasticDeployment
+from .deployment import ControllerLost, DeploymentConfig, ElasticDeployment
 from .layout import Layout, LayoutError, resolve_model_shape, validate_layout
 
 log = logging.getLogger("foundry_sglang.elastic.launch")
 
 TOKEN_ENV = "FOUNDRY_ELASTIC_API_TOKEN"
+SUPERVISE_INTERVAL_S = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +134,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    done.wait()
+    status = 0
+    while not done.wait(SUPERVISE_INTERVAL_S):
+        try:
+            dep.supervise()     # restarts the service of a controller that Ray restarted after a crash
+        except ControllerLost as exc:
+            log.error("%s", exc)
+            status = 1
+            break
     log.info("stopping")
     dep.stop()
     if cfg.backend == "ray":
@@ -141,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         with contextlib.suppress(Exception):
             ray.shutdown()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def test_live_switches_and_worker_kill_with_zero_failures(deployment):
             time.sleep(0.2)
             job = deployment.job(job["id"])
         _print_job(job)
-        assert job["state"] in ("succeeded", "rolled_back"), job
+        assert job["state"] == "rolled_back" and "exited" in (job["error"] or ""), job   # killed while starting
+        assert deployment.status()["layout"] == {"tp": 1, "ep": 1, "replicas": 2}
         time.sleep(1.0)
     print(f"\n  load: {load.ok} complete responses, {len(load.failures)} failed")
     assert not load.failures, load.failures[:5]
@@ -172,3 +173,27 @@ def test_invalid_reconfigurations_are_rejected_without_state_change(deployment):
     after = requests.get(url + "/status", headers=AUTH, timeout=10).json()
     assert before["generation"] == after["generation"] and before["layout"] == after["layout"]
     assert before["switches"] == after["switches"]
+
+
+@pytest.mark.slow
+def test_controller_crash_is_recovered_with_the_declared_layout(deployment):
+    """Ray restarts a crashed controller actor; the supervisor brings it back on the same URL with the layout
+    it last served (not the initial one), and requests are served again."""
+    job = deployment.reconfigure(replicas=1)
+    assert job["state"] == "succeeded", job
+    url = deployment.url
+    ray.kill(deployment._actor, no_restart=False)        # a crash: Ray restarts the actor
+    deadline = time.monotonic() + 240
+    status = {}
+    while not status.get("recovered") and time.monotonic() < deadline:
+        time.sleep(1.0)
+        try:
+            if deployment.supervise():
+                status = deployment.status()
+        except ray.exceptions.RayActorError:     # still restarting
+            pass
+    assert status["layout"] == {"tp": 1, "ep": 1, "replicas": 1} and status["state"] == "serving", status
+    assert deployment.url == url
+    r = requests.post(url + "/v1/completions", json={"prompt": "after the crash", "max_tokens": 4,
+                                                     "temperature": 0}, timeout=120)
+    assert r.status_code == 200, r.text
