@@ -169,8 +169,8 @@ class RayBackend:
 
     def remove_stale_groups(self) -> int:
         """Remove placement groups a previous (crashed) incarnation of this deployment left behind."""
-        from ray.util import placement_group_table
         from ray._raylet import PlacementGroupID
+        from ray.util import placement_group_table
         from ray.util.placement_group import PlacementGroup, remove_placement_group
 
         removed = 0

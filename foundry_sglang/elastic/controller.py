@@ -9,9 +9,9 @@ Strategy (chosen in ``plan`` from the free slots): ``scale`` when only the repli
 are added to or retired from the serving generation, which keeps its id); ``overlap`` when old and new fit
 together; ``shrink`` when stopping some old replicas (at least one keeps serving) makes room; ``gap``
 otherwise: the old generation is drained and stopped first while the router queues new requests. If the new
-generation fails (a worker exits, or it is not healthy in time) the job rolls back: the new generation is stopped and the old layout serves
-again (its remaining replicas at once, the stopped ones restarted). Only one job runs at a time; a second one,
-or an invalid one, is rejected before any state changes.
+generation fails (a worker exits, or it is not healthy in time) the job rolls back: the new generation is
+stopped and the old layout serves again (its remaining replicas at once, the stopped ones restarted). Only one
+job runs at a time; a second one, or an invalid one, is rejected before any state changes.
 
 Outside a switch the controller keeps the declared layout itself: a replica whose process exited, or whose
 ``/health`` failed ``health_failures`` times in a row, is taken out of routing, stopped, and replaced by a fresh
