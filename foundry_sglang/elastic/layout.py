@@ -60,6 +60,8 @@ def parse_layout(body: Any, current: Optional[Layout] = None) -> Layout:
     if isinstance(body, str):
         try:
             body = json.loads(body) if body.strip() else None
+        except RecursionError:
+            raise LayoutError("malformed JSON: nested too deeply") from None
         except json.JSONDecodeError as exc:
             raise LayoutError(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     if not isinstance(body, Mapping):

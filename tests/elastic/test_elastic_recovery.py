@@ -236,3 +236,42 @@ def test_client_leaving_after_done_or_mid_stream_is_not_an_upstream_failure(capl
             await router.close()
             await eng.stop()
     run(main())
+
+
+# -- item 6 at the router: hostile input, busy replicas -----------------------------------------------------------
+class BusyEngine(FakeEngine):
+    """TEST DOUBLE: a replica whose waiting queue is full (503 with Retry-After)."""
+
+    async def _complete(self, request):
+        self.served += 1
+        return web.json_response({"error": {"message": "the server is busy"}}, status=503,
+                                 headers={"Retry-After": "3"})
+
+
+def test_router_deep_json_is_400_and_busy_replicas_pass_503_with_retry_after():
+    async def main():
+        controller, backend, router = _controller()
+        await controller.start()
+        runner, url = await _serve(controller, router)
+        busy = [BusyEngine(), BusyEngine()]
+        try:
+            deep = b"[" * 100_000 + b"]" * 100_000
+            async with aiohttp.ClientSession() as s:
+                for path in ("/v1/completions", "/reconfigure"):
+                    async with s.post(url + path, data=deep) as r:
+                        assert r.status == 400 and "nested" in (await r.json())["error"]["message"], path
+                for e in busy:
+                    await e.start()
+                router.set_active(RouteSet(9, [Upstream(e.url, 9) for e in busy]))
+                for stream in (False, True):
+                    async with s.post(url + "/v1/completions", json={"prompt": "x", "stream": stream}) as r:
+                        assert r.status == 503 and r.headers.get("Retry-After") == "3"
+            assert all(e.served == 2 for e in busy)               # each tried once per request
+            assert all(u.available for u in router.active.upstreams)   # busy is not down
+        finally:
+            for e in busy:
+                await e.stop()
+            await controller.stop()
+            await runner.cleanup()
+            await router.close()
+    run(main())
