@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
 # Install foundry-sglang for development and CI: torch, SGLang 0.5.23 (pure-Python wheel, its light
 # dependencies only: no sglang-kernel/flashinfer, which need a GPU build), Ray, and this package (editable).
+# Every step must succeed: a missing SGLang or transformers would silently skip the plugin tests and the
+# independent numeric reference, so a failed install stops here with the step that failed.
 set -euo pipefail
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
-$PY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-# SGLang 0.5.23 pins torch 2.14.1; on machines where that wheel is not at hand any torch >= 2.6 works for
-# foundry itself (SGLang plugin tests then skip).
-$PY -m pip install -q "torch==2.14.1" || $PY -m pip install -q "torch>=2.6"
-$PY -m pip install -q -e ".[dev]"  # includes ruff, which .ci/run uses to lint
+step() { echo "setup: $*"; }
+fail() { echo "setup: error: $*" >&2; exit 1; }
+$PY -m pip install -q --upgrade pip >/dev/null 2>&1 || true   # an old pip still works
+# SGLang 0.5.23 pins torch 2.14.1; where that wheel is not at hand any torch >= 2.6 works for foundry and
+# for the parts of SGLang the tests import (SGLang is installed without its dependency pins below).
+step "torch"
+$PY -m pip install -q "torch==2.14.1" || $PY -m pip install -q "torch>=2.6" || fail "torch could not be installed"
+step "foundry-sglang (editable, with dev extras: pytest, hypothesis, requests, ray[serve], ruff)"
+$PY -m pip install -q -e ".[dev]" || fail "foundry-sglang could not be installed"
 # SGLang without its GPU-only dependency tree; these light packages are what importing its graph-runner,
 # plugin and server-args modules needs.
-$PY -m pip install -q --no-deps "sglang==0.5.23" || echo "setup: sglang 0.5.23 not installable here; plugin tests will skip"
+step "sglang 0.5.23 (no dependencies)"
+$PY -m pip install -q --no-deps "sglang==0.5.23" || fail "sglang 0.5.23 could not be installed"
+step "SGLang's light dependencies and transformers"
 $PY -m pip install -q orjson psutil pybase64 requests packaging pillow starlette pydantic pyzmq ipython \
     transformers dill apache-tvm-ffi sentencepiece compressed-tensors gguf einops openai partial-json-parser \
-    "torchvision==0.29.1" || echo "setup: some SGLang light dependencies failed to install"
-$PY -c "import foundry_core, foundry_sglang; print('foundry-sglang installed')"
+    "torchvision==0.29.1" || fail "SGLang's light dependencies (incl. transformers) could not be installed"
+$PY -c "import foundry_core, foundry_sglang, ray, transformers, sglang.srt.server_args, sglang.srt.plugins" \
+    || fail "an installed package does not import (see the error above)"
+echo "foundry-sglang installed"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,39 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+# -- CI: a skip for a missing required dependency is a failure ------------------------------------------------------
+#: Comma-separated top-level modules (e.g. "sglang,transformers,ray") whose absence must fail the run instead of
+#: skipping tests; .ci/run sets it, so a broken install cannot silently turn tests off.
+REQUIRED_ENV = "FOUNDRY_CI_REQUIRE"
+
+
+def _missing_required(report) -> str | None:
+    required = [m.strip() for m in os.environ.get(REQUIRED_ENV, "").split(",") if m.strip()]
+    if not required or not report.skipped:
+        return None
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    for module in required:
+        if f"could not import '{module}'" in reason or f"could not import '{module}." in reason:
+            return f"{REQUIRED_ENV} requires {module}, but the test skipped: {reason}"
+    return None
+
+
+def _fail_if_required(report) -> None:
+    why = _missing_required(report)
+    if why:
+        report.outcome = "failed"
+        report.longrepr = why
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_if_required(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_if_required(outcome.get_result())

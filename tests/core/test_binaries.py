@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -48,12 +49,39 @@ def test_native_library_compiles_and_exports(lib):
         assert not any(s.startswith(("cupti", "cu")) and not s.startswith("__") for s in undefined), undefined
 
 
-def test_cuda_state_without_driver(lib):
-    state = lib.foundry_cupti_cuda_state()
-    if os.path.exists("/dev/nvidiactl"):
-        assert state in (0, 1, 2, 3)
-    else:
-        assert state in (B.CUDA_NOT_LOADED, B.CUDA_NOT_INITIALISED)
+CUDA_STATE_PROBE = """
+import ctypes, sys
+from foundry_core import binaries as B
+lib = B._native()
+print(lib.foundry_cupti_cuda_state())           # libcuda not loaded yet
+try:
+    cuda = ctypes.CDLL("libcuda.so.1")
+except OSError:
+    sys.exit(0)                                 # no driver on this machine
+print(lib.foundry_cupti_cuda_state())           # loaded, not initialised
+if cuda.cuInit(0) == 0:
+    print(lib.foundry_cupti_cuda_state())       # initialised, no context yet
+"""
+
+
+def _driver_usable() -> bool:
+    """Whether cuInit succeeds here (asked in a child, so this process stays uninitialised)."""
+    code = "import ctypes, sys\ntry:\n    c = ctypes.CDLL('libcuda.so.1')\nexcept OSError:\n    sys.exit(1)\n" \
+           "sys.exit(0 if c.cuInit(0) == 0 else 1)"
+    return subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_cuda_state_follows_the_driver(lib):
+    """Each state the probe can tell apart, in the order a process goes through them."""
+    out = subprocess.run([sys.executable, "-c", CUDA_STATE_PROBE], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))).stdout.split()
+    states = [int(x) for x in out]
+    expected = [B.CUDA_NOT_LOADED]
+    if _driver_usable():
+        expected += [B.CUDA_NOT_INITIALISED, B.CUDA_INITIALISED]
+    elif os.path.exists("/dev/nvidiactl"):
+        pytest.skip("a driver is installed but cuInit fails here; no defined order of states")
+    assert states == expected
 
 
 def _inject(lib, module_id: int, data: bytes, loaded: bool = True, handle: int = 0):
@@ -113,22 +141,23 @@ def test_find_libcupti_env_override(monkeypatch, tmp_path):
 
 
 def test_start_with_real_libcupti(lib, monkeypatch):
-    """Here (no GPU driver) subscription must fail with a one-line reason; on a GPU machine it must work."""
+    """Without a usable GPU driver, subscription must fail with a one-line reason; with one it must work."""
     monkeypatch.delenv("FOUNDRY_LIBCUPTI", raising=False)
     try:
         path = B.find_libcupti()
     except B.ImageCaptureError:
         pytest.skip("no libcupti installed")
     rec = B.ImageRecorder()
-    try:
-        rec.start(path)
-    except B.ImageCaptureError as err:
-        assert "\n" not in str(err) and "cupti" in str(err).lower()
+    if not _driver_usable():
+        with pytest.raises(B.ImageCaptureError) as info:
+            rec.start(path)
+        assert "\n" not in str(info.value) and "cupti" in str(info.value).lower()
         assert not rec.active
-    else:
-        assert rec.active
-        rec.stop()
-        assert not rec.active
+        return
+    rec.start(path)
+    assert rec.active
+    rec.stop()
+    assert not rec.active
 
 
 # --- matching (pure) --------------------------------------------------------------------------------------
