@@ -44,6 +44,9 @@ async def _errors(request: web.Request, handler):
         if exc.content_type == "application/json":
             raise
         return json_error(exc.status, exc.reason if exc.status in (404, 405) else (exc.text or exc.reason))
+    except ConnectionError:   # the client left (e.g. in the middle of its body): nobody to answer
+        log.debug("client of %s disconnected", request.path)
+        return web.Response(status=499)
     except Exception as exc:  # reported, not leaked
         log.exception("unhandled error on %s", request.path)
         return json_error(500, f"internal error: {type(exc).__name__}", "internal_error")

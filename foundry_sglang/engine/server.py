@@ -205,7 +205,10 @@ class OpenAIServer:
                 resp.headers["Retry-After"] = str(e.retry_after)
         except web.HTTPException as e:
             resp = error_response(f"{e.reason}: {request.method} {request.path}", e.status)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionError:   # the client left (e.g. in the middle of its body): nobody to answer
+            log.debug("client of %s %s disconnected", request.method, request.path)
+            return web.Response(status=499)
+        except asyncio.CancelledError:
             raise
         except Exception as e:  # one line to the client, the traceback to the log
             log.exception("request failed")

@@ -206,6 +206,14 @@ def _raw_stream_then_close(url, prompt, after=b"[DONE]"):
     return seen
 
 
+def _leave_mid_body(url):
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+        import time
+        time.sleep(0.1)
+
+
 def test_client_leaving_after_done_or_mid_stream_is_not_an_upstream_failure(caplog):
     async def main():
         router = Router(queue_timeout=5)
@@ -222,6 +230,7 @@ def test_client_leaving_after_done_or_mid_stream_is_not_an_upstream_failure(capl
             seen = await loop.run_in_executor(None, _raw_stream_then_close, url, "finished")
             assert b"[DONE]" in seen
             await loop.run_in_executor(None, _raw_stream_then_close, url, "a long prompt " * 5, b"data:")
+            await loop.run_in_executor(None, _leave_mid_body, url)
             await asyncio.sleep(1.0)
             assert up.available and up.outstanding == 0
             assert router.stats.retries == 0 and router.stats.failed == 0, vars(router.stats)

@@ -161,8 +161,12 @@ def test_mid_stream_disconnect_logs_no_traceback(engine, server, caplog):
                             "stream": True})
     next(r.iter_lines())
     r.close()
+    host, port = server.split("//")[1].split(":")
+    with socket.create_connection((host, int(port))) as s:    # leaves in the middle of its body
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
+        time.sleep(0.1)
     _wait_idle(engine)
-    time.sleep(0.2)
+    time.sleep(0.3)
     noisy = [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR]
     assert not noisy, [rec.getMessage() for rec in noisy]
 

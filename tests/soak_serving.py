@@ -1,0 +1,365 @@
+"""Soak test of the serving path: valid, malformed and disconnecting clients while replicas die and TP switches.
+
+Runs a CPU elastic deployment of ``builtin:tiny`` (local backend by default, ``--backend ray`` for Ray) on
+loopback, for a bounded time. Meanwhile:
+
+- valid clients send greedy completions and chat requests (streaming and not) and compare every answer with the
+  reference taken before the chaos starts: a different answer is *wrong*, no answer is *failed*;
+- malformed clients send broken JSON, deep JSON, wrong types, out-of-range values, unknown roles: each must get a
+  4xx (a 2xx is *wrong*, a 5xx *failed*);
+- disconnecting clients leave mid-stream, right after ``[DONE]``, before the answer, or mid-headers;
+- half-open connections are opened and never finished;
+- a chaos loop SIGKILLs a random engine process every ``--kill-every`` seconds, and the layout is switched
+  TP 1 x 2 replicas -> TP 2 -> TP 1 x 2 -> TP 2 while that goes on.
+
+It prints ``requests ok / failed / wrong``, failures by cause, the controller's engine restarts and switches, and
+tracebacks found in the engine logs. Exit status 0 when nothing is wrong and every failure was caused by its
+client. Run: ``python3 tests/soak_serving.py --seconds 90``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from typing import Dict, Optional, Tuple
+
+import aiohttp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment  # noqa: E402
+
+PROMPTS = [f"soak prompt {i}: the quick brown fox" for i in range(5)]
+MAX_TOKENS = 10
+
+MALFORMED = [  # (path, raw body)
+    ("/v1/completions", b"{not json"),
+    ("/v1/completions", b"[" * 50_000 + b"]" * 50_000),
+    ("/v1/completions", json.dumps({"prompt": "x", "seed": 2 ** 63}).encode()),
+    ("/v1/completions", json.dumps({"prompt": "x", "top_k": 2 ** 63}).encode()),
+    ("/v1/completions", json.dumps({"prompt": "x", "stream": "yes"}).encode()),
+    ("/v1/completions", json.dumps({"prompt": "x", "ignore_eos": "false"}).encode()),
+    ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 10 ** 6}).encode()),
+    ("/v1/completions", json.dumps({"prompt": "x", "stop": ["a"] * 10_000}).encode()),
+    ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 3}).encode()),
+    ("/v1/completions", json.dumps([1, 2, 3]).encode()),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode()),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "user"}]}).encode()),
+    ("/v1/chat/completions", json.dumps({"messages": [], "stream_options": "yes"}).encode()),
+]
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.ok = 0
+        self.wrong: Counter = Counter()
+        self.failed: Counter = Counter()     # cause -> count
+        self.examples: Dict[str, str] = {}
+
+    def fail(self, cause: str, detail: str = "") -> None:
+        self.failed[cause] += 1
+        self.examples.setdefault(cause, detail[:300])
+
+    def bad(self, cause: str, detail: str = "") -> None:
+        self.wrong[cause] += 1
+        self.examples.setdefault("wrong: " + cause, detail[:300])
+
+
+def _body(i: int, stream: bool) -> Tuple[dict, bool]:
+    chat = i % 3 == 0
+    body = {"max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": stream}
+    prompt = PROMPTS[i % len(PROMPTS)]
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return body, chat
+
+
+async def _valid(session, url, i: int, stream: bool) -> Tuple[Optional[str], Optional[str]]:
+    body, chat = _body(i, stream)
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    async with session.post(url + path, json=body) as r:
+        if r.status != 200:
+            return None, f"HTTP {r.status}: {(await r.text())[:200]}"
+        if not stream:
+            choice = (await r.json())["choices"][0]
+            return (choice["message"]["content"] if chat else choice["text"]), None
+        text, done = "", False
+        async for line in r.content:
+            line = line.strip()
+            if line == b"data: [DONE]":
+                done = True
+            elif line.startswith(b"data: "):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return None, f"in-stream error: {event['error']}"
+                for c in event.get("choices", []):
+                    text += ((c.get("delta") or {}).get("content") or "") if chat else (c.get("text") or "")
+        return (text, None) if done else (None, "stream ended without [DONE]")
+
+
+async def reference(url: str) -> Dict[Tuple[int, bool], str]:
+    out = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        for i in range(len(PROMPTS) * 3):
+            for stream in (False, True):
+                text, err = await _valid(s, url, i, stream)
+                if err:
+                    raise RuntimeError(f"reference request failed: {err}")
+                out[(i % (len(PROMPTS) * 3), stream)] = text
+    return out
+
+
+def _raw(url: str, payload: bytes, read_until: Optional[bytes], rst: bool) -> None:
+    host, port = url.split("//")[1].split(":")
+    s = socket.create_connection((host, int(port)), timeout=60)
+    try:
+        s.sendall(payload)
+        seen = b""
+        while read_until is not None and read_until not in seen:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            seen += chunk
+        if rst:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    finally:
+        s.close()
+
+
+def _post(body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+
+
+async def client_loop(kind: str, url: str, ref, tally: Tally, stop: asyncio.Event, seed: int) -> None:
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
+        while not stop.is_set():
+            i = rng.randrange(len(PROMPTS) * 3)
+            stream = rng.random() < 0.5
+            try:
+                if kind == "valid":
+                    text, err = await _valid(s, url, i, stream)
+                    if err:
+                        tally.fail("server", err)
+                    elif text != ref[(i, stream)]:
+                        tally.bad("valid request", f"{text!r} != {ref[(i, stream)]!r}")
+                    else:
+                        tally.ok += 1
+                elif kind == "malformed":
+                    path, raw = rng.choice(MALFORMED)
+                    async with s.post(url + path, data=raw, headers={"Content-Type": "application/json"}) as r:
+                        body = await r.text()
+                    await asyncio.sleep(0.05)
+                    if 400 <= r.status < 500:
+                        tally.fail("client: malformed request rejected (4xx)")
+                    elif r.status < 400:
+                        tally.bad("malformed request accepted", f"{raw[:80]!r} -> {r.status} {body[:100]}")
+                    else:
+                        tally.fail("server", f"malformed {raw[:80]!r} -> {r.status} {body[:200]}")
+                elif kind == "disconnect":
+                    mode = rng.randrange(4)
+                    long = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 200, "temperature": 0,
+                            "ignore_eos": True}
+                    if mode == 0:     # mid-stream
+                        await loop.run_in_executor(None, _raw, url, _post({**long, "stream": True}), b"data:", True)
+                    elif mode == 1:   # right after [DONE]
+                        body, _ = _body(i, True)
+                        body.setdefault("prompt", PROMPTS[0])
+                        body.pop("messages", None)
+                        await loop.run_in_executor(None, _raw, url, _post(body), b"[DONE]", True)
+                    elif mode == 2:   # before the (non-streamed) answer
+                        await loop.run_in_executor(None, _raw, url, _post(long), None, False)
+                    else:             # mid-headers
+                        await loop.run_in_executor(None, _raw, url, b"POST /v1/completions HTTP/1.1\r\nHo", None,
+                                                   True)
+                    tally.fail("client: disconnected on purpose")
+                    await asyncio.sleep(0.05)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                if kind == "disconnect":
+                    tally.fail("client: disconnected on purpose")
+                else:
+                    tally.fail("server", f"{kind}: {type(exc).__name__}: {exc}")
+
+
+def half_open(url: str, n: int) -> list:
+    host, port = url.split("//")[1].split(":")
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"GET /health HTTP/1.1\r\n")   # never finished
+        socks.append(s)
+    return socks
+
+
+def live_pids(dep: ElasticDeployment) -> list:
+    return [r["pid"] for g in dep.status()["generations"] for r in g["replicas"] if r.get("pid")]
+
+
+def chaos(dep: ElasticDeployment, seconds: float, kill_every: float, log, stop: threading.Event) -> Dict[str, int]:
+    """Kill a random engine every ``kill_every`` s; switch TP at 1/4, 1/2 and 3/4 of the time."""
+    rng = random.Random(7)
+    t0 = time.monotonic()
+    kills = 0
+    switches = [(seconds / 4, {"tp": 2, "replicas": 1}), (seconds / 2, {"tp": 1, "replicas": 2}),
+                (3 * seconds / 4, {"tp": 2, "replicas": 1})]
+    next_kill = t0 + kill_every
+    pending_job = None
+    while not stop.is_set() and time.monotonic() - t0 < seconds:
+        now = time.monotonic()
+        if switches and now - t0 >= switches[0][0] and pending_job is None:
+            try:
+                pending_job = dep._call("submit", switches[0][1])
+                log(f"switch to {switches[0][1]} submitted (job {pending_job['id']})")
+                switches.pop(0)
+            except Exception as exc:  # noqa: BLE001 - busy with a repair: try again shortly
+                log(f"switch not accepted yet: {type(exc).__name__}: {exc}")
+        if pending_job is not None:
+            job = dep.job(pending_job["id"])
+            if job["state"] != "running":
+                log(f"switch {job['from']} -> {job['to']}: {job['state']} ({job['strategy']}) in "
+                    f"{job['total_s']:.1f}s {job.get('error') or ''}")
+                pending_job = None
+        if now >= next_kill:
+            pids = live_pids(dep)
+            if pids:
+                pid = rng.choice(pids)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills += 1
+                    log(f"killed engine pid {pid}")
+                except ProcessLookupError:
+                    pass
+            next_kill = now + kill_every
+        time.sleep(0.25)
+    while pending_job is not None:
+        job = dep.job(pending_job["id"])
+        if job["state"] != "running":
+            log(f"switch {job['from']} -> {job['to']}: {job['state']} ({job['strategy']})")
+            pending_job = None
+        time.sleep(0.25)
+    return {"kills": kills}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=90.0, help="length of the chaos phase (default 90)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local", help="worker backend (default local)")
+    p.add_argument("--kill-every", type=float, default=15.0, help="seconds between engine kills (default 15)")
+    p.add_argument("--valid", type=int, default=4, help="concurrent valid clients (default 4)")
+    p.add_argument("--malformed", type=int, default=2, help="concurrent malformed clients (default 2)")
+    p.add_argument("--disconnect", type=int, default=2, help="concurrent disconnecting clients (default 2)")
+    p.add_argument("--half-open", type=int, default=50, help="half-open connections held (default 50)")
+    args = p.parse_args(argv)
+    t_start = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t_start:6.1f}s] {msg}", flush=True)
+
+    logs = tempfile.mkdtemp(prefix="foundry-soak-")
+    if args.backend == "ray":
+        import ray
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    cfg = DeploymentConfig(model="builtin:tiny", slots=2, tp=1, replicas=2, backend=args.backend, port=0,
+                           device="cpu", log_dir=logs, env={"OMP_NUM_THREADS": "1"},
+                           extra_args=["--num-kv-pages", "256", "--max-running-requests", "16"],
+                           start_timeout=240, queue_timeout=240, drain_timeout=60)
+    dep = ElasticDeployment(cfg)
+    tally = Tally()
+    try:
+        url = dep.start()
+        log(f"deployment up at {url} (backend {args.backend}, logs in {logs})")
+        ref = asyncio.run(reference(url))
+        log(f"reference taken: {len(ref)} answers")
+        socks = half_open(url, args.half_open)
+        stop_chaos = threading.Event()
+        result: Dict[str, int] = {}
+        chaos_thread = threading.Thread(
+            target=lambda: result.update(chaos(dep, args.seconds, args.kill_every, log, stop_chaos)), daemon=True)
+
+        async def load():
+            stop = asyncio.Event()
+            tasks = [asyncio.ensure_future(client_loop(kind, url, ref, tally, stop, seed))
+                     for seed, kind in enumerate(["valid"] * args.valid + ["malformed"] * args.malformed
+                                                 + ["disconnect"] * args.disconnect)]
+            chaos_thread.start()
+            while chaos_thread.is_alive():
+                await asyncio.sleep(0.5)
+            # let the deployment settle (replacements healthy), then a last valid round must all succeed
+            await asyncio.sleep(2.0)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 600)
+
+        asyncio.run(load())
+        closed = sum(_closed(s) for s in socks)
+        status = dep.status()
+        health = _get(url + "/health")
+    finally:
+        dep.stop()
+        if args.backend == "ray":
+            import ray
+            ray.shutdown()
+    tracebacks = sum(open(os.path.join(logs, f), errors="replace").read().count("Traceback")
+                     for f in os.listdir(logs))
+    client = sum(n for cause, n in tally.failed.items() if cause.startswith("client"))
+    server = sum(n for cause, n in tally.failed.items() if not cause.startswith("client"))
+    wrong = sum(tally.wrong.values())
+    print()
+    print(f"soak: {args.seconds:.0f}s of chaos, backend {args.backend}, builtin:tiny on CPU, 2 slots; "
+          f"{args.valid} valid, {args.malformed} malformed, {args.disconnect} disconnecting clients, "
+          f"{args.half_open} half-open connections")
+    print(f"requests ok {tally.ok} / failed {client + server} / wrong {wrong}")
+    for cause, n in sorted(tally.failed.items()):
+        print(f"  failed: {n:6d}  {cause}")
+    for cause, n in sorted(tally.wrong.items()):
+        print(f"  wrong:  {n:6d}  {cause}")
+    print(f"engine restarts (replicas replaced by the controller): {status['restarts']}; engines killed: "
+          f"{result.get('kills', 0)}; switches: {status['switches']}")
+    print(f"final layout {status['layout']}, /health {health}; half-open connections closed by the server: "
+          f"{closed}/{len(socks)}; tracebacks in engine logs: {tracebacks}")
+    for cause, ex in tally.examples.items():
+        if not cause.startswith("client"):
+            print(f"  example ({cause}): {ex}")
+    verdict = wrong == 0 and server == 0 and tally.ok > 0
+    print("VERDICT:", "PASS (0 wrong, every failure caused by its client)" if verdict else "FAIL")
+    return 0 if verdict else 1
+
+
+def _closed(s: socket.socket) -> bool:
+    s.settimeout(1.0)
+    try:
+        return s.recv(1024) == b""
+    except ConnectionResetError:
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _get(url: str) -> str:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return f"{r.status} {r.read().decode()[:120]}"
+    except urllib.error.HTTPError as e:
+        return f"{e.code} {e.read().decode()[:120]}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
