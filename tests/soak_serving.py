@@ -226,7 +226,7 @@ def chaos(dep: ElasticDeployment, seconds: float, kill_every: float, log, stop: 
                 pending_job = dep._call("submit", switches[0][1])
                 log(f"switch to {switches[0][1]} submitted (job {pending_job['id']})")
                 switches.pop(0)
-            except Exception as exc:  # noqa: BLE001 - busy with a repair: try again shortly
+            except Exception as exc:  # busy with a repair: try again shortly
                 log(f"switch not accepted yet: {type(exc).__name__}: {exc}")
         if pending_job is not None:
             job = dep.job(pending_job["id"])

@@ -326,7 +326,7 @@ class Controller:
         if self.on_layout is not None and self.active is not None:
             try:
                 self.on_layout(self.active.layout)
-            except Exception as exc:  # noqa: BLE001 - persistence is best effort; serving goes on
+            except Exception as exc:  # persistence is best effort; serving goes on
                 log.warning("could not record the layout %s: %s", self.active.layout, exc)
         log.info("job %s %s: %s", job.id, state,
                  ", ".join(f"{k} {v:.2f}s" for k, v in job.phases.items()))

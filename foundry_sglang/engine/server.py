@@ -575,7 +575,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
-    except Exception as e:  # noqa: BLE001 - one line for the user; the traceback at debug level
+    except Exception as e:  # one line for the user; the traceback at debug level
         log.error("cannot start the engine: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         log.debug("start-up failure", exc_info=True)
         return 1
