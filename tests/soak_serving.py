@@ -206,8 +206,11 @@ def half_open(url: str, n: int) -> list:
     return socks
 
 
-def live_pids(dep: ElasticDeployment) -> list:
-    return [r["pid"] for g in dep.status()["generations"] for r in g["replicas"] if r.get("pid")]
+def serving_pids(dep: ElasticDeployment) -> list:
+    """Engine processes of the generation that serves (a replica of a generation still starting is left alone,
+    so that switches can also succeed; killing those is covered by tests/elastic/test_elastic_ray.py)."""
+    return [r["pid"] for g in dep.status()["generations"] if g["state"] == "active"
+            for r in g["replicas"] if r.get("pid")]
 
 
 def chaos(dep: ElasticDeployment, seconds: float, kill_every: float, log, stop: threading.Event) -> Dict[str, int]:
@@ -219,15 +222,19 @@ def chaos(dep: ElasticDeployment, seconds: float, kill_every: float, log, stop: 
                 (3 * seconds / 4, {"tp": 2, "replicas": 1})]
     next_kill = t0 + kill_every
     pending_job = None
+    waiting = False
     while not stop.is_set() and time.monotonic() - t0 < seconds:
         now = time.monotonic()
         if switches and now - t0 >= switches[0][0] and pending_job is None:
             try:
                 pending_job = dep._call("submit", switches[0][1])
                 log(f"switch to {switches[0][1]} submitted (job {pending_job['id']})")
+                waiting = False
                 switches.pop(0)
             except Exception as exc:  # busy with a repair: try again shortly
-                log(f"switch not accepted yet: {type(exc).__name__}: {exc}")
+                if not waiting:
+                    log(f"switch not accepted yet: {type(exc).__name__}: {exc}")
+                waiting = True
         if pending_job is not None:
             job = dep.job(pending_job["id"])
             if job["state"] != "running":
@@ -235,7 +242,7 @@ def chaos(dep: ElasticDeployment, seconds: float, kill_every: float, log, stop: 
                     f"{job['total_s']:.1f}s {job.get('error') or ''}")
                 pending_job = None
         if now >= next_kill:
-            pids = live_pids(dep)
+            pids = serving_pids(dep)
             if pids:
                 pid = rng.choice(pids)
                 try:
