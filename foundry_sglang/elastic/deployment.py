@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -47,6 +49,8 @@ class ControllerLost(RuntimeError):
     """The controller actor is gone for good (its restarts are used up, or Ray itself is gone)."""
 #: Seconds a client connection has to send complete request headers (and the idle keep-alive time).
 HEADER_TIMEOUT_S = 30.0
+#: How long a restarted controller keeps trying to take back its predecessor's port.
+REBIND_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -117,8 +121,12 @@ class ElasticServer:
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                                      keepalive_timeout=HEADER_TIMEOUT_S)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
-        await site.start()
+        try:
+            await self._listen()
+        except BaseException:
+            await self.controller.stop()
+            await self._runner.cleanup()
+            raise
         port = self._runner.addresses[0][1]
         self.url = f"http://{self.config.host}:{port}"
         if self.config.policy:
@@ -127,6 +135,19 @@ class ElasticServer:
         log.info("elastic deployment of %s serving on %s (%s)", self.config.model, self.url,
                  self.controller.active.layout if self.controller.active else "-")
         return self.url
+
+    async def _listen(self) -> None:
+        """Open the router's port. A restarted controller takes back its predecessor's port, which may stay busy
+        for a moment while the old process goes away: retry for up to REBIND_TIMEOUT_S."""
+        deadline = time.monotonic() + (REBIND_TIMEOUT_S if self.recovered else 0.0)
+        while True:
+            try:
+                await web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True).start()
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
         if self.policy:
@@ -276,7 +297,6 @@ class ElasticDeployment:
 
     def reconfigure(self, wait: bool = True, timeout: float = 1800.0, **layout: int) -> Dict[str, Any]:
         """Submit ``tp=``/``ep=``/``replicas=``; with ``wait`` block until the job ends. Returns the job."""
-        import time
         job = self._call("submit", layout)
         deadline = time.monotonic() + timeout
         while wait and job["state"] == "running" and time.monotonic() < deadline:
