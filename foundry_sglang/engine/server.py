@@ -66,6 +66,8 @@ UNSUPPORTED = {
     "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "logit_bias": (None, {}),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "repetition_penalty": (None, 1), "min_p": (None, 0), "min_tokens": (None, 0),
+    "response_format": (None, {"type": "text"}), "regex": (None,), "json_schema": (None,), "ebnf": (None,),
 }
 
 

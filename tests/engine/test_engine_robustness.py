@@ -183,6 +183,9 @@ def test_mid_stream_disconnect_logs_no_traceback(engine, server, caplog):
      "not supported"),
     ("/v1/completions", {"prompt": "x", "echo": True}, "echo", "not supported"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 1.2}, "repetition_penalty", "not supported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json"}},
+     "response_format", "not supported"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 256}, "max_tokens", "context length"),
     ("/v1/completions", {"prompt": "x", "stop": ["ab"] * 100_000}, "stop", "at most"),
     ("/v1/completions", {"prompt": "x", "stop": "s" * 100_000}, "stop", "at most"),
@@ -202,6 +205,12 @@ def test_bad_fields_are_400_with_a_consistent_param(server, reference, path, bod
     assert r.status_code == 400, r.text
     err = error_of(r)
     assert err["param"] == param and needle in err["message"], err
+
+
+def test_unused_values_of_unsupported_fields_are_accepted(server):
+    r = completion(server, logprobs=None, echo=False, presence_penalty=0, frequency_penalty=0.0, logit_bias={},
+                   repetition_penalty=1.0, n=1, best_of=1)
+    assert r.status_code == 200, r.text
 
 
 def test_prompt_plus_max_tokens_within_context_is_accepted_and_default_fits(server):
