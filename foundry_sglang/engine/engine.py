@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import queue
 import signal
 import threading
@@ -72,11 +73,16 @@ def worker_main(args: EngineArgs, rank: int) -> None:
     exit_with_parent()
     runner = ModelRunner(args, rank=rank)
     group = runner.state.control_group
-    while True:
-        batch = receive_batch(group)
-        if batch.kind == EXIT:
-            break
-        runner.run(batch)
+    try:
+        while True:
+            batch = receive_batch(group)
+            if batch.kind == EXIT:
+                break
+            runner.run(batch)
+    except Exception as exc:  # rank 0 went away (or a collective broke): nothing left to serve
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        log.error("rank %d exits: lost the other ranks (%s: %s)", rank, type(exc).__name__, first[:300])
+        os._exit(1)   # no teardown: the process group is broken and could hang it
     runner.shutdown()
 
 

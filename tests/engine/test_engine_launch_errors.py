@@ -43,3 +43,44 @@ def test_load_mode_with_a_missing_archive(tmp_path):
     missing = str(tmp_path / "nowhere")
     assert_one_line(*launch("--device", "cpu", "--port", "0", "--foundry-mode", "load", "--foundry-archive", missing),
                     "nowhere")
+
+
+def test_the_other_rank_of_a_killed_engine_exits_with_one_line():
+    """SIGKILL rank 0 of a TP=2 server in the middle of generating: rank 1 loses its peer inside a collective and
+    must say so in one line, not a traceback."""
+    import re
+    import signal
+    import threading
+    import time
+
+    import requests
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "foundry_sglang.engine", "--tp", "2", "--device", "cpu",
+                             "--port", "0", "--num-kv-pages", "64"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    try:
+        deadline = time.time() + 120
+        url = None
+        while url is None and time.time() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            m = re.search(r"ready: serving \S+ at (http://127\.0\.0\.1:\d+)", line)
+            url = m.group(1) if m else None
+        assert url, "".join(lines)
+        reader.start()
+        threading.Thread(target=lambda: requests.post(url + "/v1/completions", timeout=60, json={
+            "prompt": "x", "max_tokens": 500, "temperature": 0, "ignore_eos": True}), daemon=True).start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        reader.join(30)      # stderr closes when rank 1 (which inherited it) has exited
+        assert not reader.is_alive(), "rank 1 did not exit"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines)
+    assert "Traceback" not in text, text[-3000:]
+    assert re.search(r"rank 1 .*exits", text), text[-2000:]
