@@ -31,8 +31,8 @@ from foundry_sglang.graphs.settings import FoundryMode
 
 from .api import build_app
 from .backends import LocalBackend, RayBackend
-from .controller import Controller, ControllerConfig
-from .layout import Layout, resolve_model_shape
+from .controller import Controller, ControllerBusy, ControllerConfig
+from .layout import Layout, LayoutError, resolve_model_shape
 from .policy import LoadPolicy, PolicyConfig
 from .router import Router
 
@@ -261,7 +261,12 @@ class ElasticDeployment:
     def _call(self, method: str, *args: Any) -> Any:
         if self._actor is not None:
             import ray
-            return ray.get(getattr(self._actor, method).remote(*args))
+            try:
+                return ray.get(getattr(self._actor, method).remote(*args))
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, (LayoutError, ControllerBusy)):
+                    raise err.cause from None   # the one-line error, as the local backend and HTTP give it
+                raise
         assert self._loop is not None and self._server is not None, "start() the deployment first"
 
         async def run():

@@ -18,6 +18,7 @@ import requests
 from openai_client import openai_request
 
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
+from foundry_sglang.elastic.layout import LayoutError
 
 ray = pytest.importorskip("ray")
 
@@ -168,6 +169,9 @@ def test_invalid_reconfigurations_are_rejected_without_state_change(deployment):
         msg = r.json()["error"]["message"]
         print(f"\n  POST /reconfigure {body} -> {r.status_code} {msg}")
         assert r.status_code == status and needle in msg, (body, r.status_code, msg)
+    with pytest.raises(LayoutError) as info:          # the Python API raises the same one-line error
+        deployment.reconfigure(tp=3, replicas=1)
+    assert "slots" in str(info.value) and "\n" not in str(info.value)
     r = requests.post(url + "/v1/completions", data="{oops", timeout=10)
     assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
     after = requests.get(url + "/status", headers=AUTH, timeout=10).json()
