@@ -201,3 +201,16 @@ def test_controller_crash_is_recovered_with_the_declared_layout(deployment):
     r = requests.post(url + "/v1/completions", json={"prompt": "after the crash", "max_tokens": 4,
                                                      "temperature": 0}, timeout=120)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.slow
+def test_controller_gone_for_good_is_reported_in_one_line(deployment):
+    """Runs last: a controller that Ray will not restart is ControllerLost (the launcher logs it and exits 1)."""
+    from foundry_sglang.elastic.deployment import ControllerLost
+    ray.kill(deployment._actor, no_restart=True)
+    deadline = time.monotonic() + 60
+    with pytest.raises(ControllerLost) as info:
+        while time.monotonic() < deadline:
+            deployment.supervise()
+            time.sleep(0.5)
+    assert "\n" not in str(info.value) and "died" in str(info.value)
