@@ -253,9 +253,11 @@ def test_controller_rolls_back_when_new_generation_fails(slots, target, kill, ex
             backend.healthy_after = 0.5 if kill else 0.0
             backend.fail_next = not kill
             load = asyncio.ensure_future(_client_load(url, 16))
+            started = len(backend.engines)
             job = controller.submit(target)
-            if kill:
-                await asyncio.sleep(0.25)
+            if kill:   # kill a replica of the new generation once it runs (and before it is healthy)
+                while len(backend.engines) == started or backend.engines[-1].url is None:
+                    await asyncio.sleep(0.01)
                 await backend.engines[-1].kill()
             await _wait_job(controller, job)
             await load
