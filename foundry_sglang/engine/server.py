@@ -570,6 +570,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     limits = ServerLimits(max_queued_requests=args.max_queued_requests, header_timeout=args.header_timeout,
                           body_timeout=args.body_timeout)
     try:
+        if args.max_queued_requests < 0 or args.header_timeout <= 0 or args.body_timeout <= 0:
+            raise ConfigError("--max-queued-requests must be >= 0 and --header-timeout/--body-timeout > 0")
         eargs = engine_args_from(args)
         eargs.validate()
         preflight(eargs, args.host, args.port)

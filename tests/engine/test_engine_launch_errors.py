@@ -39,6 +39,11 @@ def test_port_in_use():
                         "already in use")
 
 
+def test_bad_server_limits():
+    assert_one_line(*launch("--device", "cpu", "--port", "0", "--body-timeout", "0", module="foundry_sglang.engine"),
+                    "--body-timeout")
+
+
 def test_load_mode_with_a_missing_archive(tmp_path):
     missing = str(tmp_path / "nowhere")
     assert_one_line(*launch("--device", "cpu", "--port", "0", "--foundry-mode", "load", "--foundry-archive", missing),
