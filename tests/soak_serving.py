@@ -36,6 +36,9 @@ import aiohttp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from openai_client import openai_request  # noqa: E402
 
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment  # noqa: E402
 
@@ -88,25 +91,7 @@ def _body(i: int, stream: bool) -> Tuple[dict, bool]:
 
 async def _valid(session, url, i: int, stream: bool) -> Tuple[Optional[str], Optional[str]]:
     body, chat = _body(i, stream)
-    path = "/v1/chat/completions" if chat else "/v1/completions"
-    async with session.post(url + path, json=body) as r:
-        if r.status != 200:
-            return None, f"HTTP {r.status}: {(await r.text())[:200]}"
-        if not stream:
-            choice = (await r.json())["choices"][0]
-            return (choice["message"]["content"] if chat else choice["text"]), None
-        text, done = "", False
-        async for line in r.content:
-            line = line.strip()
-            if line == b"data: [DONE]":
-                done = True
-            elif line.startswith(b"data: "):
-                event = json.loads(line[6:])
-                if "error" in event:
-                    return None, f"in-stream error: {event['error']}"
-                for c in event.get("choices", []):
-                    text += ((c.get("delta") or {}).get("content") or "") if chat else (c.get("text") or "")
-        return (text, None) if done else (None, "stream ended without [DONE]")
+    return await openai_request(session, url, body, chat=chat)
 
 
 async def reference(url: str) -> Dict[Tuple[int, bool], str]:
