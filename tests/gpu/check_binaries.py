@@ -1,6 +1,6 @@
 """GPU check for foundry_core.binaries (run on the H200 in one command; needs msgspec importable):
 
-    python tests/gpu/check_binaries.py [--out DIR]
+    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_binaries.py [--out DIR]
 
 SAVE process: arm the ImageRecorder before torch touches CUDA, run a matmul (cuBLASLt), softmax (ATen),
 SDPA (flash/cuDNN), a torch.compile'd function (Inductor/Triton) and a hand-written Triton kernel autotuned
@@ -24,10 +24,6 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
 
 # ---------------------------------------------------------------------------------------------------------
 # SAVE side

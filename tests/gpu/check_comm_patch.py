@@ -1,5 +1,6 @@
 """GPU check of comm_patch: TP/EP decode graphs restored from ONE single-GPU capture, on real NCCL.
 
+    export PYTHONPATH=$PWD:$PYTHONPATH                 # from the repo root
     python3 tests/gpu/check_comm_patch.py              # one GPU: both ranks share it (NCCL over sockets)
     python3 tests/gpu/check_comm_patch.py --gpus 2     # two GPUs: rank r on GPU r (NVLink); SAVE on GPU 0 alone
 
@@ -27,12 +28,6 @@ import sys
 import tempfile
 import time
 import traceback
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
-os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 ROWS: list[tuple[str, str, str]] = []
 DETAILS: dict = {}
@@ -388,6 +383,10 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: a0 (old-wiring deadlock), a, b, c, d")
     ap.add_argument("--input-sets", type=int, default=3, help="fresh random input sets per batch size")
     ns = ap.parse_args()
+    # No NVLink multicast (the lent machines' rule); the rank processes inherit these.
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     skip = set(ns.skip.split(","))
     t_start = time.perf_counter()
     import torch

@@ -1,6 +1,6 @@
 """GPU check for foundry_core (run on the H200 in one command): SAVE in one process, LOAD in a fresh one.
 
-    python tests/gpu/check_core.py [--out DIR]
+    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_core.py [--out DIR]
 
 Workload: ATen elementwise + reductions, cuBLAS GEMMs, SDPA, a torch.compile'd function (Triton kernels) on a
 second stream joined by events; several graphs (batch sizes) captured into one pool. Process B runs the same
@@ -17,9 +17,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 BATCH_SIZES = [64, 8, 1]  # captured largest first, one pool
 HIDDEN = 1024
@@ -221,7 +218,7 @@ def sub(mode: str, *args: str, timeout: int = 300) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", nargs="?", default="all",
                     choices=["all", "save", "load", "taken", "wrong-key", "host-node"])
@@ -231,7 +228,7 @@ def main() -> None:
     if a.mode != "all":
         {"save": run_save, "load": run_load, "taken": run_taken, "wrong-key": run_wrong_key,
          "host-node": run_host_node}[a.mode](*a.args)
-        return
+        return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     archive = str(out / "core.foundry")
@@ -282,7 +279,8 @@ def main() -> None:
     print("\n=== foundry_core GPU check ===")
     for name, verdict, detail in rows:
         print(f"{verdict:5} | {name:48} | {detail}")
+    return 0 if all(verdict != "FAIL" for _, verdict, _ in rows) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """GPU check of live TP switching (run by the lead on nvidia-h200-x2; one command, verdict table last).
 
-    python tests/gpu/check_elastic.py --out "$OUT"
+    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_elastic.py --out "$OUT"
 
 No Ray there (its cp312 wheel is 79 MB, over the 64 MiB a call may carry), so the controller runs with the
 local-process backend behind the same interface the Ray backend implements. The deployment serves the
@@ -19,8 +19,6 @@ import os
 import sys
 import threading
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import aiohttp
 

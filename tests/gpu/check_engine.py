@@ -1,7 +1,8 @@
 """GPU check of the built-in engine (run by the lead on the H200, one command, < 4 minutes).
 
-    python tests/gpu/check_engine.py                 # 1 GPU: qwen3-8b preset with 8 layers
-    python tests/gpu/check_engine.py --tp 2          # 2-GPU kind: also compares TP=2 with TP=1
+    export PYTHONPATH=$PWD:$PYTHONPATH                # from the repo root
+    python3 tests/gpu/check_engine.py                 # 1 GPU: qwen3-8b preset with 8 layers
+    python3 tests/gpu/check_engine.py --tp 2          # 2-GPU kind: also compares TP=2 with TP=1
 
 Checks: the qwen3-8b-shaped preset (reduced layers) captures decode graphs over SGLang's H200 batch-size list,
 serves a batch of requests through the engine and the HTTP server, graph decode equals eager decode (greedy tokens
@@ -20,8 +21,6 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch
 

@@ -1,6 +1,6 @@
 """GPU check of the product path: `python -m foundry_sglang.launch` twice on the built-in engine.
 
-    python tests/gpu/check_launch.py [--layers N] [--out DIR]
+    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_launch.py [--layers N] [--out DIR]
 
 Start 1 (empty archive dir, --foundry-mode auto) captures the decode graphs and saves them; start 2 restores them.
 Each start serves the same greedy requests over HTTP; answers must be identical, and we report the time from
@@ -20,7 +20,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from foundry_sglang.proc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +71,7 @@ def start(model: str, archive: Path, log: Path) -> dict:
             proc.kill()
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=36, help="layers of the qwen3-8b-shaped preset")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/foundry-launch"), help="directory for logs")
@@ -110,7 +109,8 @@ def main() -> None:
     print(f"\n=== launch check ({model}) ===")
     for name, verdict, detail in rows:
         print(f"{verdict:5} | {name:40} | {detail}")
+    return 0 if all(verdict != "FAIL" for _, verdict, _ in rows) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Run (one command, on the GPU machine, with the pure-Python sglang wheel and its light deps on PYTHONPATH):
 
-    python tests/gpu/check_sglang_backend.py --out $OUT/sglang_backend
+    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_sglang_backend.py --out $OUT/sglang_backend
 
 Steps, each in its own process: (1) import sglang's full_cuda_graph_backend under this torch; (2) SAVE: the
 built-in engine's ModelRunner (decode forward, builtin:tiny) drives FullCudaGraphBackend.capture_session /
@@ -21,8 +21,6 @@ import sys
 import time
 import traceback
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 SIZES = [1, 2, 4, 8, 16]
 
 #: GPU-only wheels SGLang imports at module level but that cannot be carried to the lent machine
