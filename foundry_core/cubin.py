@@ -3,7 +3,7 @@
 ``parse_image(data)`` tells what an image is and which kernels (entry points) it
 defines, with what the ELF records about each: registers, static shared memory,
 constant bank 0 / parameter size, local frame, launch bounds, cluster shape.
-Nothing here needs a GPU; :mod:`foundry_core.binaries` uses it to find which
+Nothing here needs a GPU; :mod:`foundry_core.images` uses it to find which
 captured image a live ``CUfunction`` came from.
 
 Layouts read here (little-endian):

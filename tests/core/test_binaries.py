@@ -1,5 +1,6 @@
-"""foundry_core.binaries on CPU: the native recorder (built and driven through its callback entry point),
-the pure image-matching logic, archive selection, and clear errors where a driver would be needed."""
+"""foundry_core.recorder and foundry_core.images on CPU: the native recorder (built and driven through its
+callback entry point), the pure image-matching logic, archive selection, and clear errors where a driver would
+be needed."""
 from __future__ import annotations
 
 import ctypes
@@ -11,8 +12,8 @@ import sys
 
 import pytest
 
-from foundry_core import binaries as B
-from foundry_core import cubin
+from foundry_core import cubin, recorder
+from foundry_core import images as imgs
 from foundry_core.errors import FoundryError, UnsupportedGraph
 from foundry_core.schema import KernelFunction, KernelImage
 
@@ -30,7 +31,7 @@ EXPORTS = [
 @pytest.fixture
 def lib():
     try:
-        native = B._native()
+        native = recorder._native()
     except FoundryError as err:
         pytest.skip(f"cannot build native helpers here: {err}")
     native.foundry_cupti_clear()
@@ -41,7 +42,7 @@ def lib():
 def test_native_library_compiles_and_exports(lib):
     for name in EXPORTS:
         assert hasattr(lib, name), name
-    assert lib.foundry_cupti_abi() == B.NATIVE_ABI
+    assert lib.foundry_cupti_abi() == recorder.NATIVE_ABI
     out = subprocess.run(["nm", "-D", lib._foundry_path], capture_output=True, text=True).stdout \
         if shutil.which("nm") else ""
     if out:  # no link-time dependency on CUPTI or the driver
@@ -51,8 +52,8 @@ def test_native_library_compiles_and_exports(lib):
 
 CUDA_STATE_PROBE = """
 import ctypes, sys
-from foundry_core import binaries as B
-lib = B._native()
+from foundry_core import recorder
+lib = recorder._native()
 print(lib.foundry_cupti_cuda_state())           # libcuda not loaded yet
 try:
     cuda = ctypes.CDLL("libcuda.so.1")
@@ -76,9 +77,9 @@ def test_cuda_state_follows_the_driver(lib):
     out = subprocess.run([sys.executable, "-c", CUDA_STATE_PROBE], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))).stdout.split()
     states = [int(x) for x in out]
-    expected = [B.CUDA_NOT_LOADED]
+    expected = [recorder.CUDA_NOT_LOADED]
     if _driver_usable():
-        expected += [B.CUDA_NOT_INITIALISED, B.CUDA_INITIALISED]
+        expected += [recorder.CUDA_NOT_INITIALISED, recorder.CUDA_INITIALISED]
     elif os.path.exists("/dev/nvidiactl"):
         pytest.skip("a driver is installed but cuInit fails here; no defined order of states")
     assert states == expected
@@ -93,7 +94,7 @@ def test_recorder_keeps_distinct_images_in_load_order(lib):
     _inject(lib, 1, a)
     _inject(lib, 2, b)
     _inject(lib, 3, a)  # same bytes loaded again: one image, two loads
-    rec = B.ImageRecorder()
+    rec = recorder.ImageRecorder()
     images = rec.images()
     assert [im.data for im in images] == [a, b]
     assert [im.module_id for im in images] == [1, 2]
@@ -108,7 +109,7 @@ def test_recorder_unloads_and_images_seen_only_at_unload(lib):
     _inject(lib, 1, a)
     _inject(lib, 1, a, loaded=False)
     _inject(lib, 9, early, loaded=False)  # loaded before recording started: caught at unload
-    images = B.ImageRecorder().images()
+    images = recorder.ImageRecorder().images()
     assert images[0].unloads == 1 and not images[0].seen_at_unload
     assert images[1].data == early and images[1].seen_at_unload and images[1].loads == 0
 
@@ -118,38 +119,38 @@ def test_recorder_pairs_module_handles(lib):
     _inject(lib, 1, a, handle=0x1000)
     _inject(lib, 2, b, handle=0x2000)
     _inject(lib, 3, b)  # loaded by the runtime, no cuModuleLoad call seen: no pairing
-    rec = B.ImageRecorder()
+    rec = recorder.ImageRecorder()
     assert rec.module_images() == {0x1000: 0, 0x2000: 1}
     _inject(lib, 1, a, loaded=False)  # module 1 unloaded: its handle may be reused, forget it
     assert rec.module_images() == {0x2000: 1}
 
 
 def test_start_with_missing_libcupti_is_a_clear_error(lib):
-    with pytest.raises(B.ImageCaptureError, match="cannot load libcupti"):
-        B.ImageRecorder().start("/nonexistent/libcupti.so.13")
-    assert not B.ImageRecorder().active
+    with pytest.raises(recorder.ImageCaptureError, match="cannot load libcupti"):
+        recorder.ImageRecorder().start("/nonexistent/libcupti.so.13")
+    assert not recorder.ImageRecorder().active
 
 
 def test_find_libcupti_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv("FOUNDRY_LIBCUPTI", str(tmp_path / "missing.so"))
-    with pytest.raises(B.ImageCaptureError, match="FOUNDRY_LIBCUPTI"):
-        B.find_libcupti()
+    with pytest.raises(recorder.ImageCaptureError, match="FOUNDRY_LIBCUPTI"):
+        recorder.find_libcupti()
     fake = tmp_path / "libcupti.so.13"
     fake.write_bytes(b"")
     monkeypatch.setenv("FOUNDRY_LIBCUPTI", str(fake))
-    assert B.find_libcupti() == str(fake)
+    assert recorder.find_libcupti() == str(fake)
 
 
 def test_start_with_real_libcupti(lib, monkeypatch):
     """Without a usable GPU driver, subscription must fail with a one-line reason; with one it must work."""
     monkeypatch.delenv("FOUNDRY_LIBCUPTI", raising=False)
     try:
-        path = B.find_libcupti()
-    except B.ImageCaptureError:
+        path = recorder.find_libcupti()
+    except recorder.ImageCaptureError:
         pytest.skip("no libcupti installed")
-    rec = B.ImageRecorder()
+    rec = recorder.ImageRecorder()
     if not _driver_usable():
-        with pytest.raises(B.ImageCaptureError) as info:
+        with pytest.raises(recorder.ImageCaptureError) as info:
             rec.start(path)
         assert "\n" not in str(info.value) and "cupti" in str(info.value).lower()
         assert not rec.active
@@ -169,50 +170,50 @@ def K(name, regs=32, shared=0, max_threads=None):
 
 def facts(index, kernels, sha=None):
     ks = {k.name: k for k in kernels}
-    return B.ImageFacts(index, sha or f"{index:064x}", frozenset(ks), ks)
+    return imgs.ImageFacts(index, sha or f"{index:064x}", frozenset(ks), ks)
 
 
 def module(names, used, known=None):
-    return B.ModuleFacts(frozenset(names), {n: dict(a) for n, a in used.items()}, known)
+    return imgs.ModuleFacts(frozenset(names), {n: dict(a) for n, a in used.items()}, known)
 
 
-REGS, SHARED, LOCAL = B.ATTR_NUM_REGS, B.ATTR_SHARED_SIZE_BYTES, B.ATTR_LOCAL_SIZE_BYTES
+REGS, SHARED, LOCAL = imgs.ATTR_NUM_REGS, imgs.ATTR_SHARED_SIZE_BYTES, imgs.ATTR_LOCAL_SIZE_BYTES
 
 
 def test_duplicate_kernel_names_across_images_match_by_name_set():
     images = [facts(0, [K("gemm"), K("softmax")]), facts(1, [K("gemm")]), facts(2, [K("gemm"), K("relu")])]
-    assert B.choose_image(module({"gemm"}, {"gemm": {REGS: 32}}), images) == (1, "names")
-    assert B.choose_image(module({"gemm", "relu"}, {"gemm": {REGS: 32}}), images)[0] == 2
+    assert imgs.choose_image(module({"gemm"}, {"gemm": {REGS: 32}}), images) == (1, "names")
+    assert imgs.choose_image(module({"gemm", "relu"}, {"gemm": {REGS: 32}}), images)[0] == 2
 
 
 def test_identical_images_count_once(tmp_path):
     blob = _tiny_cubin(tmp_path)
-    facts_list = B.image_facts([blob, b"junk", blob], arch=90)
+    facts_list = imgs.image_facts([blob, b"junk", blob], arch=90)
     assert [f.index for f in facts_list] == [0, 1]  # the second copy of blob is dropped
     assert facts_list[1].names is None and "not a CUDA module image" in facts_list[1].problem
     names = facts_list[0].names
-    assert B.choose_image(module(names, {"tiny_a": {}}), facts_list) == (0, "names")
+    assert imgs.choose_image(module(names, {"tiny_a": {}}), facts_list) == (0, "names")
 
 
 def test_same_names_narrowed_by_cubin_facts():
     images = [facts(0, [K("triton_red", regs=40)]), facts(1, [K("triton_red", regs=56)])]
-    got = B.choose_image(module({"triton_red"}, {"triton_red": {REGS: 56}}), images)
+    got = imgs.choose_image(module({"triton_red"}, {"triton_red": {REGS: 56}}), images)
     assert got == (1, "names+cubin")
 
 
 def test_shared_memory_allows_the_system_reservation():
     k = K("k", shared=5120)
-    assert B.consistent_with_cubin(k, {SHARED: 5120}) and B.consistent_with_cubin(k, {SHARED: 4096})
-    assert not B.consistent_with_cubin(k, {SHARED: 2048})
+    assert imgs.consistent_with_cubin(k, {SHARED: 5120}) and imgs.consistent_with_cubin(k, {SHARED: 4096})
+    assert not imgs.consistent_with_cubin(k, {SHARED: 2048})
     bounded = K("b", max_threads=(128, 1, 1))
-    assert B.consistent_with_cubin(bounded, {B.ATTR_MAX_THREADS_PER_BLOCK: 128})
-    assert not B.consistent_with_cubin(bounded, {B.ATTR_MAX_THREADS_PER_BLOCK: 1024})
+    assert imgs.consistent_with_cubin(bounded, {imgs.ATTR_MAX_THREADS_PER_BLOCK: 128})
+    assert not imgs.consistent_with_cubin(bounded, {imgs.ATTR_MAX_THREADS_PER_BLOCK: 1024})
 
 
 def test_same_names_and_cubin_facts_narrowed_by_probe():
     images = [facts(0, [K("k")]), facts(1, [K("k")])]
     fresh = {0: (frozenset({"k"}), {"k": {REGS: 32, LOCAL: 0}}), 1: (frozenset({"k"}), {"k": {REGS: 32, LOCAL: 16}})}
-    got = B.choose_image(module({"k"}, {"k": {REGS: 32, LOCAL: 16}}), images, probe=fresh.__getitem__)
+    got = imgs.choose_image(module({"k"}, {"k": {REGS: 32, LOCAL: 16}}), images, probe=fresh.__getitem__)
     assert got == (1, "names+probe")
 
 
@@ -222,17 +223,17 @@ def test_ambiguous_images_raise_unsupported_graph_naming_kernel_and_candidates()
         return frozenset({"k"}), {"k": {REGS: 32}}
 
     with pytest.raises(UnsupportedGraph) as err:
-        B.choose_image(module({"k"}, {"k": {REGS: 32}}), images, probe=same)
+        imgs.choose_image(module({"k"}, {"k": {REGS: 32}}), images, probe=same)
     msg = str(err.value)
     assert "kernel k" in msg and "#0 (aaaaaaaaaaaa)" in msg and "#1 (bbbbbbbbbbbb)" in msg and "\n" not in msg
 
 
 def test_no_matching_image_is_explained():
-    images = [facts(0, [K("a")]), B.ImageFacts(1, "c" * 64, None, problem="zstd-compressed")]
+    images = [facts(0, [K("a")]), imgs.ImageFacts(1, "c" * 64, None, problem="zstd-compressed")]
     with pytest.raises(UnsupportedGraph, match="recorder started before CUDA.*could not be read \\(zstd"):
-        B.choose_image(module({"b"}, {"b": {}}), images)
+        imgs.choose_image(module({"b"}, {"b": {}}), images)
     with pytest.raises(UnsupportedGraph, match="no functions"):
-        B.choose_image(module(set(), {"b": {}}), images)
+        imgs.choose_image(module(set(), {"b": {}}), images)
 
 
 def test_probe_rejects_a_name_match_with_other_attributes():
@@ -241,30 +242,30 @@ def test_probe_rejects_a_name_match_with_other_attributes():
         return frozenset({"k"}), {"k": {REGS: 99}}
 
     with pytest.raises(UnsupportedGraph, match="none loads with the same"):
-        B.choose_image(module({"k"}, {"k": {REGS: 32}}), images, probe=fresh)
+        imgs.choose_image(module({"k"}, {"k": {REGS: 32}}), images, probe=fresh)
 
 
 def test_known_handle_wins_and_is_verified():
     images = [facts(0, [K("k")]), facts(1, [K("k")])]
     ok = {0: (frozenset({"k"}), {"k": {REGS: 32}}), 1: (frozenset({"k"}), {"k": {REGS: 32}})}
-    assert B.choose_image(module({"k"}, {"k": {REGS: 32}}, known=1), images, probe=ok.__getitem__) == (1, "handle")
+    assert imgs.choose_image(module({"k"}, {"k": {REGS: 32}}, known=1), images, probe=ok.__getitem__) == (1, "handle")
     # the recorded pairing disagrees with the module's functions: fall back to names (and find 0)
     images2 = [facts(0, [K("k")]), facts(1, [K("other")])]
-    assert B.choose_image(module({"k"}, {"k": {REGS: 32}}, known=1), images2) == (0, "names")
+    assert imgs.choose_image(module({"k"}, {"k": {REGS: 32}}, known=1), images2) == (0, "names")
 
 
 def test_changed_attributes_only_settable_and_different():
-    defaults = {B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 0, B.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT: -1,
-                B.ATTR_REQUIRED_CLUSTER_WIDTH: 0}
-    current = {B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 200_000, B.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT: -1,
-               B.ATTR_REQUIRED_CLUSTER_WIDTH: 0, REGS: 40}
-    assert B.changed_attributes(current, defaults) == {B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 200_000}
+    defaults = {imgs.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 0, imgs.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT: -1,
+                imgs.ATTR_REQUIRED_CLUSTER_WIDTH: 0}
+    current = {imgs.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 200_000, imgs.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT: -1,
+               imgs.ATTR_REQUIRED_CLUSTER_WIDTH: 0, REGS: 40}
+    assert imgs.changed_attributes(current, defaults) == {imgs.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 200_000}
 
 
 def test_attribute_application_order():
-    attrs = [B.ATTR_REQUIRED_CLUSTER_WIDTH, B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-             B.ATTR_NON_PORTABLE_CLUSTER_SIZE_ALLOWED]
-    assert sorted(attrs, key=B._attribute_order)[0] == B.ATTR_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+    attrs = [imgs.ATTR_REQUIRED_CLUSTER_WIDTH, imgs.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+             imgs.ATTR_NON_PORTABLE_CLUSTER_SIZE_ALLOWED]
+    assert sorted(attrs, key=imgs._attribute_order)[0] == imgs.ATTR_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
 
 
 # --- archive selection ------------------------------------------------------------------------------------
@@ -276,16 +277,16 @@ def test_select_images_dedupes_and_indexes(tmp_path):
     sha = hashlib.sha256(blob).hexdigest()
     osha = hashlib.sha256(other).hexdigest()
     refs = [
-        B.FunctionRef(1, "tiny_a", 0, sha, {B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 65536}, "names"),
-        B.FunctionRef(2, "tiny_b", 0, sha, {}, "names"),
-        B.FunctionRef(3, "tiny_a", 0, sha, {B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 65536}, "names"),
-        B.FunctionRef(4, "x", 1, osha, {}, "handle"),
+        imgs.FunctionRef(1, "tiny_a", 0, sha, {imgs.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 65536}, "names"),
+        imgs.FunctionRef(2, "tiny_b", 0, sha, {}, "names"),
+        imgs.FunctionRef(3, "tiny_a", 0, sha, {imgs.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 65536}, "names"),
+        imgs.FunctionRef(4, "x", 1, osha, {}, "handle"),
     ]
-    stored, functions = B.select_images([blob, other], refs)
+    stored, functions = imgs.select_images([blob, other], refs)
     assert [s.sha256 for s in stored] == [sha, osha]
     assert stored[0].kernels == ["tiny_a", "tiny_b"] and stored[1].kernels == []
     assert functions == [
-        KernelFunction(image=0, name="tiny_a", attributes={B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 65536}),
+        KernelFunction(image=0, name="tiny_a", attributes={imgs.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: 65536}),
         KernelFunction(image=0, name="tiny_b", attributes={}),
         KernelFunction(image=1, name="x", attributes={}),
     ]
@@ -298,13 +299,13 @@ def test_select_images_dedupes_and_indexes(tmp_path):
 
 @pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a GPU driver is present")
 def test_driver_calls_fail_with_one_line_errors():
-    for call in (lambda: B.resolve_functions([1], []), lambda: B.load_images([b"x"]), B.loading_mode,
-                 lambda: B.get_functions([1], [KernelFunction(image=0, name="k")])):
+    for call in (lambda: imgs.resolve_functions([1], []), lambda: imgs.load_images([b"x"]), imgs.loading_mode,
+                 lambda: imgs.get_functions([1], [KernelFunction(image=0, name="k")])):
         with pytest.raises(FoundryError) as err:
             call()
         assert "\n" not in str(err.value)
     with pytest.raises(FoundryError, match="only 0 are loaded"):
-        B.get_functions([], [KernelFunction(image=0, name="k")])
+        imgs.get_functions([], [KernelFunction(image=0, name="k")])
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -333,15 +334,16 @@ def test_ctypes_signatures_are_declared(lib):
 
 
 def test_select_images_merges_copies_of_one_function():
-    dyn, carve = B.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, B.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT
+    dyn, carve = imgs.ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, imgs.ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT
     blob = b"\x7fELF" + b"\0" * 60
     sha = hashlib.sha256(blob).hexdigest()
-    refs = [B.FunctionRef(1, "k", 0, sha, {dyn: 1000}, "names"), B.FunctionRef(2, "k", 0, sha, {dyn: 9000}, "names")]
-    _, functions = B.select_images([blob], refs)
+    refs = [imgs.FunctionRef(1, "k", 0, sha, {dyn: 1000}, "names"),
+            imgs.FunctionRef(2, "k", 0, sha, {dyn: 9000}, "names")]
+    _, functions = imgs.select_images([blob], refs)
     assert functions == [KernelFunction(image=0, name="k", attributes={dyn: 9000})]
-    refs.append(B.FunctionRef(3, "k", 0, sha, {dyn: 9000, carve: 50}, "names"))
+    refs.append(imgs.FunctionRef(3, "k", 0, sha, {dyn: 9000, carve: 50}, "names"))
     with pytest.raises(UnsupportedGraph, match="kernel k"):
-        B.select_images([blob], refs)
+        imgs.select_images([blob], refs)
 
 
 def test_recorder_is_thread_safe(lib):
@@ -358,18 +360,18 @@ def test_recorder_is_thread_safe(lib):
         th.start()
     for th in threads:
         th.join()
-    images = B.ImageRecorder().images()
+    images = recorder.ImageRecorder().images()
     assert sorted(im.data for im in images) == sorted(blobs)
     assert sum(im.loads for im in images) == 8 * 200
-    assert len(B.ImageRecorder().module_images()) == 8 * 200
+    assert len(recorder.ImageRecorder().module_images()) == 8 * 200
 
 
 def test_select_images_refuses_a_different_image_list():
-    ref = B.FunctionRef(1, "k", 0, hashlib.sha256(b"one").hexdigest(), {}, "names")
+    ref = imgs.FunctionRef(1, "k", 0, hashlib.sha256(b"one").hexdigest(), {}, "names")
     with pytest.raises(FoundryError, match="not the one it was resolved to"):
-        B.select_images([b"two"], [ref])
+        imgs.select_images([b"two"], [ref])
     with pytest.raises(FoundryError, match="not the one"):
-        B.select_images([], [ref])
+        imgs.select_images([], [ref])
 
 
 def test_start_after_torch_initialised_cuda_warns_loudly(lib, monkeypatch, recwarn):
@@ -379,7 +381,7 @@ def test_start_after_torch_initialised_cuda_warns_loudly(lib, monkeypatch, recwa
 
     fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_initialized=lambda: True))
     monkeypatch.setitem(sys.modules, "torch", fake_torch)
-    with pytest.raises(B.ImageCaptureError):
-        B.ImageRecorder().start("/nonexistent/libcupti.so.13")
+    with pytest.raises(recorder.ImageCaptureError):
+        recorder.ImageRecorder().start("/nonexistent/libcupti.so.13")
     messages = [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
     assert any("MISSED" in m and "torch.cuda is initialised" in m for m in messages)

@@ -31,6 +31,7 @@ def test_restored_graph_is_importable_from_the_package():
 
 
 @pytest.mark.parametrize("module", ["foundry_core.errors", "foundry_core.session", "foundry_core.restore",
+                                    "foundry_core.recorder", "foundry_core.images", "foundry_core.binaries",
                                     "foundry_core.archive"])
 def test_public_modules_declare_all(module):
     mod = importlib.import_module(module)
@@ -47,3 +48,12 @@ def test_version_is_defined_once():
     assert 'attr = "foundry_core.__version__"' in pyproject
     assert foundry_sglang.__version__ == foundry_core.__version__
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", foundry_core.__version__)
+
+
+def test_binaries_reexports_the_recorder_and_images_modules():
+    from foundry_core import binaries, images, recorder
+
+    assert set(binaries.__all__) == set(recorder.__all__) | set(images.__all__)
+    for name in binaries.__all__:
+        home = recorder if name in recorder.__all__ else images
+        assert getattr(binaries, name) is getattr(home, name)

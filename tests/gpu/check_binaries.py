@@ -1,4 +1,4 @@
-"""GPU check for foundry_core.binaries (run on the H200 in one command; needs msgspec importable):
+"""GPU check for foundry_core.recorder and .images (run on the H200 in one command; needs msgspec importable):
 
     PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_binaries.py [--out DIR]
 
@@ -34,7 +34,7 @@ def graph_kernel_functions(graph_handle: int) -> list[int]:
     """CUfunction of every kernel node (child graphs included), in node order."""
     from cuda.bindings import driver as drv
 
-    from foundry_core.binaries import _call
+    from foundry_core.images import _call
 
     out: list[int] = []
 
@@ -97,9 +97,12 @@ def build_workload():
 
 def phase_save(work: Path) -> dict:
     t_start = time.perf_counter()
-    from foundry_core import binaries, cubin
+    from foundry_core import cubin
+    from foundry_core import images as kernel_images
+    from foundry_core.errors import FoundryError
+    from foundry_core.recorder import ImageRecorder
 
-    recorder = binaries.ImageRecorder().start()  # before torch touches CUDA
+    recorder = ImageRecorder().start()  # before torch touches CUDA
     import torch
 
     step = build_workload()
@@ -137,13 +140,13 @@ def phase_save(work: Path) -> dict:
     known = recorder.module_images()
     unresolved: list[str] = []
     try:
-        refs = binaries.resolve_functions(funcs, images, known)
-    except binaries.FoundryError as err:
+        refs = kernel_images.resolve_functions(funcs, images, known)
+    except FoundryError as err:
         refs = []
         for f in dict.fromkeys(funcs):  # one by one, to count how many fail
             try:
-                refs += binaries.resolve_functions([f], images, known)
-            except binaries.FoundryError as e:
+                refs += kernel_images.resolve_functions([f], images, known)
+            except FoundryError as e:
                 unresolved.append(str(e))
         unresolved = unresolved or [str(err)]
     res["resolve_seconds"] = time.perf_counter() - t
@@ -158,7 +161,7 @@ def phase_save(work: Path) -> dict:
     res["cubin_vs_driver"] = compare_cubin_with_driver(refs, images)
 
     # Write what an archive would hold.
-    stored, functions = binaries.select_images(images, refs)
+    stored, functions = kernel_images.select_images(images, refs)
     res["stored_images"] = len(stored)
     res["stored_bytes"] = sum(len(s.data) for s in stored)
     res["stored_functions"] = len(functions)
@@ -167,8 +170,8 @@ def phase_save(work: Path) -> dict:
         (work / "images" / f"{i:04d}.bin").write_bytes(s.data)
     identity = {}
     for r in refs:
-        identity[(r.sha256, r.name)] = binaries._func_attrs(_drv(), _drv().CUfunction(r.handle),
-                                                             binaries.IDENTITY_ATTRIBUTES)
+        identity[(r.sha256, r.name)] = kernel_images._func_attrs(_drv(), _drv().CUfunction(r.handle),
+                                                                  kernel_images.IDENTITY_ATTRIBUTES)
     records = [{"image": f.image, "name": f.name, "attributes": {str(k): v for k, v in f.attributes.items()},
                 "identity": {str(k): v for k, v in identity[(stored[f.image].sha256, f.name)].items()}}
                for f in functions]
@@ -207,28 +210,29 @@ def _has_kernel(data: bytes, fragment: str) -> bool:
 
 
 def compare_cubin_with_driver(refs, images) -> dict:
-    from foundry_core import binaries, cubin
+    from foundry_core import cubin
+    from foundry_core import images as kernel_images
 
     by_sha = {im.sha256: im for im in images}
     counts = Counter()
     examples = []
     for r in {r.handle: r for r in refs}.values():
         try:
-            info = cubin.parse_image(by_sha[r.sha256].data).for_arch(binaries.device_arch())
+            info = cubin.parse_image(by_sha[r.sha256].data).for_arch(kernel_images.device_arch())
         except ValueError:
             info = None
         k = info.kernels.get(r.name) if info else None
         if k is None or k.registers < 0:
             counts["not_parsed"] += 1
             continue
-        a = binaries._func_attrs(_drv(), _drv().CUfunction(r.handle), binaries.IDENTITY_ATTRIBUTES)
+        a = kernel_images._func_attrs(_drv(), _drv().CUfunction(r.handle), kernel_images.IDENTITY_ATTRIBUTES)
         counts["compared"] += 1
-        counts["regs_equal"] += a[binaries.ATTR_NUM_REGS] == k.registers
-        diff = a[binaries.ATTR_SHARED_SIZE_BYTES] - k.shared_bytes
+        counts["regs_equal"] += a[kernel_images.ATTR_NUM_REGS] == k.registers
+        diff = a[kernel_images.ATTR_SHARED_SIZE_BYTES] - k.shared_bytes
         counts["shared_equal"] += diff == 0
         counts[f"shared_driver_minus_cubin_{diff}"] += diff != 0
-        counts["local_equals_frame"] += a[binaries.ATTR_LOCAL_SIZE_BYTES] == k.frame_bytes
-        if len(examples) < 5 and (diff or a[binaries.ATTR_NUM_REGS] != k.registers):
+        counts["local_equals_frame"] += a[kernel_images.ATTR_LOCAL_SIZE_BYTES] == k.frame_bytes
+        if len(examples) < 5 and (diff or a[kernel_images.ATTR_NUM_REGS] != k.registers):
             examples.append({"name": r.name[:80], "driver": a, "cubin": {"regs": k.registers, "shared": k.shared_bytes,
                                                                           "frame": k.frame_bytes,
                                                                           "const0": k.const0_bytes}})
@@ -243,8 +247,9 @@ def compare_cubin_with_driver(refs, images) -> dict:
 def phase_load(work: Path) -> dict:
     from cuda.bindings import driver as drv
 
-    from foundry_core import binaries, cubin
-    from foundry_core.binaries import _call
+    from foundry_core import cubin
+    from foundry_core import images as kernel_images
+    from foundry_core.images import _call
     from foundry_core.schema import KernelFunction
 
     t0 = time.perf_counter()
@@ -258,10 +263,10 @@ def phase_load(work: Path) -> dict:
     functions = [KernelFunction(image=r["image"], name=r["name"],
                                 attributes={int(k): v for k, v in r["attributes"].items()}) for r in records]
     t = time.perf_counter()
-    modules = binaries.load_images(images)
+    modules = kernel_images.load_images(images)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    handles = binaries.get_functions(modules, functions, load=False)
+    handles = kernel_images.get_functions(modules, functions, load=False)
     get_s = time.perf_counter() - t
     t = time.perf_counter()
     for h in handles:
@@ -271,15 +276,15 @@ def phase_load(work: Path) -> dict:
     for h, r in zip(handles, records):
         f = drv.CUfunction(h)
         name = cubin.decode_name(_call("cuFuncGetName", drv.cuFuncGetName, f))
-        ident = binaries._func_attrs(drv, f, binaries.IDENTITY_ATTRIBUTES)
-        applied = binaries._func_attrs(drv, f, [int(k) for k in r["attributes"]])
+        ident = kernel_images._func_attrs(drv, f, kernel_images.IDENTITY_ATTRIBUTES)
+        applied = kernel_images._func_attrs(drv, f, [int(k) for k in r["attributes"]])
         if name != r["name"]:
             bad.append(f"{r['name'][:60]}: name {name[:60]}")
         if {str(k): v for k, v in ident.items()} != r["identity"]:
             bad.append(f"{r['name'][:60]}: identity {ident} != saved {r['identity']}")
         if {str(k): v for k, v in applied.items()} != r["attributes"]:
             bad.append(f"{r['name'][:60]}: attributes {applied} != saved {r['attributes']}")
-    return {"mode": binaries.loading_mode(), "init_seconds": init_s, "load_images_seconds": load_s,
+    return {"mode": kernel_images.loading_mode(), "init_seconds": init_s, "load_images_seconds": load_s,
             "get_functions_seconds": get_s, "cuFuncLoad_seconds": func_load_s, "images": len(images),
             "functions": len(handles), "mismatches": bad[:20], "num_mismatches": len(bad)}
 
@@ -293,19 +298,19 @@ def phase_errors() -> dict:
     import ctypes
     import warnings
 
-    from foundry_core import binaries
+    from foundry_core.recorder import ImageCaptureError, ImageRecorder, find_libcupti
 
     res = {}
-    path = binaries.find_libcupti()
+    path = find_libcupti()
     cupti = ctypes.CDLL(path)
     holder = ctypes.c_void_p()
     cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p)(lambda *a: None)
     rc = cupti.cuptiSubscribe(ctypes.byref(holder), cb, None)
     res["holder_subscribe_rc"] = rc
     try:
-        binaries.ImageRecorder().start(path)
+        ImageRecorder().start(path)
         res["busy_error"] = "started although CUPTI was held"
-    except binaries.ImageCaptureError as err:
+    except ImageCaptureError as err:
         res["busy_error"] = str(err)
     cupti.cuptiUnsubscribe(holder)
 
@@ -315,7 +320,7 @@ def phase_errors() -> dict:
     torch.zeros(1, device="cuda")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rec = binaries.ImageRecorder().start(path)
+        rec = ImageRecorder().start(path)
     res["late_warning"] = next((str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)), "")
     torch.softmax(torch.randn(8, 8, device="cuda"), -1)
     torch.cuda.synchronize()
