@@ -1,6 +1,6 @@
 """GPU check for issue 11 (never silent garbage, third-party model code, random numbers inside graphs).
 
-    python3 tests/gpu/check_fidelity.py [--out DIR] [--only NAME,...] [--jobs N]
+    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_fidelity.py [--out DIR] [--only NAME,...] [--jobs N]
 
 Every check runs SAVE and LOAD in fresh processes (children of this script, with timeouts) and compares outputs
 bitwise (outputs poisoned before each replay). Rows:
@@ -31,7 +31,6 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 KEY = "check-fidelity-v1"
 HIDDEN = 1024

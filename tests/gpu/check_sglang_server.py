@@ -1,7 +1,7 @@
 """GPU check of the SGLang plugin on a real SGLang server: plain SGLang vs Foundry SAVE vs Foundry LOAD.
 
     source /tmp/foundry_stage/env.sh      # after scripts/stage_sglang.py append/install (docs/STAGING.md)
-    python tests/gpu/check_sglang_server.py [--models dense[,moe]] [--dense-layers 4] [--out DIR]
+    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_sglang_server.py [--models dense[,moe]] [--out DIR]
 
 For each model it writes a model directory (a Qwen3 config, no weights: SGLang's ``--load-format dummy`` fills
 random ones; ``--skip-tokenizer-init``: requests are token ids) and starts, on GPU 0, one after the other:
