@@ -90,7 +90,7 @@ def start_image_recorder_early() -> None:
     if torch is not None and torch.cuda.is_initialized():
         return  # too late to help; the Session warns when it starts its recorder
     try:
-        from foundry_core.binaries import ImageRecorder
+        from foundry_core.recorder import ImageRecorder
 
         ImageRecorder().start()
     except Exception as err:  # no CUPTI here: a SAVE says so when the Session starts its recorder

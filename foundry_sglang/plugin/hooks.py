@@ -349,7 +349,7 @@ def _stop_early_recorder() -> None:
     """Stop the image recorder the entry point started (``plugin.start_image_recorder_early``) when no SAVE
     follows in this process."""
     try:
-        from foundry_core.binaries import ImageRecorder
+        from foundry_core.recorder import ImageRecorder
 
         recorder = ImageRecorder()
         if recorder.active:

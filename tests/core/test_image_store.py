@@ -15,8 +15,8 @@ import pytest
 
 from foundry_core import schema
 from foundry_core.archive import Archive, ArchiveWriter
-from foundry_core.binaries import StoredImage
 from foundry_core.cli import main, summarise
+from foundry_core.images import StoredImage
 from foundry_core.store import STORE_DIRNAME, ImageStore, StoreError, image_bytes, pack_archive, store_images
 
 REPO = Path(__file__).resolve().parents[2]

@@ -618,7 +618,7 @@ def child_ptr(archive, result, case, cubin_path):
     import torch
 
     import foundry_core as fc
-    from foundry_core.binaries import ImageRecorder
+    from foundry_core.recorder import ImageRecorder
 
     pre_open = None
     if case == "pre-open-tensor":

@@ -174,10 +174,10 @@ class _FakeRecorder:
 def test_image_recorder_starts_early_only_in_spawned_processes(monkeypatch):
     import multiprocessing
 
-    import foundry_core.binaries as binaries
+    import foundry_core.recorder as recorder
     from foundry_sglang import plugin
 
-    monkeypatch.setattr(binaries, "ImageRecorder", _FakeRecorder)
+    monkeypatch.setattr(recorder, "ImageRecorder", _FakeRecorder)
     _FakeRecorder.started = 0
     monkeypatch.setattr(multiprocessing, "parent_process", lambda: None)  # the launcher's own process
     plugin.start_image_recorder_early()
