@@ -1,7 +1,9 @@
-"""SAVE: turn a session's recorded graphs into an archive.
+"""SAVE: turn recorded graphs into an archive.
+
+:func:`write_archive` reads only its :class:`SaveInputs` (``Session.save()`` gathers them).
 
 Steps: read every graph (codec), give kernels, events and child graphs archive-wide indices, map kernels to
-the module images they came from (binaries), refuse arguments that point outside restorable memory (safety),
+the module images they came from (images), refuse arguments that point outside restorable memory (safety),
 find the graph-safe RNG state graphs read, snapshot the warm-up buffers graphs read, share structure between
 graphs (templates), write blobs + manifest with the arena's allocation trace (layout).
 """
@@ -11,9 +13,9 @@ import datetime
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -23,9 +25,42 @@ from foundry_core.errors import UnsafeAddress, UnsupportedGraph
 from foundry_core.safety import PointerOracle, candidate_words, judge_graph, padding_ranges, whole_word_params
 from foundry_core.store import store_images
 
+__all__ = ["CapturedGraph", "SaveInputs", "flatten_outputs", "tensor_spec", "write_archive"]
+
 log = logging.getLogger("foundry_core.save")
 
 SNAPSHOT_SMALL_BYTES = 1 << 20
+
+
+class CapturedGraph(NamedTuple):
+    """One graph recorded for SAVE."""
+
+    key: str
+    graph: Any  # torch.cuda.CUDAGraph made with keep_graph=True (its CUgraph is read)
+    outputs: Any  # tensor or pytree of tensors
+    capture_seconds: float = 0.0
+
+
+@dataclass
+class SaveInputs:
+    """Everything SAVE reads: the recorded graphs and what the process knew while making them."""
+
+    path: Path
+    key: str  # the caller's identity, stored in the fingerprint
+    device: int
+    arena: Any  # allocator.Arena
+    graphs: Sequence[CapturedGraph]
+    images: Any  # recorder.ImageRecorder that ran since open()
+    capture_range: tuple[int, int]  # arena offsets of the capture phase
+    warmup_pool: Any  # torch.cuda.MemPool of the capture phase (live blocks graphs may read are snapshotted)
+    trace_at_capture: int  # arena trace records before the capture phase (LOAD must reproduce them)
+    blocks_at_capture: Any  # live blocks of the init pool when the capture phase began (layout.live_blocks)
+    labels: Sequence[tuple[str, int, int]] = ()  # (name, first trace record, end) from Session.label()
+    capture_begin_blocks: frozenset = frozenset()  # (address, size) blocks torch allocated in capture_begin
+    slots: Optional[Any] = None  # slots.SlotRecorder, when placeholders were launched
+    image_store: Optional[Any] = None  # store.ImageStore for the kernel images; None: embedded in the archive
+    extra: Mapping[str, str] = field(default_factory=dict)
+    progress: bool = True  # tqdm while reading graphs
 
 
 @dataclass
@@ -96,21 +131,22 @@ def _kernel_and_copy_spans(g: DecodedGraph) -> list[tuple[int, int, int]]:
     return [(int(i), int(g.nodes[i]["payload_off"]), int(g.nodes[i]["payload_len"])) for i in sel]
 
 
-def write_archive(session, recorder, extra: dict[str, str]) -> Path:
+def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
+    """Read, check and write ``inputs``' graphs; returns the archive path. ``stats`` receives timings (seconds)
+    and sizes."""
     import torch
 
-    from foundry_core import binaries
+    from foundry_core import images as kernel_images
     from foundry_core.allocator import native_lib
     from foundry_core.archive import ArchiveWriter
     from foundry_core.fingerprint import current_fingerprint
 
     torch.cuda.synchronize()
-    stats = session.save_stats
-    arena = session.arena
+    arena = inputs.arena
     t0 = time.perf_counter()
 
     # 1. read graphs ----------------------------------------------------------------------------------------
-    slot_recorder = getattr(session, "_slot_recorder", None)
+    slot_recorder = inputs.slots
     reader = GraphReader(slot_function=slot_recorder.function if slot_recorder is not None else None)
     reader.memcpy3d_size = int(native_lib().foundry_sizeof_memcpy3d())
     entries: list[_Entry] = []
@@ -120,9 +156,9 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
         entries.append(_Entry(key, dg, is_child, outputs, secs, children))
         return len(entries) - 1
 
-    graphs = session._graphs
+    graphs = inputs.graphs
     iterator = graphs
-    if session.progress:
+    if inputs.progress:
         from tqdm import tqdm
 
         iterator = tqdm(graphs, desc="foundry: reading graphs", unit="graph", leave=False)
@@ -144,9 +180,9 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
         for ev in e.graph.events:
             events.setdefault(ev, len(events))
     t1 = time.perf_counter()
-    images = recorder.images()
-    refs = binaries.resolve_functions(handles, images, recorder.module_images())
-    stored_images, functions = binaries.select_images(images, refs)
+    images = inputs.images.images()
+    refs = kernel_images.resolve_functions(handles, images, inputs.images.module_images())
+    stored_images, functions = kernel_images.select_images(images, refs)
     function_of = {(stored_images[f.image].sha256, f.name): i for i, f in enumerate(functions)}
     global_ref = [function_of[(r.sha256, r.name)] for r in refs]  # per handle index
     stats["resolve_seconds"] = time.perf_counter() - t1
@@ -210,16 +246,16 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
     stats["safety_seconds"] = time.perf_counter() - t2
 
     # 3b. graph-safe RNG state: found through the blocks PyTorch allocated in capture_begin ------------------
-    rng_of = _find_rng_states(session, entries, words)
+    rng_of = _find_rng_states(inputs, entries, words)
 
     # 4. snapshots of live warm-up buffers ----------------------------------------------------------------
-    snapshots = _snapshot_blocks(session, words)
+    snapshots = _snapshot_blocks(inputs, words)
 
     # 5. outputs, templates, blobs --------------------------------------------------------------------------
-    start, end = session._capture_range
-    fingerprint = current_fingerprint(session.key, session.device)
-    with ArchiveWriter(session.path) as w:
-        image_records = store_images(w, stored_images, session.image_store)
+    start, end = inputs.capture_range
+    fingerprint = current_fingerprint(inputs.key, inputs.device)
+    with ArchiveWriter(inputs.path) as w:
+        image_records = store_images(w, stored_images, inputs.image_store)
         templates: list[schema.GraphTemplate] = []
         template_of: dict[str, int] = {}
         records = []
@@ -255,8 +291,8 @@ def write_archive(session, recorder, extra: dict[str, str]) -> Path:
             arena=schema.ArenaLayout(base=arena.base, size=arena.size, granularity=arena.granularity,
                                      capture_start=start, capture_end=end),
             blobs={}, images=image_records, functions=functions, templates=templates, graphs=records,
-            snapshots=snap_records, num_events=len(events), extra=dict(extra), slots=slots,
-            trace=_allocation_trace(session, words),
+            snapshots=snap_records, num_events=len(events), extra=dict(inputs.extra), slots=slots,
+            trace=_allocation_trace(inputs, words),
         )
         path = w.finish(manifest)
     stats["total_seconds"] = time.perf_counter() - t0
@@ -292,14 +328,14 @@ def _node_name(g: DecodedGraph, node: int, functions) -> str:
     return schema.NODE_KIND_NAMES[int(rec["kind"])]
 
 
-def _allocation_trace(session, words: np.ndarray) -> schema.AllocationTrace:
+def _allocation_trace(inputs: SaveInputs, words: np.ndarray) -> schema.AllocationTrace:
     """The arena's trace from open() to now (LOAD must reproduce the part before the capture phase) and the live
     blocks of that time which the graphs' arguments (``words``) point into."""
     import torch
 
-    arena = session.arena
+    arena = inputs.arena
     rows = arena.trace()
-    compared = session._trace_at_capture
+    compared = inputs.trace_at_capture
     held: dict[int, str] = {}
     segments = {int(seg["address"]): seg for seg in torch.cuda.memory_snapshot()}
     for i in np.nonzero(rows["op"][:compared] == layout.OP_ALLOC)[0].tolist():
@@ -310,11 +346,11 @@ def _allocation_trace(session, words: np.ndarray) -> schema.AllocationTrace:
         if sizes:
             shown = ", ".join(layout.human_bytes(n) for n in sizes[:3]) + (" …" if len(sizes) > 3 else "")
             held[i] = f"{len(sizes)} tensor(s): {shown}"
-    blocks = layout.read_blocks(session._blocks_at_capture, words, arena.base)
-    return layout.encode(rows, compared, session._labels, held, blocks)
+    blocks = layout.read_blocks(inputs.blocks_at_capture, words, arena.base)
+    return layout.encode(rows, compared, list(inputs.labels), held, blocks)
 
 
-def _find_rng_states(session, entries: list[_Entry], words: np.ndarray) -> dict[int, list[schema.RngState]]:
+def _find_rng_states(inputs: SaveInputs, entries: list[_Entry], words: np.ndarray) -> dict[int, list[schema.RngState]]:
     """Graphs whose arguments hold a pair of pointers into the graph-safe RNG state PyTorch allocated in
     capture_begin (PhiloxCudaState: seed pointer, offset pointer — a lone stale copy in padding does not count):
     replay each once with the generator at a probe offset, read the state back to tell seed from offset, and
@@ -322,11 +358,11 @@ def _find_rng_states(session, entries: list[_Entry], words: np.ndarray) -> dict[
     put back after; the replay writes what the graph writes, like one more warm-up."""
     import torch
 
-    blocks = sorted(a for a, _ in session._capture_begin_blocks)
+    blocks = sorted(a for a, _ in inputs.capture_begin_blocks)
     if not blocks or not len(words):
         return {}
-    graphs = {key: g for key, g, _, _ in session._graphs}
-    gen = torch.cuda.default_generators[session.device]
+    graphs = {g.key: g.graph for g in inputs.graphs}
+    gen = torch.cuda.default_generators[inputs.device]
     out: dict[int, list[schema.RngState]] = {}
     for i, e in enumerate(entries):
         if e.is_child:
@@ -342,7 +378,7 @@ def _find_rng_states(session, entries: list[_Entry], words: np.ndarray) -> dict[
             graphs[e.key].replay()
             torch.cuda.synchronize()
             increment = gen.get_offset() - probe
-            values = {a: _read_u64(a, session.device) for a in refs}
+            values = {a: _read_u64(a, inputs.device) for a in refs}
         finally:
             gen.set_state(saved_state)
         seeds = [a for a, v in values.items() if v == seed % (1 << 64)]
@@ -386,11 +422,11 @@ def _read_u64(address: int, device: int) -> int:
     return int(t.item()) % (1 << 64)
 
 
-def _snapshot_blocks(session, words: np.ndarray) -> list[tuple[int, bytes, str]]:
+def _snapshot_blocks(inputs: SaveInputs, words: np.ndarray) -> list[tuple[int, bytes, str]]:
     """Contents of live blocks of the warm-up pool that graphs may read (small ones, or ones arguments point into)."""
     import torch
 
-    pool_id = tuple(session._pools["warmup"].id)
+    pool_id = tuple(inputs.warmup_pool.id)
     out = []
     for seg in torch.cuda.memory_snapshot():
         if tuple(seg.get("segment_pool_id", ())) != pool_id:
@@ -405,6 +441,6 @@ def _snapshot_blocks(session, words: np.ndarray) -> list[tuple[int, bytes, str]]
                 from foundry_core.restore import tensor_at
 
                 t = tensor_at(schema.TensorSpec(address=addr, dtype="uint8", shape=[size], strides=[1],
-                                                storage_bytes=size), session.device)
+                                                storage_bytes=size), inputs.device)
                 out.append((addr, t.cpu().numpy().tobytes(), "referenced" if referenced else "small"))
     return out

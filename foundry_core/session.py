@@ -1,4 +1,4 @@
-"""``Session``: the public entry point tying arena, binaries, codec, archive and restore together.
+"""``Session``: the public entry point tying arena, kernel images, codec, archive and restore together.
 
 SAVE: ``open()`` starts recording module images (before CUDA work), reserves the arena and routes every
 allocation PyTorch makes from then on — any thread, any stream, PyTorch's own included — into it; the application
@@ -12,19 +12,44 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import enum
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 from foundry_core.allocator import Arena
 from foundry_core.errors import ArchiveError, DeviceUnavailable, FoundryError
+from foundry_core.save import CapturedGraph
 from foundry_core.store import ImageStore
 
-__all__ = ["Session", "keep_previous"]
+__all__ = ["Session", "SessionMode", "keep_previous"]
 
 log = logging.getLogger("foundry_core.session")
+
+
+class SessionMode(str, enum.Enum):
+    """What a session does with its archive (the one definition of these names; engine settings reuse them)."""
+
+    SAVE = "save"  # capture graphs and write the archive
+    LOAD = "load"  # restore graphs from the archive
+    AUTO = "auto"  # asked for only: open() loads a compatible archive, else saves
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def parse(cls, value: Union[str, "SessionMode"]) -> "SessionMode":
+        """``value`` as a mode; FoundryError with one line otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise FoundryError(f"mode must be {', '.join(m.value for m in cls)}, not {value!r}") from None
+
 
 def keep_previous(path: Path) -> Path:
     """Move an existing archive aside to ``PATH.prev`` (replacing an older ``.prev``); returns the new path."""
@@ -37,7 +62,8 @@ def keep_previous(path: Path) -> Path:
 class Session:
     """Save CUDA graphs with their execution context, or restore them in a fresh process.
 
-    ``mode``: "save", "load", or "auto" (load when a compatible archive exists at ``path``, else save).
+    ``mode``: a :class:`SessionMode` or its name: save, load, or auto (load when a compatible archive exists at
+    ``path``, else save).
     ``key``: caller's identity of the model/config/layout; LOAD refuses an archive saved under another key.
     ``image_store``: SAVE puts kernel images into the host's store beside the archive (``foundry_core.store``,
     shared by every archive there); False embeds them in the archive file. Default (None): the store when
@@ -48,7 +74,7 @@ class Session:
     def __init__(
         self,
         path: str | os.PathLike,
-        mode: str = "auto",
+        mode: Union[str, SessionMode] = SessionMode.AUTO,
         key: str = "",
         device: Optional[int] = None,
         arena_base: Optional[int] = None,
@@ -58,11 +84,9 @@ class Session:
         rank: Optional[int] = None,
         image_store: Optional[bool] = None,
     ):
-        if mode not in ("save", "load", "auto"):
-            raise FoundryError(f"mode must be save, load or auto, not {mode!r}")
         self.path = Path(path)
-        self.requested_mode = mode
-        self.mode: Optional[str] = None
+        self.requested_mode = SessionMode.parse(mode)
+        self.mode: Optional[SessionMode] = None  # SAVE or LOAD once open
         self.key = key
         self.device = device
         self.progress = progress
@@ -85,7 +109,7 @@ class Session:
         self._saved_trace = None  # LOAD: SAVE's trace rows (layout.TRACE_DTYPE), decoded at open()
         self._saved_blocks = None  # LOAD: SAVE's live blocks before capture, (offset, size) rows
         self._blocks_at_capture = None  # SAVE: the same, taken when the capture phase began
-        self._graphs: list[tuple[str, Any, Any, float]] = []  # (key, CUDAGraph, outputs, capture seconds)
+        self._graphs: list[CapturedGraph] = []
         self._capture_range: Optional[tuple[int, int]] = None
         self._in_capture_phase = False
         self.restore_stats = None
@@ -108,17 +132,17 @@ class Session:
             return self
         t0 = time.perf_counter()
         mode = self.requested_mode
-        if mode in ("load", "auto"):
+        if mode in (SessionMode.LOAD, SessionMode.AUTO):
             problem = self._open_archive()
             self.open_stats["archive_seconds"] = time.perf_counter() - t0
             if problem:
-                if mode == "load":
+                if mode is SessionMode.LOAD:
                     raise problem
                 self.fallback_reason = str(problem)
                 log.info("foundry: no usable archive, capturing and saving (%s)", problem)
-                mode = "save"
+                mode = SessionMode.SAVE
             else:
-                mode = "load"
+                mode = SessionMode.LOAD
         try:
             self._start(mode)
         except BaseException:
@@ -129,10 +153,10 @@ class Session:
         atexit.register(self.close)
         return self
 
-    def _start(self, mode: str) -> None:
+    def _start(self, mode: SessionMode) -> None:
         """Recorder (SAVE), device, preloader (LOAD), arena and pools; this thread then allocates from the arena."""
-        if mode == "save" and self._record_images:
-            from foundry_core.binaries import ImageRecorder
+        if mode is SessionMode.SAVE and self._record_images:
+            from foundry_core.recorder import ImageRecorder
 
             self._recorder = ImageRecorder()
             self._recorder.start()
@@ -232,7 +256,7 @@ class Session:
     # ------------------------------------------------------------------------------------------------------------
     # SAVE
     # ------------------------------------------------------------------------------------------------------------
-    def _require(self, mode: str) -> None:
+    def _require(self, mode: SessionMode) -> None:
         if self.mode is None:
             raise FoundryError("Session.open() must be called first")
         if self.mode != mode:
@@ -241,7 +265,7 @@ class Session:
     @contextlib.contextmanager
     def capture_phase(self):
         """Bracket warm-ups and captures: everything created here lands in the arena's capture region."""
-        self._require("save")
+        self._require(SessionMode.SAVE)
         if self._capture_range is not None:
             raise FoundryError("capture_phase() may be entered once per session")
         start = self.arena.cursor
@@ -285,7 +309,7 @@ class Session:
         """SGLang-style: ``warmups`` eager runs, then capture ``fn`` and record it under ``key``."""
         import torch
 
-        self._require("save")
+        self._require(SessionMode.SAVE)
         for _ in range(warmups):
             torch.cuda.synchronize()
             out = fn()
@@ -300,7 +324,7 @@ class Session:
     def slot(self, op: str, **fields) -> int:
         """Launch a placeholder for work LOAD must re-create (e.g. a collective) and describe it; see
         ``foundry_core.slots``. ``fields`` are ``schema.SlotSpec`` fields (group, dtype, count, send, recv, ...)."""
-        self._require("save")
+        self._require(SessionMode.SAVE)
         if self._slot_recorder is None:
             from foundry_core.slots import SlotRecorder
 
@@ -309,16 +333,21 @@ class Session:
 
     def add_graph(self, key: str, graph, outputs: Any, capture_seconds: float = 0.0) -> None:
         """Record a captured graph (made by ``new_graph()``) and its outputs for save()."""
-        self._require("save")
-        if any(k == key for k, *_ in self._graphs):
+        self._require(SessionMode.SAVE)
+        if any(g.key == key for g in self._graphs):
             raise FoundryError(f"graph key {key!r} recorded twice")
-        self._graphs.append((key, graph, outputs, capture_seconds))
+        self._graphs.append(CapturedGraph(key, graph, outputs, capture_seconds))
+
+    @property
+    def captured(self) -> tuple[CapturedGraph, ...]:
+        """The graphs recorded so far for save(), in order (key, graph, outputs, capture seconds)."""
+        return tuple(self._graphs)
 
     def save(self, extra: Optional[dict[str, str]] = None) -> Path:
         """Read every recorded graph, check it, and write the archive. Returns the archive path."""
-        from foundry_core.save import write_archive
+        from foundry_core.save import SaveInputs, write_archive
 
-        self._require("save")
+        self._require(SessionMode.SAVE)
         if self._capture_range is None:
             raise FoundryError("save() needs a completed capture_phase()")
         if not self._graphs:
@@ -328,7 +357,14 @@ class Session:
         if self.fallback_reason and self.path.exists():
             keep_previous(self.path)  # "auto" replaces an unusable archive, but never destroys it
         t0 = time.perf_counter()
-        path = write_archive(self, self._recorder, extra or {})
+        inputs = SaveInputs(
+            path=self.path, key=self.key, device=self.device, arena=self.arena, graphs=list(self._graphs),
+            images=self._recorder, capture_range=self._capture_range, warmup_pool=self._pools["warmup"],
+            trace_at_capture=self._trace_at_capture, blocks_at_capture=self._blocks_at_capture,
+            labels=list(self._labels), capture_begin_blocks=frozenset(self._capture_begin_blocks),
+            slots=self._slot_recorder, image_store=self.image_store, extra=dict(extra or {}),
+            progress=self.progress)
+        path = write_archive(inputs, self.save_stats)
         self.save_stats["write_seconds"] = time.perf_counter() - t0
         self._recorder.stop()  # frees CUPTI for profilers; later module loads are not needed
         self._recorder = None
@@ -347,7 +383,7 @@ class Session:
         ``restore()`` returns."""
         from foundry_core.restore import restore_archive
 
-        self._require("load")
+        self._require(SessionMode.LOAD)
         return restore_archive(self, order, background, slot_filler)
 
     def wait_restored(self) -> None:

@@ -214,7 +214,7 @@ class FoundryGraphBackend(TorchGraphBackend):
         path = key.path(config.archive_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         mode = config.mode if world == 1 else FoundryMode.LOAD
-        session = Session(path, mode=mode.value, key=key.key, device=args.gpu_of(rank),
+        session = Session(path, mode=mode.session_mode, key=key.key, device=args.gpu_of(rank),
                           rank=rank if world > 1 else None)
         backend = cls(session, barrier=barrier)
         if world > 1:

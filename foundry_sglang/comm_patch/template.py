@@ -97,15 +97,14 @@ def _capture_virtual_rank(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--args", required=True, help="EngineArgs as JSON")
     ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from foundry_core import Session
+    from foundry_core.session import Session, SessionMode
     from foundry_sglang.engine.config import EngineArgs
     from foundry_sglang.engine.model_runner import ModelRunner
     from foundry_sglang.graph_backend import FoundryGraphBackend
-    from foundry_sglang.graphs.settings import FoundryMode
 
     try:
         args = EngineArgs(**json.loads(ns.args))
-        session = Session(ns.out, mode=FoundryMode.SAVE.value, key=ns.key, device=ns.gpu, progress=False)
+        session = Session(ns.out, mode=SessionMode.SAVE, key=ns.key, device=ns.gpu, progress=False)
         backend = FoundryGraphBackend(session)
         ModelRunner(args, rank=ns.rank, graph_backend=backend, virtual=True, gpu=ns.gpu)
         if backend.archive_path is None:

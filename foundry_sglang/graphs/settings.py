@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
+from foundry_core.session import SessionMode
+
 __all__ = [
     "DEFAULT_ARCHIVE_DIR", "ENV_ARCHIVE", "ENV_MODE", "MODE_CHOICES", "MODE_HELP", "FoundryConfig", "FoundryMode",
 ]
@@ -23,12 +25,12 @@ DEFAULT_ARCHIVE_DIR = "~/.cache/foundry_sglang"
 
 
 class FoundryMode(str, enum.Enum):
-    """What happens to the CUDA graphs of a process."""
+    """What happens to the CUDA graphs of a process: off, or one of foundry_core's session modes."""
 
     OFF = "off"  # capture live, no archive
-    AUTO = "auto"  # load a compatible archive, else capture and save one
-    SAVE = "save"  # always capture and (re)write the archive; any problem is an error
-    LOAD = "load"  # restore from the archive; a problem falls back to live capture with one log line
+    AUTO = SessionMode.AUTO.value  # load a compatible archive, else capture and save one
+    SAVE = SessionMode.SAVE.value  # always capture and (re)write the archive; any problem is an error
+    LOAD = SessionMode.LOAD.value  # restore from the archive; a problem falls back to live capture (one log line)
 
     def __str__(self) -> str:
         return self.value
@@ -43,6 +45,13 @@ class FoundryMode(str, enum.Enum):
             return cls(str(value).strip().lower())
         except ValueError:
             raise ValueError(f"foundry mode {value!r} is not one of {', '.join(MODE_CHOICES)}") from None
+
+    @property
+    def session_mode(self) -> SessionMode:
+        """The foundry_core session mode of an enabled mode (ValueError for off)."""
+        if self is FoundryMode.OFF:
+            raise ValueError("foundry mode off has no session")
+        return SessionMode(self.value)
 
 
 #: The mode names, for argparse ``choices``.

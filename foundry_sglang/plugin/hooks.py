@@ -242,7 +242,7 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
         _disable_graph_pool_borrow()
         import foundry_core
 
-        session = foundry_core.Session(str(path), mode=config.mode.value, key=key.key, device=int(runner.gpu_id))
+        session = foundry_core.Session(str(path), mode=config.mode.session_mode, key=key.key, device=int(runner.gpu_id))
     except FALLBACK_ERRORS as err:
         if config.mode is FoundryMode.SAVE:
             raise

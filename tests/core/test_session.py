@@ -15,8 +15,22 @@ needs_no_gpu = pytest.mark.skipif(HAS_DRIVER, reason="checks the no-GPU messages
 
 
 def test_bad_mode_is_refused():
-    with pytest.raises(FoundryError, match="mode must be"):
+    with pytest.raises(FoundryError, match="mode must be save, load, auto, not 'restore'"):
         fc.Session("x.foundry", mode="restore")
+
+
+def test_modes_are_one_enum_that_engine_settings_reuse():
+    from foundry_core.session import SessionMode
+    from foundry_sglang.graphs.settings import FoundryMode
+
+    assert fc.Session("x.foundry", mode="load").requested_mode is SessionMode.LOAD
+    assert fc.Session("x.foundry").requested_mode is SessionMode.AUTO
+    assert fc.Session("x.foundry", mode=FoundryMode.SAVE.session_mode).requested_mode is SessionMode.SAVE
+    assert {m.value for m in FoundryMode} == {m.value for m in SessionMode} | {"off"}
+    assert all(FoundryMode(m.value).session_mode is m for m in SessionMode)
+    with pytest.raises(ValueError, match="off has no session"):
+        FoundryMode.OFF.session_mode
+    assert f"{SessionMode.LOAD}" == str(SessionMode.LOAD) == "load"
 
 
 def test_calls_before_open_are_refused(tmp_path):

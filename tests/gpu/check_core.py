@@ -97,7 +97,7 @@ def run_save(archive: str, result: str) -> None:
         for bs in BATCH_SIZES:
             graphs[bs] = s.capture(f"bs{bs}", lambda bs=bs: forward(bs))
     capture_s = time.perf_counter() - t0
-    outs = {key: o for key, _, o, _ in s._graphs}
+    outs = {g.key: g.outputs for g in s.captured}
     t1 = time.perf_counter()
     path = s.save()
     save_s = time.perf_counter() - t1

@@ -179,7 +179,7 @@ def child_toy_save(archive, result, variant="plain"):
     with s.capture_phase():
         for bs in TOY_BS:
             graphs[bs] = s.capture(f"decode_bs{bs}", lambda bs=bs: forward(bs))
-    outs = {k: o for k, _, o, _ in s._graphs}
+    outs = {g.key: g.outputs for g in s.captured}
     try:
         s.save()
     except fc.FoundryError as e:
@@ -380,7 +380,7 @@ def child_qwen_save(archive, result, kind):
             for bs in QWEN_BS:
                 graphs[bs] = s.capture(f"decode_bs{bs}", lambda bs=bs: forward(bs))
         capture_s = time.perf_counter() - t0
-        outs = {k: o for k, _, o, _ in s._graphs}
+        outs = {g.key: g.outputs for g in s.captured}
         s.save()
 
         def run_graph(bs):
@@ -464,7 +464,7 @@ def child_rng_save(archive, result):
         with s.capture_phase():
             for bs in RNG_BS:
                 graphs[bs] = s.capture(f"rng_bs{bs}", lambda bs=bs: forward(bs))
-        outs = {k: o for k, _, o, _ in s._graphs}
+        outs = {g.key: g.outputs for g in s.captured}
         s.save()
 
         def run_graph(bs):

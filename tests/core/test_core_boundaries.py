@@ -1,0 +1,24 @@
+"""foundry_core's internal boundaries, checked on its source: SAVE takes explicit inputs, not Session internals;
+mode names are defined once (SessionMode)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parents[2] / "foundry_core"
+
+
+def offenders(pattern: str, *skip: str) -> list[str]:
+    rx = re.compile(pattern)
+    return [f"{p.name}:{n}: {line.strip()}" for p in sorted(CORE.glob("*.py")) if p.name not in skip
+            for n, line in enumerate(p.read_text().splitlines(), 1) if rx.search(line)]
+
+
+def test_save_reads_no_session_internals():
+    assert offenders(r"\bsession\._\w+", "session.py", "restore.py") == []
+    assert offenders(r"def write_archive\(inputs: SaveInputs") != []
+
+
+def test_mode_names_are_defined_once():
+    assert offenders(r"""["'](save|load|auto)["']\s*[,)\]]|mode\w*\s*(==|!=|in)\s*[(\[]?["'](save|load|auto)""",
+                     "session.py") == []
