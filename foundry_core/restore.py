@@ -25,7 +25,7 @@ from foundry_core import schema, validate
 from foundry_core.errors import ArchiveError, FoundryError
 from foundry_core.store import image_bytes
 
-__all__ = ["RestoredGraph", "RestoreStats", "restore_archive"]
+__all__ = ["RestoreInputs", "Restoration", "RestoredGraph", "RestoreStats", "restore_archive"]
 
 log = logging.getLogger("foundry_core.restore")
 
@@ -244,7 +244,7 @@ class Preloader:
         try:
             import torch
 
-            from foundry_core import binaries
+            from foundry_core import images as kernel_images
 
             torch.cuda.set_device(self.device)
             m = self.archive.manifest
@@ -252,8 +252,8 @@ class Preloader:
             self.arrays = check_archive_for_load(self.archive, self.rank)  # all checked before it reaches the GPU
             t2 = time.perf_counter()
             self.decode_seconds = t2 - t
-            self.modules = binaries.load_images([image_bytes(self.archive, img) for img in m.images])
-            self.functions = np.asarray(binaries.get_functions(self.modules, m.functions), dtype=np.uint64)
+            self.modules = kernel_images.load_images([image_bytes(self.archive, img) for img in m.images])
+            self.functions = np.asarray(kernel_images.get_functions(self.modules, m.functions), dtype=np.uint64)
             self.images_seconds = time.perf_counter() - t2
         except BaseException as e:  # handed to restore()
             self._error = e
@@ -489,9 +489,34 @@ def fill_all_slots(builder: GraphBuilder, slot_ids: dict[int, list[int]], spec_o
         raise
 
 
-def restore_archive(session, order: Optional[Iterable[str]], background: bool,
-                    slot_filler=None) -> dict[str, RestoredGraph]:
-    """The LOAD sequence for ``Session.restore()``; see the module docstring."""
+@dataclass
+class RestoreInputs:
+    """Everything LOAD reads besides the archive's own contents (``Session.restore()`` gathers them)."""
+
+    archive: Any  # archive.Archive, already checked against this machine
+    arena: Any  # allocator.Arena, reserved where SAVE had it; the application has allocated its init part
+    device: int
+    init_pool: Any  # torch.cuda.MemPool of the application's initialisation (its live blocks are compared)
+    rank: Optional[int] = None  # which rank's delta of a rank template to apply
+    preload: Optional[Preloader] = None  # started at open(); None: started here
+    saved_trace: Any = None  # the archive's allocation trace, decoded (layout.decode); None: nothing to compare
+    saved_blocks: Any = None  # SAVE's live blocks before the capture phase (layout.decode_blocks)
+
+
+@dataclass
+class Restoration:
+    """What LOAD made: the graphs, its timings, and what must stay alive with them."""
+
+    graphs: dict[str, RestoredGraph]
+    stats: RestoreStats
+    builder: GraphBuilder  # holds the loaded modules and built child graphs the restored graphs use
+    thread: Optional[threading.Thread] = None  # instantiating the remaining graphs in the background
+
+
+def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], background: bool,
+                    slot_filler=None) -> Restoration:
+    """The LOAD sequence; see the module docstring. ``order``: graph keys to build first (callers of a
+    multi-rank layout pass the same order on every rank)."""
     import torch
 
     from foundry_core.allocator import native_lib
@@ -499,17 +524,17 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool,
 
     stats = RestoreStats()
     t0 = time.perf_counter()
-    archive, arena, device = session.archive, session.arena, session.device
+    archive, arena, device = inputs.archive, inputs.arena, inputs.device
     m = archive.manifest
     start, end = m.arena.capture_start, m.arena.capture_end
     from foundry_core import layout
 
     live = arena.trace()
-    layout.check(m.trace, session._saved_trace, live, m.arena.granularity)
+    layout.check(m.trace, inputs.saved_trace, live, m.arena.granularity)
     stats.layout_seconds, stats.layout_records = time.perf_counter() - t0, len(live)
     t = time.perf_counter()
-    blocks = layout.live_blocks(session._pools["init"], arena.base)
-    layout.check_blocks(m.trace, session._saved_blocks, blocks, session._saved_trace)
+    blocks = layout.live_blocks(inputs.init_pool, arena.base)
+    layout.check_blocks(m.trace, inputs.saved_blocks, blocks, inputs.saved_trace)
     stats.blocks_seconds, stats.layout_blocks = time.perf_counter() - t, len(blocks)
     if arena.cursor > start:
         raise FoundryError(
@@ -525,7 +550,7 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool,
 
         check_slot_specs(m.slots, arena.base, arena.base + arena.size)
     snapshot_patches: dict[int, list] = {}
-    for p in rank_patches(m, getattr(session, "rank", None)):
+    for p in rank_patches(m, inputs.rank):
         if p.snapshot >= 0:
             snapshot_patches.setdefault(p.snapshot, []).append(p)
     t = time.perf_counter()
@@ -539,7 +564,7 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool,
     stats.snapshot_seconds = time.perf_counter() - t
 
     t = time.perf_counter()
-    preload = (session._preload or Preloader(archive, device, getattr(session, "rank", None)).start()).wait()
+    preload = (inputs.preload or Preloader(archive, device, inputs.rank).start()).wait()
     stats.preload_wait_seconds = time.perf_counter() - t
     stats.images_seconds, stats.decode_seconds = preload.images_seconds, preload.decode_seconds
     modules, functions = preload.modules, preload.functions
@@ -585,24 +610,22 @@ def restore_archive(session, order: Optional[Iterable[str]], background: bool,
                                                           pipeline), name="foundry-restore", daemon=True)
         if background:
             thread.start()
-            session._restore_thread = thread
         fill_all_slots(builder, slot_ids, spec_of, slot_filler, stats, device, pipeline)
         if not background:
             thread.start()
             thread.join()
+            thread = None
     else:
+        thread = None
         build_all(builder, ordered[:1], graphs, stats, t0, device, stream)
         rest = ordered[1:]
         if background and rest:
             thread = threading.Thread(target=build_all, args=(builder, rest, graphs, stats, t0, device, stream),
                                       name="foundry-restore", daemon=True)
             thread.start()
-            session._restore_thread = thread
         else:
             build_all(builder, rest, graphs, stats, t0, device, stream)
-    session.restore_stats = stats
-    session._builder = builder
-    return {rg.key: rg for rg in graphs.values()}
+    return Restoration({rg.key: rg for rg in graphs.values()}, stats, builder, thread)
 
 
 def _int64_at(address: int, device: int):

@@ -113,7 +113,8 @@ class Session:
         self._capture_range: Optional[tuple[int, int]] = None
         self._in_capture_phase = False
         self.restore_stats = None
-        self._preload = None
+        self._preload = None  # LOAD: kernels and graph tables prepared while the application initialises
+        self._restored = None  # LOAD: restore.Restoration (its builder keeps kernel modules and child graphs alive)
         self.save_stats: dict[str, float] = {}
         self.open_stats: dict[str, float] = {}
 
@@ -381,16 +382,20 @@ class Session:
         ``slot_filler(spec)`` enqueues the real work of each placeholder (``schema.SlotSpec``) on torch's current
         stream; it is required when the archive has slots and is called on this thread, in slot order, before
         ``restore()`` returns."""
-        from foundry_core.restore import restore_archive
+        from foundry_core.restore import RestoreInputs, restore_archive
 
         self._require(SessionMode.LOAD)
-        return restore_archive(self, order, background, slot_filler)
+        inputs = RestoreInputs(archive=self.archive, arena=self.arena, device=self.device,
+                               init_pool=self._pools["init"], rank=self.rank, preload=self._preload,
+                               saved_trace=self._saved_trace, saved_blocks=self._saved_blocks)
+        self._restored = restore_archive(inputs, order, background, slot_filler)
+        self.restore_stats = self._restored.stats
+        return self._restored.graphs
 
     def wait_restored(self) -> None:
         """Block until every graph of ``restore()`` is instantiated (the background thread has finished)."""
-        thread = getattr(self, "_restore_thread", None)
-        if thread is not None:
-            thread.join()
+        if self._restored is not None and self._restored.thread is not None:
+            self._restored.thread.join()
 
 
 def _live_blocks(device: int) -> set[tuple[int, int]]:

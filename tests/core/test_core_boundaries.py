@@ -1,5 +1,5 @@
-"""foundry_core's internal boundaries, checked on its source: SAVE takes explicit inputs, not Session internals;
-mode names are defined once (SessionMode)."""
+"""foundry_core's internal boundaries, checked on its source: SAVE and LOAD take explicit inputs, not Session
+internals; mode names are defined once (SessionMode)."""
 from __future__ import annotations
 
 import re
@@ -14,9 +14,10 @@ def offenders(pattern: str, *skip: str) -> list[str]:
             for n, line in enumerate(p.read_text().splitlines(), 1) if rx.search(line)]
 
 
-def test_save_reads_no_session_internals():
-    assert offenders(r"\bsession\._\w+", "session.py", "restore.py") == []
+def test_save_and_restore_read_no_session_internals():
+    assert offenders(r"\bsession\._\w+", "session.py") == []
     assert offenders(r"def write_archive\(inputs: SaveInputs") != []
+    assert offenders(r"def restore_archive\(inputs: RestoreInputs") != []
 
 
 def test_mode_names_are_defined_once():
