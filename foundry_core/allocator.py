@@ -25,33 +25,6 @@ DEFAULT_BASE = 0x6A00_0000_0000
 #: Virtual size only; physical memory is mapped per segment.
 DEFAULT_SIZE = 1 << 40
 
-NATIVE_SOURCES = ["driver.c", "arena.c", "restore.c"]
-
-
-def native_lib() -> ctypes.CDLL:
-    lib = native.load("foundry_native", NATIVE_SOURCES)
-    if not getattr(lib, "_foundry_typed", False):
-        u64, p = ctypes.c_uint64, ctypes.c_void_p
-        lib.foundry_arena_init.argtypes = [u64, u64, ctypes.c_int, ctypes.POINTER(u64)]
-        lib.foundry_arena_error.restype = ctypes.c_char_p
-        lib.foundry_arena_map.argtypes = [u64, u64]
-        lib.foundry_arena_advance.argtypes = [u64]
-        for fn in ("base", "size", "granularity", "cursor", "trace_len"):
-            getattr(lib, f"foundry_arena_{fn}").restype = u64
-        lib.foundry_arena_trace_copy.argtypes = [p, u64, u64]
-        lib.foundry_arena_trace_copy.restype = u64
-        lib.foundry_sizeof_memcpy3d.restype = ctypes.c_size_t
-        tables = [p, ctypes.c_uint32, p, p, p, ctypes.c_uint32, p, p, p]  # see restore.NativeTables.pointers
-        lib.foundry_build_graph.argtypes = tables + [p, ctypes.c_char_p, ctypes.c_size_t, p, ctypes.c_uint32, p]
-        lib.foundry_check_graph.argtypes = tables + [p, ctypes.c_char_p, ctypes.c_size_t]
-        lib.foundry_instantiate.argtypes = [p, p, p, ctypes.c_char_p, ctypes.c_size_t]
-        lib.foundry_launch.argtypes = [p, p]
-        lib.foundry_exec_destroy.argtypes = [p]
-        lib.foundry_graph_destroy.argtypes = [p]
-        lib._foundry_typed = True
-    return lib
-
-
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value, 0) if value else default
@@ -86,7 +59,7 @@ class Arena:
         self.device = device
         self.base = base if base is not None else env_int("FOUNDRY_ARENA_BASE", DEFAULT_BASE)
         self.size = size if size is not None else env_int("FOUNDRY_ARENA_SIZE", DEFAULT_SIZE)
-        self.lib = native_lib()
+        self.lib = native.native_lib()
         self._allocators: dict[str, object] = {}
 
     def reserve(self) -> None:

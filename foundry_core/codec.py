@@ -20,6 +20,7 @@ import numpy as np
 
 from foundry_core import schema
 from foundry_core.errors import UnsupportedGraph
+from foundry_core.native import check
 
 log = logging.getLogger("foundry_core.codec")
 
@@ -149,15 +150,6 @@ class DecodedGraph:
         return int((self.nodes["kind"] == schema.NODE_KERNEL).sum())
 
 
-def _check(result, what: str):
-    err = result[0] if isinstance(result, tuple) else result
-    if int(err) != 0:
-        raise RuntimeError(f"{what} failed: {err!r}")
-    if isinstance(result, tuple):
-        return result[1:] if len(result) > 2 else result[1]
-    return None
-
-
 class GraphReader:
     """Reads CUgraphs with cuda.bindings.driver; caches per-function parameter layouts and names."""
 
@@ -193,15 +185,15 @@ class GraphReader:
     def read(self, graph, graph_name: str = "graph") -> DecodedGraph:
         drv = self.drv
         g = graph if isinstance(graph, drv.CUgraph) else drv.CUgraph(int(graph))
-        _, count = _check(drv.cuGraphGetNodes(g, 0), "cuGraphGetNodes")
-        raw_nodes, count = _check(drv.cuGraphGetNodes(g, count), "cuGraphGetNodes")
+        _, count = check(drv.cuGraphGetNodes(g, 0), "cuGraphGetNodes")
+        raw_nodes, count = check(drv.cuGraphGetNodes(g, count), "cuGraphGetNodes")
         index = {int(n): i for i, n in enumerate(raw_nodes[:count])}
-        _, _, _, nedges = _check(drv.cuGraphGetEdges(g, 0), "cuGraphGetEdges")
+        _, _, _, nedges = check(drv.cuGraphGetEdges(g, 0), "cuGraphGetEdges")
         src = np.zeros(nedges, np.int64)
         dst = np.zeros(nedges, np.int64)
         edata = np.zeros((nedges, 3), np.uint8)
         if nedges:
-            frm, to, data, nedges = _check(drv.cuGraphGetEdges(g, nedges), "cuGraphGetEdges")
+            frm, to, data, nedges = check(drv.cuGraphGetEdges(g, nedges), "cuGraphGetEdges")
             for e in range(nedges):
                 src[e], dst[e] = index[int(frm[e])], index[int(to[e])]
                 edata[e] = (data[e].from_port, data[e].to_port, data[e].type)
@@ -226,15 +218,15 @@ class GraphReader:
 
         for pos, orig in enumerate(order.tolist()):
             node = raw_nodes[orig]
-            ntype = int(_check(drv.cuGraphNodeGetType(node), "cuGraphNodeGetType"))
+            ntype = int(check(drv.cuGraphNodeGetType(node), "cuGraphNodeGetType"))
             rec = nodes[pos]
             if ntype == 0:  # kernel
                 rec["kind"] = schema.NODE_KERNEL
-                params = _check(drv.cuGraphKernelNodeGetParams(node), "cuGraphKernelNodeGetParams")
+                params = check(drv.cuGraphKernelNodeGetParams(node), "cuGraphKernelNodeGetParams")
                 kp = KernelNodeParams.from_address(int(params.getPtr()))
                 func = kp.func
                 if not func and kp.kern:
-                    func = int(_check(drv.cuKernelGetFunction(drv.CUkernel(kp.kern)), "cuKernelGetFunction"))
+                    func = int(check(drv.cuKernelGetFunction(drv.CUkernel(kp.kern)), "cuKernelGetFunction"))
                 if not func:
                     raise UnsupportedGraph(
                         f"{graph_name}: kernel node {pos} has neither a function nor a kernel handle")
@@ -261,14 +253,14 @@ class GraphReader:
                 rec["attr_cnt"] = len(attrs) - int(rec["attr_off"])
             elif ntype == 2:  # memset
                 rec["kind"] = schema.NODE_MEMSET
-                p = _check(drv.cuGraphMemsetNodeGetParams(node), "cuGraphMemsetNodeGetParams")
+                p = check(drv.cuGraphMemsetNodeGetParams(node), "cuGraphMemsetNodeGetParams")
                 m = np.zeros(1, schema.MEMSET_DTYPE)
                 m["dst"], m["pitch"], m["value"] = int(p.dst), p.pitch, p.value
                 m["element_size"], m["width"], m["height"] = p.elementSize, p.width, p.height
                 rec["payload_off"], rec["payload_len"] = add_payload(m.tobytes())
             elif ntype == 1:  # memcpy
                 rec["kind"] = schema.NODE_MEMCPY
-                p = _check(drv.cuGraphMemcpyNodeGetParams(node), "cuGraphMemcpyNodeGetParams")
+                p = check(drv.cuGraphMemcpyNodeGetParams(node), "cuGraphMemcpyNodeGetParams")
                 device_types = (int(drv.CUmemorytype.CU_MEMORYTYPE_DEVICE),)
                 if int(p.srcMemoryType) not in device_types or int(p.dstMemoryType) not in device_types:
                     raise UnsupportedGraph(
@@ -283,14 +275,14 @@ class GraphReader:
             elif ntype in (6, 7):
                 rec["kind"] = schema.NODE_EVENT_WAIT if ntype == 6 else schema.NODE_EVENT_RECORD
                 getter = drv.cuGraphEventWaitNodeGetEvent if ntype == 6 else drv.cuGraphEventRecordNodeGetEvent
-                ev = int(_check(getter(node), "event node get event"))
+                ev = int(check(getter(node), "event node get event"))
                 if ev not in event_index:
                     event_index[ev] = len(events)
                     events.append(ev)
                 rec["ref"] = event_index[ev]
             elif ntype == 4:
                 rec["kind"] = schema.NODE_CHILD_GRAPH
-                child = _check(drv.cuGraphChildGraphNodeGetGraph(node), "cuGraphChildGraphNodeGetGraph")
+                child = check(drv.cuGraphChildGraphNodeGetGraph(node), "cuGraphChildGraphNodeGetGraph")
                 rec["ref"] = len(children)
                 children.append(self.read(child, f"{graph_name}/child{len(children)}"))
             else:

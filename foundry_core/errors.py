@@ -2,7 +2,7 @@
 
 __all__ = [
     "FoundryError", "ArchiveError", "IncompatibleArchive", "ArenaUnavailable", "UnsupportedGraph", "UnsafeAddress",
-    "DeviceUnavailable", "NativeBuildError", "LayoutMismatch", "UntrustedArchive",
+    "DeviceUnavailable", "NativeBuildError", "LayoutMismatch", "UntrustedArchive", "DriverError",
 ]
 
 
@@ -36,6 +36,14 @@ class DeviceUnavailable(FoundryError):
 
 class NativeBuildError(FoundryError):
     """The small native helper library could not be compiled or loaded."""
+
+
+class DriverError(FoundryError):
+    """A CUDA driver call failed; ``status`` is the CUresult name ("" when the call could not be made)."""
+
+    def __init__(self, message: str, status: str = ""):
+        super().__init__(message)
+        self.status = status
 
 
 class LayoutMismatch(FoundryError):

@@ -12,7 +12,7 @@ import importlib.metadata
 import os
 from typing import Iterable
 
-from foundry_core.errors import DeviceUnavailable, IncompatibleArchive
+from foundry_core.errors import DeviceUnavailable, FoundryError, IncompatibleArchive
 from foundry_core.schema import Fingerprint
 
 #: Fields in the order they are reported.
@@ -93,33 +93,26 @@ class _NoGpu(Exception):
 
 def _query_device(device: int) -> tuple[str, str, int]:
     """(name, "major.minor", driver version) through the CUDA driver API, or _NoGpu with a one-line reason."""
+    from foundry_core.native import call, driver
+
     try:
-        from cuda.bindings import driver as cu
-    except ImportError as err:
-        raise _NoGpu(f"cuda-bindings is not installed ({err})") from None
-
-    def call(fn, *args):
-        try:
-            result = fn(*args)
-        except Exception as err:  # the bindings raise their own types when libcuda.so is missing
-            raise _NoGpu(f"NVIDIA driver library not loadable ({type(err).__name__})") from None
-        status, *values = result
-        if status != cu.CUresult.CUDA_SUCCESS:
-            raise _NoGpu(f"{fn.__name__} failed with {status.name}")
-        return values[0] if len(values) == 1 else values
-
-    driver = call(cu.cuDriverGetVersion)
-    call(cu.cuInit, 0)
-    count = call(cu.cuDeviceGetCount)
-    if not 0 <= device < count:
-        raise _NoGpu(f"CUDA device {device} requested but {count} visible")
-    handle = call(cu.cuDeviceGet, device)
-    name = call(cu.cuDeviceGetName, 256, handle)
+        cu = driver()
+        version = call("cuDriverGetVersion (is the NVIDIA driver installed?)", cu.cuDriverGetVersion)
+        call("cuInit", cu.cuInit, 0)
+        count = call("cuDeviceGetCount", cu.cuDeviceGetCount)
+        if not 0 <= device < count:
+            raise _NoGpu(f"CUDA device {device} requested but {count} visible")
+        handle = call("cuDeviceGet", cu.cuDeviceGet, device)
+        name = call("cuDeviceGetName", cu.cuDeviceGetName, 256, handle)
+        attr = cu.CUdevice_attribute
+        major = call("cuDeviceGetAttribute", cu.cuDeviceGetAttribute,
+                     attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, handle)
+        minor = call("cuDeviceGetAttribute", cu.cuDeviceGetAttribute,
+                     attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle)
+    except FoundryError as err:  # no cuda-bindings, no driver library, a failing call
+        raise _NoGpu(str(err)) from None
     name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
-    attr = cu.CUdevice_attribute
-    major = call(cu.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, handle)
-    minor = call(cu.cuDeviceGetAttribute, attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, handle)
-    return name, f"{major}.{minor}", int(driver)
+    return name, f"{major}.{minor}", int(version)
 
 
 def _triton_version() -> str:

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 from foundry_core import cubin
-from foundry_core.errors import FoundryError, UnsupportedGraph
+from foundry_core.errors import DriverError, FoundryError, UnsupportedGraph
+from foundry_core.native import call as _call
+from foundry_core.native import driver as _drv
 from foundry_core.recorder import CapturedImage, ImageRecorder
 from foundry_core.schema import KernelFunction, KernelImage
 
@@ -243,40 +245,8 @@ def changed_attributes(current: Mapping[int, int], defaults: Mapping[int, int]) 
 
 
 # ---------------------------------------------------------------------------
-# Driver layer (cuda.bindings)
+# Driver queries (cuda.bindings through foundry_core.native)
 # ---------------------------------------------------------------------------
-
-
-def _drv():
-    try:
-        from cuda.bindings import driver
-    except ImportError as err:  # pragma: no cover - installed with foundry
-        raise FoundryError(f"cuda.bindings is required for kernel binaries: {err}") from None
-    return driver
-
-
-class DriverError(FoundryError):
-    """A CUDA driver call failed; ``status`` is the CUresult name."""
-
-    def __init__(self, message: str, status: str = ""):
-        super().__init__(message)
-        self.status = status
-
-
-def _call(what: str, fn, *args):
-    """Call a cuda.bindings function; return its results without the status, or raise a one-line DriverError."""
-    try:
-        res = fn(*args)
-    except Exception as err:  # no driver installed, bad handle types, ...
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DriverError(f"{what} failed: {first}") from None
-    status, rest = (res[0], res[1:]) if isinstance(res, tuple) else (res, ())
-    if int(status) != 0:
-        name = getattr(status, "name", str(int(status)))
-        raise DriverError(f"{what} failed: {name}", name)
-    if not rest:
-        return None
-    return rest[0] if len(rest) == 1 else rest
 
 
 def _func_attrs(drv, func, keys: Iterable[int]) -> dict[int, int]:

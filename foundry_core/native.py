@@ -1,4 +1,5 @@
-"""Build and load the small native helper libraries in ``foundry_core/_native``.
+"""foundry_core's one boundary to native code: build and load the small helper libraries in
+``foundry_core/_native`` and declare their C signatures, and call the CUDA driver through cuda.bindings.
 
 The C files need only a C compiler and the CUDA driver API header (``cuda.h``); they are compiled on first use
 into a private per-user directory (0700, refused if anyone else can write it), keyed by the source hash, so no
@@ -19,7 +20,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from foundry_core.errors import NativeBuildError
+from foundry_core.errors import DriverError, FoundryError, NativeBuildError
 
 log = logging.getLogger("foundry_core.native")
 
@@ -143,3 +144,112 @@ def load(name: str, sources: list[str]) -> ctypes.CDLL:
             _loaded[name] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
             _loaded[name]._foundry_path = str(path)
         return _loaded[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The libraries and their C signatures (every ctypes declaration of foundry_core lives here)
+# ---------------------------------------------------------------------------------------------------------------
+#: arena.c (the VMM arena PyTorch allocates from), restore.c (the graph check and rebuild loop), driver.c
+FOUNDRY_SOURCES = ["driver.c", "arena.c", "restore.c"]
+#: cupti_capture.c (the module-image recorder); CUPTI_ABI must equal its foundry_cupti_abi()
+CUPTI_SOURCES = ["cupti_capture.c"]
+CUPTI_ABI = 1
+
+
+def _declare(lib: ctypes.CDLL, signatures: dict) -> None:
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+
+
+def native_lib() -> ctypes.CDLL:
+    """``libfoundry_native``: the arena and the graph check/rebuild loop, with its C signatures declared."""
+    lib = load("foundry_native", FOUNDRY_SOURCES)
+    if not getattr(lib, "_foundry_typed", False):
+        u64, u32, c_int, p, text, size = (ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p,
+                                          ctypes.c_char_p, ctypes.c_size_t)
+        tables = [p, u32, p, p, p, u32, p, p, p]  # see restore.NativeTables.pointers
+        _declare(lib, {
+            "foundry_arena_init": (c_int, [u64, u64, c_int, ctypes.POINTER(u64)]),
+            "foundry_arena_error": (text, []),
+            "foundry_arena_map": (c_int, [u64, u64]),
+            "foundry_arena_advance": (c_int, [u64]),
+            "foundry_arena_base": (u64, []),
+            "foundry_arena_size": (u64, []),
+            "foundry_arena_granularity": (u64, []),
+            "foundry_arena_cursor": (u64, []),
+            "foundry_arena_trace_len": (u64, []),
+            "foundry_arena_trace_copy": (u64, [p, u64, u64]),
+            "foundry_sizeof_memcpy3d": (size, []),
+            "foundry_check_graph": (c_int, tables + [p, text, size]),
+            "foundry_build_graph": (c_int, tables + [p, text, size, p, u32, p]),
+            "foundry_instantiate": (c_int, [p, p, p, text, size]),
+            "foundry_launch": (c_int, [p, p]),
+            "foundry_exec_destroy": (c_int, [p]),
+            "foundry_graph_destroy": (c_int, [p]),
+        })
+        lib._foundry_typed = True
+    return lib
+
+
+def cupti_lib() -> ctypes.CDLL:
+    """``libfoundry_cupti``: the module-image recorder, with its C signatures declared; NativeBuildError when the
+    loaded build does not speak :data:`CUPTI_ABI`."""
+    lib = load("foundry_cupti", CUPTI_SOURCES)
+    if not getattr(lib, "_foundry_typed", False):
+        u64, u32, c_int, ptr, text, size = (ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int, ctypes.POINTER,
+                                            ctypes.c_char_p, ctypes.c_size_t)
+        _declare(lib, {
+            "foundry_cupti_abi": (c_int, []),
+            "foundry_cupti_cuda_state": (c_int, []),
+            "foundry_cupti_start": (c_int, [text, text, size]),
+            "foundry_cupti_stop": (c_int, [text, size]),
+            "foundry_cupti_active": (c_int, []),
+            "foundry_cupti_driver_callbacks": (c_int, []),
+            "foundry_cupti_stats": (None, [ptr(u64), ptr(u64), ptr(u64), ptr(c_int)]),
+            "foundry_cupti_image_info": (c_int, [u64, ptr(u64), ptr(u32), ptr(u64), ptr(u32), ptr(u32), ptr(c_int)]),
+            "foundry_cupti_image_copy": (ctypes.c_int64, [u64, ctypes.c_void_p, u64]),
+            "foundry_cupti_module_count": (u64, []),
+            "foundry_cupti_module_info": (c_int, [u64, ptr(u32), ptr(u64), ptr(u64)]),
+            "foundry_cupti_clear": (None, []),
+            "foundry_cupti_inject": (None, [u32, text, u64, c_int, u64]),
+        })
+        if lib.foundry_cupti_abi() != CUPTI_ABI:
+            raise NativeBuildError(f"native recorder ABI {lib.foundry_cupti_abi()} != {CUPTI_ABI}: stale build")
+        lib._foundry_typed = True
+    return lib
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA driver calls through cuda.bindings (one wrapper for every module)
+# ---------------------------------------------------------------------------------------------------------------
+def driver():
+    """``cuda.bindings.driver``; FoundryError naming the missing package when it is not installed."""
+    try:
+        from cuda.bindings import driver as drv
+    except ImportError as err:
+        raise FoundryError(f"cuda-bindings (cuda.bindings) is required: {err}") from None
+    return drv
+
+
+def check(result, what: str):
+    """The values of a cuda.bindings result ``(status, *values)`` (one value bare, several as a tuple, none as
+    None), or a one-line :class:`DriverError` naming ``what`` and the status."""
+    status, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    if int(status) != 0:
+        name = getattr(status, "name", str(int(status)))
+        raise DriverError(f"{what} failed: {name}", name)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def call(what: str, fn, *args):
+    """``check(fn(*args), what)``; an exception raised by the binding itself (no driver library, a wrong handle
+    type) also becomes a one-line DriverError."""
+    try:
+        result = fn(*args)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DriverError(f"{what} failed: {first}") from None
+    return check(result, what)

@@ -21,16 +21,12 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
+from foundry_core import native
 from foundry_core.errors import FoundryError
 
 __all__ = ["CapturedImage", "ImageCaptureError", "ImageRecorder", "find_libcupti"]
 
 log = logging.getLogger("foundry_core.recorder")
-
-NATIVE_NAME = "foundry_cupti"
-NATIVE_SOURCES = ["cupti_capture.c"]
-NATIVE_ABI = 1
-
 
 class ImageCaptureError(FoundryError):
     """The module-image recorder cannot run (no libcupti, CUPTI held by another tool, ...)."""
@@ -86,36 +82,6 @@ def find_libcupti() -> str:
     )
 
 
-def _native() -> ctypes.CDLL:
-    from foundry_core import native
-
-    lib = native.load(NATIVE_NAME, NATIVE_SOURCES)
-    if not getattr(lib, "_foundry_typed", False):
-        u64, u32, c_int, p = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int, ctypes.POINTER
-        sigs = {
-            "foundry_cupti_abi": (c_int, []),
-            "foundry_cupti_cuda_state": (c_int, []),
-            "foundry_cupti_start": (c_int, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]),
-            "foundry_cupti_stop": (c_int, [ctypes.c_char_p, ctypes.c_size_t]),
-            "foundry_cupti_active": (c_int, []),
-            "foundry_cupti_driver_callbacks": (c_int, []),
-            "foundry_cupti_stats": (None, [p(u64), p(u64), p(u64), p(c_int)]),
-            "foundry_cupti_image_info": (c_int, [u64, p(u64), p(u32), p(u64), p(u32), p(u32), p(c_int)]),
-            "foundry_cupti_image_copy": (ctypes.c_int64, [u64, ctypes.c_void_p, u64]),
-            "foundry_cupti_module_count": (u64, []),
-            "foundry_cupti_module_info": (c_int, [u64, p(u32), p(u64), p(u64)]),
-            "foundry_cupti_clear": (None, []),
-            "foundry_cupti_inject": (None, [u32, ctypes.c_char_p, u64, c_int, u64]),
-        }
-        for name, (res, args) in sigs.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = res, args
-        if lib.foundry_cupti_abi() != NATIVE_ABI:
-            raise ImageCaptureError(f"native recorder ABI {lib.foundry_cupti_abi()} != {NATIVE_ABI}: stale build")
-        lib._foundry_typed = True
-    return lib
-
-
 #: foundry_cupti_cuda_state() values
 CUDA_NOT_LOADED, CUDA_NOT_INITIALISED, CUDA_INITIALISED, CUDA_CONTEXT_ACTIVE = 0, 1, 2, 3
 
@@ -129,7 +95,7 @@ class ImageRecorder:
 
     def start(self, libcupti_path: str | None = None) -> "ImageRecorder":
         """Subscribe to CUPTI module callbacks. Raises ImageCaptureError with the reason if it cannot."""
-        lib = _native()
+        lib = native.cupti_lib()
         if lib.foundry_cupti_active():
             return self
         self._warn_if_cuda_started(lib)
@@ -159,24 +125,25 @@ class ImageRecorder:
 
     def stop(self) -> None:
         """Unsubscribe from CUPTI (keeps the recorded images). Lets profilers use CUPTI again."""
-        lib = _native()
+        lib = native.cupti_lib()
         err = ctypes.create_string_buffer(512)
         if lib.foundry_cupti_stop(err, len(err)) != 0:
             log.warning("%s", err.value.decode(errors="replace"))
 
     @property
     def active(self) -> bool:
-        return bool(_native().foundry_cupti_active())
+        return bool(native.cupti_lib().foundry_cupti_active())
 
     def stats(self) -> dict[str, int]:
         """{"images", "bytes", "events", "out_of_memory"} counters."""
         count, total, events, oom = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_int()
-        _native().foundry_cupti_stats(ctypes.byref(count), ctypes.byref(total), ctypes.byref(events), ctypes.byref(oom))
+        native.cupti_lib().foundry_cupti_stats(ctypes.byref(count), ctypes.byref(total), ctypes.byref(events),
+                                               ctypes.byref(oom))
         return {"images": count.value, "bytes": total.value, "events": events.value, "out_of_memory": oom.value}
 
     def images(self) -> list[CapturedImage]:
         """Copies of the distinct images recorded so far, in load order."""
-        lib = _native()
+        lib = native.cupti_lib()
         stats = self.stats()
         if stats["out_of_memory"]:
             raise ImageCaptureError("the image recorder ran out of host memory: some module images were not kept")
@@ -196,7 +163,7 @@ class ImageRecorder:
 
     def module_images(self) -> dict[int, int]:
         """CUmodule handle -> index into :meth:`images` for live modules whose load call was observed."""
-        lib = _native()
+        lib = native.cupti_lib()
         out = {}
         for i in range(lib.foundry_cupti_module_count()):
             mid, image, handle = ctypes.c_uint32(), ctypes.c_uint64(), ctypes.c_uint64()
@@ -207,7 +174,7 @@ class ImageRecorder:
 
     def clear(self) -> None:
         """Forget all recorded images."""
-        _native().foundry_cupti_clear()
+        native.cupti_lib().foundry_cupti_clear()
 
     def __enter__(self) -> "ImageRecorder":
         return self.start()

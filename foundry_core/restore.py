@@ -519,7 +519,7 @@ def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], backg
     multi-rank layout pass the same order on every rank)."""
     import torch
 
-    from foundry_core.allocator import native_lib
+    from foundry_core.native import native_lib
     from foundry_core.save import unflatten_outputs
 
     stats = RestoreStats()
@@ -571,13 +571,11 @@ def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], backg
 
     events = np.zeros(m.num_events, dtype=np.uint64)
     if m.num_events:
-        from cuda.bindings import driver as drv
+        from foundry_core.native import call, driver
 
+        drv = driver()
         for i in range(m.num_events):
-            err, ev = drv.cuEventCreate(0)
-            if int(err) != 0:
-                raise FoundryError(f"cuEventCreate failed: {err!r}")
-            events[i] = int(ev)
+            events[i] = int(call("cuEventCreate", drv.cuEventCreate, 0))
 
     lib = native_lib()
     builder = GraphBuilder(archive, m, lib, functions, events)

@@ -137,9 +137,9 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
     import torch
 
     from foundry_core import images as kernel_images
-    from foundry_core.allocator import native_lib
     from foundry_core.archive import ArchiveWriter
     from foundry_core.fingerprint import current_fingerprint
+    from foundry_core.native import native_lib
 
     torch.cuda.synchronize()
     arena = inputs.arena

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 from foundry_core import schema
 from foundry_core.errors import FoundryError
+from foundry_core.native import check
 
 __all__ = ["SlotRecorder", "SlotFiller", "placeholder_function", "fill_slots", "check_fillable", "check_slot_specs",
            "UnfilledSlot"]
@@ -47,13 +48,6 @@ class UnfilledSlot(FoundryError):
     """A graph still holds a placeholder that LOAD has no filler for."""
 
 
-def _check(result, what: str):
-    err = result[0] if isinstance(result, tuple) else result
-    if int(err) != 0:
-        raise FoundryError(f"{what} failed: {err!r}")
-    return result[1] if isinstance(result, tuple) and len(result) == 2 else result
-
-
 _modules: dict[int, tuple[object, int]] = {}  # CUcontext -> (CUmodule, CUfunction)
 _lock = threading.Lock()
 
@@ -62,13 +56,13 @@ def placeholder_function() -> int:
     """The placeholder's CUfunction in the current context (loaded from PTX on first use)."""
     from cuda.bindings import driver as drv
 
-    ctx = int(_check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent"))
+    ctx = int(check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent"))
     if not ctx:
         raise FoundryError("no current CUDA context for the slot placeholder")
     with _lock:
         if ctx not in _modules:
-            mod = _check(drv.cuModuleLoadData(_PTX + b"\0"), "cuModuleLoadData(slot placeholder)")
-            func = _check(drv.cuModuleGetFunction(mod, PLACEHOLDER_NAME.encode()), "cuModuleGetFunction")
+            mod = check(drv.cuModuleLoadData(_PTX + b"\0"), "cuModuleLoadData(slot placeholder)")
+            func = check(drv.cuModuleGetFunction(mod, PLACEHOLDER_NAME.encode()), "cuModuleGetFunction")
             _modules[ctx] = (mod, int(func))
         return _modules[ctx][1]
 
@@ -101,7 +95,7 @@ class SlotRecorder:
         self.specs[slot] = schema.SlotSpec(id=slot, op=op, order=slot, **fields)
         stream = torch.cuda.current_stream().cuda_stream
         params = ((slot,), (ctypes.c_uint64,))
-        _check(drv.cuLaunchKernel(drv.CUfunction(self.function), 1, 1, 1, 1, 1, 1, 0, drv.CUstream(stream),
+        check(drv.cuLaunchKernel(drv.CUfunction(self.function), 1, 1, 1, 1, 1, 1, 0, drv.CUstream(stream),
                                   params, 0), "cuLaunchKernel(slot placeholder)")
         return slot
 
@@ -151,24 +145,22 @@ def fill_slots(graph: int, slot_nodes: Sequence[int], specs: Sequence[schema.Slo
     relaxed = drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED
     set_deps = int(drv.CUstreamUpdateCaptureDependencies_flags.CU_STREAM_SET_CAPTURE_DEPENDENCIES)
     first_in = drv.CUgraphNode(slot_nodes[0])
-    _check(drv.cuStreamBeginCaptureToGraph(s, g, [first_in], None, 1, relaxed), "cuStreamBeginCaptureToGraph")
+    check(drv.cuStreamBeginCaptureToGraph(s, g, [first_in], None, 1, relaxed), "cuStreamBeginCaptureToGraph")
     try:
         with torch.cuda.stream(stream):
             for k, spec in enumerate(specs):
                 node_in, node_out = drv.CUgraphNode(slot_nodes[2 * k]), drv.CUgraphNode(slot_nodes[2 * k + 1])
                 if k:
-                    _check(drv.cuStreamUpdateCaptureDependencies(s, [node_in], None, 1, set_deps),
+                    check(drv.cuStreamUpdateCaptureDependencies(s, [node_in], None, 1, set_deps),
                            "cuStreamUpdateCaptureDependencies")
                 filler(spec)
-                info = drv.cuStreamGetCaptureInfo(s)
-                if int(info[0]) != 0:
-                    raise FoundryError(f"cuStreamGetCaptureInfo failed: {info[0]!r}")
-                leaves, count = list(info[4])[: int(info[-1])], int(info[-1])
+                info = check(drv.cuStreamGetCaptureInfo(s), "cuStreamGetCaptureInfo")  # status, ..., deps, count
+                leaves, count = list(info[3])[: int(info[-1])], int(info[-1])
                 if not count:
                     leaves = [node_in]
-                _check(drv.cuGraphAddDependencies(g, leaves, [node_out] * len(leaves), None, len(leaves)),
+                check(drv.cuGraphAddDependencies(g, leaves, [node_out] * len(leaves), None, len(leaves)),
                        f"graph {key!r}: joining slot {spec.id}")
     finally:
         err = drv.cuStreamEndCapture(s)
-    _check(err, f"graph {key!r}: cuStreamEndCapture")
+    check(err, f"graph {key!r}: cuStreamEndCapture")
     return time.perf_counter() - t0

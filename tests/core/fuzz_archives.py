@@ -450,7 +450,7 @@ def _native_checks(archive, lib) -> int:
 
 def _worker(conn, valid_path: str, workdir: str) -> None:
     """Child process: receive case numbers, answer (case, outcome kind, detail)."""
-    from foundry_core.allocator import native_lib
+    from foundry_core.native import native_lib
 
     lib = native_lib()
     selftest = os.environ.get("FOUNDRY_FUZZ_SELFTEST") == "1"

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from foundry_core import cubin, recorder
+from foundry_core import cubin, native, recorder
 from foundry_core import images as imgs
 from foundry_core.errors import FoundryError, UnsupportedGraph
 from foundry_core.schema import KernelFunction, KernelImage
@@ -31,18 +31,18 @@ EXPORTS = [
 @pytest.fixture
 def lib():
     try:
-        native = recorder._native()
+        cupti = native.cupti_lib()
     except FoundryError as err:
         pytest.skip(f"cannot build native helpers here: {err}")
-    native.foundry_cupti_clear()
-    yield native
-    native.foundry_cupti_clear()
+    cupti.foundry_cupti_clear()
+    yield cupti
+    cupti.foundry_cupti_clear()
 
 
 def test_native_library_compiles_and_exports(lib):
     for name in EXPORTS:
         assert hasattr(lib, name), name
-    assert lib.foundry_cupti_abi() == recorder.NATIVE_ABI
+    assert lib.foundry_cupti_abi() == native.CUPTI_ABI
     out = subprocess.run(["nm", "-D", lib._foundry_path], capture_output=True, text=True).stdout \
         if shutil.which("nm") else ""
     if out:  # no link-time dependency on CUPTI or the driver

@@ -1,5 +1,6 @@
 """foundry_core's internal boundaries, checked on its source: SAVE and LOAD take explicit inputs, not Session
-internals; mode names are defined once (SessionMode)."""
+internals; every ctypes declaration and the one cuda.bindings call wrapper live in native.py; mode names are
+defined once (SessionMode)."""
 from __future__ import annotations
 
 import re
@@ -18,6 +19,11 @@ def test_save_and_restore_read_no_session_internals():
     assert offenders(r"\bsession\._\w+", "session.py") == []
     assert offenders(r"def write_archive\(inputs: SaveInputs") != []
     assert offenders(r"def restore_archive\(inputs: RestoreInputs") != []
+
+
+def test_ctypes_declarations_and_driver_call_wrappers_live_in_native():
+    assert offenders(r"\.(argtypes|restype)\s*=|\bCDLL\(", "native.py") == []
+    assert offenders(r"^def _?(check|call)\((result|what)\b", "native.py") == []
 
 
 def test_mode_names_are_defined_once():

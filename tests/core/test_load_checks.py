@@ -269,7 +269,7 @@ def test_unknown_launch_attribute_is_refused(realistic, tmp_path):
 
 @pytest.fixture(scope="module")
 def lib():
-    from foundry_core.allocator import native_lib
+    from foundry_core.native import native_lib
 
     return native_lib()
 

@@ -34,7 +34,7 @@ def graph_kernel_functions(graph_handle: int) -> list[int]:
     """CUfunction of every kernel node (child graphs included), in node order."""
     from cuda.bindings import driver as drv
 
-    from foundry_core.images import _call
+    from foundry_core.native import call as _call
 
     out: list[int] = []
 
@@ -249,7 +249,7 @@ def phase_load(work: Path) -> dict:
 
     from foundry_core import cubin
     from foundry_core import images as kernel_images
-    from foundry_core.images import _call
+    from foundry_core.native import call as _call
     from foundry_core.schema import KernelFunction
 
     t0 = time.perf_counter()
