@@ -52,8 +52,8 @@ def test_native_library_compiles_and_exports(lib):
 
 CUDA_STATE_PROBE = """
 import ctypes, sys
-from foundry_core import recorder
-lib = recorder._native()
+from foundry_core import native
+lib = native.cupti_lib()
 print(lib.foundry_cupti_cuda_state())           # libcuda not loaded yet
 try:
     cuda = ctypes.CDLL("libcuda.so.1")
