@@ -27,12 +27,12 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import aiohttp
 
 from foundry_sglang.graphs.keys import RankLayout, layout_dir
-from foundry_sglang.graphs.settings import FoundryMode
+from foundry_sglang.graphs.settings import FoundryConfig
 
 from .backends import ReplicaHandle
 from .layout import Layout, ModelShape, parse_layout, validate_layout
@@ -44,7 +44,7 @@ log = logging.getLogger("foundry_sglang.elastic.controller")
 PHASES = ("plan", "shrink_old", "start_new", "wait_healthy", "switch", "drain_old", "stop_old", "rollback")
 
 
-def _archive_dir(root: str, model: str, layout: Layout) -> str:
+def _archive_dir(root: Union[str, os.PathLike], model: str, layout: Layout) -> str:
     """The archive directory of one generation layout (the engines name per-rank files inside it)."""
     return str(layout_dir(root, model, RankLayout(tp_size=layout.tp, ep_size=layout.ep)))
 
@@ -62,8 +62,7 @@ class ControllerConfig:
     layout: Layout = field(default_factory=Layout)
     kind: str = "builtin"                 # worker kind: builtin | sglang
     device: str = "cpu"
-    archive_root: Optional[str] = None    # graphs per layout under here (None: no Foundry archives)
-    foundry_mode: str = FoundryMode.AUTO
+    foundry: FoundryConfig = field(default_factory=FoundryConfig)  # archive_dir: one subdirectory per layout
     extra_args: List[str] = field(default_factory=list)
     env: Dict[str, str] = field(default_factory=dict)
     log_dir: Optional[str] = None         # one log file per replica process
@@ -336,11 +335,12 @@ class Controller:
         cfg = self.config
 
         def make(index: int) -> WorkerSpec:
-            archive = _archive_dir(cfg.archive_root, cfg.model, layout) if cfg.archive_root else None
+            foundry = (cfg.foundry.with_archive_dir(_archive_dir(cfg.foundry.archive_dir, cfg.model, layout))
+                       if cfg.foundry.enabled else cfg.foundry)
             log_path = (os.path.join(cfg.log_dir, f"gen{gen_id}-tp{layout.tp}-ep{layout.ep}-r{index}.log")
                         if cfg.log_dir else None)
             return WorkerSpec(model=cfg.model, tp=layout.tp, ep=layout.ep, kind=cfg.kind, device=cfg.device,
-                              archive_dir=archive, foundry_mode=cfg.foundry_mode,
+                              foundry=foundry,
                               extra_args=list(cfg.extra_args), env=dict(cfg.env), log_path=log_path)
         return make
 
@@ -364,8 +364,9 @@ class Controller:
                     self.generations[gen_id] = gen
                 gen.replicas.extend(replicas)
                 # A fresh archive is captured by the first replica; the others then restore it.
-                first_save = (self.config.archive_root and len(replicas) > 1 and not os.path.isdir(
-                    _archive_dir(self.config.archive_root, self.config.model, layout)))
+                foundry = self.config.foundry
+                first_save = (foundry.enabled and len(replicas) > 1 and not os.path.isdir(
+                    _archive_dir(foundry.archive_dir, self.config.model, layout)))
                 if first_save:
                     await replicas[0].start()
             with _Timer(job, "wait_healthy"):

@@ -23,11 +23,11 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from aiohttp import web
 
-from foundry_sglang.graphs.settings import FoundryMode
+from foundry_sglang.graphs.settings import FoundryConfig
 
 from .api import build_app
 from .backends import LocalBackend, RayBackend
@@ -69,8 +69,7 @@ class DeploymentConfig:
     port: int = 8000
     api_token: Optional[str] = None
     backend: str = "ray"                     # ray | local
-    archive_root: Optional[str] = None
-    foundry_mode: str = FoundryMode.AUTO
+    foundry: FoundryConfig = field(default_factory=FoundryConfig)  # archive_dir: one subdirectory per layout
     extra_args: List[str] = field(default_factory=list)
     env: Dict[str, str] = field(default_factory=dict)   # extra environment of every engine process
     log_dir: Optional[str] = None
@@ -80,10 +79,14 @@ class DeploymentConfig:
     drain_timeout: float = 600.0
     policy: Optional[Dict[str, Any]] = None  # PolicyConfig fields; None: policy off
 
+    def __post_init__(self) -> None:
+        if isinstance(self.foundry, Mapping):  # from YAML (Ray Serve args) or asdict() (the controller actor)
+            self.foundry = FoundryConfig.from_dict(self.foundry)
+
     def controller_config(self) -> ControllerConfig:
         return ControllerConfig(model=self.model, slots=self.slots, layout=Layout(self.tp, self.ep, self.replicas),
-                                kind=self.kind, device=self.device, archive_root=self.archive_root,
-                                foundry_mode=self.foundry_mode, extra_args=list(self.extra_args),
+                                kind=self.kind, device=self.device, foundry=self.foundry,
+                                extra_args=list(self.extra_args),
                                 env=dict(self.env), log_dir=self.log_dir, start_timeout=self.start_timeout,
                                 drain_timeout=self.drain_timeout)
 

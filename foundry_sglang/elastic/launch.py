@@ -98,8 +98,7 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
     return DeploymentConfig(
         model=args.model, slots=slots, tp=args.tp, ep=args.ep, replicas=args.replicas, kind=args.kind,
         device=args.device, gpu_ids=gpu_ids, host=args.host, port=args.port, api_token=args.api_token,
-        backend=args.backend, foundry_mode=foundry.mode,
-        archive_root=str(foundry.archive_dir) if args.device == "cuda" and foundry.enabled else None,
+        backend=args.backend, foundry=foundry if args.device == "cuda" else FoundryConfig(),
         extra_args=list(args.engine_arg) + list(extra), log_dir=args.log_dir, queue_limit=args.queue_limit,
         queue_timeout=args.queue_timeout, start_timeout=args.start_timeout, drain_timeout=args.drain_timeout,
         policy=policy)

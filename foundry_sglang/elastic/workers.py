@@ -20,9 +20,9 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
-from foundry_sglang.graphs.settings import FoundryMode
+from foundry_sglang.graphs.settings import FoundryConfig
 from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, disable_nvls, free_port
 
 log = logging.getLogger("foundry_sglang.elastic.workers")
@@ -40,12 +40,15 @@ class WorkerSpec:
     ep: int = 1
     kind: str = "builtin"
     device: str = "cpu"                       # "cpu" or "cuda"
-    archive_dir: Optional[str] = None         # graphs restored from / saved to here (per layout)
-    foundry_mode: str = FoundryMode.AUTO
+    foundry: FoundryConfig = field(default_factory=FoundryConfig)  # mode and this layout's archive directory
     extra_args: List[str] = field(default_factory=list)
     env: Dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     log_path: Optional[str] = None            # engine stdout/stderr go here (default: inherited)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.foundry, Mapping):  # from a plain dict (a Ray actor's argument, YAML)
+            self.foundry = FoundryConfig.from_dict(self.foundry)
 
     def to_dict(self) -> Dict:
         return dict(self.__dict__)
@@ -57,13 +60,11 @@ def build_command(spec: WorkerSpec, port: int) -> List[str]:
         cmd = [sys.executable, "-m", "foundry_sglang.engine", "--model", spec.model,
                "--tp", str(spec.tp), "--ep", str(spec.ep), "--host", spec.host, "--port", str(port),
                "--device", spec.device]
-        if spec.archive_dir:
-            cmd += ["--foundry-archive", spec.archive_dir, "--foundry-mode", spec.foundry_mode]
+        cmd += spec.foundry.engine_flags()
     elif spec.kind == "sglang":
         cmd = [sys.executable, "-m", "foundry_sglang.launch", "--model-path", spec.model,
                "--tp-size", str(spec.tp), "--ep-size", str(spec.ep), "--host", spec.host, "--port", str(port)]
-        if spec.archive_dir:
-            cmd += ["--foundry-archive", spec.archive_dir, "--foundry-mode", spec.foundry_mode]
+        cmd += spec.foundry.engine_flags()
     else:
         raise ValueError(f"unknown worker kind {spec.kind!r}; expected one of {', '.join(WORKER_KINDS)}")
     return cmd + list(spec.extra_args)

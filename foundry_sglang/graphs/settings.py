@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -96,6 +96,26 @@ class FoundryConfig:
         if archive is None and mode is not None and default_archive_dir is not None:
             archive = default_archive_dir
         return cls.resolve(mode, archive)
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, object]) -> "FoundryConfig":
+        """From ``{"mode": ..., "archive_dir": ...}`` (a YAML or JSON mapping, or ``dataclasses.asdict`` of one),
+        with the default rule; ValueError (one line) on another key or a bad value."""
+        unknown = sorted(set(doc) - {"mode", "archive_dir"})
+        if unknown:
+            raise ValueError(f"unknown foundry setting(s) {', '.join(unknown)}; known: archive_dir, mode")
+        mode, archive = doc.get("mode"), doc.get("archive_dir")
+        return cls.resolve(None if mode is None else str(mode), None if archive is None else str(archive))
+
+    def with_archive_dir(self, archive_dir: Union[str, os.PathLike]) -> "FoundryConfig":
+        """The same mode with another archive directory (e.g. one elastic layout's own)."""
+        return replace(self, archive_dir=Path(archive_dir))
+
+    def engine_flags(self) -> list[str]:
+        """``--foundry-archive DIR --foundry-mode MODE`` for an engine server or the launcher; [] when off."""
+        if not self.enabled:
+            return []
+        return ["--foundry-archive", str(self.archive_dir), "--foundry-mode", self.mode.value]
 
     def to_env(self) -> dict[str, str]:
         """The environment that hands this configuration to child processes (``from_env`` reads it back)."""

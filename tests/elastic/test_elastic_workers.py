@@ -1,12 +1,19 @@
 """Worker command construction, the elastic launcher's flags, the Serve app builder and its YAML (no GPU)."""
 import os
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
+from foundry_sglang.elastic.controller import Controller
+from foundry_sglang.elastic.deployment import DeploymentConfig
 from foundry_sglang.elastic.launch import build_parser, config_from_args, main
+from foundry_sglang.elastic.layout import Layout
+from foundry_sglang.elastic.router import Router
 from foundry_sglang.elastic.workers import WorkerSpec, build_command, build_env
 from foundry_sglang.graphs.keys import RankLayout, layout_dir
+from foundry_sglang.graphs.settings import FoundryConfig, FoundryMode
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,8 +31,8 @@ def test_builtin_worker_command():
 def test_sglang_worker_command_enables_plugin_and_archive():
     archive = str(layout_dir("/data/foundry", "/models/Qwen3-8B/", RankLayout(tp_size=2)))
     assert archive == "/data/foundry/Qwen3-8B/tp2"
-    spec = WorkerSpec(model="/models/Qwen3-8B", tp=2, ep=2, kind="sglang", device="cuda", archive_dir=archive,
-                      foundry_mode="auto", extra_args=["--cuda-graph-max-bs-decode", "64"])
+    spec = WorkerSpec(model="/models/Qwen3-8B", tp=2, ep=2, kind="sglang", device="cuda",
+                      foundry=FoundryConfig.resolve("auto", archive), extra_args=["--cuda-graph-max-bs-decode", "64"])
     cmd = build_command(spec, 30001)
     assert cmd[1:3] == ["-m", "foundry_sglang.launch"]
     joined = " ".join(cmd)
@@ -45,7 +52,9 @@ def test_launcher_flags_map_to_config():
                                       "--engine-arg=--page-size=32"])
     cfg = config_from_args(args, ["--num-kv-pages", "64"])
     assert (cfg.slots, cfg.tp, cfg.replicas, cfg.backend) == (4, 2, 2, "local")
-    assert cfg.archive_root is None          # no CUDA graphs on CPU
+    assert cfg.foundry == FoundryConfig()    # no CUDA graphs on CPU
+    on_gpu = config_from_args(build_parser().parse_args(["--device", "cuda", "--foundry-archive", "/a"]), [])
+    assert on_gpu.foundry == FoundryConfig(FoundryMode.AUTO, Path("/a"))
     assert cfg.extra_args == ["--page-size=32", "--num-kv-pages", "64"]
     assert main(["--tp", "3", "--slots", "4", "--device", "cpu"]) == 2     # 4 heads: one line, exit 2
     assert main(["--policy", "[1]"]) == 2
@@ -62,8 +71,25 @@ def test_serve_app_builds_and_yaml_matches():
     assert app_cfg["import_path"] == "foundry_sglang.elastic.serve:build_app"
     cfg = config_from_dict(app_cfg["args"])          # every YAML arg is a known field
     assert cfg.backend == "ray" and cfg.host == "127.0.0.1"
+    assert cfg.foundry == FoundryConfig.resolve("auto", app_cfg["args"]["foundry"]["archive_dir"])
+    with pytest.raises(ValueError, match="unknown foundry setting.*archive_root"):
+        config_from_dict({"model": "builtin:tiny", "foundry": {"archive_root": "/a"}})
     app = build_app({"model": "builtin:tiny", "slots": 2, "device": "cpu"})
     from ray.serve import Application
     assert isinstance(app, Application)
     with pytest.raises(ValueError, match="unknown elastic argument"):
         build_app({"model": "builtin:tiny", "tensor_parallel": 2})
+
+
+def test_one_foundry_config_reaches_every_worker_of_a_layout(tmp_path):
+    foundry = FoundryConfig.resolve("load", tmp_path)
+    cfg = DeploymentConfig(model="builtin:tiny", slots=4, tp=2, device="cuda", foundry=foundry)
+    assert DeploymentConfig(**asdict(cfg)) == cfg     # what the Ray controller actor receives and rebuilds
+    controller = Controller(cfg.controller_config(), backend=None, router=Router())
+    spec = controller._spec_for(Layout(tp=2, ep=1, replicas=1), 3)(0)
+    layout_archive = layout_dir(tmp_path, "builtin:tiny", RankLayout(tp_size=2))
+    assert spec.foundry == FoundryConfig(FoundryMode.LOAD, layout_archive)
+    assert build_command(spec, 1)[-4:] == ["--foundry-archive", str(layout_archive), "--foundry-mode", "load"]
+    assert WorkerSpec(**{**spec.to_dict(), "foundry": asdict(spec.foundry)}) == spec
+    off = Controller(DeploymentConfig(model="builtin:tiny").controller_config(), backend=None, router=Router())
+    assert "--foundry-mode" not in build_command(off._spec_for(Layout(), 1)(0), 1)

@@ -32,6 +32,21 @@ def test_config_round_trips_through_the_environment():
     assert FoundryConfig.from_env({"FOUNDRY_MODE": "save"}, default_archive_dir="/d").archive_dir == Path("/d")
 
 
+def test_config_from_a_mapping_and_as_engine_flags():
+    config = FoundryConfig.resolve("save", "/data/foundry")
+    assert FoundryConfig.from_dict({"mode": "save", "archive_dir": "/data/foundry"}) == config
+    assert FoundryConfig.from_dict({"archive_dir": "/d"}).mode is FoundryMode.AUTO  # the one default rule
+    assert FoundryConfig.from_dict({}) == FoundryConfig()
+    with pytest.raises(ValueError, match="unknown foundry setting.*archive_root"):
+        FoundryConfig.from_dict({"archive_root": "/d"})
+    with pytest.raises(ValueError, match="needs an archive directory"):
+        FoundryConfig.from_dict({"mode": "load"})
+    per_layout = config.with_archive_dir("/data/foundry/m/tp2")
+    assert per_layout == FoundryConfig(FoundryMode.SAVE, Path("/data/foundry/m/tp2"))
+    assert per_layout.engine_flags() == ["--foundry-archive", "/data/foundry/m/tp2", "--foundry-mode", "save"]
+    assert FoundryConfig().engine_flags() == []
+
+
 def test_mode_values_are_defined_once():
     """No other module spells the mode names as a list or compares a mode with a string literal."""
     name = r"""["'](?:off|auto|save|load)["']"""

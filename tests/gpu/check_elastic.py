@@ -23,6 +23,7 @@ import time
 import aiohttp
 
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
+from foundry_sglang.graphs.settings import FoundryConfig
 from tests.openai_client import openai_request
 
 PROMPTS = [f"Request {i}: explain the history of the printing press." for i in range(8)]
@@ -71,7 +72,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     archives = os.path.join(args.out, "archives")
     cfg = DeploymentConfig(model=args.model, slots=2, tp=1, replicas=1, device="cuda", gpu_ids=[0, 1],
-                           backend="local", port=0, archive_root=archives, foundry_mode="auto",
+                           backend="local", port=0, foundry=FoundryConfig.resolve("auto", archives),
                            log_dir=os.path.join(args.out, "logs"), extra_args=list(args.engine_arg),
                            start_timeout=420, queue_timeout=420)
     rows, jobs = [], []
