@@ -1,12 +1,13 @@
 """foundry_core: save CUDA graphs with their execution context and restore them in a fresh process.
 
-Public API: :class:`Session` (save/load), :class:`RestoredGraph` (what LOAD returns) and the
-:class:`FoundryError` hierarchy. ``__version__`` is the package version (pyproject reads it from here).
+Public API: :class:`Session` (save/load; :class:`SessionMode`), :class:`RestoredGraph` (what LOAD returns) and
+the :class:`FoundryError` hierarchy. ``__version__`` is the package version (pyproject reads it from here).
 """
 from foundry_core.errors import (
     ArchiveError,
     ArenaUnavailable,
     DeviceUnavailable,
+    DriverError,
     FoundryError,
     IncompatibleArchive,
     LayoutMismatch,
@@ -20,11 +21,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Session",
+    "SessionMode",
     "RestoredGraph",
     "FoundryError",
     "ArchiveError",
     "ArenaUnavailable",
     "DeviceUnavailable",
+    "DriverError",
     "IncompatibleArchive",
     "LayoutMismatch",
     "NativeBuildError",
@@ -35,7 +38,8 @@ __all__ = [
 ]
 
 # Session and RestoredGraph pull in torch: resolve them on first use to keep `import foundry_core` light (CLI).
-_LAZY = {"Session": "foundry_core.session", "RestoredGraph": "foundry_core.restore"}
+_LAZY = {"Session": "foundry_core.session", "SessionMode": "foundry_core.session",
+         "RestoredGraph": "foundry_core.restore"}
 
 
 def __getattr__(name):
