@@ -60,14 +60,12 @@ def build_command(spec: WorkerSpec, port: int) -> List[str]:
         cmd = [sys.executable, "-m", "foundry_sglang.engine", "--model", spec.model,
                "--tp", str(spec.tp), "--ep", str(spec.ep), "--host", spec.host, "--port", str(port),
                "--device", spec.device]
-        cmd += spec.foundry.engine_flags()
     elif spec.kind == "sglang":
         cmd = [sys.executable, "-m", "foundry_sglang.launch", "--model-path", spec.model,
                "--tp-size", str(spec.tp), "--ep-size", str(spec.ep), "--host", spec.host, "--port", str(port)]
-        cmd += spec.foundry.engine_flags()
     else:
         raise ValueError(f"unknown worker kind {spec.kind!r}; expected one of {', '.join(WORKER_KINDS)}")
-    return cmd + list(spec.extra_args)
+    return cmd + spec.foundry.engine_flags() + list(spec.extra_args)
 
 
 _SECRET_FLAG_WORDS = ("key", "token", "secret", "password")
