@@ -232,7 +232,7 @@ def elf_arch(e_flags: int, abi_version: int) -> int:
 def parse_elf(data: bytes) -> ImageInfo:
     """Parse one ELF64 cubin. See the module docstring for the layout."""
     r = _Reader(data, "cubin")
-    (ident, e_type, e_machine, _ver, _entry, _phoff, shoff, e_flags, _ehsize, _phentsize, _phnum,
+    (ident, e_type, e_machine, _ver, _entry, phoff, shoff, e_flags, _ehsize, phentsize, phnum,
      shentsize, shnum, shstrndx) = r.unpack(_ELF_HEADER, 0)
     if ident[:4] != ELF_MAGIC:
         raise ValueError("not an ELF image")
@@ -247,6 +247,8 @@ def parse_elf(data: bytes) -> ImageInfo:
         raise ValueError(f"malformed cubin: section header size {shentsize}")
     if shstrndx >= shnum:
         raise ValueError(f"malformed cubin: section name table index {shstrndx} >= {shnum}")
+    if phnum:  # the driver maps the image through its program headers: the table must lie inside the image
+        r.slice(phoff, phnum * phentsize, "program header table")
 
     raw = [r.unpack(_SECTION, shoff + i * shentsize) for i in range(shnum)]
     s_name, s_type, _f, _a, s_off, s_size = raw[shstrndx][:6]
