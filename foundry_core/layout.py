@@ -222,9 +222,14 @@ def check_addresses(m: schema.Manifest, where: str = "archive") -> None:
                                    f"(generator {r.generator!r}, increment {r.increment})")
 
 
+#: Element size of every torch dtype a graph output may have (no torch import here; a CPU test compares it with
+#: the installed torch). Sub-byte and packed dtypes occupy one byte per element as torch stores them.
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-             "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "float8_e4m3fn": 1,
-             "float8_e5m2": 1, "uint16": 2, "uint32": 4, "uint64": 8}
+             "int8": 1, "uint8": 1, "bool": 1, "complex32": 4, "complex64": 8, "complex128": 16, "bcomplex32": 4,
+             "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+             "float4_e2m1fn_x2": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bits8": 1, "bits16": 2, "bits1x8": 1,
+             "bits2x4": 1, "bits4x2": 1,
+             **{f"int{n}": 1 for n in range(1, 8)}, **{f"uint{n}": 1 for n in range(1, 8)}}
 
 
 def tensor_problem(t: schema.TensorSpec) -> Optional[str]:

@@ -383,3 +383,20 @@ def test_output_constants_round_trip():
     assert pytree.tree_structure(back) == pytree.tree_structure(out)
     with pytest.raises(UnsupportedGraph, match="not a tensor or a constant"):
         flatten_outputs("g", {"bad": object()})
+
+
+def test_every_torch_dtype_has_its_element_size():
+    """LOAD checks output tensors by element size: a dtype missing from the table would refuse a valid archive."""
+    import torch
+
+    from foundry_core.layout import _ITEMSIZE
+
+    checked = 0
+    for name in dir(torch):
+        dtype = getattr(torch, name)
+        key = str(dtype).removeprefix("torch.")
+        if not isinstance(dtype, torch.dtype) or key.startswith(("qint", "quint")):  # quantized: never outputs
+            continue
+        assert _ITEMSIZE.get(key) == dtype.itemsize, key
+        checked += 1
+    assert checked > 20
