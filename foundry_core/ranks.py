@@ -112,9 +112,13 @@ def merge_rank_archives(parts: Sequence[str | Path], out: str | Path, noise: Opt
     """
     if not parts:
         raise FoundryError("merge_rank_archives needs at least one rank archive")
+    from foundry_core import trust
+
     archives = [Archive.open(p) for p in parts]
     noise_archive = Archive.open(noise) if noise else None
     try:
+        for a in archives + ([noise_archive] if noise_archive else []):
+            trust.check_archive(a)  # the template inherits their code: no part may be less trusted than it
         return _merge(archives, noise_archive, Path(out), layout or {})
     finally:
         for a in archives + ([noise_archive] if noise_archive else []):

@@ -290,3 +290,13 @@ def test_nvlink_multicast_is_off_in_every_process_we_start(monkeypatch):
     finally:
         parallel.set_state(old)
     assert {k: os.environ[k] for k in NVLS_OFF_ENV} == NVLS_OFF_ENV
+
+
+def test_a_writable_rank_part_is_not_laundered_into_a_template(ranks):
+    from foundry_core.errors import FoundryError
+
+    tmp, r0, noise, r1 = ranks
+    r1.chmod(0o666)  # anyone could have replaced its kernels
+    with pytest.raises(FoundryError, match="writable"):
+        merge_rank_archives([r0, r1], tmp / "tpl.foundry", noise=noise)
+    assert not (tmp / "tpl.foundry").exists()
