@@ -80,7 +80,7 @@ def test_parts_append_and_install_with_an_entry_point(tmp_path):
     dest = tmp_path / "device-tmp"
     for p in manifest["parts"]:
         assert stage.cmd_append(Namespace(part=str(parts / p["name"]), manifest=None, dest=str(dest))) == 0
-    args = Namespace(dest=str(dest), target=None, project=str(ROOT), check=False)
+    args = Namespace(set="sglang", dest=str(dest), target=None, project=str(ROOT), check=False)
     assert stage.cmd_install(args) == 0
     site = dest / "site"
     assert "VALUE = 42" in (site / "tinypkg" / "__init__.py").read_text()
@@ -106,7 +106,7 @@ def test_a_broken_part_is_rejected_and_a_missing_one_named(tmp_path):
     second = parts / manifest["parts"][1]["name"]
     stage.cmd_append(Namespace(part=str(second), manifest=None, dest=str(dest)))
     with pytest.raises(stage.StageError, match="missing part-1"):
-        stage.cmd_install(Namespace(dest=str(dest), target=None, project=str(ROOT), check=False))
+        stage.cmd_install(Namespace(set="sglang", dest=str(dest), target=None, project=str(ROOT), check=False))
 
 
 def test_manifest_lists_wheels_and_jit_modules(tmp_path):
@@ -115,3 +115,109 @@ def test_manifest_lists_wheels_and_jit_modules(tmp_path):
     assert manifest["jit_modules"] == ["sgl_kernel_jit_x__arch_9.0a"]
     assert json.loads((tmp_path / "stage" / "parts" / "manifest.json").read_text())["bundle_sha256"] == \
         manifest["bundle_sha256"]
+
+
+# -- wheel sets ------------------------------------------------------------------------------------------------
+def _ray_set(tmp_path, monkeypatch) -> Path:
+    """The ray wheel set with its device staging folder moved under tmp_path; returns its parts folder."""
+    monkeypatch.setitem(stage.WHEEL_SETS, "ray", stage.WHEEL_SETS["ray"]._replace(dest=str(tmp_path / "foundry_ray")))
+    bundle = tmp_path / "ray-stage" / "bundle"
+    (bundle / "wheels").mkdir(parents=True)
+    make_wheel(bundle / "wheels" / "ray-2.60.0-py3-none-any.whl",
+               {"ray/__init__.py": b"__version__ = '2.60.0'\n" + b"#" * 30000}, "ray-2.60.0")
+    make_wheel(bundle / "wheels" / "msgspec-0.23.0-py3-none-any.whl", {"msgspec/__init__.py": b"M = 1\n"},
+               "msgspec-0.23.0")
+    manifest = stage.pack_parts(bundle, tmp_path / "ray-stage" / "parts", part_bytes=8192, wheel_set="ray")
+    assert manifest["set"] == "ray" and len(manifest["parts"]) > 2
+    return tmp_path / "ray-stage" / "parts"
+
+
+def _append_all(parts: Path, dest=None) -> None:
+    manifest = json.loads((parts / "manifest.json").read_text())
+    for p in manifest["parts"]:
+        assert stage.cmd_append(Namespace(part=str(parts / p["name"]), manifest=None, dest=dest)) == 0
+
+
+def test_ray_set_parts_go_to_its_own_folder_and_install_without_sglang_extras(tmp_path, monkeypatch):
+    parts = _ray_set(tmp_path, monkeypatch)
+    manifest = json.loads((parts / "manifest.json").read_text())
+    joined = b"".join((parts / p["name"]).read_bytes() for p in manifest["parts"])
+    assert hashlib.sha256(joined).hexdigest() == manifest["bundle_sha256"] and len(joined) == manifest["bundle_size"]
+    assert all(p["size"] <= 8192 for p in manifest["parts"])
+    _append_all(parts)  # no --dest: the manifest's set decides where parts go
+    dest = tmp_path / "foundry_ray"
+    assert sorted(p.name for p in (dest / "parts").glob("part-*")) == sorted(p["name"] for p in manifest["parts"])
+    assert stage.cmd_install(Namespace(set="ray", dest=None, target=None, project=str(ROOT), check=False)) == 0
+    site = dest / "site"
+    assert (site / "ray" / "__init__.py").read_text().startswith("__version__ = '2.60.0'")
+    assert (site / "msgspec" / "__init__.py").exists()
+    assert not list(site.glob("foundry*.dist-info"))  # the SGLang plugin entry point is sglang's business
+    env = (dest / "env.sh").read_text()
+    assert f"PYTHONPATH={site}:{ROOT}" in env and "RAY_USAGE_STATS_ENABLED=0" in env
+    assert "TVM_FFI_CACHE_DIR" not in env and "SGLANG" not in env
+
+
+def test_install_refuses_parts_of_another_set(tmp_path, monkeypatch):
+    parts = _ray_set(tmp_path, monkeypatch)
+    dest = tmp_path / "foundry_ray"
+    _append_all(parts)
+    with pytest.raises(stage.StageError, match="parts of set 'ray', not 'sglang'"):
+        stage.cmd_install(Namespace(set="sglang", dest=str(dest), target=None, project=str(ROOT), check=False))
+    assert not (dest / "site").exists()
+
+
+def test_a_part_damaged_after_append_is_named_at_install(tmp_path, monkeypatch):
+    parts = _ray_set(tmp_path, monkeypatch)
+    _append_all(parts)
+    staged = tmp_path / "foundry_ray" / "parts" / "part-2"
+    data = bytearray(staged.read_bytes())
+    data[-1] ^= 0x01
+    staged.write_bytes(bytes(data))
+    with pytest.raises(stage.StageError, match="part-2 .* does not match"):
+        stage.cmd_install(Namespace(set="ray", dest=None, target=None, project=str(ROOT), check=False))
+
+
+def test_parts_of_an_older_build_are_dropped_when_a_new_build_is_appended(tmp_path, monkeypatch):
+    parts = _ray_set(tmp_path, monkeypatch)
+    _append_all(parts)
+    dest_parts = tmp_path / "foundry_ray" / "parts"
+    n_old = len(list(dest_parts.glob("part-*")))
+    bundle = tmp_path / "ray-stage" / "bundle"  # a rebuild with other contents: another bundle sha256
+    make_wheel(bundle / "wheels" / "msgspec-0.23.0-py3-none-any.whl", {"msgspec/__init__.py": b"M = 2\n"},
+               "msgspec-0.23.0")
+    new = stage.pack_parts(bundle, parts, part_bytes=8192, wheel_set="ray")
+    stage.cmd_append(Namespace(part=str(parts / "part-1"), manifest=None, dest=None))
+    assert n_old > 1 and [p.name for p in dest_parts.glob("part-*")] == ["part-1"]
+    with pytest.raises(stage.StageError, match="missing part-2"):
+        stage.cmd_install(Namespace(set="ray", dest=None, target=None, project=str(ROOT), check=False))
+    _append_all(parts)
+    assert stage.cmd_install(Namespace(set="ray", dest=None, target=None, project=str(ROOT), check=False)) == 0
+    assert json.loads((tmp_path / "foundry_ray" / "installed.json").read_text())["bundle_sha256"] == \
+        new["bundle_sha256"]
+    assert (tmp_path / "foundry_ray" / "site" / "msgspec" / "__init__.py").read_text() == "M = 2\n"
+
+
+def test_build_takes_exactly_the_locked_versions(tmp_path):
+    dl = tmp_path / "download"
+    dl.mkdir()
+    for dist in ("ray-2.59.0", "ray-2.60.0", "rpds_py-2026.9.1", "python_dotenv-1.2.4"):
+        make_wheel(dl / f"{dist}-py3-none-any.whl", {}, dist)
+    got = stage.locked_wheels(dl, ("ray==2.60.0", "rpds-py==2026.9.1", "python-dotenv==1.2.4"))
+    assert [w.name.split("-")[:2] for w in got] == [["python_dotenv", "1.2.4"], ["ray", "2.60.0"],
+                                                     ["rpds_py", "2026.9.1"]]
+    with pytest.raises(stage.StageError, match="msgspec==0.23.0"):
+        stage.locked_wheels(dl, ("ray==2.60.0", "msgspec==0.23.0"))
+    with pytest.raises(stage.StageError, match="positive"):
+        stage.pack_parts(tmp_path, tmp_path / "parts", part_bytes=0)
+
+
+def test_ray_lock_pins_the_ray_the_elastic_code_is_tested_with():
+    lock = stage.WHEEL_SETS["ray"].lock
+    names = [spec.partition("==")[0] for spec in lock]
+    assert all("==" in spec for spec in lock) and len(set(names)) == len(names)
+    assert {"ray", "msgspec", "fastapi", "starlette", "pydantic", "uvicorn"} <= set(names)
+    try:
+        installed = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("no ray on this machine")
+    assert f"ray=={installed}" in lock
