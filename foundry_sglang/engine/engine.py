@@ -100,7 +100,8 @@ class LLMEngine:
         self.served_model_name = args.served_model_name or args.model
         self.workers: List[mp.Process] = []
         if args.world_size > 1:
-            ctx = mp.get_context("spawn")
+            # A standby engine has a forkserver with torch imported already (engine/standby.py).
+            ctx = mp.get_context(os.environ.get("FOUNDRY_ENGINE_RANK_CONTEXT") or "spawn")
             for rank in range(1, args.world_size):
                 p = ctx.Process(target=worker_main, args=(args, rank), daemon=True, name=f"engine-rank{rank}")
                 p.start()

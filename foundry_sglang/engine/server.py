@@ -473,6 +473,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         f"time; default {d.header_timeout:g})")
     s.add_argument("--body-timeout", type=float, default=d.body_timeout,
                    help=f"seconds a request body may take to arrive; then 408 (default {d.body_timeout:g})")
+    s.add_argument("--standby", action="store_true",
+                   help="start as a standby: import torch and the engine, start the rank forkserver and (with "
+                        "--device cuda) the CUDA context, then read one JSON line {\"argv\": [...]} of server "
+                        "arguments from stdin and serve with them (the elastic controller's warm pool)")
     return p
 
 
@@ -567,6 +571,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
         exit_with_parent()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.standby:
+        from .standby import run_standby
+        return run_standby(args.device)
     limits = ServerLimits(max_queued_requests=args.max_queued_requests, header_timeout=args.header_timeout,
                           body_timeout=args.body_timeout)
     try:
