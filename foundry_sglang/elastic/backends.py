@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .layout import Layout
@@ -49,15 +50,44 @@ SpecFactory = Callable[[int], WorkerSpec]  # replica index -> spec
 
 # --------------------------------------------------------------------------------------------- local
 class _LocalReplica(ReplicaHandle):
-    def __init__(self, backend: "LocalBackend", index: int, spec: WorkerSpec, slots: Sequence[int]):
+    def __init__(self, backend: "LocalBackend", index: int, spec: WorkerSpec, slots: Sequence[int],
+                 standby: Optional[ProcessWorker] = None, spares: Sequence[ProcessWorker] = ()):
         self.backend, self.index, self.spec, self.slots = backend, index, spec, list(slots)
         self.worker = ProcessWorker()
+        self.standby = standby          # warm engine on slots[0]: becomes this replica's server (rank 0)
+        self.spares = list(spares)      # standbys on this replica's other slots: stopped to free them
+        self.from_standby = False
 
     async def start(self) -> str:
-        gpu_ids = self.slots if self.spec.device == "cuda" else ()
-        self.url = self.worker.start(self.spec, gpu_ids=gpu_ids)
+        loop = asyncio.get_running_loop()
+        if self.spares:
+            spares, self.spares = self.spares, []
+            await asyncio.gather(*(loop.run_in_executor(None, w.stop, 2.0) for w in spares))
+        standby, self.standby = self.standby, None
+        if standby is not None:
+            try:
+                self.url = standby.activate(self._standby_spec())
+                self.worker, self.from_standby = standby, True
+                self.backend.standby_used += 1
+            except (OSError, RuntimeError, ValueError) as exc:  # never fail a start for a bad standby
+                log.warning("standby pid %s unusable (%s); starting a fresh worker instead", standby.pid, exc)
+                self.backend.standby_fallbacks += 1
+                await loop.run_in_executor(None, standby.stop, 2.0)
+        if not self.from_standby:
+            gpu_ids = self.slots if self.spec.device == "cuda" else ()
+            self.url = self.worker.start(self.spec, gpu_ids=gpu_ids)
         self.pid = self.worker.pid
         return self.url
+
+    def _standby_spec(self) -> WorkerSpec:
+        """A standby sees all of the backend's GPUs: tell its ranks which of them are this replica's."""
+        if self.spec.device != "cuda" or "--gpu-ids" in self.spec.extra_args:
+            return self.spec
+        index = [self.backend.all_slots.index(s) for s in self.slots]
+        return replace(self.spec, extra_args=list(self.spec.extra_args) + ["--gpu-ids", ",".join(map(str, index))])
+
+    def describe(self) -> Dict[str, Any]:
+        return dict(super().describe(), from_standby=self.from_standby)
 
     async def returncode(self) -> Optional[int]:
         return self.worker.returncode()
@@ -69,27 +99,89 @@ class _LocalReplica(ReplicaHandle):
 
 
 class LocalBackend:
-    """Workers as child processes of the controller; ``slots`` are GPU ids (cuda) or plain numbers (cpu)."""
+    """Workers as child processes of the controller; ``slots`` are GPU ids (cuda) or plain numbers (cpu).
+
+    With ``standby`` > 0 the backend keeps up to that many warm engines (``engine --standby``) on free slots,
+    one slot each (a standby holds its GPU). They are not serving capacity: a slot with a standby is free for
+    planning, and a replica allocated on it turns the standby into its server (rank 0) instead of starting a
+    process; standbys on a replica's other slots are stopped. ``replenish`` refills the pool.
+    """
 
     name = "local"
 
-    def __init__(self, slots: Sequence[int]):
+    def __init__(self, slots: Sequence[int], standby: int = 0):
+        self.all_slots: List[int] = list(slots)
         self.free: List[int] = list(slots)
+        self.standby_target = max(0, int(standby))
+        self.standbys: Dict[int, ProcessWorker] = {}   # slot -> warm engine (its slot is not in self.free)
+        self.standby_started = self.standby_used = self.standby_fallbacks = 0
 
     async def allocate(self, gen_id: int, layout: Layout, spec_for: SpecFactory) -> List[ReplicaHandle]:
-        if layout.slots > len(self.free):
-            raise SlotsUnavailable(f"{layout} needs {layout.slots} slots, {len(self.free)} free")
+        available = len(self.free) + len(self.standbys)
+        if layout.slots > available:
+            raise SlotsUnavailable(f"{layout} needs {layout.slots} slots, {available} free")
         handles: List[ReplicaHandle] = []
+        n = layout.slots_per_replica
         for i in range(layout.replicas):
-            take, self.free = self.free[:layout.slots_per_replica], self.free[layout.slots_per_replica:]
-            handles.append(_LocalReplica(self, i, spec_for(i), take))
+            standby = None
+            take: List[int] = []
+            if self.standbys:                     # rank 0 on a warm engine
+                slot = sorted(self.standbys)[0]
+                standby = self.standbys.pop(slot)
+                take.append(slot)
+            while len(take) < n and self.free:    # then plain free slots
+                take.append(self.free.pop(0))
+            spares = []
+            while len(take) < n:                  # then other standbys' slots (those standbys are stopped)
+                slot = sorted(self.standbys)[0]
+                spares.append(self.standbys.pop(slot))
+                take.append(slot)
+            handles.append(_LocalReplica(self, i, spec_for(i), take, standby, spares))
         return handles
+
+    def replenish(self, spec: WorkerSpec) -> int:
+        """Drop standbys that exited and start new ones on free slots up to the target; returns how many started.
+        ``spec`` gives the worker kind, device, environment and log path (``{slot}`` in it is filled in)."""
+        for slot, w in list(self.standbys.items()):
+            if w.returncode() is not None:
+                log.warning("standby pid %s on slot %s exited with status %s; replacing it",
+                            w.pid, slot, w.returncode())
+                w.stop()
+                del self.standbys[slot]
+                self._give_back([slot])
+        started = 0
+        while len(self.standbys) < self.standby_target and self.free:
+            slot = self.free.pop(0)
+            w = ProcessWorker()
+            s = replace(spec, log_path=spec.log_path.format(slot=slot) if spec.log_path else None)
+            try:
+                if spec.device == "cuda":
+                    w.start_standby(s, gpu_ids=self.all_slots, gpu_index=self.all_slots.index(slot))
+                else:
+                    w.start_standby(s)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot start a standby worker on slot %s: %s", slot, exc)
+                self._give_back([slot])
+                break
+            self.standbys[slot] = w
+            self.standby_started += 1
+            started += 1
+        return started
+
+    def standby_status(self) -> Dict[str, Any]:
+        return {"target": self.standby_target, "ready": sum(w.returncode() is None for w in self.standbys.values()),
+                "workers": [{"slot": slot, "pid": w.pid} for slot, w in sorted(self.standbys.items())],
+                "started": self.standby_started, "used": self.standby_used, "fallbacks": self.standby_fallbacks}
 
     def _give_back(self, slots: Sequence[int]) -> None:
         self.free = sorted(set(self.free) | set(slots))
 
     async def shutdown(self) -> None:
-        pass
+        """Stop the standby pool (the replicas are the controller's to stop)."""
+        standbys, self.standbys = list(self.standbys.items()), {}
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, w.stop, 2.0) for _, w in standbys))
+        self._give_back([slot for slot, _ in standbys])
 
 
 # ----------------------------------------------------------------------------------------------- ray

@@ -72,6 +72,7 @@ class ControllerConfig:
     monitor_interval: float = 1.0         # how often the serving replicas are checked
     health_failures: int = 3              # failed /health checks in a row that make a running replica "failed"
     repair_backoff_max: float = 30.0      # longest wait between attempts to replace a replica
+    standby: int = 0                      # warm engines kept on free slots for the next switch (0: none)
 
 
 @dataclass
@@ -157,7 +158,30 @@ class Controller:
         with _Timer(job, "switch"):
             self._activate(gen)
         self._finish(job, "succeeded")
+        self._replenish_standby()
         self._tasks.append(asyncio.ensure_future(self._monitor()))
+
+    # -- standby pool ------------------------------------------------------------------------------
+    def _standby_supported(self) -> bool:
+        return self.config.standby > 0 and hasattr(self.backend, "replenish") and self.config.kind == "builtin"
+
+    def _replenish_standby(self) -> None:
+        """Refill the standby pool on free slots (never fails the caller: a standby is an optimisation)."""
+        if self._stopping or not self._standby_supported():
+            return
+        cfg = self.config
+        spec = WorkerSpec(model=cfg.model, kind=cfg.kind, device=cfg.device, env=dict(cfg.env),
+                          log_path=os.path.join(cfg.log_dir, "standby-slot{slot}.log") if cfg.log_dir else None)
+        try:
+            self.backend.replenish(spec)
+        except Exception as exc:
+            log.warning("could not refill the standby pool: %s: %s", type(exc).__name__, exc)
+
+    def standby_status(self) -> Dict[str, Any]:
+        """The standby pool as /status and /metrics report it (``ready`` engines are never serving capacity)."""
+        if hasattr(self.backend, "standby_status"):
+            return self.backend.standby_status()
+        return {"target": 0, "ready": 0, "workers": [], "started": 0, "used": 0, "fallbacks": 0}
 
     async def stop(self) -> None:
         """Cancel the monitor and any running job (waiting until they have cleaned up), then stop every replica."""
@@ -176,6 +200,8 @@ class Controller:
             if gen.state != "stopped":
                 await self._stop_replicas(gen, gen.replicas)
                 gen.state = "stopped"
+        if hasattr(self.backend, "shutdown"):
+            await self.backend.shutdown()
 
     # -- API ---------------------------------------------------------------------------------------
     def submit(self, body: Any) -> Job:
@@ -221,6 +247,7 @@ class Controller:
                        "requests": self.router.stats.requests, "failed": self.router.stats.failed,
                        "retries": self.router.stats.retries},
             "switches": dict(self.switches),
+            "standby": self.standby_status(),
         }
 
     # -- the reconfiguration job ---------------------------------------------------------------------
@@ -322,6 +349,7 @@ class Controller:
                 self.phase_count[k] = self.phase_count.get(k, 0) + 1
         if self.current_job is job:
             self.current_job = None
+        self._replenish_standby()
         if self.on_layout is not None and self.active is not None:
             try:
                 self.on_layout(self.active.layout)
@@ -523,6 +551,7 @@ class Controller:
             gen = self.active
             if gen is None or self.current_job is not None:
                 continue
+            self._replenish_standby()       # a standby that exited is replaced between jobs
             try:
                 failed = await self._failed_replicas(gen, probe=False)
             except Exception as exc:  # the monitor must outlive any one check

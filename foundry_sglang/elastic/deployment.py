@@ -78,6 +78,7 @@ class DeploymentConfig:
     start_timeout: float = 600.0
     drain_timeout: float = 600.0
     policy: Optional[Dict[str, Any]] = None  # PolicyConfig fields; None: policy off
+    standby: int = 0                         # warm standby engines kept on free slots (local backend, builtin)
 
     def __post_init__(self) -> None:
         if isinstance(self.foundry, Mapping):  # from YAML (Ray Serve args) or asdict() (the controller actor)
@@ -88,7 +89,7 @@ class DeploymentConfig:
                                 kind=self.kind, device=self.device, foundry=self.foundry,
                                 extra_args=list(self.extra_args),
                                 env=dict(self.env), log_dir=self.log_dir, start_timeout=self.start_timeout,
-                                drain_timeout=self.drain_timeout)
+                                drain_timeout=self.drain_timeout, standby=self.standby)
 
 
 class ElasticServer:
@@ -102,7 +103,7 @@ class ElasticServer:
             backend: Any = RayBackend(device=config.device, instance=instance)
         elif config.backend == "local":
             slots = config.gpu_ids if config.gpu_ids else list(range(config.slots))
-            backend = LocalBackend(slots[:config.slots])
+            backend = LocalBackend(slots[:config.slots], standby=config.standby)
         else:
             raise ValueError(f"unknown backend {config.backend!r}; expected ray or local")
         # An SGLang model may be a hub name with no local config.json: then only the slot count is checked.

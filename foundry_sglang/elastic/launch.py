@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fields of foundry_sglang.elastic.policy.PolicyConfig; default: off)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every engine process (repeatable; or put them after --)")
+    p.add_argument("--standby", type=int, default=0, metavar="N",
+                   help="keep N warm standby engines (torch imported, rank forkserver and CUDA context up) on "
+                        "free slots, each holding its slot/GPU, so a switch or scale-up skips the process start; "
+                        "refilled after every job, never serving capacity, reported in /status and /metrics. "
+                        "Needs --backend local and --worker builtin (default 0: off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -89,6 +94,10 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
             raise LayoutError(f"--policy is not valid JSON: {exc.msg}") from None
         if not isinstance(policy, dict):
             raise LayoutError("--policy must be a JSON object")
+    if args.standby < 0:
+        raise LayoutError("--standby must be >= 0")
+    if args.standby and (args.backend != "local" or args.kind != "builtin"):
+        raise LayoutError("--standby needs --backend local and --worker builtin")
     gpu_ids = [int(g) for g in args.gpu_ids.split(",") if g.strip()] if args.gpu_ids else None
     slots = args.slots or max(args.tp, args.ep) * args.replicas
     try:
@@ -101,7 +110,7 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
         backend=args.backend, foundry=foundry if args.device == "cuda" else FoundryConfig(),
         extra_args=list(args.engine_arg) + list(extra), log_dir=args.log_dir, queue_limit=args.queue_limit,
         queue_timeout=args.queue_timeout, start_timeout=args.start_timeout, drain_timeout=args.drain_timeout,
-        policy=policy)
+        policy=policy, standby=args.standby)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -47,6 +47,18 @@ def render(router: Router, controller: Optional[Controller]) -> str:
     out += ["# HELP foundry_elastic_replica_restarts_total Replicas replaced outside a switch (exited or unhealthy).",
             "# TYPE foundry_elastic_replica_restarts_total counter"]
     _line(out, "foundry_elastic_replica_restarts_total", controller.restarts)
+    sb = controller.standby_status()
+    for name, kind, help_, value in (
+        ("foundry_elastic_standby_workers", "gauge", "Warm standby engines waiting for a layout (not serving).",
+         sb["ready"]),
+        ("foundry_elastic_standby_target", "gauge", "Standby engines the pool is kept at (when slots are free).",
+         sb["target"]),
+        ("foundry_elastic_standby_used_total", "counter", "Replicas started from a standby engine.", sb["used"]),
+        ("foundry_elastic_standby_fallbacks_total", "counter",
+         "Standby engines that could not take a layout (a fresh worker started instead).", sb["fallbacks"]),
+    ):
+        out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        _line(out, name, value)
     out += ["# HELP foundry_elastic_reconfiguring 1 while a reconfiguration runs.",
             "# TYPE foundry_elastic_reconfiguring gauge"]
     _line(out, "foundry_elastic_reconfiguring", int(controller.current_job is not None))

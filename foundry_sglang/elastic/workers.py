@@ -11,6 +11,7 @@ generation's placement group, the local backend uses it directly.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -113,8 +114,21 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def standby_command(spec: WorkerSpec, gpu_index: Optional[int] = None) -> List[str]:
+    """The command line of a standby engine for ``spec``'s kind and device (built-in engine only);
+    ``gpu_index``: the visible GPU whose CUDA context it creates."""
+    if spec.kind != "builtin":
+        raise ValueError(f"standby workers need the builtin worker kind, not {spec.kind!r}")
+    cmd = [sys.executable, "-m", "foundry_sglang.engine", "--standby", "--device", spec.device]
+    return cmd + (["--gpu-ids", str(gpu_index)] if gpu_index is not None else [])
+
+
 class ProcessWorker:
-    """Runs one engine server as a child process (its own process group, so stop() reaches its ranks)."""
+    """Runs one engine server as a child process (its own process group, so stop() reaches its ranks).
+
+    ``start`` launches a fresh server. ``start_standby`` launches a warm process without a layout and
+    ``activate`` later hands it one (through its stdin pipe); afterwards it is an ordinary running worker.
+    """
 
     def __init__(self) -> None:
         self.proc: Optional[subprocess.Popen] = None
@@ -127,14 +141,41 @@ class ProcessWorker:
         cmd = build_command(spec, port)
         self.spec = spec
         self.url = f"http://{spec.host}:{port}"
+        log.info("starting worker: %s", printable_command(cmd))
+        self.proc = self._popen(cmd, spec, gpu_ids, stdin=None)
+        return self.url
+
+    def start_standby(self, spec: WorkerSpec, gpu_ids: Sequence[int] = (), gpu_index: Optional[int] = None) -> None:
+        """Launch a warm engine that waits for its layout (``activate``); ``spec`` gives kind, device, env, log;
+        ``gpu_ids`` are its visible GPUs and ``gpu_index`` the one (among them) it warms up."""
+        cmd = standby_command(spec, gpu_index)
+        log.info("starting standby worker: %s", printable_command(cmd))
+        self.proc = self._popen(cmd, spec, gpu_ids, stdin=subprocess.PIPE)
+
+    def activate(self, spec: WorkerSpec, port: Optional[int] = None) -> str:
+        """Give this standby ``spec``'s server arguments; it serves them from here on. Raises OSError or
+        RuntimeError when the standby cannot take them (it exited, its pipe is closed)."""
+        proc = self.proc
+        if proc is None or proc.stdin is None:
+            raise RuntimeError("not a standby worker")
+        if proc.poll() is not None:
+            raise RuntimeError(f"standby pid {proc.pid} exited with status {proc.returncode}")
+        port = port or free_port(spec.host)
+        argv = build_command(spec, port)[3:]        # drop "python -m foundry_sglang.engine"
+        log.info("activating standby pid %d: %s", proc.pid, printable_command(argv))
+        proc.stdin.write((json.dumps({"argv": argv}) + "\n").encode())
+        proc.stdin.close()                           # one message per standby; raises if the pipe is broken
+        self.spec = spec
+        self.url = f"http://{spec.host}:{port}"
+        return self.url
+
+    def _popen(self, cmd: List[str], spec: WorkerSpec, gpu_ids: Sequence[int], stdin) -> subprocess.Popen:
         out = None
         if spec.log_path:
             os.makedirs(os.path.dirname(spec.log_path) or ".", exist_ok=True)
             self._log_file = out = open(spec.log_path, "ab")
-        log.info("starting worker: %s", printable_command(cmd))
-        self.proc = subprocess.Popen(cmd, env=build_env(spec, gpu_ids), stdout=out,
-                                     stderr=subprocess.STDOUT if out else None, start_new_session=True)
-        return self.url
+        return subprocess.Popen(cmd, env=build_env(spec, gpu_ids), stdin=stdin, stdout=out,
+                                stderr=subprocess.STDOUT if out else None, start_new_session=True)
 
     @property
     def pid(self) -> Optional[int]:
@@ -159,6 +200,11 @@ class ProcessWorker:
 
     def stop(self, grace: float = 10.0) -> None:
         proc, self.proc = self.proc, self.proc
+        if proc is not None and proc.stdin is not None and not proc.stdin.closed:
+            try:
+                proc.stdin.close()   # a standby that never got a layout exits at end of input
+            except OSError:
+                pass
         if proc is None or proc.poll() is not None:
             self._close_log()
             return

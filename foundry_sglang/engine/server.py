@@ -573,7 +573,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.standby:
         from .standby import run_standby
-        return run_standby(args.device)
+        return run_standby(args.device, gpu=(args.gpu_ids or [0])[0])
     limits = ServerLimits(max_queued_requests=args.max_queued_requests, header_timeout=args.header_timeout,
                           body_timeout=args.body_timeout)
     try:

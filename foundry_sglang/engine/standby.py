@@ -49,7 +49,7 @@ def parse_message(line: str) -> List[str]:
     return argv
 
 
-def warm_up(device: str) -> None:
+def warm_up(device: str, gpu: int = 0) -> None:
     """Do now what every engine start would otherwise wait for: imports, the rank forkserver, the CUDA context."""
     import importlib
     import multiprocessing
@@ -67,7 +67,8 @@ def warm_up(device: str) -> None:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("--standby --device cuda: no usable CUDA GPU here")
-        torch.zeros(1, device="cuda")   # the primary context of the first visible GPU
+        torch.cuda.set_device(gpu)
+        torch.zeros(1, device=f"cuda:{gpu}")   # the primary context of the standby's GPU
 
 
 def wait_for_argv(stream: TextIO) -> Optional[List[str]]:
@@ -78,20 +79,20 @@ def wait_for_argv(stream: TextIO) -> Optional[List[str]]:
     return parse_message(line)
 
 
-def run_standby(device: str, stream: TextIO = sys.stdin) -> int:
+def run_standby(device: str, gpu: int = 0, stream: Optional[TextIO] = None) -> int:
     """Warm up, wait for arguments, then serve with them (the server's exit status)."""
     from .server import main
 
     t0 = time.monotonic()
     try:
-        warm_up(device)
+        warm_up(device, gpu)
     except Exception as e:  # the parent falls back to a fresh engine when this process exits
         log.error("standby could not warm up: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return 1
     log.info("standby warm after %.2fs; waiting for engine arguments on stdin", time.monotonic() - t0)
     t1 = time.monotonic()
     try:
-        argv = wait_for_argv(stream)
+        argv = wait_for_argv(stream or sys.stdin)
     except StandbyMessageError as e:
         log.error("%s", e)
         return 2
