@@ -125,8 +125,8 @@ class LocalBackend:
         for i in range(layout.replicas):
             standby = None
             take: List[int] = []
-            if self.standbys:                     # rank 0 on a warm engine
-                slot = sorted(self.standbys)[0]
+            if self.standbys:                     # rank 0 on a warm engine (one that is ready first)
+                slot = min(self.standbys, key=lambda s: (not self.standbys[s].standby_ready(), s))
                 standby = self.standbys.pop(slot)
                 take.append(slot)
             while len(take) < n and self.free:    # then plain free slots
@@ -169,8 +169,10 @@ class LocalBackend:
         return started
 
     def standby_status(self) -> Dict[str, Any]:
-        return {"target": self.standby_target, "ready": sum(w.returncode() is None for w in self.standbys.values()),
-                "workers": [{"slot": slot, "pid": w.pid} for slot, w in sorted(self.standbys.items())],
+        workers = [{"slot": slot, "pid": w.pid, "state": "ready" if w.standby_ready() else
+                    ("warming" if w.returncode() is None else "exited")} for slot, w in sorted(self.standbys.items())]
+        return {"target": self.standby_target, "ready": sum(w["state"] == "ready" for w in workers),
+                "warming": sum(w["state"] == "warming" for w in workers), "workers": workers,
                 "started": self.standby_started, "used": self.standby_used, "fallbacks": self.standby_fallbacks}
 
     def _give_back(self, slots: Sequence[int]) -> None:

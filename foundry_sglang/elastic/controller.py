@@ -181,7 +181,7 @@ class Controller:
         """The standby pool as /status and /metrics report it (``ready`` engines are never serving capacity)."""
         if hasattr(self.backend, "standby_status"):
             return self.backend.standby_status()
-        return {"target": 0, "ready": 0, "workers": [], "started": 0, "used": 0, "fallbacks": 0}
+        return {"target": 0, "ready": 0, "warming": 0, "workers": [], "started": 0, "used": 0, "fallbacks": 0}
 
     async def stop(self) -> None:
         """Cancel the monitor and any running job (waiting until they have cleaned up), then stop every replica."""

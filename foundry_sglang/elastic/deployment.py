@@ -83,6 +83,8 @@ class DeploymentConfig:
     def __post_init__(self) -> None:
         if isinstance(self.foundry, Mapping):  # from YAML (Ray Serve args) or asdict() (the controller actor)
             self.foundry = FoundryConfig.from_dict(self.foundry)
+        if self.standby < 0 or (self.standby and (self.backend != "local" or self.kind != "builtin")):
+            raise ValueError("standby must be >= 0, and standby engines need backend 'local' and kind 'builtin'")
 
     def controller_config(self) -> ControllerConfig:
         return ControllerConfig(model=self.model, slots=self.slots, layout=Layout(self.tp, self.ep, self.replicas),

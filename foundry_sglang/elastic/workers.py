@@ -26,6 +26,10 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from foundry_sglang.graphs.settings import FoundryConfig
 from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, disable_nvls, free_port
 
+#: Where a standby engine reports that it is warm (see foundry_sglang/engine/standby.py; not imported here:
+#: the engine package imports torch).
+STANDBY_READY_FD_ENV = "FOUNDRY_STANDBY_READY_FD"
+
 log = logging.getLogger("foundry_sglang.elastic.workers")
 
 WORKER_KINDS = ("builtin", "sglang")
@@ -135,6 +139,8 @@ class ProcessWorker:
         self.url: Optional[str] = None
         self.spec: Optional[WorkerSpec] = None
         self._log_file = None
+        self._ready_fd: Optional[int] = None     # standby only: the read end of its ready pipe
+        self._ready = False
 
     def start(self, spec: WorkerSpec, port: Optional[int] = None, gpu_ids: Sequence[int] = ()) -> str:
         port = port or free_port(spec.host)
@@ -150,7 +156,33 @@ class ProcessWorker:
         ``gpu_ids`` are its visible GPUs and ``gpu_index`` the one (among them) it warms up."""
         cmd = standby_command(spec, gpu_index)
         log.info("starting standby worker: %s", printable_command(cmd))
-        self.proc = self._popen(cmd, spec, gpu_ids, stdin=subprocess.PIPE)
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        try:
+            self.proc = self._popen(cmd, spec, gpu_ids, stdin=subprocess.PIPE,
+                                    extra_env={STANDBY_READY_FD_ENV: str(write_fd)}, pass_fds=(write_fd,))
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self._ready_fd, self._ready = read_fd, False
+
+    def standby_ready(self) -> bool:
+        """True once this standby has warmed up (it said so on its ready pipe) and is still waiting."""
+        if not self._ready and self._ready_fd is not None:
+            try:
+                self._ready = os.read(self._ready_fd, 16).startswith(b"ready")
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._close_ready()
+        return self._ready and self.returncode() is None and self.url is None
+
+    def _close_ready(self) -> None:
+        if self._ready_fd is not None:
+            os.close(self._ready_fd)
+            self._ready_fd = None
 
     def activate(self, spec: WorkerSpec, port: Optional[int] = None) -> str:
         """Give this standby ``spec``'s server arguments; it serves them from here on. Raises OSError or
@@ -167,15 +199,19 @@ class ProcessWorker:
         proc.stdin.close()                           # one message per standby; raises if the pipe is broken
         self.spec = spec
         self.url = f"http://{spec.host}:{port}"
+        self._close_ready()
         return self.url
 
-    def _popen(self, cmd: List[str], spec: WorkerSpec, gpu_ids: Sequence[int], stdin) -> subprocess.Popen:
+    def _popen(self, cmd: List[str], spec: WorkerSpec, gpu_ids: Sequence[int], stdin,
+               extra_env: Optional[Dict[str, str]] = None, pass_fds: Sequence[int] = ()) -> subprocess.Popen:
+        env = build_env(spec, gpu_ids)
+        env.update(extra_env or {})
         out = None
         if spec.log_path:
             os.makedirs(os.path.dirname(spec.log_path) or ".", exist_ok=True)
             self._log_file = out = open(spec.log_path, "ab")
-        return subprocess.Popen(cmd, env=build_env(spec, gpu_ids), stdin=stdin, stdout=out,
-                                stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        return subprocess.Popen(cmd, env=env, stdin=stdin, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                start_new_session=True, pass_fds=tuple(pass_fds))
 
     @property
     def pid(self) -> Optional[int]:
@@ -221,6 +257,7 @@ class ProcessWorker:
         self._close_log()
 
     def _close_log(self) -> None:
+        self._close_ready()
         if self._log_file:
             self._log_file.close()
             self._log_file = None

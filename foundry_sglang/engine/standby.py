@@ -25,6 +25,8 @@ FORKSERVER_PRELOAD = ["torch", "foundry_sglang.engine.engine"]
 #: The engine starts its ranks from this multiprocessing context when set (see ``engine.rank_context``).
 RANK_CONTEXT_ENV = "FOUNDRY_ENGINE_RANK_CONTEXT"
 MAX_MESSAGE = 1 << 20
+#: A file descriptor (a pipe from the parent) the standby writes ``ready`` to once it is warm, then closes.
+READY_FD_ENV = "FOUNDRY_STANDBY_READY_FD"
 
 
 class StandbyMessageError(ValueError):
@@ -79,6 +81,18 @@ def wait_for_argv(stream: TextIO) -> Optional[List[str]]:
     return parse_message(line)
 
 
+def _signal_ready() -> None:
+    import os
+
+    fd = os.environ.pop(READY_FD_ENV, "")
+    if fd.isdigit():
+        try:
+            os.write(int(fd), b"ready\n")
+            os.close(int(fd))
+        except OSError:   # the parent stopped listening: it will still send arguments or close stdin
+            pass
+
+
 def run_standby(device: str, gpu: int = 0, stream: Optional[TextIO] = None) -> int:
     """Warm up, wait for arguments, then serve with them (the server's exit status)."""
     from .server import main
@@ -90,6 +104,7 @@ def run_standby(device: str, gpu: int = 0, stream: Optional[TextIO] = None) -> i
         log.error("standby could not warm up: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return 1
     log.info("standby warm after %.2fs; waiting for engine arguments on stdin", time.monotonic() - t0)
+    _signal_ready()
     t1 = time.monotonic()
     try:
         argv = wait_for_argv(stream or sys.stdin)

@@ -1,0 +1,157 @@
+"""Standby engines: warm processes that take a layout later (real engine processes on CPU, gloo)."""
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from foundry_sglang.elastic.backends import LocalBackend
+from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
+from foundry_sglang.elastic.launch import build_parser, config_from_args, main
+from foundry_sglang.elastic.layout import Layout
+from foundry_sglang.elastic.workers import ProcessWorker, WorkerSpec, http_ok
+from foundry_sglang.engine.standby import StandbyMessageError, parse_message
+
+ENGINE_ARGS = ["--num-kv-pages", "256"]
+ENV = {"OMP_NUM_THREADS": "1"}
+BODY = {"prompt": "standby", "max_tokens": 6, "temperature": 0}
+
+
+def wait_until(predicate, timeout=90.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached within {timeout:.0f}s")
+
+
+def replica_pids(dep):
+    return {r["pid"]: r for g in dep.status()["generations"] for r in g["replicas"]}
+
+
+def test_standby_message_is_checked():
+    assert parse_message('{"argv": ["--model", "builtin:tiny"]}') == ["--model", "builtin:tiny"]
+    for bad, why in (("not json", "not JSON"), ('["--tp"]', "nothing else"), ('{"argv": [1]}', "strings"),
+                     ('{"argv": [], "x": 1}', "nothing else"), ('{"argv": ["--standby"]}', "another standby")):
+        with pytest.raises(StandbyMessageError, match=why):
+            parse_message(bad)
+
+
+def test_standby_process_becomes_a_tp2_server(tmp_path):
+    spec = WorkerSpec(model="builtin:tiny", tp=2, device="cpu", extra_args=ENGINE_ARGS, env=ENV,
+                      log_path=str(tmp_path / "standby.log"))
+    w = ProcessWorker()
+    w.start_standby(spec)
+    try:
+        wait_until(w.standby_ready, what="standby warm")
+        pid = w.pid
+        url = w.activate(spec)
+        wait_until(lambda: http_ok(url + "/health"), what="activated standby healthy")
+        assert w.pid == pid and w.returncode() is None      # the warm process itself serves
+        out = requests.post(url + "/v1/completions", json=BODY, timeout=60).json()
+        assert out["usage"]["completion_tokens"] == 6
+        assert not w.standby_ready()                          # serving now, no longer a standby
+    finally:
+        w.stop()
+    log = (tmp_path / "standby.log").read_text()
+    assert "standby warm" in log and "arguments received" in log
+
+
+def test_standby_exits_at_end_of_input_and_with_its_parent():
+    spec = WorkerSpec(model="builtin:tiny", device="cpu", env=ENV)
+    w = ProcessWorker()
+    w.start_standby(spec)
+    wait_until(w.standby_ready, what="standby warm")
+    w.proc.stdin.close()                       # the parent has nothing for it: it leaves by itself
+    assert w.proc.wait(30) == 0
+    # A standby whose parent dies goes too (FOUNDRY_EXIT_WITH_PARENT, set by build_env).
+    code = ("import time; from foundry_sglang.elastic.workers import ProcessWorker, WorkerSpec; "
+            "w = ProcessWorker(); w.start_standby(WorkerSpec(model='builtin:tiny', env={'OMP_NUM_THREADS': '1'})); "
+            "print(w.pid, flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=os.getcwd()), stdin=subprocess.DEVNULL)
+    child = int(parent.stdout.readline())
+    time.sleep(1.0)
+    parent.kill()
+    parent.wait()
+
+    def gone():
+        try:
+            os.kill(child, 0)
+            return False
+        except ProcessLookupError:
+            return True
+    wait_until(gone, timeout=30, what="standby exit after its parent died")
+
+
+def test_dead_standby_falls_back_to_a_fresh_worker():
+    backend = LocalBackend([0, 1], standby=1)
+    spec = WorkerSpec(model="builtin:tiny", device="cpu", extra_args=ENGINE_ARGS, env=ENV)
+
+    async def scenario():
+        assert backend.replenish(spec) == 1 and backend.free == [1]
+        standby = backend.standbys[0]
+        os.kill(standby.pid, signal.SIGKILL)
+        standby.proc.wait(10)
+        [replica] = await backend.allocate(2, Layout(1, 1, 1), lambda i: spec)
+        url = await replica.start()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: wait_until(lambda: http_ok(url + "/health"), what="fallback worker healthy"))
+            assert replica.pid != standby.pid and not replica.from_standby
+            assert backend.standby_status()["fallbacks"] == 1
+        finally:
+            await replica.stop()
+            await backend.shutdown()
+        assert sorted(backend.free) == [0, 1]
+    asyncio.run(scenario())
+
+
+def test_deployment_scales_onto_its_standby_and_refills_the_pool(tmp_path):
+    cfg = DeploymentConfig(model="builtin:tiny", slots=2, tp=1, replicas=1, backend="local", port=0,
+                           log_dir=str(tmp_path), extra_args=ENGINE_ARGS, env=ENV, start_timeout=120, standby=1)
+    with ElasticDeployment(cfg) as dep:
+        wait_until(lambda: dep.status()["standby"]["ready"] == 1, what="standby warm")
+        st = dep.status()["standby"]
+        assert st["target"] == 1 and [w["slot"] for w in st["workers"]] == [1]
+        standby_pid = st["workers"][0]["pid"]
+        assert standby_pid not in replica_pids(dep)                  # never serving capacity
+        assert requests.get(dep.url + "/health", timeout=10).json()["live_replicas"] == 1
+        metrics = requests.get(dep.url + "/metrics", timeout=10).text
+        assert "foundry_elastic_standby_workers 1" in metrics and "foundry_elastic_standby_target 1" in metrics
+
+        job = dep.reconfigure(replicas=2)
+        assert job["state"] == "succeeded", job
+        replicas = replica_pids(dep)
+        assert standby_pid in replicas and replicas[standby_pid]["from_standby"]
+        assert dep.status()["standby"]["workers"] == []              # both slots serve: no room for one
+        before = requests.post(dep.url + "/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
+
+        job = dep.reconfigure(replicas=1)
+        assert job["state"] == "succeeded", job
+        wait_until(lambda: dep.status()["standby"]["ready"] == 1, what="pool refilled")
+        st = dep.status()["standby"]
+        assert st["used"] == 1 and st["started"] == 2 and st["fallbacks"] == 0
+        metrics = requests.get(dep.url + "/metrics", timeout=10).text
+        assert "foundry_elastic_standby_used_total 1" in metrics
+        after = requests.post(dep.url + "/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
+        assert after == before
+        pool = [w["pid"] for w in st["workers"]]
+    for pid in pool:                                                 # stopped with the deployment
+        wait_until(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0,
+                   timeout=20, what="standby stopped")
+
+
+def test_standby_flag_and_its_limits():
+    args = build_parser().parse_args(["--device", "cpu", "--backend", "local", "--standby", "2"])
+    assert config_from_args(args, []).standby == 2
+    assert config_from_args(build_parser().parse_args(["--device", "cpu"]), []).standby == 0
+    assert main(["--device", "cpu", "--standby", "1"]) == 2              # Ray backend: one line, exit 2
+    assert main(["--device", "cpu", "--backend", "local", "--standby", "-1"]) == 2
+    with pytest.raises(ValueError, match="standby engines need backend 'local'"):
+        DeploymentConfig(model="builtin:tiny", backend="ray", standby=1)
