@@ -51,6 +51,10 @@ def parse_message(line: str) -> List[str]:
     return argv
 
 
+def _nothing() -> None:
+    pass
+
+
 def warm_up(device: str, gpu: int = 0) -> None:
     """Do now what every engine start would otherwise wait for: imports, the rank forkserver, the CUDA context."""
     import importlib
@@ -64,8 +68,9 @@ def warm_up(device: str, gpu: int = 0) -> None:
     os.environ[RANK_CONTEXT_ENV] = "forkserver"
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
-    from multiprocessing import forkserver
-    forkserver.ensure_running()
+    probe = ctx.Process(target=_nothing, name="forkserver-probe")
+    probe.start()        # answered only once the forkserver has imported FORKSERVER_PRELOAD: then it is warm
+    probe.join()
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("--standby --device cuda: no usable CUDA GPU here")
