@@ -95,6 +95,8 @@ def main() -> int:
     ap.add_argument("--backend", choices=("local", "ray"), default="local",
                     help="where workers run: local processes (default) or Ray actors on placement groups (Ray "
                          "must be importable: scripts/stage_ray.py, docs/STAGING.md)")
+    ap.add_argument("--standby", type=int, default=0,
+                    help="warm standby engines kept on free GPUs (local backend; docs/ELASTIC.md; default 0)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.makedirs(args.out, exist_ok=True)
@@ -108,7 +110,7 @@ def main() -> int:
     cfg = DeploymentConfig(model=args.model, slots=2, tp=1, replicas=1, device="cuda", gpu_ids=[0, 1],
                            backend=args.backend, port=0, foundry=FoundryConfig.resolve("auto", archives),
                            log_dir=os.path.join(args.out, "logs"), extra_args=list(args.engine_arg),
-                           start_timeout=420, queue_timeout=420)
+                           start_timeout=420, queue_timeout=420, standby=args.standby)
     dep = ElasticDeployment(cfg)
     t0 = time.monotonic()
     url = dep.start()
