@@ -64,9 +64,8 @@ def _u8(archive: Archive, name: str) -> np.ndarray:
     return archive.blob_array(name, np.uint8) if name else np.zeros(0, np.uint8)
 
 
-def _kernel_at(archive: Archive, m: schema.Manifest, gi: int, offset: int) -> str:
-    """Name of the kernel whose argument bytes hold payload ``offset`` of graph ``gi`` (for reports)."""
-    nodes = archive.blob_array(m.graphs[gi].nodes, schema.NODE_DTYPE)
+def _kernel_at(nodes: np.ndarray, m: schema.Manifest, offset: int) -> str:
+    """Name of the kernel whose argument bytes hold payload ``offset`` of a graph's ``nodes`` (for reports)."""
     starts = nodes["payload_off"].astype(np.int64)
     hit = np.flatnonzero((starts <= offset) & (offset < starts + nodes["payload_len"]))
     if not len(hit):
@@ -150,9 +149,11 @@ def _merge(archives: list[Archive], noise: Optional[Archive], out: Path, layout:
             return m.snapshots[si].blob
         return getattr(m.graphs[gi], what)
 
+    # Rank 0's tables are read (and their sha256 verified) once, not once per rank and per difference.
+    base_tables = {t: _u8(base, blob_of(m0, *t)) for t in tables}
     masks: dict[tuple[str, int, int], np.ndarray] = {}
     for t in tables:
-        a0 = _u8(base, blob_of(m0, *t))
+        a0 = base_tables[t]
         if noise is not None:
             b = _u8(noise, blob_of(noise.manifest, *t))
             if len(b) != len(a0):
@@ -167,7 +168,7 @@ def _merge(archives: list[Archive], noise: Optional[Archive], out: Path, layout:
         patches: list[schema.BytePatch] = []
         where: list[str] = []
         for what, gi, si in tables:
-            a0 = _u8(base, blob_of(m0, what, gi, si))
+            a0 = base_tables[(what, gi, si)]
             ar = _u8(a, blob_of(a.manifest, what, gi, si))
             if len(ar) != len(a0):
                 raise NotTemplatable(f"rank {r}: graph {m0.graphs[gi].key if gi >= 0 else si!r} has a different "
@@ -182,7 +183,11 @@ def _merge(archives: list[Archive], noise: Optional[Archive], out: Path, layout:
             where.append(f"graph {m0.graphs[gi].key!r}" if gi >= 0 else f"snapshot {si}")
             for off, n in runs:
                 patches.append(schema.BytePatch(offset=off, data=ar[off:off + n].tobytes(), graph=gi, snapshot=si))
-                name = _kernel_at(base, m0, gi, off) if what == "payload" else "snapshot"
+                if what == "payload":
+                    nodes = base_tables[("nodes", gi, -1)].view(schema.NODE_DTYPE)
+                    name = _kernel_at(nodes, m0, off)
+                else:
+                    name = "snapshot"
                 report.by_kernel[name] = report.by_kernel.get(name, 0) + n
         deltas.append(schema.RankDelta(rank=r, patches=patches))
         report.delta_bytes[r] = sum(len(p.data) for p in patches)
