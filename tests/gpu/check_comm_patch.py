@@ -193,14 +193,9 @@ def rank_compare(rank, cfg, q):
         q.put({"rank": rank, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]})
 
 
-class _NoBarrierBackend:
-    """Old wiring: rank 0's backend built by the caller, ignoring the runner's barrier (the TP=2 deadlock)."""
-
-
 def rank_old_wiring(rank, cfg, q):
+    """The old wiring: rank 0's backend built by the caller ignores the runner's barrier (the TP=2 deadlock)."""
     try:
-        import torch  # noqa: F401
-
         from foundry_sglang.engine import EngineArgs
         from foundry_sglang.engine.model_runner import ModelRunner
         from foundry_sglang.graph_backend import TorchGraphBackend
