@@ -93,12 +93,16 @@ class ImageRecorder:
     distinct images seen so far, in load order.
     """
 
-    def start(self, libcupti_path: str | None = None) -> "ImageRecorder":
-        """Subscribe to CUPTI module callbacks. Raises ImageCaptureError with the reason if it cannot."""
+    def start(self, libcupti_path: str | None = None, warn_if_late: bool = True) -> "ImageRecorder":
+        """Subscribe to CUPTI module callbacks. Raises ImageCaptureError with the reason if it cannot.
+
+        ``warn_if_late=False``: the caller knows that no kernel has run yet in this process even if CUDA is
+        initialised (modules load lazily, at their first launch), so nothing can have been missed."""
         lib = native.cupti_lib()
         if lib.foundry_cupti_active():
             return self
-        self._warn_if_cuda_started(lib)
+        if warn_if_late:
+            self._warn_if_cuda_started(lib)
         path = libcupti_path or find_libcupti()
         err = ctypes.create_string_buffer(512)
         rc = lib.foundry_cupti_start(path.encode(), err, len(err))

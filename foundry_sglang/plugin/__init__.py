@@ -73,26 +73,27 @@ def register() -> None:
 
 
 def start_image_recorder_early() -> None:
-    """Start recording kernel module images now, in a spawned SGLang process before it touches CUDA.
+    """Start recording kernel module images now, in a spawned SGLang process before it runs any kernel.
 
     ``load_plugins()`` is the first statement of SGLang's scheduler process; the Session opens only in
     ``ModelRunner.initialize``, after NCCL and the first CUDA work, whose lazily loaded modules (torch's
     elementwise kernels, ...) the decode graphs use too, so a SAVE would lack their images. The recorder is
     process-wide: the Session's own ``start()`` later finds it running and keeps what it saw; a process that does
     not SAVE stops it (``hooks._stop_early_recorder``). Not in the launcher's own process, which has no parent.
+
+    CUDA may already be initialised here (SGLang's modules query the device capability at import), but no kernel
+    has run: CUDA loads a module at its first launch (``CUDA_MODULE_LOADING=LAZY``, torch's default), so starting
+    now still sees every module the graphs can use. Measured on the H200 with SGLang 0.5.17: skipping the start
+    in that case made a Qwen3-MoE SAVE miss torch's fill kernel module.
     """
     import multiprocessing
-    import sys
 
     if multiprocessing.parent_process() is None:
         return
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        return  # too late to help; the Session warns when it starts its recorder
     try:
         from foundry_core.recorder import ImageRecorder
 
-        ImageRecorder().start()
+        ImageRecorder().start(warn_if_late=False)
     except Exception as err:  # no CUPTI here: a SAVE says so when the Session starts its recorder
         log.warning("foundry: cannot record kernel images early: %s", err)
 

@@ -294,9 +294,20 @@ def around_resolve_memory_pool_config(original: Callable, configurator: Any, *ar
 
 
 def around_capture_session(original: Callable, backend: Any, stream: Any, *args, **kwargs):
-    """AROUND FullCudaGraphBackend.capture_session: in SAVE, use the session's graph pool and capture phase."""
+    """AROUND FullCudaGraphBackend.capture_session: SAVE uses the session's graph pool and capture phase; LOAD
+    restores here.
+
+    SAVE's arena trace ends where its capture phase begins, at this call. LOAD must compare its trace at the same
+    point: between here and the first ``capture_one`` SGLang prepares each batch (``capture_prepare``, the attention
+    backend's out-of-graph metadata), and its temporaries would add allocations that SAVE made inside the capture
+    phase (measured on the H200: 110 records vs SAVE's 109, a 2 MiB segment, and the LOAD refused)."""
     state = _state
-    if state is None or state.router.route is not Route.SAVE:
+    if state is None:
+        return original(backend, stream, *args, **kwargs)
+    if state.router.route is Route.LOAD:
+        state.router.restore()  # falls back to live capture (route LIVE) on any problem
+        return original(backend, stream, *args, **kwargs)
+    if state.router.route is not Route.SAVE:
         return original(backend, stream, *args, **kwargs)
     return _save_capture_session(state, original, backend, stream, *args, **kwargs)
 

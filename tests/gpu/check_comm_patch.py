@@ -366,7 +366,9 @@ def check_single_gpu_load(model, gpus, label, tp_res):
     times = {x["rank"]: x["graphs_s"] + x.get("restore_wait_s", 0) for x in tp_res.values()}
     per_rank = min(times.values())
     single = r["graphs_s"] + r.get("restore_wait_s", 0)
-    row(f"({label}) LOAD per rank vs single GPU", per_rank - single <= 0.1,
+    # A verdict on separate GPUs only: ranks sharing one GPU time-slice it with each other's NCCL proxies (replays
+    # there run ~30x slower than on NVLink), so their start-up times say nothing about a real deployment.
+    row(f"({label}) LOAD per rank vs single GPU", per_rank - single <= 0.1 if gpus > 1 else None,
         f"TP=2 rank {per_rank:.3f}s (ranks: " + ", ".join(f"{k}: {v:.3f}s" for k, v in sorted(times.items()))
         + f"; the earlier one waits for its peer) vs TP=1 {single:.3f}s: {per_rank - single:+.3f}s "
         "(restore() + background instantiation until all graphs are ready; target <= +0.1 s)")

@@ -186,6 +186,26 @@ def test_load_restores_without_forward_and_sglang_replay_is_untouched(loaded_plu
     assert backend._graphs[shape_key(4)].replays == 1
 
 
+def test_load_restores_where_save_began_its_capture_phase(loaded_plugin, tmp_path):
+    """SAVE's arena trace ends at capture_session; LOAD must restore (and compare its trace) there too, before
+    SGLang's per-batch preparation allocates (a real 0.5.17 server was refused for one extra 2 MiB segment)."""
+    _save_run(tmp_path)
+    hooks.reset_state()
+    session = CpuStandInSession(tmp_path / "a.foundry", "auto", key="k1")
+    session.open()
+    events = []
+    real_restore = session.restore
+    session.restore = lambda order=None: (events.append("restore"), real_restore(order))[1]
+    state = install_state(session, "load")
+    backend, calls = make_backend(), []
+    with backend.capture_session("stream"):
+        events.append("capture_prepare")  # what SGLang runs before each capture_one
+        for bs in (8, 4, 1):
+            backend.capture_one(shape_key(bs), forward_for(bs, calls))
+    assert events == ["restore", "capture_prepare"]
+    assert calls == [] and state.router.restored_names == ["decode_bs8", "decode_bs4", "decode_bs1"]
+
+
 def test_load_problem_falls_back_to_live_capture_with_one_line(loaded_plugin, tmp_path, caplog):
     _save_run(tmp_path)
     hooks.reset_state()
