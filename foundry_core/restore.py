@@ -42,6 +42,7 @@ class RestoreStats:
     decode_seconds: float = 0.0  # graph tables read/verified/decoded, in the preloader
     preload_wait_seconds: float = 0.0  # how long restore() waited for the preloader
     first_graph_seconds: float = 0.0  # from restore() start until the first graph is instantiated
+    returned_seconds: float = 0.0  # from restore() start until it returned (what its caller waited)
     all_graphs_seconds: float = 0.0  # from restore() start until the last graph is instantiated
     build_seconds: float = 0.0  # sum over graphs, native node loop (cuGraphAdd*Node, attributes, edges)
     instantiate_seconds: float = 0.0  # sum over graphs, cuGraphInstantiate + upload
@@ -49,7 +50,26 @@ class RestoreStats:
     num_slots: int = 0
     num_graphs: int = 0
     num_nodes: int = 0
+    num_snapshots: int = 0
+    snapshot_bytes: int = 0  # warm-up buffers written back (uncompressed), on restore()'s thread
+    snapshot_stored_bytes: int = 0  # the same as stored in the archive (zlib or raw)
+    capture_region_bytes: int = 0  # the capture region restore() maps in one piece
     per_graph: dict[str, float] = field(default_factory=dict)
+
+    def phases(self) -> dict[str, float]:
+        """Every timing and count (not ``per_graph``), for reports and JSON."""
+        return {k: v for k, v in vars(self).items() if k != "per_graph"}
+
+    def summary(self) -> str:
+        """One line: where restore() spent its time (``restore_archive`` logs it once per restore)."""
+        mib = 1 << 20
+        return (f"layout {self.layout_seconds:.3f}s ({self.layout_records} records), blocks {self.blocks_seconds:.3f}s "
+                f"({self.layout_blocks}), map {self.map_seconds:.3f}s ({self.capture_region_bytes / mib:.0f} MiB "
+                f"capture region), snapshots {self.snapshot_seconds:.3f}s ({self.num_snapshots}, "
+                f"{self.snapshot_bytes / mib:.1f} MiB from {self.snapshot_stored_bytes / mib:.1f} MiB stored), "
+                f"preloader wait {self.preload_wait_seconds:.3f}s (its tables {self.decode_seconds:.3f}s, "
+                f"images {self.images_seconds:.3f}s), first graph {self.first_graph_seconds:.3f}s, "
+                f"slots {self.num_slots} in {self.slot_seconds:.3f}s; returned after {self.returned_seconds:.3f}s")
 
 
 def tensor_at(spec: schema.TensorSpec, device: int):
@@ -536,6 +556,7 @@ def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], backg
     blocks = layout.live_blocks(inputs.init_pool, arena.base)
     layout.check_blocks(m.trace, inputs.saved_blocks, blocks, inputs.saved_trace)
     stats.blocks_seconds, stats.layout_blocks = time.perf_counter() - t, len(blocks)
+    t = time.perf_counter()
     if arena.cursor > start:
         raise FoundryError(
             f"the application allocated {arena.cursor - start} bytes more before restore() than before the "
@@ -543,7 +564,8 @@ def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], backg
         )
     arena.advance(start)
     arena.map_raw(start, end - start)
-    stats.map_seconds = time.perf_counter() - t0
+    stats.map_seconds = time.perf_counter() - t
+    stats.capture_region_bytes = end - start
 
     if m.slots:
         from foundry_core.slots import check_slot_specs
@@ -561,6 +583,9 @@ def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], backg
         dst = tensor_at(schema.TensorSpec(address=snap.address, dtype="uint8", shape=[snap.size], strides=[1],
                                           storage_bytes=snap.size), device)
         dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        stats.num_snapshots += 1
+        stats.snapshot_bytes += len(data)
+        stats.snapshot_stored_bytes += archive.info(snap.blob).stored_size
     stats.snapshot_seconds = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -623,6 +648,8 @@ def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], backg
             thread.start()
         else:
             build_all(builder, rest, graphs, stats, t0, device, stream)
+    stats.returned_seconds = time.perf_counter() - t0
+    log.info("foundry: restore() of %d graphs: %s", stats.num_graphs, stats.summary())
     return Restoration({rg.key: rg for rg in graphs.values()}, stats, builder, thread)
 
 

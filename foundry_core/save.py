@@ -25,7 +25,7 @@ from foundry_core.errors import UnsafeAddress, UnsupportedGraph
 from foundry_core.safety import PointerOracle, candidate_words, judge_graph, padding_ranges, whole_word_params
 from foundry_core.store import store_images
 
-__all__ = ["CapturedGraph", "SaveInputs", "flatten_outputs", "tensor_spec", "write_archive"]
+__all__ = ["CapturedGraph", "SaveInputs", "flatten_outputs", "snapshot_facts", "tensor_spec", "write_archive"]
 
 log = logging.getLogger("foundry_core.save")
 
@@ -297,6 +297,13 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
         path = w.finish(manifest)
     stats["total_seconds"] = time.perf_counter() - t0
     stats["archive_bytes"] = float(path.stat().st_size)
+    facts = snapshot_facts(manifest)
+    stats.update({k: float(v) for k, v in facts.items() if not isinstance(v, dict) and v != -1})
+    if facts["outputs_in_snapshots"]:
+        log.info("foundry: %d of %d graph outputs (%.1f MiB) lie in warm-up snapshots (%d snapshots, %.1f MiB), which "
+                 "LOAD writes back on restore()'s path; graph outputs are expected in the graph pool",
+                 facts["outputs_in_snapshots"], facts["outputs"], facts["output_bytes_in_snapshots"] / 2**20,
+                 facts["snapshots"], facts["snapshot_bytes"] / 2**20)
     log.info("foundry: saved %d graphs (%d templates, %d images, %d snapshots) to %s in %.2fs",
              sum(not e.is_child for e in entries), len(templates), len(image_records), len(snap_records), path,
              stats["total_seconds"])
@@ -319,6 +326,37 @@ def _referenced_slots(entries: list[_Entry], recorder) -> list[schema.SlotSpec]:
     if missing:
         raise UnsupportedGraph(f"slot placeholder {missing[0]} has no recorded description")
     return [recorder.specs[i] for i in sorted(ids)]
+
+
+def snapshot_facts(m: schema.Manifest) -> dict:
+    """What LOAD writes back besides the graphs: snapshot count and bytes (uncompressed, by note, and as stored when
+    the manifest's blob table is filled), the capture region, and how many graph outputs lie inside a snapshot
+    (outputs are allocated during capture and belong in the graph pool; one inside a warm-up snapshot means the
+    capture allocated from the warm-up pool). Manifest only: no GPU, no blob reads."""
+    spans = sorted((s.address, s.address + s.size) for s in m.snapshots)
+    starts = np.array([a for a, _ in spans], dtype=np.uint64)
+    by_note: dict[str, int] = {}
+    for s in m.snapshots:
+        by_note[s.note or "?"] = by_note.get(s.note or "?", 0) + s.size
+    inside = inside_bytes = outputs = 0
+    for g in m.graphs:
+        for t in g.outputs:
+            outputs += 1
+            k = int(np.searchsorted(starts, np.uint64(t.address), side="right")) - 1
+            if k >= 0 and t.address + max(t.storage_bytes, 1) <= spans[k][1]:
+                inside += 1
+                inside_bytes += t.storage_bytes
+    stored = [m.blobs[s.blob].stored_size for s in m.snapshots if s.blob in m.blobs]
+    return {
+        "snapshots": len(m.snapshots),
+        "snapshot_bytes": sum(s.size for s in m.snapshots),
+        "snapshot_stored_bytes": sum(stored) if len(stored) == len(m.snapshots) else -1,
+        "snapshot_bytes_by_note": by_note,
+        "capture_region_bytes": m.arena.capture_end - m.arena.capture_start,
+        "outputs": outputs,
+        "outputs_in_snapshots": inside,
+        "output_bytes_in_snapshots": inside_bytes,
+    }
 
 
 def _node_name(g: DecodedGraph, node: int, functions) -> str:

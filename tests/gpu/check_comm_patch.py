@@ -12,6 +12,8 @@ Rows:
       TP=2 graphs in the same processes (outputs poisoned first; live replay-to-replay determinism checked);
   (c) per-rank materialisation (slot) time and LOAD per rank against single-GPU (TP=1) LOAD of the same model;
       node anatomy of the restored graphs; replay latency restored vs live;
+  (b)/(c) also: every restore() phase per rank (``RestoreStats.summary``; all of them in the JSON) and what each
+      archive's LOAD writes back besides the graphs (snapshots, capture region, graph outputs inside snapshots);
   (d) EP=2 with the MoE preset, the same way.
 Details go to $OUT/check_comm_patch.json. The verdict table is printed last.
 """
@@ -28,6 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 ROWS: list[tuple[str, str, str]] = []
 DETAILS: dict = {}
@@ -46,6 +49,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def archive_facts(path) -> dict:
+    """What LOAD of ``path`` writes back besides the graphs (snapshots, capture region, outputs inside snapshots),
+    read from the manifest alone (``foundry_core.save.snapshot_facts``), plus the file size."""
+    from foundry_core.archive import Archive
+    from foundry_core.save import snapshot_facts
+
+    with Archive.open(path) as a:
+        facts = snapshot_facts(a.manifest)
+        facts["archive_bytes"] = a.file_size
+    return facts
+
+
+def describe_facts(f: dict) -> str:
+    mib = 2 ** 20
+    notes = ", ".join(f"{k} {v / mib:.1f} MiB" for k, v in sorted(f["snapshot_bytes_by_note"].items()))
+    return (f"{f['snapshots']} snapshots, {f['snapshot_bytes'] / mib:.1f} MiB ({notes or 'none'}) stored as "
+            f"{f['snapshot_stored_bytes'] / mib:.1f} MiB; capture region {f['capture_region_bytes'] / mib:.0f} MiB; "
+            f"graph outputs inside snapshots: {f['outputs_in_snapshots']}/{f['outputs']} "
+            f"({f['output_bytes_in_snapshots'] / mib:.1f} MiB; expected 0: outputs belong in the graph pool); "
+            f"archive {f['archive_bytes'] / mib:.1f} MiB")
 
 
 def engine_args(model, world, gpus, kind="tp", **kw):
@@ -130,7 +155,8 @@ def rank_compare(rank, cfg, q):
             res.update(restore_wait_s=time.perf_counter() - t, first_graph_s=st.first_graph_seconds,
                        all_graphs_s=st.all_graphs_seconds, slot_s=st.slot_seconds, slots=st.num_slots,
                        build_s=st.build_seconds, inst_s=st.instantiate_seconds, nodes=st.num_nodes,
-                       preload_wait_s=st.preload_wait_seconds, images_s=st.images_seconds)
+                       preload_wait_s=st.preload_wait_seconds, images_s=st.images_seconds,
+                       restore_stats=st.phases(), restore_summary=st.summary())
             g1 = backend._graphs[min(backend._graphs)]
             res["anatomy_bs1"] = _node_anatomy(g1._graph)
             session.close()  # the live graphs below must not allocate from the arena's pools
@@ -305,6 +331,8 @@ def check_template(model, kind, gpus, label, sets):
                     noise=m.ranks.noise_bytes, mb=round(path.stat().st_size / 2**20, 1))
     DETAILS[f"{label}_template"] = dict(info, capture_s=rep.capture_seconds, merge_s=rep.merge_seconds, total_s=save_s,
                                         delta_by_kernel=rep.by_kernel)
+    DETAILS[f"{label}_template_writes_back"] = facts = archive_facts(path)
+    row(f"({label}) what the template's LOAD writes back", None, describe_facts(facts))
     top = sorted(rep.by_kernel.items(), key=lambda kv: -kv[1])[:4]
     row(f"({label}) where rank deltas fall", None, ", ".join(f"{k[:60]}: {v} B" for k, v in top) or "nowhere")
     row(f"({label}) SAVE one GPU -> rank template", True,
@@ -339,6 +367,8 @@ def check_template(model, kind, gpus, label, sets):
                    f"{r.get('all_graphs_s', 0):.3f}s; waited for the preloader {r.get('preload_wait_s', 0):.3f}s, "
                    f"its images {r.get('images_s', 0):.3f}s), live capture {r['live_capture_s']:.2f}s"
                    for r in res.values()))
+    for r in sorted(res.values(), key=lambda x: x["rank"]):
+        row(f"({label}) rank {r['rank']} restore() phases", None, r.get("restore_summary", "no restore stats"))
     row(f"({label}) node anatomy bs1 (restored)", None, str(r0.get("anatomy_bs1")))
     lat = r0.get("replay_ms", {})
     row(f"({label}) replay ms restored/live", None,
@@ -355,6 +385,10 @@ def check_single_gpu_load(model, gpus, label, tp_res):
     if 0 not in res or "error" in res[0]:
         row(f"({label}) single-GPU LOAD", False, str(res.get(0, {}).get("error", "no answer")))
         return
+    saved = sorted(Path(out_dir).rglob("*.foundry"))
+    if saved:
+        DETAILS[f"{label}_tp1_writes_back"] = facts = archive_facts(saved[0])
+        row(f"({label}) what the TP=1 LOAD writes back", None, describe_facts(facts))
     args = engine_args(model, 1, gpus, "tp", tp=1, gpu_ids=[0], foundry_archive=out_dir, foundry_mode="load")
     res = run_ranks(rank_compare, {"args": args.__dict__, "timing_only": True}, 1, timeout=300)
     r = res.get(0, {})
@@ -375,6 +409,7 @@ def check_single_gpu_load(model, gpus, label, tp_res):
         f"{r.get('preload_wait_s', 0):.3f}s, images {r.get('images_s', 0):.3f}s, first graph "
         f"{r.get('first_graph_s', 0):.3f}s): {per_rank - single:+.3f}s "
         "(restore() + background instantiation until all graphs are ready; target <= +0.1 s)")
+    row(f"({label}) TP=1 restore() phases", None, r.get("restore_summary", "no restore stats"))
 
 
 def main():
