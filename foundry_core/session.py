@@ -293,17 +293,29 @@ class Session:
         """``torch.cuda.graph`` into the session's graph pool.
 
         What PyTorch allocates inside ``capture_begin`` (the generator's graph-safe RNG state) still goes to the
-        arena; once capture has begun, the session's route steps behind the capture's own pool, so the capture
-        allocates from the graph pool and other threads keep allocating from the arena."""
+        arena (the session's route is active then); once capture has begun, the session's route steps aside until
+        the capture ends, so the capture allocates from the graph pool alone.
+
+        Why aside and not behind: PyTorch's routing list was searched oldest-first, then newest-first since
+        nested MemPools (pytorch#168382), so re-registering our all-streams route after ``capture_begin`` made it
+        win over the capture's own pool on a newest-first PyTorch — the capture then allocated graph outputs in
+        the warm-up pool and SAVE snapshotted them (2.4 GiB of logits for the built-in engine, written back on
+        LOAD's critical path). Stepping aside is right under either order. The cost: another thread's allocation
+        made while a capture runs comes from PyTorch's default pool (SAVE's pointer check refuses a graph that
+        reads it). ``tests/gpu/check_capture_pools.py`` shows where a capture's allocations land."""
         import torch
 
         if not self._in_capture_phase:
             raise FoundryError("graphs must be captured inside Session.capture_phase()")
+        route = self._route
         before = _live_blocks(self.device)
-        with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
-            self._capture_begin_blocks |= _live_blocks(self.device) - before
-            self._route_to(self._route)  # re-register: now after the capture's pool in PyTorch's routing list
-            yield
+        try:
+            with torch.cuda.graph(graph, pool=self.graph_pool, stream=stream):
+                self._capture_begin_blocks |= _live_blocks(self.device) - before
+                self._route_to(None)
+                yield
+        finally:
+            self._route_to(route)
 
     def capture(self, key: str, fn: Callable[[], Any], warmups: int = 2, stream=None):
         """SGLang-style: ``warmups`` eager runs, then capture ``fn`` and record it under ``key``."""

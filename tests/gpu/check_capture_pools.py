@@ -2,12 +2,13 @@
 
     PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_capture_pools.py [--out DIR]
 
-Why: ``Session.graph_capture`` re-registers the session's all-streams route *after* ``capture_begin`` so that,
-on a PyTorch that searches its routing list oldest-first, the capture's own pool wins for the capture stream.
-PyTorch searches that list newest-first since pytorch/pytorch#168382 (nested MemPools); there the re-registered
-route wins instead, the capture allocates from the warm-up pool, and SAVE snapshots every live graph output as a
-"warm-up buffer" that LOAD writes back on restore()'s path (the suspected cause of the built-in engine's
-seconds-long LOAD in check_comm_patch (b)/(c)).
+Why: ``Session.graph_capture`` used to re-register the session's all-streams route *after* ``capture_begin`` so
+that, on a PyTorch that searches its routing list oldest-first, the capture's own pool would win for the capture
+stream. PyTorch searches that list newest-first since pytorch/pytorch#168382 (nested MemPools); there the
+re-registered route won instead, the capture allocated from the warm-up pool, and SAVE snapshotted every live graph
+output as a "warm-up buffer" that LOAD wrote back on restore()'s path (the suspected cause of the built-in engine's
+seconds-long LOAD in check_comm_patch (b)/(c) on 2026-11-30). The session now steps its route aside for the
+capture; this probe shows where a capture's allocations land and what an archive would write back.
 
 Rows (INFO unless stated):
   routing order    two all-streams routes, A then B: which pool a fresh allocation comes from (B: newest-first);
