@@ -60,7 +60,6 @@ CHECKS = [
     Check("elastic", "check_elastic.py", ("--out", "{out}"), gpus=2),
     Check("fidelity", "check_fidelity.py", ("--out", "{out}")),
     Check("capture_pools", "check_capture_pools.py", ("--out", "{out}")),
-    Check("sglang_backend", "check_sglang_backend.py", ("--out", "{out}"), needs_sglang=True),
     Check("sglang_server", "check_sglang_server.py", ("--out", "{out}"), needs_sglang=True),
 ]
 
