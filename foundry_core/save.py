@@ -61,6 +61,10 @@ class SaveInputs:
     image_store: Optional[Any] = None  # store.ImageStore for the kernel images; None: embedded in the archive
     extra: Mapping[str, str] = field(default_factory=dict)
     progress: bool = True  # tqdm while reading graphs
+    #: torch.cuda.MemPool the graphs were captured into; with FOUNDRY_SNAPSHOT_GRAPH_POOL=1 its live blocks that
+    #: arguments point into (and that hold no graph output) are snapshotted too — e.g. a cuBLAS workspace
+    #: PyTorch allocated during capture for the capture stream
+    graph_pool: Optional[Any] = None
 
 
 @dataclass
@@ -245,11 +249,17 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
     stats["stale_words"] = float(stale)
     stats["safety_seconds"] = time.perf_counter() - t2
 
+    # 3a. module variables: addresses a library passes to kernels, values changed since their module loaded ---
+    t3 = time.perf_counter()
+    _check_module_globals(inputs, entries, handles, refs, stored_images, functions, stats)
+    stats["module_globals_seconds"] = time.perf_counter() - t3
+
     # 3b. graph-safe RNG state: found through the blocks PyTorch allocated in capture_begin ------------------
     rng_of = _find_rng_states(inputs, entries, words)
 
     # 4. snapshots of live warm-up buffers ----------------------------------------------------------------
-    snapshots = _snapshot_blocks(inputs, words)
+    snapshots = _snapshot_blocks(inputs, words, _output_addresses(entries))
+    stats["snapshots_graph_pool"] = float(sum(note == "graph pool" for _, _, note in snapshots))
 
     # 5. outputs, templates, blobs --------------------------------------------------------------------------
     start, end = inputs.capture_range
@@ -301,6 +311,74 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
              sum(not e.is_child for e in entries), len(templates), len(image_records), len(snap_records), path,
              stats["total_seconds"])
     return path
+
+
+def _check_module_globals(inputs: SaveInputs, entries: list[_Entry], handles: list[int], refs, stored_images,
+                          functions, stats: dict[str, float]) -> None:
+    """``modglobals``: argument words pointing into module variables whose address a library asked for, and
+    variables of the graphs' modules whose live bytes differ from the image's. ``FOUNDRY_MODULE_GLOBALS=warn``
+    (default) logs and counts them (a failure of the check itself is logged, not raised), ``refuse`` raises,
+    ``off`` skips."""
+    from foundry_core import modglobals
+
+    mode = modglobals.policy()
+    if mode == "off":
+        return
+    try:
+        recorded = inputs.images.globals() if hasattr(inputs.images, "globals") else []
+        found = []
+        for e in entries:
+            found += modglobals.argument_refs(e.key, e.graph.payload, _kernel_and_copy_spans(e.graph), recorded)
+        changed = modglobals.changed_values(_graph_modules(handles, refs, stored_images),
+                                            modglobals.driver_address_of, modglobals.driver_read)
+    except Exception as err:
+        if mode == "refuse":
+            raise
+        log.warning("foundry: the module-variable check could not run (%s: %s); %s=refuse makes this an error",
+                    type(err).__name__, err, modglobals.ENV)
+        return
+    stats["module_globals_recorded"] = float(len(recorded))
+    stats["module_global_refs"] = float(len(found))
+    stats["module_globals_changed"] = float(len(changed))
+    by_key = {e.key: e.graph for e in entries}
+    lines = [r.describe(_node_name(by_key[r.graph], r.node, functions)) for r in found]
+    lines += [c.describe() for c in changed]
+    if not lines:
+        return
+    if mode == "refuse":
+        cls = UnsafeAddress if found else UnsupportedGraph
+        raise cls(f"{lines[0]} ({len(found)} argument reference(s), {len(changed)} changed variable(s) in all; "
+                  f"LOAD cannot recreate module memory; {modglobals.ENV}=warn saves anyway)")
+    for line in lines[:20]:
+        log.warning("foundry: %s; LOAD may restore this graph to wrong results (%s=refuse refuses it)", line,
+                    modglobals.ENV)
+    if len(lines) > 20:
+        log.warning("foundry: ... and %d more module-variable finding(s)", len(lines) - 20)
+
+
+def _graph_modules(handles: list[int], refs, stored_images) -> dict[int, tuple[str, dict]]:
+    """Live CUmodule of every graph function -> (its image's sha256, that image's module variables for this GPU)."""
+    from foundry_core import cubin
+    from foundry_core.images import device_arch
+    from foundry_core.native import call, driver
+
+    drv = driver()
+    arch = device_arch()
+    data = {im.sha256: im.data for im in stored_images}
+    variables: dict[str, dict] = {}
+    out: dict[int, tuple[str, dict]] = {}
+    for h, ref in zip(handles, refs):
+        mod = int(call("cuFuncGetModule", drv.cuFuncGetModule, drv.CUfunction(h)))
+        if mod in out:
+            continue
+        if ref.sha256 not in variables:
+            try:
+                chosen = cubin.parse_image(data[ref.sha256]).for_arch(arch)
+            except (KeyError, ValueError):
+                chosen = None
+            variables[ref.sha256] = dict(chosen.globals) if chosen is not None else {}
+        out[mod] = (ref.sha256, variables[ref.sha256])
+    return out
 
 
 def _referenced_slots(entries: list[_Entry], recorder) -> list[schema.SlotSpec]:
@@ -422,25 +500,49 @@ def _read_u64(address: int, device: int) -> int:
     return int(t.item()) % (1 << 64)
 
 
-def _snapshot_blocks(inputs: SaveInputs, words: np.ndarray) -> list[tuple[int, bytes, str]]:
-    """Contents of live blocks of the warm-up pool that graphs may read (small ones, or ones arguments point into)."""
+def _output_addresses(entries: list[_Entry]) -> np.ndarray:
+    addrs = []
+    for e in entries:
+        if not e.is_child and e.outputs is not None:
+            addrs += [spec.address for spec in flatten_outputs(e.key, e.outputs)[0]]
+    return np.unique(np.asarray(addrs, np.uint64))
+
+
+def _snapshot_blocks(inputs: SaveInputs, words: np.ndarray, outputs: np.ndarray = np.zeros(0, np.uint64)
+                     ) -> list[tuple[int, bytes, str]]:
+    """Contents of live blocks of the warm-up pool that graphs may read (small ones, or ones arguments point
+    into); with ``FOUNDRY_SNAPSHOT_GRAPH_POOL=1`` also the live blocks of the graph pool arguments point into that
+    hold no graph output (memory the capture allocated and kept, e.g. a cuBLAS workspace for the capture
+    stream: LOAD maps the capture region but writes nothing there)."""
     import torch
 
-    pool_id = tuple(inputs.warmup_pool.id)
+    from foundry_core.restore import tensor_at
+
+    pools = {tuple(inputs.warmup_pool.id): "warmup"}
+    if inputs.graph_pool is not None and os.environ.get("FOUNDRY_SNAPSHOT_GRAPH_POOL") == "1":
+        pools[tuple(inputs.graph_pool.id)] = "graphs"
     out = []
     for seg in torch.cuda.memory_snapshot():
-        if tuple(seg.get("segment_pool_id", ())) != pool_id:
+        pool = pools.get(tuple(seg.get("segment_pool_id", ())))
+        if pool is None:
             continue
         for blk in seg["blocks"]:
             if blk["state"] != "active_allocated":
                 continue
             addr, size = int(blk["address"]), int(blk["size"])
-            i = np.searchsorted(words, np.uint64(addr))
-            referenced = i < len(words) and int(words[i]) < addr + size
-            if size <= SNAPSHOT_SMALL_BYTES or referenced:
-                from foundry_core.restore import tensor_at
-
+            referenced = _any_within(words, addr, size)
+            if pool == "graphs":
+                take, note = referenced and not _any_within(outputs, addr, size), "graph pool"
+            else:
+                take, note = size <= SNAPSHOT_SMALL_BYTES or referenced, "referenced" if referenced else "small"
+            if take:
                 t = tensor_at(schema.TensorSpec(address=addr, dtype="uint8", shape=[size], strides=[1],
                                                 storage_bytes=size), inputs.device)
-                out.append((addr, t.cpu().numpy().tobytes(), "referenced" if referenced else "small"))
+                out.append((addr, t.cpu().numpy().tobytes(), note))
     return out
+
+
+def _any_within(sorted_words: np.ndarray, addr: int, size: int) -> bool:
+    """Whether a value of the sorted array lies in [addr, addr + size)."""
+    i = np.searchsorted(sorted_words, np.uint64(addr))
+    return bool(i < len(sorted_words) and int(sorted_words[i]) < addr + size)
