@@ -19,8 +19,11 @@ the variables of the modules graph kernels come from with their initial bytes.
 
 What SAVE does with the findings is ``FOUNDRY_MODULE_GLOBALS`` (:func:`policy`): ``warn`` (default: one log
 line per finding, counted in ``Session.save_stats``), ``refuse`` (UnsafeAddress / UnsupportedGraph naming the
-variable) or ``off``. Relocating the references and writing changed values back at LOAD is not implemented: it
-needs the GPU confirmation that this is what breaks the bf16 GEMM toy (``tests/gpu/check_fidelity.py``).
+variable), ``off``, or ``relocate`` (EXPERIMENTAL, not yet run on a GPU): SAVE archives the image each variable
+comes from (a kernel-less one included) and records the variable's live bytes and the argument words that point
+into it (``schema.ModuleVariable``); LOAD looks the variable up in its fresh load of that image
+(:func:`apply_variables`), writes the bytes there and patches the words before any graph is built. Validated by
+the ``relocate`` variant of ``tests/gpu/check_fidelity.py --only gemm``.
 """
 from __future__ import annotations
 
@@ -33,16 +36,17 @@ import numpy as np
 
 from foundry_core.errors import FoundryError
 
-__all__ = ["GlobalRef", "ChangedGlobal", "argument_refs", "changed_values", "policy", "POLICIES"]
+__all__ = ["GlobalRef", "ChangedGlobal", "apply_variables", "argument_refs", "changed_values", "policy",
+           "POLICIES"]
 
 log = logging.getLogger("foundry_core.modglobals")
 
-POLICIES = ("warn", "refuse", "off")
+POLICIES = ("warn", "refuse", "off", "relocate")
 ENV = "FOUNDRY_MODULE_GLOBALS"
 
 
 def policy() -> str:
-    """``FOUNDRY_MODULE_GLOBALS``: warn (default), refuse or off."""
+    """``FOUNDRY_MODULE_GLOBALS``: warn (default), refuse, off or relocate."""
     value = os.environ.get(ENV, "warn").strip().lower() or "warn"
     if value not in POLICIES:
         raise FoundryError(f"{ENV}={value!r}: expected one of {', '.join(POLICIES)}")
@@ -121,6 +125,35 @@ def argument_refs(graph: str, payload: bytes, spans: Iterable[tuple[int, int, in
     return out
 
 
+def inside_any(address: int, globals_: Sequence) -> bool:
+    """Whether ``address`` lies inside one of the recorded variables."""
+    return any(g.address <= address < g.address + g.size for g in globals_)
+
+
+def image_of_variable(var, images: Sequence, module_images: Mapping[int, int], parse: Callable
+                      ) -> tuple[str, bytes]:
+    """(sha256, bytes) of the recorded image (``images``: objects with sha256 and data) a recorded variable
+    (``recorder.ModuleGlobal``) belongs to: the image its module's load returned (``module_images``: CUmodule ->
+    image index), else the one image whose ELF for this GPU (``parse(bytes)`` -> cubin.ImageInfo) defines a
+    variable of that name and size. UnsupportedGraph when there is none or several."""
+    from foundry_core.errors import UnsupportedGraph
+
+    def defines(data: bytes) -> bool:
+        v = parse(data).globals.get(var.name)
+        return v is not None and v.size == var.size
+
+    if not var.via_library and var.handle in module_images:
+        im = images[module_images[var.handle]]
+        if defines(im.data):
+            return im.sha256, im.data
+    found = {im.sha256: im.data for im in images if defines(im.data)}
+    if len(found) != 1:
+        raise UnsupportedGraph(
+            f"module variable {var.name[:80]} ({var.size} bytes), which graph arguments point into, is defined in "
+            f"{len(found)} recorded images; cannot tell which one to load at LOAD")
+    return next(iter(found.items()))
+
+
 def changed_values(modules: Mapping[int, tuple[str, Mapping]], address_of: Callable[[int, str], Optional[tuple]],
                    read: Callable[[int, int], bytes]) -> list[ChangedGlobal]:
     """Variables whose live bytes differ from their image's initial bytes.
@@ -143,6 +176,35 @@ def changed_values(modules: Mapping[int, tuple[str, Mapping]], address_of: Calla
     return out
 
 
+def apply_variables(variables: Sequence, arrays: dict[int, tuple], modules: Sequence[int],
+                    address_of: Callable[[int, str], Optional[tuple]], write: Callable[[int, bytes], None],
+                    value_of: Callable[[str], bytes]) -> dict[int, tuple]:
+    """LOAD side of ``relocate``: for each ``schema.ModuleVariable``, find it in its freshly loaded module
+    (``address_of(modules[image], name)``), write SAVE's bytes there (``write(address, value_of(blob))``) and
+    point every recorded argument word at it. ``arrays``: graph index -> (nodes, payload, attrs, edges); returns
+    it with the patched payloads (copies; the archive's arrays are left alone)."""
+    out = dict(arrays)
+    for var in variables:
+        where = address_of(int(modules[var.image]), var.name)
+        if where is None or where[1] != var.size:
+            got = "not found" if where is None else f"{where[1]} bytes"
+            raise FoundryError(f"module variable {var.name[:80]} ({var.size} bytes) of archived image #{var.image}: "
+                               f"{got} in the freshly loaded module; cannot relocate the graphs' references to it")
+        address = where[0]
+        if var.value:
+            data = value_of(var.value)
+            if len(data) != var.size:
+                raise FoundryError(f"module variable {var.name[:80]}: {len(data)} value bytes for {var.size}")
+            write(address, data)
+        for graph, offset, inside in var.refs:
+            nodes, payload, attrs, edges = out[graph]
+            if payload is arrays[graph][1]:
+                payload = np.array(payload, dtype=np.uint8, copy=True)
+            payload[offset:offset + 8] = np.frombuffer((address + inside).to_bytes(8, "little"), np.uint8)
+            out[graph] = (nodes, payload, attrs, edges)
+    return out
+
+
 # -- driver-side helpers (SAVE) ----------------------------------------------------------------------------------
 def driver_address_of(module: int, name: str) -> Optional[tuple[int, int]]:
     """(address, size) of a module's variable (cuModuleGetGlobal), None when the driver does not know it."""
@@ -153,6 +215,17 @@ def driver_address_of(module: int, name: str) -> Optional[tuple[int, int]]:
     if int(err) != 0:
         return None
     return int(address), int(size)
+
+
+def driver_write(address: int, data: bytes) -> None:
+    """Host bytes to device ``address`` (cuMemcpyHtoD, synchronous)."""
+    import ctypes
+
+    from foundry_core.native import call, driver
+
+    drv = driver()
+    buf = ctypes.create_string_buffer(bytes(data), len(data))
+    call("cuMemcpyHtoD (module variable)", drv.cuMemcpyHtoD, address, ctypes.addressof(buf), len(data))
 
 
 def driver_read(address: int, size: int) -> bytes:

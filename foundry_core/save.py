@@ -19,7 +19,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from foundry_core import layout, schema
+from foundry_core import layout, modglobals, schema
 from foundry_core.codec import DecodedGraph, GraphReader, template_identity
 from foundry_core.errors import UnsafeAddress, UnsupportedGraph
 from foundry_core.safety import PointerOracle, candidate_words, judge_graph, padding_ranges, whole_word_params
@@ -204,6 +204,8 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
 
     # 3. safety: arguments must point into restorable memory ------------------------------------------------
     t2 = time.perf_counter()
+    relocating = modglobals.policy() == "relocate"
+    recorded_globals = inputs.images.globals() if relocating and hasattr(inputs.images, "globals") else []
     lo, hi = arena.base, arena.base + arena.size
     oracle = PointerOracle()
     allow = os.environ.get("FOUNDRY_ALLOW_FOREIGN_POINTERS") == "1"
@@ -214,6 +216,8 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
     for e in entries:
         spans = _kernel_and_copy_spans(e.graph)
         foreign = oracle.foreign(candidate_words(e.graph.payload, [(o, n) for _, o, n in spans], lo, hi))
+        if relocating:  # words into recorded module variables are relocated at LOAD, not refused here
+            foreign = [f for f in foreign if not modglobals.inside_any(f.address, recorded_globals)]
         if foreign:
             nodes = e.graph.nodes
 
@@ -251,7 +255,7 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
 
     # 3a. module variables: addresses a library passes to kernels, values changed since their module loaded ---
     t3 = time.perf_counter()
-    _check_module_globals(inputs, entries, handles, refs, stored_images, functions, stats)
+    relocations = _check_module_globals(inputs, entries, handles, refs, stored_images, functions, stats)
     stats["module_globals_seconds"] = time.perf_counter() - t3
 
     # 3b. graph-safe RNG state: found through the blocks PyTorch allocated in capture_begin ------------------
@@ -264,8 +268,16 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
     # 5. outputs, templates, blobs --------------------------------------------------------------------------
     start, end = inputs.capture_range
     fingerprint = current_fingerprint(inputs.key, inputs.device)
+    for sha, data, *_ in relocations:  # images of relocated variables that no graph kernel comes from
+        if sha not in {im.sha256 for im in stored_images}:
+            stored_images.append(kernel_images.StoredImage(data, sha, sorted(_parsed(data).kernels)))
     with ArchiveWriter(inputs.path) as w:
         image_records = store_images(w, stored_images, inputs.image_store)
+        image_index = {im.sha256: i for i, im in enumerate(stored_images)}
+        module_variables = [
+            schema.ModuleVariable(image=image_index[sha], name=name, size=len(value),
+                                  value=w.add_blob(f"module-variable/{i}", value), refs=vrefs)
+            for i, (sha, _, name, value, vrefs) in enumerate(relocations)]
         templates: list[schema.GraphTemplate] = []
         template_of: dict[str, int] = {}
         records = []
@@ -302,7 +314,7 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
                                      capture_start=start, capture_end=end),
             blobs={}, images=image_records, functions=functions, templates=templates, graphs=records,
             snapshots=snap_records, num_events=len(events), extra=dict(inputs.extra), slots=slots,
-            trace=_allocation_trace(inputs, words),
+            trace=_allocation_trace(inputs, words), module_variables=module_variables,
         )
         path = w.finish(manifest)
     stats["total_seconds"] = time.perf_counter() - t0
@@ -319,11 +331,9 @@ def _check_module_globals(inputs: SaveInputs, entries: list[_Entry], handles: li
     variables of the graphs' modules whose live bytes differ from the image's. ``FOUNDRY_MODULE_GLOBALS=warn``
     (default) logs and counts them (a failure of the check itself is logged, not raised), ``refuse`` raises,
     ``off`` skips."""
-    from foundry_core import modglobals
-
     mode = modglobals.policy()
     if mode == "off":
-        return
+        return []
     try:
         recorded = inputs.images.globals() if hasattr(inputs.images, "globals") else []
         found = []
@@ -332,19 +342,25 @@ def _check_module_globals(inputs: SaveInputs, entries: list[_Entry], handles: li
         changed = modglobals.changed_values(_graph_modules(handles, refs, stored_images),
                                             modglobals.driver_address_of, modglobals.driver_read)
     except Exception as err:
-        if mode == "refuse":
+        if mode in ("refuse", "relocate"):
             raise
         log.warning("foundry: the module-variable check could not run (%s: %s); %s=refuse makes this an error",
                     type(err).__name__, err, modglobals.ENV)
-        return
+        return []
     stats["module_globals_recorded"] = float(len(recorded))
     stats["module_global_refs"] = float(len(found))
     stats["module_globals_changed"] = float(len(changed))
     by_key = {e.key: e.graph for e in entries}
     lines = [r.describe(_node_name(by_key[r.graph], r.node, functions)) for r in found]
     lines += [c.describe() for c in changed]
+    if mode == "relocate":
+        plan = _relocation_plan(inputs, entries, found, changed, recorded)
+        for _, _, name, value, vrefs in plan:
+            log.info("foundry: module variable %s (%d bytes): value saved, %d argument word(s) relocated at LOAD",
+                     name, len(value), len(vrefs))
+        return plan
     if not lines:
-        return
+        return []
     if mode == "refuse":
         cls = UnsafeAddress if found else UnsupportedGraph
         raise cls(f"{lines[0]} ({len(found)} argument reference(s), {len(changed)} changed variable(s) in all; "
@@ -354,6 +370,52 @@ def _check_module_globals(inputs: SaveInputs, entries: list[_Entry], handles: li
                     modglobals.ENV)
     if len(lines) > 20:
         log.warning("foundry: ... and %d more module-variable finding(s)", len(lines) - 20)
+    return []
+
+
+def _parsed(data: bytes):
+    """The ELF of an image this GPU loads (cubin.ImageInfo), or an empty one when it cannot be read."""
+    from foundry_core import cubin
+    from foundry_core.images import device_arch
+
+    try:
+        chosen = cubin.parse_image(data).for_arch(device_arch())
+    except ValueError:
+        chosen = None
+    return chosen if chosen is not None else cubin.ImageInfo(kind="elf", arch=0, kernels={})
+
+
+def _relocation_plan(inputs: SaveInputs, entries: list[_Entry], found, changed, recorded
+                     ) -> list[tuple[str, bytes, str, bytes, list[tuple[int, int, int]]]]:
+    """(image sha256, image bytes, variable name, live bytes, [(graph index, payload offset, offset inside)]) per
+    module variable the graphs point into or whose value changed since load (FOUNDRY_MODULE_GLOBALS=relocate)."""
+    index = {e.key: i for i, e in enumerate(entries)}
+    by_var: dict[tuple[str, int], Any] = {(g.name, g.address): g for g in recorded}
+    images = inputs.images.images() if found else []  # copies of every recorded image: once
+    module_images = inputs.images.module_images() if found else {}
+    parsed: dict[int, Any] = {}  # id(image bytes) -> ImageInfo; the bytes live in `images` meanwhile
+
+    def parse(data: bytes):
+        if id(data) not in parsed:
+            parsed[id(data)] = _parsed(data)
+        return parsed[id(data)]
+
+    located: dict[tuple[str, int], tuple[str, bytes]] = {}
+    plan: dict[tuple[str, str], list] = {}
+    for r in found:
+        if (r.name, r.var_address) not in located:
+            located[(r.name, r.var_address)] = modglobals.image_of_variable(by_var[(r.name, r.var_address)], images,
+                                                                            module_images, parse)
+        sha, data = located[(r.name, r.var_address)]
+        key = (sha, r.name)
+        if key not in plan:
+            plan[key] = [sha, data, r.name, modglobals.driver_read(r.var_address, r.var_size), []]
+        graph = entries[index[r.graph]].graph
+        plan[key][4].append((index[r.graph], int(graph.nodes[r.node]["payload_off"]) + r.offset,
+                             r.address - r.var_address))
+    for c in changed:  # their images hold graph kernels: archived already
+        plan.setdefault((c.image_sha256, c.name), [c.image_sha256, b"", c.name, c.live, []])
+    return [tuple(v) for v in plan.values()]
 
 
 def _graph_modules(handles: list[int], refs, stored_images) -> dict[int, tuple[str, dict]]:

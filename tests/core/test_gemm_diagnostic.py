@@ -83,6 +83,7 @@ def test_rows_fail_on_wrong_results_and_name_the_evidence(cf):
     assert "argument refs 2.0" in detail and "identity differs for ['k']" in detail
     assert cf._gemm_row("base", _save(GOOD), _load(GOOD))[1] == "PASS"
     assert cf._gemm_row("x", {"error": "UnsafeAddress: ..."}, None)[1] == "info"
+    assert cf._gemm_row("x", {"error": "child gemm-save rc=1: Traceback", "crashed": True}, None)[1] == "FAIL"
     assert cf._gemm_row("x", _save(GOOD), {"error": "LayoutMismatch"})[1] == "FAIL"
 
 

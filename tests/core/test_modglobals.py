@@ -10,13 +10,15 @@ import logging
 import struct
 from types import SimpleNamespace
 
+import msgspec
 import numpy as np
 import pytest
 
-from foundry_core import modglobals, save, schema
+from foundry_core import modglobals, restore, save, schema
+from foundry_core.archive import Archive
 from foundry_core.codec import DecodedGraph
 from foundry_core.cubin import GlobalVar
-from foundry_core.errors import FoundryError, UnsafeAddress, UnsupportedGraph
+from foundry_core.errors import ArchiveError, FoundryError, UnsafeAddress, UnsupportedGraph
 from foundry_core.recorder import ModuleGlobal
 
 CONSTANTS = ModuleGlobal("_ZN6cublas8internal15deviceConstantsE", 0x7F3A00200000, 112, 0xAB, True)
@@ -72,14 +74,15 @@ def test_changed_values_compare_live_bytes_with_the_image():
     assert "changed after its module was loaded" in changed[0].describe() and "byte 0" in changed[0].describe()
 
 
-@pytest.mark.parametrize("value, expected", [("", "warn"), ("warn", "warn"), ("REFUSE", "refuse"), ("off", "off")])
+@pytest.mark.parametrize("value, expected", [("", "warn"), ("warn", "warn"), ("REFUSE", "refuse"), ("off", "off"),
+                                             ("relocate", "relocate")])
 def test_policy(monkeypatch, value, expected):
     monkeypatch.setenv(modglobals.ENV, value)
     assert modglobals.policy() == expected
 
 
 def test_unknown_policy_is_refused(monkeypatch):
-    monkeypatch.setenv(modglobals.ENV, "relocate")
+    monkeypatch.setenv(modglobals.ENV, "bogus")
     with pytest.raises(FoundryError, match="FOUNDRY_MODULE_GLOBALS"):
         modglobals.policy()
 
@@ -201,3 +204,87 @@ def test_graph_pool_blocks_are_snapshotted_only_when_asked(monkeypatch):
     got = save._snapshot_blocks(_snapshot_inputs(), words, outputs)
     # the workspace the arguments point into; not the output (the graph writes it), not the unreferenced block
     assert [(a, len(d), note) for a, d, note in got] == [(WORKSPACE, 4 << 20, "graph pool"), (WARM, 8192, "small")]
+
+
+# -- relocate (FOUNDRY_MODULE_GLOBALS=relocate) -----------------------------------------------------------------
+IMAGE_A = SimpleNamespace(sha256="aa" * 32, data=b"image A (kernels)")
+IMAGE_B = SimpleNamespace(sha256="bb" * 32, data=b"image B (only data)")
+
+
+def _defines(*datas):
+    var = GlobalVar(CONSTANTS.name, ".nv.global.init", 0, CONSTANTS.size, bytes(CONSTANTS.size))
+    return lambda data: SimpleNamespace(globals={CONSTANTS.name: var} if data in datas else {}, kernels={})
+
+
+def test_relocation_plan_records_image_value_and_payload_offsets(monkeypatch, no_driver):
+    monkeypatch.setenv(modglobals.ENV, "relocate")
+    monkeypatch.setattr(save, "_parsed", _defines(IMAGE_B.data))
+    monkeypatch.setattr(modglobals, "driver_read", lambda a, n: b"\x02" * n if a == CONSTANTS.address else None)
+    inputs, entries, *rest = _save_args([CONSTANTS])
+    inputs.images.images = lambda: [IMAGE_A, IMAGE_B]
+    inputs.images.module_images = lambda: {}
+    plan = save._check_module_globals(inputs, entries, *rest, {})
+    # node 1's arguments start at payload byte 24 (node 0 has 24 bytes); its words 3 and 4 point at +8 and +16
+    assert plan == [(IMAGE_B.sha256, IMAGE_B.data, CONSTANTS.name, b"\x02" * 112, [(0, 48, 8), (0, 56, 16)])]
+
+
+def test_relocation_needs_one_image_defining_the_variable(monkeypatch, no_driver):
+    monkeypatch.setenv(modglobals.ENV, "relocate")
+    monkeypatch.setattr(save, "_parsed", _defines(IMAGE_A.data, IMAGE_B.data))
+    monkeypatch.setattr(modglobals, "driver_read", lambda a, n: bytes(n))
+    inputs, entries, *rest = _save_args([CONSTANTS])
+    inputs.images.images = lambda: [IMAGE_A, IMAGE_B]
+    inputs.images.module_images = lambda: {}
+    with pytest.raises(UnsupportedGraph, match="defined in 2 recorded images"):
+        save._check_module_globals(inputs, entries, *rest, {})
+    # the module handle the variable was asked of decides when the recorder paired it with its image
+    paired = ModuleGlobal(CONSTANTS.name, CONSTANTS.address, CONSTANTS.size, 0xAB, False)
+    assert modglobals.image_of_variable(paired, [IMAGE_A, IMAGE_B], {0xAB: 0}, _defines(IMAGE_A.data, IMAGE_B.data)) \
+        == (IMAGE_A.sha256, IMAGE_A.data)
+
+
+def test_apply_variables_relocates_words_and_writes_values():
+    payload = np.zeros(48, np.uint8)
+    arrays = {0: ("nodes", payload, "attrs", "edges"), 1: ("n1", np.zeros(8, np.uint8), "a1", "e1")}
+    var = schema.ModuleVariable(image=1, name="c", size=112, value="blob", refs=[(0, 16, 8), (0, 24, 16)])
+    writes = []
+    out = modglobals.apply_variables([var], arrays, [0x10, 0x20],
+                                     lambda m, n: (0x7000, 112) if (m, n) == (0x20, "c") else None,
+                                     lambda a, d: writes.append((a, d)), lambda b: b"\1" * 112)
+    words = np.frombuffer(out[0][1].tobytes(), "<u8")
+    assert words.tolist() == [0, 0, 0x7008, 0x7010, 0, 0]
+    assert not payload.any() and out[1] is arrays[1]  # the archive's arrays are left alone
+    assert writes == [(0x7000, b"\1" * 112)]
+    with pytest.raises(FoundryError, match="not found in the freshly loaded module"):
+        modglobals.apply_variables([var], arrays, [0x10, 0x20], lambda m, n: None, lambda a, d: None, lambda b: b"")
+    with pytest.raises(FoundryError, match="56 bytes in the freshly loaded module"):
+        modglobals.apply_variables([var], arrays, [0x10, 0x20], lambda m, n: (0x7000, 56), lambda a, d: None,
+                                   lambda b: b"")
+
+
+def test_module_variables_round_trip_and_are_checked(archive_file):
+    from conftest import rewrite_manifest
+
+    path, _ = archive_file
+    with Archive.open(path) as a:
+        m = a.manifest
+        nodes = a.blob_array(m.graphs[0].nodes, schema.NODE_DTYPE)
+    k = int(np.nonzero((nodes["kind"] == schema.NODE_KERNEL) & (nodes["payload_len"] >= 16))[0][0])
+    off = int(nodes[k]["payload_off"])
+    var = schema.ModuleVariable(image=1, name="cublas_constants", size=3000, value="snapshots/0", refs=[(0, off, 8)])
+    rewrite_manifest(path, msgspec.structs.replace(m, module_variables=[var]))
+    with Archive.open(path) as a:
+        assert a.manifest.module_variables == [var]
+        restore.check_archive_for_load(a)
+    for bad, message in [
+        (msgspec.structs.replace(var, image=5), "refers to image 5"),
+        (msgspec.structs.replace(var, refs=[(9, off, 0)]), "refers to graph 9"),
+        (msgspec.structs.replace(var, refs=[(0, off + 4, 0)]), "not an aligned word"),
+        (msgspec.structs.replace(var, refs=[(0, off, 3000)]), "not an aligned word"),
+        (msgspec.structs.replace(var, value=m.graphs[0].nodes), "value blob holds"),
+        (msgspec.structs.replace(var, refs=[(0, 1 << 40, 0)]), "outside every kernel's arguments"),
+    ]:
+        rewrite_manifest(path, msgspec.structs.replace(m, module_variables=[bad]))
+        with pytest.raises(ArchiveError, match=message):
+            with Archive.open(path) as a:
+                restore.check_archive_for_load(a)

@@ -267,7 +267,19 @@ GEMM_VARIANTS = {
     "one-gemm-tn": ("gemm-tn1", False, {}),
     "cublaslt": ("gemm", False, {"TORCH_BLAS_PREFER_CUBLASLT": "1"}),
     "no-workspace": ("gemm", False, {"CUBLAS_WORKSPACE_CONFIG": ":0:0"}),
+    # the fix for (b'), experimental: module variables the graphs point into are archived, relocated and filled
+    "relocate": ("gemm", False, {"FOUNDRY_MODULE_GLOBALS": "relocate"}),
 }
+
+
+def diagnose(fn, default):
+    """fn() for a diagnostic that must not sink the comparison it accompanies: on an exception, ``default`` with
+    the error under "error" (a dict) or the default as is, and the traceback on stderr (the child's log)."""
+    try:
+        return fn()
+    except Exception as e:
+        traceback.print_exc()
+        return {**default, "error": f"{type(e).__name__}: {e}"[:200]} if isinstance(default, dict) else default
 
 
 def function_identity(graph) -> dict[str, list]:
@@ -418,12 +430,15 @@ def child_gemm_save(archive, result, name):
         outs = {g.key: g.outputs for g in s.captured}
         identity = {}
         for bs, g in graphs.items():
-            identity.update(function_identity(g.raw_cuda_graph()))
+            identity.update(diagnose(lambda g=g: function_identity(g.raw_cuda_graph()), {}))
         recorded = s._recorder.globals() if s._recorder is not None else []
         oracle = PointerOracle()
-        seen = [g.name for g in recorded if oracle.owner(g.address) is not None]
-        census = {f"decode_bs{bs}": foreign_word_census(g.raw_cuda_graph(), s.arena.base, s.arena.base + s.arena.size,
-                                                        recorded) for bs, g in graphs.items()}
+        seen = diagnose(lambda: [g.name for g in recorded if oracle.owner(g.address) is not None], [])
+        lo, hi = s.arena.base, s.arena.base + s.arena.size
+        census = {f"decode_bs{bs}": diagnose(lambda g=g: foreign_word_census(g.raw_cuda_graph(), lo, hi, recorded),
+                                             {"candidates": "?", "live_per_driver_query": [],
+                                              "in_module_variables": "?", "address_range": {}})
+                  for bs, g in graphs.items()}
         s.save()
         hashes, again, values = {}, {}, {}
         for seed in SEEDS:
@@ -449,13 +464,14 @@ def child_gemm_save(archive, result, name):
             inproc_error = None
         except Exception as e:
             inproc_error = f"{type(e).__name__}: {e}"[:300]
-        rows = node_rows(archive)
+        rows = diagnose(lambda: node_rows(archive), {})
         Path(result).with_suffix(".nodes.json").write_text(json.dumps(rows))
-        kernels = sorted({r[1] for g in rows.values() for r in g["nodes"] if r[1]})
+        tables = {k: v for k, v in rows.items() if isinstance(v, dict)}
+        kernels = sorted({r[1] for g in tables.values() for r in g["nodes"] if r[1]}) or [rows.get("error", "?")]
         st = s.save_stats
         return {"hashes": hashes, "deterministic": hashes == again, "values": values, "inproc": inproc,
                 "inproc_error": inproc_error, "identity": identity, "kernels": kernels,
-                "nodes": {k: len(v["nodes"]) for k, v in rows.items()},
+                "nodes": {k: len(v["nodes"]) for k, v in tables.items()},
                 "stale_words": st.get("stale_words") or 0,
                 "module_globals": {"recorded": [[g.name, hex(g.address), g.size] for g in recorded],
                                    "oracle_sees": seen, "refs": st.get("module_global_refs"),
@@ -501,11 +517,11 @@ def child_gemm_load(archive, result, name, mode="plain"):
             if not rg._graph:
                 diffs[key] = {"not rebuilt": 1}
                 continue
-            dg = GraphReader().read(rg._graph)
-            d = table_differences(builder.arrays[index[key]], dg)
+            d = diagnose(lambda rg=rg, key=key: table_differences(builder.arrays[index[key]],
+                                                                  GraphReader().read(rg._graph)), {})
             if d:
                 diffs[key] = d
-            identity.update(function_identity(rg._graph))
+            identity.update(diagnose(lambda rg=rg: function_identity(rg._graph), {}))
         return {"hashes": hashes, "values": values, "rebuilt_vs_archive": diffs, "identity": identity}
 
     outcome(run, result)
@@ -1064,7 +1080,9 @@ def check_gemm_toy(r: Runner) -> list[tuple[str, str, str]]:
     * graph-pool-snapshot: FOUNDRY_SNAPSHOT_GRAPH_POOL=1 (live graph-pool blocks the arguments point into, e.g.
       the capture stream's cuBLAS workspace, are snapshotted and written back);
     * one-gemm-nn / one-gemm-tn: a single x @ w (NN) or F.linear (TN) GEMM;
-    * cublaslt: TORCH_BLAS_PREFER_CUBLASLT=1; no-workspace: CUBLAS_WORKSPACE_CONFIG=:0:0.
+    * cublaslt: TORCH_BLAS_PREFER_CUBLASLT=1; no-workspace: CUBLAS_WORKSPACE_CONFIG=:0:0;
+    * relocate: FOUNDRY_MODULE_GLOBALS=relocate (experimental fix for (b'): the module variables arguments point
+      into are archived with their image, filled and relocated at LOAD).
 
     A variant row FAILs when LOAD differs from a deterministic SAVE (wrong results are never acceptable); the
     last row (info) says which hypothesis the results leave standing."""
@@ -1099,8 +1117,8 @@ def _equal(save: dict, got: dict) -> int:
 
 def _gemm_row(label: str, save: dict, load: dict | None) -> tuple[str, str, str]:
     name = f"diagnostic: bf16 GEMM toy [{label}]"
-    if save.get("error"):
-        return name, "info", "SAVE: " + save["error"][:300]
+    if save.get("error"):  # a refusal (FoundryError) is a verdict of its own; a crashed child is a broken check
+        return name, "FAIL" if save.get("crashed") else "info", "SAVE: " + save["error"][:300]
     if load is None or load.get("error"):
         return name, "FAIL", "LOAD: " + (load or {}).get("error", "not run")[:300]
     n = len(save["hashes"])
@@ -1155,6 +1173,8 @@ def gemm_diagnosis(res: dict) -> str:
                        "(cuBLAS workspace of the capture stream)")
         if ok("explicit-stream"):
             out.append("warming up on the capture stream fixes it -> (a)/(e) the capture stream's own workspace")
+        if ok("relocate"):
+            out.append("FOUNDRY_MODULE_GLOBALS=relocate fixes it -> (b') confirmed, and the relocation works")
     else:
         out.append(f"in-process rebuild differs too ({base.get('inproc_error') or 'wrong results'}) -> the rebuild or "
                    "the fresh module copies: see the LOAD rows' 'rebuilt vs archive' (c) and 'kernel identity' (d), "
