@@ -130,6 +130,8 @@ def blob_names(manifest: Manifest) -> dict[str, str]:
         names.setdefault(template.edges, "templates")
     for snapshot in manifest.snapshots:
         names.setdefault(snapshot.blob, "snapshots")
+    for var in manifest.module_variables:
+        names.setdefault(var.value, "module variables")
     names.pop("", None)  # "" means "no blob": a graph without arguments or launch attributes, a template without edges
     return names
 
@@ -559,6 +561,10 @@ def _check_manifest(path: Path, manifest: Manifest, blobs_end: int) -> None:
         check_index(f"function {i} ({function.name[:60]!r})", function.image, len(manifest.images), "image")
     for graph in manifest.graphs:
         check_index(f"graph {graph.key[:60]!r}", graph.template, len(manifest.templates), "template")
+    for var in manifest.module_variables:
+        check_index(f"module variable {var.name[:60]!r}", var.image, len(manifest.images), "image")
+        for g, _, _ in var.refs:
+            check_index(f"module variable {var.name[:60]!r}", g, len(manifest.graphs), "graph")
     arena = manifest.arena
     if not 0 <= arena.capture_start <= arena.capture_end <= arena.size:
         raise ArchiveError(

@@ -20,11 +20,11 @@ from foundry_core.images import (
     select_images,
     unload_modules,
 )
-from foundry_core.recorder import CapturedImage, ImageCaptureError, ImageRecorder, find_libcupti
+from foundry_core.recorder import CapturedImage, ImageCaptureError, ImageRecorder, ModuleGlobal, find_libcupti
 
 __all__ = [
     "CapturedImage", "DriverError", "FunctionRef", "ImageCaptureError", "ImageFacts", "ImageRecorder", "ModuleFacts",
-    "StoredImage", "changed_attributes", "choose_image", "consistent_with_cubin", "device_arch", "find_libcupti",
-    "get_functions", "image_facts", "load_images", "loading_mode", "resolve_functions", "select_images",
-    "unload_modules",
+    "ModuleGlobal", "StoredImage", "changed_attributes", "choose_image", "consistent_with_cubin", "device_arch",
+    "find_libcupti", "get_functions", "image_facts", "load_images", "loading_mode", "resolve_functions",
+    "select_images", "unload_modules",
 ]

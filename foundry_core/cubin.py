@@ -16,6 +16,11 @@ Layouts read here (little-endian):
   through ``sh_info``. ``.nv.info*`` sections are lists of attributes
   ``{u8 format, u8 id, value}``: formats 1-3 carry a 2-byte value, format 4 a
   u16 length and that many bytes.
+* Module-scope data (``GlobalVar``): ``STT_OBJECT`` symbols in ``.nv.global`` (``__device__`` without an
+  initialiser: NOBITS, zero at load), ``.nv.global.init`` (``__device__`` with one) and ``.nv.constant<N>`` banks
+  without a kernel suffix (``__constant__``: bank 3 with nvcc 13). ``st_value`` is the offset in the section.
+  A library may write such a variable after loading its module (``cudaMemcpyToSymbol``) or hand its address
+  to kernels as an argument; a fresh load of the image at LOAD has neither the written value nor the address.
 * Fatbin: ``{u32 magic 0xBA55ED50, u16 version, u16 header size, u64 body size}``
   followed by entries ``{u16 kind (1 PTX, 2 ELF), u16, u32 header size,
   u64 payload size, u32 compressed size, u32, u32 version, u32 arch, u32, u32,
@@ -26,17 +31,21 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 ELF_MAGIC = b"\x7fELF"
 FATBIN_MAGIC = 0xBA55ED50
 FATBIN_WRAPPER_MAGIC = 0x466243B1  # __fatBinC_Wrapper_t: a pointer wrapper, not an image
 EM_CUDA = 190
 
+SHT_PROGBITS = 1
 SHT_SYMTAB = 2
 SHT_STRTAB = 3
+SHT_RELA = 4
 SHT_NOBITS = 8
+SHT_REL = 9
 SHF_INFO_LINK = 0x40
+STT_OBJECT = 1
 STT_FUNC = 2
 STO_CUDA_ENTRY = 0x10
 
@@ -92,6 +101,36 @@ class KernelInfo:
 
 
 @dataclass(frozen=True)
+class GlobalVar:
+    """A module-scope variable of a cubin (``__device__`` or ``__constant__``), as the ELF declares it."""
+
+    name: str  # the symbol name cuModuleGetGlobal takes (mangled)
+    section: str  # ".nv.global", ".nv.global.init" or ".nv.constant<N>"
+    offset: int  # st_value: offset inside its section
+    size: int
+    initial: bytes  # what the image holds: the section bytes, zeros for .nv.global (NOBITS)
+    #: offsets (inside the variable) of the 8-byte words a relocation patches at load — e.g. ``int* p = &x``:
+    #: their live value is an address, never the image's bytes
+    relocated: tuple[int, ...] = ()
+
+    def same_as_loaded(self, live: bytes) -> bool:
+        """Whether ``live`` bytes are what a fresh load of the image holds, relocated words aside."""
+        if len(live) != len(self.initial):
+            return False
+        if not self.relocated:
+            return live == self.initial
+        a, b = bytearray(live), bytearray(self.initial)
+        for off in self.relocated:
+            a[off:off + 8] = b[off:off + 8] = bytes(len(a[off:off + 8]))
+        return a == b
+
+    @property
+    def kind(self) -> str:
+        """"device" (writable global memory) or "constant" (a constant bank, written only from the host)."""
+        return "constant" if self.section.startswith(".nv.constant") else "device"
+
+
+@dataclass(frozen=True)
 class FatbinEntry:
     """One entry of a fatbin container."""
 
@@ -123,6 +162,8 @@ class ImageInfo:
     elves: tuple["ImageInfo", ...] = ()
     notes: tuple[str, ...] = ()
     complete: bool = True  # False when some entry could not be parsed
+    #: module-scope variables by symbol name (ELF only; a fatbin's are those of its chosen ELF, see for_arch)
+    globals: dict[str, GlobalVar] = field(default_factory=dict)
 
     @property
     def kernel_names(self) -> frozenset[str]:
@@ -261,6 +302,7 @@ def parse_elf(data: bytes) -> ImageInfo:
                                  entsize))
 
     symbols = _read_symbols(r, sections)
+    module_globals = _module_globals(r, sections, _read_symbol_values(r, sections), symbols)
     per_symbol = _per_symbol_values(_parse_nv_info_records(r, sections, ".nv.info"))
 
     # Kernels: entry-flagged function symbols whose section exists.
@@ -317,7 +359,62 @@ def parse_elf(data: bytes) -> ImageInfo:
             req_threads=_dim3(attrs, EIATTR_REQNTID),
             cluster_dims=_dim3(attrs, EIATTR_CTA_PER_CLUSTER),
         )
-    return ImageInfo(kind="elf", arch=elf_arch(e_flags, abi), kernels=kernels, abi_version=abi)
+    return ImageInfo(kind="elf", arch=elf_arch(e_flags, abi), kernels=kernels, abi_version=abi,
+                     globals=module_globals)
+
+
+_MODULE_BANK = re.compile(r"\.nv\.constant\d+$")
+
+
+def is_module_data_section(name: str) -> bool:
+    """Sections that hold module-scope variables: global memory and the constant banks of no one kernel
+    (``.nv.constant0.<kernel>`` holds a kernel's parameters, ``.nv.shared.*``/``.nv.local.*`` are per launch)."""
+    return name in (".nv.global", ".nv.global.init") or bool(_MODULE_BANK.match(name))
+
+
+def _relocated_offsets(r: _Reader, sections: list[_Section]) -> dict[int, list[int]]:
+    """{target section index: r_offset of each relocation applied to it} from the .rel/.rela sections."""
+    out: dict[int, list[int]] = {}
+    for s in sections:
+        if s.type not in (SHT_REL, SHT_RELA) or not 0 < s.info < len(sections):
+            continue
+        entsize = s.entsize or (24 if s.type == SHT_RELA else 16)
+        if entsize < 16:
+            raise ValueError(f"malformed cubin: relocation entry size {entsize} in {s.name}")
+        out.setdefault(s.info, []).extend(struct.unpack_from("<Q", r.slice(s.offset + k * entsize, 8, s.name))[0]
+                                          for k in range(s.size // entsize))
+    return out
+
+
+def _module_globals(r: _Reader, sections: list[_Section], values: list[tuple[int, int]],
+                    symbols: list[tuple[str, int, int, int]]) -> dict[str, GlobalVar]:
+    out: dict[str, GlobalVar] = {}
+    relocs: dict[int, list[int]] | None = None
+    for (name, st_info, _other, st_shndx), (value, size) in zip(symbols, values):
+        if st_info & 0xF != STT_OBJECT or not name or not 0 < st_shndx < len(sections):
+            continue
+        sec = sections[st_shndx]
+        if not is_module_data_section(sec.name):
+            continue
+        if value + size > sec.size:
+            raise ValueError(f"malformed cubin: variable {name} [{value}, {value + size}) outside {sec.name} "
+                             f"({sec.size} bytes)")
+        initial = bytes(size) if sec.type == SHT_NOBITS else r.slice(sec.offset + value, size, f"variable {name}")
+        if relocs is None:
+            relocs = _relocated_offsets(r, sections)
+        patched = tuple(sorted(o - value for o in relocs.get(st_shndx, ()) if value <= o < value + size))
+        out[name] = GlobalVar(name, sec.name, value, size, initial, patched)
+    return out
+
+
+def _read_symbol_values(r: _Reader, sections: list[_Section]) -> list[tuple[int, int]]:
+    """(st_value, st_size) of every symbol, in the order of :func:`_read_symbols`."""
+    symtabs = [s for s in sections if s.type == SHT_SYMTAB]
+    if not symtabs:
+        return []
+    st = symtabs[0]
+    entsize = st.entsize or _SYMBOL.size
+    return [tuple(r.unpack(_SYMBOL, st.offset + i * entsize)[4:6]) for i in range(st.size // entsize)]
 
 
 def _read_symbols(r: _Reader, sections: list[_Section]) -> list[tuple[str, int, int, int]]:
@@ -604,7 +701,8 @@ def parse_fatbin(data: bytes) -> ImageInfo:
     complete = all(e.data is not None for e in entries)
     return ImageInfo(kind="fatbin", arch=best.arch if best else max((e.arch for e in entries), default=0),
                      kernels=dict(best.kernels) if best else {}, abi_version=best.abi_version if best else 0,
-                     entries=tuple(entries), elves=tuple(elves), notes=tuple(notes), complete=complete)
+                     entries=tuple(entries), elves=tuple(elves), notes=tuple(notes), complete=complete,
+                     globals=dict(best.globals) if best else {})
 
 
 def elf_entries(data: bytes) -> list[bytes]:

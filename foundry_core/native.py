@@ -153,7 +153,7 @@ def load(name: str, sources: list[str]) -> ctypes.CDLL:
 FOUNDRY_SOURCES = ["driver.c", "arena.c", "restore.c"]
 #: cupti_capture.c (the module-image recorder); CUPTI_ABI must equal its foundry_cupti_abi()
 CUPTI_SOURCES = ["cupti_capture.c"]
-CUPTI_ABI = 1
+CUPTI_ABI = 2
 
 
 def _declare(lib: ctypes.CDLL, signatures: dict) -> None:
@@ -213,6 +213,10 @@ def cupti_lib() -> ctypes.CDLL:
             "foundry_cupti_module_info": (c_int, [u64, ptr(u32), ptr(u64), ptr(u64)]),
             "foundry_cupti_clear": (None, []),
             "foundry_cupti_inject": (None, [u32, text, u64, c_int, u64]),
+            "foundry_cupti_global_callbacks": (c_int, []),
+            "foundry_cupti_global_count": (u64, []),
+            "foundry_cupti_global_info": (c_int, [u64, ptr(u64), ptr(u64), ptr(u64), ptr(c_int), text, u64]),
+            "foundry_cupti_inject_global": (None, [text, u64, u64, u64, c_int]),
         })
         if lib.foundry_cupti_abi() != CUPTI_ABI:
             raise NativeBuildError(f"native recorder ABI {lib.foundry_cupti_abi()} != {CUPTI_ABI}: stale build")

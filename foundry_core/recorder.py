@@ -24,7 +24,7 @@ from functools import cached_property
 from foundry_core import native
 from foundry_core.errors import FoundryError
 
-__all__ = ["CapturedImage", "ImageCaptureError", "ImageRecorder", "find_libcupti"]
+__all__ = ["CapturedImage", "ImageCaptureError", "ImageRecorder", "ModuleGlobal", "find_libcupti"]
 
 log = logging.getLogger("foundry_core.recorder")
 
@@ -51,6 +51,17 @@ class CapturedImage:
     @property
     def size(self) -> int:
         return len(self.data)
+
+
+@dataclass(frozen=True)
+class ModuleGlobal:
+    """A module-scope variable (``__device__``/``__constant__``) whose address host code asked the driver for."""
+
+    name: str  # symbol name, as passed to cuModuleGetGlobal / cuLibraryGetGlobal
+    address: int
+    size: int
+    handle: int  # the CUmodule or CUlibrary it was asked of
+    via_library: bool  # cuLibraryGetGlobal (True) or cuModuleGetGlobal_v2 (False)
 
 
 def find_libcupti() -> str:
@@ -175,6 +186,25 @@ class ImageRecorder:
                 if handle.value:
                     out[handle.value] = image.value
         return out
+
+    def globals(self) -> list[ModuleGlobal]:
+        """Module-scope variables whose address the driver handed to host code while recording
+        (cuModuleGetGlobal_v2 / cuLibraryGetGlobal, which cudaGetSymbolAddress and cudaMemcpyToSymbol use)."""
+        lib = native.cupti_lib()
+        out = []
+        name = ctypes.create_string_buffer(1024)
+        for i in range(lib.foundry_cupti_global_count()):
+            address, size, handle, via = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_int()
+            if lib.foundry_cupti_global_info(i, ctypes.byref(address), ctypes.byref(size), ctypes.byref(handle),
+                                             ctypes.byref(via), name, len(name)) == 0:
+                out.append(ModuleGlobal(name.value.decode(errors="surrogateescape"), address.value, size.value,
+                                        handle.value, bool(via.value)))
+        return out
+
+    @property
+    def records_globals(self) -> bool:
+        """Whether the get-global callbacks are enabled (else :meth:`globals` stays empty)."""
+        return bool(native.cupti_lib().foundry_cupti_global_callbacks())
 
     def clear(self) -> None:
         """Forget all recorded images."""

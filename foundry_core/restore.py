@@ -274,6 +274,12 @@ class Preloader:
             self.decode_seconds = t2 - t
             self.modules = kernel_images.load_images([image_bytes(self.archive, img) for img in m.images])
             self.functions = np.asarray(kernel_images.get_functions(self.modules, m.functions), dtype=np.uint64)
+            if m.module_variables:  # SAVE ran with FOUNDRY_MODULE_GLOBALS=relocate
+                from foundry_core import modglobals
+
+                self.arrays = modglobals.apply_variables(m.module_variables, self.arrays, self.modules,
+                                                         modglobals.driver_address_of, modglobals.driver_write,
+                                                         self.archive.blob)
             self.images_seconds = time.perf_counter() - t2
         except BaseException as e:  # handed to restore()
             self._error = e

@@ -19,7 +19,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from foundry_core import layout, schema
+from foundry_core import layout, modglobals, schema
 from foundry_core.codec import DecodedGraph, GraphReader, template_identity
 from foundry_core.errors import UnsafeAddress, UnsupportedGraph
 from foundry_core.safety import PointerOracle, candidate_words, judge_graph, padding_ranges, whole_word_params
@@ -61,6 +61,10 @@ class SaveInputs:
     image_store: Optional[Any] = None  # store.ImageStore for the kernel images; None: embedded in the archive
     extra: Mapping[str, str] = field(default_factory=dict)
     progress: bool = True  # tqdm while reading graphs
+    #: torch.cuda.MemPool the graphs were captured into; with FOUNDRY_SNAPSHOT_GRAPH_POOL=1 its live blocks that
+    #: arguments point into (and that hold no graph output) are snapshotted too — e.g. a cuBLAS workspace
+    #: PyTorch allocated during capture for the capture stream
+    graph_pool: Optional[Any] = None
 
 
 @dataclass
@@ -200,6 +204,8 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
 
     # 3. safety: arguments must point into restorable memory ------------------------------------------------
     t2 = time.perf_counter()
+    relocating = modglobals.policy() == "relocate"
+    recorded_globals = inputs.images.globals() if relocating and hasattr(inputs.images, "globals") else []
     lo, hi = arena.base, arena.base + arena.size
     oracle = PointerOracle()
     allow = os.environ.get("FOUNDRY_ALLOW_FOREIGN_POINTERS") == "1"
@@ -210,6 +216,8 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
     for e in entries:
         spans = _kernel_and_copy_spans(e.graph)
         foreign = oracle.foreign(candidate_words(e.graph.payload, [(o, n) for _, o, n in spans], lo, hi))
+        if relocating:  # words into recorded module variables are relocated at LOAD, not refused here
+            foreign = [f for f in foreign if not modglobals.inside_any(f.address, recorded_globals)]
         if foreign:
             nodes = e.graph.nodes
 
@@ -245,17 +253,31 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
     stats["stale_words"] = float(stale)
     stats["safety_seconds"] = time.perf_counter() - t2
 
+    # 3a. module variables: addresses a library passes to kernels, values changed since their module loaded ---
+    t3 = time.perf_counter()
+    relocations = _check_module_globals(inputs, entries, handles, refs, stored_images, functions, stats)
+    stats["module_globals_seconds"] = time.perf_counter() - t3
+
     # 3b. graph-safe RNG state: found through the blocks PyTorch allocated in capture_begin ------------------
     rng_of = _find_rng_states(inputs, entries, words)
 
     # 4. snapshots of live warm-up buffers ----------------------------------------------------------------
-    snapshots = _snapshot_blocks(inputs, words)
+    snapshots = _snapshot_blocks(inputs, words, _output_addresses(entries))
+    stats["snapshots_graph_pool"] = float(sum(note == "graph pool" for _, _, note in snapshots))
 
     # 5. outputs, templates, blobs --------------------------------------------------------------------------
     start, end = inputs.capture_range
     fingerprint = current_fingerprint(inputs.key, inputs.device)
+    for sha, data, *_ in relocations:  # images of relocated variables that no graph kernel comes from
+        if sha not in {im.sha256 for im in stored_images}:
+            stored_images.append(kernel_images.StoredImage(data, sha, sorted(_parsed(data).kernels)))
     with ArchiveWriter(inputs.path) as w:
         image_records = store_images(w, stored_images, inputs.image_store)
+        image_index = {im.sha256: i for i, im in enumerate(stored_images)}
+        module_variables = [
+            schema.ModuleVariable(image=image_index[sha], name=name, size=len(value),
+                                  value=w.add_blob(f"module-variable/{i}", value), refs=vrefs)
+            for i, (sha, _, name, value, vrefs) in enumerate(relocations)]
         templates: list[schema.GraphTemplate] = []
         template_of: dict[str, int] = {}
         records = []
@@ -292,7 +314,7 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
                                      capture_start=start, capture_end=end),
             blobs={}, images=image_records, functions=functions, templates=templates, graphs=records,
             snapshots=snap_records, num_events=len(events), extra=dict(inputs.extra), slots=slots,
-            trace=_allocation_trace(inputs, words),
+            trace=_allocation_trace(inputs, words), module_variables=module_variables,
         )
         path = w.finish(manifest)
     stats["total_seconds"] = time.perf_counter() - t0
@@ -308,6 +330,124 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
              sum(not e.is_child for e in entries), len(templates), len(image_records), len(snap_records), path,
              stats["total_seconds"])
     return path
+
+
+def _check_module_globals(inputs: SaveInputs, entries: list[_Entry], handles: list[int], refs, stored_images,
+                          functions, stats: dict[str, float]) -> None:
+    """``modglobals``: argument words pointing into module variables whose address a library asked for, and
+    variables of the graphs' modules whose live bytes differ from the image's. ``FOUNDRY_MODULE_GLOBALS=warn``
+    (default) logs and counts them (a failure of the check itself is logged, not raised), ``refuse`` raises,
+    ``off`` skips."""
+    mode = modglobals.policy()
+    if mode == "off":
+        return []
+    try:
+        recorded = inputs.images.globals() if hasattr(inputs.images, "globals") else []
+        found = []
+        for e in entries:
+            found += modglobals.argument_refs(e.key, e.graph.payload, _kernel_and_copy_spans(e.graph), recorded)
+        changed = modglobals.changed_values(_graph_modules(handles, refs, stored_images),
+                                            modglobals.driver_address_of, modglobals.driver_read)
+    except Exception as err:
+        if mode in ("refuse", "relocate"):
+            raise
+        log.warning("foundry: the module-variable check could not run (%s: %s); %s=refuse makes this an error",
+                    type(err).__name__, err, modglobals.ENV)
+        return []
+    stats["module_globals_recorded"] = float(len(recorded))
+    stats["module_global_refs"] = float(len(found))
+    stats["module_globals_changed"] = float(len(changed))
+    by_key = {e.key: e.graph for e in entries}
+    lines = [r.describe(_node_name(by_key[r.graph], r.node, functions)) for r in found]
+    lines += [c.describe() for c in changed]
+    if mode == "relocate":
+        plan = _relocation_plan(inputs, entries, found, changed, recorded)
+        for _, _, name, value, vrefs in plan:
+            log.info("foundry: module variable %s (%d bytes): value saved, %d argument word(s) relocated at LOAD",
+                     name, len(value), len(vrefs))
+        return plan
+    if not lines:
+        return []
+    if mode == "refuse":
+        cls = UnsafeAddress if found else UnsupportedGraph
+        raise cls(f"{lines[0]} ({len(found)} argument reference(s), {len(changed)} changed variable(s) in all; "
+                  f"LOAD cannot recreate module memory; {modglobals.ENV}=warn saves anyway)")
+    for line in lines[:20]:
+        log.warning("foundry: %s; LOAD may restore this graph to wrong results (%s=refuse refuses it)", line,
+                    modglobals.ENV)
+    if len(lines) > 20:
+        log.warning("foundry: ... and %d more module-variable finding(s)", len(lines) - 20)
+    return []
+
+
+def _parsed(data: bytes):
+    """The ELF of an image this GPU loads (cubin.ImageInfo), or an empty one when it cannot be read."""
+    from foundry_core import cubin
+    from foundry_core.images import device_arch
+
+    try:
+        chosen = cubin.parse_image(data).for_arch(device_arch())
+    except ValueError:
+        chosen = None
+    return chosen if chosen is not None else cubin.ImageInfo(kind="elf", arch=0, kernels={})
+
+
+def _relocation_plan(inputs: SaveInputs, entries: list[_Entry], found, changed, recorded
+                     ) -> list[tuple[str, bytes, str, bytes, list[tuple[int, int, int]]]]:
+    """(image sha256, image bytes, variable name, live bytes, [(graph index, payload offset, offset inside)]) per
+    module variable the graphs point into or whose value changed since load (FOUNDRY_MODULE_GLOBALS=relocate)."""
+    index = {e.key: i for i, e in enumerate(entries)}
+    by_var: dict[tuple[str, int], Any] = {(g.name, g.address): g for g in recorded}
+    images = inputs.images.images() if found else []  # copies of every recorded image: once
+    module_images = inputs.images.module_images() if found else {}
+    parsed: dict[int, Any] = {}  # id(image bytes) -> ImageInfo; the bytes live in `images` meanwhile
+
+    def parse(data: bytes):
+        if id(data) not in parsed:
+            parsed[id(data)] = _parsed(data)
+        return parsed[id(data)]
+
+    located: dict[tuple[str, int], tuple[str, bytes]] = {}
+    plan: dict[tuple[str, str], list] = {}
+    for r in found:
+        if (r.name, r.var_address) not in located:
+            located[(r.name, r.var_address)] = modglobals.image_of_variable(by_var[(r.name, r.var_address)], images,
+                                                                            module_images, parse)
+        sha, data = located[(r.name, r.var_address)]
+        key = (sha, r.name)
+        if key not in plan:
+            plan[key] = [sha, data, r.name, modglobals.driver_read(r.var_address, r.var_size), []]
+        graph = entries[index[r.graph]].graph
+        plan[key][4].append((index[r.graph], int(graph.nodes[r.node]["payload_off"]) + r.offset,
+                             r.address - r.var_address))
+    for c in changed:  # their images hold graph kernels: archived already
+        plan.setdefault((c.image_sha256, c.name), [c.image_sha256, b"", c.name, c.live, []])
+    return [tuple(v) for v in plan.values()]
+
+
+def _graph_modules(handles: list[int], refs, stored_images) -> dict[int, tuple[str, dict]]:
+    """Live CUmodule of every graph function -> (its image's sha256, that image's module variables for this GPU)."""
+    from foundry_core import cubin
+    from foundry_core.images import device_arch
+    from foundry_core.native import call, driver
+
+    drv = driver()
+    arch = device_arch()
+    data = {im.sha256: im.data for im in stored_images}
+    variables: dict[str, dict] = {}
+    out: dict[int, tuple[str, dict]] = {}
+    for h, ref in zip(handles, refs):
+        mod = int(call("cuFuncGetModule", drv.cuFuncGetModule, drv.CUfunction(h)))
+        if mod in out:
+            continue
+        if ref.sha256 not in variables:
+            try:
+                chosen = cubin.parse_image(data[ref.sha256]).for_arch(arch)
+            except (KeyError, ValueError):
+                chosen = None
+            variables[ref.sha256] = dict(chosen.globals) if chosen is not None else {}
+        out[mod] = (ref.sha256, variables[ref.sha256])
+    return out
 
 
 def _referenced_slots(entries: list[_Entry], recorder) -> list[schema.SlotSpec]:
@@ -460,25 +600,49 @@ def _read_u64(address: int, device: int) -> int:
     return int(t.item()) % (1 << 64)
 
 
-def _snapshot_blocks(inputs: SaveInputs, words: np.ndarray) -> list[tuple[int, bytes, str]]:
-    """Contents of live blocks of the warm-up pool that graphs may read (small ones, or ones arguments point into)."""
+def _output_addresses(entries: list[_Entry]) -> np.ndarray:
+    addrs = []
+    for e in entries:
+        if not e.is_child and e.outputs is not None:
+            addrs += [spec.address for spec in flatten_outputs(e.key, e.outputs)[0]]
+    return np.unique(np.asarray(addrs, np.uint64))
+
+
+def _snapshot_blocks(inputs: SaveInputs, words: np.ndarray, outputs: np.ndarray = np.zeros(0, np.uint64)
+                     ) -> list[tuple[int, bytes, str]]:
+    """Contents of live blocks of the warm-up pool that graphs may read (small ones, or ones arguments point
+    into); with ``FOUNDRY_SNAPSHOT_GRAPH_POOL=1`` also the live blocks of the graph pool arguments point into that
+    hold no graph output (memory the capture allocated and kept, e.g. a cuBLAS workspace for the capture
+    stream: LOAD maps the capture region but writes nothing there)."""
     import torch
 
-    pool_id = tuple(inputs.warmup_pool.id)
+    from foundry_core.restore import tensor_at
+
+    pools = {tuple(inputs.warmup_pool.id): "warmup"}
+    if inputs.graph_pool is not None and os.environ.get("FOUNDRY_SNAPSHOT_GRAPH_POOL") == "1":
+        pools[tuple(inputs.graph_pool.id)] = "graphs"
     out = []
     for seg in torch.cuda.memory_snapshot():
-        if tuple(seg.get("segment_pool_id", ())) != pool_id:
+        pool = pools.get(tuple(seg.get("segment_pool_id", ())))
+        if pool is None:
             continue
         for blk in seg["blocks"]:
             if blk["state"] != "active_allocated":
                 continue
             addr, size = int(blk["address"]), int(blk["size"])
-            i = np.searchsorted(words, np.uint64(addr))
-            referenced = i < len(words) and int(words[i]) < addr + size
-            if size <= SNAPSHOT_SMALL_BYTES or referenced:
-                from foundry_core.restore import tensor_at
-
+            referenced = _any_within(words, addr, size)
+            if pool == "graphs":
+                take, note = referenced and not _any_within(outputs, addr, size), "graph pool"
+            else:
+                take, note = size <= SNAPSHOT_SMALL_BYTES or referenced, "referenced" if referenced else "small"
+            if take:
                 t = tensor_at(schema.TensorSpec(address=addr, dtype="uint8", shape=[size], strides=[1],
                                                 storage_bytes=size), inputs.device)
-                out.append((addr, t.cpu().numpy().tobytes(), "referenced" if referenced else "small"))
+                out.append((addr, t.cpu().numpy().tobytes(), note))
     return out
+
+
+def _any_within(sorted_words: np.ndarray, addr: int, size: int) -> bool:
+    """Whether a value of the sorted array lies in [addr, addr + size)."""
+    i = np.searchsorted(sorted_words, np.uint64(addr))
+    return bool(i < len(sorted_words) and int(sorted_words[i]) < addr + size)

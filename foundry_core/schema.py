@@ -129,6 +129,19 @@ class MemorySnapshot(msgspec.Struct, frozen=True, kw_only=True):
     note: str = ""
 
 
+class ModuleVariable(msgspec.Struct, frozen=True, kw_only=True):
+    """A module-scope variable graphs depend on (SAVE with ``FOUNDRY_MODULE_GLOBALS=relocate``, see
+    ``foundry_core.modglobals``): LOAD looks ``name`` up in its fresh load of image ``image``, writes SAVE's live
+    bytes into it (``value``; "" keeps the image's) and patches the argument words that pointed into it."""
+
+    image: int  # index into Manifest.images (a kernel-less image is archived for this)
+    name: str
+    size: int
+    value: str = ""
+    #: (graph index, byte offset of the 8-byte word in that graph's payload, offset inside the variable)
+    refs: list[tuple[int, int, int]] = []
+
+
 class KernelImage(msgspec.Struct, frozen=True, kw_only=True):
     """A module image (cubin/fatbin) loaded by the workload, stored once by hash: embedded as ``blob``, or, with
     ``in_store``, in the host's image store beside the archive under its sha256 (``blob`` is then "")."""
@@ -291,3 +304,6 @@ class Manifest(msgspec.Struct, kw_only=True):
     slots: list[SlotSpec] = []
     #: Set when one archive serves several ranks (comm_patch templates); None for a single-rank archive.
     ranks: RankTemplate | None = None
+    #: Module variables LOAD relocates and fills (only with FOUNDRY_MODULE_GLOBALS=relocate at SAVE). A reader
+    #: older than this field ignores it: such archives need this version or later.
+    module_variables: list[ModuleVariable] = []

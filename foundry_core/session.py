@@ -375,7 +375,7 @@ class Session:
             trace_at_capture=self._trace_at_capture, blocks_at_capture=self._blocks_at_capture,
             labels=list(self._labels), capture_begin_blocks=frozenset(self._capture_begin_blocks),
             slots=self._slot_recorder, image_store=self.image_store, extra=dict(extra or {}),
-            progress=self.progress)
+            progress=self.progress, graph_pool=self._pools["graphs"])
         path = write_archive(inputs, self.save_stats)
         self.save_stats["write_seconds"] = time.perf_counter() - t0
         self._recorder.stop()  # frees CUPTI for profilers; later module loads are not needed

@@ -29,6 +29,7 @@ KERNEL_NODE_ATTRIBUTES = frozenset(codec.KERNEL_NODE_ATTRIBUTES)
 MAX_EVENTS = 1 << 20
 MAX_CHILD_DEPTH = 64
 MAX_TENSOR_DIMS = 64
+MAX_MODULE_VARIABLE = 1 << 26  # bytes of one relocated module variable (cuBLAS's constants are 112)
 # Word indices of the CUDA_MEMCPY3D fields we check (the struct is 25 eight-byte words on 64-bit Linux).
 _SRC_X, _SRC_Y, _SRC_Z, _SRC_TYPE, _SRC_DEVICE, _SRC_PITCH, _SRC_HEIGHT = 0, 1, 2, 4, 6, 9, 10
 _DST_X, _DST_Y, _DST_Z, _DST_TYPE, _DST_DEVICE, _DST_PITCH, _DST_HEIGHT = 11, 12, 13, 15, 17, 20, 21
@@ -59,6 +60,16 @@ def check_manifest(where: str, m: schema.Manifest) -> None:
             if len(spec.shape) > MAX_TENSOR_DIMS:
                 raise ArchiveError(f"{where}: graph {graph.key[:60]!r} output {j} has {len(spec.shape)} dimensions")
     layout.check_addresses(m, where)
+    for var in m.module_variables:
+        what = f"{where}: module variable {var.name[:60]!r}"
+        if not 0 < var.size <= MAX_MODULE_VARIABLE:
+            raise ArchiveError(f"{what} has size {var.size}")
+        if var.value and m.blobs[var.value].size != var.size:
+            raise ArchiveError(f"{what}: its value blob holds {m.blobs[var.value].size} bytes for {var.size}")
+        for _, offset, inside in var.refs:
+            if offset < 0 or offset % 8 or not 0 <= inside < var.size:
+                raise ArchiveError(f"{what}: reference at payload byte {offset} (+{inside}) is not an aligned word "
+                                   "pointing inside it")
     lo, hi = restored_range(m)
     if len({s.id for s in m.slots}) != len(m.slots):
         raise ArchiveError(f"{where}: two slot descriptions share an id")
@@ -133,6 +144,7 @@ def check_graph_tables(where: str, m: schema.Manifest, index: int, nodes: np.nda
          lambda i: f"memcpy payload is {int(length[i])} bytes, not a {MEMCPY3D_SIZE}-byte CUDA_MEMCPY3D")
     for i in np.nonzero(memcpy)[0].tolist():
         _check_memcpy(f"{where} node {i} (memcpy)", payload, int(off[i]), lo, hi)
+    _check_variable_refs(where, m, index, nodes)
 
     src, dst = edges["src"], edges["dst"]
     bad = (src >= dst) | (dst >= len(nodes))
@@ -140,6 +152,22 @@ def check_graph_tables(where: str, m: schema.Manifest, index: int, nodes: np.nda
         e = int(np.argmax(bad))
         raise ArchiveError(f"{where}: edge {e} ({int(src[e])} -> {int(dst[e])}) does not point forward to one of "
                            f"the {len(nodes)} nodes")
+
+
+def _check_variable_refs(where: str, m: schema.Manifest, index: int, nodes: np.ndarray) -> None:
+    """Relocated argument words (Manifest.module_variables) of graph ``index`` lie inside kernel arguments."""
+    offsets = [(off, var.name) for var in m.module_variables for g, off, _ in var.refs if g == index]
+    if not offsets:
+        return
+    kernel = nodes[nodes["kind"] == schema.NODE_KERNEL]
+    order = np.argsort(kernel["payload_off"])
+    starts = kernel["payload_off"][order].astype(np.int64)
+    ends = starts + kernel["payload_len"][order].astype(np.int64)
+    for off, name in offsets:
+        k = int(np.searchsorted(starts, off, side="right")) - 1
+        if k < 0 or off + 8 > ends[k]:
+            raise ArchiveError(f"{where}: module variable {name[:60]!r} is referenced at payload byte {off}, "
+                               "outside every kernel's arguments")
 
 
 def _inside(where: str, what: str, start: int, end: int, lo: int, hi: int) -> None:

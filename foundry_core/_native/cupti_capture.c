@@ -10,6 +10,12 @@
  * handle can be paired with the module id, and so with the image (exact identity for modules loaded
  * explicitly, e.g. by Triton). Modules the CUDA runtime loads internally get no such pairing.
  *
+ * And the driver calls that hand the address of a module-scope variable to host code (cuModuleGetGlobal_v2,
+ * cuLibraryGetGlobal; cudaGetSymbolAddress and cudaMemcpyToSymbol go through them): at their exit we keep
+ * (name, address, size). A library that passes such an address to its kernels (cuBLAS keeps alpha/beta
+ * constants in a kernel-less module) or writes the variable after loading makes graphs depend on module
+ * memory that a fresh load of the image at LOAD neither places at the same address nor fills the same way.
+ *
  * No link-time dependency on CUPTI or the driver: libcupti is dlopen'ed from a path Python passes,
  * libcuda is only looked at if the process already loaded it (RTLD_NOLOAD). The few CUPTI types
  * used are declared here with the layouts of cupti_callbacks.h / cupti_result.h (CUDA 12 and 13),
@@ -25,7 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FOUNDRY_CUPTI_ABI 1
+#define FOUNDRY_CUPTI_ABI 2
 
 /* ---- CUPTI declarations (mirror cupti_callbacks.h / cupti_result.h) ---- */
 typedef int CUptiResult;                   /* enum CUptiResult */
@@ -81,6 +87,15 @@ enum {
 
 /* cupti_driver_cbid.h: cuModuleLoad, cuModuleLoadData, cuModuleLoadDataEx, cuModuleLoadFatBinary */
 static const CUpti_CallbackId k_load_cbids[] = {18, 19, 20, 21};
+/* cupti_driver_cbid.h: cuModuleGetGlobal_v2, cuLibraryGetGlobal; both take (CUdeviceptr *dptr, size_t *bytes,
+ * handle, const char *name) (generated_cuda_meta.h) */
+enum { CBID_MODULE_GET_GLOBAL_V2 = 241, CBID_LIBRARY_GET_GLOBAL = 684 };
+typedef struct {
+    uint64_t *dptr;
+    size_t *bytes;
+    void *handle;
+    const char *name;
+} get_global_params;
 
 typedef CUptiResult (*subscribe_fn)(CUpti_SubscriberHandle *, CUpti_CallbackFunc, void *);
 typedef CUptiResult (*subscribe_v2_fn)(CUpti_SubscriberHandle *, CUpti_CallbackFunc, void *,
@@ -108,7 +123,19 @@ typedef struct {
     uint64_t handle;        /* CUmodule returned by the cuModuleLoad* call that loaded it; 0 if unknown */
 } module_t;
 
+/* a module-scope variable whose address the driver handed out */
+typedef struct {
+    char *name;
+    uint64_t address;
+    uint64_t size;
+    uint64_t handle;        /* the CUmodule or CUlibrary asked */
+    int via_library;        /* 1: cuLibraryGetGlobal, 0: cuModuleGetGlobal_v2 */
+} global_t;
+
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static global_t *g_globals;
+static size_t g_nglobals, g_globals_cap;
+static int g_global_callbacks;             /* the get-global callbacks are enabled */
 static image_t *g_images;
 static size_t g_count, g_cap;
 static module_t *g_modules;
@@ -231,12 +258,60 @@ static void on_module_load_call(const CUpti_CallbackData *cd) {
     pthread_mutex_unlock(&g_lock);
 }
 
+/* Exit of cuModuleGetGlobal_v2 / cuLibraryGetGlobal: remember (name, address, size) once per address. */
+static void on_get_global_call(const CUpti_CallbackData *cd, int via_library) {
+    if (cd->callbackSite != CUPTI_API_EXIT || !cd->functionParams)
+        return;
+    const int *rc = (const int *)cd->functionReturnValue;
+    const get_global_params *p = (const get_global_params *)cd->functionParams;
+    if (!rc || *rc != 0 || !p->dptr || !p->name)
+        return;
+    uint64_t address = *p->dptr;
+    uint64_t size = p->bytes ? (uint64_t)*p->bytes : 0;
+    if (!address)
+        return;
+    pthread_mutex_lock(&g_lock);
+    for (size_t i = 0; i < g_nglobals; i++) {
+        if (g_globals[i].address == address && g_globals[i].size == size && strcmp(g_globals[i].name, p->name) == 0) {
+            pthread_mutex_unlock(&g_lock);
+            return;
+        }
+    }
+    if (g_nglobals == g_globals_cap) {
+        size_t cap = g_globals_cap ? g_globals_cap * 2 : 64;
+        global_t *n = realloc(g_globals, cap * sizeof(global_t));
+        if (!n) {
+            g_oom = 1;
+            pthread_mutex_unlock(&g_lock);
+            return;
+        }
+        g_globals = n;
+        g_globals_cap = cap;
+    }
+    char *name = strdup(p->name);
+    if (!name) {
+        g_oom = 1;
+        pthread_mutex_unlock(&g_lock);
+        return;
+    }
+    global_t *g = &g_globals[g_nglobals++];
+    g->name = name;
+    g->address = address;
+    g->size = size;
+    g->handle = (uint64_t)(uintptr_t)p->handle;
+    g->via_library = via_library;
+    pthread_mutex_unlock(&g_lock);
+}
+
 static void on_callback(void *userdata, CUpti_CallbackDomain domain, CUpti_CallbackId cbid, const void *cbdata) {
     (void)userdata;
     if (!cbdata)
         return;
     if (domain == CUPTI_CB_DOMAIN_DRIVER_API) {
-        on_module_load_call((const CUpti_CallbackData *)cbdata);
+        if (cbid == CBID_MODULE_GET_GLOBAL_V2 || cbid == CBID_LIBRARY_GET_GLOBAL)
+            on_get_global_call((const CUpti_CallbackData *)cbdata, cbid == CBID_LIBRARY_GET_GLOBAL);
+        else
+            on_module_load_call((const CUpti_CallbackData *)cbdata);
         return;
     }
     if (domain != CUPTI_CB_DOMAIN_RESOURCE)
@@ -379,12 +454,50 @@ int foundry_cupti_start(const char *libcupti_path, char *err, size_t errlen) {
     for (size_t i = 0; i < sizeof k_load_cbids / sizeof k_load_cbids[0]; i++)
         if (g_enable(1, g_subscriber, CUPTI_CB_DOMAIN_DRIVER_API, k_load_cbids[i]) != CUPTI_SUCCESS)
             g_driver_callbacks = 0;
+    /* Best effort too: without these, pointers into module variables are not recognised at SAVE. */
+    g_global_callbacks = g_enable(1, g_subscriber, CUPTI_CB_DOMAIN_DRIVER_API, CBID_MODULE_GET_GLOBAL_V2) ==
+                             CUPTI_SUCCESS &&
+                         g_enable(1, g_subscriber, CUPTI_CB_DOMAIN_DRIVER_API, CBID_LIBRARY_GET_GLOBAL) ==
+                             CUPTI_SUCCESS;
     g_active = 1;
     return 0;
 }
 
 /* 1 when the cuModuleLoad* driver callbacks (CUmodule pairing) are enabled. */
 int foundry_cupti_driver_callbacks(void) { return g_driver_callbacks; }
+
+/* 1 when the get-global driver callbacks (addresses of module variables) are enabled. */
+int foundry_cupti_global_callbacks(void) { return g_global_callbacks; }
+
+/* Number of module-variable addresses handed out while recording. */
+uint64_t foundry_cupti_global_count(void) {
+    pthread_mutex_lock(&g_lock);
+    uint64_t n = g_nglobals;
+    pthread_mutex_unlock(&g_lock);
+    return n;
+}
+
+/* Variable i: address, size, the module/library handle asked, whether through cuLibraryGetGlobal, and its name
+ * (NUL-terminated, truncated to cap). Returns 0, or -1 if i is out of range. */
+int foundry_cupti_global_info(uint64_t i, uint64_t *address, uint64_t *size, uint64_t *handle, int *via_library,
+                              char *name, uint64_t cap) {
+    int rc = -1;
+    pthread_mutex_lock(&g_lock);
+    if (i < g_nglobals) {
+        global_t *g = &g_globals[i];
+        if (address) *address = g->address;
+        if (size) *size = g->size;
+        if (handle) *handle = g->handle;
+        if (via_library) *via_library = g->via_library;
+        if (name && cap) {
+            strncpy(name, g->name, cap - 1);
+            name[cap - 1] = 0;
+        }
+        rc = 0;
+    }
+    pthread_mutex_unlock(&g_lock);
+    return rc;
+}
 
 /* Unsubscribe (keeps the recorded images). Returns 0 or the CUPTI error. */
 int foundry_cupti_stop(char *err, size_t errlen) {
@@ -472,9 +585,13 @@ void foundry_cupti_clear(void) {
         free(g_images[i].data);
     free(g_images);
     free(g_modules);
+    for (size_t i = 0; i < g_nglobals; i++)
+        free(g_globals[i].name);
+    free(g_globals);
     g_images = NULL;
     g_modules = NULL;
-    g_count = g_cap = g_nmodules = g_modules_cap = 0;
+    g_globals = NULL;
+    g_count = g_cap = g_nmodules = g_modules_cap = g_nglobals = g_globals_cap = 0;
     g_total_bytes = 0;
     g_events = 0;
     g_oom = 0;
@@ -507,4 +624,21 @@ void foundry_cupti_inject(uint32_t module_id, const void *bytes, uint64_t size, 
         cd.callbackSite = CUPTI_API_EXIT;
         on_callback(NULL, CUPTI_CB_DOMAIN_DRIVER_API, 19, &cd);
     }
+}
+
+/* Test hook: replay the exit callback of a successful cuModuleGetGlobal_v2 (via_library=0) or cuLibraryGetGlobal
+ * (via_library=1) that returned (address, size) for `name`. */
+void foundry_cupti_inject_global(const char *name, uint64_t address, uint64_t size, uint64_t handle,
+                                 int via_library) {
+    uint64_t dptr = address;
+    size_t bytes = (size_t)size;
+    get_global_params params = {&dptr, &bytes, (void *)(uintptr_t)handle, name};
+    int result = 0;
+    CUpti_CallbackData cd;
+    memset(&cd, 0, sizeof cd);
+    cd.callbackSite = CUPTI_API_EXIT;
+    cd.functionParams = &params;
+    cd.functionReturnValue = &result;
+    on_callback(NULL, CUPTI_CB_DOMAIN_DRIVER_API, via_library ? CBID_LIBRARY_GET_GLOBAL : CBID_MODULE_GET_GLOBAL_V2,
+                &cd);
 }

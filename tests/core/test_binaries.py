@@ -21,7 +21,8 @@ EXPORTS = [
     "foundry_cupti_abi", "foundry_cupti_cuda_state", "foundry_cupti_start", "foundry_cupti_stop",
     "foundry_cupti_active", "foundry_cupti_driver_callbacks", "foundry_cupti_stats", "foundry_cupti_image_info",
     "foundry_cupti_image_copy", "foundry_cupti_module_count", "foundry_cupti_module_info", "foundry_cupti_clear",
-    "foundry_cupti_inject",
+    "foundry_cupti_inject", "foundry_cupti_global_callbacks", "foundry_cupti_global_count",
+    "foundry_cupti_global_info", "foundry_cupti_inject_global",
 ]
 
 
@@ -123,6 +124,20 @@ def test_recorder_pairs_module_handles(lib):
     assert rec.module_images() == {0x1000: 0, 0x2000: 1}
     _inject(lib, 1, a, loaded=False)  # module 1 unloaded: its handle may be reused, forget it
     assert rec.module_images() == {0x2000: 1}
+
+
+def test_recorder_keeps_addresses_of_module_variables(lib):
+    """cuModuleGetGlobal_v2 / cuLibraryGetGlobal exits: (name, address, size) once per address, the handle asked."""
+    lib.foundry_cupti_inject_global(b"_ZN6cublas8internal15deviceConstantsE", 0x7F0000001000, 112, 0xAB, 1)
+    lib.foundry_cupti_inject_global(b"counter", 0x7F0000002000, 4, 0xCD, 0)
+    lib.foundry_cupti_inject_global(b"_ZN6cublas8internal15deviceConstantsE", 0x7F0000001000, 112, 0xAB, 1)
+    got = recorder.ImageRecorder().globals()
+    assert got == [
+        recorder.ModuleGlobal("_ZN6cublas8internal15deviceConstantsE", 0x7F0000001000, 112, 0xAB, True),
+        recorder.ModuleGlobal("counter", 0x7F0000002000, 4, 0xCD, False),
+    ]
+    lib.foundry_cupti_clear()
+    assert recorder.ImageRecorder().globals() == []
 
 
 def test_start_with_missing_libcupti_is_a_clear_error(lib):

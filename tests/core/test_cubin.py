@@ -353,3 +353,123 @@ def test_random_bytes_only_raise_value_error(blob):
             cubin.parse_image(prefix + blob)
         except ValueError:
             pass
+
+
+# --- module-scope variables (__device__ / __constant__) ------------------------------------------------------
+
+GLOBALS_CU = r"""
+__device__ int counter;
+__device__ float table[4] = {1.f, 2.f, 3.f, 4.f};
+__constant__ float coef[8];
+__constant__ int cinit[2] = {7, 9};
+extern "C" __global__ void uses_globals(float* out) {
+  __shared__ float s[32];
+  int i = threadIdx.x;
+  s[i] = table[i & 3] * coef[i & 7] + cinit[i & 1];
+  __syncthreads();
+  out[i] = s[31 - i] + atomicAdd(&counter, 1);
+}
+"""
+
+#: a module with no kernels, only data: what cuBLAS 13 ships for its alpha/beta constants (the address can only
+#: reach a kernel as an argument)
+ONLY_DATA_CU = r"""
+namespace lib { namespace internal { __device__ double deviceConstants[2] = {1.0, 0.0}; } }
+"""
+
+
+@pytest.fixture(scope="module")
+def globals_built(tmp_path_factory) -> dict[str, bytes]:
+    if NVCC is None:
+        pytest.skip("nvcc not found: cubin tests need the CUDA toolkit to build test images")
+    d = tmp_path_factory.mktemp("globals")
+    out = {}
+    for name, src, flags in (("globals", GLOBALS_CU, ["-cubin", "-arch=sm_90"]),
+                             ("globals_fatbin", GLOBALS_CU, ["-fatbin", "-gencode", "arch=compute_80,code=sm_80",
+                                                             "-gencode", "arch=compute_90,code=sm_90"]),
+                             ("only_data", ONLY_DATA_CU, ["-cubin", "-arch=sm_90"]),
+                             ("no_globals", KERNELS_CU, ["-cubin", "-arch=sm_90"])):
+        (d / f"{name}.cu").write_text(src)
+        target = d / f"{name}.bin"
+        proc = subprocess.run([NVCC, *flags, "-o", str(target), str(d / f"{name}.cu")], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            pytest.fail(f"nvcc could not build {name}:\n{proc.stderr[-2000:]}")
+        out[name] = target.read_bytes()
+    return out
+
+
+def test_module_variables_with_sections_and_initial_bytes(globals_built):
+    info = cubin.parse_image(globals_built["globals"])
+    g = info.globals
+    assert set(g) == {"counter", "table", "coef", "cinit"}
+    assert (g["counter"].section, g["counter"].size, g["counter"].initial) == (".nv.global", 4, bytes(4))
+    assert g["table"].section == ".nv.global.init"
+    assert g["table"].initial == struct.pack("<4f", 1, 2, 3, 4)
+    assert g["coef"].section.startswith(".nv.constant") and g["coef"].initial == bytes(32)
+    assert g["cinit"].initial == struct.pack("<2i", 7, 9) and g["cinit"].section == g["coef"].section
+    assert {v.kind for v in g.values()} == {"device", "constant"}
+    assert g["counter"].kind == "device" and g["coef"].kind == "constant"
+    assert set(info.kernels) == {"uses_globals"}  # kernels are unchanged by the new table
+
+
+def test_kernel_less_module_keeps_its_variable(globals_built):
+    info = cubin.parse_image(globals_built["only_data"])
+    assert info.kernels == {}
+    (name, var), = info.globals.items()
+    assert "deviceConstants" in name and var.size == 16 and var.initial == struct.pack("<2d", 1.0, 0.0)
+
+
+def test_fatbin_globals_are_those_of_the_chosen_elf(globals_built):
+    info = cubin.parse_image(globals_built["globals_fatbin"])
+    assert set(info.globals) == {"counter", "table", "coef", "cinit"}
+    assert info.for_arch(90).globals["table"].initial == struct.pack("<4f", 1, 2, 3, 4)
+    assert info.for_arch(80).arch == 80 and set(info.for_arch(80).globals) == set(info.globals)
+
+
+def test_images_without_module_variables(globals_built):
+    """Per-kernel sections (parameters in .nv.constant0.<k>, shared memory) are not module variables."""
+    assert cubin.parse_image(globals_built["no_globals"]).globals == {}
+    assert cubin.is_module_data_section(".nv.constant3") and cubin.is_module_data_section(".nv.global.init")
+    assert not cubin.is_module_data_section(".nv.constant0.plain_add")
+    assert not cubin.is_module_data_section(".nv.shared.with_shared")
+
+
+def test_variable_outside_its_section_is_malformed(globals_built):
+    data = bytearray(globals_built["globals"])
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    for i in range(shnum):
+        typ, = struct.unpack_from("<I", data, shoff + i * shentsize + 4)
+        if typ == cubin.SHT_SYMTAB:
+            off, size = struct.unpack_from("<QQ", data, shoff + i * shentsize + 24)  # sh_offset, sh_size
+            break
+    for k in range(size // 24):
+        at = off + 24 * k
+        if data[at + 4] & 0xF == cubin.STT_OBJECT and struct.unpack_from("<Q", data, at + 16)[0] == 16:  # table
+            struct.pack_into("<Q", data, at + 8, 1 << 20)  # st_value far beyond .nv.global.init
+            break
+    with pytest.raises(ValueError, match="outside"):
+        cubin.parse_image(bytes(data))
+
+
+RELOC_CU = r"""
+__device__ int x;
+__device__ int* px = &x;
+__device__ int both[4] = {1, 2, 3, 4};
+extern "C" __global__ void store(int v) { *px = v + both[v & 3]; }
+"""
+
+
+def test_relocated_words_of_a_variable_are_known(tmp_path):
+    """``int* px = &x`` is patched by the driver at load: its live bytes are an address, not the image's zeros."""
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    (tmp_path / "r.cu").write_text(RELOC_CU)
+    subprocess.run([NVCC, "-cubin", "-arch=sm_90", "-o", str(tmp_path / "r.cubin"), str(tmp_path / "r.cu")],
+                   check=True, capture_output=True)
+    g = cubin.parse_image((tmp_path / "r.cubin").read_bytes()).globals
+    assert g["px"].relocated == (0,) and g["both"].relocated == () and g["x"].relocated == ()
+    assert g["px"].same_as_loaded((0x7F0012345678).to_bytes(8, "little"))  # whatever address the driver put
+    assert not g["both"].same_as_loaded(struct.pack("<4i", 1, 2, 3, 5))
+    assert g["both"].same_as_loaded(struct.pack("<4i", 1, 2, 3, 4)) and not g["both"].same_as_loaded(b"\0")
