@@ -333,11 +333,11 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
 
 
 def _check_module_globals(inputs: SaveInputs, entries: list[_Entry], handles: list[int], refs, stored_images,
-                          functions, stats: dict[str, float]) -> None:
+                          functions, stats: dict[str, float]) -> list[tuple]:
     """``modglobals``: argument words pointing into module variables whose address a library asked for, and
     variables of the graphs' modules whose live bytes differ from the image's. ``FOUNDRY_MODULE_GLOBALS=warn``
     (default) logs and counts them (a failure of the check itself is logged, not raised), ``refuse`` raises,
-    ``off`` skips."""
+    ``off`` skips. Returns the relocation plan (``relocate`` only; else empty)."""
     mode = modglobals.policy()
     if mode == "off":
         return []
