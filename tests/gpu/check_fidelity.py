@@ -208,6 +208,20 @@ def child_toy_save(archive, result, variant="plain"):
                    "stale_words": s.save_stats.get("stale_words") or 0})
 
 
+def replay_restored_toy(restored, static_in) -> tuple[dict, dict]:
+    """Replay each restored toy graph on every seed's inputs (outputs poisoned first): hashes and first values."""
+    hashes, values = {}, {}
+    for seed in SEEDS:
+        toy_inputs(static_in, seed)
+        for bs in TOY_BS:
+            rg = restored[f"decode_bs{bs}"]
+            poison(rg.outputs)
+            rg.replay()
+            hashes[f"{seed}/bs{bs}"] = digest(rg.outputs)
+            values[f"{seed}/bs{bs}"] = [float(v) for v in rg.outputs.flatten()[:16].tolist()]
+    return hashes, values
+
+
 def child_toy_load(archive, result, order, variant="plain"):
     import foundry_core as fc
 
@@ -215,15 +229,7 @@ def child_toy_load(archive, result, order, variant="plain"):
         s = fc.Session(archive, mode="load", key=KEY, progress=False).open()
         static_in, _ = toy_init(s, order, s.device, variant)
         restored = s.restore()
-        hashes, values = {}, {}
-        for seed in SEEDS:
-            toy_inputs(static_in, seed)
-            for bs in TOY_BS:
-                rg = restored[f"decode_bs{bs}"]
-                poison(rg.outputs)
-                rg.replay()
-                hashes[f"{seed}/bs{bs}"] = digest(rg.outputs)
-                values[f"{seed}/bs{bs}"] = [float(v) for v in rg.outputs.flatten()[:16].tolist()]
+        hashes, values = replay_restored_toy(restored, static_in)
         st = s.restore_stats
         return {"hashes": hashes, "values": values, "layout_ms": st.layout_seconds * 1e3,
                 "layout_records": st.layout_records,
@@ -501,15 +507,7 @@ def child_gemm_load(archive, result, name, mode="plain"):
             for bs in TOY_BS:
                 forward(bs)
             torch.cuda.synchronize()
-        hashes, values = {}, {}
-        for seed in SEEDS:
-            toy_inputs(static_in, seed)
-            for bs in TOY_BS:
-                rg = restored[f"decode_bs{bs}"]
-                poison(rg.outputs)
-                rg.replay()
-                hashes[f"{seed}/bs{bs}"] = digest(rg.outputs)
-                values[f"{seed}/bs{bs}"] = [float(v) for v in rg.outputs.flatten()[:16].tolist()]
+        hashes, values = replay_restored_toy(restored, static_in)
         builder = s._restored.builder
         index = {rec.key: i for i, rec in enumerate(s.archive.manifest.graphs)}
         diffs, identity = {}, {}
