@@ -427,12 +427,9 @@ def _relocation_plan(inputs: SaveInputs, entries: list[_Entry], found, changed, 
 
 def _graph_modules(handles: list[int], refs, stored_images) -> dict[int, tuple[str, dict]]:
     """Live CUmodule of every graph function -> (its image's sha256, that image's module variables for this GPU)."""
-    from foundry_core import cubin
-    from foundry_core.images import device_arch
     from foundry_core.native import call, driver
 
     drv = driver()
-    arch = device_arch()
     data = {im.sha256: im.data for im in stored_images}
     variables: dict[str, dict] = {}
     out: dict[int, tuple[str, dict]] = {}
@@ -441,11 +438,7 @@ def _graph_modules(handles: list[int], refs, stored_images) -> dict[int, tuple[s
         if mod in out:
             continue
         if ref.sha256 not in variables:
-            try:
-                chosen = cubin.parse_image(data[ref.sha256]).for_arch(arch)
-            except (KeyError, ValueError):
-                chosen = None
-            variables[ref.sha256] = dict(chosen.globals) if chosen is not None else {}
+            variables[ref.sha256] = dict(_parsed(data[ref.sha256]).globals) if ref.sha256 in data else {}
         out[mod] = (ref.sha256, variables[ref.sha256])
     return out
 
