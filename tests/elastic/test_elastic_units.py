@@ -250,7 +250,9 @@ def test_controller_rolls_back_when_new_generation_fails(slots, target, kill, ex
         await controller.start()
         runner, url = await _serve(controller, router)
         try:
-            backend.healthy_after = 0.5 if kill else 0.0
+            # A replica to kill never turns healthy on its own (a fixed 0.5 s let a loaded CI machine reach health
+            # before the kill: the switch then succeeded); engines started after the kill are healthy at once.
+            backend.healthy_after = 30.0 if kill else 0.0
             backend.fail_next = not kill
             load = asyncio.ensure_future(_client_load(url, 16))
             started = len(backend.engines)
@@ -259,6 +261,7 @@ def test_controller_rolls_back_when_new_generation_fails(slots, target, kill, ex
                 while len(backend.engines) == started or backend.engines[-1].url is None:
                     await asyncio.sleep(0.01)
                 await backend.engines[-1].kill()
+                backend.healthy_after = 0.0
             await _wait_job(controller, job)
             await load
             assert job.state == "rolled_back" and job.strategy == expect_strategy, job.describe()
