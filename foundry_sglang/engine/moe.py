@@ -13,7 +13,8 @@ contains them can be captured into a CUDA graph:
    tokens), SiLU(gate) * up, then down, scaled by the routing weight of each assignment.
 4. Sum of each token's k scaled rows.
 
-``grouped_moe_triton`` runs step 3 as one Triton kernel launch per GEMM (GPU; also under ``TRITON_INTERPRET=1``);
+``grouped_moe_triton`` runs step 3 as one Triton kernel launch per GEMM and, for decode sizes, steps 1 and 2 as
+one launch each (GPU; also under ``TRITON_INTERPRET=1``);
 ``grouped_moe_torch`` is the same algorithm with a batched matmul per row block (CPU). ``all_experts_moe`` is
 the reference that runs every local expert on every token.
 """
@@ -49,9 +50,15 @@ def select_experts(x: torch.Tensor, gate: torch.Tensor, top_k: int, renormalize:
     """Qwen3-MoE routing: softmax over all experts in fp32, top-k, optionally renormalised over the k.
 
     ``first_expert``: this rank's first expert; pass it as a one-element device tensor so that captured graphs
-    hold no rank-dependent kernel argument (comm_patch restores one EP rank's graphs on the others)."""
-    probs = F.linear(x.float(), gate.float()).softmax(-1)
-    weights, ids = probs.topk(top_k, dim=-1)
+    hold no rank-dependent kernel argument (comm_patch restores one EP rank's graphs on the others).
+    On CUDA softmax, top-k and renormalisation are one Triton launch after the router GEMM."""
+    logits = F.linear(x.float(), gate.float())
+    if x.is_cuda:
+        from .triton_moe import fused_route
+
+        weights, ids = fused_route(logits, top_k, renormalize, first_expert, num_local)
+        return Routing(weights=weights, ids=ids, num_local=num_local)
+    weights, ids = logits.softmax(-1).topk(top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     local = ids - first_expert
@@ -118,15 +125,15 @@ def grouped_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, rout
 
 
 def grouped_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """The routed algorithm with the Triton grouped GEMM (two launches; graph-safe)."""
-    from .triton_moe import grouped_gemm
+    """The routed algorithm with the Triton grouped GEMM (graph-safe); grouping in one launch up to
+    ``MAX_FUSED_ASSIGNMENTS`` assignments, as torch ops above."""
+    from .triton_moe import MAX_FUSED_ASSIGNMENTS, fused_group, grouped_gemm
 
     n, k = routing.ids.shape
-    groups = group_by_expert(routing.ids, routing.num_local, pick_block_m(n * k, routing.num_local))
-    gu = torch.empty(n * k, w13.shape[1], dtype=x.dtype, device=x.device)
-    grouped_gemm(x, w13, gu, groups, rows_per_a=k)
-    g, u = gu.chunk(2, dim=-1)
-    act = F.silu(g) * u
+    group = fused_group if n * k <= MAX_FUSED_ASSIGNMENTS else group_by_expert
+    groups = group(routing.ids, routing.num_local, pick_block_m(n * k, routing.num_local))
+    act = torch.empty(n * k, w13.shape[1] // 2, dtype=x.dtype, device=x.device)
+    grouped_gemm(x, w13, act, groups, rows_per_a=k, gated=True)                 # SiLU(gate) * up, fused
     y = torch.zeros(n * k, w2.shape[1], dtype=torch.float32, device=x.device)  # dropped rows stay 0
     grouped_gemm(act, w2, y, groups, rows_per_a=1, row_weights=routing.weights.reshape(-1))
     return y.view(n, k, -1).sum(1).to(x.dtype)

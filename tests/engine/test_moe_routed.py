@@ -126,11 +126,24 @@ for n, k, e, h, inter, first, local in [(3, 2, 8, 32, 16, 0, 8), (20, 4, 8, 48, 
     r = select_experts(x, gate, k, True, first, local)
     torch.testing.assert_close(grouped_moe_triton(x, w13, w2, r), all_experts_moe(x, w13, w2, r),
                                rtol=1e-4, atol=1e-4)
+from foundry_sglang.engine.moe import group_by_expert
+from foundry_sglang.engine.triton_moe import fused_group, fused_route
+for n, k, e, bm in [(1, 8, 128, 16), (7, 2, 8, 16), (64, 4, 16, 32), (300, 2, 4, 64), (33, 8, 128, 16)]:
+    ids = torch.randint(0, e + 1, (n, k), generator=g)
+    a, b = group_by_expert(ids, e, bm), fused_group(ids, e, bm)
+    assert torch.equal(a.rows, b.rows) and torch.equal(a.block_expert, b.block_expert), (n, k, e)
+    assert torch.equal(a.rows_used, b.rows_used)
+for n, k, e, first, local, renorm in [(5, 2, 8, 0, 8, True), (9, 8, 128, 32, 32, True), (3, 4, 60, 0, 60, False)]:
+    x, gate = torch.randn(n, 32, generator=g), torch.randn(e, 32, generator=g)
+    r = select_experts(x, gate, k, renorm, first, local)
+    w, i = fused_route(torch.nn.functional.linear(x, gate), k, renorm, torch.tensor([first]), local)
+    assert torch.equal(i, r.ids), (i, r.ids)
+    torch.testing.assert_close(w, r.weights)
 print("TRITON_MOE_OK")
 """
 
 
-def test_triton_grouped_gemm_in_interpreter():
+def test_triton_routing_grouping_and_grouped_gemm_in_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", _TRITON_CHECK, ROOT], env=env, capture_output=True, text=True,
