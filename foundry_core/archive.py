@@ -521,7 +521,8 @@ def _read_manifest(path: Path, mm: mmap.mmap, size: int) -> tuple[int, Manifest]
         except RecursionError:  # msgspec skips unknown fields recursively; a real manifest is a few levels deep
             raise ArchiveError(f"{path}: manifest is nested too deep (corrupt)") from None
         if schema != SCHEMA_VERSION:
-            raise ArchiveError(f"{path}: schema version {schema}, this foundry reads {SCHEMA_VERSION}")
+            raise ArchiveError(f"{path}: schema version {schema}, this foundry reads {SCHEMA_VERSION} — delete the "
+                               "archive to save it again with this version")
         try:
             return offset, msgspec.msgpack.decode(raw, type=Manifest, strict=True)
         except msgspec.DecodeError as err:

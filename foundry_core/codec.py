@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from foundry_core import schema
-from foundry_core.errors import UnsupportedGraph
+from foundry_core.errors import DriverError, UnsupportedGraph
 from foundry_core.native import check
 
 log = logging.getLogger("foundry_core.codec")
@@ -181,6 +181,29 @@ class GraphReader:
             self._layouts[func] = layout
         return self._layouts[func]
 
+    def _edges(self, g, index: dict[int, int], graph_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Edges as (src, dst) node indices and their data (from_port, to_port, type), read through the native
+        helper: cuda-python's cuGraphGetEdges returns edge data over freed memory (NVIDIA/cuda-python#1804), and a
+        programmatic (PDL) edge read back as a plain one, or on the wrong edge, restores to wrong results."""
+        from foundry_core.native import native_lib
+
+        lib = native_lib()
+        n = ctypes.c_size_t(0)
+        rc = lib.foundry_graph_edges(int(g), None, None, None, ctypes.byref(n))
+        if rc:
+            raise DriverError(f"{graph_name}: cuGraphGetEdges failed (CUresult {rc})", str(rc))
+        frm, to = np.zeros(n.value, np.uint64), np.zeros(n.value, np.uint64)
+        data = np.zeros((n.value, 8), np.uint8)  # CUgraphEdgeData: from_port, to_port, type, reserved[5]
+        if n.value:
+            want = n.value
+            rc = lib.foundry_graph_edges(int(g), frm.ctypes.data, to.ctypes.data, data.ctypes.data, ctypes.byref(n))
+            if rc or n.value != want:
+                raise DriverError(f"{graph_name}: cuGraphGetEdges failed (CUresult {rc}, {n.value} of {want} edges)",
+                                  str(rc))
+        src = np.fromiter((index[int(x)] for x in frm), np.int64, len(frm))
+        dst = np.fromiter((index[int(x)] for x in to), np.int64, len(to))
+        return src, dst, data[:, :3].copy()
+
     # -- graph --------------------------------------------------------------------------------------------------
     def read(self, graph, graph_name: str = "graph") -> DecodedGraph:
         drv = self.drv
@@ -188,15 +211,7 @@ class GraphReader:
         _, count = check(drv.cuGraphGetNodes(g, 0), "cuGraphGetNodes")
         raw_nodes, count = check(drv.cuGraphGetNodes(g, count), "cuGraphGetNodes")
         index = {int(n): i for i, n in enumerate(raw_nodes[:count])}
-        _, _, _, nedges = check(drv.cuGraphGetEdges(g, 0), "cuGraphGetEdges")
-        src = np.zeros(nedges, np.int64)
-        dst = np.zeros(nedges, np.int64)
-        edata = np.zeros((nedges, 3), np.uint8)
-        if nedges:
-            frm, to, data, nedges = check(drv.cuGraphGetEdges(g, nedges), "cuGraphGetEdges")
-            for e in range(nedges):
-                src[e], dst[e] = index[int(frm[e])], index[int(to[e])]
-                edata[e] = (data[e].from_port, data[e].to_port, data[e].type)
+        src, dst, edata = self._edges(g, index, graph_name)
         order = topological_order(count, src, dst)
         position = np.empty(count, np.int64)
         position[order] = np.arange(count)

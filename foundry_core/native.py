@@ -187,6 +187,7 @@ def native_lib() -> ctypes.CDLL:
             "foundry_launch": (c_int, [p, p]),
             "foundry_exec_destroy": (c_int, [p]),
             "foundry_graph_destroy": (c_int, [p]),
+            "foundry_graph_edges": (c_int, [p, p, p, p, ctypes.POINTER(size)]),
         })
         lib._foundry_typed = True
     return lib

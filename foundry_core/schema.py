@@ -14,7 +14,8 @@ from typing import Optional
 import msgspec
 import numpy as np
 
-SCHEMA_VERSION = 2  # 2: allocation trace, RNG state per graph
+SCHEMA_VERSION = 3  # 2: allocation trace, RNG state per graph; 3: edge data read natively (2 may hold wrong
+#   edge data, cuda-python#1804), module_variables
 
 # ---------------------------------------------------------------------------
 # Binary records (little-endian, packed) used inside graph blobs.
@@ -304,6 +305,5 @@ class Manifest(msgspec.Struct, kw_only=True):
     slots: list[SlotSpec] = []
     #: Set when one archive serves several ranks (comm_patch templates); None for a single-rank archive.
     ranks: RankTemplate | None = None
-    #: Module variables LOAD relocates and fills (only with FOUNDRY_MODULE_GLOBALS=relocate at SAVE). A reader
-    #: older than this field ignores it: such archives need this version or later.
+    #: Module variables LOAD relocates and fills (only with FOUNDRY_MODULE_GLOBALS=relocate at SAVE).
     module_variables: list[ModuleVariable] = []

@@ -9,7 +9,7 @@
     X(cuMemSetAccess) X(cuMemGetAllocationGranularity) X(cuGetErrorName)                                  \
     X(cuGraphCreate) X(cuGraphDestroy) X(cuGraphAddKernelNode) X(cuGraphKernelNodeSetAttribute)          \
     X(cuGraphAddMemsetNode) X(cuGraphAddMemcpyNode) X(cuGraphAddEmptyNode) X(cuGraphAddEventRecordNode)   \
-    X(cuGraphAddEventWaitNode) X(cuGraphAddChildGraphNode) X(cuGraphAddDependencies)                      \
+    X(cuGraphAddEventWaitNode) X(cuGraphAddChildGraphNode) X(cuGraphAddDependencies) X(cuGraphGetEdges)   \
     X(cuGraphInstantiate) X(cuGraphUpload) X(cuGraphLaunch) X(cuGraphExecDestroy)
 
 #define FOUNDRY_STR(x) #x

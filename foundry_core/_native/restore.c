@@ -248,6 +248,15 @@ int foundry_instantiate(CUgraph g, CUstream stream, CUgraphExec *out, char *err,
     return 0;
 }
 
+/* A graph's edges with their data (cuGraphGetEdges_v2). With from == NULL only *n is set. Read here, not through
+ * cuda-python: its cuGraphGetEdges builds the edge-data objects over a buffer it frees before returning
+ * (NVIDIA/cuda-python#1804), so ports and types read back there can be garbage. */
+int foundry_graph_edges(CUgraph g, CUgraphNode *from, CUgraphNode *to, CUgraphEdgeData *data, size_t *n) {
+    char err[64];
+    if (foundry_driver_load(err, sizeof err)) return (int)CUDA_ERROR_NOT_INITIALIZED;
+    return (int)p_cuGraphGetEdges(g, from, to, from ? data : NULL, n);
+}
+
 int foundry_launch(CUgraphExec exec, CUstream stream) { return (int)p_cuGraphLaunch(exec, stream); }
 int foundry_exec_destroy(CUgraphExec exec) { return (int)p_cuGraphExecDestroy(exec); }
 int foundry_graph_destroy(CUgraph g) { return (int)p_cuGraphDestroy(g); }

@@ -1094,7 +1094,7 @@ def check_gemm_toy(r: Runner) -> list[tuple[str, str, str]]:
         for mode, load in loads.items():
             label = name + ("" if mode == "plain" else f", LOAD {mode}")
             rows.append(_gemm_row(label, save, load))
-    rows.append(("diagnostic: bf16 GEMM toy - diagnosis", "info", gemm_diagnosis(res)))
+    rows.append(("bf16 GEMM toy - diagnosis", "info", gemm_diagnosis(res)))
     return rows
 
 
@@ -1114,7 +1114,7 @@ def _equal(save: dict, got: dict) -> int:
 
 
 def _gemm_row(label: str, save: dict, load: dict | None) -> tuple[str, str, str]:
-    name = f"diagnostic: bf16 GEMM toy [{label}]"
+    name = f"bf16 GEMM toy (split-K, PDL edge) [{label}]"
     if save.get("error"):  # a refusal (FoundryError) is a verdict of its own; a crashed child is a broken check
         return name, "FAIL" if save.get("crashed") else "info", "SAVE: " + save["error"][:300]
     if load is None or load.get("error"):
