@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 TPOT_BS = [1, 8, 64, 256]
 TARGET_S = 0.1
 MODES = ("eager", "capture", "load")
-MODE_FLAGS = {"eager": ["--disable-cuda-graph"], "capture": [], "save": ["--foundry-mode", "save"],
-              "load": ["--foundry-mode", "load"],
+MODE_FLAGS = {"eager": ["--disable-cuda-graph"], "capture": ["--foundry-mode", "off"],
+              "save": ["--foundry-mode", "save"], "load": ["--foundry-mode", "load"],
               # another graph set (another archive key), as a second TP/EP layout would have
               "save_second_layout": ["--foundry-mode", "save", "--cuda-graph-max-bs", "128"]}
 TIMELINE = re.compile(r"startup timeline: (\{.*\})")
