@@ -16,6 +16,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for --help without PYTHONPATH
 
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
 

@@ -22,6 +22,9 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for --help without PYTHONPATH
 
 import aiohttp
 

@@ -20,6 +20,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for --help without PYTHONPATH
+
 from foundry_sglang.proc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
