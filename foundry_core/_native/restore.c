@@ -108,6 +108,22 @@ int foundry_check_graph(const NodeRec *nodes, uint32_t n_nodes, const uint8_t *p
 #undef REFUSE
 }
 
+/* How many of g's edges carry edge data (ports/types other than the default); -1 if the driver cannot say or
+ * the graph has not exactly n_edges edges. */
+static long count_edges_with_data(CUgraph g, uint32_t n_edges) {
+    size_t n = n_edges;
+    long with_data = -1;
+    CUgraphNode *from = malloc(sizeof(CUgraphNode) * (n_edges ? n_edges : 1));
+    CUgraphNode *to = malloc(sizeof(CUgraphNode) * (n_edges ? n_edges : 1));
+    CUgraphEdgeData *data = calloc(n_edges ? n_edges : 1, sizeof(CUgraphEdgeData));
+    if (from && to && data && p_cuGraphGetEdges(g, from, to, data, &n) == CUDA_SUCCESS && n == n_edges) {
+        with_data = 0;
+        for (size_t e = 0; e < n; e++) with_data += data[e].from_port || data[e].to_port || data[e].type;
+    }
+    free(from), free(to), free(data);
+    return with_data;
+}
+
 /* Build a graph. funcs/events/children are tables indexed by NodeRec.ref, of the sizes in `t` (checked first by
  * foundry_check_graph). A slot node becomes two unconnected empty nodes, one taking its incoming and one its
  * outgoing edges (plain edges: the placeholder's edge data does not apply to what fills it); their handles go to
@@ -204,22 +220,38 @@ int foundry_build_graph(const NodeRec *nodes, uint32_t n_nodes, const uint8_t *p
     if (slot != n_slots) BAIL("graph has %u slot nodes, the slot table %u", slot, n_slots);
 
     if (n_edges) {
+        /* Plain edges go in one call without edge data; each edge WITH data (programmatic/PDL ports) in a call of
+         * its own: given one array of mixed edge data, the driver (580, CUDA 13) gave every edge of the call the
+         * data of the first one, so a PDL edge first in the batch made all edges programmatic — kernels then
+         * started before their inputs were written (tests/gpu/probe_pdl_gemm.py). */
+        uint32_t n_plain = 0;
         from = malloc(sizeof(CUgraphNode) * n_edges);
         to = malloc(sizeof(CUgraphNode) * n_edges);
-        data = calloc(n_edges, sizeof(CUgraphEdgeData));
+        data = calloc(1, sizeof(CUgraphEdgeData));
         if (!from || !to || !data) BAIL("out of host memory");
         for (uint32_t e = 0; e < n_edges; e++) {
             if (edges[e].src >= n_nodes || edges[e].dst >= n_nodes) BAIL("edge %u out of range", e);
-            from[e] = outs[edges[e].src];
-            to[e] = handles[edges[e].dst];
-            if (nodes[edges[e].src].kind != K_SLOT && nodes[edges[e].dst].kind != K_SLOT) {
-                data[e].from_port = edges[e].from_port;
-                data[e].to_port = edges[e].to_port;
-                data[e].type = edges[e].type;
+            int slot_edge = nodes[edges[e].src].kind == K_SLOT || nodes[edges[e].dst].kind == K_SLOT;
+            if (slot_edge || (!edges[e].from_port && !edges[e].to_port && !edges[e].type)) {
+                from[n_plain] = outs[edges[e].src];
+                to[n_plain] = handles[edges[e].dst];
+                n_plain++;
+                continue;
             }
+            memset(data, 0, sizeof *data);
+            data->from_port = edges[e].from_port;
+            data->to_port = edges[e].to_port;
+            data->type = edges[e].type;
+            r = p_cuGraphAddDependencies(g, &outs[edges[e].src], &handles[edges[e].dst], data, 1);
+            if (r != CUDA_SUCCESS)
+                BAIL("edge %u (%u -> %u, port %u -> %u, type %u): cuGraphAddDependencies: %s", e, edges[e].src,
+                     edges[e].dst, edges[e].from_port, edges[e].to_port, edges[e].type, foundry_cu_error_name(r));
         }
-        if ((r = p_cuGraphAddDependencies(g, from, to, data, n_edges)) != CUDA_SUCCESS)
-            BAIL("cuGraphAddDependencies (%u edges): %s", n_edges, foundry_cu_error_name(r));
+        if (n_plain && (r = p_cuGraphAddDependencies(g, from, to, NULL, n_plain)) != CUDA_SUCCESS)
+            BAIL("cuGraphAddDependencies (%u edges): %s", n_plain, foundry_cu_error_name(r));
+        if (n_plain < n_edges && count_edges_with_data(g, n_edges) != n_edges - n_plain)
+            BAIL("the driver reports other edge data than was added (%u edges with data): refusing a graph whose "
+                 "kernels could start before their inputs are written", n_edges - n_plain);
     }
     free(handles), free(outs), free(from), free(to), free(data);
     *out = g;

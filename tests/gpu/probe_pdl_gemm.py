@@ -123,7 +123,7 @@ def main() -> int:
             equal = 0
             for seed in (1, 2, 3):
                 equal += bool(torch.equal(reference(seed), run_exec(ex.value, seed)))
-            rows.append((name, f"{equal}/3 bitwise", f"edges read back {back}"))
+            rows.append((name, f"{equal}/3 bitwise", f"edges read back {back} (== captured: {back == edges_of(dg)})"))
         except Exception as e:  # a probe: report and go on
             rows.append((name, "error", f"{type(e).__name__}: {e}"[:300]))
         print(" | ".join(rows[-1]), flush=True)
