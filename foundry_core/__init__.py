@@ -1,7 +1,9 @@
 """foundry_core: save CUDA graphs with their execution context and restore them in a fresh process.
 
-Public API: :class:`Session` (save/load; :class:`SessionMode`), :class:`RestoredGraph` (what LOAD returns) and
-the :class:`FoundryError` hierarchy. ``__version__`` is the package version (pyproject reads it from here).
+Public API: :class:`Session` (save/load; :class:`SessionMode`), :class:`RestoredGraph` (what LOAD returns),
+:func:`preload` (start LOAD's preparation at process start, before torch is imported; a later ``Session`` adopts
+the :class:`EarlyLoad`) and the :class:`FoundryError` hierarchy. ``__version__`` is the package version
+(pyproject reads it from here).
 """
 from foundry_core.errors import (
     ArchiveError,
@@ -23,6 +25,8 @@ __all__ = [
     "Session",
     "SessionMode",
     "RestoredGraph",
+    "preload",
+    "EarlyLoad",
     "FoundryError",
     "ArchiveError",
     "ArenaUnavailable",
@@ -37,9 +41,9 @@ __all__ = [
     "__version__",
 ]
 
-# Session and RestoredGraph pull in torch: resolve them on first use to keep `import foundry_core` light (CLI).
+# Resolved on first use to keep `import foundry_core` light (the CLI; preload() runs before torch is imported).
 _LAZY = {"Session": "foundry_core.session", "SessionMode": "foundry_core.session",
-         "RestoredGraph": "foundry_core.restore"}
+         "RestoredGraph": "foundry_core.restore", "preload": "foundry_core.early", "EarlyLoad": "foundry_core.early"}
 
 
 def __getattr__(name):

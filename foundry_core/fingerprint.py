@@ -5,12 +5,18 @@ ABI, and the graphs were captured from one software stack and one caller configu
 an archive whose :class:`~foundry_core.schema.Fingerprint` differs from this machine's in any field.
 
 :func:`current_fingerprint` needs a CUDA GPU; :func:`check_compatible` is a pure function.
+:func:`installed_torch_versions` reads torch's version without importing torch (an early LOAD runs while the
+application is still importing it).
 """
 from __future__ import annotations
 
+import ast
 import importlib.metadata
+import importlib.util
 import os
-from typing import Iterable
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
 
 from foundry_core.errors import DeviceUnavailable, FoundryError, IncompatibleArchive
 from foundry_core.schema import Fingerprint
@@ -29,26 +35,55 @@ def gpu_unavailable_reason(device: int = 0) -> str | None:
     return None
 
 
-def current_fingerprint(key: str, device: int = 0) -> Fingerprint:
-    """This machine's fingerprint for CUDA device ``device`` (raises DeviceUnavailable without a usable GPU)."""
+def current_fingerprint(key: str, device: int = 0, torch_versions: Optional[tuple[str, str]] = None) -> Fingerprint:
+    """This machine's fingerprint for CUDA device ``device`` (raises DeviceUnavailable without a usable GPU).
+
+    ``torch_versions``: (torch version, its CUDA runtime) as :func:`installed_torch_versions` gives them; None
+    imports torch and asks it."""
     try:
         gpu_name, capability, driver = _query_device(device)
     except _NoGpu as err:
         raise DeviceUnavailable(f"no usable CUDA device: {err}") from None
-    import torch
+    if torch_versions is None:
+        import torch
 
+        torch_versions = (str(torch.__version__), torch.version.cuda or "")
     import foundry_core
 
     return Fingerprint(
         gpu_name=gpu_name,
         compute_capability=capability,
         driver_version=driver,
-        cuda_runtime=torch.version.cuda or "",
-        torch=str(torch.__version__),
+        cuda_runtime=torch_versions[1],
+        torch=torch_versions[0],
         triton=_triton_version(),
         foundry=foundry_core.__version__,
         key=key,
     )
+
+
+def installed_torch_versions() -> Optional[tuple[str, str]]:
+    """(``str(torch.__version__)``, ``torch.version.cuda or ""``) without importing torch: torch reads both from
+    its generated ``torch/version.py``, which this parses. None when that file is not there or not as expected.
+    (The package metadata is no substitute: its version lacks the local part, e.g. ``+cu130``.)"""
+    module = sys.modules.get("torch")
+    version = getattr(module, "version", None)
+    if getattr(version, "__version__", None) is not None:  # torch is imported: ask it
+        return str(version.__version__), version.cuda or ""
+    try:
+        spec = importlib.util.find_spec("torch")
+        source = Path(list(spec.submodule_search_locations)[0], "version.py").read_text()
+        values = {}
+        for node in ast.parse(source).body:
+            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else getattr(
+                node, "target", None)
+            if isinstance(target, ast.Name) and target.id in ("__version__", "cuda") and node.value is not None:
+                values[target.id] = ast.literal_eval(node.value)
+        if not isinstance(values.get("__version__"), str) or not isinstance(values.get("cuda", ""), (str, type(None))):
+            return None
+        return values["__version__"], values.get("cuda") or ""
+    except (ImportError, ValueError, TypeError, AttributeError, IndexError, OSError, SyntaxError):
+        return None
 
 
 def check_compatible(

@@ -223,6 +223,13 @@ def output_structure(rec: schema.GraphRecord):
 def check_archive_for_load(archive, rank: Optional[int] = None) -> dict[int, tuple]:
     """Everything LOAD can check without a GPU: every graph's tables (with ``rank``'s patches applied), the child
     graphs between them and the output structures. Returns graph index -> (nodes, payload, attrs, edges)."""
+    arrays = check_tables_for_load(archive, rank)
+    check_output_structures(archive)
+    return arrays
+
+
+def check_tables_for_load(archive, rank: Optional[int] = None) -> dict[int, tuple]:
+    """The part of :func:`check_archive_for_load` that needs no torch: graph tables and child graphs."""
     m = archive.manifest
     patches: dict[int, list] = {}
     for p in rank_patches(m, rank):
@@ -232,20 +239,29 @@ def check_archive_for_load(archive, rank: Optional[int] = None) -> dict[int, tup
     child_refs = {i: nodes["ref"][nodes["kind"] == schema.NODE_CHILD_GRAPH].tolist()
                   for i, (nodes, *_) in arrays.items()}
     validate.check_child_graphs(str(archive.path), m, child_refs)
-    for rec in m.graphs:
+    return arrays
+
+
+def check_output_structures(archive) -> None:
+    """The part of :func:`check_archive_for_load` that reads torch's pytree format: every graph's outputs."""
+    for rec in archive.manifest.graphs:
         try:
             output_structure(rec)
         except ArchiveError as e:
             raise ArchiveError(f"{archive.path}: {e}") from None
-    return arrays
 
 
 class Preloader:
     """LOAD work that needs neither the arena nor the application: verify and decode graph tables, load kernel
     images and resolve functions. ``Session.open()`` starts it, so it overlaps the application's own start-up
-    (weights, KV cache); ``restore()`` waits for it."""
+    (weights, KV cache); ``restore()`` waits for it.
 
-    def __init__(self, archive, device: int, rank: Optional[int] = None):
+    ``bind``: makes the device's context current on the preparing thread; default ``torch.cuda.set_device``.
+    Given one (``foundry_core.early`` binds the primary context through the driver, before torch is imported),
+    the preparation needs no torch, and the output structures (torch's pytree format) are checked in ``wait()``
+    on the caller's thread instead."""
+
+    def __init__(self, archive, device: int, rank: Optional[int] = None, bind=None):
         self.archive = archive
         self.device = device
         self.rank = rank
@@ -253,23 +269,32 @@ class Preloader:
         self.functions = np.zeros(0, np.uint64)
         self.arrays: dict[int, tuple] = {}
         self.images_seconds = self.decode_seconds = 0.0
+        self._bind = bind
+        self._outputs_checked = False
         self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="foundry-preload", daemon=True)
+        self._done = threading.Event()
 
     def start(self) -> "Preloader":
-        self._thread.start()
+        threading.Thread(target=self.run, name="foundry-preload", daemon=True).start()
         return self
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Do the preparation on this thread (``start()`` runs it on a new one); errors go to ``wait()``."""
         try:
-            import torch
-
             from foundry_core import images as kernel_images
 
-            torch.cuda.set_device(self.device)
+            if self._bind is None:
+                import torch
+
+                torch.cuda.set_device(self.device)
+            else:
+                self._bind(self.device)
             m = self.archive.manifest
             t = time.perf_counter()
-            self.arrays = check_archive_for_load(self.archive, self.rank)  # all checked before it reaches the GPU
+            self.arrays = check_tables_for_load(self.archive, self.rank)  # all checked before it reaches the GPU
+            if self._bind is None:
+                check_output_structures(self.archive)
+                self._outputs_checked = True
             t2 = time.perf_counter()
             self.decode_seconds = t2 - t
             self.modules = kernel_images.load_images([image_bytes(self.archive, img) for img in m.images])
@@ -283,14 +308,32 @@ class Preloader:
             self.images_seconds = time.perf_counter() - t2
         except BaseException as e:  # handed to restore()
             self._error = e
+        finally:
+            self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
 
     def wait(self) -> "Preloader":
-        self._thread.join()
+        self._done.wait()
         if self._error is not None:
             if isinstance(self._error, FoundryError):
                 raise self._error
             raise FoundryError(f"preparing kernels from the archive failed: {self._error}") from self._error
+        if not self._outputs_checked:
+            check_output_structures(self.archive)
+            self._outputs_checked = True
         return self
+
+    def unload(self) -> None:
+        """Unload the kernel modules (after ``wait``; for a preparation nobody will use)."""
+        self._done.wait()
+        if self.modules:
+            from foundry_core.images import unload_modules
+
+            unload_modules(self.modules)
+            self.modules = []
 
 
 class TableSizes(ctypes.Structure):

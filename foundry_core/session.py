@@ -4,7 +4,8 @@ SAVE: ``open()`` starts recording module images (before CUDA work), reserves the
 allocation PyTorch makes from then on — any thread, any stream, PyTorch's own included — into it; the application
 initialises; ``capture_phase()`` brackets warm-ups and captures; ``save()`` reads the graphs, checks them, and
 writes the archive together with the arena's allocation trace.
-LOAD: ``open()`` checks the archive against this machine and reserves the same arena; the application runs the
+LOAD: ``open()`` checks the archive against this machine (or adopts those checks, and the kernels, from an early
+load that ``foundry_core.preload`` started at process start) and reserves the same arena; the application runs the
 same initialisation; ``restore()`` compares this process's allocation trace with SAVE's, maps the capture region,
 writes back warm-up buffers, loads kernels and rebuilds the graphs — no capture, no forward pass.
 """
@@ -16,6 +17,7 @@ import enum
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -24,7 +26,7 @@ from foundry_core.errors import ArchiveError, DeviceUnavailable, FoundryError
 from foundry_core.save import CapturedGraph
 from foundry_core.store import ImageStore
 
-__all__ = ["Session", "SessionMode", "keep_previous"]
+__all__ = ["OpenedArchive", "Session", "SessionMode", "keep_previous", "open_for_load"]
 
 log = logging.getLogger("foundry_core.session")
 
@@ -57,6 +59,50 @@ def keep_previous(path: Path) -> Path:
     os.replace(path, prev)
     log.warning("foundry: kept the previous archive as %s", prev)
     return prev
+
+
+@dataclass
+class OpenedArchive:
+    """What :func:`open_for_load` found: the checked archive, or the problem that makes it unusable."""
+
+    archive: Any = None  # archive.Archive; None when there is a problem
+    problem: Optional[FoundryError] = None
+    saved_trace: Any = None  # SAVE's allocation trace (layout.decode), None when the archive has none
+    saved_blocks: Any = None  # SAVE's live blocks before capture (layout.decode_blocks)
+    fingerprint: Any = None  # this machine's, when it was computed
+
+
+def open_for_load(path: Path, key: str, device: int, rank: Optional[int],
+                  torch_versions: Optional[tuple[str, str]] = None) -> OpenedArchive:
+    """Open the archive at ``path`` and make every check LOAD makes before the arena: trust, fingerprint (``key``,
+    CUDA ``device``), rank template, allocation trace, image store. A problem is returned, not raised (``auto``
+    falls back on it). ``torch_versions``: see :func:`foundry_core.fingerprint.current_fingerprint`."""
+    from foundry_core import layout, trust
+    from foundry_core.archive import Archive
+    from foundry_core.fingerprint import check_compatible, current_fingerprint
+
+    if not path.exists():
+        return OpenedArchive(problem=ArchiveError(f"{path}: no archive"))
+    out = OpenedArchive()
+    try:
+        out.archive = Archive.open(path)
+        trust.check_archive(out.archive)  # before anything of it is used: an archive is code
+        out.fingerprint = current_fingerprint(key, device, torch_versions)
+        check_compatible(out.archive.manifest.fingerprint, out.fingerprint, path)
+        ranks = out.archive.manifest.ranks
+        if ranks is not None and not (rank is not None and 0 <= rank < ranks.world_size):
+            raise ArchiveError(f"{path} is a template for {ranks.world_size} ranks; this process is rank "
+                               f"{rank} (pass Session(rank=...))")
+        if out.archive.manifest.trace is not None:  # decoded now so restore() only compares
+            out.saved_trace = layout.decode(out.archive.manifest.trace, str(path))
+            out.saved_blocks = layout.decode_blocks(out.archive.manifest.trace, str(path))
+        ImageStore.beside(path).check(out.archive.manifest.images)
+    except FoundryError as e:
+        if out.archive is not None:
+            with contextlib.suppress(Exception):
+                out.archive.close()
+        return OpenedArchive(problem=e, fingerprint=out.fingerprint)
+    return out
 
 
 class Session:
@@ -114,6 +160,7 @@ class Session:
         self._in_capture_phase = False
         self.restore_stats = None
         self._preload = None  # LOAD: kernels and graph tables prepared while the application initialises
+        self._early = None  # LOAD: the early load (foundry_core.early) open() adopted
         self._restored = None  # LOAD: restore.Restoration (its builder keeps kernel modules and child graphs alive)
         self.save_stats: dict[str, float] = {}
         self.open_stats: dict[str, float] = {}
@@ -134,7 +181,8 @@ class Session:
         t0 = time.perf_counter()
         mode = self.requested_mode
         if mode in (SessionMode.LOAD, SessionMode.AUTO):
-            problem = self._open_archive()
+            self._early = self._claim_early_load()
+            problem = self._adopt(self._early) if self._early is not None else self._open_archive()
             self.open_stats["archive_seconds"] = time.perf_counter() - t0
             if problem:
                 if mode is SessionMode.LOAD:
@@ -165,7 +213,7 @@ class Session:
 
         try:
             if self.device is None:
-                self.device = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+                self.device = _default_device()
             torch.cuda.set_device(self.device)
         except (RuntimeError, AssertionError) as e:  # torch's own errors: no driver, no GPU, bad index
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -175,7 +223,10 @@ class Session:
             from foundry_core.restore import Preloader
 
             base, size = self.archive.manifest.arena.base, self.archive.manifest.arena.size
-            self._preload = Preloader(self.archive, self.device, self.rank).start()
+            if self._early is not None:
+                self._preload = self._early.preloader  # kernels loaded (or loading) since process start
+            else:
+                self._preload = Preloader(self.archive, self.device, self.rank).start()
         t1 = time.perf_counter()
         self.arena = Arena(self.device, base, size)
         self.arena.reserve()
@@ -186,30 +237,30 @@ class Session:
 
     def _open_archive(self) -> Optional[FoundryError]:
         """Open and check the archive; return the problem instead of raising (auto mode falls back on it)."""
-        from foundry_core import layout, trust
-        from foundry_core.archive import Archive
-        from foundry_core.fingerprint import check_compatible, current_fingerprint
+        opened = open_for_load(self.path, self.key, self.device or 0, self.rank)
+        if opened.problem is None:
+            self.archive = opened.archive
+            self._saved_trace, self._saved_blocks = opened.saved_trace, opened.saved_blocks
+        return opened.problem
 
-        if not self.path.exists():
-            return ArchiveError(f"{self.path}: no archive")
-        try:
-            archive = Archive.open(self.path)
-            trust.check_archive(archive)  # before anything of it is used: an archive is code
-            check_compatible(archive.manifest.fingerprint, current_fingerprint(self.key, self.device or 0), self.path)
-            ranks = archive.manifest.ranks
-            if ranks is not None and not (self.rank is not None and 0 <= self.rank < ranks.world_size):
-                raise ArchiveError(f"{self.path} is a template for {ranks.world_size} ranks; this process is rank "
-                                   f"{self.rank} (pass Session(rank=...))")
-            if archive.manifest.trace is not None:  # decoded now so restore() only compares
-                self._saved_trace = layout.decode(archive.manifest.trace, str(self.path))
-                self._saved_blocks = layout.decode_blocks(archive.manifest.trace, str(self.path))
-            ImageStore.beside(self.path).check(archive.manifest.images)
-        except FoundryError as e:
-            with contextlib.suppress(Exception):
-                archive.close()  # unbound (NameError, suppressed) when open failed
-            return e
-        self.archive = archive
-        return None
+    def _claim_early_load(self):
+        """The early load (``foundry_core.preload``) started for this archive, key, device and rank, if any."""
+        from foundry_core import early
+
+        if not early.started():
+            return None
+        import torch
+
+        device = self.device if self.device is not None else _default_device()
+        return early.claim(self.path, self.key, device, self.rank, (str(torch.__version__), torch.version.cuda or ""))
+
+    def _adopt(self, early) -> Optional[FoundryError]:
+        """Take what an early load found, as ``_open_archive`` would have found it."""
+        if early.problem is None:
+            self.archive, self._saved_trace, self._saved_blocks = early.archive, early.saved_trace, early.saved_blocks
+        log.info("foundry: using the early load of %s (%s)", self.path, early.problem or "archive checked")
+        self.open_stats["early_load"] = 1.0
+        return early.problem
 
     def close(self) -> None:
         """Stop routing allocations to the arena and stop recording images. Graphs, outputs and tensors already
@@ -407,6 +458,13 @@ class Session:
         """Block until every graph of ``restore()`` is instantiated (the background thread has finished)."""
         if self._restored is not None and self._restored.thread is not None:
             self._restored.thread.join()
+
+
+def _default_device() -> int:
+    """The device a session without one uses: torch's current device once CUDA is initialised, else 0."""
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else 0
 
 
 def _live_blocks(device: int) -> set[tuple[int, int]]:
