@@ -5,7 +5,9 @@
 Every start is a fresh ``python -m foundry_sglang.engine`` process. We poll ``/health`` every 10 ms, send one
 streamed greedy completion as soon as it answers, and split the start into phases from the server's
 ``startup timeline`` log line (wall-clock ends of: import, engine set-up, CUDA init, graph backend, weights, KV
-cache, graphs, HTTP listening). Modes:
+cache, graphs, HTTP listening). A LOAD start also reports when the early load (Foundry's archive checks and kernel
+images, started before the server imports torch) had finished, in seconds since launch, and how long ``restore()``
+then waited for it. Modes:
   eager    --disable-cuda-graph
   capture  live CUDA-graph capture of the decode batch sizes (PyTorch, SGLang-style)
   load     Foundry LOAD of the archive that one ``save`` start (not timed against the others) wrote first
@@ -40,6 +42,9 @@ MODE_FLAGS = {"eager": ["--disable-cuda-graph"], "capture": ["--foundry-mode", "
               # another graph set (another archive key), as a second TP/EP layout would have
               "save_second_layout": ["--foundry-mode", "save", "--cuda-graph-max-bs", "128"]}
 TIMELINE = re.compile(r"startup timeline: (\{.*\})")
+#: Timeline marks of work beside the start-up sequence (the early load): reported, but they end no phase.
+BACKGROUND_MARKS = ("early_load_started", "early_load_ready")
+PRELOAD_WAIT = re.compile(r"preloader wait ([0-9.]+)s")
 
 
 def free_port() -> int:
@@ -103,7 +108,9 @@ def start_once(mode: str, a, log_path: Path) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    out["phases_s"] = phases(log_path.read_text(errors="replace"), t_launch, out.get("healthy_s"))
+    text = log_path.read_text(errors="replace")
+    out["phases_s"] = phases(text, t_launch, out.get("healthy_s"))
+    out.update(background(text, t_launch))
     return out
 
 
@@ -112,7 +119,8 @@ def phases(log_text: str, t_launch: float, healthy_s) -> dict:
     m = TIMELINE.search(log_text)
     if not m:
         return {}
-    marks = sorted(json.loads(m.group(1)).items(), key=lambda kv: kv[1])
+    marks = sorted(((k, v) for k, v in json.loads(m.group(1)).items() if k not in BACKGROUND_MARKS),
+                   key=lambda kv: kv[1])
     names = {"imported": "import", "runner": "engine_setup", "cuda_init": "cuda_init",
              "distributed_and_graph_backend": "graph_backend_open", "weights": "weights", "kv_cache": "kv_cache",
              "graphs": "graphs", "engine": "engine_finish", "listening": "http_listen"}
@@ -122,6 +130,20 @@ def phases(log_text: str, t_launch: float, healthy_s) -> dict:
         prev = t
     if healthy_s is not None:
         out["health_poll"] = t_launch + healthy_s - prev
+    return out
+
+
+def background(log_text: str, t_launch: float) -> dict:
+    """The early load's end in seconds since launch, and how long restore() waited for it (when logged)."""
+    out = {}
+    m = TIMELINE.search(log_text)
+    if m:
+        marks = json.loads(m.group(1))
+        if "early_load_ready" in marks:
+            out["early_load_ready_s"] = marks["early_load_ready"] - t_launch
+    wait = PRELOAD_WAIT.search(log_text)
+    if wait:
+        out["restore_waited_s"] = float(wait.group(1))
     return out
 
 
@@ -215,6 +237,8 @@ def summarize(runs: dict) -> dict:
         fastest = min(ok, key=lambda s: s["healthy_s"]) if ok else {}
         summary[mode] = {"healthy_s": best(starts, "healthy_s"), "first_token_s": best(starts, "first_token_s"),
                          "first_request_ttft_s": fastest.get("first_request_ttft_s"),
+                         "early_load_ready_s": fastest.get("early_load_ready_s"),
+                         "restore_waited_s": fastest.get("restore_waited_s"),
                          "phases_s": fastest.get("phases_s", {}), "starts_ok": f"{len(ok)}/{len(starts)}"}
     eager, load = summary.get("eager", {}), summary.get("load", {})
     verdict = {"target": f"LOAD healthy <= eager healthy + {TARGET_S} s"}
@@ -308,6 +332,11 @@ def print_table(doc: dict) -> None:
         for name, u in st["archives"].items():
             print(f"| {name[:48]} | {u['graphs']} | {u['file_bytes'] / 1e6:.1f} | {u['shared_bytes'] / 1e6:.1f} | "
                   f"{u['own_bytes'] / 1e6:.1f} |")
+    load = s.get("load") or {}
+    if load.get("restore_waited_s") is not None:
+        ready = load.get("early_load_ready_s")
+        print(f"\nLOAD: early load ready {'n/a (not started)' if ready is None else f'{ready:.2f} s'} after launch; "
+              f"restore() waited {load['restore_waited_s']:.3f} s for the kernels")
     v = s["verdict"]
     if "met" in v:
         print(f"\nverdict: {v['target']}: {'MET' if v['met'] else 'NOT MET'} (LOAD - eager = "

@@ -196,30 +196,16 @@ class FoundryGraphBackend(TorchGraphBackend):
         """Backend for the built-in engine: one archive per rank under ``args.foundry_archive`` (a directory),
         keyed by everything that changes the decode graphs."""
         from foundry_core import Session
-        from foundry_sglang.graphs.keys import RankLayout, archive_key
+        from foundry_sglang.engine.preload import archive_target
 
-        config = args.foundry_config()
-        layout = RankLayout(tp_size=args.tp, tp_rank=rank if args.tp > 1 else 0,
-                            ep_size=args.ep, ep_rank=rank if args.ep > 1 else 0)
-        material = {
-            "model": args.model, "dtype": str(args.dtype), "page_size": args.page_size,
-            "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-            "cuda_graph_bs": list(args.graph_batch_sizes()), "num_kv_pages": args.num_kv_pages, "seed": args.seed,
-        }
-        world = args.world_size
-        # A TP/EP layout has ONE rank template (no rank in key or path) that every rank restores; its ranks never
-        # SAVE in place (their graphs hold live NCCL state): rank 0 saves the template on one GPU first
-        # (prepare_layout), then every rank loads it, or every rank captures live.
-        key = archive_key("builtin", args.model, material, layout, per_rank=world == 1)
-        path = key.path(config.archive_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        mode = config.mode if world == 1 else FoundryMode.LOAD
-        session = Session(path, mode=mode.session_mode, key=key.key, device=args.gpu_of(rank),
-                          rank=rank if world > 1 else None)
+        target = archive_target(args, rank)
+        target.path.parent.mkdir(parents=True, exist_ok=True)
+        session = Session(target.path, mode=target.mode.session_mode, key=target.key, device=target.device,
+                          rank=target.rank)
         backend = cls(session, barrier=barrier)
-        if world > 1:
+        if args.world_size > 1:
             backend.layout_args = args
-            backend.requested_mode = config.mode
+            backend.requested_mode = args.foundry_config().mode
         return backend
 
     @property

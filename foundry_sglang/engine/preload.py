@@ -1,0 +1,117 @@
+"""Foundry LOAD started at process start by ``python -m foundry_sglang.engine``.
+
+The server spends seconds importing torch and the engine and creating its CUDA context before its graph backend
+opens the archive; the archive checks and the kernel images need none of that. :func:`start_from_argv` parses
+the server's own flags, works out the archive the graph backend will open (:func:`archive_target`, the one place
+that rule lives) and, when that archive exists and may be loaded, starts ``foundry_core.preload`` for it; the
+backend's ``Session.open()`` adopts it later. Nothing here imports torch.
+
+Only a single-rank GPU server with ``--foundry-mode load`` or ``auto`` and an existing archive starts one
+(``FOUNDRY_EARLY_LOAD=0`` turns it off): TP/EP ranks are processes of their own, and a rank template may first be
+saved by rank 0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from foundry_sglang.graphs.keys import RankLayout, archive_key
+from foundry_sglang.graphs.settings import FoundryMode
+
+from .config import EngineArgs
+
+__all__ = ["ENV_EARLY_LOAD", "ArchiveTarget", "archive_target", "early_load_marks", "early_target",
+           "start_from_argv"]
+
+#: "0" turns the early load off (the graph backend then opens the archive itself, as it always can).
+ENV_EARLY_LOAD = "FOUNDRY_EARLY_LOAD"
+
+
+@dataclass(frozen=True)
+class ArchiveTarget:
+    """The archive one rank's graph backend uses, and how (``foundry_core.Session`` arguments)."""
+
+    path: Path
+    key: str
+    mode: FoundryMode  # what the session is asked to do (a TP/EP rank always loads its layout's template)
+    device: int  # CUDA ordinal
+    rank: Optional[int]  # the rank of a rank template; None for a single-rank archive
+
+
+def archive_target(args: EngineArgs, rank: int = 0) -> ArchiveTarget:
+    """Rank ``rank``'s archive under ``--foundry-archive`` (a directory), keyed by everything that changes the
+    decode graphs. Pure: needs neither torch nor the archive."""
+    config = args.foundry_config()
+    layout = RankLayout(tp_size=args.tp, tp_rank=rank if args.tp > 1 else 0,
+                        ep_size=args.ep, ep_rank=rank if args.ep > 1 else 0)
+    material = {
+        "model": args.model, "dtype": str(args.dtype), "page_size": args.page_size,
+        "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+        "cuda_graph_bs": list(args.graph_batch_sizes()), "num_kv_pages": args.num_kv_pages, "seed": args.seed,
+    }
+    world = args.world_size
+    # A TP/EP layout has ONE rank template (no rank in key or path) that every rank restores; its ranks never
+    # SAVE in place (their graphs hold live NCCL state): rank 0 saves the template on one GPU first
+    # (FoundryGraphBackend.prepare_layout), then every rank loads it, or every rank captures live.
+    key = archive_key("builtin", args.model, material, layout, per_rank=world == 1)
+    return ArchiveTarget(path=key.path(config.archive_dir), key=key.key,
+                         mode=config.mode if world == 1 else FoundryMode.LOAD, device=args.gpu_of(rank),
+                         rank=rank if world > 1 else None)
+
+
+def early_target(args: EngineArgs) -> Optional[ArchiveTarget]:
+    """The archive to start loading at process start, or None when the server will not load one here."""
+    if (args.world_size != 1 or args.device == "cpu" or args.disable_cuda_graph
+            or not args.foundry_config().enabled or os.environ.get(ENV_EARLY_LOAD, "1") == "0"):
+        return None
+    target = archive_target(args)
+    if target.mode not in (FoundryMode.LOAD, FoundryMode.AUTO) or not target.path.exists():
+        return None
+    return target
+
+
+class _BadFlags(ValueError):
+    pass
+
+
+def _refuse(message: str):
+    raise _BadFlags(message)
+
+
+def start_from_argv(argv: Sequence[str]):
+    """Parse the server's flags, set up logging as the server will, and start the early load of the archive the
+    graph backend will open; returns the ``foundry_core.EarlyLoad``, or None (no such archive here, or flags
+    that ``main()`` will refuse or answer itself, such as ``--help``)."""
+    from .flags import build_arg_parser, configure_logging, engine_args_from
+
+    argv = list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        return None
+    parser = build_arg_parser()
+    parser.error = _refuse  # main() reports bad flags, once
+    try:
+        ns = parser.parse_args(argv)
+        if ns.standby:
+            return None
+        args = engine_args_from(ns)
+        args.validate()
+        target = early_target(args)
+    except (ValueError, argparse.ArgumentError):  # ConfigError is a ValueError
+        return None
+    if target is None:
+        return None
+    configure_logging(ns.log_level)  # so that the load's own log lines are not lost before main() sets it up
+    import foundry_core
+
+    return foundry_core.preload(target.path, target.key, device=target.device, rank=target.rank)
+
+
+def early_load_marks(early) -> dict[str, float]:
+    """Startup-timeline marks of an early load: when it started and when its thread had finished (wall clock)."""
+    marks = {"early_load_started": early.started_at}
+    if early.finished:
+        marks["early_load_ready"] = early.finished_at
+    return marks
