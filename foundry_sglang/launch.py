@@ -156,14 +156,17 @@ def run_sglang(rest: list[str], env: dict[str, str]) -> int:
 
 def run_builtin(rest: list[str], env: dict[str, str]) -> int:
     """The built-in engine; our settings go to its own --foundry-archive/--foundry-mode flags (flags the user
-    already gave it win)."""
-    engine_server = importlib.import_module("foundry_sglang.engine.server")
+    already gave it win). A Foundry LOAD starts preparing before the engine (and torch) is imported."""
+    from foundry_sglang.engine.preload import start_from_argv
+
     present = {a.split("=", 1)[0] for a in rest}
     extra: list[str] = []
     for flag, value in (("--foundry-archive", env.get(ENV_ARCHIVE)), ("--foundry-mode", env[ENV_MODE])):
         if value and flag not in present:
             extra += [flag, value]
-    return int(engine_server.main(rest + extra) or 0)
+    early = start_from_argv(rest + extra)
+    engine_server = importlib.import_module("foundry_sglang.engine.server")
+    return int(engine_server.main(rest + extra, early=early) or 0)
 
 
 def run_elastic(rest: list[str], env: dict[str, str]) -> int:
