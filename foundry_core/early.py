@@ -106,8 +106,9 @@ class EarlyLoad:
 
     def start(self) -> "EarlyLoad":
         self.started_at = time.time()
-        # The driver reads the module loading mode once, at cuInit, which this thread may now be first to call;
-        # set the default PyTorch sets before its own first cuInit.
+        # The driver reads the module loading mode once, at cuInit, which this thread may now be first to call:
+        # keep the mode torch would have given the process (PyTorch releases that set it set LAZY unless the user
+        # chose; lazy is also the driver's own default since CUDA 12.2).
         os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
         self._thread.start()
         atexit.register(self._thread.join, _EXIT_WAIT_S)
@@ -219,7 +220,7 @@ class EarlyLoad:
             from foundry_core.native import native_lib
 
             native_lib()
-        except FoundryError as e:  # the arena reports it where it is needed
+        except Exception as e:  # a warm-up only: the arena reports the problem where it needs the helper
             log.debug("foundry: native helper not ready early: %s", e)
 
     def __repr__(self) -> str:
