@@ -11,6 +11,7 @@ then waited for it. Modes:
   eager    --disable-cuda-graph
   capture  live CUDA-graph capture of the decode batch sizes (PyTorch, SGLang-style)
   load     Foundry LOAD of the archive that one ``save`` start (not timed against the others) wrote first
+  load_late  the same with the early load off (FOUNDRY_EARLY_LOAD=0; not run unless asked for in --modes)
 Starts run interleaved (eager, capture, load, eager, ...) after the save start, which also warms the page cache.
 Then one more process restores the archive and times decode steps at bs 1/8/64/256 eagerly and through the
 restored graphs (TPOT). Target: best LOAD time to healthy <= best eager + 0.1 s. Writes start.json and start.png
@@ -37,10 +38,13 @@ sys.path.insert(0, str(ROOT))
 TPOT_BS = [1, 8, 64, 256]
 TARGET_S = 0.1
 MODES = ("eager", "capture", "load")
+ALL_MODES = MODES + ("load_late",)
 MODE_FLAGS = {"eager": ["--disable-cuda-graph"], "capture": ["--foundry-mode", "off"],
               "save": ["--foundry-mode", "save"], "load": ["--foundry-mode", "load"],
+              "load_late": ["--foundry-mode", "load"],
               # another graph set (another archive key), as a second TP/EP layout would have
               "save_second_layout": ["--foundry-mode", "save", "--cuda-graph-max-bs", "128"]}
+MODE_ENV = {"load_late": {"FOUNDRY_EARLY_LOAD": "0"}}
 TIMELINE = re.compile(r"startup timeline: (\{.*\})")
 #: Timeline marks of work beside the start-up sequence (the early load): reported, but they end no phase.
 BACKGROUND_MARKS = ("early_load_started", "early_load_ready")
@@ -78,7 +82,7 @@ def start_once(mode: str, a, log_path: Path) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "foundry_sglang.engine", *server_flags(a), *MODE_FLAGS[mode], "--port", str(port)]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **MODE_ENV.get(mode, {}))
     url = f"http://127.0.0.1:{port}"
     out: dict = {"mode": mode, "ok": False}
     with open(log_path, "w") as log:
@@ -134,8 +138,13 @@ def phases(log_text: str, t_launch: float, healthy_s) -> dict:
 
 
 def background(log_text: str, t_launch: float) -> dict:
-    """The early load's end in seconds since launch, and how long restore() waited for it (when logged)."""
+    """The early load's end in seconds since launch, whether the graph backend adopted it, and how long restore()
+    waited for the kernels (when logged)."""
     out = {}
+    if "foundry: using the early load of" in log_text:
+        out["early_load_adopted"] = True
+    elif "foundry: not using the early load of" in log_text:
+        out["early_load_adopted"] = False
     m = TIMELINE.search(log_text)
     if m:
         marks = json.loads(m.group(1))
@@ -238,6 +247,7 @@ def summarize(runs: dict) -> dict:
         summary[mode] = {"healthy_s": best(starts, "healthy_s"), "first_token_s": best(starts, "first_token_s"),
                          "first_request_ttft_s": fastest.get("first_request_ttft_s"),
                          "early_load_ready_s": fastest.get("early_load_ready_s"),
+                         "early_load_adopted": fastest.get("early_load_adopted"),
                          "restore_waited_s": fastest.get("restore_waited_s"),
                          "phases_s": fastest.get("phases_s", {}), "starts_ok": f"{len(ok)}/{len(starts)}"}
     eager, load = summary.get("eager", {}), summary.get("load", {})
@@ -263,7 +273,7 @@ def plot(doc: dict, path: Path) -> None:
     except ImportError:
         return
     s = doc["summary"]
-    modes = [m for m in MODES if s.get(m, {}).get("phases_s")]
+    modes = [m for m in ALL_MODES if s.get(m, {}).get("phases_s")]
     order = ["import", "engine_setup", "cuda_init", "graph_backend_open", "weights", "kv_cache", "graphs",
              "engine_finish", "http_listen", "health_poll"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
@@ -305,7 +315,7 @@ def print_table(doc: dict) -> None:
     print("| mode | healthy (s) | first token (s) | TTFT after healthy (s) | import | CUDA init | weights | KV "
           "| graphs | starts ok |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for mode in MODES:
+    for mode in ALL_MODES:
         m = s.get(mode)
         if not m:
             continue
@@ -332,11 +342,14 @@ def print_table(doc: dict) -> None:
         for name, u in st["archives"].items():
             print(f"| {name[:48]} | {u['graphs']} | {u['file_bytes'] / 1e6:.1f} | {u['shared_bytes'] / 1e6:.1f} | "
                   f"{u['own_bytes'] / 1e6:.1f} |")
-    load = s.get("load") or {}
-    if load.get("restore_waited_s") is not None:
-        ready = load.get("early_load_ready_s")
-        print(f"\nLOAD: early load ready {'n/a (not started)' if ready is None else f'{ready:.2f} s'} after launch; "
-              f"restore() waited {load['restore_waited_s']:.3f} s for the kernels")
+    for mode in ("load", "load_late"):
+        load = s.get(mode) or {}
+        if load.get("restore_waited_s") is None:
+            continue
+        ready, adopted = load.get("early_load_ready_s"), load.get("early_load_adopted")
+        early = "no early load" if ready is None else f"early load ready {ready:.2f} s after launch" + (
+            "" if adopted else " but NOT adopted (see the start's log)")
+        print(f"\n{mode}: {early}; restore() waited {load['restore_waited_s']:.3f} s for the kernels")
     v = s["verdict"]
     if "met" in v:
         print(f"\nverdict: {v['target']}: {'MET' if v['met'] else 'NOT MET'} (LOAD - eager = "
@@ -351,7 +364,7 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:qwen3-8b?vocab_size=320",
                     help="model or builtin preset (default: the Qwen3-8B shape, byte-level vocabulary)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu only for a smoke test (eager)")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma list of eager, capture, load")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of eager, capture, load, load_late")
     ap.add_argument("--starts", type=int, default=2, help="timed starts per mode (the best one is reported)")
     ap.add_argument("--kv-pages", type=int, default=8192, help="KV-cache pages of 16 tokens (same for every mode)")
     ap.add_argument("--tpot-iters", type=int, default=50, help="timed decode steps per batch size")
@@ -381,7 +394,7 @@ def main() -> None:
     logs.mkdir(exist_ok=True)
     modes = [m for m in a.modes.split(",") if m]
     runs: dict = {m: [] for m in modes}
-    if "load" in modes:
+    if "load" in modes or "load_late" in modes:
         import shutil
 
         shutil.rmtree(a.archive_dir, ignore_errors=True)

@@ -106,6 +106,8 @@ def test_start_benchmark_keeps_the_early_load_out_of_the_phases():
     spec.loader.exec_module(bench)
     marks = {"imported": 103.0, "early_load_started": 100.1, "early_load_ready": 100.5, "runner": 103.2}
     log = (f"x INFO startup timeline: {json.dumps(marks)}\n"
+           "z INFO foundry_core.session: foundry: using the early load of /a/m.foundry (archive checked)\n"
            "y INFO foundry: restore() of 3 graphs: ..., preloader wait 0.004s (its tables 0.010s, ...)\n")
     assert bench.phases(log, 100.0, None) == pytest.approx({"import": 3.0, "engine_setup": 0.2})
-    assert bench.background(log, 100.0) == pytest.approx({"early_load_ready_s": 0.5, "restore_waited_s": 0.004})
+    assert bench.background(log, 100.0) == pytest.approx({"early_load_ready_s": 0.5, "restore_waited_s": 0.004,
+                                                          "early_load_adopted": True})
