@@ -176,6 +176,8 @@ class Session:
         self.close()
 
     def open(self) -> "Session":
+        """Decide the mode and arm the session (see the module docstring). LOAD and auto first adopt an early load
+        of this archive (``foundry_core.preload``) when one matches; otherwise they open the archive here."""
         if self.mode is not None:
             return self
         t0 = time.perf_counter()
