@@ -5,7 +5,8 @@
 Workload: ATen elementwise + reductions, cuBLAS GEMMs, SDPA, a torch.compile'd function (Triton kernels) on a
 second stream joined by events; several graphs (batch sizes) captured into one pool. Process B runs the same
 initialisation, restores without any forward call, writes fresh random inputs and replays; outputs must equal
-process A's bitwise for every graph and input set. Also: base taken -> clear error; changed key -> refused;
+process A's bitwise for every graph and input set; so must process C's, which starts ``foundry_core.preload``
+before importing torch and whose Session must adopt it. Also: base taken -> clear error; changed key -> refused;
 host node -> refused at SAVE. Prints a verdict table last.
 """
 from __future__ import annotations
@@ -122,10 +123,12 @@ def run_save(archive: str, result: str) -> None:
     }))
 
 
-def run_load(archive: str, result: str) -> None:
+def run_load(archive: str, result: str, early: bool = False) -> None:
+    """Process B; ``early``: process C, which starts ``foundry_core.preload`` before importing torch."""
     import foundry_core as fc
 
     t0 = time.perf_counter()
+    pre = fc.preload(archive, key=KEY, device=0) if early else None
     s = fc.Session(archive, mode="load", key=KEY)
     s.open()
     t_open = time.perf_counter() - t0
@@ -151,6 +154,7 @@ def run_load(archive: str, result: str) -> None:
     Path(result).write_text(json.dumps({
         "hashes": hashes, "open_s": t_open, "restore_first_s": t_first, "restore_all_s": t_all,
         "stats": {k: v for k, v in vars(st).items() if k != "per_graph"},
+        "early": None if pre is None else {"adopted": pre.adopted, "seconds": pre.finished_at - pre.started_at},
     }))
 
 
@@ -221,13 +225,13 @@ def sub(mode: str, *args: str, timeout: int = 300) -> tuple[int, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", nargs="?", default="all",
-                    choices=["all", "save", "load", "taken", "wrong-key", "host-node"])
+                    choices=["all", "save", "load", "load-early", "taken", "wrong-key", "host-node"])
     ap.add_argument("args", nargs="*")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/foundry-check"))
     a = ap.parse_args()
     if a.mode != "all":
-        {"save": run_save, "load": run_load, "taken": run_taken, "wrong-key": run_wrong_key,
-         "host-node": run_host_node}[a.mode](*a.args)
+        {"save": run_save, "load": run_load, "load-early": lambda *args: run_load(*args, early=True),
+         "taken": run_taken, "wrong-key": run_wrong_key, "host-node": run_host_node}[a.mode](*a.args)
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,6 +272,18 @@ def main() -> int:
                          f"all {load['restore_all_s']:.3f}s, images {st['images_seconds']:.3f}s, "
                          f"nodes {st['num_nodes']}, build {st['build_seconds']:.3f}s, "
                          f"inst {st['instantiate_seconds']:.3f}s"))
+        rc, text = step("load-early", "load-early", archive, str(out / "load_early.json"))
+        if rc != 0:
+            print(text[-4000:])
+            rows.append(("LOAD after foundry_core.preload (process C)", "FAIL", f"rc={rc}"))
+        else:
+            load = json.loads((out / "load_early.json").read_text())
+            same = sum(load["hashes"][k] == save["hashes"][k] for k in save["hashes"])
+            ok = same == len(save["hashes"]) and load["early"]["adopted"]
+            rows.append(("LOAD after foundry_core.preload (process C)", "PASS" if ok else "FAIL",
+                         f"{same}/{len(save['hashes'])} equal, adopted={load['early']['adopted']}, early load "
+                         f"{load['early']['seconds']:.3f}s, open {load['open_s']:.3f}s, restore waited "
+                         f"{load['stats']['preload_wait_seconds']:.3f}s"))
     for name, mode, expect in [("LOAD with arena base taken", "taken", "ArenaUnavailable"),
                                ("LOAD with changed key (fingerprint)", "wrong-key", "IncompatibleArchive"),
                                ("graph with a host node at SAVE", "host-node", "UnsupportedGraph")]:
