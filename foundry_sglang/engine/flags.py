@@ -42,6 +42,16 @@ def _bs_list(text: str) -> List[int]:
     return sizes
 
 
+def _gpu_id_list(text: str) -> List[int]:
+    try:
+        ids = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected GPU indices like '0,1'") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError("GPU indices must be 0 or more")
+    return ids
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Engine flags (SGLang spelling), shared by the server, the launcher and the elastic workers."""
     g = parser.add_argument_group("engine")
@@ -76,7 +86,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph-bs-decode", "--cuda-graph-bs", dest="cuda_graph_bs", type=_bs_list,
                    default=None, help="decode batch sizes to capture (default SGLang's H200 list "
                                       "1,2,4,8,12,16,24,...,256)")
-    g.add_argument("--gpu-ids", type=_bs_list, default=None,
+    g.add_argument("--gpu-ids", type=_gpu_id_list, default=None,
                    help="comma-separated GPU index per rank (default: rank r on GPU r); repeating an index puts "
                         "several ranks on one GPU (NCCL then runs over sockets; for tests)")
     g.add_argument("--disable-cuda-graph", action="store_true", help="decode eagerly on the GPU")

@@ -89,3 +89,13 @@ def test_the_other_rank_of_a_killed_engine_exits_with_one_line():
     text = "".join(lines)
     assert "Traceback" not in text, text[-3000:]
     assert re.search(r"rank 1 .*exits", text), text[-2000:]
+
+
+def test_gpu_ids_take_gpu_zero_and_refuse_negative_indices():
+    # An elastic TP=2 worker is started with --gpu-ids 0,1; the flag once shared the batch-size parser (">= 1").
+    from foundry_sglang.engine.flags import build_arg_parser
+
+    assert build_arg_parser().parse_args(["--gpu-ids", "0,1"]).gpu_ids == [0, 1]
+    assert build_arg_parser().parse_args(["--gpu-ids", "1 0"]).gpu_ids == [1, 0]
+    assert_one_line(*launch("--device", "cpu", "--port", "0", "--gpu-ids", "0,-1", module="foundry_sglang.engine"),
+                    "GPU indices must be 0 or more")
