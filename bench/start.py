@@ -11,7 +11,8 @@ then waited for it. Modes:
   eager    --disable-cuda-graph
   capture  live CUDA-graph capture of the decode batch sizes (PyTorch, SGLang-style)
   load     Foundry LOAD of the archive that one ``save`` start (not timed against the others) wrote first
-  load_late  the same with the early load off (FOUNDRY_EARLY_LOAD=0; not run unless asked for in --modes)
+  load_early the same with the early load on (FOUNDRY_EARLY_LOAD=1, off by default; run when asked for in --modes;
+             results of 2026-11-30 called the early-load start "load" and the default one "load_early")
 Starts run interleaved (eager, capture, load, eager, ...) after the save start, which also warms the page cache.
 Then one more process restores the archive and times decode steps at bs 1/8/64/256 eagerly and through the
 restored graphs (TPOT). Target: best LOAD time to healthy <= best eager + 0.1 s. Writes start.json and start.png
@@ -38,13 +39,13 @@ sys.path.insert(0, str(ROOT))
 TPOT_BS = [1, 8, 64, 256]
 TARGET_S = 0.1
 MODES = ("eager", "capture", "load")
-ALL_MODES = MODES + ("load_late",)
+ALL_MODES = MODES + ("load_early",)
 MODE_FLAGS = {"eager": ["--disable-cuda-graph"], "capture": ["--foundry-mode", "off"],
               "save": ["--foundry-mode", "save"], "load": ["--foundry-mode", "load"],
-              "load_late": ["--foundry-mode", "load"],
+              "load_early": ["--foundry-mode", "load"],
               # another graph set (another archive key), as a second TP/EP layout would have
               "save_second_layout": ["--foundry-mode", "save", "--cuda-graph-max-bs", "128"]}
-MODE_ENV = {"load_late": {"FOUNDRY_EARLY_LOAD": "0"}}
+MODE_ENV = {"load_early": {"FOUNDRY_EARLY_LOAD": "1"}}
 TIMELINE = re.compile(r"startup timeline: (\{.*\})")
 #: Timeline marks of work beside the start-up sequence (the early load): reported, but they end no phase.
 BACKGROUND_MARKS = ("early_load_started", "early_load_ready")
@@ -342,7 +343,7 @@ def print_table(doc: dict) -> None:
         for name, u in st["archives"].items():
             print(f"| {name[:48]} | {u['graphs']} | {u['file_bytes'] / 1e6:.1f} | {u['shared_bytes'] / 1e6:.1f} | "
                   f"{u['own_bytes'] / 1e6:.1f} |")
-    for mode in ("load", "load_late"):
+    for mode in ("load", "load_early"):
         load = s.get(mode) or {}
         if load.get("restore_waited_s") is None:
             continue
@@ -364,7 +365,7 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:qwen3-8b?vocab_size=320",
                     help="model or builtin preset (default: the Qwen3-8B shape, byte-level vocabulary)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu only for a smoke test (eager)")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma list of eager, capture, load, load_late")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of eager, capture, load, load_early")
     ap.add_argument("--starts", type=int, default=2, help="timed starts per mode (the best one is reported)")
     ap.add_argument("--kv-pages", type=int, default=8192, help="KV-cache pages of 16 tokens (same for every mode)")
     ap.add_argument("--tpot-iters", type=int, default=50, help="timed decode steps per batch size")
@@ -394,7 +395,7 @@ def main() -> None:
     logs.mkdir(exist_ok=True)
     modes = [m for m in a.modes.split(",") if m]
     runs: dict = {m: [] for m in modes}
-    if "load" in modes or "load_late" in modes:
+    if "load" in modes or "load_early" in modes:
         import shutil
 
         shutil.rmtree(a.archive_dir, ignore_errors=True)

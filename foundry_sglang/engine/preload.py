@@ -6,9 +6,11 @@ the server's own flags, works out the archive the graph backend will open (:func
 that rule lives) and, when that archive exists and may be loaded, starts ``foundry_core.preload`` for it; the
 backend's ``Session.open()`` adopts it later. Nothing here imports torch.
 
-Only a single-rank GPU server with ``--foundry-mode load`` or ``auto`` and an existing archive starts one
-(``FOUNDRY_EARLY_LOAD=0`` turns it off): TP/EP ranks are processes of their own, and a rank template may first be
-saved by rank 0.
+Opt-in (``FOUNDRY_EARLY_LOAD=1``), and then only for a single-rank GPU server with ``--foundry-mode load`` or
+``auto`` and an existing archive: TP/EP ranks are processes of their own, and a rank template may first be saved
+by rank 0. Off by default because on the H200 it did not pay: it removed restore()'s wait for the kernels
+(0.23-0.24 s -> 0) but its Python work, run while the main thread imports torch, slowed the import by as much
+(bench/start.py, 2026-11-30: best LOAD time to healthy 4.30/4.47 s with it, 4.20/4.33 s without).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from .config import EngineArgs
 __all__ = ["ENV_EARLY_LOAD", "ArchiveTarget", "archive_target", "early_load_marks", "early_target",
            "start_from_argv"]
 
-#: "0" turns the early load off (the graph backend then opens the archive itself, as it always can).
+#: "1" turns the early load on (by default the graph backend opens the archive itself).
 ENV_EARLY_LOAD = "FOUNDRY_EARLY_LOAD"
 
 
@@ -65,7 +67,7 @@ def archive_target(args: EngineArgs, rank: int = 0) -> ArchiveTarget:
 def early_target(args: EngineArgs) -> Optional[ArchiveTarget]:
     """The archive to start loading at process start, or None when the server will not load one here."""
     if (args.world_size != 1 or args.device == "cpu" or args.disable_cuda_graph
-            or not args.foundry_config().enabled or os.environ.get(ENV_EARLY_LOAD, "1") == "0"):
+            or not args.foundry_config().enabled or os.environ.get(ENV_EARLY_LOAD, "0") != "1"):
         return None
     target = archive_target(args)
     if target.mode not in (FoundryMode.LOAD, FoundryMode.AUTO) or not target.path.exists():

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(autouse=True)
 def no_early_loads_left(monkeypatch):
-    monkeypatch.delenv(preload.ENV_EARLY_LOAD, raising=False)
+    monkeypatch.setenv(preload.ENV_EARLY_LOAD, "1")  # opt-in; test_early_load_is_off_by_default checks the default
     yield
     for e in early.started():
         e.discard()
@@ -77,6 +77,13 @@ def test_no_early_load_where_the_server_will_not_load_an_existing_archive(tmp_pa
     assert capsys.readouterr().err == ""  # errors are main()'s to report, once
 
 
+def test_early_load_is_off_by_default(tmp_path, monkeypatch):
+    argv = argv_for(tmp_path, "--foundry-mode", "load")
+    put_archive(argv)
+    monkeypatch.delenv(preload.ENV_EARLY_LOAD)
+    assert preload.start_from_argv(argv) is None and early.started() == []
+
+
 @pytest.mark.parametrize("mode", ["auto", "load", "save"])
 def test_an_existing_archive_is_loaded_early_unless_saving_or_turned_off(tmp_path, mode, monkeypatch):
     argv = argv_for(tmp_path, "--foundry-mode", mode)
@@ -96,7 +103,7 @@ def test_reading_flags_and_starting_the_early_load_import_no_torch(tmp_path):
             f"e = start_from_argv({argv!r}); assert e is not None; e.wait(); "
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+                       env=dict(os.environ, PYTHONPATH=str(REPO), FOUNDRY_EARLY_LOAD="1"))
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
