@@ -8,9 +8,10 @@ bitwise (outputs poisoned before each replay). Rows:
 * layout: same-size reorder after the weights -> refused naming the divergent allocation; the graph backend in
   auto mode falls back to live capture (outputs still == SAVE); 1 GiB extra allocation -> refused; the normal
   LOAD order restores bitwise; LOAD cost of the layout check for a 10,000-record trace;
-* gemm (diagnostic): the bf16 GEMM toy that restored to different outputs without an error, in variants that
-  tell the candidate mechanisms apart (``check_gemm_toy``; docs/FIDELITY.md "The bf16 GEMM toy"); the last row
-  says which hypothesis the results leave standing;
+* gemm: the bf16 GEMM toy (cuBLASLt split-K GEMMs whose kernels a programmatic/PDL edge links) restores bitwise
+  in every variant (``check_gemm_toy``; it restored to garbage until edges with edge data were added one per
+  driver call, docs/FIDELITY.md "The bf16 GEMM toy"); the variants and the last row tell mechanisms apart if it
+  ever fails again;
 * third-party model code: transformers' own Qwen3 and Qwen3-MoE modeling classes (small random-weight configs),
   static-cache decode graphs over several batch sizes, two successive steps per input set;
 * RNG: a graph with dropout and torch.randn; restored stream == live stream over 5 replays;
