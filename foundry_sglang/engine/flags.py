@@ -32,24 +32,21 @@ class ServerLimits:
 
 
 
-def _bs_list(text: str) -> List[int]:
-    try:
-        sizes = [int(x) for x in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected batch sizes like '1 2 4 8' or '1,2,4,8'") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError("batch sizes must be positive")
-    return sizes
+def _int_list(what: str, example: str, minimum: int):
+    """An argparse type: a comma- or space-separated list of integers >= ``minimum``."""
+    def parse(text: str) -> List[int]:
+        try:
+            values = [int(x) for x in text.replace(",", " ").split()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} like {example!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be {minimum} or more")
+        return values
+    return parse
 
 
-def _gpu_id_list(text: str) -> List[int]:
-    try:
-        ids = [int(x) for x in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected GPU indices like '0,1'") from None
-    if not ids or min(ids) < 0:
-        raise argparse.ArgumentTypeError("GPU indices must be 0 or more")
-    return ids
+_bs_list = _int_list("batch sizes", "1,2,4,8", 1)
+_gpu_id_list = _int_list("GPU indices", "0,1", 0)  # not the batch-size rule: an elastic TP=2 worker gets "0,1"
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
