@@ -49,7 +49,7 @@ def main() -> int:
     raw = graph.raw_cuda_graph()
     reader = GraphReader()
     dg = reader.read(raw)
-    names = [reader.function_name(f)[:60] if hasattr(reader, "function_name") else hex(f) for f in dg.functions]
+    names = [reader.function_name(f)[:60] for f in dg.functions]
     print("captured nodes:", [(int(n["kind"]), int(n["ref"]), n["grid"].tolist(), int(n["payload_len"]),
                                int(n["attr_cnt"])) for n in dg.nodes])
     print("functions:", names)

@@ -156,6 +156,14 @@ def _save_run(tmp_path, sizes=(8, 4, 1)):
     return state, backend, calls
 
 
+def _reopen(tmp_path, mode="auto"):
+    """A fresh plugin state and a session opened on the archive ``_save_run`` wrote (as the next server start)."""
+    hooks.reset_state()
+    session = CpuStandInSession(tmp_path / "a.foundry", mode, key="k1")
+    session.open()
+    return session
+
+
 def test_save_captures_records_and_writes(loaded_plugin, tmp_path):
     state, backend, calls = _save_run(tmp_path)
     assert calls == [8, 8, 8, 4, 4, 4, 1, 1, 1]  # two warm-ups + capture per size
@@ -170,9 +178,7 @@ def test_save_captures_records_and_writes(loaded_plugin, tmp_path):
 
 def test_load_restores_without_forward_and_sglang_replay_is_untouched(loaded_plugin, tmp_path):
     _save_run(tmp_path)
-    hooks.reset_state()
-    session = CpuStandInSession(tmp_path / "a.foundry", "auto", key="k1")
-    session.open()
+    session = _reopen(tmp_path)
     assert session.mode == "load"
     state = install_state(session, "load")
     backend, calls = make_backend(), []
@@ -190,9 +196,7 @@ def test_load_restores_where_save_began_its_capture_phase(loaded_plugin, tmp_pat
     """SAVE's arena trace ends at capture_session; LOAD must restore (and compare its trace) there too, before
     SGLang's per-batch preparation allocates (a real 0.5.17 server was refused for one extra 2 MiB segment)."""
     _save_run(tmp_path)
-    hooks.reset_state()
-    session = CpuStandInSession(tmp_path / "a.foundry", "auto", key="k1")
-    session.open()
+    session = _reopen(tmp_path)
     events = []
     real_restore = session.restore
     session.restore = lambda order=None: (events.append("restore"), real_restore(order))[1]
@@ -208,9 +212,7 @@ def test_load_restores_where_save_began_its_capture_phase(loaded_plugin, tmp_pat
 
 def test_load_problem_falls_back_to_live_capture_with_one_line(loaded_plugin, tmp_path, caplog):
     _save_run(tmp_path)
-    hooks.reset_state()
-    session = CpuStandInSession(tmp_path / "a.foundry", "auto", key="k1")
-    session.open()
+    session = _reopen(tmp_path)
     session.fail_restore = "driver mismatch"
     state = install_state(session, "load")
     backend, calls = make_backend(), []
@@ -227,9 +229,7 @@ def test_load_problem_falls_back_to_live_capture_with_one_line(loaded_plugin, tm
 
 def test_missing_graph_in_archive_is_captured_live(loaded_plugin, tmp_path):
     _save_run(tmp_path, sizes=(8,))
-    hooks.reset_state()
-    session = CpuStandInSession(tmp_path / "a.foundry", "load", key="k1")
-    session.open()
+    session = _reopen(tmp_path, "load")
     state = install_state(session, "load")
     seen = []
     state.capture.live_capture = lambda b, key, fn, *a: seen.append(key.size)
