@@ -110,7 +110,7 @@ def restored_vs_live(runner, rounds: int = 6, reps: int = 20) -> dict:
     time them interleaved, so both see the same clocks; also compare their outputs bitwise."""
     import torch
 
-    from foundry_sglang.graph_backend import TorchGraphBackend
+    from foundry_sglang.engine.graphs import TorchGraphBackend
 
     restored = runner.graph_backend
     live = TorchGraphBackend()
@@ -137,8 +137,9 @@ def child(mode: str, model: str, archive: str, result: str) -> None:
     t_proc = time.perf_counter()
     import torch
 
+    from foundry_sglang.builtin.backend import FoundryGraphBackend
+    from foundry_sglang.engine.graphs import TorchGraphBackend
     from foundry_sglang.engine.model_runner import ModelRunner
-    from foundry_sglang.graph_backend import FoundryGraphBackend, TorchGraphBackend
 
     t_import = time.perf_counter() - t_proc
     args = engine_args(model)

@@ -84,9 +84,9 @@ def tpot(layers: int, iters: int) -> dict:
 
     import foundry_sglang.engine.model as model_mod
     from foundry_sglang.engine.config import EngineArgs
+    from foundry_sglang.engine.graphs import TorchGraphBackend
     from foundry_sglang.engine.model_runner import ModelRunner
     from foundry_sglang.engine.moe import all_experts_moe, routed_moe
-    from foundry_sglang.graph_backend import TorchGraphBackend
 
     args = EngineArgs(model=f"builtin:qwen3-30b-a3b?num_hidden_layers={layers}", device="cuda", dtype="bfloat16",
                       max_num_seqs=256, max_model_len=4096, page_size=16, num_kv_pages=256 * 16 + 1, seed=0)

@@ -104,6 +104,13 @@ class EarlyLoad:
         self._opened = threading.Event()
         self._thread = threading.Thread(target=self._run, name="foundry-early-load", daemon=True)
 
+    def timeline(self) -> dict[str, float]:
+        """Start-up timeline marks (wall clock): when the early load started and, once done, when it finished."""
+        marks = {"early_load_started": self.started_at}
+        if self.finished:
+            marks["early_load_ready"] = self.finished_at
+        return marks
+
     def start(self) -> "EarlyLoad":
         self.started_at = time.time()
         # The driver reads the module loading mode once, at cuInit, which this thread may now be first to call:

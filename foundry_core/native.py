@@ -188,6 +188,7 @@ def native_lib() -> ctypes.CDLL:
             "foundry_exec_destroy": (c_int, [p]),
             "foundry_graph_destroy": (c_int, [p]),
             "foundry_graph_edges": (c_int, [p, p, p, p, ctypes.POINTER(size)]),
+            "foundry_split_node": (c_int, [p, p, p, text, size]),
         })
         lib._foundry_typed = True
     return lib

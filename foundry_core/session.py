@@ -396,6 +396,16 @@ class Session:
             self._slot_recorder = SlotRecorder()
         return self._slot_recorder.launch(op, **fields)
 
+    def fill_captured(self, graph, filler: Callable, key: str = "") -> int:
+        """Give this SAVE process's own ``graph`` the real work of the placeholders captured into it (see
+        ``foundry_core.slots.fill_captured``); call after ``save()``. Returns the number of slots filled."""
+        self._require(SessionMode.SAVE)
+        if self._slot_recorder is None:
+            return 0
+        from foundry_core.slots import fill_captured
+
+        return fill_captured(graph, self._slot_recorder, filler, key)
+
     def add_graph(self, key: str, graph, outputs: Any, capture_seconds: float = 0.0) -> None:
         """Record a captured graph (made by ``new_graph()``) and its outputs for save()."""
         self._require(SessionMode.SAVE)

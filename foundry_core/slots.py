@@ -24,8 +24,8 @@ from foundry_core import schema
 from foundry_core.errors import FoundryError
 from foundry_core.native import check
 
-__all__ = ["SlotRecorder", "SlotFiller", "placeholder_function", "fill_slots", "check_fillable", "check_slot_specs",
-           "UnfilledSlot"]
+__all__ = ["SlotRecorder", "SlotFiller", "placeholder_function", "fill_slots", "fill_captured", "check_fillable",
+           "check_slot_specs", "UnfilledSlot"]
 
 log = logging.getLogger("foundry_core.slots")
 
@@ -71,11 +71,13 @@ class SlotRecorder:
     """SAVE side: hands out slot ids, launches the placeholder and keeps each slot's description.
 
     Placeholders launched outside a capture (warm-ups) run as no-ops; only those that end up in a saved graph
-    are written to the archive.
+    are written to the archive. A placeholder launched inside a capture also remembers its node, so that the SAVE
+    process itself can fill it with the real work (:func:`fill_captured`) and serve the graph it captured.
     """
 
     def __init__(self):
         self.specs: dict[int, schema.SlotSpec] = {}
+        self.nodes: dict[int, tuple[int, int]] = {}  # slot id -> (CUgraph being captured, its placeholder node)
         self._next = 1
         self._func: Optional[int] = None
 
@@ -97,7 +99,17 @@ class SlotRecorder:
         params = ((slot,), (ctypes.c_uint64,))
         check(drv.cuLaunchKernel(drv.CUfunction(self.function), 1, 1, 1, 1, 1, 1, 0, drv.CUstream(stream),
                                   params, 0), "cuLaunchKernel(slot placeholder)")
+        if torch.cuda.is_current_stream_capturing():  # the capture's frontier is now the placeholder node alone
+            info = check(drv.cuStreamGetCaptureInfo(drv.CUstream(stream)), "cuStreamGetCaptureInfo")
+            graph, deps, count = info[2], list(info[3]), int(info[-1])
+            if count != 1:
+                raise FoundryError(f"slot {slot} ({op}): the capture has {count} frontier nodes after its placeholder")
+            self.nodes[slot] = (int(graph), int(deps[0]))
         return slot
+
+    def placed(self, graph: int) -> list[tuple[schema.SlotSpec, int]]:
+        """(description, placeholder node) of every slot captured into CUgraph ``graph``, in slot order."""
+        return [(self.specs[i], node) for i, (g, node) in sorted(self.nodes.items()) if g == graph]
 
 
 def check_fillable(m: schema.Manifest, slot_ids: dict[int, list[int]], filler) -> dict[int, schema.SlotSpec]:
@@ -164,3 +176,35 @@ def fill_slots(graph: int, slot_nodes: Sequence[int], specs: Sequence[schema.Slo
         err = drv.cuStreamEndCapture(s)
     check(err, f"graph {key!r}: cuStreamEndCapture")
     return time.perf_counter() - t0
+
+
+def fill_captured(graph, recorder: SlotRecorder, filler: SlotFiller, key: str = "") -> int:
+    """SAVE side: give the process that captured ``graph`` (a ``torch.cuda.CUDAGraph`` made with
+    ``keep_graph=True``) the real work of its placeholders, then instantiate it again; returns the number filled.
+
+    Each placeholder node becomes the empty in/out pair LOAD builds (``_native/restore.c``), ``filler`` captures the
+    work between them exactly as at LOAD, and the graph is re-instantiated, so PyTorch's ``replay()`` (the caller's
+    own replay path, RNG bookkeeping included) runs the filled graph. Call it after ``Session.save()`` has read the
+    graph. Every rank calls it for the same graphs in the same order (collectives match by order).
+    """
+    import torch
+
+    from foundry_core.native import native_lib
+
+    raw = int(graph.raw_cuda_graph())
+    placed = recorder.placed(raw)
+    if not placed:
+        return 0
+    lib = native_lib()
+    err = ctypes.create_string_buffer(512)
+    nodes = (ctypes.c_void_p * 2)()
+    pairs: list[int] = []
+    for spec, node in placed:
+        if lib.foundry_split_node(raw, node, nodes, err, len(err)) != 0:
+            raise FoundryError(f"graph {key!r}, slot {spec.id}: {err.value.decode(errors='replace')}")
+        pairs += [int(nodes[0]), int(nodes[1])]
+    stream = torch.cuda.Stream()
+    fill_slots(raw, pairs, [spec for spec, _ in placed], filler, stream, key)
+    stream.synchronize()
+    graph.instantiate()
+    return len(placed)

@@ -18,6 +18,7 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from foundry_sglang.builtin.serve import main as serve_builtin
 from foundry_sglang.graphs.settings import (
     DEFAULT_ARCHIVE_DIR,
     ENV_ARCHIVE,
@@ -27,6 +28,7 @@ from foundry_sglang.graphs.settings import (
     FoundryConfig,
     FoundryMode,
 )
+from foundry_sglang.plugin import ENV_RANKS_SHARE_GPU
 from foundry_sglang.plugin.flags import PINS, UnsafeFlag, check_flags
 
 log = logging.getLogger("foundry_sglang.launch")
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--foundry-engine", choices=("auto", "sglang", "builtin"), default="auto",
                         help="auto (default): SGLang if it can be imported, a CUDA GPU is present and --model is not a "
                              "builtin: preset; else the built-in engine. sglang/builtin: insist on one")
+    parser.add_argument("--foundry-ranks-share-gpu", action="store_true",
+                        help="run every rank of a TP/EP server on --base-gpu-id (each rank its own NCCL host id, "
+                             "NCCL over loopback sockets): one GPU saves the rank template of a layout that fits "
+                             "in its memory; slower collectives, for saving templates and testing")
     parser.add_argument("--elastic", action="store_true",
                         help="start the elastic TP/EP controller (Ray) instead of a single server; "
                              "reserved for foundry_sglang.elastic")
@@ -91,7 +97,10 @@ def foundry_env(ours: argparse.Namespace, environ: Optional[dict] = None) -> dic
         config = FoundryConfig.resolve(ours.foundry_mode or env.get(ENV_MODE), archive)
     except ValueError as err:
         raise LaunchError(str(err)) from None
-    return config.to_env()
+    out = config.to_env()
+    if getattr(ours, "foundry_ranks_share_gpu", False):
+        out[ENV_RANKS_SHARE_GPU] = "1"
+    return out
 
 
 def sglang_available() -> Optional[str]:
@@ -132,6 +141,10 @@ def run_sglang(rest: list[str], env: dict[str, str]) -> int:
     from sglang.srt.server_args import prepare_server_args
 
     server_args = prepare_server_args(rest)
+    if mode is not FoundryMode.OFF and server_args.tp_size > 1 and not server_args.disable_custom_all_reduce:
+        # Custom all-reduce kernels hold IPC-mapped peer addresses no restore can re-create (plugin.parallel).
+        server_args.disable_custom_all_reduce = True
+        log.info("foundry: added --disable-custom-all-reduce (TP graphs restore with NCCL all-reduces)")
     if mode is not FoundryMode.OFF:
         try:
             reason = check_flags(server_args, mode)
@@ -157,16 +170,12 @@ def run_sglang(rest: list[str], env: dict[str, str]) -> int:
 def run_builtin(rest: list[str], env: dict[str, str]) -> int:
     """The built-in engine; our settings go to its own --foundry-archive/--foundry-mode flags (flags the user
     already gave it win). A Foundry LOAD starts preparing before the engine (and torch) is imported."""
-    from foundry_sglang.engine.preload import start_from_argv
-
     present = {a.split("=", 1)[0] for a in rest}
     extra: list[str] = []
     for flag, value in (("--foundry-archive", env.get(ENV_ARCHIVE)), ("--foundry-mode", env[ENV_MODE])):
         if value and flag not in present:
             extra += [flag, value]
-    early = start_from_argv(rest + extra)
-    engine_server = importlib.import_module("foundry_sglang.engine.server")
-    return int(engine_server.main(rest + extra, early=early) or 0)
+    return serve_builtin(rest + extra)
 
 
 def run_elastic(rest: list[str], env: dict[str, str]) -> int:

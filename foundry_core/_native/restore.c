@@ -292,3 +292,40 @@ int foundry_graph_edges(CUgraph g, CUgraphNode *from, CUgraphNode *to, CUgraphEd
 int foundry_launch(CUgraphExec exec, CUstream stream) { return (int)p_cuGraphLaunch(exec, stream); }
 int foundry_exec_destroy(CUgraphExec exec) { return (int)p_cuGraphExecDestroy(exec); }
 int foundry_graph_destroy(CUgraph g) { return (int)p_cuGraphDestroy(g); }
+
+/* Replace `node` of graph `g` by two unconnected empty nodes: in_out[0] takes its incoming edges, in_out[1] its
+ * outgoing edges; `node` is destroyed. Edge data on those edges is dropped (plain edges): whatever is filled in
+ * between starts after the predecessors have finished. SAVE uses it to turn a captured slot placeholder into the
+ * pair `foundry_core.slots.fill_slots` captures real work between, as the native builder does at LOAD. */
+int foundry_split_node(CUgraph g, CUgraphNode node, CUgraphNode *in_out, char *err, size_t errlen) {
+    CUresult r;
+    size_t n_in = 0, n_out = 0;
+    CUgraphNode *deps = NULL, *outs = NULL;
+    CUgraphEdgeData *data = NULL;
+    in_out[0] = in_out[1] = NULL;
+    if (foundry_driver_load(err, errlen)) return -1;
+    if ((r = p_cuGraphNodeGetDependencies(node, NULL, NULL, &n_in)) != CUDA_SUCCESS ||
+        (r = p_cuGraphNodeGetDependentNodes(node, NULL, NULL, &n_out)) != CUDA_SUCCESS)
+        BAIL("counting the edges of a slot placeholder: %s", foundry_cu_error_name(r));
+    deps = calloc(n_in + 1, sizeof *deps);
+    outs = calloc(n_out + 1, sizeof *outs);
+    data = calloc((n_in > n_out ? n_in : n_out) + 1, sizeof *data);
+    if (!deps || !outs || !data) BAIL("out of host memory");
+    /* edge data is asked for too: without it the driver refuses a node whose edges carry data (LOSSY_QUERY) */
+    if ((r = p_cuGraphNodeGetDependencies(node, deps, data, &n_in)) != CUDA_SUCCESS ||
+        (r = p_cuGraphNodeGetDependentNodes(node, outs, data, &n_out)) != CUDA_SUCCESS)
+        BAIL("reading the edges of a slot placeholder: %s", foundry_cu_error_name(r));
+    if ((r = p_cuGraphAddEmptyNode(&in_out[0], g, deps, n_in)) != CUDA_SUCCESS ||
+        (r = p_cuGraphAddEmptyNode(&in_out[1], g, NULL, 0)) != CUDA_SUCCESS)
+        BAIL("adding the empty nodes of a slot: %s", foundry_cu_error_name(r));
+    for (size_t i = 0; i < n_out; i++)
+        if ((r = p_cuGraphAddDependencies(g, &in_out[1], &outs[i], NULL, 1)) != CUDA_SUCCESS)
+            BAIL("reconnecting a slot's successors: %s", foundry_cu_error_name(r));
+    if ((r = p_cuGraphDestroyNode(node)) != CUDA_SUCCESS)
+        BAIL("removing a slot placeholder: %s", foundry_cu_error_name(r));
+    free(deps), free(outs), free(data);
+    return 0;
+fail:
+    free(deps), free(outs), free(data);
+    return -1;
+}

@@ -1,29 +1,30 @@
-"""Rank patching: one single-GPU capture serves every rank of a tensor/expert-parallel layout.
+"""Rank patching, for every engine: collectives become slots at SAVE, live collectives fill them at LOAD.
 
-How a TP/EP graph becomes restorable (built-in engine):
+A decode graph of one rank of a tensor/expert-parallel layout holds collectives welded to a live NCCL
+communicator. comm_patch keeps them out of the archive and puts them back in the new process:
 
-1. **SAVE on one GPU** (``template.save_template``): each virtual rank is captured in its own process on one GPU,
-   with every collective turned into a ``foundry_core`` slot placeholder (``collectives.PlaceholderCollectives``)
-   that records ``{slot, group, op, dtype, count, send, recv, order}``.
-2. **Differential capture** (``foundry_core.ranks``): rank 0 is captured twice (the differences are noise:
-   uninitialised argument padding) and every other rank once; ranks must be structurally identical, and what
-   still differs is stored as a small per-rank byte delta. Rank-dependent values that used to be kernel
-   arguments (vocabulary window, first local expert) are device tensors, so the deltas are normally empty.
-3. **LOAD on rank r of N** (``nccl.make_slot_filler``): the real communicator is up; rank 0's graphs are rebuilt,
-   rank r's delta applied, and each slot is filled by capturing the real collective into the restored graph in
-   the same order on every rank. A graph with an unfilled slot is never instantiated.
+1. **SAVE** (:mod:`.recording`): the engine adapter intercepts its engine's collectives while a SAVE captures and
+   records each as a ``foundry_core`` slot (a no-op placeholder kernel plus a ``SlotSpec``: op, group, dtype,
+   count, send/receive addresses in the arena, reduction).
+2. **One archive for every rank** (``foundry_core.ranks``): the ranks of a layout are structurally identical;
+   rank 0's graphs are stored once with a small per-rank byte delta (the rank template).
+3. **LOAD** (:mod:`.nccl`): the real communicators are up; each slot is filled by capturing the real collective
+   into the restored graph, in slot order on every rank, on the communicator of its group. The SAVE process
+   itself serves its graphs filled the same way (``foundry_core.Session.fill_captured``).
 
-SGLang's own TP graphs are not wired to this yet: ``sglang_state`` lists the rank-dependent state they hold
-(custom all-reduce IPC buffers, symmetric memory, NVLS, mscclpp) and the plugin refuses such layouts with a
-one-line message naming the flag to use.
+comm_patch knows no engine: each adapter supplies where its collectives are (the built-in engine's
+``foundry_sglang.builtin.collectives``, SGLang's ``foundry_sglang.plugin.collectives``) and the communicators of
+its groups.
 """
-from foundry_sglang.comm_patch.collectives import PlaceholderCollectives
-from foundry_sglang.comm_patch.sglang_state import (
-                                                    COMM_FLAGS,
-                                                    UnsupportedParallelRestore,
-                                                    check_parallel_restore,
-                                                    rank_dependent_state,
+from foundry_sglang.comm_patch.nccl import (
+    Communicator,
+    NcclCommunicator,
+    SlotFiller,
+    TorchCommunicator,
+    process_group_communicator,
+    torch_nccl_library,
 )
+from foundry_sglang.comm_patch.recording import OPS, REDUCTIONS, UnsupportedCollective, record_collective
 
-__all__ = ["PlaceholderCollectives", "COMM_FLAGS", "UnsupportedParallelRestore", "check_parallel_restore",
-           "rank_dependent_state"]
+__all__ = ["OPS", "REDUCTIONS", "Communicator", "NcclCommunicator", "SlotFiller", "TorchCommunicator",
+           "UnsupportedCollective", "process_group_communicator", "record_collective", "torch_nccl_library"]

@@ -1,40 +1,52 @@
-"""LOAD on a real rank: fill each slot by capturing the collective on the live NCCL communicator.
+"""LOAD (and the SAVE process itself): fill each slot by capturing the real collective on a live communicator.
 
-``NcclSlotFiller`` issues ``ncclAllReduce``/``ncclAllGather`` directly on the communicator that torch.distributed
-created for the default process group (``ProcessGroupNCCL._comm_ptr()``), on the stream that
-``foundry_core.slots.fill_slots`` is capturing into the restored graph — the same NCCL call torch makes for
-``dist.all_reduce``/``dist.all_gather_into_tensor`` inside a live capture, without torch's cross-stream events.
-Every rank fills the same slots in the same order, so the captured collectives match across ranks.
+A slot names its communication group (``SlotSpec.group``); the engine adapter hands :class:`SlotFiller` one
+communicator per group name, built from the communicators its engine already created:
 
-``TorchSlotFiller`` is the fallback where the communicator pointer is not exposed: it calls torch.distributed
-under the capture.
+* :class:`NcclCommunicator` issues ``ncclAllReduce`` / ``ncclAllGather`` / ``ncclReduceScatter`` on an NCCL
+  communicator through the very library that created it (torch's ``ProcessGroupNCCL`` communicator and torch's
+  libnccl: :func:`process_group_communicator`; SGLang's pynccl communicator and pynccl's library: the plugin);
+* :class:`TorchCommunicator` calls torch.distributed on a process group, where no communicator pointer is exposed.
+
+``foundry_core.slots.fill_slots`` runs the filler on a stream that is capturing into the restored graph, in slot
+order, the same order on every rank, so the captured collectives match across ranks. Whatever NCCL adds to a graph
+(kernels, the host nodes of proxy transports, the event nodes of graph mixing) exists only in these live pieces.
 """
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
-from typing import Optional
+from typing import Mapping, Optional, Protocol
 
 import torch
-import torch.distributed as dist
 
 from foundry_core import schema
 from foundry_core.errors import FoundryError
 from foundry_core.restore import tensor_at
 
-__all__ = ["NcclSlotFiller", "TorchSlotFiller", "make_slot_filler"]
+__all__ = ["Communicator", "NcclCommunicator", "SlotFiller", "TorchCommunicator", "process_group_communicator",
+           "torch_nccl_library"]
 
 log = logging.getLogger("foundry_sglang.comm_patch")
 
-# ncclDataType_t and ncclRedOp_t (nccl.h; stable since NCCL 2.0 / bf16 since 2.10)
+#: ncclDataType_t and ncclRedOp_t (nccl.h; stable since NCCL 2.0, bf16 since 2.10, avg since 2.10).
 NCCL_DTYPES = {"int8": 0, "uint8": 1, "int32": 2, "uint32": 3, "int64": 4, "uint64": 5, "float16": 6,
                "float32": 7, "float64": 8, "bfloat16": 9}
-NCCL_SUM = 0
+NCCL_OPS = {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 4}
 
 
-def _libnccl() -> ctypes.CDLL:
-    """The NCCL library torch already loaded (same communicator ABI), found through /proc/self/maps."""
+class Communicator(Protocol):
+    """Collectives on device addresses, enqueued on ``stream`` (a ``cudaStream_t`` as int)."""
+
+    def all_reduce(self, send: int, recv: int, count: int, dtype: str, op: str, stream: int) -> None: ...
+
+    def all_gather(self, send: int, recv: int, count: int, dtype: str, stream: int) -> None: ...
+
+    def reduce_scatter(self, send: int, recv: int, count: int, dtype: str, op: str, stream: int) -> None: ...
+
+
+def torch_nccl_library() -> ctypes.CDLL:
+    """The NCCL library torch loaded (its communicators' ABI), found through /proc/self/maps."""
     path = None
     try:
         with open("/proc/self/maps") as f:
@@ -44,81 +56,132 @@ def _libnccl() -> ctypes.CDLL:
                     break
     except OSError:
         pass
-    lib = ctypes.CDLL(path or "libnccl.so.2")
-    u64, p, i = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
-    lib.ncclAllReduce.argtypes = [p, p, u64, i, i, p, p]
-    lib.ncclAllGather.argtypes = [p, p, u64, i, p, p]
-    lib.ncclGetErrorString.restype = ctypes.c_char_p
-    lib.ncclGetErrorString.argtypes = [i]
-    return lib
+    return ctypes.CDLL(path or "libnccl.so.2")
 
 
-def _comm_ptr(group=None) -> Optional[int]:
+class NcclCommunicator:
+    """One NCCL communicator (``ncclComm_t`` as int), called through ``lib``, the library that created it.
+
+    Function pointers are taken with ``lib[name]`` (private objects), so the argument types set here never change
+    those another user of the same library (torch, SGLang's pynccl) set on its own."""
+
+    def __init__(self, lib: ctypes.CDLL, comm: int):
+        if not comm:
+            raise FoundryError("no NCCL communicator (null ncclComm_t)")
+        self.comm = ctypes.c_void_p(comm)
+        p, size, i = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
+        self._all_reduce = lib["ncclAllReduce"]
+        self._all_reduce.argtypes, self._all_reduce.restype = [p, p, size, i, i, p, p], i
+        self._all_gather = lib["ncclAllGather"]
+        self._all_gather.argtypes, self._all_gather.restype = [p, p, size, i, p, p], i
+        self._reduce_scatter = lib["ncclReduceScatter"]
+        self._reduce_scatter.argtypes, self._reduce_scatter.restype = [p, p, size, i, i, p, p], i
+        self._error = lib["ncclGetErrorString"]
+        self._error.argtypes, self._error.restype = [i], ctypes.c_char_p
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise FoundryError(f"{what}: NCCL error {rc}: {self._error(rc).decode(errors='replace')}")
+
+    def all_reduce(self, send, recv, count, dtype, op, stream) -> None:
+        self._check(self._all_reduce(send, recv, count, _dtype(dtype), _op(op), self.comm, stream), "ncclAllReduce")
+
+    def all_gather(self, send, recv, count, dtype, stream) -> None:
+        self._check(self._all_gather(send, recv, count, _dtype(dtype), self.comm, stream), "ncclAllGather")
+
+    def reduce_scatter(self, send, recv, count, dtype, op, stream) -> None:
+        self._check(self._reduce_scatter(send, recv, count, _dtype(dtype), _op(op), self.comm, stream),
+                    "ncclReduceScatter")
+
+
+class TorchCommunicator:
+    """torch.distributed collectives on ``group`` over tensors at the slot's addresses (no pointer needed)."""
+
+    _OPS = {"sum": "SUM", "prod": "PRODUCT", "max": "MAX", "min": "MIN", "avg": "AVG"}
+
+    def __init__(self, group, device: int):
+        self.group = group
+        self.device = device
+
+    def _tensor(self, address: int, count: int, dtype: str) -> torch.Tensor:
+        nbytes = count * getattr(torch, dtype).itemsize
+        return tensor_at(schema.TensorSpec(address=address, dtype=dtype, shape=[count], strides=[1],
+                                           storage_bytes=nbytes), self.device)
+
+    def _reduce_op(self, op: str):
+        import torch.distributed as dist
+
+        return getattr(dist.ReduceOp, self._OPS[op])
+
+    def all_reduce(self, send, recv, count, dtype, op, stream) -> None:
+        import torch.distributed as dist
+
+        if send != recv:
+            raise FoundryError("torch.distributed all-reduce slots must be in place")
+        dist.all_reduce(self._tensor(send, count, dtype), op=self._reduce_op(op), group=self.group)
+
+    def all_gather(self, send, recv, count, dtype, stream) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size(self.group)
+        dist.all_gather_into_tensor(self._tensor(recv, count * world, dtype), self._tensor(send, count, dtype),
+                                    group=self.group)
+
+    def reduce_scatter(self, send, recv, count, dtype, op, stream) -> None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size(self.group)
+        dist.reduce_scatter_tensor(self._tensor(recv, count, dtype), self._tensor(send, count * world, dtype),
+                                   op=self._reduce_op(op), group=self.group)
+
+
+def process_group_communicator(group=None) -> Optional[NcclCommunicator]:
+    """An :class:`NcclCommunicator` on the NCCL communicator torch.distributed created for ``group`` (default:
+    the default group), or None when torch does not expose it (then use :class:`TorchCommunicator`)."""
+    import torch.distributed as dist
+
     pg = group or dist.distributed_c10d._get_default_group()
     try:
-        backend = pg._get_backend(torch.device("cuda"))
-        return int(backend._comm_ptr())
+        comm = int(pg._get_backend(torch.device("cuda"))._comm_ptr())
     except (AttributeError, RuntimeError):
         return None
+    return NcclCommunicator(torch_nccl_library(), comm) if comm else None
 
 
-class NcclSlotFiller:
-    """Fill slots with direct NCCL calls on torch's communicator (groups "tp" and "world" span every rank)."""
+class SlotFiller:
+    """``filler(spec)`` for ``foundry_core``: the slot's collective on its group's communicator, on torch's current
+    stream (the one ``fill_slots`` is capturing)."""
 
-    def __init__(self, comm: int):
-        self.comm = ctypes.c_void_p(comm)
-        self.lib = _libnccl()
+    def __init__(self, communicators: Mapping[str, Communicator]):
+        self.communicators = dict(communicators)
         self.filled = 0
 
     def __call__(self, spec: schema.SlotSpec) -> None:
-        if spec.dtype not in NCCL_DTYPES:
-            raise FoundryError(f"slot {spec.id}: dtype {spec.dtype!r} has no NCCL type")
-        dtype = NCCL_DTYPES[spec.dtype]
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        send, recv = ctypes.c_void_p(spec.send), ctypes.c_void_p(spec.recv)
+        comm = self.communicators.get(spec.group)
+        if comm is None:
+            known = ", ".join(sorted(self.communicators)) or "none"
+            raise FoundryError(f"slot {spec.id} ({spec.op}): no communicator for group {spec.group!r} in this "
+                               f"process (groups: {known})")
+        stream = torch.cuda.current_stream().cuda_stream
+        op = spec.extra.get("reduce", "sum")
         if spec.op == "all_reduce":
-            rc = self.lib.ncclAllReduce(send, recv, spec.count, dtype, NCCL_SUM, self.comm, stream)
+            comm.all_reduce(spec.send, spec.recv, spec.count, spec.dtype, op, stream)
         elif spec.op == "all_gather":
-            rc = self.lib.ncclAllGather(send, recv, spec.count, dtype, self.comm, stream)
-        else:
-            raise FoundryError(f"slot {spec.id}: collective {spec.op!r} is not supported")
-        if rc != 0:
-            raise FoundryError(f"slot {spec.id} ({spec.op}): NCCL error {rc}: "
-                               f"{self.lib.ncclGetErrorString(rc).decode(errors='replace')}")
-        self.filled += 1
-
-
-class TorchSlotFiller:
-    """Fill slots through torch.distributed under the capture (when the communicator pointer is unavailable)."""
-
-    def __init__(self, device: int):
-        self.device = device
-        self.filled = 0
-
-    def _tensor(self, address: int, nbytes: int, dtype: str):
-        t = getattr(torch, dtype)
-        n = nbytes // t.itemsize
-        return tensor_at(schema.TensorSpec(address=address, dtype=dtype, shape=[n], strides=[1], storage_bytes=nbytes),
-                         self.device)
-
-    def __call__(self, spec: schema.SlotSpec) -> None:
-        send = self._tensor(spec.send, spec.send_bytes, spec.dtype)
-        if spec.op == "all_reduce":
-            dist.all_reduce(send)
-        elif spec.op == "all_gather":
-            dist.all_gather_into_tensor(self._tensor(spec.recv, spec.recv_bytes, spec.dtype), send)
+            comm.all_gather(spec.send, spec.recv, spec.count, spec.dtype, stream)
+        elif spec.op == "reduce_scatter":
+            comm.reduce_scatter(spec.send, spec.recv, spec.count, spec.dtype, op, stream)
         else:
             raise FoundryError(f"slot {spec.id}: collective {spec.op!r} is not supported")
         self.filled += 1
 
 
-def make_slot_filler(device: int):
-    """The filler for this process: direct NCCL when torch exposes the communicator, else torch.distributed.
-    ``FOUNDRY_SLOT_FILLER=torch|nccl`` forces one."""
-    choice = os.environ.get("FOUNDRY_SLOT_FILLER", "auto")
-    comm = _comm_ptr() if choice in ("auto", "nccl") else None
-    if comm:
-        return NcclSlotFiller(comm)
-    if choice == "nccl":
-        raise FoundryError("FOUNDRY_SLOT_FILLER=nccl but torch does not expose the NCCL communicator")
-    return TorchSlotFiller(device)
+def _dtype(name: str) -> int:
+    if name not in NCCL_DTYPES:
+        raise FoundryError(f"dtype {name!r} has no NCCL type")
+    return NCCL_DTYPES[name]
+
+
+def _op(name: str) -> int:
+    if name not in NCCL_OPS:
+        raise FoundryError(f"reduction {name!r} has no NCCL operation")
+    return NCCL_OPS[name]

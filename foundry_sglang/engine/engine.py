@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 from foundry_sglang.proc import exit_with_parent, free_port
 
 from .batch import EXIT, StepBatch, broadcast_batch, receive_batch
-from .config import EngineArgs, load_model_config
+from .config import ConfigError, EngineArgs, load_model_config
+from .graphs import GraphBackendFactory
 from .model_runner import ModelRunner
 from .sampling import SamplingParams, sample
 from .scheduler import FINISHED, PageAllocator, Scheduler, Sequence
@@ -66,12 +67,12 @@ MAX_ISOLATED_FAILURES = 4
 MAX_BATCH_FAILURES = 3
 
 
-def worker_main(args: EngineArgs, rank: int) -> None:
+def worker_main(args: EngineArgs, rank: int, graph_backend_factory: Optional[GraphBackendFactory] = None) -> None:
     """Entry of ranks > 0: build the same runner and execute every step rank 0 broadcasts."""
     logging.basicConfig(level=logging.WARNING)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C and tells the workers to exit
     exit_with_parent()
-    runner = ModelRunner(args, rank=rank)
+    runner = ModelRunner(args, rank=rank, graph_backend_factory=graph_backend_factory)
     group = runner.state.control_group
     try:
         while True:
@@ -89,8 +90,16 @@ def worker_main(args: EngineArgs, rank: int) -> None:
 class LLMEngine:
     """Synchronous engine on rank 0. Not thread-safe: drive it from one thread."""
 
-    def __init__(self, args: EngineArgs, graph_backend=None):
+    def __init__(self, args: EngineArgs, graph_backend=None,
+                 graph_backend_factory: Optional[GraphBackendFactory] = None):
+        """``graph_backend`` (rank 0's) or ``graph_backend_factory`` (every rank's; default: live capture) decide
+        how decode graphs are made; Foundry settings in ``args`` need Foundry's factory
+        (``foundry_sglang.builtin.make_graph_backend``)."""
         args.validate()
+        if args.foundry_config().enabled and graph_backend is None and graph_backend_factory is None:
+            raise ConfigError("the Foundry settings (--foundry-archive/--foundry-mode) need Foundry's graph backend: "
+                              "start python -m foundry_sglang.engine, or pass "
+                              "graph_backend_factory=foundry_sglang.builtin.make_graph_backend")
         args = replace(args)
         if args.world_size > 1 and args.dist_port is None:
             args.dist_port = free_port()
@@ -103,11 +112,13 @@ class LLMEngine:
             # A standby engine has a forkserver with torch imported already (engine/standby.py).
             ctx = mp.get_context(os.environ.get("FOUNDRY_ENGINE_RANK_CONTEXT") or "spawn")
             for rank in range(1, args.world_size):
-                p = ctx.Process(target=worker_main, args=(args, rank), daemon=True, name=f"engine-rank{rank}")
+                p = ctx.Process(target=worker_main, args=(args, rank, graph_backend_factory), daemon=True,
+                                name=f"engine-rank{rank}")
                 p.start()
                 self.workers.append(p)
         try:
-            self.runner = ModelRunner(args, rank=0, graph_backend=graph_backend)
+            self.runner = ModelRunner(args, rank=0, graph_backend=graph_backend,
+                                      graph_backend_factory=graph_backend_factory)
         except BaseException:
             self._stop_workers(timeout=1.0)
             raise
@@ -328,8 +339,10 @@ class LLMEngine:
 class LLM:
     """Synchronous convenience API: ``LLM(EngineArgs(...)).generate(prompts, params)``."""
 
-    def __init__(self, args: Optional[EngineArgs] = None, graph_backend=None, **kwargs):
-        self.engine = LLMEngine(args or EngineArgs(**kwargs), graph_backend=graph_backend)
+    def __init__(self, args: Optional[EngineArgs] = None, graph_backend=None,
+                 graph_backend_factory: Optional[GraphBackendFactory] = None, **kwargs):
+        self.engine = LLMEngine(args or EngineArgs(**kwargs), graph_backend=graph_backend,
+                                graph_backend_factory=graph_backend_factory)
 
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],
                  params: Union[SamplingParams, Seq[SamplingParams], None] = None) -> List[RequestOutput]:
@@ -359,9 +372,11 @@ class LLM:
 class AsyncLLMEngine:
     """Runs an LLMEngine on a background thread; ``generate`` is an async iterator of RequestOutput."""
 
-    def __init__(self, args: Optional[EngineArgs] = None, graph_backend=None, engine: Optional[LLMEngine] = None):
+    def __init__(self, args: Optional[EngineArgs] = None, graph_backend=None, engine: Optional[LLMEngine] = None,
+                 graph_backend_factory: Optional[GraphBackendFactory] = None):
         """Build a new LLMEngine from ``args``, or wrap an existing idle ``engine``."""
-        self.engine = engine or LLMEngine(args, graph_backend=graph_backend)
+        self.engine = engine or LLMEngine(args, graph_backend=graph_backend,
+                                          graph_backend_factory=graph_backend_factory)
         self.tokenizer = self.engine.tokenizer
         self.served_model_name = self.engine.served_model_name
         self.max_model_len = self.engine.max_model_len

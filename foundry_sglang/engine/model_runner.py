@@ -12,7 +12,7 @@ import datetime
 import logging
 import os
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,8 +21,9 @@ from ..proc import disable_nvls
 from .attention import AttentionMetadata
 from .batch import DECODE, PREFILL, StepBatch
 from .config import ConfigError, EngineArgs, ModelConfig, load_model_config
+from .graphs import GraphBackend, GraphBackendFactory, plain_graph_backend
 from .model import Qwen3ForCausalLM, expected_names, random_weights, safetensors_weights
-from .parallel import ParallelState, set_state
+from .parallel import Collectives, ParallelState, set_state
 
 log = logging.getLogger("foundry_sglang.engine")
 
@@ -58,27 +59,18 @@ def init_distributed(args: EngineArgs, rank: int, device: str, virtual: bool = F
     return state
 
 
-def make_graph_backend(args: EngineArgs, rank: int, barrier: Callable[[], None]):
-    """The default backend: none on CPU or with --disable-cuda-graph, Foundry's when --foundry-mode is set,
-    else live capture (``TorchGraphBackend``)."""
-    if args.disable_cuda_graph or args.resolved_device() != "cuda":
-        return None
-    from foundry_sglang import graph_backend as gb
-    if args.foundry_config().enabled:
-        return gb.FoundryGraphBackend.from_engine_args(args, rank=rank, barrier=barrier)
-    return gb.TorchGraphBackend(barrier=barrier)
-
-
 class ModelRunner:
     """Owns the model, the KV cache, the static decode buffers and the decode graphs of one rank.
 
-    ``graph_backend``: an object with ``capture_session(stream)``, ``capture_one(bs, fn)``, ``can_run(bs)``,
-    ``replay(bs)``, ``cleanup()`` and optionally ``before_allocations()``. None picks the
-    default (see ``make_graph_backend``); pass ``False`` to force eager decode.
+    ``graph_backend``: a :class:`~.graphs.GraphBackend`; None asks ``graph_backend_factory`` (default: live
+    capture, :func:`~.graphs.plain_graph_backend`); pass ``False`` to force eager decode.
+    ``virtual``: this process captures rank ``rank`` of the layout alone (no process group); its cross-rank
+    operations go to ``collectives`` (a Foundry SAVE records them as slots).
     """
 
     def __init__(self, args: EngineArgs, rank: int = 0, graph_backend=None, virtual: bool = False,
-                 gpu: Optional[int] = None):
+                 gpu: Optional[int] = None, graph_backend_factory: Optional[GraphBackendFactory] = None,
+                 collectives: Optional[Collectives] = None):
         self.args = args
         self.rank = rank
         self.startup_marks: Dict[str, float] = {"runner": time.time()}  # wall clock at the end of each phase
@@ -103,23 +95,18 @@ class ModelRunner:
         if args.world_size > 1 and self.device_type == "cuda" and not virtual:
             dist.all_reduce(torch.zeros(1, device=self.device))  # create the NCCL communicator before capture
         if graph_backend is None:
-            graph_backend = make_graph_backend(args, rank, self.barrier)
-        self.graph_backend = graph_backend or None
+            graph_backend = (graph_backend_factory or plain_graph_backend)(args, rank, self.barrier)
+        self.graph_backend: Optional[GraphBackend] = graph_backend or None
         if self.graph_backend is not None:
             # Barriers are the runner's: every rank must reach the same ones, whoever built the backend.
             self.graph_backend.barrier = self.barrier
             self.graph_backend.all_ranks_ok = self.all_ranks_ok
-        prepare = getattr(self.graph_backend, "prepare_layout", None)
-        if prepare is not None and not virtual:
-            prepare(args, rank)  # TP/EP with Foundry: rank 0 saves the layout's template first if needed
-        # 2. hook
-        hook = getattr(self.graph_backend, "before_allocations", None)
-        if hook is not None:
-            hook()
-        if virtual:  # collectives become placeholders recorded by the SAVE session (foundry_sglang.comm_patch)
-            from foundry_sglang.comm_patch import PlaceholderCollectives
-
-            self.state.collectives = PlaceholderCollectives(self.graph_backend.session)
+            if not virtual:
+                self.graph_backend.prepare_layout(args, rank)  # e.g. a Foundry rank template saved first
+            # 2. hook
+            self.graph_backend.before_allocations()
+        if collectives is not None:
+            self.state.collectives = collectives
         self.startup_marks["distributed_and_graph_backend"] = time.time()
         # 3. weights
         t0 = time.perf_counter()
@@ -129,9 +116,8 @@ class ModelRunner:
         self.startup_marks["weights"] = time.time()
         # 4. KV cache
         self.num_kv_pages = self._resolve_num_kv_pages()
-        save_extra = getattr(self.graph_backend, "save_extra", None)
-        if isinstance(save_extra, dict):  # Foundry SAVE: record it so LOAD can force the same size
-            save_extra["num_kv_pages"] = str(self.num_kv_pages)
+        if self.graph_backend is not None:  # a SAVE records it so that LOAD can force the same size
+            self.graph_backend.save_extra["num_kv_pages"] = str(self.num_kv_pages)
         self._allocate_kv_cache()
         # 5. static decode buffers
         self._allocate_static_buffers()
@@ -181,7 +167,7 @@ class ModelRunner:
         wanted = self.max_bs * self.max_pages_per_seq + 1
         if self.args.num_kv_pages is not None:
             return self.args.num_kv_pages
-        saved = getattr(self.graph_backend, "saved_extra", None) or {}
+        saved = self.graph_backend.saved_extra if self.graph_backend is not None else {}
         if "num_kv_pages" in saved:  # Foundry LOAD: the size the archive's graphs were captured with
             return int(saved["num_kv_pages"])
         if self.device_type == "cuda":

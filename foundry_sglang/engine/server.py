@@ -25,8 +25,8 @@ from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent
 from .config import ConfigError, EngineArgs
 from .engine import AsyncLLMEngine, EngineDead, RequestFailed
 from .flags import ServerLimits, build_arg_parser, configure_logging, engine_args_from
+from .graphs import GraphBackendFactory
 from .metrics import Metrics
-from .preload import early_load_marks
 from .sampling import InvalidParam, SamplingParams
 
 log = logging.getLogger("foundry_sglang.engine.server")
@@ -466,11 +466,12 @@ def preflight(eargs: EngineArgs, host: str, port: int) -> None:
                 raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
-def main(argv: Optional[List[str]] = None, early=None) -> int:
-    """Run the server with ``argv`` (default: the command line). ``early``: the Foundry early load
-    ``python -m foundry_sglang.engine`` started for these arguments before importing the engine
-    (``foundry_sglang.engine.preload``); its times join the startup timeline, and it is discarded if the graph
-    backend did not adopt it."""
+def main(argv: Optional[List[str]] = None, early=None,
+         graph_backend_factory: Optional[GraphBackendFactory] = None) -> int:
+    """Run the server with ``argv`` (default: the command line). ``graph_backend_factory``: how every rank makes
+    its decode graphs (default: live capture; ``python -m foundry_sglang.engine`` passes Foundry's). ``early``: a
+    ``foundry_core.EarlyLoad`` started for these arguments before the engine was imported; its times join the
+    startup timeline, and it is discarded if the graph backend did not adopt it."""
     marks = {"imported": time.time()}
     args = build_arg_parser().parse_args(argv)
     if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
@@ -478,7 +479,8 @@ def main(argv: Optional[List[str]] = None, early=None) -> int:
     configure_logging(args.log_level)
     if args.standby:
         from .standby import run_standby
-        return run_standby(args.device, gpu=(args.gpu_ids or [0])[0])
+        return run_standby(args.device, gpu=(args.gpu_ids or [0])[0],
+                           serve=lambda argv: main(argv, graph_backend_factory=graph_backend_factory))
     limits = ServerLimits(max_queued_requests=args.max_queued_requests, header_timeout=args.header_timeout,
                           body_timeout=args.body_timeout)
     try:
@@ -487,7 +489,7 @@ def main(argv: Optional[List[str]] = None, early=None) -> int:
         eargs = engine_args_from(args)
         eargs.validate()
         preflight(eargs, args.host, args.port)
-        engine = AsyncLLMEngine(eargs)
+        engine = AsyncLLMEngine(eargs, graph_backend_factory=graph_backend_factory)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
@@ -497,7 +499,7 @@ def main(argv: Optional[List[str]] = None, early=None) -> int:
         return 1
     marks["engine"] = time.time()
     if early is not None:
-        marks.update(early_load_marks(early))
+        marks.update(early.timeline())
         early.discard()  # nothing when the graph backend adopted it
     try:
         asyncio.run(serve(engine, args.host, args.port, args.served_model_name, marks, limits))

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 import time
-from typing import List, Optional, TextIO
+from typing import Callable, List, Optional, TextIO
 
 log = logging.getLogger("foundry_sglang.engine.standby")
 
@@ -98,10 +98,10 @@ def _signal_ready() -> None:
             pass
 
 
-def run_standby(device: str, gpu: int = 0, stream: Optional[TextIO] = None) -> int:
-    """Warm up, wait for arguments, then serve with them (the server's exit status)."""
-    from .server import main
-
+def run_standby(device: str, gpu: int = 0, stream: Optional[TextIO] = None,
+                serve: Optional[Callable[[List[str]], int]] = None) -> int:
+    """Warm up, wait for arguments, then ``serve(argv)`` (the server's ``main`` with the standby's own settings)
+    and return its exit status."""
     t0 = time.monotonic()
     try:
         warm_up(device, gpu)
@@ -120,4 +120,4 @@ def run_standby(device: str, gpu: int = 0, stream: Optional[TextIO] = None) -> i
         log.info("standby: input closed before any arguments came; exiting")
         return 0
     log.info("standby: arguments received after %.2fs idle; starting the engine", time.monotonic() - t1)
-    return main(argv)
+    return serve(argv)

@@ -14,8 +14,9 @@ plugin's ``CaptureAdapter``) owns the mechanism: how a graph is captured, into w
 * **names**: :func:`shape_key_name` is the one function from an engine's shape key to an archive graph name;
 * **ranks**: in a TP/EP process ``agree(ok)`` (set by the engine: True only if every rank says ok) follows opening
   and restoring, so either every rank restores or every rank captures live — collectives always match;
-* **slots**: an archive with communication placeholders (a ``foundry_sglang.comm_patch`` rank template) is
-  restored with ``slot_filler`` (default: comm_patch's, on this process's live NCCL communicator).
+* **slots**: an archive with communication placeholders (a rank template) is restored with ``slot_filler``, which
+  the engine adapter sets (``foundry_sglang.comm_patch.SlotFiller`` over its engine's live communicators); without
+  one, such an archive falls back like any other problem.
 
 The router does not capture, warm up or replay anything itself, and knows nothing about CUDA.
 """
@@ -96,7 +97,7 @@ class GraphRouter:
         self.restore_seconds = 0.0
         self._restored: Optional[dict[str, Any]] = None
         self.agree: Callable[[bool], bool] = lambda ok: ok  # True only if every rank is ok (set by TP/EP engines)
-        self.slot_filler: Optional[Callable[[Any], None]] = None
+        self.slot_filler: Optional[Callable[[Any], None]] = None  # set by the adapter for archives with slots
 
     @property
     def strict(self) -> bool:
@@ -144,14 +145,7 @@ class GraphRouter:
             t0 = time.perf_counter()
             problem = None
             try:
-                kwargs = {}
-                manifest = getattr(getattr(self.session, "archive", None), "manifest", None)
-                if getattr(manifest, "slots", None):
-                    if self.slot_filler is None:
-                        from foundry_sglang.comm_patch.nccl import make_slot_filler
-
-                        self.slot_filler = make_slot_filler(self.session.device)
-                    kwargs["slot_filler"] = self.slot_filler
+                kwargs = {"slot_filler": self.slot_filler} if self.slot_filler is not None else {}
                 self._restored = dict(self.session.restore(order=None if order is None else list(order), **kwargs))
             except FALLBACK_ERRORS as err:
                 problem = err

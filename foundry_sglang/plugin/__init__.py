@@ -7,9 +7,10 @@ is enabled through the environment (``FOUNDRY_MODE`` / ``FOUNDRY_ARCHIVE``, see 
 ``python -m foundry_sglang.launch`` sets both. When enabled, :func:`register` registers the hooks listed in
 :data:`HOOKS` with SGLang's ``HookRegistry`` (``srt/plugins/hook_registry.py``); ``load_plugins()`` applies them.
 
-Modules: :mod:`.flags` (settings from the environment, flag pins and refusals), :mod:`.keys` (the archive key
-material of an SGLang server), :mod:`.hooks` (the hook bodies: a thin adapter over
-:class:`foundry_sglang.graphs.router.GraphRouter`).
+Modules: :mod:`.flags` (settings from the environment, flag pins and refusals), :mod:`.parallel` (which TP/EP
+layouts restore), :mod:`.keys` (the archive key material of an SGLang server), :mod:`.hooks` (the hook bodies: a
+thin adapter over :class:`foundry_sglang.graphs.router.GraphRouter`), :mod:`.collectives` (SGLang's collectives
+as slots, its communicators, ranks sharing one GPU) and :mod:`.compat` (what differs between SGLang versions).
 """
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ import os
 from typing import Any
 
 from foundry_sglang.graphs.settings import FoundryMode
-from foundry_sglang.plugin import hooks
+from foundry_sglang.plugin import collectives, hooks
 from foundry_sglang.plugin.flags import UnsafeFlag, check_flags, config_from_env, refusals
 from foundry_sglang.proc import disable_nvls
 
-__all__ = ["HOOKS", "UnsafeFlag", "check_flags", "config_from_env", "refusals", "register", "unregister"]
+__all__ = ["ENV_RANKS_SHARE_GPU", "HOOKS", "UnsafeFlag", "check_flags", "config_from_env", "refusals", "register",
+           "unregister"]
+
+#: "1": every rank of a TP/EP server runs on --base-gpu-id (``collectives.shared_gpu_hook``).
+ENV_RANKS_SHARE_GPU = "FOUNDRY_RANKS_SHARE_GPU"
 
 log = logging.getLogger("foundry_sglang.plugin")
 
@@ -30,21 +35,21 @@ _MR = "sglang.srt.model_executor.model_runner.ModelRunner"
 _FULL = "sglang.srt.model_executor.runner_backend.full_cuda_graph_backend.FullCudaGraphBackend"
 _KVC = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 
-#: (target, hook type name, hook function name in foundry_sglang.plugin.hooks, why). Seams of sglang 0.5.23:
+#: (target, hook type name, hook, why). Seams of sglang 0.5.17 and 0.5.23:
 HOOKS = (
     # ModelRunner.__init__ runs init_torch_distributed() (NCCL and custom all-reduce already up: Scheduler
     # called bootstrap.init_parallel_runtime) and then initialize(), whose load_model() allocates the weights.
-    (f"{_MR}.initialize", "BEFORE", "before_model_runner_initialize", "arm the arena before weights/KV"),
+    (f"{_MR}.initialize", "BEFORE", hooks.before_model_runner_initialize, "arm the arena before weights/KV"),
     # alloc_memory_pool -> KVCacheConfigurator.configure -> _resolve_memory_pool_config profiles free memory;
     # SAVE records its MemoryPoolConfig, LOAD returns the recorded one so the KV pool is allocated identically.
-    (f"{_KVC}._resolve_memory_pool_config", "AROUND", "around_resolve_memory_pool_config", "save/force KV pool"),
+    (f"{_KVC}._resolve_memory_pool_config", "AROUND", hooks.around_resolve_memory_pool_config, "save/force KV pool"),
     # DecodeCudaGraphRunner._capture enters backend.capture_session(stream) around all capture_one calls.
-    (f"{_FULL}.capture_session", "AROUND", "around_capture_session", "arena capture phase + graph pool"),
+    (f"{_FULL}.capture_session", "AROUND", hooks.around_capture_session, "arena capture phase + graph pool"),
     # capture_one: SAVE captures and records, LOAD fills _graphs/_outputs from the archive; replay() untouched.
-    (f"{_FULL}.capture_one", "REPLACE", "replace_capture_one", "capture+record or restore"),
-    # init_cuda_graphs ends after the last capture: SAVE writes the archive there.
-    (f"{_MR}.init_cuda_graphs", "AFTER", "after_init_cuda_graphs", "write the archive"),
-)
+    (f"{_FULL}.capture_one", "REPLACE", hooks.replace_capture_one, "capture+record or restore"),
+    # init_cuda_graphs ends after the last capture: SAVE writes the archive there (and fills TP/EP slots).
+    (f"{_MR}.init_cuda_graphs", "AFTER", hooks.after_init_cuda_graphs, "write the archive"),
+) + collectives.COLLECTIVE_HOOKS  # TP/EP: GroupCoordinator's collectives become slots while a SAVE captures
 
 # -- entry point -----------------------------------------------------------------------------------
 _registered = False
@@ -64,12 +69,19 @@ def register() -> None:
     disable_nvls()  # SGLang processes load plugins before they create NCCL communicators
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    for target, hook_type, fn_name, _why in HOOKS:
-        HookRegistry.register(target, getattr(hooks, fn_name), HookType[hook_type])
+    for target, hook_type, fn, _why in _active_hooks():
+        HookRegistry.register(target, fn, HookType[hook_type])
     _registered = True
     log.info("foundry plugin enabled: mode=%s archive=%s pid=%d", config.mode, config.archive_dir, os.getpid())
     if config.mode in (FoundryMode.AUTO, FoundryMode.SAVE):
         start_image_recorder_early()
+
+
+def _active_hooks() -> tuple:
+    """HOOKS, plus the shared-GPU hook when ``FOUNDRY_RANKS_SHARE_GPU=1``."""
+    if os.environ.get(ENV_RANKS_SHARE_GPU) == "1":
+        return HOOKS + (collectives.shared_gpu_hook(),)
+    return HOOKS
 
 
 def start_image_recorder_early() -> None:
@@ -110,8 +122,9 @@ def unregister() -> None:
 
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    ours = {getattr(hooks, fn_name) for _t, _h, fn_name, _w in HOOKS}
-    for target, _hook_type, _fn, _why in HOOKS:
+    active = _active_hooks()
+    ours = {fn for _t, _h, fn, _w in active}
+    for target, _hook_type, _fn, _why in active:
         owner_path, attr = target.rsplit(".", 1)
         owner = pkgutil.resolve_name(owner_path)
         current = owner.__dict__.get(attr)

@@ -12,7 +12,9 @@ from typing import Any, Mapping, Optional
 
 from foundry_core.errors import FoundryError
 from foundry_sglang.graphs.settings import DEFAULT_ARCHIVE_DIR, ENV_MODE, MODE_CHOICES, FoundryConfig, FoundryMode
-from foundry_sglang.sglang_compat import graph_backends
+
+from .compat import graph_backends
+from .parallel import parallel_refusal
 
 __all__ = [
     "PINS", "UnsafeFlag", "check_flags", "config_from_env", "graphs_disabled", "prefill_graphs_disabled", "refusals",
@@ -67,8 +69,6 @@ PINS = (
 
 def refusals(args: Any) -> list[str]:
     """One line per server flag that makes save/restore unsafe, each naming the flag to change (empty: all fine)."""
-    from foundry_sglang.comm_patch import check_parallel_restore
-
     out = []
     if _get(args, "enable_memory_saver"):
         out.append("--enable-memory-saver (torch_memory_saver) moves graph memory behind our arena; remove it")
@@ -96,7 +96,7 @@ def refusals(args: Any) -> list[str]:
         out.append("--cpu-offload-gb moves weights at run time; set it to 0")
     if _get(args, "enable_eplb") or _get(args, "elastic_ep_backend"):
         out.append("--enable-eplb/--elastic-ep-backend rewrite expert placement baked into graphs; remove them")
-    parallel = check_parallel_restore(args)
+    parallel = parallel_refusal(args)
     if parallel:
         out.append(parallel)
     return out

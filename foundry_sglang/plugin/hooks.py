@@ -7,7 +7,9 @@ and a :class:`CaptureAdapter`, which only translates the router's decisions into
 ``_tp_group``, ``_precarve``, ``_cuda_graph_runner``), so it is testable on CPU with a stand-in graph object:
 
 * ``save``: two warm-ups and a capture exactly as ``FullCudaGraphBackend.capture_one`` does them, but into a
-  graph from ``session.new_graph()`` (kept topology) and the session's graph pool; the router records it.
+  graph from ``session.new_graph()`` (kept topology) and the session's graph pool; the router records it. In a
+  TP/EP server SGLang's collectives become slots meanwhile (:mod:`.collectives`); once the archive is written,
+  the process fills them in its own graphs with its live communicators, as LOAD does.
 * ``load``: the router restores once, then ``_graphs[key] = restored``, ``_outputs[key] = restored.outputs``;
   ``forward_fn`` is never run. SGLang's ``replay()`` then calls ``restored.replay()`` unchanged.
 * ``live``: SGLang's own ``capture_one`` (after a problem, logged once with the reason by the router).
@@ -19,12 +21,22 @@ import dataclasses
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+import foundry_core
 from foundry_core.errors import FoundryError
-from foundry_sglang import sglang_compat as compat
+from foundry_core.ranks import merge_rank_archives
+from foundry_core.session import SessionMode, keep_previous
+from foundry_sglang.comm_patch import SlotFiller
+from foundry_sglang.graphs.keys import ArchiveKey, RankLayout
 from foundry_sglang.graphs.router import FALLBACK_ERRORS, GraphRouter, Route, one_line, shape_key_name
-from foundry_sglang.graphs.settings import FoundryMode
+from foundry_sglang.graphs.settings import FoundryConfig, FoundryMode
+
+from . import collectives, compat
+from .flags import UnsafeFlag, check_flags, config_from_env
+from .keys import sglang_archive_key
+from .parallel import world_size
 
 log = logging.getLogger("foundry_sglang.plugin.hooks")
 
@@ -72,10 +84,12 @@ class CaptureAdapter:
     """
 
     def __init__(self, router: GraphRouter, live_capture: Callable[..., None],
-                 capture_scope: Callable[[], Any] = contextlib.nullcontext):
+                 capture_scope: Callable[[], Any] = contextlib.nullcontext, parallel: bool = False):
         self.router = router
         self.live_capture = live_capture
         self.capture_scope = capture_scope
+        self.parallel = parallel  # a TP/EP server: SAVE turns collectives into slots
+        self.with_slots: list[tuple[str, Any]] = []  # (name, graph) captured with slots, in capture order
 
     def capture_one(self, backend: Any, shape_key: Any, forward_fn: Callable[[], Any],
                     capture_inputs: Any = None, post_warmup_hook: Optional[Callable[[], None]] = None) -> None:
@@ -83,10 +97,24 @@ class CaptureAdapter:
             backend._graphs[shape_key] = graph
             backend._outputs[shape_key] = graph.outputs
 
+        name = shape_key_name(shape_key, getattr(backend, "_cuda_graph_runner", None))
         self.router.capture_one(
-            shape_key_name(shape_key, getattr(backend, "_cuda_graph_runner", None)), install=install,
-            capture=lambda: self._capture(backend, shape_key, forward_fn, post_warmup_hook),
+            name, install=install,
+            capture=lambda: self._capture_recording(name, backend, shape_key, forward_fn, post_warmup_hook),
             capture_live=lambda: self.live_capture(backend, shape_key, forward_fn, capture_inputs, post_warmup_hook))
+
+    def _capture_recording(self, name, backend, shape_key, forward_fn, post_warmup_hook) -> tuple[Any, Any, float]:
+        if not self.parallel:
+            return self._capture(backend, shape_key, forward_fn, post_warmup_hook)
+        with collectives.recording(self.router.session):
+            graph, out, seconds = self._capture(backend, shape_key, forward_fn, post_warmup_hook)
+        self.with_slots.append((name, graph))
+        return graph, out, seconds
+
+    def fill_slots(self, filler: Callable) -> int:
+        """SAVE of a TP/EP server: give this process's own graphs the collectives their slots stand for (after the
+        archive was written; every rank fills the same graphs in the same order)."""
+        return sum(self.router.session.fill_captured(graph, filler, name) for name, graph in self.with_slots)
 
     def _capture(self, backend, shape_key, forward_fn, post_warmup_hook) -> tuple[Any, Any, float]:
         if getattr(backend, "_reuse_output_buffer", False):
@@ -138,6 +166,7 @@ class PluginState:
     saved_kv_config: Optional[dict] = None  # LOAD: from the archive
     kv_config: Optional[dict] = None  # SAVE: what SGLang resolved
     kv_forced: bool = False
+    parallel: Optional["ParallelArchives"] = None  # a TP/EP server: its template and this rank's part
 
 
 _state: Optional[PluginState] = None
@@ -172,8 +201,6 @@ def _original(cls: type, name: str) -> Callable:
 
 
 def _rank_layout(runner: Any):
-    from foundry_sglang.graphs.keys import RankLayout
-
     try:
         from sglang.srt.runtime_context import get_parallel
 
@@ -214,15 +241,32 @@ def _resolved_graph_config_problem() -> Optional[str]:
     return None
 
 
+@dataclasses.dataclass
+class ParallelArchives:
+    """A TP/EP server's archives: one rank template for the layout (``foundry_core.ranks``), written by rank 0 from
+    every rank's part; the parts stay, as per-rank archives, when the ranks differ in structure."""
+
+    template: Path
+    rank: int  # this process's rank in SGLang's world group
+    world: int  # ranks of the server
+    agree: Callable[[bool], bool]
+
+    @property
+    def part(self) -> Path:
+        return rank_part_path(self.template, self.rank)
+
+
+def rank_part_path(template: Path, rank: int) -> Path:
+    """Where rank ``rank`` of a TP/EP server writes its own archive (``NAME.rankR.foundry``)."""
+    return template.with_name(f"{template.stem}.rank{rank}{template.suffix}")
+
+
 # -- hooks -----------------------------------------------------------------------------------------
 def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
     """BEFORE ModelRunner.initialize: check flags, key the archive, open the Session (arms the arena)."""
     global _state
     if getattr(runner, "is_draft_worker", False) or _state is not None:
         return None
-    from foundry_sglang.plugin.flags import UnsafeFlag, check_flags, config_from_env
-    from foundry_sglang.plugin.keys import sglang_archive_key
-
     config = config_from_env()
     if not config.enabled:
         return None
@@ -234,40 +278,103 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
         _stop_early_recorder()
         return None
     layout = _rank_layout(runner)
-    key = sglang_archive_key(runner.server_args, layout)
-    path = key.path(config.archive_dir)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        register_output_pytrees()
-        _disable_graph_pool_borrow()
-        import foundry_core
-
-        session = foundry_core.Session(str(path), mode=config.mode.session_mode, key=key.key, device=int(runner.gpu_id))
-    except FALLBACK_ERRORS as err:
-        if config.mode is FoundryMode.SAVE:
-            raise
-        log.warning("foundry: not used, running plain SGLang: cannot open %s: %s", path, one_line(err))
+    parallel = world_size(runner.server_args) > 1  # the same on every rank, like every decision below
+    key = sglang_archive_key(runner.server_args, layout, per_rank=not parallel)
+    register_output_pytrees()
+    _disable_graph_pool_borrow()
+    device = int(runner.gpu_id)
+    if parallel:
+        archives = ParallelArchives(key.path(config.archive_dir), collectives.world_rank(),
+                                    world_size(runner.server_args), collectives.agreement())
+        router = _open_parallel(config, key, device, archives)
+    else:
+        archives, router = None, _open_single(config, key, device)
+    if router is None or router.route is not Route.SAVE:  # LOAD needs no recorder; LIVE: SGLang runs as is
         _stop_early_recorder()
-        return None
-    router = GraphRouter(session, config.mode)
-    if router.open() is not Route.SAVE:  # LOAD needs no recorder; LIVE: the router said why, SGLang runs as is
-        _stop_early_recorder()
-    if router.route is Route.LIVE:
+    if router is None or router.route is Route.LIVE:
         return None
     from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
 
     live = _original(FullCudaGraphBackend, "capture_one")
     saved_kv = None
     if router.route is Route.LOAD:
+        problem = None
         try:
-            saved_kv = json.loads(_archive_extra(session)[EXTRA_KV])
+            saved_kv = json.loads(_archive_extra(router.session)[EXTRA_KV])
         except (FoundryError, KeyError, ValueError) as err:
-            router.fall_back(f"archive has no usable KV-pool configuration ({one_line(err)})")
-    capture = CaptureAdapter(router, live_capture=lambda b, *a: live(b, *a), capture_scope=_graph_pool_capture_scope())
-    _state = PluginState(session=session, router=router, capture=capture, archive_path=str(path),
-                         key_material=key.material, saved_kv_config=saved_kv)
-    log.info("foundry: %s %s (rank %s, pid %d)", router.route.value.upper(), path, layout.tag(), os.getpid())
+            problem = f"archive has no usable KV-pool configuration ({one_line(err)})"
+        if not router.agree(problem is None):
+            router.fall_back(problem or "another rank's archive has no usable KV-pool configuration")
+            return None
+        if parallel:
+            router.slot_filler = SlotFiller(collectives.communicators())
+    capture = CaptureAdapter(router, live_capture=lambda b, *a: live(b, *a), capture_scope=_graph_pool_capture_scope(),
+                             parallel=parallel)
+    _state = PluginState(session=router.session, router=router, capture=capture, archive_path=str(router.session.path),
+                         key_material=key.material, saved_kv_config=saved_kv, parallel=archives)
+    log.info("foundry: %s %s (rank %s, pid %d)", router.route.value.upper(), router.session.path, layout.tag(),
+             os.getpid())
     return None
+
+
+def _open_single(config: FoundryConfig, key: ArchiveKey, device: int) -> Optional[GraphRouter]:
+    """A single-rank server: its own archive, in the requested mode (``auto`` resolves in ``Session.open``)."""
+    path = key.path(config.archive_dir)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        session = foundry_core.Session(str(path), mode=config.mode.session_mode, key=key.key, device=device)
+    except FALLBACK_ERRORS as err:
+        if config.mode is FoundryMode.SAVE:
+            raise
+        log.warning("foundry: not used, running plain SGLang: cannot open %s: %s", path, one_line(err))
+        return None
+    router = GraphRouter(session, config.mode)
+    router.open()
+    return router
+
+
+def _open_parallel(config: FoundryConfig, key: ArchiveKey, device: int,
+                   archives: ParallelArchives) -> Optional[GraphRouter]:
+    """A TP/EP server: every rank loads the layout's template (or, where the ranks could not share one, its own
+    part), or every rank saves its part. Each step is agreed, so the ranks always take the same route."""
+    agree = archives.agree
+    if not agree(_make_parent(archives.template)):
+        if config.mode is FoundryMode.SAVE:
+            raise FoundryError(f"cannot create the archive directory {archives.template.parent}")
+        log.warning("foundry: not used, running plain SGLang: cannot create %s", archives.template.parent)
+        return None
+    tried = None
+    if config.mode is not FoundryMode.SAVE:
+        for path, rank in ((archives.template, archives.rank), (archives.part, None)):
+            if agree(path.exists()):
+                session = foundry_core.Session(str(path), mode=SessionMode.LOAD, key=key.key, device=device, rank=rank)
+                tried = _parallel_router(session, config.mode, agree)
+                if tried.open() is Route.LOAD:
+                    return tried
+                break  # an archive every rank has but some rank cannot use: save anew (auto) or serve live
+        if config.mode is FoundryMode.LOAD:
+            if tried is None:
+                log.warning("foundry: no archive for this layout at %s; capturing CUDA graphs live", archives.template)
+            return tried
+        log.info("foundry: saving a new rank template for this layout: %s", archives.template)
+    session = foundry_core.Session(str(archives.part), mode=SessionMode.SAVE, key=key.key, device=device)
+    router = _parallel_router(session, config.mode, agree)
+    router.open()
+    return router
+
+
+def _parallel_router(session: Any, mode: FoundryMode, agree: Callable[[bool], bool]) -> GraphRouter:
+    router = GraphRouter(session, mode)
+    router.agree = agree
+    return router
+
+
+def _make_parent(path: Path) -> bool:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return True
 
 
 def around_resolve_memory_pool_config(original: Callable, configurator: Any, *args, **kwargs):
@@ -340,20 +447,46 @@ def replace_capture_one(backend: Any, shape_key: Any, forward_fn: Callable[[], A
 
 
 def after_init_cuda_graphs(result: Any, runner: Any, *args, **kwargs) -> Any:
-    """AFTER ModelRunner.init_cuda_graphs: SAVE writes the archive; both modes log what happened."""
+    """AFTER ModelRunner.init_cuda_graphs: SAVE writes the archive (a TP/EP server: every rank its part, then
+    rank 0 the layout's template) and fills the slots of its own graphs; both modes log what happened."""
     state = _state
     if state is None or getattr(runner, "is_draft_worker", False):
         return result
     router = state.router
-    if router.route is Route.SAVE and router.recorded:
+    saving = router.route is Route.SAVE
+    written = None
+    if saving and router.recorded:
         extra = {EXTRA_KEY: state.key_material, EXTRA_GRAPHS: json.dumps(router.recorded)}
         if state.kv_config is not None:
             extra[EXTRA_KV] = json.dumps(state.kv_config, sort_keys=True)
         else:
             log.warning("foundry: KV-pool configuration was not observed; the archive will not be loadable")
-        router.save(extra)
+        written = router.save(extra)
+    if state.capture.with_slots:  # the graphs this process serves: their collectives, on its own communicators
+        filled = state.capture.fill_slots(SlotFiller(collectives.communicators()))
+        log.info("foundry: filled %d collective slots in %d graphs", filled, len(state.capture.with_slots))
+    if state.parallel is not None and saving:
+        _write_template(state.parallel, written is not None)
     log.info("foundry: %s", router.summary())
     return result
+
+
+def _write_template(archives: ParallelArchives, written: bool) -> None:
+    """Rank 0 merges every rank's part into the layout's template once all of them are written; where the ranks
+    differ in structure the parts stay and later starts load them per rank."""
+    if archives.agree(written) and archives.rank == 0:
+        parts = [rank_part_path(archives.template, r) for r in range(archives.world)]
+        try:
+            if archives.template.exists():
+                keep_previous(archives.template)
+            report = merge_rank_archives(parts, archives.template)
+        except FALLBACK_ERRORS as err:
+            log.warning("foundry: rank parts kept as per-rank archives (%s)", one_line(err))
+        else:
+            for part in parts:
+                part.unlink(missing_ok=True)
+            log.info("foundry: rank template %s written (%s)", archives.template, report.summary())
+    collectives.barrier()
 
 
 def _stop_early_recorder() -> None:

@@ -90,9 +90,11 @@ def sglang_archive_key(
     layout: RankLayout,
     machine: Optional[Mapping[str, str]] = None,
     model: Optional[Mapping[str, str]] = None,
+    per_rank: bool = True,
 ) -> ArchiveKey:
-    """The archive key of one SGLang rank. ``machine``/``model`` default to :func:`machine_facts` /
-    :func:`model_identity` (injectable for tests)."""
+    """The archive key of one SGLang rank (``per_rank=False``: of the layout's rank template, shared by every
+    rank). ``machine``/``model`` default to :func:`machine_facts` / :func:`model_identity` (injectable for
+    tests)."""
     args = graph_args(server_args)
     model_path = str(args.get("model_path") or "")
     material = {
@@ -101,7 +103,7 @@ def sglang_archive_key(
         "server_args": args,
         "machine": dict(machine if machine is not None else machine_facts()),
     }
-    return archive_key("sglang", model_path, material, layout)
+    return archive_key("sglang", model_path, material, layout, per_rank=per_rank)
 
 
 _MISSING = object()

@@ -36,7 +36,7 @@ class SlotLog:
 
 @pytest.fixture
 def virtual_rank():
-    from foundry_sglang.comm_patch import PlaceholderCollectives
+    from foundry_sglang.builtin.collectives import PlaceholderCollectives
 
     log = SlotLog()
     old = parallel.get_state()
@@ -57,7 +57,7 @@ def test_collectives_become_ordered_descriptors(virtual_rank):
     assert ops == ["all_reduce", "all_gather", "all_reduce"]  # capture order = slot order
     ar, ag, aw = virtual_rank.calls
     assert ar == dict(op="all_reduce", group="tp", dtype="float32", count=32, send=x.data_ptr(), recv=x.data_ptr(),
-                      send_bytes=128, recv_bytes=128)
+                      send_bytes=128, recv_bytes=128, extra={})
     assert ag["group"] == "tp" and ag["dtype"] == "bfloat16" and ag["count"] == 15 and ag["send"] == h.data_ptr()
     assert ag["recv_bytes"] == 2 * 15 * 2 and out.shape == (3, 10)
     assert aw["group"] == "world" and aw["send"] == y.data_ptr()
@@ -239,8 +239,8 @@ def test_patch_outside_table_is_an_archive_error():
 
 # -- keys and the engine path on gloo ------------------------------------------------------------------------------
 def test_template_key_has_no_rank_and_ranks_load(tmp_path):
+    from foundry_sglang.builtin.backend import FoundryGraphBackend
     from foundry_sglang.engine.config import EngineArgs
-    from foundry_sglang.graph_backend import FoundryGraphBackend
 
     def backend(rank, **kw):
         args = EngineArgs(model="builtin:tiny", foundry_archive=str(tmp_path), foundry_mode="auto", **kw)
@@ -252,16 +252,6 @@ def test_template_key_has_no_rank_and_ranks_load(tmp_path):
     assert b0.layout_args is not None and backend(0).layout_args is None
     assert b1.session.rank == 1 and backend(0).session.rank is None
     assert backend(0, ep=2).session.key != b0.session.key
-
-
-def test_sglang_tp_refusal_names_the_flag():
-    from foundry_sglang.comm_patch import check_parallel_restore
-
-    msg = check_parallel_restore({"tp_size": 2})
-    assert msg.startswith("--tp-size 2:") and "--disable-custom-all-reduce" in msg and "--foundry-mode off" in msg
-    without_car = check_parallel_restore({"tp_size": 2, "disable_custom_all_reduce": True})
-    assert "--disable-custom-all-reduce" not in without_car
-    assert "--enable-symm-mem" in check_parallel_restore({"tp_size": 1, "enable_symm_mem": True})
 
 
 def test_inspect_shows_the_rank_template(ranks, capsys):

@@ -1,4 +1,4 @@
-"""CPU tests of the built-in engine's early load (``foundry_sglang.engine.preload``): which starts begin one, that
+"""CPU tests of the built-in engine's early load (``foundry_sglang.builtin.early``): which starts begin one, that
 it is for the archive the graph backend opens later, that the backend adopts it, and that it stays light."""
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from foundry_core import early
-from foundry_sglang.engine import preload
+from foundry_sglang.builtin import early as preload
+from foundry_sglang.builtin import keys
+from foundry_sglang.builtin.backend import FoundryGraphBackend
 from foundry_sglang.engine.config import EngineArgs
 from foundry_sglang.engine.flags import build_arg_parser, engine_args_from
-from foundry_sglang.graph_backend import FoundryGraphBackend
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +35,7 @@ def argv_for(archive_dir: Path, *more: str) -> list[str]:
 
 def put_archive(argv: list[str]) -> Path:
     """Something at the archive path the engine will open (not a valid archive: this machine has no GPU)."""
-    path = preload.archive_target(engine_args_from(build_arg_parser().parse_args(argv))).path
+    path = keys.archive_target(engine_args_from(build_arg_parser().parse_args(argv))).path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"not an archive" * 20)
     return path
@@ -45,7 +46,7 @@ def put_archive(argv: list[str]) -> Path:
 def test_the_early_archive_is_the_one_the_graph_backend_opens(tmp_path, changes):
     args = EngineArgs(model="builtin:tiny", foundry_archive=str(tmp_path), **changes)
     for rank in range(args.world_size):
-        target = preload.archive_target(args, rank)
+        target = keys.archive_target(args, rank)
         session = FoundryGraphBackend.from_engine_args(args, rank=rank).session
         assert (target.path, target.key, target.device, target.rank) == (session.path, session.key, session.device,
                                                                          session.rank)
@@ -61,7 +62,7 @@ def test_the_graph_backend_adopts_the_early_load_and_falls_back_for_its_reason(t
     backend.before_allocations()  # Session.open(): the early load's ArchiveError, then live capture
     assert e.adopted and backend.session.open_stats.get("early_load") == 1.0
     assert backend.fallback_reason == f"cannot use {path}: ArchiveError: {e.problem}"
-    marks = preload.early_load_marks(e.wait())
+    marks = e.wait().timeline()
     assert marks["early_load_started"] <= marks["early_load_ready"]
 
 
@@ -99,7 +100,7 @@ def test_an_existing_archive_is_loaded_early_unless_saving_or_turned_off(tmp_pat
 def test_reading_flags_and_starting_the_early_load_import_no_torch(tmp_path):
     argv = argv_for(tmp_path, "--foundry-mode", "load")
     put_archive(argv)
-    code = ("import sys; from foundry_sglang.engine.preload import start_from_argv; "
+    code = ("import sys; from foundry_sglang.builtin.early import start_from_argv; "
             f"e = start_from_argv({argv!r}); assert e is not None; e.wait(); "
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -1,4 +1,4 @@
-"""CPU tests of foundry_sglang.graph_backend (the engine's adapter over the graphs router): archive keys/paths
+"""CPU tests of foundry_sglang.builtin.backend (the engine's adapter over the graphs router): archive keys/paths
 for the built-in engine, LOAD routing and the fallback policy.
 
 SAVE needs a GPU (warm-ups and torch.cuda.graph) and is covered by tests/gpu/check_launch.py and the benchmark;
@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from foundry_core.errors import FoundryError
+from foundry_sglang.builtin.backend import FoundryGraphBackend
 from foundry_sglang.engine.config import EngineArgs
-from foundry_sglang.graph_backend import FoundryGraphBackend, shape_key_name
+from foundry_sglang.graphs.router import shape_key_name
 
 
 def test_shape_key_names():
@@ -53,7 +54,7 @@ class RestoreStandIn:
 
     def __init__(self, names, extra=None):
         graphs = [SimpleNamespace(key=n, is_child=False) for n in names]
-        self.archive = SimpleNamespace(manifest=SimpleNamespace(graphs=graphs, extra=extra or {}))
+        self.archive = SimpleNamespace(manifest=SimpleNamespace(graphs=graphs, extra=extra or {}, slots=[]))
         self.requested_mode = "load"
         self.mode = None
         self.path = "stand-in.foundry"
@@ -111,7 +112,7 @@ def test_restore_failure_falls_back_to_live_capture_with_one_line(monkeypatch, c
     backend.before_allocations()
     live = []
     monkeypatch.setattr(backend, "_capture", lambda key, fn: live.append(key))
-    monkeypatch.setattr("foundry_sglang.graph_backend.torch.cuda.graph_pool_handle", lambda: "torch-pool")
+    monkeypatch.setattr("foundry_sglang.builtin.backend.torch.cuda.graph_pool_handle", lambda: "torch-pool")
     with caplog.at_level("WARNING"), backend.capture_session(stream="s"):
         backend.capture_one(1, lambda: None)
     assert live == [1] and backend.router.route == "live" and backend.session.closed

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 
 import pytest
 
@@ -105,9 +104,7 @@ def test_engine_sglang_insisted_but_missing_is_one_line(monkeypatch, capsys):
 
 def test_run_builtin_hands_settings_to_the_engine_flags(monkeypatch):
     seen = {}
-    fake = types.ModuleType("foundry_sglang.engine.server")
-    fake.main = lambda argv, early=None: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "foundry_sglang.engine.server", fake)
+    monkeypatch.setattr(launch, "serve_builtin", lambda argv: seen.setdefault("argv", argv) and 0)
     launch.run_builtin(["--model", "m"], {"FOUNDRY_MODE": "auto", "FOUNDRY_ARCHIVE": "/a"})
     assert seen["argv"] == ["--model", "m", "--foundry-archive", "/a", "--foundry-mode", "auto"]
     seen.clear()

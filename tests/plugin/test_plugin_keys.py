@@ -6,10 +6,10 @@ import json
 import pytest
 
 from foundry_sglang import plugin
-from foundry_sglang.comm_patch import check_parallel_restore, rank_dependent_state
 from foundry_sglang.graphs.keys import RankLayout, describe_difference, model_identity
 from foundry_sglang.plugin.keys import GRAPH_ARGS
 from foundry_sglang.plugin.keys import sglang_archive_key as archive_key
+from foundry_sglang.plugin.parallel import parallel_refusal, world_size
 
 MACHINE = {"gpu": "NVIDIA H200", "capability": "9.0", "driver": "13000", "cuda_runtime": "13.0",
            "torch": "2.11.0", "triton": "3.6.0", "sglang": "0.5.23", "foundry": "0.1.0"}
@@ -90,8 +90,8 @@ SAFE = dict(BASE, cuda_graph_backend_prefill="disabled")
     ("use_ray", True, "--use-ray"),
     ("enable_symm_mem", True, "--enable-symm-mem"),
     ("enable_nccl_nvls", True, "--enable-nccl-nvls"),
-    ("tp_size", 2, "--tp-size 2"),
-    ("ep_size", 4, "--ep-size 4"),
+    ("tp_size", 2, "--disable-custom-all-reduce"),  # custom all-reduce is SGLang's default with TP > 1
+    ("pp_size", 2, "--pp-size 2"),
     ("enable_dp_attention", True, "--enable-dp-attention"),
     ("speculative_algorithm", "EAGLE", "--speculative-algorithm"),
     ("enable_pdmux", True, "--enable-pdmux"),
@@ -113,12 +113,19 @@ def test_safe_flags_pass_and_disabled_graphs_make_plugin_idle():
     assert "--disable-cuda-graph" in reason
 
 
-def test_comm_patch_describes_rank_state():
-    assert rank_dependent_state(1) == []
-    assert "custom all-reduce" in rank_dependent_state(2)[0]
-    assert rank_dependent_state(2, custom_all_reduce=False) == ["NCCL communicator device state"]
-    assert check_parallel_restore({"tp_size": 1}) is None
-    assert "NCCL" in check_parallel_restore({"tp_size": 2, "disable_custom_all_reduce": True})
+def test_tp_and_ep_over_nccl_restore_and_the_rest_is_refused_by_flag():
+    nccl_tp = {"tp_size": 2, "disable_custom_all_reduce": True}
+    assert parallel_refusal({"tp_size": 1}) is None
+    assert parallel_refusal(nccl_tp) is None and parallel_refusal(dict(nccl_tp, ep_size=2)) is None
+    assert world_size(nccl_tp) == 2 and world_size(dict(nccl_tp, ep_size=2)) == 2
+    custom = parallel_refusal({"tp_size": 2})
+    assert custom.startswith("--tp-size > 1 with SGLang's custom all-reduce")
+    assert "--disable-custom-all-reduce" in custom
+    for extra, flag in (({"pp_size": 2}, "--pp-size 2"), ({"enable_dp_attention": True}, "--enable-dp-attention"),
+                        ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend deepep"), ({"dp_size": 2}, "--dp-size 2"),
+                        ({"enable_symm_mem": True}, "--enable-symm-mem"),
+                        ({"enable_flashinfer_allreduce_fusion": True}, "--enable-flashinfer-allreduce-fusion")):
+        assert flag in parallel_refusal(dict(nccl_tp, **extra)), flag
 
 
 def test_config_from_env():

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import pytest
 
-from foundry_sglang import sglang_compat as compat
+from foundry_sglang.plugin import compat
 
 
 # -- SGLang 0.5.17, as far as Foundry reads it (srt/model_executor/cuda_graph_config.py, pool_configurator.py) --

@@ -1,7 +1,7 @@
 """The one place that knows how the SGLang versions the plugin supports differ.
 
-SGLang 0.5.17 is what runs on the lent H200 (it pins the device's torch 2.11); 0.5.23 is what CI installs. What
-moved between them and matters to Foundry:
+SGLang 0.5.17 pins torch 2.11 and 0.5.23 torch 2.14; the plugin supports both. What moved between them and
+matters to Foundry:
 
 * **CUDA-graph settings.** 0.5.17's ``prepare_server_args`` folds every graph flag (``--cuda-graph-backend-*``,
   ``--disable-*-cuda-graph``, ``--cuda-graph-max-bs-decode``/``--cuda-graph-bs-decode``) into one resolved
@@ -18,13 +18,18 @@ moved between them and matters to Foundry:
   dict keeping the fields this version has and refusing to drop a field that was set.
 * **Parallel state.** ``runtime_context.get_parallel()`` raises ``ValueError`` (0.5.23) or ``AssertionError``
   (0.5.17, from ``get_tp_group``) before SGLang published it; :func:`parallel_value` treats both as "unknown".
+* **A scheduler process's GPU.** 0.5.17 passes ``gpu_id`` to ``Scheduler.__init__``; 0.5.23 publishes it in the
+  runtime context (``publish(..., ranks=SpawnRanks(world_rank, dp_rank, gpu_id))``). :func:`shared_gpu_hook`
+  rewrites it where each version takes it.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
+import inspect
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 FULL, BREAKABLE, TC_PIECEWISE, DISABLED = "full", "breakable", "tc_piecewise", "disabled"
 
@@ -118,3 +123,28 @@ def parallel_value(parallel: Any, name: str) -> Optional[int]:
     except (ValueError, RuntimeError, AssertionError):
         return None
     return value if isinstance(value, int) else None
+
+
+# -- ranks sharing one GPU ---------------------------------------------------------------------------------------
+def shared_gpu_hook(share: Callable[[int], None]) -> tuple[str, str, Callable, str]:
+    """(target, hook type, hook, why): a BEFORE hook that runs ``share(rank)`` in each scheduler process and gives
+    that process ``server_args.base_gpu_id`` as its GPU, where this SGLang version takes the GPU."""
+    scheduler = importlib.import_module("sglang.srt.managers.scheduler").Scheduler
+    if "gpu_id" in inspect.signature(scheduler.__init__).parameters:  # 0.5.17
+        def before_scheduler(self, server_args, port_args, gpu_id, tp_rank, *args, **kwargs):
+            pp_rank = args[1] if len(args) > 1 else kwargs.get("pp_rank", 0)
+            share(pp_rank * server_args.tp_size + tp_rank)
+            return (self, server_args, port_args, server_args.base_gpu_id, tp_rank, *args), kwargs
+
+        return ("sglang.srt.managers.scheduler.Scheduler.__init__", "BEFORE", before_scheduler,
+                "every rank on --base-gpu-id")
+
+    def before_publish(server_args, *args, **kwargs):  # 0.5.23
+        ranks = kwargs.get("ranks")
+        if ranks is not None and ranks.gpu_id is not None:
+            share(ranks.world_rank)
+            kwargs["ranks"] = type(ranks)(world_rank=ranks.world_rank, dp_rank=ranks.dp_rank,
+                                          gpu_id=server_args.base_gpu_id)
+        return (server_args, *args), kwargs
+
+    return "sglang.srt.runtime_context.publish", "BEFORE", before_publish, "every rank on --base-gpu-id"

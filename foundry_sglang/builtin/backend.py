@@ -1,114 +1,34 @@
-"""SGLang-shaped CUDA-graph backends of the built-in engine (also used by the benchmark).
+"""The built-in engine's Foundry graph backend: an adapter over :class:`~foundry_sglang.graphs.router.GraphRouter`.
 
-The interface mirrors sglang 0.5.23's ``FullCudaGraphBackend``: ``capture_session(stream)``,
-``capture_one(key, forward_fn)`` (two warm-ups, then capture into one shared pool), ``can_run(key)``,
-``replay(key)`` and ``cleanup()``. ``TorchGraphBackend`` captures live; ``FoundryGraphBackend`` is the engine's
-adapter over :class:`foundry_sglang.graphs.router.GraphRouter`, which decides SAVE (capture and record), LOAD
-(restore without running ``forward_fn``) or live capture, with the same fallback policy as the SGLang plugin.
+The router decides SAVE (capture and record), LOAD (restore without running ``forward_fn``) or live capture, with
+the same fallback policy as the SGLang plugin; this class only captures, in the engine's
+:class:`~foundry_sglang.engine.graphs.TorchGraphBackend` way, into the session's pool. A TP/EP layout restores one
+rank template (saved on one GPU by :mod:`.template`), its slots filled with the engine's live NCCL communicator
+(:mod:`.collectives`).
 """
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 import torch
 
+from foundry_core.archive import Archive
+from foundry_core.errors import FoundryError
+from foundry_core.session import Session, keep_previous
+from foundry_sglang.engine.graphs import TorchGraphBackend
 from foundry_sglang.graphs.router import GraphRouter, Route, shape_key_name
 from foundry_sglang.graphs.settings import FoundryMode
 
-__all__ = ["FoundryGraphBackend", "TorchGraphBackend", "frozen_gc", "shape_key_name"]
+from .collectives import slot_filler
+from .keys import archive_target
+from .template import save_template
 
-log = logging.getLogger("foundry_sglang.graphs")
+__all__ = ["FoundryGraphBackend", "make_graph_backend"]
 
-
-@contextmanager
-def frozen_gc():
-    """Freeze the GC during capture like SGLang does (fewer pauses, no collection of capture-time objects)."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-class TorchGraphBackend:
-    """Live capture, as SGLang's FullCudaGraphBackend does it."""
-
-    def before_allocations(self) -> None:
-        """Called by the model runner before weights, KV cache and static buffers are allocated."""
-
-    def __init__(self, warmups: int = 2, barrier: Optional[Callable[[], None]] = None):
-        self._graphs: Dict[Hashable, Any] = {}
-        self._outputs: Dict[Hashable, Any] = {}
-        self._pool = None
-        self._stream: Optional[torch.cuda.Stream] = None
-        self.warmups = warmups
-        self.barrier = barrier or (lambda: None)
-        self.capture_seconds = 0.0
-
-    # -- capture --------------------------------------------------------------------------------
-    def _new_pool(self):
-        return torch.cuda.graph_pool_handle()
-
-    def _new_graph(self):
-        return torch.cuda.CUDAGraph()
-
-    @contextmanager
-    def capture_session(self, stream: Optional[torch.cuda.Stream] = None):
-        if self._pool is None:
-            self._pool = self._new_pool()
-        self._stream = stream or torch.cuda.Stream()
-        t0 = time.perf_counter()
-        try:
-            with frozen_gc():
-                yield
-        finally:
-            self.capture_seconds += time.perf_counter() - t0
-            self._stream = None
-
-    def _warm_up(self, forward_fn: Callable[[], Any]) -> None:
-        """SGLang's warm-ups: kernels loaded and one-time setup paid before capture."""
-        for _ in range(self.warmups):
-            torch.cuda.synchronize()
-            self.barrier()
-            out = forward_fn()
-            del out
-
-    def _graph_context(self, graph):
-        return torch.cuda.graph(graph, pool=self._pool, stream=self._stream)
-
-    def _capture(self, key: Hashable, forward_fn: Callable[[], Any]) -> tuple[Any, Any, float]:
-        """Warm up, capture into a new graph, keep it for replay; returns (graph, outputs, capture seconds)."""
-        self._warm_up(forward_fn)
-        graph = self._new_graph()
-        t0 = time.perf_counter()
-        with self._graph_context(graph):
-            out = forward_fn()
-        self._graphs[key] = graph
-        self._outputs[key] = out
-        return graph, out, time.perf_counter() - t0
-
-    def capture_one(self, key: Hashable, forward_fn: Callable[[], Any]) -> None:
-        self._capture(key, forward_fn)
-
-    # -- replay ---------------------------------------------------------------------------------
-    def can_run(self, key: Hashable) -> bool:
-        return key in self._graphs
-
-    def replay(self, key: Hashable) -> Any:
-        self._graphs[key].replay()
-        return self._outputs[key]
-
-    def cleanup(self) -> None:
-        for g in self._graphs.values():
-            g.reset()
-        self._graphs.clear()
-        self._outputs.clear()
-        self._pool = None
+log = logging.getLogger("foundry_sglang.builtin")
 
 
 class FoundryGraphBackend(TorchGraphBackend):
@@ -125,8 +45,8 @@ class FoundryGraphBackend(TorchGraphBackend):
 
     def __init__(self, session, warmups: int = 2, barrier=None, save_extra: Optional[dict] = None,
                  restore_order: Optional[list] = None):
+        self.router = GraphRouter(session, session.requested_mode)  # first: the base class sets all_ranks_ok
         super().__init__(warmups, barrier)
-        self.router = GraphRouter(session, session.requested_mode)
         self.save_extra = save_extra or {}
         self.restore_order = restore_order
         self.archive_path = None
@@ -152,13 +72,8 @@ class FoundryGraphBackend(TorchGraphBackend):
             return
         ok = True
         if rank == 0 and (self.requested_mode == FoundryMode.SAVE or not self._template_usable()):
-            from foundry_core.errors import FoundryError
-            from foundry_sglang.comm_patch.template import save_template
-
             try:
                 if self.session.path.exists():
-                    from foundry_core.session import keep_previous
-
                     keep_previous(self.session.path)
                 self.template_report = save_template(args, self.session.path, self.session.key)
             except FoundryError as e:
@@ -171,9 +86,6 @@ class FoundryGraphBackend(TorchGraphBackend):
             self.router.fall_back("no rank template for this layout")
 
     def _template_usable(self) -> bool:
-        from foundry_core.archive import Archive
-        from foundry_core.errors import FoundryError
-
         if not self.session.path.exists():
             return False
         try:
@@ -195,9 +107,6 @@ class FoundryGraphBackend(TorchGraphBackend):
     def from_engine_args(cls, args, rank: int = 0, barrier=None) -> "FoundryGraphBackend":
         """Backend for the built-in engine: one archive per rank under ``args.foundry_archive`` (a directory),
         keyed by everything that changes the decode graphs."""
-        from foundry_core import Session
-        from foundry_sglang.engine.preload import archive_target
-
         target = archive_target(args, rank)
         target.path.parent.mkdir(parents=True, exist_ok=True)
         session = Session(target.path, mode=target.mode.session_mode, key=target.key, device=target.device,
@@ -241,6 +150,8 @@ class FoundryGraphBackend(TorchGraphBackend):
             names = [g.key for g in self.session.archive.manifest.graphs if not g.is_child]
             order = [shape_key_name(k) for k in self.restore_order] if self.restore_order else sorted(
                 names, key=lambda n: (len(n), n))
+            if self.session.archive.manifest.slots:  # a rank template: its collectives on this rank's NCCL
+                self.router.slot_filler = slot_filler(self.session.device)
             self.router.restore(order)
             if self.router.route is Route.LOAD:
                 self.capture_seconds = time.perf_counter() - t0
@@ -267,3 +178,13 @@ class FoundryGraphBackend(TorchGraphBackend):
         self.router.capture_one(shape_key_name(key), install=install,
                                 capture=lambda: self._capture(key, forward_fn),
                                 capture_live=lambda: self._capture(key, forward_fn))
+
+
+def make_graph_backend(args, rank: int, barrier: Callable[[], None]) -> Optional[TorchGraphBackend]:
+    """The engine's graph-backend factory with Foundry: none on CPU or with --disable-cuda-graph, Foundry's when
+    the engine's Foundry settings are enabled, else live capture."""
+    if args.disable_cuda_graph or args.resolved_device() != "cuda":
+        return None
+    if args.foundry_config().enabled:
+        return FoundryGraphBackend.from_engine_args(args, rank=rank, barrier=barrier)
+    return TorchGraphBackend(barrier=barrier)

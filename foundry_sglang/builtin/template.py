@@ -1,16 +1,15 @@
-"""SAVE of a TP/EP layout on one GPU: capture every virtual rank, then merge into one rank template.
+"""SAVE of a built-in engine TP/EP layout on one GPU: capture virtual ranks, then merge into one rank template.
 
 ``save_template(args, path, key)`` runs one short-lived process per capture, one after another on one GPU
 (a fresh process gives each virtual rank the same arena layout a real rank will have at LOAD):
 rank 0, rank 0 again (its differences from the first are capture noise), then ranks 1..N-1. Each process builds
-the model with its rank's shards, turns collectives into slot placeholders (``collectives.py``) and writes a
+the model with its rank's shards, turns collectives into slot placeholders (:mod:`.collectives`) and writes a
 per-rank archive; ``foundry_core.ranks.merge_rank_archives`` checks the ranks are structurally identical and
 writes one archive: rank 0's graphs plus per-rank byte deltas (normally none: rank-dependent values such as the
 vocabulary window and the first local expert live in device memory, not in kernel arguments).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -22,7 +21,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from foundry_core.archive import Archive
 from foundry_core.errors import FoundryError
+from foundry_core.ranks import merge_rank_archives
 
 __all__ = ["save_template", "TemplateReport"]
 
@@ -43,8 +44,6 @@ class TemplateReport:
 def save_template(args, path: str | os.PathLike, key: str, gpu: Optional[int] = None, noise: bool = True,
                   timeout: float = 1800.0) -> TemplateReport:
     """Capture every rank of ``args``'s layout on GPU ``gpu`` (default: rank 0's) and write the template."""
-    from foundry_core.ranks import merge_rank_archives
-
     t0 = time.perf_counter()
     path = Path(path)
     world = args.world_size
@@ -57,7 +56,7 @@ def save_template(args, path: str | os.PathLike, key: str, gpu: Optional[int] = 
         for name, rank in runs:
             out = Path(tmp) / f"{name}.foundry"
             ts = time.perf_counter()
-            cmd = [sys.executable, "-m", "foundry_sglang.comm_patch.template", "--rank", str(rank), "--gpu", str(gpu),
+            cmd = [sys.executable, "-m", "foundry_sglang.builtin.virtual_rank", "--rank", str(rank), "--gpu", str(gpu),
                    "--key", key, "--out", str(out), "--args", json.dumps(fields)]
             log.info("foundry: capturing virtual %s of %d on cuda:%d", name, world, gpu)
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
@@ -68,8 +67,6 @@ def save_template(args, path: str | os.PathLike, key: str, gpu: Optional[int] = 
             report.capture_seconds[name] = time.perf_counter() - ts
             parts[name] = out
             if name == "rank0" and args.num_kv_pages is None:
-                from foundry_core.archive import Archive
-
                 with Archive.open(out) as a:  # every later rank must size its KV cache the same way
                     pages = a.manifest.extra.get("num_kv_pages")
                 args = dataclasses.replace(args, num_kv_pages=int(pages)) if pages else args
@@ -84,36 +81,3 @@ def save_template(args, path: str | os.PathLike, key: str, gpu: Optional[int] = 
     report.total_seconds = time.perf_counter() - t0
     log.info("foundry: template %s saved in %.1f s (%s)", path, report.total_seconds, report.summary)
     return report
-
-
-def _capture_virtual_rank(argv: Optional[list[str]] = None) -> int:
-    """Entry of one capture process (run by ``save_template``; not a user command)."""
-    ap = argparse.ArgumentParser(description="Capture one virtual rank of a TP/EP layout into a Foundry archive "
-                                             "(internal: started by foundry_sglang.comm_patch.save_template).")
-    ap.add_argument("--rank", type=int, required=True, help="the virtual rank to capture")
-    ap.add_argument("--gpu", type=int, required=True, help="CUDA device index to capture on")
-    ap.add_argument("--key", required=True, help="archive key (the layout's template key)")
-    ap.add_argument("--out", required=True, help="archive path to write")
-    ap.add_argument("--args", required=True, help="EngineArgs as JSON")
-    ns = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from foundry_core.session import Session, SessionMode
-    from foundry_sglang.engine.config import EngineArgs
-    from foundry_sglang.engine.model_runner import ModelRunner
-    from foundry_sglang.graph_backend import FoundryGraphBackend
-
-    try:
-        args = EngineArgs(**json.loads(ns.args))
-        session = Session(ns.out, mode=SessionMode.SAVE, key=ns.key, device=ns.gpu, progress=False)
-        backend = FoundryGraphBackend(session)
-        ModelRunner(args, rank=ns.rank, graph_backend=backend, virtual=True, gpu=ns.gpu)
-        if backend.archive_path is None:
-            raise FoundryError("no archive was written")
-    except FoundryError as e:
-        print(f"foundry: {e}", flush=True)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_capture_virtual_rank())

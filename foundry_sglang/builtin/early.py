@@ -16,52 +16,18 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
-from foundry_sglang.graphs.keys import RankLayout, archive_key
+from foundry_sglang.engine.config import EngineArgs
+from foundry_sglang.engine.flags import build_arg_parser, configure_logging, engine_args_from
 from foundry_sglang.graphs.settings import FoundryMode
 
-from .config import EngineArgs
+from .keys import ArchiveTarget, archive_target
 
-__all__ = ["ENV_EARLY_LOAD", "ArchiveTarget", "archive_target", "early_load_marks", "early_target",
-           "start_from_argv"]
+__all__ = ["ENV_EARLY_LOAD", "early_target", "start_from_argv"]
 
 #: "1" turns the early load on (by default the graph backend opens the archive itself).
 ENV_EARLY_LOAD = "FOUNDRY_EARLY_LOAD"
-
-
-@dataclass(frozen=True)
-class ArchiveTarget:
-    """The archive one rank's graph backend uses, and how (``foundry_core.Session`` arguments)."""
-
-    path: Path
-    key: str
-    mode: FoundryMode  # what the session is asked to do (a TP/EP rank always loads its layout's template)
-    device: int  # CUDA ordinal
-    rank: Optional[int]  # the rank of a rank template; None for a single-rank archive
-
-
-def archive_target(args: EngineArgs, rank: int = 0) -> ArchiveTarget:
-    """Rank ``rank``'s archive under ``--foundry-archive`` (a directory), keyed by everything that changes the
-    decode graphs. Pure: needs neither torch nor the archive."""
-    config = args.foundry_config()
-    layout = RankLayout(tp_size=args.tp, tp_rank=rank if args.tp > 1 else 0,
-                        ep_size=args.ep, ep_rank=rank if args.ep > 1 else 0)
-    material = {
-        "model": args.model, "dtype": str(args.dtype), "page_size": args.page_size,
-        "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-        "cuda_graph_bs": list(args.graph_batch_sizes()), "num_kv_pages": args.num_kv_pages, "seed": args.seed,
-    }
-    world = args.world_size
-    # A TP/EP layout has ONE rank template (no rank in key or path) that every rank restores; its ranks never
-    # SAVE in place (their graphs hold live NCCL state): rank 0 saves the template on one GPU first
-    # (FoundryGraphBackend.prepare_layout), then every rank loads it, or every rank captures live.
-    key = archive_key("builtin", args.model, material, layout, per_rank=world == 1)
-    return ArchiveTarget(path=key.path(config.archive_dir), key=key.key,
-                         mode=config.mode if world == 1 else FoundryMode.LOAD, device=args.gpu_of(rank),
-                         rank=rank if world > 1 else None)
 
 
 def early_target(args: EngineArgs) -> Optional[ArchiveTarget]:
@@ -87,8 +53,6 @@ def start_from_argv(argv: Sequence[str]):
     """Parse the server's flags, set up logging as the server will, and start the early load of the archive the
     graph backend will open; returns the ``foundry_core.EarlyLoad``, or None (no such archive here, or flags
     that ``main()`` will refuse or answer itself, such as ``--help``)."""
-    from .flags import build_arg_parser, configure_logging, engine_args_from
-
     argv = list(argv)
     if any(a in ("-h", "--help") for a in argv):
         return None
@@ -109,11 +73,3 @@ def start_from_argv(argv: Sequence[str]):
     import foundry_core
 
     return foundry_core.preload(target.path, target.key, device=target.device, rank=target.rank)
-
-
-def early_load_marks(early) -> dict[str, float]:
-    """Startup-timeline marks of an early load: when it started and when its thread had finished (wall clock)."""
-    marks = {"early_load_started": early.started_at}
-    if early.finished:
-        marks["early_load_ready"] = early.finished_at
-    return marks
