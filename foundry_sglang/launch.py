@@ -141,10 +141,13 @@ def run_sglang(rest: list[str], env: dict[str, str]) -> int:
     from sglang.srt.server_args import prepare_server_args
 
     server_args = prepare_server_args(rest)
-    if mode is not FoundryMode.OFF and server_args.tp_size > 1 and not server_args.disable_custom_all_reduce:
-        # Custom all-reduce kernels hold IPC-mapped peer addresses no restore can re-create (plugin.parallel).
+    shared = env.get(ENV_RANKS_SHARE_GPU) == "1"
+    nccl_only = mode is not FoundryMode.OFF or shared
+    if nccl_only and server_args.tp_size > 1 and not server_args.disable_custom_all_reduce:
+        # Custom all-reduce kernels hold IPC-mapped peer addresses no restore can re-create (plugin.parallel),
+        # and need one GPU per rank.
         server_args.disable_custom_all_reduce = True
-        log.info("foundry: added --disable-custom-all-reduce (TP graphs restore with NCCL all-reduces)")
+        log.info("foundry: added --disable-custom-all-reduce (TP graphs use NCCL all-reduces)")
     if mode is not FoundryMode.OFF:
         try:
             reason = check_flags(server_args, mode)
@@ -154,7 +157,7 @@ def run_sglang(rest: list[str], env: dict[str, str]) -> int:
             log.warning("foundry: off for this server: %s", reason)
             env = dict(env, **{ENV_MODE: FoundryMode.OFF.value})
     os.environ.update(env)
-    log.info("foundry: mode=%s archive=%s; starting SGLang", env[ENV_MODE], env[ENV_ARCHIVE])
+    log.info("foundry: mode=%s archive=%s; starting SGLang", env[ENV_MODE], env.get(ENV_ARCHIVE, "-"))
     from sglang.srt.plugins import load_plugins
 
     load_plugins()

@@ -248,9 +248,11 @@ for name, fn, args in jobs:
 
 #: SGLang 0.5.17 for *this* machine's Python, over the SGLang 0.5.23 environment scripts/setup.sh installs: what
 #: differs for 0.5.17's server-args, graph-runner and plugin modules to import on a CPU (the JIT prebuild and
-#: tests/plugin/test_sglang017_wheel.py use it; huggingface-hub 1.x because transformers 5.12.1 refuses 2.x).
+#: tests/plugin/test_sglang017_wheel.py use it; huggingface-hub 1.x because transformers 5.12.1 refuses 2.x;
+#: kernels 0.14 because newer ones make transformers 5.12.1's hub-kernel table raise at import).
 HOST_LOCK = (
     f"sglang=={SGLANG_VERSION}", TVM_FFI, "transformers==5.12.1", "tokenizers==0.22.2", "xgrammar==0.2.7",
+    "kernels==0.14.1",
     "flashinfer-python==0.6.15.post1", "setproctitle==1.3.8", "soundfile==0.13.1", "python-multipart==0.0.34",
     "huggingface-hub==1.33.0", "httpx==0.28.1", "httpcore==1.0.9", "anyio==4.16.0", "sniffio==1.3.1", "h11==0.16.0",
 )

@@ -175,9 +175,13 @@ class GraphRouter:
                 log.warning("foundry: archive %s has no graph %s; capturing it live", self.session.path, name)
                 self.session.close()
         if self.route is Route.SAVE:
-            graph, outputs, seconds = capture()
-            self.record(name, graph, outputs, seconds)
-            return
+            try:
+                graph, outputs, seconds = capture()
+            except FALLBACK_ERRORS as err:  # e.g. a collective no slot can stand for: this graph and the rest live
+                self._problem(err, f"SAVE stopped, graph {name} cannot be captured for the archive")
+            else:
+                self.record(name, graph, outputs, seconds)
+                return
         self.live_names.append(name)
         capture_live()
 

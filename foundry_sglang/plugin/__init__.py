@@ -56,32 +56,36 @@ _registered = False
 
 
 def register() -> None:
-    """Entry point of ``sglang.srt.plugins``: register Foundry's hooks when FOUNDRY_MODE/FOUNDRY_ARCHIVE enable it."""
+    """Entry point of ``sglang.srt.plugins``: register Foundry's hooks when FOUNDRY_MODE/FOUNDRY_ARCHIVE enable it
+    (and only the shared-GPU placement when ``FOUNDRY_RANKS_SHARE_GPU=1`` asks for it with Foundry off)."""
     global _registered
     try:
         config = config_from_env()
     except UnsafeFlag as err:
         log.error("foundry: %s; Foundry disabled", err)
         return
-    if not config.enabled or _registered:
+    share = os.environ.get(ENV_RANKS_SHARE_GPU) == "1"
+    if not (config.enabled or share) or _registered:
         log.debug("foundry plugin: mode=%s, registered=%s", config.mode, _registered)
         return
     disable_nvls()  # SGLang processes load plugins before they create NCCL communicators
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    for target, hook_type, fn, _why in _active_hooks():
+    for target, hook_type, fn, _why in _active_hooks(config.enabled):
         HookRegistry.register(target, fn, HookType[hook_type])
     _registered = True
-    log.info("foundry plugin enabled: mode=%s archive=%s pid=%d", config.mode, config.archive_dir, os.getpid())
+    log.info("foundry plugin enabled: mode=%s archive=%s ranks share a GPU: %s pid=%d", config.mode,
+             config.archive_dir, share, os.getpid())
     if config.mode in (FoundryMode.AUTO, FoundryMode.SAVE):
         start_image_recorder_early()
 
 
-def _active_hooks() -> tuple:
-    """HOOKS, plus the shared-GPU hook when ``FOUNDRY_RANKS_SHARE_GPU=1``."""
+def _active_hooks(enabled: bool = True) -> tuple:
+    """HOOKS when Foundry is enabled, plus the shared-GPU hook when ``FOUNDRY_RANKS_SHARE_GPU=1``."""
+    active = HOOKS if enabled else ()
     if os.environ.get(ENV_RANKS_SHARE_GPU) == "1":
-        return HOOKS + (collectives.shared_gpu_hook(),)
-    return HOOKS
+        active += (collectives.shared_gpu_hook(),)
+    return active
 
 
 def start_image_recorder_early() -> None:

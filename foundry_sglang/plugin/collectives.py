@@ -140,9 +140,8 @@ def agreement() -> Optional[Callable[[bool], bool]]:
     single-rank server."""
     import torch
     import torch.distributed as dist
-    from sglang.srt.distributed import parallel_state
 
-    world = parallel_state.get_world_group()
+    world = compat.world_group()
     if world.world_size <= 1:
         return None
 
@@ -155,21 +154,15 @@ def agreement() -> Optional[Callable[[bool], bool]]:
 
 
 def world_rank() -> int:
-    """This process's rank in SGLang's world group (0 before it exists)."""
-    from sglang.srt.distributed import parallel_state
-
-    try:
-        return int(parallel_state.get_world_group().rank_in_group)
-    except (AssertionError, AttributeError):
-        return 0
+    """This process's rank in SGLang's world group."""
+    return int(compat.world_group().rank_in_group)
 
 
 def barrier() -> None:
     """A barrier over SGLang's world CPU group."""
     import torch.distributed as dist
-    from sglang.srt.distributed import parallel_state
 
-    world = parallel_state.get_world_group()
+    world = compat.world_group()
     if world.world_size > 1:
         dist.barrier(group=world.cpu_group)
 

@@ -125,12 +125,29 @@ def parallel_value(parallel: Any, name: str) -> Optional[int]:
     return value if isinstance(value, int) else None
 
 
+def world_group() -> Any:
+    """SGLang's world ``GroupCoordinator`` (0.5.23 reads it from the published runtime context and deprecates
+    ``get_world_group``, which is all 0.5.17 has and what serves before a context is published)."""
+    import warnings
+
+    from sglang.srt.distributed import parallel_state
+
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        return get_parallel().world_group
+    except (ImportError, ValueError, AssertionError, AttributeError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return parallel_state.get_world_group()
+
+
 # -- ranks sharing one GPU ---------------------------------------------------------------------------------------
 def shared_gpu_hook(share: Callable[[int], None]) -> tuple[str, str, Callable, str]:
     """(target, hook type, hook, why): a BEFORE hook that runs ``share(rank)`` in each scheduler process and gives
     that process ``server_args.base_gpu_id`` as its GPU, where this SGLang version takes the GPU."""
-    scheduler = importlib.import_module("sglang.srt.managers.scheduler").Scheduler
-    if "gpu_id" in inspect.signature(scheduler.__init__).parameters:  # 0.5.17
+    publish = importlib.import_module("sglang.srt.runtime_context").publish
+    if "ranks" not in inspect.signature(publish).parameters:  # 0.5.17: Scheduler.__init__ takes the GPU
         def before_scheduler(self, server_args, port_args, gpu_id, tp_rank, *args, **kwargs):
             pp_rank = args[1] if len(args) > 1 else kwargs.get("pp_rank", 0)
             share(pp_rank * server_args.tp_size + tp_rank)

@@ -130,6 +130,30 @@ def test_auto_save_problem_serves_live_graphs_with_one_line(caplog):
     assert len(warnings) == 1 and "host callback" in warnings[0]
 
 
+def test_a_graph_that_cannot_be_captured_for_the_archive_is_captured_live_with_the_rest(caplog):
+    from foundry_sglang.comm_patch import UnsupportedCollective
+
+    def refuse():
+        raise UnsupportedCollective("GroupCoordinator.broadcast on group 'tp:0' inside a decode graph cannot be saved")
+
+    router = GraphRouter(SaveSession("auto"), "auto")
+    router.open()
+    live = []
+    with caplog.at_level("WARNING"):
+        router.capture_one("decode_bs8", install=None, capture=lambda: ("graph", "out", 0.1),
+                           capture_live=lambda: live.append("decode_bs8"))
+        router.capture_one("decode_bs4", install=None, capture=refuse, capture_live=lambda: live.append("decode_bs4"))
+        router.capture_one("decode_bs1", install=None, capture=lambda: pytest.fail("SAVE stopped"),
+                           capture_live=lambda: live.append("decode_bs1"))
+    assert router.recorded == ["decode_bs8"] and live == ["decode_bs4", "decode_bs1"] and router.route == "live"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "broadcast" in warnings[0] and "decode_bs4" in warnings[0]
+    strict = GraphRouter(SaveSession("save"), "save")
+    strict.open()
+    with pytest.raises(UnsupportedCollective):
+        strict.capture_one("decode_bs4", install=None, capture=refuse, capture_live=lambda: None)
+
+
 @pytest.mark.parametrize("fail", ["fail_add", "fail_save"])
 def test_explicit_save_is_strict(fail):
     router = GraphRouter(SaveSession("save", **{fail: True}), "save")

@@ -15,7 +15,11 @@ Each server reports its time to healthy and SGLang's own startup timings (``/ser
 kv_cache_allocation, cuda_graph, scheduler_e2e), answers the same greedy requests (token ids must be identical to
 plain SGLang's) and is timed on decode (1 and 64 concurrent streams). On a second GPU, at the same time, a
 ``--foundry-mode load`` start with no archive and one with a truncated archive must each fall back to live capture
-with exactly one log line and serve. Every row is guarded; servers are killed at exit; logs and a JSON go to --out.
+with exactly one log line and serve (a TP/EP layout adds a start of another layout, TP 1, on its archive
+directory). With ``--share-gpu`` (default when only one GPU is visible) every rank of a TP/EP server runs on
+GPU 0 (``--foundry-ranks-share-gpu``: each rank its own NCCL host id), plain SGLang included, and the fallback
+starts run on GPU 0 beside the others; servers then size their KV pool with ``--max-total-tokens`` so that several
+fit on one GPU. Every row is guarded; servers are killed at exit; logs and a JSON go to --out.
 """
 from __future__ import annotations
 
@@ -46,6 +50,16 @@ SERVER_FLAGS = ["--load-format", "dummy", "--attention-backend", "triton", "--sa
                 "--mm-feature-transport", "cpu", "--skip-server-warmup", "--skip-tokenizer-init",
                 "--random-seed", "0", "--host", "127.0.0.1", "--log-level", "info"]
 PREFILL_PIN = ["--cuda-graph-backend-prefill", "disabled"]  # what foundry_sglang.launch adds by itself
+#: Memory flags when several servers (or several ranks) share a GPU: a fixed KV pool instead of a memory share
+#: (SGLang sizes the pool from the memory free when it profiles, which other processes on the GPU change).
+SHARED_MEMORY_FLAGS = ["--mem-fraction-static", "0.85", "--max-total-tokens", "65536"]
+
+#: Parallel layouts: server flags and the models they apply to.
+LAYOUTS = {
+    "tp1": {"flags": [], "models": ("dense", "moe")},
+    "tp2": {"flags": ["--tp-size", "2"], "models": ("dense", "moe")},
+    "ep2": {"flags": ["--tp-size", "2", "--ep-size", "2"], "models": ("moe",)},
+}
 
 MODELS = {
     # Qwen3-8B's shapes with fewer layers.
@@ -162,14 +176,21 @@ def server_env(gpu: int) -> dict:
 
 
 def start_server(name: str, model: Path, out: Path, gpu: int, mode: str | None, archive: Path | None,
-                 extra: list[str] = ()) -> Server:
+                 extra: list[str] = (), share: bool = False) -> Server:
+    """``mode`` None: plain SGLang (through the launcher with Foundry off when ranks share a GPU: SGLang alone
+    cannot put two ranks on one GPU)."""
     port = free_port()
-    common = ["--model-path", str(model), "--port", str(port), *SERVER_FLAGS, *extra]
-    if mode is None:
+    flags = SERVER_FLAGS + (SHARED_MEMORY_FLAGS if share else [])
+    common = ["--model-path", str(model), "--port", str(port), *flags, *extra]
+    ranks_share = ["--foundry-ranks-share-gpu"] if share else []
+    if mode is None and not share:
         cmd = [sys.executable, "-m", "sglang.launch_server", *common, *PREFILL_PIN]
+    elif mode is None:
+        cmd = [sys.executable, "-m", "foundry_sglang.launch", "--foundry-engine", "sglang", "--foundry-mode", "off",
+               *ranks_share, *common, *PREFILL_PIN]
     else:
         cmd = [sys.executable, "-m", "foundry_sglang.launch", "--foundry-engine", "sglang", "--foundry-mode", mode,
-               "--foundry-archive", str(archive), *common]
+               "--foundry-archive", str(archive), *ranks_share, *common]
     return Server(name, cmd, server_env(gpu), out / f"{name}.log", port)
 
 
@@ -232,9 +253,16 @@ def graph_facts(text: str) -> dict:
     if m:
         facts["decode_graph_phase_s"] = float(m.group(1))
     m = re.findall(r"foundry: mode=(\w+) recorded=(\d+) restored=(\d+) live=(\d+)", text)
-    if m:
+    if m:  # one summary line per rank: every rank must have done the same
         mode, rec, res, live = m[-1]
-        facts.update(foundry_mode=mode, recorded=int(rec), restored=int(res), live=int(live))
+        facts.update(foundry_mode=mode, recorded=int(rec), restored=int(res), live=int(live),
+                     ranks_reported=len(m), ranks_agree=len(set(m)) == 1)
+    m = re.search(r"foundry: filled (\d+) collective slots in (\d+) graphs", text)
+    if m:
+        facts["slots_filled_at_save"] = int(m.group(1))
+    m = re.search(r"foundry: rank template (\S+) written \((.*)\)", text)
+    if m:
+        facts["template"] = m.group(2)[:200]
     m = re.search(r"foundry: (SAVE|LOAD) (\S+)", text)
     if m:
         facts["chose"], facts["archive"] = m.group(1), m.group(2)
@@ -248,9 +276,9 @@ def graph_facts(text: str) -> dict:
 
 
 def run_server(name: str, model: Path, out: Path, gpu: int, mode, archive, timeout: float, vocab: int,
-               answers_for: list[list[int]] | None, max_new: int, extra=(), throughput=True) -> dict:
+               answers_for: list[list[int]] | None, max_new: int, extra=(), throughput=True, share=False) -> dict:
     res = {"name": name}
-    srv = start_server(name, model, out, gpu, mode, archive, list(extra))
+    srv = start_server(name, model, out, gpu, mode, archive, list(extra), share)
     try:
         res["healthy_s"] = round(srv.wait_healthy(timeout), 2)
         res["startup_time"] = startup_fields(server_info(srv.base))
@@ -272,59 +300,75 @@ def run_server(name: str, model: Path, out: Path, gpu: int, mode, archive, timeo
 
 # -- the check ---------------------------------------------------------------------------------------------------
 def fallback_checks(model: Path, out: Path, work: Path, gpu: int, save_archive: Path, saved: threading.Event,
-                    timeout: float, vocab: int, ids: list[list[int]], max_new: int, results: dict) -> None:
-    """On a second GPU: LOAD with no archive, then (once SAVE wrote one) LOAD with a truncated copy of it."""
-    empty = work / "archive-missing"
+                    timeout: float, vocab: int, ids: list[list[int]], max_new: int, results: dict,
+                    tag: str = "", extra=(), share=False) -> None:
+    """Beside the main starts: LOAD with no archive, then (once SAVE wrote one) LOAD with a truncated copy of it
+    and, for a TP/EP layout, a TP 1 server on this layout's archive directory."""
+    empty = work / f"archive-missing{tag}"
     empty.mkdir(exist_ok=True)
-    results["missing"] = run_server("load-missing", model, out, gpu, "load", empty, timeout, vocab, ids[:4],
-                                    max_new, throughput=False)
+    results["missing"] = run_server(f"load-missing{tag}", model, out, gpu, "load", empty, timeout, vocab, ids[:4],
+                                    max_new, extra, throughput=False, share=share)
     if not saved.wait(timeout=2 * timeout):
         results["corrupt"] = {"error": "no SAVE archive to corrupt"}
         return
-    broken = work / "archive-corrupt"
+    broken = work / f"archive-corrupt{tag}"
     shutil.rmtree(broken, ignore_errors=True)
     shutil.copytree(save_archive, broken)
     for f in broken.rglob("*.foundry"):
         with open(f, "r+b") as fh:
             fh.truncate(f.stat().st_size // 2)
-    results["corrupt"] = run_server("load-corrupt", model, out, gpu, "load", broken, timeout, vocab, ids[:4],
-                                    max_new, throughput=False)
+    results["corrupt"] = run_server(f"load-corrupt{tag}", model, out, gpu, "load", broken, timeout, vocab, ids[:4],
+                                    max_new, extra, throughput=False, share=share)
+    if extra:  # a server of another layout (TP 1) pointed at this layout's archives
+        other = work / f"archive-other{tag}"
+        shutil.rmtree(other, ignore_errors=True)
+        shutil.copytree(save_archive, other)
+        results["other"] = run_server(f"load-other-layout{tag}", model, out, gpu, "load", other, timeout, vocab,
+                                      ids[:4], max_new, throughput=False, share=share)
 
 
-def check_model(kind: str, layers: int, args, out: Path) -> tuple[list, dict]:
+def check_model(kind: str, layers: int, args, out: Path, layout: str = "tp1") -> tuple[list, dict]:
     work = Path(args.workdir)
     model = write_model(work / "models", kind, layers)
     vocab = MODELS[kind]["vocab_size"]
     ids = prompts(args.requests, vocab)
-    archive = work / f"archive-{kind}"
+    tag = "" if layout == "tp1" else f"-{layout}"
+    extra = LAYOUTS[layout]["flags"]
+    share = args.share_gpu and layout != "tp1"
+    archive = work / f"archive-{kind}{tag}"
     shutil.rmtree(archive, ignore_errors=True)
     archive.mkdir(parents=True)
     results: dict = {}
     saved = threading.Event()
     side = None
-    if args.fallback_gpu is not None:
+    fallback_gpu = 0 if share and args.fallback_gpu is None and not args.no_fallback else args.fallback_gpu
+    if fallback_gpu is not None:
         side = threading.Thread(target=fallback_checks, daemon=True,
-                                args=(model, out, work, args.fallback_gpu, archive, saved, args.server_timeout, vocab,
-                                      ids, args.max_new_tokens, results))
+                                args=(model, out, work, fallback_gpu, archive, saved, args.server_timeout, vocab,
+                                      ids, args.max_new_tokens, results, tag, extra, share))
         side.start()
-    results["save"] = run_server(f"{kind}-foundry-auto-1", model, out, 0, "auto", archive, args.server_timeout,
-                                 vocab, ids, args.max_new_tokens)
+
+    def start(name, mode, arch, throughput=True):
+        return run_server(f"{kind}{tag}-{name}", model, out, 0, mode, arch, args.server_timeout, vocab, ids,
+                          args.max_new_tokens, extra, throughput, share)
+
+    results["save"] = start("foundry-auto-1", "auto", archive)
     saved.set()
-    results["plain"] = run_server(f"{kind}-plain", model, out, 0, None, None, args.server_timeout, vocab, ids,
-                                  args.max_new_tokens)
+    results["plain"] = start("plain", None, None)
     if "healthy_s" in results["save"]:
-        results["load"] = run_server(f"{kind}-foundry-auto-2", model, out, 0, "auto", archive, args.server_timeout,
-                                     vocab, ids, args.max_new_tokens)
+        results["load"] = start("foundry-auto-2", "auto", archive)
     else:  # the first start never served: a second one would only repeat it
-        results["load"] = {"name": f"{kind}-foundry-auto-2", "error": "not run: the SAVE start failed"}
+        results["load"] = {"name": f"{kind}{tag}-foundry-auto-2", "error": "not run: the SAVE start failed"}
     if side is not None:
         side.join(timeout=3 * args.server_timeout)
-    return verdicts(kind, layers, results), results
+    results["archive_files"] = sorted(f.name for f in archive.rglob("*.foundry"))
+    return verdicts(kind, layers, results, layout, share), results
 
 
-def verdicts(kind: str, layers: int, r: dict) -> list:
+def verdicts(kind: str, layers: int, r: dict, layout: str = "tp1", share: bool = False) -> list:
     rows = []
-    tag = f"{kind} {layers}L"
+    tag = f"{kind} {layers}L" + ("" if layout == "tp1" else f" {layout.upper()}" + (" 1 GPU" if share else ""))
+    parallel = layout != "tp1"
 
     def row(name, ok, detail):
         rows.append(("PASS" if ok else ("n/a" if ok is None else "FAIL"), f"{tag}: {name}", detail))
@@ -360,10 +404,16 @@ def verdicts(kind: str, layers: int, r: dict) -> list:
         bs = plain.get("bs") or load.get("bs") or []
         ok = (bool(bs) and load.get("restored") == len(bs) and load.get("live") == 0
               and save.get("recorded") == len(bs))
+        ranks = ""
+        if parallel:  # one summary line per rank, all alike
+            ok = ok and load.get("ranks_reported") == 2 and load.get("ranks_agree") and save.get("ranks_agree")
+            ranks = (f"; {load.get('ranks_reported')} ranks reported alike={load.get('ranks_agree')}; SAVE filled "
+                     f"{save.get('slots_filled_at_save')} slots; template: {save.get('template', 'none')}; files "
+                     f"{r.get('archive_files')}")
         return ok, (f"default decode bs list {len(bs)} sizes {bs[:5]}..{bs[-1:] if bs else ''}: SAVE recorded "
                     f"{save.get('recorded')}, LOAD restored {load.get('restored')} captured live {load.get('live')} "
-                    f"in {load.get('restore_s', '-')} s")
-    guarded("every decode graph restored", graphs)
+                    f"in {load.get('restore_s', '-')} s{ranks}")
+    guarded("every decode graph restored" + (" on every rank" if parallel else ""), graphs)
 
     def answers(other, label):
         a, b = plain.get("answers"), other.get("answers")
@@ -378,11 +428,12 @@ def verdicts(kind: str, layers: int, r: dict) -> list:
         details, ok = [], True
         for key in ("tok_s_1", "tok_s_64"):
             ratio = load[key] / plain[key]
-            ok = ok and ratio > 0.9
+            ok = ok and (abs(ratio - 1) <= 0.02 if parallel else ratio > 0.9)
             details.append(f"{key[6:]} streams: plain {plain[key]} tok/s, LOAD {load[key]} tok/s ({ratio:.3f}x)")
         return ok, "; ".join(details)
     guarded("decode throughput restored vs captured", speed)
-    for key, label in (("missing", "LOAD with no archive"), ("corrupt", "LOAD with a truncated archive")):
+    for key, label in (("missing", "LOAD with no archive"), ("corrupt", "LOAD with a truncated archive"),
+                       *((("other", "TP 1 LOAD on this layout's archives"),) if parallel else ())):
         res = r.get(key)
         if res is None:
             row(f"{label} falls back", None, "not run (no second GPU or --no-fallback)")
@@ -394,7 +445,7 @@ def verdicts(kind: str, layers: int, r: dict) -> list:
                                  f"graphs live in {res.get('decode_graph_phase_s', '-')} s, "
                                  f"lines: {res.get('fallback_lines')} {res.get('error', '')}"))
     tb = {res.get("name"): res.get("tracebacks") for res in (save, plain, load, *(r.get(k) or {} for k in
-                                                                                  ("missing", "corrupt")))}
+                                                                                  ("missing", "corrupt", "other")))}
     row("no tracebacks in server logs", all(not v for v in tb.values()), json.dumps(tb))
     return rows
 
@@ -406,7 +457,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = [k for k in ("dense", "moe") if k in report]
+    kinds = [k for k in report.get("cases", []) if k in report]
     fig, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         runs = [("plain SGLang", report[kind].get("plain", {})), ("Foundry SAVE", report[kind].get("save", {})),
@@ -421,7 +472,8 @@ def plot(report: dict, path: Path) -> None:
             ax.text(i + 0.2, g, f"{g:.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(x), [n for n, _ in runs])
         ax.set_title(f"SGLang {report.get('sglang', '')}, Qwen3 {kind} {report[kind].get('layers')} layers, "
-                     f"{report.get('device', '')}", fontsize=9)
+                     f"{report.get('device', '')}{' (ranks share 1 GPU)' if report[kind].get('share') else ''}",
+                     fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -430,8 +482,14 @@ def plot(report: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="dense", help="comma list of dense, moe (default: dense)")
+    parser.add_argument("--layouts", default="tp1",
+                        help="comma list of tp1, tp2, ep2 (ep2: MoE only; default: tp1); each layout x model is a case")
+    parser.add_argument("--share-gpu", action="store_true", default=None,
+                        help="TP/EP ranks share GPU 0 (default: when only one GPU is visible)")
     parser.add_argument("--dense-layers", type=int, default=4, help="layers of the Qwen3-8B-shaped model (4)")
     parser.add_argument("--moe-layers", type=int, default=4, help="layers of the small Qwen3-MoE (4)")
+    parser.add_argument("--max-bs", type=int, default=None,
+                        help="--cuda-graph-max-bs-decode for every server (default: SGLang's, 256 on an H200)")
     parser.add_argument("--requests", type=int, default=16, help="greedy requests compared (16)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per greedy request (32)")
     parser.add_argument("--server-timeout", type=float, default=240, help="seconds to healthy before failing (240)")
@@ -476,17 +534,29 @@ def main(argv=None) -> int:
         args.fallback_gpu = 1
     if args.no_fallback:
         args.fallback_gpu = None
+    if args.share_gpu is None:
+        args.share_gpu = n_gpus < 2
+    if args.max_bs is not None:
+        SERVER_FLAGS.extend(["--cuda-graph-max-bs-decode", str(args.max_bs)])
+    report["cases"] = []
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     for kind in [m.strip() for m in args.models.split(",") if m.strip()]:
         layers = args.dense_layers if kind == "dense" else args.moe_layers
-        try:
-            model_rows, results = check_model(kind, layers, args, out)
-            rows += model_rows
-            report[kind] = {"layers": layers, **{k: {kk: vv for kk, vv in v.items() if kk != "answers"}
-                                                for k, v in results.items()}}
-        except Exception as err:
-            traceback.print_exc()
-            rows.append(("FAIL", f"{kind}: check", f"{type(err).__name__}: {err}"[:300]))
-        (out / "sglang_server.json").write_text(json.dumps(report, indent=1))
+        for layout in layouts:
+            if kind not in LAYOUTS[layout]["models"]:
+                continue
+            case = kind if layout == "tp1" else f"{kind}-{layout}"
+            report["cases"].append(case)
+            try:
+                model_rows, results = check_model(kind, layers, args, out, layout)
+                rows += model_rows
+                report[case] = {"layers": layers, "layout": layout, "share": args.share_gpu and layout != "tp1",
+                                **{k: ({kk: vv for kk, vv in v.items() if kk != "answers"} if isinstance(v, dict)
+                                       else v) for k, v in results.items()}}
+            except Exception as err:
+                traceback.print_exc()
+                rows.append(("FAIL", f"{case}: check", f"{type(err).__name__}: {err}"[:300]))
+            (out / "sglang_server.json").write_text(json.dumps(report, indent=1))
     kill_all()
     try:
         plot(report, out / "sglang_server.png")

@@ -1,0 +1,77 @@
+"""One rank of a 2-rank SGLang process group on CPU (gloo), with the plugin's collective hooks applied: what the
+tests in test_plugin_parallel.py check, run as ``python sglang_rank.py RANK PORT`` (prints one JSON line).
+
+Real SGLang classes throughout: ``init_distributed_environment`` and a ``GroupCoordinator`` named "tp", as SGLang
+builds them, and its ``HookRegistry``. The only stand-in is the SAVE session, which records what
+``Session.slot`` would be told (no kernel is launched on CPU).
+"""
+import json
+import sys
+
+import torch
+
+from foundry_sglang.comm_patch import UnsupportedCollective
+from foundry_sglang.plugin import collectives
+
+
+class SlotLog:
+    def __init__(self):
+        self.calls = []
+
+    def slot(self, op, **fields):
+        self.calls.append(dict(fields, op=op))
+        return len(self.calls)
+
+
+def main(rank: int, port: int) -> dict:
+    from sglang.srt.distributed import parallel_state as ps
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    ps.init_distributed_environment(world_size=2, rank=rank, local_rank=rank, backend="gloo",
+                                    distributed_init_method=f"tcp://127.0.0.1:{port}")
+    tp = ps.GroupCoordinator(group_ranks=[[0, 1]], local_rank=rank, torch_distributed_backend="gloo",
+                             use_pynccl=False, use_mscclpp=False, use_custom_allreduce=False,
+                             use_torch_symm_mem_all_reduce=False, use_hpu_communicator=False,
+                             use_xpu_communicator=False, group_name="tp")
+    for target, kind, fn, _why in collectives.COLLECTIVE_HOOKS:
+        HookRegistry.register(target, fn, HookType[kind])
+    HookRegistry.apply_hooks()
+    out = {"unique_name": tp.unique_name, "world_rank": collectives.world_rank()}
+
+    # Outside a SAVE capture the hooks are SGLang's own collectives (on CPU SGLang has only its all-reduce).
+    out["live_all_reduce"] = tp.all_reduce(torch.full((4,), rank + 1.0)).tolist()
+
+    # Inside: slots, in call order, with their buffers; nothing is communicated.
+    log = SlotLog()
+    x = torch.full((4, 8), rank + 1.0, dtype=torch.bfloat16)
+    h = torch.randn(3, 5)
+    gather_out = torch.empty(6, 5)
+    rs_in, rs_out = torch.randn(8), torch.empty(4)
+    with collectives.recording(log):
+        same = tp.all_reduce(x)
+        tp.all_gather_into_tensor(gather_out, h)
+        tp.reduce_scatter_tensor(rs_out, rs_in)
+        refused = []
+        for name, call in (("broadcast", lambda: tp.broadcast(x)),
+                           ("all_to_all_single", lambda: tp.all_to_all_single(torch.empty(4), torch.empty(4))),
+                           ("all_gather list", lambda: tp.all_gather(h, 0, [torch.empty(3, 5), torch.empty(3, 5)]))):
+            try:
+                call()
+            except UnsupportedCollective as err:
+                refused.append([name, str(err)])
+    out["in_place_returned_input"] = same is x
+    out["x_untouched"] = bool((x == rank + 1.0).all())
+    out["slots"] = [{k: v for k, v in c.items() if k not in ("send", "recv")} for c in log.calls]
+    out["buffers"] = [[c["send"], c["recv"]] for c in log.calls]
+    out["expected_buffers"] = [[x.data_ptr(), x.data_ptr()], [h.data_ptr(), gather_out.data_ptr()],
+                               [rs_in.data_ptr(), rs_out.data_ptr()]]
+    out["refused"] = refused
+
+    agree = collectives.agreement()
+    out["agree"] = [agree(True), agree(rank == 0)]
+    collectives.barrier()
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(int(sys.argv[1]), int(sys.argv[2]))), flush=True)
