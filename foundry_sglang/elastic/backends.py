@@ -80,11 +80,23 @@ class _LocalReplica(ReplicaHandle):
         return self.url
 
     def _standby_spec(self) -> WorkerSpec:
-        """A standby sees all of the backend's GPUs: tell its ranks which of them are this replica's."""
-        if self.spec.device != "cuda" or "--gpu-ids" in self.spec.extra_args:
+        """A standby sees all of the backend's GPUs: tell its ranks which of them are this replica's (the
+        built-in engine: ``--gpu-ids``; SGLang: ``--base-gpu-id``/``--gpu-id-step``, so the replica's GPUs must
+        be evenly spaced, else ValueError and a fresh worker starts)."""
+        flags = ("--gpu-ids",) if self.spec.kind == "builtin" else ("--base-gpu-id", "--gpu-id-step")
+        given = {a.split("=", 1)[0] for a in self.spec.extra_args}
+        if self.spec.device != "cuda" or given.intersection(flags):
             return self.spec
         index = [self.backend.all_slots.index(s) for s in self.slots]
-        return replace(self.spec, extra_args=list(self.spec.extra_args) + ["--gpu-ids", ",".join(map(str, index))])
+        if self.spec.kind == "builtin":
+            extra = ["--gpu-ids", ",".join(map(str, index))]
+        else:
+            index = sorted(index)
+            step = index[1] - index[0] if len(index) > 1 else 1
+            if step < 1 or index != list(range(index[0], index[0] + step * len(index), step)):
+                raise ValueError(f"GPUs {index} are not evenly spaced: SGLang cannot place its ranks on them")
+            extra = ["--base-gpu-id", str(index[0])] + (["--gpu-id-step", str(step)] if step > 1 else [])
+        return replace(self.spec, extra_args=list(self.spec.extra_args) + extra)
 
     def describe(self) -> Dict[str, Any]:
         return dict(super().describe(), from_standby=self.from_standby)

@@ -163,7 +163,7 @@ class Controller:
 
     # -- standby pool ------------------------------------------------------------------------------
     def _standby_supported(self) -> bool:
-        return self.config.standby > 0 and hasattr(self.backend, "replenish") and self.config.kind == "builtin"
+        return self.config.standby > 0 and hasattr(self.backend, "replenish")
 
     def _replenish_standby(self) -> None:
         """Refill the standby pool on free slots (never fails the caller: a standby is an optimisation)."""

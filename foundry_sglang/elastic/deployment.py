@@ -78,13 +78,13 @@ class DeploymentConfig:
     start_timeout: float = 600.0
     drain_timeout: float = 600.0
     policy: Optional[Dict[str, Any]] = None  # PolicyConfig fields; None: policy off
-    standby: int = 0                         # warm standby engines kept on free slots (local backend, builtin)
+    standby: int = 0                         # warm standby workers kept on free slots (local backend)
 
     def __post_init__(self) -> None:
         if isinstance(self.foundry, Mapping):  # from YAML (Ray Serve args) or asdict() (the controller actor)
             self.foundry = FoundryConfig.from_dict(self.foundry)
-        if self.standby < 0 or (self.standby and (self.backend != "local" or self.kind != "builtin")):
-            raise ValueError("standby must be >= 0, and standby engines need backend 'local' and kind 'builtin'")
+        if self.standby < 0 or (self.standby and self.backend != "local"):
+            raise ValueError("standby must be >= 0, and standby workers need backend 'local'")
 
     def controller_config(self) -> ControllerConfig:
         return ControllerConfig(model=self.model, slots=self.slots, layout=Layout(self.tp, self.ep, self.replicas),

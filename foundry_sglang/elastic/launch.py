@@ -74,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every engine process (repeatable; or put them after --)")
     p.add_argument("--standby", type=int, default=0, metavar="N",
-                   help="keep N warm standby engines (torch imported, rank forkserver and CUDA context up) on "
-                        "free slots, each holding its slot/GPU, so a switch or scale-up skips the process start; "
-                        "refilled after every job, never serving capacity, reported in /status and /metrics. "
-                        "Needs --backend local and --worker builtin (default 0: off)")
+                   help="keep N warm standby workers of the --worker kind on free slots, each holding its "
+                        "slot/GPU: torch and the server imported, a forkserver for its rank processes (SGLang: "
+                        "with the scheduler side imported), CUDA up; a switch or scale-up hands one its layout "
+                        "instead of starting a process. Refilled after every job, never serving capacity, "
+                        "reported in /status and /metrics. Needs --backend local (default 0: off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -96,8 +97,8 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
             raise LayoutError("--policy must be a JSON object")
     if args.standby < 0:
         raise LayoutError("--standby must be >= 0")
-    if args.standby and (args.backend != "local" or args.kind != "builtin"):
-        raise LayoutError("--standby needs --backend local and --worker builtin")
+    if args.standby and args.backend != "local":
+        raise LayoutError("--standby needs --backend local")
     gpu_ids = [int(g) for g in args.gpu_ids.split(",") if g.strip()] if args.gpu_ids else None
     slots = args.slots or max(args.tp, args.ep) * args.replicas
     try:

@@ -119,12 +119,15 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def standby_command(spec: WorkerSpec, gpu_index: Optional[int] = None) -> List[str]:
-    """The command line of a standby engine for ``spec``'s kind and device (built-in engine only);
-    ``gpu_index``: the visible GPU whose CUDA context it creates."""
-    if spec.kind != "builtin":
-        raise ValueError(f"standby workers need the builtin worker kind, not {spec.kind!r}")
-    cmd = [sys.executable, "-m", "foundry_sglang.engine", "--standby", "--device", spec.device]
-    return cmd + (["--gpu-ids", str(gpu_index)] if gpu_index is not None else [])
+    """The command line of a standby for ``spec``'s kind and device (it later takes ``build_command``'s
+    arguments on stdin); ``gpu_index``: the visible GPU whose CUDA it initialises."""
+    if spec.kind == "builtin":
+        cmd = [sys.executable, "-m", "foundry_sglang.engine", "--standby", "--device", spec.device]
+        return cmd + (["--gpu-ids", str(gpu_index)] if gpu_index is not None else [])
+    if spec.kind == "sglang":
+        cmd = [sys.executable, "-m", "foundry_sglang.plugin.standby", "--device", spec.device]
+        return cmd + (["--gpu", str(gpu_index)] if gpu_index is not None else [])
+    raise ValueError(f"unknown worker kind {spec.kind!r}; expected one of {', '.join(WORKER_KINDS)}")
 
 
 class ProcessWorker:
@@ -193,7 +196,7 @@ class ProcessWorker:
         if proc.poll() is not None:
             raise RuntimeError(f"standby pid {proc.pid} exited with status {proc.returncode}")
         port = port or free_port(spec.host)
-        argv = build_command(spec, port)[3:]        # drop "python -m foundry_sglang.engine"
+        argv = build_command(spec, port)[3:]        # drop "python -m <module>"
         log.info("activating standby pid %d: %s", proc.pid, printable_command(argv))
         proc.stdin.write((json.dumps({"argv": argv}) + "\n").encode())
         proc.stdin.close()                           # one message per standby; raises if the pipe is broken
