@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .layout import Layout
 from .workers import ProcessWorker, WorkerSpec
@@ -46,6 +46,8 @@ class ReplicaHandle:
 
 
 SpecFactory = Callable[[int], WorkerSpec]  # replica index -> spec
+#: Standby workers in a row that may exit before they are warm before the pool stops starting them.
+STANDBY_MAX_FAILURES = 3
 
 
 # --------------------------------------------------------------------------------------------- local
@@ -127,6 +129,12 @@ class LocalBackend:
         self.standby_target = max(0, int(standby))
         self.standbys: Dict[int, ProcessWorker] = {}   # slot -> warm engine (its slot is not in self.free)
         self.standby_started = self.standby_used = self.standby_fallbacks = 0
+        self.standby_failures = 0                      # standbys in a row that exited before they were warm
+        self.standby_disabled: Optional[str] = None    # why no more standbys are started
+
+    def capacity(self) -> Tuple[Optional[int], str]:
+        """How many slots this backend has at all, and where (for a one-line refusal)."""
+        return len(self.all_slots), f"the local backend has {len(self.all_slots)} slot(s) {self.all_slots}"
 
     async def allocate(self, gen_id: int, layout: Layout, spec_for: SpecFactory) -> List[ReplicaHandle]:
         available = len(self.free) + len(self.standbys)
@@ -156,11 +164,18 @@ class LocalBackend:
         ``spec`` gives the worker kind, device, environment and log path (``{slot}`` in it is filled in)."""
         for slot, w in list(self.standbys.items()):
             if w.returncode() is not None:
-                log.warning("standby pid %s on slot %s exited with status %s; replacing it",
-                            w.pid, slot, w.returncode())
+                self.standby_failures = 0 if w.was_warm() else self.standby_failures + 1
+                log.warning("standby pid %s on slot %s exited with status %s%s; replacing it", w.pid, slot,
+                            w.returncode(), "" if self.standby_failures == 0 else " before it was warm")
                 w.stop()
                 del self.standbys[slot]
                 self._give_back([slot])
+        if self.standby_failures >= STANDBY_MAX_FAILURES:
+            if not self.standby_disabled:
+                self.standby_disabled = (f"{self.standby_failures} standby workers in a row exited before they "
+                                         f"were warm (see their logs); no more standby workers")
+                log.error("%s", self.standby_disabled)
+            return 0
         started = 0
         while len(self.standbys) < self.standby_target and self.free:
             slot = self.free.pop(0)
@@ -185,7 +200,8 @@ class LocalBackend:
                     ("warming" if w.returncode() is None else "exited")} for slot, w in sorted(self.standbys.items())]
         return {"target": self.standby_target, "ready": sum(w["state"] == "ready" for w in workers),
                 "warming": sum(w["state"] == "warming" for w in workers), "workers": workers,
-                "started": self.standby_started, "used": self.standby_used, "fallbacks": self.standby_fallbacks}
+                "started": self.standby_started, "used": self.standby_used, "fallbacks": self.standby_fallbacks,
+                "disabled": self.standby_disabled}
 
     def _give_back(self, slots: Sequence[int]) -> None:
         self.free = sorted(set(self.free) | set(slots))
@@ -287,6 +303,16 @@ class RayBackend:
         if removed:
             log.warning("removed %d placement group(s) left by a previous controller", removed)
         return removed
+
+    def capacity(self) -> Tuple[Optional[int], str]:
+        """The cluster's total slots of this backend's resource (None when Ray cannot say), and a description."""
+        import ray
+
+        try:
+            total = ray.cluster_resources().get(self.resource, 0)
+        except Exception:  # Ray in trouble: let the placement itself decide
+            return None, "the Ray cluster's size is unknown"
+        return int(total), f"the Ray cluster has {total:g} {self.resource}"
 
     async def allocate(self, gen_id: int, layout: Layout, spec_for: SpecFactory) -> List[ReplicaHandle]:
         from ray.util.placement_group import placement_group, remove_placement_group

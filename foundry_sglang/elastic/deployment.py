@@ -84,7 +84,7 @@ class DeploymentConfig:
         if isinstance(self.foundry, Mapping):  # from YAML (Ray Serve args) or asdict() (the controller actor)
             self.foundry = FoundryConfig.from_dict(self.foundry)
         if self.standby < 0 or (self.standby and self.backend != "local"):
-            raise ValueError("standby must be >= 0, and standby workers need backend 'local'")
+            raise ValueError("standby must be >= 0, and standby engines need backend 'local'")
 
     def controller_config(self) -> ControllerConfig:
         return ControllerConfig(model=self.model, slots=self.slots, layout=Layout(self.tp, self.ep, self.replicas),

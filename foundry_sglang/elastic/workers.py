@@ -182,6 +182,11 @@ class ProcessWorker:
                 self._close_ready()
         return self._ready and self.returncode() is None and self.url is None
 
+    def was_warm(self) -> bool:
+        """Whether this standby ever said it was warm (also after it exited)."""
+        self.standby_ready()
+        return self._ready
+
     def _close_ready(self) -> None:
         if self._ready_fd is not None:
             os.close(self._ready_fd)
