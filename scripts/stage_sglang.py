@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Stage locked wheel sets onto the lent H200 machine, which has no package index.
+"""Stage locked wheel sets onto a GPU host without a package index (chunked staging, docs/STAGING.md).
 
 The GPU machine has torch 2.11 (which SGLang 0.5.11-0.5.17 pin), but none of SGLang's other wheels, no Ray, and a
 call may carry at most 64 MiB. A *wheel set* (``--set``) is one locked list of cp312 wheels staged the same way
@@ -500,6 +500,9 @@ def cmd_install(args: argparse.Namespace) -> int:
         info = write_dist_info(project, target)
         log(f"entry point {info.name}")
         env["TVM_FFI_CACHE_DIR"] = str(dest / "bundle" / "tvm-ffi-cache")  # SGLang builds missing kernels here
+    # PYTHONPATH goes in front of what is there, so the env.sh of several sets can be sourced one after the other
+    # (the last one sourced comes first).
+    env["PYTHONPATH"] += "${PYTHONPATH:+:$PYTHONPATH}"
     (dest / "env.sh").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     log(f"set {ws.name}: environment in {dest / 'env.sh'} (source it)")
     if args.check:
