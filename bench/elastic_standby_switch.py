@@ -132,7 +132,9 @@ def wait_standby_ready(dep, timeout: float = 300.0) -> float:
 def kill_one_replica(dep, t0: float) -> dict:
     """SIGKILL a serving replica outside a switch and wait until the controller has replaced it."""
     st = dep.status()
-    victim = st["generations"][0]["replicas"][-1]["pid"]
+    gen = st["generations"][0]
+    victim = gen["replicas"][-1]["pid"]
+    name = f"{gen['id']}:{gen['replicas'][-1]['url'].rsplit(':', 1)[1]}"   # as X-Foundry-Replica names it
     restarts = st["restarts"]
     t_kill = time.monotonic()
     os.kill(victim, signal.SIGKILL)
@@ -144,7 +146,17 @@ def kill_one_replica(dep, t0: float) -> dict:
         time.sleep(0.05)
     done = time.monotonic()
     return {"name": "replica killed", "strategy": "repair", "state": "replaced", "t_submit": round(t_kill - t0, 3),
-            "t_done": round(done - t0, 3), "total_s": round(done - t_kill, 3), "phases_s": {}}
+            "t_done": round(done - t0, 3), "total_s": round(done - t_kill, 3), "phases_s": {}, "replica": name}
+
+
+def counts(requests: list, switches: list) -> dict:
+    """ok / failed / greedy answers unlike the first layout's; ``failed_on_killed_replica``: failed requests that
+    were running on the replica killed on purpose (a sampled stream cannot be resumed elsewhere)."""
+    kills = [(s["replica"], s["t_submit"]) for s in switches if s.get("replica")]
+    failed = [r for r in requests if not r["ok"]]
+    killed = [r for r in failed if any(r["replica"] == name and r["t"] <= t for name, t in kills)]
+    return {"ok": len(requests) - len(failed), "failed": len(failed), "failed_on_killed_replica": len(killed),
+            "greedy_mismatched": sum(r.get("greedy_equal") is False for r in requests)}
 
 
 def run_mode(standby: int, log_dir: str, device: str, gpu_ids, archives, clients: int) -> dict:
@@ -177,8 +189,7 @@ def run_mode(standby: int, log_dir: str, device: str, gpu_ids, archives, clients
         status = dep.status()
     recs = load.records
     return {"mode": f"standby={standby}", "switches": switches, "requests": recs,
-            "counts": {"ok": sum(r["ok"] for r in recs), "failed": sum(not r["ok"] for r in recs),
-                       "greedy_mismatched": sum(r.get("greedy_equal") is False for r in recs)},
+            "counts": counts(recs, switches),
             "standby": status["standby"]}
 
 
@@ -189,12 +200,14 @@ def plot(path: str) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError:
         raise SystemExit("elastic_standby_switch: --plot needs matplotlib (pip install matplotlib)") from None
     with open(path) as f:
         doc = json.load(f)
     modes = doc["modes"]
-    fig, axes = plt.subplots(len(modes), 1, figsize=(11, 3.6 * len(modes)), squeeze=False, sharey=True)
+    top = max([r["latency_s"] for m in modes for r in m["requests"]] or [1.0])
+    fig, axes = plt.subplots(len(modes), 1, figsize=(11, 3.8 * len(modes)), squeeze=False, sharey=True)
     for ax, mode in zip(axes[:, 0], modes):
         recs = mode["requests"]
         replicas = sorted({r["replica"] for r in recs if r["replica"]}, key=lambda x: [int(p) for p in x.split(":")])
@@ -205,7 +218,6 @@ def plot(path: str) -> str:
         bad = [r for r in recs if not r["ok"]]
         ax.scatter([r["t"] for r in bad], [r["latency_s"] for r in bad], s=30, marker="x", color="red",
                    label=f"failed ({len(bad)})")
-        top = max([r["latency_s"] for r in recs] or [1.0])
         for sw in mode["switches"]:
             t = sw["t_submit"]
             for phase, secs in sw["phases_s"].items():
@@ -214,16 +226,18 @@ def plot(path: str) -> str:
                     ax.axvspan(t, t + secs, color=GROUP_COLORS[group], alpha=0.25, lw=0)
                 t += secs
             ax.axvline(sw["t_submit"], color="black", lw=0.8, ls="--")
-            ax.text(sw["t_submit"], top * 1.02, f" {sw['name']} {sw['total_s']:.2f}s", fontsize=8, rotation=0,
-                    va="bottom")
-        for group, color in GROUP_COLORS.items():
-            ax.axvspan(0, 0, color=color, alpha=0.25, label=group)
+            ax.text(sw["t_submit"], top * 1.25, f"{sw['name']} {sw['total_s']:.2f}s ", fontsize=7, rotation=90,
+                    va="top", ha="right")
+        handles, _ = ax.get_legend_handles_labels()
+        handles += [Patch(color=color, alpha=0.25, label=group) for group, color in GROUP_COLORS.items()]
         c = mode["counts"]
-        ax.set_title(f"{mode['mode']}: {c['ok']} ok, {c['failed']} failed, {c['greedy_mismatched']} greedy "
-                     f"mismatched", fontsize=10)
+        killed = c.get("failed_on_killed_replica", 0)
+        ax.set_title(f"{mode['mode']}: {c['ok']} ok, {c['failed']} failed"
+                     f"{f' ({killed} on the replica killed on purpose)' if killed else ''}, "
+                     f"{c['greedy_mismatched']} greedy answers unlike the first layout's", fontsize=10)
         ax.set_ylabel("request latency (s)")
-        ax.set_ylim(0, top * 1.15)
-        ax.legend(fontsize=7, loc="upper right", ncol=2)
+        ax.set_ylim(0, top * 1.27)
+        ax.legend(handles=handles, fontsize=7, loc="upper right", ncol=2)
     axes[-1, 0].set_xlabel("time since the load started (s)")
     meta = doc["meta"]
     fig.suptitle(f"Live switches under load: {meta['model']} on {meta['device']} "

@@ -64,7 +64,8 @@ class DeploymentConfig:
     replicas: int = 1
     kind: str = "builtin"
     device: str = "cpu"
-    gpu_ids: Optional[List[int]] = None      # local backend on GPU: which GPUs (default 0..slots-1)
+    gpu_ids: Optional[List[int]] = None      # local backend on GPU: each slot's GPU (default 0..slots-1)
+    slots_per_gpu: int = 1                   # >1: that many slots share each GPU (ranks/replicas on one GPU)
     host: str = "127.0.0.1"
     port: int = 8000
     api_token: Optional[str] = None
@@ -83,6 +84,8 @@ class DeploymentConfig:
     def __post_init__(self) -> None:
         if isinstance(self.foundry, Mapping):  # from YAML (Ray Serve args) or asdict() (the controller actor)
             self.foundry = FoundryConfig.from_dict(self.foundry)
+        if self.slots_per_gpu < 1:
+            raise ValueError("slots_per_gpu must be >= 1")
         if self.standby < 0 or (self.standby and self.backend != "local"):
             raise ValueError("standby must be >= 0, and standby engines need backend 'local'")
 
@@ -102,9 +105,9 @@ class ElasticServer:
         self.config = config
         self.router = Router(queue_limit=config.queue_limit, queue_timeout=config.queue_timeout)
         if config.backend == "ray":
-            backend: Any = RayBackend(device=config.device, instance=instance)
+            backend: Any = RayBackend(device=config.device, instance=instance, slots_per_gpu=config.slots_per_gpu)
         elif config.backend == "local":
-            slots = config.gpu_ids if config.gpu_ids else list(range(config.slots))
+            slots = config.gpu_ids or [i // config.slots_per_gpu for i in range(config.slots)]
             backend = LocalBackend(slots[:config.slots], standby=config.standby)
         else:
             raise ValueError(f"unknown backend {config.backend!r}; expected ray or local")

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda", help="where engines run (default cuda)")
     p.add_argument("--gpu-ids", default=None,
                    help="comma-separated GPU ids for --backend local (default 0..slots-1)")
+    p.add_argument("--slots-per-gpu", type=int, default=1, metavar="N",
+                   help="N slots share each GPU, so ranks and replicas fit on fewer GPUs (one GPU: --slots 2 "
+                        "--slots-per-gpu 2); SGLang ranks on one GPU run with --foundry-ranks-share-gpu (default 1)")
     p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="router port, also serving the admin API (default 8000)")
     p.add_argument("--api-token", default=os.environ.get(TOKEN_ENV),
@@ -95,6 +98,8 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
             raise LayoutError(f"--policy is not valid JSON: {exc.msg}") from None
         if not isinstance(policy, dict):
             raise LayoutError("--policy must be a JSON object")
+    if args.slots_per_gpu < 1:
+        raise LayoutError("--slots-per-gpu must be >= 1")
     if args.standby < 0:
         raise LayoutError("--standby must be >= 0")
     if args.standby and args.backend != "local":
@@ -111,7 +116,7 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
         backend=args.backend, foundry=foundry if args.device == "cuda" else FoundryConfig(),
         extra_args=list(args.engine_arg) + list(extra), log_dir=args.log_dir, queue_limit=args.queue_limit,
         queue_timeout=args.queue_timeout, start_timeout=args.start_timeout, drain_timeout=args.drain_timeout,
-        policy=policy, standby=args.standby)
+        policy=policy, standby=args.standby, slots_per_gpu=args.slots_per_gpu)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
