@@ -48,10 +48,13 @@ GROUP_COLORS = {"stop old": "#d62728", "start new": "#ff7f0e", "wait healthy": "
 class Load:
     """Client threads sending requests until stopped; every request is recorded."""
 
-    def __init__(self, url: str, t0: float, clients: int, max_tokens: int = 8):
+    def __init__(self, url: str, t0: float, clients: int, max_tokens: int = 8, expected=None):
+        """``expected(replica, prompt, stream)``: the greedy answer that replica must give (None: not judged);
+        default: the first answer seen for that prompt."""
         self.url, self.t0, self.clients, self.max_tokens = url, t0, clients, max_tokens
         self.records: list = []
         self.reference: dict = {}
+        self.expected = expected
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
@@ -94,7 +97,9 @@ class Load:
             rec["error"] = error
         elif not rec["sampled"]:
             key = (body["prompt"], body["stream"])
-            rec["greedy_equal"] = self.reference.setdefault(key, text) == text
+            want = self.expected(replica, *key) if self.expected else self.reference.setdefault(key, text)
+            if want is not None:
+                rec["greedy_equal"] = want == text
         return rec
 
     async def _run(self) -> None:
