@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for --help without PYTHONPATH
 
+from tests.openai_client import openai_request  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = {"cpu": "builtin:tiny", "cuda": "builtin:qwen3-8b?num_hidden_layers=4"}
@@ -69,29 +71,12 @@ class Load:
         body = self.body(i)
         start = time.monotonic()
         rec = {"t": round(start - self.t0, 3), "stream": body["stream"], "sampled": body["temperature"] > 0}
-        text, error, replica = "", None, None
+        got: dict = {}
         try:
-            async with session.post(self.url + "/v1/completions", json=body) as r:
-                replica = r.headers.get("X-Foundry-Replica")
-                if r.status != 200:
-                    error = f"HTTP {r.status}"
-                elif not body["stream"]:
-                    text = (await r.json())["choices"][0]["text"]
-                else:
-                    done = False
-                    async for line in r.content:
-                        line = line.strip()
-                        if line == b"data: [DONE]":
-                            done = True
-                        elif line.startswith(b"data: "):
-                            event = json.loads(line[6:])
-                            if "error" in event:
-                                error = "in-stream error"
-                            for c in event.get("choices", []):
-                                text += c.get("text") or ""
-                    error = error or (None if done else "stream ended without [DONE]")
+            text, error = await openai_request(session, self.url, body, headers=got)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            error = type(exc).__name__
+            text, error = None, type(exc).__name__
+        replica = got.get("X-Foundry-Replica")
         rec.update(latency_s=round(time.monotonic() - start, 4), ok=error is None, replica=replica)
         if error:
             rec["error"] = error

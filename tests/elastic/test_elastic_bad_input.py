@@ -11,6 +11,7 @@ import time
 import pytest
 import requests
 from elastic_load import LoadGenerator, reference_outputs
+from waiting import gone, wait_until
 
 from foundry_sglang.elastic.backends import LocalBackend
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
@@ -19,15 +20,6 @@ from foundry_sglang.elastic.workers import WorkerSpec
 
 ENGINE_ARGS = ["--num-kv-pages", "256", "--max-running-requests", "8"]
 ENV = {"OMP_NUM_THREADS": "1"}
-
-
-def wait_until(predicate, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout:.0f}s")
 
 
 def replica_pids(dep):
@@ -105,15 +97,7 @@ def test_new_worker_that_never_becomes_healthy_rolls_back_with_zero_failed_reque
         assert job["state"] == "rolled_back" and "not healthy within" in job["error"], job
         assert dep.status()["layout"] == {"tp": 1, "ep": 1, "replicas": 1}
         assert not load.failures, load.failures[:3]
-        wait_until(lambda: not _alive(new), timeout=30, what="the hung worker stopped")
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+        wait_until(lambda: gone(new), timeout=30, what="the hung worker stopped")
 
 
 @pytest.mark.slow
