@@ -1,7 +1,7 @@
 """GPU probe (one GPU, seconds): why does a rebuilt bf16 NN GEMM graph (cuBLASLt split-K + PDL edge) compute
 different numbers than the captured one, in the same process?
 
-    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/probe_pdl_gemm.py
+    PYTHONPATH=$PWD:$PYTHONPATH python3 tools/probe_pdl_gemm.py
 
 Captures ``(x @ w).float()`` (x [8, 4096] bf16, w [4096, 2048], the check_fidelity GEMM toy's NN GEMM) into a
 CUDA graph, reads it with ``codec.GraphReader`` and rebuilds it with the native builder using the ORIGINAL
@@ -15,7 +15,7 @@ import ctypes
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo
 
 import numpy as np
 import torch
