@@ -15,12 +15,12 @@ Rows:
   (b)/(c) also: every restore() phase per rank (``RestoreStats.summary``; all of them in the JSON) and what each
       archive's LOAD writes back besides the graphs (snapshots, capture region, graph outputs inside snapshots);
   (d) EP=2 with the MoE preset, the same way.
-Details go to $OUT/check_comm_patch.json. The verdict table is printed last.
+The rows and figures go to $OUT/check_comm_patch.json (gpu/records.py). The verdict table is printed last.
+Run by tests/gpu/test_comm_patch.py; without the GPUs it needs it prints one line and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -32,17 +32,19 @@ import time
 import traceback
 from pathlib import Path
 
-ROWS: list[tuple[str, str, str]] = []
-DETAILS: dict = {}
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the repo and tests/ (gpu.*), also without PYTHONPATH
+
+from gpu.records import write_record  # noqa: E402
+from gpu.verdicts import Verdicts  # noqa: E402
+from tools.needs_gpu import exit_without_gpu  # noqa: E402
+
+VERDICTS = Verdicts("comm_patch")
+row = VERDICTS.row
+DETAILS = VERDICTS.figures
 DENSE = "builtin:qwen3-8b?num_hidden_layers=4"
 MOE = "builtin:qwen3-30b-a3b?num_hidden_layers=4"
 SIZES_ALL = [1, 2, 4, 8, 12] + list(range(16, 257, 8))
-
-
-def row(name, ok, info):
-    verdict = {True: "PASS", False: "FAIL", None: "INFO"}.get(ok, ok)
-    ROWS.append((name, verdict, info))
-    print(f"[{verdict}] {name}: {info}", flush=True)
 
 
 def free_port() -> int:
@@ -418,7 +420,8 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: a0 (old-wiring deadlock), a, b, c, d")
     ap.add_argument("--input-sets", type=int, default=3, help="fresh random input sets per batch size")
     ns = ap.parse_args()
-    # No NVLink multicast (the lent machines' rule); the rank processes inherit these.
+    exit_without_gpu("this check", ns.gpus)
+    # No NVLink multicast (NVLS): not every host allows it; the rank processes inherit these.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
@@ -427,8 +430,7 @@ def main():
     import torch
 
     DETAILS.update(device=torch.cuda.get_device_name(0), gpus=ns.gpus, torch=torch.__version__,
-                   nccl=".".join(map(str, torch.cuda.nccl.version())), date=time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                          time.gmtime()))
+                   nccl=".".join(map(str, torch.cuda.nccl.version())))
     print(f"check_comm_patch: {DETAILS['device']} x{torch.cuda.device_count()}, ranks on "
           f"{'one GPU' if ns.gpus == 1 else 'two GPUs'}, torch {torch.__version__}, NCCL {DETAILS['nccl']}", flush=True)
     def dense():
@@ -448,13 +450,10 @@ def main():
             traceback.print_exc()
     DETAILS["total_s"] = time.perf_counter() - t_start
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "check_comm_patch.json"), "w") as f:
-            json.dump({"rows": ROWS, "details": DETAILS}, f, indent=1, default=str)
+        write_record(Path(os.environ["OUT"]) / "check_comm_patch.json", VERDICTS, DETAILS["device"])
     print(f"\ntotal {DETAILS['total_s']:.1f} s\n")
-    print(f"{'check':<40} {'verdict':<7} info")
-    for name, verdict, info in ROWS:
-        print(f"{name:<40} {verdict:<7} {info}")
-    return 0 if all(v != "FAIL" for _, v, _ in ROWS) else 1
+    print(VERDICTS.table())
+    return 0 if not VERDICTS.failed else 1
 
 
 if __name__ == "__main__":
