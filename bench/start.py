@@ -388,6 +388,10 @@ def main() -> None:
         src = Path(a.plot_only)
         plot(json.loads(src.read_text()), src.with_suffix(".png"))
         return
+    if a.device == "cuda":
+        from tools.needs_gpu import exit_without_gpu
+
+        exit_without_gpu()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)

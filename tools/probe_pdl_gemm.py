@@ -30,6 +30,9 @@ def edges_of(dg) -> list[tuple[int, ...]]:
 
 
 def main() -> int:
+    from tools.needs_gpu import exit_without_gpu
+
+    exit_without_gpu("this probe")
     from cuda.bindings import driver as drv
 
     torch.cuda.set_device(0)

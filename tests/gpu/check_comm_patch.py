@@ -32,12 +32,12 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]  # the repo and tests/ (gpu.*), also without PYTHONPATH
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: gpu.verdicts, gpu.records
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: tools.needs_gpu, also without PYTHONPATH
 
-from gpu.records import write_record  # noqa: E402
-from gpu.verdicts import Verdicts  # noqa: E402
-from tools.needs_gpu import exit_without_gpu  # noqa: E402
+from gpu.records import write_record
+from gpu.verdicts import Verdicts
+from tools.needs_gpu import exit_without_gpu
 
 VERDICTS = Verdicts("comm_patch")
 row = VERDICTS.row

@@ -39,12 +39,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the repo and tests/ (gpu.*), also without PYTHONPATH
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: gpu.verdicts, gpu.records
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: tools.needs_gpu, also without PYTHONPATH
 
-from gpu.records import write_record  # noqa: E402
-from gpu.verdicts import FAIL, PASS, SKIP, Row, Verdicts  # noqa: E402
-from tools.needs_gpu import exit_without_gpu  # noqa: E402
+from gpu.records import write_record
+from gpu.verdicts import FAIL, PASS, SKIP, Row, Verdicts
+from tools.needs_gpu import exit_without_gpu
+
+ROOT = Path(__file__).resolve().parents[2]
 
 #: Flags measured to serve on an H200 with SGLang 0.5.17 (docs/STAGING.md): no FlashAttention-3 in the
 #: trimmed kernel wheel, no flashinfer sampling/grammar, no custom all-reduce, dummy weights, no tokenizer.
