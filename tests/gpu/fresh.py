@@ -1,6 +1,7 @@
 """Fresh processes for the GPU tests: a command, or one function of a module of this package, run with the repo
-and tests/ on PYTHONPATH, its output kept (and written to a log), under a time limit that kills its whole process
-group (the servers and rank processes it started included).
+and tests/ on PYTHONPATH, its output kept (and written to a log), under a time limit. At the limit its process
+group gets SIGTERM (a function's ``finally`` blocks run: servers and engines stop), then SIGKILL; whatever it
+left in its group when it ends is killed too.
 
     ran = run_function(save_archive, str(archive), timeout=300, log=out / "save.log")
     ran.value   # what save_archive returned (JSON), None if it raised or ran out of time
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+GRACE_S = 20  # from SIGTERM to SIGKILL at a time-out
 
 
 @dataclass
@@ -77,10 +79,12 @@ def run_command(cmd: list[str], *, timeout: float, env: dict | None = None, log:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         rc = None
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # on time-out, and whatever it left behind
-    except OSError:
-        pass
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(proc.pid, signal.SIGKILL)  # after a time-out, and whatever it left behind
     proc.wait()
     reader.join(10)
     ran = Ran(rc, "".join(lines), time.perf_counter() - t0)
@@ -88,6 +92,13 @@ def run_command(cmd: list[str], *, timeout: float, env: dict | None = None, log:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(f"$ {' '.join(map(str, cmd))}\n{ran.status}, {ran.seconds:.1f} s\n{ran.output}")
     return ran
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except OSError:  # the group is gone
+        pass
 
 
 def run_function(func, *args, timeout: float, env: dict | None = None, log: Path | None = None,
@@ -104,6 +115,7 @@ def run_function(func, *args, timeout: float, env: dict | None = None, log: Path
 
 
 def main(module: str, name: str, result: str, args: str) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # at the time limit: unwind, so that finally blocks run
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     value = getattr(importlib.import_module(module), name)(*json.loads(args))
     Path(result).write_text(json.dumps(value, default=str))

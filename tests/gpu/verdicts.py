@@ -51,9 +51,13 @@ class Verdicts:
         return r
 
     def extend(self, rows) -> None:
-        """Add rows reported elsewhere (another process's, as (verdict, name, detail) lists)."""
-        for verdict, name, detail in rows:
-            self.row(name, verdict, detail)
+        """Add rows another process reported (and printed), as (verdict, name, detail) lists."""
+        echo, self.echo = self.echo, False
+        try:
+            for verdict, name, detail in rows:
+                self.row(name, verdict, detail)
+        finally:
+            self.echo = echo
 
     @property
     def failed(self) -> list[Row]:
