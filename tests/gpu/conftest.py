@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from gpu.fresh import run_command
+from gpu.fidelity import Runner, report
+from gpu.fresh import run_command, run_function
 from gpu.records import write_record
 from gpu.verdicts import Verdicts
 
@@ -121,5 +122,31 @@ def run_script(out_dir, verdicts):
         if not ran.ok and not verdicts.failed:
             verdicts.row(" ".join([script, *args]), False, ran.why(3))
         return ran
+
+    return run
+
+
+@pytest.fixture
+def run_check(out_dir, verdicts):
+    """``run_check(func, *args, timeout=..., echo=False)``: call ``func`` of a module here in a fresh process; the
+    {"rows", "figures"} it returns become the test's (a FAIL row says how the process failed)."""
+    def run(func, *args, timeout: float, echo: bool = False):
+        ran = run_function(func, *args, timeout=timeout, log=out_dir / f"{func.__name__}.log", echo=echo)
+        if ran.value is None:
+            verdicts.row(f"{func.__name__} in a fresh process", False, ran.why(3))
+        else:
+            verdicts.extend(ran.value["rows"])
+            verdicts.figures.update(ran.value["figures"])
+        return ran
+
+    return run
+
+
+@pytest.fixture
+def fidelity(out_dir, gpu_count, verdicts):
+    """``fidelity(check, *args)``: run a fidelity check (gpu/fidelity.py: its SAVE and LOAD children spread over
+    the visible GPUs) and take its rows."""
+    def run(check, *args):
+        report(verdicts, check(Runner(out_dir, gpu_count), *args))
 
     return run

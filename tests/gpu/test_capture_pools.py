@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from gpu.fresh import run_function
 from gpu.verdicts import Verdicts
 
 pytestmark = pytest.mark.gpu
@@ -116,11 +115,6 @@ def probe(out: str) -> dict:
     return {"rows": verdicts.rows, "figures": details}
 
 
-def test_capture_allocates_from_the_graph_pool(out_dir, verdicts):
-    ran = run_function(probe, out_dir, timeout=300, log=out_dir / "probe.log")
-    if ran.value is None:
-        verdicts.row("capture pools probe", False, ran.why(3))
-    else:
-        verdicts.extend(ran.value["rows"])
-        verdicts.figures.update(ran.value["figures"])
+def test_capture_allocates_from_the_graph_pool(out_dir, run_check, verdicts):
+    run_check(probe, out_dir, timeout=300)
     verdicts.assert_passed()

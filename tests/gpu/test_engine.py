@@ -21,7 +21,6 @@ import torch
 from foundry_sglang.engine import AsyncLLMEngine, EngineArgs, LLMEngine, SamplingParams
 from foundry_sglang.engine.server import ServerThread
 from foundry_sglang.graph_backend import TorchGraphBackend
-from gpu.fresh import run_function
 from gpu.verdicts import Verdicts
 
 pytestmark = pytest.mark.gpu
@@ -212,11 +211,6 @@ def check_engine(layers: int = 8, tp: int = 1, batch: int = 64, max_tokens: int 
 
 
 @pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.two_gpu)])
-def test_engine(tp, out_dir, verdicts):
-    ran = run_function(check_engine, 8, tp, timeout=600, log=out_dir / "engine.log", echo=True)
-    if ran.value is None:
-        verdicts.row(f"engine check (tp={tp})", False, ran.why(3))
-    else:
-        verdicts.extend(ran.value["rows"])
-        verdicts.figures.update(ran.value["figures"])
+def test_engine(tp, run_check, verdicts):
+    run_check(check_engine, 8, tp, timeout=600, echo=True)
     verdicts.assert_passed()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gpu.bitwise import digest, equal_count, poison
-from gpu.fidelity import KEY, SEEDS, TOY_BS, Runner, outcome, replay_restored_toy, report, toy_init, toy_inputs
+from gpu.fidelity import KEY, SEEDS, TOY_BS, Runner, outcome, replay_restored_toy, toy_init, toy_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -399,6 +399,6 @@ def gemm_diagnosis(res: dict) -> str:
     return "; ".join(out)
 
 
-def test_gemm_toy_restores_bitwise(out_dir, gpu_count, verdicts):
-    report(verdicts, check_gemm_toy(Runner(out_dir, gpu_count)))
+def test_gemm_toy_restores_bitwise(fidelity, verdicts):
+    fidelity(check_gemm_toy)
     verdicts.assert_passed()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gpu.bitwise import digest, poison
-from gpu.fidelity import KEY, SEEDS, TOY_BS, Runner, outcome, replay_restored_toy, report, toy_init, toy_inputs, write
+from gpu.fidelity import KEY, SEEDS, TOY_BS, Runner, outcome, replay_restored_toy, toy_init, toy_inputs, write
 
 pytestmark = pytest.mark.gpu
 
@@ -208,11 +208,11 @@ def check_cost(r: Runner) -> list[tuple[str, str, str]]:
              f"{res['blocks_ms_median']:.1f} ms for {res['blocks']} blocks")]
 
 
-def test_layout_is_checked_at_load(out_dir, gpu_count, verdicts):
-    report(verdicts, check_layout(Runner(out_dir, gpu_count)))
+def test_layout_is_checked_at_load(fidelity, verdicts):
+    fidelity(check_layout)
     verdicts.assert_passed()
 
 
-def test_layout_check_cost(out_dir, gpu_count, verdicts):
-    report(verdicts, check_cost(Runner(out_dir, gpu_count)))
+def test_layout_check_cost(fidelity, verdicts):
+    fidelity(check_cost)
     verdicts.assert_passed()

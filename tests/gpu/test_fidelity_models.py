@@ -10,7 +10,7 @@ import time
 import pytest
 
 from gpu.bitwise import digest, poison
-from gpu.fidelity import KEY, SEEDS, Runner, outcome, report
+from gpu.fidelity import KEY, SEEDS, Runner, outcome
 
 pytestmark = pytest.mark.gpu
 
@@ -169,6 +169,6 @@ def check_qwen(r: Runner, kind: str) -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_transformers_qwen_decode_restores_bitwise(kind, out_dir, gpu_count, verdicts):
-    report(verdicts, check_qwen(Runner(out_dir, gpu_count), kind))
+def test_transformers_qwen_decode_restores_bitwise(kind, fidelity, verdicts):
+    fidelity(check_qwen, kind)
     verdicts.assert_passed()

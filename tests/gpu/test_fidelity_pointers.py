@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpu.bitwise import digest, poison
-from gpu.fidelity import HIDDEN, KEY, SEEDS, Runner, outcome, report
+from gpu.fidelity import HIDDEN, KEY, SEEDS, Runner, outcome
 
 pytestmark = pytest.mark.gpu
 
@@ -228,6 +228,6 @@ def check_pointers(r: Runner) -> list[tuple[str, str, str]]:
     return rows
 
 
-def test_foreign_pointers_are_refused_and_stale_ones_saved(out_dir, gpu_count, verdicts):
-    report(verdicts, check_pointers(Runner(out_dir, gpu_count)))
+def test_foreign_pointers_are_refused_and_stale_ones_saved(fidelity, verdicts):
+    fidelity(check_pointers)
     verdicts.assert_passed()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gpu.bitwise import digest, poison
-from gpu.fidelity import HIDDEN, KEY, Runner, outcome, report
+from gpu.fidelity import HIDDEN, KEY, Runner, outcome
 
 pytestmark = pytest.mark.gpu
 
@@ -112,6 +112,6 @@ def check_rng(r: Runner) -> list[tuple[str, str, str]]:
              f"{load['offset_after']}; state {save['rng']}")]
 
 
-def test_random_numbers_restore(out_dir, gpu_count, verdicts):
-    report(verdicts, check_rng(Runner(out_dir, gpu_count)))
+def test_random_numbers_restore(fidelity, verdicts):
+    fidelity(check_rng)
     verdicts.assert_passed()
