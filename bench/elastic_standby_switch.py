@@ -89,6 +89,10 @@ def main() -> int:
     ap.add_argument("--gpu-ids", default="0,1", help="with --device cuda: the GPU of each of the 2 slots")
     args = ap.parse_args()
     gpu_ids = [int(x) for x in args.gpu_ids.split(",")]
+    if args.device == "cuda":
+        from tools.needs_gpu import exit_without_gpu
+
+        exit_without_gpu("this benchmark", max(gpu_ids) + 1)
     archives = os.path.join(args.log_dir, "archives")
     rows = [r for standby in (0, 1) for r in run_mode(standby, os.path.join(args.log_dir, f"standby{standby}"),
                                                       args.device, gpu_ids, archives)]

@@ -14,7 +14,7 @@ loopback, for a bounded time. Meanwhile:
 
 It prints ``requests ok / failed / wrong``, failures by cause, the controller's engine restarts and switches, and
 tracebacks found in the engine logs. Exit status 0 when nothing is wrong and every failure was caused by its
-client. Run: ``python3 tests/soak_serving.py --seconds 90``.
+client. Run: ``python3 tools/soak_serving.py --seconds 90``.
 """
 from __future__ import annotations
 
