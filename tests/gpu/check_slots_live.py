@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the repo: tools.needs_gpu, also without PYTHONPATH
 
 from tools.needs_gpu import exit_without_gpu  # noqa: E402
+
 N, K = 64, 256  # rows (tokens) and hidden size of the toy layer
 
 
