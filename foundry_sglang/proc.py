@@ -7,8 +7,9 @@ import signal
 import socket
 import threading
 import time
+from typing import Optional
 
-__all__ = ["EXIT_WITH_PARENT_ENV", "NVLS_OFF_ENV", "disable_nvls", "exit_with_parent", "free_port"]
+__all__ = ["EXIT_WITH_PARENT_ENV", "NVLS_OFF_ENV", "disable_nvls", "exit_with_parent", "free_port", "port_problem"]
 
 log = logging.getLogger("foundry_sglang.proc")
 
@@ -33,6 +34,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def port_problem(host: str, port: int) -> Optional[str]:
+    """Why a server could not listen on ``host:port`` now (one line), or None when it could."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the servers bind: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
 
 
 def exit_with_parent(poll_s: float = 1.0) -> None:

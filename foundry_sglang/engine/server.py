@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ from aiohttp import web
 
 from foundry_sglang import jsonsafe
 from foundry_sglang.graphs.settings import FoundryMode
-from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent
+from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent, port_problem
 
 from .config import ConfigError, EngineArgs
 from .engine import AsyncLLMEngine, EngineDead, RequestFailed
@@ -450,7 +449,8 @@ async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name:
 
 def preflight(eargs: EngineArgs, host: str, port: int) -> None:
     """Check what would otherwise fail deep inside start-up (ConfigError, one line): a GPU asked for but absent,
-    a port already taken, an archive to load that does not exist."""
+    a port already taken. (An archive to load that does not exist is no error: LOAD falls back to live capture
+    with one log line.)"""
     if eargs.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -460,17 +460,12 @@ def preflight(eargs: EngineArgs, host: str, port: int) -> None:
             raise ConfigError(f"--tp/--ep need {eargs.world_size} GPUs; {torch.cuda.device_count()} visible")
     foundry = eargs.foundry_config()
     if foundry.enabled and eargs.resolved_device() == "cpu":
-        if foundry.mode is FoundryMode.LOAD and not foundry.archive_dir.exists():
-            raise ConfigError(f"--foundry-mode load: the archive {foundry.archive_dir} does not exist")
         if foundry.mode in (FoundryMode.LOAD, FoundryMode.SAVE):
             log.warning("--foundry-mode %s: there are no CUDA graphs on CPU; the archive %s is not used",
                         foundry.mode, foundry.archive_dir)
-    if port:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            try:
-                probe.bind((host, port))
-            except OSError as e:
-                raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    problem = port_problem(host, port) if port else None
+    if problem:
+        raise ConfigError(problem)
 
 
 def main(argv: Optional[List[str]] = None, early=None) -> int:
