@@ -47,14 +47,15 @@ def port_problem(host: str, port: int) -> Optional[str]:
     return None
 
 
-def exit_with_parent(poll_s: float = 1.0) -> None:
-    """Send ourselves SIGTERM (a clean shutdown where a handler is installed) once our parent process has exited."""
+def exit_with_parent(poll_s: float = 1.0, sig: int = signal.SIGTERM) -> None:
+    """Send ourselves ``sig`` once our parent process has exited (SIGTERM: a clean shutdown where a handler is
+    installed; a process that ignores SIGTERM passes SIGKILL)."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
         log.warning("parent process %d exited; shutting down", parent)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
