@@ -195,13 +195,7 @@ def run_elastic(rest: list[str], env: dict[str, str]) -> int:
 
 def builtin_preferred(rest: Sequence[str]) -> Optional[str]:
     """Why ``--foundry-engine auto`` should run the built-in engine although SGLang imports, or None."""
-    model = None
-    for i, arg in enumerate(rest):
-        for flag in ("--model", "--model-path"):
-            if arg == flag and i + 1 < len(rest):
-                model = rest[i + 1]
-            elif arg.startswith(flag + "="):
-                model = arg.split("=", 1)[1]
+    model = _flag_value(rest, ("--model", "--model-path"))
     if model is None:
         return "no --model given: the built-in engine serves its default builtin:tiny"
     if model.startswith("builtin:"):
@@ -218,14 +212,16 @@ def cuda_missing() -> Optional[str]:
     return None if torch.cuda.is_available() else "no CUDA GPU on this machine"
 
 
-def _device_flag(rest: Sequence[str]) -> Optional[str]:
-    """The value of an SGLang ``--device`` flag in ``rest`` (None when not given)."""
+def _flag_value(rest: Sequence[str], names: Sequence[str]) -> Optional[str]:
+    """The value the last of the flags ``names`` gets in ``rest`` (``--flag V`` or ``--flag=V``), or None."""
+    value = None
     for i, arg in enumerate(rest):
-        if arg == "--device" and i + 1 < len(rest):
-            return rest[i + 1]
-        if arg.startswith("--device="):
-            return arg.split("=", 1)[1]
-    return None
+        for flag in names:
+            if arg == flag and i + 1 < len(rest):
+                value = rest[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+    return value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -244,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         why_not = builtin_preferred(rest) if ours.foundry_engine == "auto" else None
         if why_not is None:
             why_not = sglang_available()
-        if why_not is None and ours.foundry_engine == "sglang" and _device_flag(rest) in (None, "cuda"):
+        if why_not is None and ours.foundry_engine == "sglang" and _flag_value(rest, ("--device",)) in (None, "cuda"):
             missing = cuda_missing()
             if missing:
                 raise LaunchError(f"--foundry-engine sglang: {missing}, and SGLang needs one here; run the "

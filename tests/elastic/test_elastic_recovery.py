@@ -46,9 +46,12 @@ class SlowDoneEngine(FakeEngine):
         for ch in answer(body["prompt"]):
             await resp.write(f"data: {json.dumps({'choices': [{'text': ch}]})}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
-        await asyncio.sleep(0.3)
         self.served += 1
+        await self._after_done(request)
         return resp
+
+    async def _after_done(self, request):
+        await asyncio.sleep(0.3)
 
 
 class BrokenBackend(FakeBackend):
@@ -59,22 +62,14 @@ class BrokenBackend(FakeBackend):
         return replicas
 
 
-class ResetAfterDoneEngine(FakeEngine):
+class ResetAfterDoneEngine(SlowDoneEngine):
     """TEST DOUBLE: sends the whole stream, ``data: [DONE]`` included, then resets the connection."""
 
-    async def _complete(self, request):
-        body = await request.json()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for ch in answer(body["prompt"]):
-            await resp.write(f"data: {json.dumps({'choices': [{'text': ch}]})}\n\n".encode())
-        await resp.write(b"data: [DONE]\n\n")
-        self.served += 1
+    async def _after_done(self, request):
         await asyncio.sleep(0.05)
         request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                                               struct.pack("ii", 1, 0))
         request.transport.abort()     # RST, and the chunked body is never terminated
-        return resp
 
 
 class ErrorOnceEngine(FakeEngine):
