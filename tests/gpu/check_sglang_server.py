@@ -447,8 +447,10 @@ def verdicts(kind: str, layers: int, r: dict, layout: str = "tp1", share: bool =
         if res is None:
             row(f"{label} falls back", None, "not run (no second GPU or --no-fallback)")
             continue
-        guarded(f"{label} falls back (1 line)",
-                lambda res=res: ("healthy_s" in res and len(res.get("fallback_lines", [])) == 1
+        ranks = 2 if parallel and key != "other" else 1  # one line per rank process, each saying why
+        guarded(f"{label} falls back ({ranks} line{'s' if ranks > 1 else ''}: one per rank)" if ranks > 1
+                else f"{label} falls back (1 line)",
+                lambda res=res, ranks=ranks: ("healthy_s" in res and len(res.get("fallback_lines", [])) == ranks
                                  and bool(res.get("bs")) and res.get("restored", 0) == 0 and bool(res.get("answers")),
                                  f"healthy {res.get('healthy_s', '-')} s, SGLang captured {len(res.get('bs', []))} "
                                  f"graphs live in {res.get('decode_graph_phase_s', '-')} s, "
