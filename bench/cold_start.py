@@ -317,6 +317,9 @@ def main() -> None:
         src = Path(a.plot_only)
         plot(json.loads(src.read_text())["results"], src.with_suffix(".png"))
         return
+    from tools.needs_gpu import exit_without_gpu
+
+    exit_without_gpu()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = work_dir()

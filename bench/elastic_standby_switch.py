@@ -252,6 +252,10 @@ def main() -> int:
         print(plot(args.plot))
         return 0
     gpu_ids = [int(x) for x in args.gpu_ids.split(",")]
+    if args.device == "cuda":
+        from tools.needs_gpu import exit_without_gpu
+
+        exit_without_gpu("this benchmark", max(gpu_ids) + 1)
     archives = os.path.join(args.log_dir, "archives")
     modes = [run_mode(int(n), os.path.join(args.log_dir, f"standby{n}"), args.device, gpu_ids, archives,
                       args.clients) for n in args.standby.split(",")]

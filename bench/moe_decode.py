@@ -155,6 +155,9 @@ def main() -> None:
         src = Path(a.plot_only)
         plot(json.loads(src.read_text()), src.with_suffix(".png"))
         return
+    from tools.needs_gpu import exit_without_gpu
+
+    exit_without_gpu()
     import torch
 
     out = Path(a.out)

@@ -162,11 +162,12 @@ def tpot_child(a, result: str) -> None:
     import torch
     from cold_start import decode_inputs, fill_kv, median
 
+    from foundry_sglang.builtin.backend import make_graph_backend
     from foundry_sglang.engine.model_runner import ModelRunner
     from foundry_sglang.engine.server import build_arg_parser, engine_args_from
 
     args = engine_args_from(build_arg_parser().parse_args(server_flags(a) + MODE_FLAGS["load"]))
-    runner = ModelRunner(args, rank=0)
+    runner = ModelRunner(args, rank=0, graph_backend_factory=make_graph_backend)
     backend = runner.graph_backend
     out = {"fallback": getattr(backend, "fallback_reason", None), "tpot_ms": {}}
     if out["fallback"] is None:
@@ -388,6 +389,10 @@ def main() -> None:
         src = Path(a.plot_only)
         plot(json.loads(src.read_text()), src.with_suffix(".png"))
         return
+    if a.device == "cuda":
+        from tools.needs_gpu import exit_without_gpu
+
+        exit_without_gpu()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ variable), ``off``, or ``relocate`` (EXPERIMENTAL, not yet run on a GPU): SAVE a
 comes from (a kernel-less one included) and records the variable's live bytes and the argument words that point
 into it (``schema.ModuleVariable``); LOAD looks the variable up in its fresh load of that image
 (:func:`apply_variables`), writes the bytes there and patches the words before any graph is built. Validated by
-the ``relocate`` variant of ``tests/gpu/check_fidelity.py --only gemm``.
+the ``relocate`` variant of ``tests/gpu/test_fidelity_gemm.py``.
 """
 from __future__ import annotations
 

@@ -1,8 +1,13 @@
 """One archive for every rank of a layout: differential capture → template + per-rank byte deltas.
 
 Each rank of a tensor/expert-parallel layout is captured separately (``parts[r]``, same process layout, same
-arena), and rank 0 once more (``noise``). Bytes that differ between the two rank-0 captures are capture noise —
-uninitialised padding in kernel arguments — and carry no meaning. :func:`merge_rank_archives` then requires the
+arena), and rank 0 once more (``noise``). Ranks need not all be captured: when every captured rank's delta is
+empty (its graphs are rank 0's but for noise), the missing ranks are *derived* with an empty delta — a layout
+whose rank-dependent values live in device memory, not in kernel arguments, then costs rank 0, its noise capture
+and one more rank as the check, whatever the rank count.
+
+Bytes that differ between the two rank-0 captures are capture noise — uninitialised padding in kernel
+arguments — and carry no meaning. :func:`merge_rank_archives` then requires the
 ranks to be structurally identical (graphs, topology, kernels, launch shapes, attributes, outputs, slots,
 snapshot layout, arena ranges) and stores rank 0's graphs once, plus for every other rank the bytes that differ
 from rank 0 outside the noise (``schema.RankDelta``). LOAD applies a rank's delta to the tables before building.
@@ -15,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import msgspec
 import numpy as np
@@ -24,13 +29,17 @@ from foundry_core import schema
 from foundry_core.archive import Archive, ArchiveWriter
 from foundry_core.errors import FoundryError
 
-__all__ = ["NotTemplatable", "MergeReport", "merge_rank_archives", "byte_runs"]
+__all__ = ["NotDerivable", "NotTemplatable", "MergeReport", "merge_rank_archives", "byte_runs"]
 
 log = logging.getLogger("foundry_core.ranks")
 
 
 class NotTemplatable(FoundryError):
     """The ranks' graphs differ in structure, not only in argument bytes."""
+
+
+class NotDerivable(NotTemplatable):
+    """Ranks were left out, but a captured rank differs from rank 0: every rank must be captured."""
 
 
 @dataclass
@@ -40,10 +49,12 @@ class MergeReport:
     delta_bytes: dict[int, int] = field(default_factory=dict)  # rank -> patched bytes
     differing: dict[int, list[str]] = field(default_factory=dict)  # rank -> where (graph/node or snapshot)
     by_kernel: dict[str, int] = field(default_factory=dict)  # kernel name (or "snapshot") -> delta bytes, all ranks
+    derived: list[int] = field(default_factory=list)  # ranks not captured: their delta is empty
 
     def summary(self) -> str:
         deltas = ", ".join(f"rank {r}: {n} B" for r, n in sorted(self.delta_bytes.items()))
-        return f"{self.world_size} ranks, noise {self.noise_bytes} B masked, deltas {deltas or 'none'}"
+        derived = f", ranks {self.derived} derived" if self.derived else ""
+        return f"{self.world_size} ranks, noise {self.noise_bytes} B masked, deltas {deltas or 'none'}{derived}"
 
 
 def byte_runs(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None, gap: int = 8) -> list[tuple[int, int]]:
@@ -102,38 +113,49 @@ def _first_difference(a: dict, b: dict) -> str:
     return "?"
 
 
-def merge_rank_archives(parts: Sequence[str | Path], out: str | Path, noise: Optional[str | Path] = None,
-                        layout: Optional[dict[str, str]] = None) -> MergeReport:
-    """Write ``out``: rank 0's archive (``parts[0]``) with a ``RankTemplate`` holding every rank's delta.
+PartsArg = Union[Sequence[Union[str, Path]], Mapping[int, Union[str, Path]]]
 
+
+def merge_rank_archives(parts: PartsArg, out: str | Path, noise: Optional[str | Path] = None,
+                        layout: Optional[dict[str, str]] = None, world_size: Optional[int] = None) -> MergeReport:
+    """Write ``out``: rank 0's archive with a ``RankTemplate`` holding every rank's delta.
+
+    ``parts``: rank r's archive at ``parts[r]`` (a list: every rank; a mapping: the captured ranks, rank 0
+    included, of a layout of ``world_size`` ranks — the others are derived, see the module docstring).
     ``noise``: a second capture of rank 0; bytes it changes are masked (never patched, never compared).
-    Raises NotTemplatable if any rank differs in structure.
+    Raises NotTemplatable if any rank differs in structure, or if a rank is missing while a captured one differs.
     """
-    if not parts:
-        raise FoundryError("merge_rank_archives needs at least one rank archive")
+    by_rank = dict(parts) if isinstance(parts, Mapping) else dict(enumerate(parts))
+    if 0 not in by_rank:
+        raise FoundryError("merge_rank_archives needs rank 0's archive")
+    world = world_size or len(by_rank)
+    if any(not 0 <= r < world for r in by_rank):
+        raise FoundryError(f"merge_rank_archives: ranks {sorted(by_rank)} do not fit a layout of {world}")
     from foundry_core import trust
 
-    archives = [Archive.open(p) for p in parts]
+    archives = {r: Archive.open(p) for r, p in sorted(by_rank.items())}
     noise_archive = Archive.open(noise) if noise else None
+    opened = list(archives.values()) + ([noise_archive] if noise_archive else [])
     try:
-        for a in archives + ([noise_archive] if noise_archive else []):
+        for a in opened:
             trust.check_archive(a)  # the template inherits their code: no part may be less trusted than it
-        return _merge(archives, noise_archive, Path(out), layout or {})
+        return _merge(archives, noise_archive, Path(out), layout or {}, world)
     finally:
-        for a in archives + ([noise_archive] if noise_archive else []):
+        for a in opened:
             a.close()
 
 
-def _merge(archives: list[Archive], noise: Optional[Archive], out: Path, layout: dict[str, str]) -> MergeReport:
+def _merge(archives: dict[int, Archive], noise: Optional[Archive], out: Path, layout: dict[str, str],
+           world: int) -> MergeReport:
     base = archives[0]
     m0 = base.manifest
     ref = _structure(m0)
-    for r, a in enumerate(archives[1:] + ([noise] if noise else []), start=1):
+    for who, a in [(f"rank {r}", a) for r, a in archives.items() if r] + (
+            [("the second rank-0 capture", noise)] if noise else []):
         other = _structure(a.manifest)
         if other != ref:
-            who = f"rank {r}" if r < len(archives) else "the second rank-0 capture"
             raise NotTemplatable(f"{who} differs from rank 0 in structure: {_first_difference(ref, other)}")
-    report = MergeReport(world_size=len(archives))
+    report = MergeReport(world_size=world)
 
     # Noise mask per table: bytes the second rank-0 capture changed.
     tables: list[tuple[str, int, int]] = []  # (what, graph index or -1, snapshot index or -1)
@@ -164,7 +186,7 @@ def _merge(archives: list[Archive], noise: Optional[Archive], out: Path, layout:
             masks[t] = np.zeros(len(a0), bool)
 
     deltas = []
-    for r, a in enumerate(archives[1:], start=1):
+    for r, a in ((r, a) for r, a in archives.items() if r):
         patches: list[schema.BytePatch] = []
         where: list[str] = []
         for what, gi, si in tables:
@@ -192,12 +214,22 @@ def _merge(archives: list[Archive], noise: Optional[Archive], out: Path, layout:
         deltas.append(schema.RankDelta(rank=r, patches=patches))
         report.delta_bytes[r] = sum(len(p.data) for p in patches)
         report.differing[r] = where
+    report.derived = [r for r in range(1, world) if r not in archives]
+    if report.derived:
+        differing = {r: n for r, n in report.delta_bytes.items() if n}
+        if differing:
+            r, n = next(iter(differing.items()))
+            raise NotDerivable(f"rank {r} differs from rank 0 in {n} bytes ({', '.join(report.differing[r][:3])}): "
+                                 f"ranks {report.derived} cannot be derived; capture every rank")
+        deltas += [schema.RankDelta(rank=r, patches=[]) for r in report.derived]
+        deltas.sort(key=lambda d: d.rank)
+        report.delta_bytes.update({r: 0 for r in report.derived})
 
     with ArchiveWriter(out) as w:
         for name in sorted(m0.blobs):
             w.add_blob(name, base.blob(name), compress=m0.blobs[name].codec != "raw")
         manifest = msgspec.structs.replace(
-            m0, ranks=schema.RankTemplate(world_size=len(archives), deltas=deltas, noise_bytes=report.noise_bytes,
+            m0, ranks=schema.RankTemplate(world_size=world, deltas=deltas, noise_bytes=report.noise_bytes,
                                           layout=dict(layout)))
         w.finish(manifest)
     log.info("foundry: rank template %s: %s", out, report.summary())

@@ -355,7 +355,7 @@ class Session:
         the warm-up pool and SAVE snapshotted them (2.4 GiB of logits for the built-in engine, written back on
         LOAD's critical path). Stepping aside is right under either order. The cost: another thread's allocation
         made while a capture runs comes from PyTorch's default pool (SAVE's pointer check refuses a graph that
-        reads it). ``tests/gpu/check_capture_pools.py`` shows where a capture's allocations land."""
+        reads it). ``tests/gpu/test_capture_pools.py`` shows where a capture's allocations land."""
         import torch
 
         if not self._in_capture_phase:

@@ -41,6 +41,10 @@ class LaunchError(Exception):
     """A one-line reason the launcher cannot start; printed without a traceback, exit status 2."""
 
 
+class UsageError(LaunchError):
+    """A flag the chosen engine does not know (or a bad value): printed after the launcher's usage line."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m foundry_sglang.launch",
@@ -170,6 +174,19 @@ def run_sglang(rest: list[str], env: dict[str, str]) -> int:
     return 0
 
 
+def check_builtin_flags(argv: list[str]) -> None:
+    """UsageError (one line, at once: before torch or the engine is imported) for a flag the built-in engine
+    does not take or a bad value, so a typo is reported as the launcher's own error."""
+    from foundry_sglang.engine.flags import build_arg_parser
+
+    def refuse(message: str):
+        raise UsageError(f"{message} (the built-in engine's flags: python -m foundry_sglang.engine --help)")
+
+    parser = build_arg_parser()
+    parser.error = refuse  # type: ignore[method-assign]
+    parser.parse_args(argv)
+
+
 def run_builtin(rest: list[str], env: dict[str, str]) -> int:
     """The built-in engine; our settings go to its own --foundry-archive/--foundry-mode flags (flags the user
     already gave it win). A Foundry LOAD starts preparing before the engine (and torch) is imported."""
@@ -178,6 +195,7 @@ def run_builtin(rest: list[str], env: dict[str, str]) -> int:
     for flag, value in (("--foundry-archive", env.get(ENV_ARCHIVE)), ("--foundry-mode", env[ENV_MODE])):
         if value and flag not in present:
             extra += [flag, value]
+    check_builtin_flags(rest + extra)
     return serve_builtin(rest + extra)
 
 
@@ -189,25 +207,33 @@ def run_elastic(rest: list[str], env: dict[str, str]) -> int:
 
 def builtin_preferred(rest: Sequence[str]) -> Optional[str]:
     """Why ``--foundry-engine auto`` should run the built-in engine although SGLang imports, or None."""
-    model = None
-    for i, arg in enumerate(rest):
-        for flag in ("--model", "--model-path"):
-            if arg == flag and i + 1 < len(rest):
-                model = rest[i + 1]
-            elif arg.startswith(flag + "="):
-                model = arg.split("=", 1)[1]
+    model = _flag_value(rest, ("--model", "--model-path"))
     if model is None:
         return "no --model given: the built-in engine serves its default builtin:tiny"
     if model.startswith("builtin:"):
         return f"{model} is a built-in preset"
+    return cuda_missing()
+
+
+def cuda_missing() -> Optional[str]:
+    """Why this machine cannot run CUDA (one line), or None when it can."""
     try:
         import torch
-
-        if not torch.cuda.is_available():
-            return "no CUDA GPU on this machine"
     except ImportError:
         return "torch is not installed"
-    return None
+    return None if torch.cuda.is_available() else "no CUDA GPU on this machine"
+
+
+def _flag_value(rest: Sequence[str], names: Sequence[str]) -> Optional[str]:
+    """The value the last of the flags ``names`` gets in ``rest`` (``--flag V`` or ``--flag=V``), or None."""
+    value = None
+    for i, arg in enumerate(rest):
+        for flag in names:
+            if arg == flag and i + 1 < len(rest):
+                value = rest[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+    return value
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -221,9 +247,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if ours.foundry_engine == "builtin":
             log.info("running the built-in engine (--foundry-engine builtin)")
             return run_builtin(rest, env)
-        why_not = sglang_available()
-        if why_not is None and ours.foundry_engine == "auto":
-            why_not = builtin_preferred(rest)
+        # auto: the cheap reasons first, so that the built-in engine (and a typo in its flags) is not kept
+        # waiting for SGLang's import
+        why_not = builtin_preferred(rest) if ours.foundry_engine == "auto" else None
+        if why_not is None:
+            why_not = sglang_available()
+        if why_not is None and ours.foundry_engine == "sglang" and _flag_value(rest, ("--device",)) in (None, "cuda"):
+            missing = cuda_missing()
+            if missing:
+                raise LaunchError(f"--foundry-engine sglang: {missing}, and SGLang needs one here; run the "
+                                  "built-in engine on CPU instead (--foundry-engine auto or builtin)")
         if why_not is None:
             return run_sglang(rest, env)
         if ours.foundry_engine == "sglang":
@@ -231,6 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.warning("not using SGLang (%s); running the built-in engine instead", why_not)
         return run_builtin(rest, env)
     except LaunchError as err:
+        if isinstance(err, UsageError):
+            build_parser().print_usage(sys.stderr)
         print(f"foundry_sglang.launch: error: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:

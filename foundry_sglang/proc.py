@@ -7,8 +7,9 @@ import signal
 import socket
 import threading
 import time
+from typing import Optional
 
-__all__ = ["EXIT_WITH_PARENT_ENV", "NVLS_OFF_ENV", "disable_nvls", "exit_with_parent", "free_port"]
+__all__ = ["EXIT_WITH_PARENT_ENV", "NVLS_OFF_ENV", "disable_nvls", "exit_with_parent", "free_port", "port_problem"]
 
 log = logging.getLogger("foundry_sglang.proc")
 
@@ -35,14 +36,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def exit_with_parent(poll_s: float = 1.0) -> None:
-    """Send ourselves SIGTERM (a clean shutdown where a handler is installed) once our parent process has exited."""
+def port_problem(host: str, port: int) -> Optional[str]:
+    """Why a server could not listen on ``host:port`` now (one line), or None when it could."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the servers bind: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
+
+
+def exit_with_parent(poll_s: float = 1.0, sig: int = signal.SIGTERM) -> None:
+    """Send ourselves ``sig`` once our parent process has exited (SIGTERM: a clean shutdown where a handler is
+    installed; a process that ignores SIGTERM passes SIGKILL)."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
         log.warning("parent process %d exited; shutting down", parent)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()

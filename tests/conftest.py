@@ -159,20 +159,6 @@ def rewrite_manifest(path: Path, manifest_doc) -> None:
     path.write_bytes(bytes(data))
 
 
-def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.gpu`` tests skip (with the reason) on a machine without a CUDA GPU."""
-    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
-    if not gpu_items:
-        return
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in gpu_items:
-        item.add_marker(skip)
-
-
 # -- CI: a skip for a missing required dependency is a failure ------------------------------------------------------
 #: Comma-separated top-level modules (e.g. "sglang,transformers,ray") whose absence must fail the run instead of
 #: skipping tests; .ci/run sets it, so a broken install cannot silently turn tests off.

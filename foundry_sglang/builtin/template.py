@@ -1,8 +1,11 @@
 """SAVE of a built-in engine TP/EP layout on one GPU: capture virtual ranks, then merge into one rank template.
 
 ``save_template(args, path, key)`` runs one short-lived process per capture, one after another on one GPU
-(a fresh process gives each virtual rank the same arena layout a real rank will have at LOAD):
-rank 0, rank 0 again (its differences from the first are capture noise), then ranks 1..N-1. Each process builds
+(a fresh process gives each virtual rank the same arena layout a real rank will have at LOAD): rank 0, rank 0
+again (its differences from the first are capture noise) and the last rank. The engine keeps rank-dependent
+values in device memory, so the last rank's delta is normally empty and the ranks between are derived
+(``foundry_core.ranks``): three captures whatever the rank count; where the last rank does differ, every other
+rank is captured too. Each process builds
 the model with its rank's shards, turns collectives into slot placeholders (:mod:`.collectives`) and writes a
 per-rank archive; ``foundry_core.ranks.merge_rank_archives`` checks the ranks are structurally identical and
 writes one archive: rank 0's graphs plus per-rank byte deltas (normally none: rank-dependent values such as the
@@ -23,7 +26,7 @@ from typing import Optional
 
 from foundry_core.archive import Archive
 from foundry_core.errors import FoundryError
-from foundry_core.ranks import merge_rank_archives
+from foundry_core.ranks import NotDerivable, merge_rank_archives
 
 __all__ = ["save_template", "TemplateReport"]
 
@@ -35,6 +38,7 @@ class TemplateReport:
     path: Path
     world_size: int
     capture_seconds: dict = dataclasses.field(default_factory=dict)  # "rank0", "rank0-noise", "rank1"... -> s
+    derived: list = dataclasses.field(default_factory=list)  # ranks not captured (empty deltas)
     merge_seconds: float = 0.0
     total_seconds: float = 0.0
     summary: str = ""
@@ -49,15 +53,15 @@ def save_template(args, path: str | os.PathLike, key: str, gpu: Optional[int] = 
     world = args.world_size
     gpu = args.gpu_of(0) if gpu is None else gpu
     report = TemplateReport(path=path, world_size=world)
-    runs = [("rank0", 0)] + ([("rank0-noise", 0)] if noise else []) + [(f"rank{r}", r) for r in range(1, world)]
     with tempfile.TemporaryDirectory(prefix="foundry-template-", dir=path.parent) as tmp:
         parts: dict[str, Path] = {}
-        fields = dataclasses.asdict(args)
-        for name, rank in runs:
+
+        def capture(name: str, rank: int) -> None:
+            nonlocal args
             out = Path(tmp) / f"{name}.foundry"
             ts = time.perf_counter()
             cmd = [sys.executable, "-m", "foundry_sglang.builtin.virtual_rank", "--rank", str(rank), "--gpu", str(gpu),
-                   "--key", key, "--out", str(out), "--args", json.dumps(fields)]
+                   "--key", key, "--out", str(out), "--args", json.dumps(dataclasses.asdict(args))]
             log.info("foundry: capturing virtual %s of %d on cuda:%d", name, world, gpu)
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
             if proc.returncode != 0 or not out.exists():
@@ -70,12 +74,26 @@ def save_template(args, path: str | os.PathLike, key: str, gpu: Optional[int] = 
                 with Archive.open(out) as a:  # every later rank must size its KV cache the same way
                     pages = a.manifest.extra.get("num_kv_pages")
                 args = dataclasses.replace(args, num_kv_pages=int(pages)) if pages else args
-                fields = dataclasses.asdict(args)
+
+        def merge():
+            ranks = {int(n[4:]): f for n, f in parts.items() if n != "rank0-noise"}
+            return merge_rank_archives(ranks, path, noise=parts.get("rank0-noise"), world_size=world,
+                                       layout={"tp": str(args.tp), "ep": str(args.ep), "world_size": str(world)})
+
+        for name, rank in [("rank0", 0)] + ([("rank0-noise", 0)] if noise else []) + (
+                [(f"rank{world - 1}", world - 1)] if world > 1 else []):
+            capture(name, rank)
         tm = time.perf_counter()
-        merged = merge_rank_archives([parts[f"rank{r}"] for r in range(world)], path,
-                                     noise=parts.get("rank0-noise"),
-                                     layout={"tp": str(args.tp), "ep": str(args.ep), "world_size": str(world)})
+        try:
+            merged = merge()
+        except NotDerivable as err:
+            log.info("foundry: %s", err)
+            for rank in range(1, world - 1):
+                capture(f"rank{rank}", rank)
+            tm = time.perf_counter()
+            merged = merge()
         report.merge_seconds = time.perf_counter() - tm
+        report.derived = list(merged.derived)
     report.summary = merged.summary()
     report.by_kernel = merged.by_kernel
     report.total_seconds = time.perf_counter() - t0

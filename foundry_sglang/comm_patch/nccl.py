@@ -1,5 +1,8 @@
 """LOAD (and the SAVE process itself): fill each slot by capturing the real collective on a live communicator.
 
+torch is imported where it is used: the SGLang launcher imports this module (through the plugin) and must answer a
+bad flag before torch is loaded.
+
 A slot names its communication group (``SlotSpec.group``); the engine adapter hands :class:`SlotFiller` one
 communicator per group name, built from the communicators its engine already created:
 
@@ -17,8 +20,6 @@ from __future__ import annotations
 import ctypes
 import logging
 from typing import Mapping, Optional, Protocol
-
-import torch
 
 from foundry_core import schema
 from foundry_core.errors import FoundryError
@@ -103,7 +104,9 @@ class TorchCommunicator:
         self.group = group
         self.device = device
 
-    def _tensor(self, address: int, count: int, dtype: str) -> torch.Tensor:
+    def _tensor(self, address: int, count: int, dtype: str):
+        import torch
+
         nbytes = count * getattr(torch, dtype).itemsize
         return tensor_at(schema.TensorSpec(address=address, dtype=dtype, shape=[count], strides=[1],
                                            storage_bytes=nbytes), self.device)
@@ -138,6 +141,7 @@ class TorchCommunicator:
 def process_group_communicator(group=None) -> Optional[NcclCommunicator]:
     """An :class:`NcclCommunicator` on the NCCL communicator torch.distributed created for ``group`` (default:
     the default group), or None when torch does not expose it (then use :class:`TorchCommunicator`)."""
+    import torch
     import torch.distributed as dist
 
     pg = group or dist.distributed_c10d._get_default_group()
@@ -157,6 +161,8 @@ class SlotFiller:
         self.filled = 0
 
     def __call__(self, spec: schema.SlotSpec) -> None:
+        import torch
+
         comm = self.communicators.get(spec.group)
         if comm is None:
             known = ", ".join(sorted(self.communicators)) or "none"

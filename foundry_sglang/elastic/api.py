@@ -55,10 +55,10 @@ async def _errors(request: web.Request, handler):
 def _auth(request: web.Request, token: Optional[str]) -> Optional[web.Response]:
     if not token:
         return None
-    header = request.headers.get("Authorization", "")
-    if not header.startswith("Bearer "):
+    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():   # the scheme is case-insensitive (RFC 9110)
         return json_error(401, "missing bearer token: send 'Authorization: Bearer <token>'", "auth_error")
-    if not hmac.compare_digest(header[len("Bearer "):].strip().encode(), token.encode()):
+    if not hmac.compare_digest(value.strip().encode(), token.encode()):
         return json_error(403, "wrong bearer token", "auth_error")
     return None
 

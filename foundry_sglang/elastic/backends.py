@@ -329,7 +329,10 @@ class RayBackend:
         except Exception as exc:  # timeout or infeasible: give everything back
             for g in groups:
                 remove_placement_group(g)
-            raise SlotsUnavailable(f"placement groups for {layout} not ready: {exc or 'timeout'}") from None
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__   # a timeout's text is empty
+            raise SlotsUnavailable(f"{layout} needs {layout.replicas} x {n} {self.resource}, not reserved within "
+                                   f"{self.placement_timeout:.0f}s ({why}); the Ray cluster has "
+                                   f"{self._resources()}") from None
         handles: List[ReplicaHandle] = []
         for i, group in enumerate(groups):
             strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0)
@@ -337,6 +340,16 @@ class RayBackend:
             actor = _worker_actor().options(scheduling_strategy=strategy, **opts).remote()
             handles.append(_RayReplica(i, spec_for(i), actor, group))
         return handles
+
+    def _resources(self) -> str:
+        import ray
+
+        try:
+            total = ray.cluster_resources().get(self.resource, 0)
+            free = ray.available_resources().get(self.resource, 0)
+        except Exception as exc:  # Ray itself is in trouble: say so instead
+            return f"unknown resources ({type(exc).__name__})"
+        return f"{total:g} {self.resource} ({free:g} free)"
 
     async def shutdown(self) -> None:
         pass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -178,6 +179,21 @@ class ElasticServer:
         return dict(self.controller.status(), recovered=self.recovered)
 
 
+def exposure_warning(host: str, api_token: Optional[str]) -> Optional[str]:
+    """The warning for an admin API open beyond this machine (a non-loopback ``host`` and no token), else None."""
+    if api_token:
+        return None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a host name: it may resolve to anything
+        loopback = False
+    if loopback:
+        return None
+    return (f"the router listens on {host} with no API token: anyone who can reach this port can reconfigure "
+            "and stop the deployment (/reconfigure). Set --api-token (or $FOUNDRY_ELASTIC_API_TOKEN), or "
+            "bind 127.0.0.1")
+
+
 def _has_config(model: str) -> bool:
     return os.path.isfile(os.path.join(model, "config.json"))
 
@@ -286,6 +302,9 @@ class ElasticDeployment:
     # -- API -------------------------------------------------------------------------------------
     def start(self) -> str:
         """Start the first generation and the HTTP server; returns the base URL."""
+        warning = exposure_warning(self.config.host, self.config.api_token)
+        if warning:
+            log.warning("SECURITY: %s", warning)
         if self.config.backend == "ray":
             import ray
             if not ray.is_initialized():
@@ -359,7 +378,8 @@ class ElasticDeployment:
                     ray.kill(self._actor)
                 self._actor = None
         elif self._loop is not None:
-            self._call("stop")
+            if self._server is not None:    # None when start() failed before the server existed
+                self._call("stop")
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._thread:
                 self._thread.join(10)

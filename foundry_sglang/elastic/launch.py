@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -16,7 +15,9 @@ import sys
 import threading
 from typing import List, Optional
 
+from foundry_sglang import jsonsafe
 from foundry_sglang.graphs.settings import ENV_ARCHIVE, ENV_MODE, MODE_CHOICES, MODE_HELP, FoundryConfig
+from foundry_sglang.proc import port_problem
 
 from .deployment import ControllerLost, DeploymentConfig, ElasticDeployment
 from .layout import Layout, LayoutError, resolve_model_shape, validate_layout
@@ -49,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots-per-gpu", type=int, default=1, metavar="N",
                    help="N slots share each GPU, so ranks and replicas fit on fewer GPUs (one GPU: --slots 2 "
                         "--slots-per-gpu 2); SGLang ranks on one GPU run with --foundry-ranks-share-gpu (default 1)")
-    p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="router bind address (default 127.0.0.1); on any other address set --api-token, or anyone "
+                        "who can reach the port can reconfigure the deployment (a warning says so at start)")
     p.add_argument("--port", type=int, default=8000, help="router port, also serving the admin API (default 8000)")
     p.add_argument("--api-token", default=os.environ.get(TOKEN_ENV),
                    help=f"bearer token required by /reconfigure and /status (default: ${TOKEN_ENV}; none: open)")
@@ -93,9 +96,9 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
     policy = None
     if args.policy:
         try:
-            policy = json.loads(args.policy)
-        except json.JSONDecodeError as exc:
-            raise LayoutError(f"--policy is not valid JSON: {exc.msg}") from None
+            policy = jsonsafe.loads(args.policy)
+        except jsonsafe.MalformedJSON as exc:
+            raise LayoutError(f"--policy is not valid JSON: {exc}") from None
         if not isinstance(policy, dict):
             raise LayoutError("--policy must be a JSON object")
     if args.slots_per_gpu < 1:
@@ -119,6 +122,31 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
         policy=policy, standby=args.standby, slots_per_gpu=args.slots_per_gpu)
 
 
+def preflight(cfg: DeploymentConfig, ray_address: Optional[str]) -> None:
+    """Check, before Ray or any engine starts, what would otherwise fail only after them (ValueError, one line):
+    the router's port taken, GPUs asked for (``--device cuda``, the default) but absent on this machine."""
+    problem = port_problem(cfg.host, cfg.port) if cfg.port else None
+    if problem:
+        raise ValueError(problem)
+    if cfg.device != "cuda" or ray_address:   # a joined cluster's GPUs are on its own nodes
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda (the default): no usable CUDA GPU on this machine; "
+                         "use --device cpu to run the engines on CPU")
+    gpus = -(-cfg.slots // cfg.slots_per_gpu)
+    if not cfg.gpu_ids and torch.cuda.device_count() < gpus:
+        raise ValueError(f"the deployment owns {cfg.slots} slots ({gpus} GPUs) but {torch.cuda.device_count()} "
+                         f"GPU(s) are visible; lower --slots/--tp/--replicas or raise --slots-per-gpu")
+
+
+def _one_line(exc: BaseException) -> str:
+    exc = getattr(exc, "cause", None) or exc     # a Ray task error carries the original exception
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: List[str] = []
@@ -132,6 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cfg.kind == "builtin" or cfg.model.startswith("builtin:") or os.path.isdir(cfg.model):
             validate_layout(Layout(cfg.tp, cfg.ep, cfg.replicas), resolve_model_shape(cfg.model), cfg.slots,
                             cfg.kind)     # before Ray starts: a bad layout is one line, not a traceback
+        preflight(cfg, args.ray_address)
     except (LayoutError, ValueError) as exc:
         log.error("%s", exc)
         return 2
@@ -141,9 +170,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     dep = ElasticDeployment(cfg)
     try:
         url = dep.start()
-    except (LayoutError, ValueError) as exc:
-        log.error("cannot start: %s", exc)
-        return 2
+    except Exception as exc:  # the first generation did not come up (slots, an engine, the port): one line
+        log.error("cannot start: %s", _one_line(exc))
+        log.debug("start-up failure", exc_info=True)
+        dep.stop()
+        _shutdown_ray(cfg)
+        return 2 if isinstance(getattr(exc, "cause", None) or exc, ValueError) else 1
     print(f"elastic deployment serving on {url} (admin: {url}/status, {url}/reconfigure)", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -158,12 +190,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             break
     log.info("stopping")
     dep.stop()
+    _shutdown_ray(cfg)
+    return status
+
+
+def _shutdown_ray(cfg: DeploymentConfig) -> None:
     if cfg.backend == "ray":
         import ray
 
         with contextlib.suppress(Exception):
             ray.shutdown()
-    return status
 
 
 if __name__ == "__main__":

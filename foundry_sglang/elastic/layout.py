@@ -12,6 +12,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Mapping, Optional
 
+from foundry_sglang import jsonsafe
+
 
 class LayoutError(ValueError):
     """A reconfiguration request that cannot be served; the message is one line meant for the user."""
@@ -59,11 +61,9 @@ def parse_layout(body: Any, current: Optional[Layout] = None) -> Layout:
             raise LayoutError("request body is not UTF-8 text") from None
     if isinstance(body, str):
         try:
-            body = json.loads(body) if body.strip() else None
-        except RecursionError:
-            raise LayoutError("malformed JSON: nested too deeply") from None
-        except json.JSONDecodeError as exc:
-            raise LayoutError(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+            body = jsonsafe.loads(body) if body.strip() else None
+        except jsonsafe.MalformedJSON as exc:
+            raise LayoutError(f"malformed JSON: {exc}") from None
     if not isinstance(body, Mapping):
         raise LayoutError('body must be a JSON object such as {"tp": 2, "ep": 1, "replicas": 1}')
     unknown = sorted(set(body) - set(LAYOUT_KEYS))

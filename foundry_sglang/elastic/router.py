@@ -6,14 +6,19 @@ controller can wait until an old generation is idle before stopping it. While no
 gap of a reconfiguration that cannot overlap old and new), requests wait in a bounded queue; only a gap longer
 than ``queue_timeout`` turns into a 503 with a clear message.
 
-A request is retried on another replica only when nothing was sent to the client yet (connection refused,
-upstream gone before its response finished, or a 502/503/504). A 500 and a "busy" 503 (one with Retry-After)
-are tried once more on a replica that has not answered this request yet; when all have, the client gets that
-answer. A greedy streaming request (temperature 0) is also resumed after a mid-stream loss: it is re-run
-elsewhere and the events already delivered are skipped, which is exact because greedy decoding of the same
-prompt repeats itself. An upstream that fails several requests in a row is routed around for a while even
-before the controller's health check replaces it. A client that disconnects is never the upstream's fault:
-its request is dropped (the upstream connection closes, which aborts it there) and nothing is retried.
+A request's own failure is told from a replica's: a 4xx, or a 500 (or an in-band stream error) whose error
+object the engine marks ``"scope": "request"``, goes to the client as it is, is never retried and never counts
+against the replica, so bad requests cannot take replicas out of routing. A request is retried on another
+replica only when nothing was sent to the client yet (connection refused, upstream gone before its response
+finished, or a 502/503/504). Another 500 and a "busy" 503 (one with Retry-After) are tried once more on a
+replica that has not answered this request yet; when all have, the client gets that answer. A greedy
+streaming request (temperature 0) is also resumed after a mid-stream loss: it is re-run elsewhere and the
+events already delivered are skipped, after checking that the re-run repeats them (otherwise the stream ends
+with an error event rather than splice two different answers). A stream that has delivered ``[DONE]`` is
+finished: whatever its upstream does afterwards is ignored. An upstream that fails several requests in a row
+is routed around for a while even before the controller's health check replaces it. A client that
+disconnects is never the upstream's fault: its request is dropped (the upstream connection closes, which
+aborts it there) and nothing is retried.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import aiohttp
 from aiohttp import web
+
+from foundry_sglang import jsonsafe
 
 log = logging.getLogger("foundry_sglang.elastic.router")
 
@@ -46,6 +53,10 @@ class _ClientGone(Exception):
     """The client disconnected; nothing to retry, nobody to blame."""
 
 
+class _Diverged(Exception):
+    """A resumed stream does not repeat what the client already received: it cannot continue exactly."""
+
+
 async def _to_client(out: web.StreamResponse, data: Optional[bytes] = None) -> None:
     """Write (or end, with None) a response to the client; _ClientGone if it is no longer there."""
     try:
@@ -60,6 +71,41 @@ async def _to_client(out: web.StreamResponse, data: Optional[bytes] = None) -> N
 def _busy(r: aiohttp.ClientResponse) -> bool:
     """A replica shedding load (503 with Retry-After), as opposed to one that is down."""
     return r.status == 503 and "Retry-After" in r.headers
+
+
+def _error_of(payload: bytes) -> Optional[Dict[str, Any]]:
+    """The ``error`` object of a JSON error body (or of an SSE event's data); None when it has none."""
+    try:
+        doc = jsonsafe.loads(payload)
+    except jsonsafe.MalformedJSON:
+        return None
+    err = doc.get("error") if isinstance(doc, dict) else None
+    return err if isinstance(err, dict) else None
+
+
+def _request_failure(status: int, data: bytes) -> bool:
+    """A 4xx, or a 500 the engine marked as this request's own failure (its replica serves on)."""
+    if 400 <= status < 500:
+        return True
+    return status == 500 and (_error_of(data) or {}).get("scope") == "request"
+
+
+def _event_error(event: bytes) -> Optional[Dict[str, Any]]:
+    """The error object of an in-band SSE error event (``data: {"error": ...}``), else None."""
+    payload = event[5:].lstrip() if event.startswith(b"data:") else b""
+    return _error_of(payload) if payload.startswith(b'{"error"') else None
+
+
+def _content(event: bytes) -> bytes:
+    """What a greedy re-run must repeat of an event: its choices and usage (not its id or timestamp)."""
+    if event.startswith(b"data:"):
+        try:
+            doc = jsonsafe.loads(event[5:])
+        except jsonsafe.MalformedJSON:
+            return event
+        if isinstance(doc, dict):
+            return json.dumps([doc.get("choices"), doc.get("usage")], sort_keys=True).encode()
+    return event
 
 
 def _answer(r: aiohttp.ClientResponse, data: bytes) -> web.Response:
@@ -272,10 +318,8 @@ class Router:
         except asyncio.TimeoutError:
             return json_error(408, f"the request body did not arrive within {self.body_timeout:g}s")
         try:
-            body = json.loads(raw)
-        except RecursionError:
-            return json_error(400, "malformed JSON body: nested too deeply")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            body = jsonsafe.loads(raw)
+        except jsonsafe.MalformedJSON as exc:
             return json_error(400, f"malformed JSON body: {exc}")
         if not isinstance(body, dict):
             return json_error(400, "request body must be a JSON object")
@@ -313,6 +357,8 @@ class Router:
                     data = await r.read()
                     if r.status in RETRYABLE_STATUS and not _busy(r):
                         raise _UpstreamLost(f"{up.url} answered {r.status}")
+                    if _request_failure(r.status, data):
+                        return _answer(r, data)      # the request's own failure: not retried, not the replica's
                     self._answered(up, r.status < 500 or _busy(r))
                     if (r.status == 500 or _busy(r)) and self._untried(tried):
                         self.stats.retries += 1
@@ -335,7 +381,7 @@ class Router:
         path = request.path
         deadline = time.monotonic() + self.queue_timeout
         out: Optional[web.StreamResponse] = None
-        delivered = 0          # SSE events already written to the client
+        delivered: List[bytes] = []   # the content (_content) of every SSE event written to the client
         last = "no attempt made"
         tried: List[Upstream] = []
         for attempt in range(self.max_attempts):
@@ -347,7 +393,8 @@ class Router:
                 last = f"resume not possible: {exc.text}"
                 break
             tried.append(up)
-            skip = delivered
+            resume_from = len(delivered)   # events this run must repeat before it adds to the stream
+            replayed = 0
             try:
                 session = await self.session()
                 async with session.post(up.url + path, data=raw,
@@ -359,6 +406,8 @@ class Router:
                         if out is not None:   # an error after partial output cannot be shown as a status
                             raise _UpstreamLost(f"{up.url} answered {r.status} on resume")
                         data = await r.read()
+                        if _request_failure(r.status, data):
+                            return _answer(r, data)
                         self._answered(up, r.status < 500 or _busy(r))
                         if (r.status == 500 or _busy(r)) and self._untried(tried):
                             self.stats.retries += 1
@@ -372,24 +421,33 @@ class Router:
                         except (ConnectionError, RuntimeError) as exc:
                             raise _ClientGone() from exc
                     buf = b""
-                    finished = False
                     async for chunk in r.content.iter_any():
                         buf += chunk
                         while b"\n\n" in buf:
                             event, buf = buf.split(b"\n\n", 1)
-                            if skip:
-                                skip -= 1
+                            error = _event_error(event)
+                            if error is not None and error.get("scope") != "request":
+                                raise _UpstreamLost(f"{up.url} failed mid-stream: {str(error.get('message'))[:200]}")
+                            if error is None and replayed < resume_from:   # a resumed run: already sent
+                                if _content(event) != delivered[replayed]:
+                                    raise _Diverged(f"the re-run on {up.url} differs from what was delivered")
+                                replayed += 1
                                 continue
                             await _to_client(out, event + b"\n\n")
-                            delivered += 1
-                            if event.strip() == b"data: [DONE]":
-                                finished = True
-                    if not finished:
-                        raise _UpstreamLost(f"{up.url} closed the stream before [DONE]")
-                    up.served += 1
-                    self._answered(up, True)
-                    await _to_client(out)
-                    return out
+                            if error is not None:   # the request's own failure ends its stream; nobody to blame
+                                out.failed_mid_stream = True   # type: ignore[attr-defined]
+                                await _to_client(out)
+                                return out
+                            delivered.append(_content(event) if greedy else b"")
+                            if event.strip() == b"data: [DONE]":   # finished: what the upstream does next is moot
+                                up.served += 1
+                                self._answered(up, True)
+                                await _to_client(out)
+                                return out
+                    raise _UpstreamLost(f"{up.url} closed the stream before [DONE]")
+            except _Diverged as exc:
+                last = f"resume not possible: {exc}"
+                break
             except (aiohttp.ClientError, asyncio.TimeoutError, _UpstreamLost, OSError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 self._mark_down(up)
@@ -399,7 +457,7 @@ class Router:
                 if out is not None:
                     self.stats.resumed += 1
                 log.info("retrying stream %s after upstream %s failed (%s); %d events delivered",
-                         path, up.url, last, delivered)
+                         path, up.url, last, len(delivered))
             finally:
                 self._release(up)
         if out is None:

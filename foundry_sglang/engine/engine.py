@@ -70,8 +70,11 @@ MAX_BATCH_FAILURES = 3
 def worker_main(args: EngineArgs, rank: int, graph_backend_factory: Optional[GraphBackendFactory] = None) -> None:
     """Entry of ranks > 0: build the same runner and execute every step rank 0 broadcasts."""
     logging.basicConfig(level=logging.WARNING)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 handles Ctrl-C and tells the workers to exit
-    exit_with_parent()
+    # Rank 0 handles Ctrl-C and SIGTERM and tells the workers to exit after its current step: a SIGTERM sent to
+    # the whole process group (a supervisor stopping the server) must not kill this rank inside a collective.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_with_parent(sig=signal.SIGKILL)
     runner = ModelRunner(args, rank=rank, graph_backend_factory=graph_backend_factory)
     group = runner.state.control_group
     try:
@@ -315,6 +318,15 @@ class LLMEngine:
                 "preemptions": self.scheduler.num_preemptions, **self.counters}
 
     # -- shutdown ---------------------------------------------------------------------------------
+    def lost_ranks(self, wait: float = 0.0) -> List[str]:
+        """The ranks > 0 whose processes have exited, as ``rank N exited with status S``; ``wait``: seconds to
+        give a rank that is dying (its sockets close before it can be reaped) to be seen as exited."""
+        deadline = time.monotonic() + wait
+        for p in self.workers:
+            p.join(max(0.0, deadline - time.monotonic()))
+        return [f"rank {i} exited with status {p.exitcode}" for i, p in enumerate(self.workers, 1)
+                if not p.is_alive()]
+
     def _stop_workers(self, timeout: float = 10.0) -> None:
         for p in self.workers:
             p.join(timeout)
@@ -327,11 +339,11 @@ class LLMEngine:
         if self._closed:
             return
         self._closed = True
-        if self.workers:
+        if self.workers and not self.lost_ranks():   # with a rank gone the group is broken (already reported)
             try:
                 broadcast_batch(StepBatch(EXIT), self.runner.state.control_group)
             except Exception as e:  # a worker already died; terminate the rest
-                log.warning("could not signal workers: %s", e)
+                log.warning("could not signal workers: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         self._stop_workers()
         self.runner.shutdown()
 
@@ -415,7 +427,13 @@ class AsyncLLMEngine:
                         self._deliver(out)
                 self._stats = eng.stats()
         except BaseException as e:  # surface engine failures to every waiting request
-            log.exception("engine loop failed")
+            lost = eng.lost_ranks(wait=2.0) if eng.workers else []
+            if lost or self._stop.is_set():   # a rank gone (killed, or stopping with the server): one line
+                first = str(e).splitlines()[0][:300] if str(e) else ""
+                log.error("engine loop stopped: %s (%s: %s)", "; ".join(lost) or "shutting down",
+                          type(e).__name__, first)
+            else:
+                log.exception("engine loop failed")
             self.error = e
             for rid, (loop, q) in list(self._streams.items()):
                 loop.call_soon_threadsafe(q.put_nowait, e)

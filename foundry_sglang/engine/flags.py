@@ -102,7 +102,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m foundry_sglang.engine",
+    # allow_abbrev=False: a prefix is never taken for a flag (a standby's "--standb" must not mean --standby).
+    p = argparse.ArgumentParser(prog="python -m foundry_sglang.engine", allow_abbrev=False,
                                 description="OpenAI-compatible server of the built-in Foundry engine "
                                             "(Qwen3 dense/MoE, TP/EP, paged KV, CUDA-graph decode).")
     add_engine_args(p)

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -19,8 +18,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from aiohttp import web
 
+from foundry_sglang import jsonsafe
 from foundry_sglang.graphs.settings import FoundryMode
-from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent
+from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent, port_problem
 
 from .config import ConfigError, EngineArgs
 from .engine import AsyncLLMEngine, EngineDead, RequestFailed
@@ -40,12 +40,19 @@ class BadRequest(Exception):
         self.status, self.param, self.retry_after = status, param, retry_after
 
 
-def error_response(message: str, status: int, param: Optional[str] = None) -> web.Response:
+def error_body(message: str, status: int, param: Optional[str] = None) -> Dict[str, Any]:
+    """The OpenAI-style error object. ``scope`` tells a router whether the failure is this request's own
+    (``request``: a bad request, or one that failed alone while the engine serves on) or the server's
+    (``server``: 503, the engine is unavailable or busy), so a bad request never takes a replica out of routing."""
     kind = {404: "not_found_error", 405: "invalid_request_error"}.get(status, "invalid_request_error")
     if status >= 500:
         kind = "unavailable" if status == 503 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return web.json_response(body, status=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": status,
+                      "scope": "server" if status == 503 else "request"}}
+
+
+def error_response(message: str, status: int, param: Optional[str] = None) -> web.Response:
+    return web.json_response(error_body(message, status, param), status=status)
 
 
 # -- request parsing --------------------------------------------------------------------------------
@@ -64,10 +71,8 @@ UNSUPPORTED = {
 def parse_json_body(raw: bytes) -> Any:
     """The decoded JSON of a request body; BadRequest (400, one line) for anything that is not JSON."""
     try:
-        return json.loads(raw)
-    except RecursionError:
-        raise BadRequest("malformed JSON body: nested too deeply") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return jsonsafe.loads(raw)
+    except jsonsafe.MalformedJSON as e:
         raise BadRequest(f"malformed JSON body: {e}") from None
 
 
@@ -219,6 +224,8 @@ class OpenAIServer:
         if not isinstance(body, dict):
             raise BadRequest("the JSON body must be an object")
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise BadRequest(f"model must be a string, got {json.dumps(model)[:40]}", param="model")
         if model is not None and model not in self.aliases:
             raise BadRequest(f"the model {str(model)[:200]!r} does not exist; this server serves "
                              f"{self.model_name!r}", status=404, param="model")
@@ -368,10 +375,9 @@ class OpenAIServer:
             raise
         except Exception as e:  # headers are sent: report the error in-band
             await gen.aclose()
-            kind = "unavailable" if isinstance(e, EngineDead) else "server_error"
             try:
-                await send({"error": {"message": str(e).splitlines()[0] if str(e) else type(e).__name__,
-                                      "type": kind, "param": None, "code": 503 if kind == "unavailable" else 500}})
+                await send(error_body(str(e).splitlines()[0] if str(e) else type(e).__name__,
+                                      503 if isinstance(e, EngineDead) else 500))
             except ConnectionResetError:
                 return resp
         try:
@@ -443,7 +449,8 @@ async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name:
 
 def preflight(eargs: EngineArgs, host: str, port: int) -> None:
     """Check what would otherwise fail deep inside start-up (ConfigError, one line): a GPU asked for but absent,
-    a port already taken, an archive to load that does not exist."""
+    a port already taken. (An archive to load that does not exist is no error: LOAD falls back to live capture
+    with one log line.)"""
     if eargs.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -453,17 +460,12 @@ def preflight(eargs: EngineArgs, host: str, port: int) -> None:
             raise ConfigError(f"--tp/--ep need {eargs.world_size} GPUs; {torch.cuda.device_count()} visible")
     foundry = eargs.foundry_config()
     if foundry.enabled and eargs.resolved_device() == "cpu":
-        if foundry.mode is FoundryMode.LOAD and not foundry.archive_dir.exists():
-            raise ConfigError(f"--foundry-mode load: the archive {foundry.archive_dir} does not exist")
         if foundry.mode in (FoundryMode.LOAD, FoundryMode.SAVE):
             log.warning("--foundry-mode %s: there are no CUDA graphs on CPU; the archive %s is not used",
                         foundry.mode, foundry.archive_dir)
-    if port:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            try:
-                probe.bind((host, port))
-            except OSError as e:
-                raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    problem = port_problem(host, port) if port else None
+    if problem:
+        raise ConfigError(problem)
 
 
 def main(argv: Optional[List[str]] = None, early=None,

@@ -12,11 +12,12 @@ or died) ends the standby quietly.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from typing import Callable, List, Optional, TextIO
+
+from foundry_sglang import jsonsafe
 
 log = logging.getLogger("foundry_sglang.engine.standby")
 
@@ -38,17 +39,24 @@ def parse_message(line: str) -> List[str]:
     if len(line) > MAX_MESSAGE:
         raise StandbyMessageError(f"standby message longer than {MAX_MESSAGE} bytes")
     try:
-        msg = json.loads(line)
-    except ValueError as e:
+        msg = jsonsafe.loads(line)
+    except jsonsafe.MalformedJSON as e:
         raise StandbyMessageError(f"standby message is not JSON: {e}") from None
     if not isinstance(msg, dict) or set(msg) != {"argv"}:
         raise StandbyMessageError('standby message must be {"argv": [...]} and nothing else')
     argv = msg["argv"]
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise StandbyMessageError("standby argv must be a list of strings")
-    if "--standby" in argv:
+    if any(_names_standby(a) for a in argv):
         raise StandbyMessageError("standby argv must not ask for another standby")
     return argv
+
+
+def _names_standby(arg: str) -> bool:
+    """``--standby``, ``--standby=...`` or a prefix of it (which argparse would take for it if abbreviations
+    were allowed)."""
+    name = arg.split("=", 1)[0]
+    return len(name) > 2 and name.startswith("--") and "--standby".startswith(name)
 
 
 def _nothing() -> None:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe import ExpertGroups
+from .moe_layout import ExpertGroups, max_grouped_rows
 
 BLOCK_N = 64
 BLOCK_K = 64
@@ -110,7 +110,7 @@ def _route_kernel(Logits, Weights, Ids, First, num_experts, num_local, stride_l,
 def _group_kernel(Ids, Rows, BlockExpert, RowsUsed, Scratch, num_assign, max_rows, num_blocks,
                   NUM_EXPERTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr,
                   BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, LOG_E: tl.constexpr):
-    """One program: the same layout as ``moe.group_by_expert`` (stable by assignment index) through a sort of
+    """One program: the same layout as ``moe_layout.group_by_expert`` (stable by assignment index) through a sort of
     (expert, index) keys. Scratch holds [padded ends | unpadded starts | padded starts] of the experts."""
     a = tl.arange(0, BLOCK_A)
     valid = a < num_assign
@@ -164,9 +164,7 @@ def fused_route(logits: torch.Tensor, top_k: int, renormalize: bool, first_exper
 
 
 def fused_group(ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertGroups:
-    """``moe.group_by_expert`` in one launch (for up to ``MAX_FUSED_ASSIGNMENTS`` assignments)."""
-    from .moe import max_grouped_rows
-
+    """``moe_layout.group_by_expert`` in one launch (for up to ``MAX_FUSED_ASSIGNMENTS`` assignments)."""
     n = ids.numel()
     max_rows = max_grouped_rows(n, num_experts, block_m)
     dev = ids.device

@@ -1,5 +1,5 @@
 """A few hundred corrupted archives through everything LOAD checks on the CPU (the long run is
-``python3 tests/core/fuzz_archives.py --cases 10000``): no crash, no hang, nothing but FoundryError."""
+``python3 tools/fuzz_archives.py --cases 10000``): no crash, no hang, nothing but FoundryError."""
 from __future__ import annotations
 
 import os

@@ -1,9 +1,6 @@
-"""The pure parts of the bf16 GEMM-toy diagnostic in tests/gpu/check_fidelity.py (run on CPU so the next GPU run
-does not spend its minutes on a typo): archive-vs-rebuilt table comparison, row verdicts, the diagnosis text."""
+"""The pure parts of the bf16 GEMM-toy diagnostic in tests/gpu/test_fidelity_gemm.py (run on CPU so the next GPU
+run does not spend its minutes on a typo): archive-vs-rebuilt table comparison, row verdicts, the diagnosis text."""
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +8,12 @@ import pytest
 from foundry_core import schema
 from foundry_core.codec import DecodedGraph
 
-SCRIPT = Path(__file__).resolve().parents[1] / "gpu" / "check_fidelity.py"
-
 
 @pytest.fixture(scope="module")
 def cf():
-    spec = importlib.util.spec_from_file_location("check_fidelity_cpu", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from gpu import test_fidelity_gemm
+
+    return test_fidelity_gemm
 
 
 def _tables():
@@ -114,4 +108,4 @@ def test_every_variant_names_a_known_toy(cf):
     assert set(cf.GEMM_VARIANTS) >= {"base", "explicit-stream", "graph-pool-snapshot"}
     for variant, _, env in cf.GEMM_VARIANTS.values():
         assert variant in ("gemm", "gemm-nn1", "gemm-tn1") and all(isinstance(v, str) for v in env.values())
-    assert "gemm" in cf.CHECKS and "gemm" in cf.ORDER and "gemm-save" in cf.CHILDREN
+    assert callable(cf.child_gemm_save) and callable(cf.child_gemm_load)

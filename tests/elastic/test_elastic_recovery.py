@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import socket
+import struct
 
 import aiohttp
 from aiohttp import web
@@ -45,9 +46,12 @@ class SlowDoneEngine(FakeEngine):
         for ch in answer(body["prompt"]):
             await resp.write(f"data: {json.dumps({'choices': [{'text': ch}]})}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
-        await asyncio.sleep(0.3)
         self.served += 1
+        await self._after_done(request)
         return resp
+
+    async def _after_done(self, request):
+        await asyncio.sleep(0.3)
 
 
 class BrokenBackend(FakeBackend):
@@ -56,6 +60,61 @@ class BrokenBackend(FakeBackend):
         for r in replicas:
             r.engine.__class__ = BrokenEngine
         return replicas
+
+
+class ResetAfterDoneEngine(SlowDoneEngine):
+    """TEST DOUBLE: sends the whole stream, ``data: [DONE]`` included, then resets the connection."""
+
+    async def _after_done(self, request):
+        await asyncio.sleep(0.05)
+        request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                              struct.pack("ii", 1, 0))
+        request.transport.abort()     # RST, and the chunked body is never terminated
+
+
+class ErrorOnceEngine(FakeEngine):
+    """TEST DOUBLE: its first stream sends three events, then an in-band error event, then ends (as an engine
+    server reports a failure after its headers are out); later streams are complete. ``scope`` marks the error
+    (``"request"``: the request's own failure); ``diverge``: later streams answer differently."""
+
+    def __init__(self, scope=None, diverge=False):
+        super().__init__(delay=0.002)
+        self.scope, self.diverge, self.calls = scope, diverge, 0
+
+    async def _complete(self, request):
+        body = await request.json()
+        self.calls += 1
+        first = self.calls == 1
+        text = answer(body["prompt"])
+        if self.diverge and not first:
+            text = text.upper()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i, ch in enumerate(text):
+            if first and i == 3:
+                err = {"message": "engine failed", "type": "server_error", "code": 500}
+                if self.scope:
+                    err["scope"] = self.scope
+                await resp.write(f"data: {json.dumps({'error': err})}\n\n".encode())
+                return resp
+            await resp.write(f"data: {json.dumps({'choices': [{'text': ch}]})}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        self.served += 1
+        return resp
+
+
+def _bare_controller():
+    """The least a router's app needs of a controller (the router is driven directly)."""
+    return type("C", (), {"status": lambda self: {"state": "serving", "generation": 1, "layout": None},
+                          "config": type("K", (), {"model": "m"})()})()
+
+
+def _events(raw: bytes):
+    """The SSE events of a raw stream body, and the text of its completion chunks."""
+    events = [e for e in raw.split(b"\n\n") if e]
+    text = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events
+                   if e.startswith(b"data: {") and b'"choices"' in e)
+    return events, text
 
 
 def _controller(slots=2, layout=Layout(1, 1, 2)):
@@ -88,9 +147,7 @@ def test_router_retries_a_500_on_another_replica():
         await good.start()
         bad.broken = True
         router.set_active(RouteSet(1, [Upstream(bad.url, 1), Upstream(good.url, 1)]))
-        ctl = type("C", (), {"status": lambda self: {"state": "serving", "generation": 1, "layout": None},
-                              "config": type("K", (), {"model": "m"})()})()
-        runner, url = await _serve(ctl, router)
+        runner, url = await _serve(_bare_controller(), router)
         try:
             await _client_load(url, 8)
             assert router.stats.failed == 0 and router.stats.retries > 0
@@ -221,9 +278,7 @@ def test_client_leaving_after_done_or_mid_stream_is_not_an_upstream_failure(capl
         await eng.start()
         up = Upstream(eng.url, 1)
         router.set_active(RouteSet(1, [up]))
-        ctl = type("C", (), {"status": lambda self: {"state": "serving", "generation": 1, "layout": None},
-                              "config": type("K", (), {"model": "m"})()})()
-        runner, url = await _serve(ctl, router)
+        runner, url = await _serve(_bare_controller(), router)
         loop = asyncio.get_running_loop()
         try:
             caplog.set_level(logging.INFO)
@@ -247,6 +302,141 @@ def test_client_leaving_after_done_or_mid_stream_is_not_an_upstream_failure(capl
     run(main())
 
 
+def test_a_stream_that_delivered_done_is_finished_even_if_its_upstream_then_resets(caplog):
+    """The upstream sends the whole stream with [DONE] and then resets: the client has its answer, greedy or
+    not; nothing is replayed, nothing follows [DONE], no replica is blamed."""
+    async def main():
+        router = Router(queue_timeout=5)
+        engines = [ResetAfterDoneEngine(delay=0.002), ResetAfterDoneEngine(delay=0.002)]
+        for e in engines:
+            await e.start()
+        router.set_active(RouteSet(1, [Upstream(e.url, 1) for e in engines]))
+        runner, url = await _serve(_bare_controller(), router)
+        try:
+            caplog.set_level(logging.INFO, logger="foundry_sglang.elastic.router")
+            async with aiohttp.ClientSession() as s:
+                for i, temperature in enumerate((0, 0.7, 0, 0.7)):
+                    prompt = f"finished stream {i}"
+                    async with s.post(url + "/v1/completions",
+                                      json={"prompt": prompt, "stream": True, "temperature": temperature}) as r:
+                        raw = await r.read()
+                    events, text = _events(raw)
+                    assert events[-1] == b"data: [DONE]" and raw.count(b"[DONE]") == 1, raw
+                    assert b"error" not in raw and text == answer(prompt), raw
+            assert sum(e.served for e in engines) == 4               # never replayed
+            assert all(u.available and u.failures == 0 for u in router.active.upstreams)
+            assert router.stats.retries == 0 and router.stats.failed == 0 and router.stats.completed == 4
+            assert not [r for r in caplog.records if r.name.startswith("foundry_sglang")
+                        and r.levelno >= logging.INFO], caplog.text
+        finally:
+            await runner.cleanup()
+            await router.close()
+            for e in engines:
+                await e.stop()
+    run(main())
+
+
+async def _stream_once(engine, prompt="abcdefgh"):
+    """One greedy stream through a router whose two upstreams are ``engine``; (raw body, router)."""
+    router = Router(queue_timeout=5)
+    await engine.start()
+    router.set_active(RouteSet(1, [Upstream(engine.url, 1), Upstream(engine.url, 1)]))
+    runner, url = await _serve(_bare_controller(), router)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/completions",
+                              json={"prompt": prompt, "stream": True, "temperature": 0}) as r:
+                return await r.read(), router
+    finally:
+        await runner.cleanup()
+        await router.close()
+        await engine.stop()
+
+
+def test_greedy_resume_after_an_in_band_error_is_exact_or_does_not_happen():
+    async def main():
+        prompt = "abcdefgh"
+        # A replica's error event after t0-t2: resumed elsewhere from t3, the error never reaches the client.
+        raw, router = await _stream_once(ErrorOnceEngine(), prompt)
+        events, text = _events(raw)
+        assert b"error" not in raw and events[-1] == b"data: [DONE]", raw
+        assert text == answer(prompt), raw
+        assert router.stats.resumed == 1
+        # The re-run answers differently: the client keeps t0-t2 and gets an error, never a spliced answer.
+        raw, router = await _stream_once(ErrorOnceEngine(diverge=True), prompt)
+        events, text = _events(raw)
+        assert text == answer(prompt)[:3] and b"[DONE]" not in raw, raw
+        assert b"resume not possible" in events[-1], raw
+        # The request's own failure (scope "request"): passed on as it is, not retried, nobody blamed.
+        engine = ErrorOnceEngine(scope="request")
+        raw, router = await _stream_once(engine, prompt)
+        events, text = _events(raw)
+        assert text == answer(prompt)[:3] and b"engine failed" in events[-1] and b"[DONE]" not in raw, raw
+        assert engine.calls == 1 and router.stats.retries == 0
+        assert all(u.available and u.failures == 0 for u in router.active.upstreams)
+    run(main())
+
+
+def test_requests_failing_on_their_own_never_take_real_replicas_out_of_routing():
+    """Two real engine servers (builtin:tiny) behind the router. Several clients at once send a wrong-typed model
+    (a 400 from the engine) and a prompt that fails inside the engine (a 500, or an in-band error when streamed,
+    marked as the request's own): both replicas stay routable and the legitimate requests beside them are
+    answered exactly, none retried."""
+    from foundry_sglang.engine import AsyncLLMEngine, EngineArgs
+    from foundry_sglang.engine.server import ServerThread
+
+    greedy = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    engine = AsyncLLMEngine(EngineArgs(model="builtin:tiny", max_model_len=256, max_num_seqs=8))
+    poison, real = engine.engine.encode_prompt("poison"), engine.engine._check_stop
+
+    def check_stop(seq, tok):
+        if seq.prompt_ids == poison:
+            raise RuntimeError("injected failure")
+        return real(seq, tok)
+
+    engine.engine._check_stop = check_stop
+    servers = [ServerThread(engine), ServerThread(engine)]
+
+    async def main():
+        router = Router(queue_timeout=20)
+        router.set_active(RouteSet(1, [Upstream(srv.url, 1) for srv in servers]))
+        runner, url = await _serve(_bare_controller(), router)
+        bad_bodies = [{"prompt": "x", "model": []}, {"prompt": "poison", **greedy},
+                      {"prompt": "poison", **greedy, "stream": True}]
+        try:
+            async with aiohttp.ClientSession() as s:
+                reference, err = await openai_request(s, url, {"prompt": "legit", **greedy})
+                assert err is None, err
+
+                async def bad(i):
+                    async with s.post(url + "/v1/completions", json=bad_bodies[i % 3]) as r:
+                        return r.status, await r.text()
+
+                results = await asyncio.gather(
+                    *(bad(i) for i in range(24)),
+                    *(openai_request(s, url, {"prompt": "legit", **greedy, "stream": i % 2 == 0}) for i in range(8)))
+            for i, (status, text) in enumerate(results[:24]):
+                if i % 3 == 0:
+                    assert status == 400 and "model must be a string" in text, text
+                elif i % 3 == 1:
+                    assert status == 500 and json.loads(text)["error"]["scope"] == "request", text
+                else:
+                    assert status == 200 and "injected failure" in text and "[DONE]" not in text, text
+            assert results[24:] == [(reference, None)] * 8
+            assert router.routable() == 2 and all(u.failures == 0 for u in router.active.upstreams)
+            assert router.stats.retries == 0
+        finally:
+            await runner.cleanup()
+            await router.close()
+
+    try:
+        run(main())
+    finally:
+        for srv in servers:
+            srv.stop()
+        engine.shutdown()
+
+
 # -- item 6 at the router: hostile input, busy replicas -----------------------------------------------------------
 class BusyEngine(FakeEngine):
     """TEST DOUBLE: a replica whose waiting queue is full (503 with Retry-After)."""
@@ -257,7 +447,7 @@ class BusyEngine(FakeEngine):
                                  headers={"Retry-After": "3"})
 
 
-def test_router_deep_json_is_400_and_busy_replicas_pass_503_with_retry_after():
+def test_router_deep_json_and_huge_integers_are_400_and_busy_replicas_pass_503_with_retry_after(caplog):
     async def main():
         controller, backend, router = _controller()
         await controller.start()
@@ -265,10 +455,13 @@ def test_router_deep_json_is_400_and_busy_replicas_pass_503_with_retry_after():
         busy = [BusyEngine(), BusyEngine()]
         try:
             deep = b"[" * 100_000 + b"]" * 100_000
+            huge = b'{"prompt": "x", "tp": ' + b"1" * 5000 + b"}"
             async with aiohttp.ClientSession() as s:
                 for path in ("/v1/completions", "/reconfigure"):
-                    async with s.post(url + path, data=deep) as r:
-                        assert r.status == 400 and "nested" in (await r.json())["error"]["message"], path
+                    for raw, needle in ((deep, "nested"), (huge, "more than 4300 digits")):
+                        async with s.post(url + path, data=raw) as r:
+                            assert r.status == 400 and needle in (await r.json())["error"]["message"], path
+                assert not [r for r in caplog.records if r.exc_info], caplog.text
                 for e in busy:
                     await e.start()
                 router.set_active(RouteSet(9, [Upstream(e.url, 9) for e in busy]))

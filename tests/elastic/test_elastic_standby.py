@@ -15,6 +15,7 @@ from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeploymen
 from foundry_sglang.elastic.launch import build_parser, config_from_args, main
 from foundry_sglang.elastic.layout import Layout
 from foundry_sglang.elastic.workers import ProcessWorker, WorkerSpec, http_ok
+from foundry_sglang.engine.flags import build_arg_parser
 from foundry_sglang.engine.standby import StandbyMessageError, parse_message
 
 ENGINE_ARGS = ["--num-kv-pages", "256"]
@@ -29,9 +30,15 @@ def replica_pids(dep):
 def test_standby_message_is_checked():
     assert parse_message('{"argv": ["--model", "builtin:tiny"]}') == ["--model", "builtin:tiny"]
     for bad, why in (("not json", "not JSON"), ('["--tp"]', "nothing else"), ('{"argv": [1]}', "strings"),
-                     ('{"argv": [], "x": 1}', "nothing else"), ('{"argv": ["--standby"]}', "another standby")):
+                     ('{"argv": [], "x": 1}', "nothing else"), ('{"argv": ["--standby"]}', "another standby"),
+                     ('{"argv": ["--standb"]}', "another standby"), ('{"argv": ["--stand=1"]}', "another standby"),
+                     ('{"argv": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+                     ('{"argv": [' + "1" * 5000 + "]}", "more than 4300 digits")):
         with pytest.raises(StandbyMessageError, match=why):
             parse_message(bad)
+    # Nor does the server's own parser take a prefix for the flag.
+    with pytest.raises(SystemExit):
+        build_arg_parser().parse_args(["--standb"])
 
 
 def test_standby_process_becomes_a_tp2_server(tmp_path):

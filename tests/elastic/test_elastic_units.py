@@ -306,6 +306,9 @@ def test_invalid_and_concurrent_requests_change_nothing():
                     assert r.status == 404
                 async with s.get(url + "/status") as r:
                     assert r.status == 401
+                for scheme in ("bearer", "BEARER"):      # the scheme is case-insensitive
+                    async with s.get(url + "/status", headers={"Authorization": f"{scheme} s3cret"}) as r:
+                        assert r.status == 200, scheme
                 after = (await (await s.get(url + "/status", headers=auth)).json())
                 assert before["generations"] == after["generations"] and after["switches"]["succeeded"] == 0
                 # a second reconfiguration while one runs -> 409

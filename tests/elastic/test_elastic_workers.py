@@ -93,3 +93,71 @@ def test_one_foundry_config_reaches_every_worker_of_a_layout(tmp_path):
     assert WorkerSpec(**{**spec.to_dict(), "foundry": asdict(spec.foundry)}) == spec
     off = Controller(DeploymentConfig(model="builtin:tiny").controller_config(), backend=None, router=Router())
     assert "--foundry-mode" not in build_command(off._spec_for(Layout(), 1)(0), 1)
+
+
+# -- the elastic launcher's start-up problems: one line, before anything starts ----------------------------
+@pytest.fixture()
+def never_started(monkeypatch):
+    """ElasticDeployment.start must not be reached (nothing of Ray or the engines starts)."""
+    from foundry_sglang.elastic import launch
+
+    def refuse(self):
+        raise AssertionError("the deployment was started")
+    monkeypatch.setattr(launch.ElasticDeployment, "start", refuse)
+
+
+def _launch_errors(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "foundry_sglang.elastic.launch"
+            and r.levelname == "ERROR"]
+
+
+def test_elastic_port_in_use_is_one_line_before_anything_starts(never_started, caplog):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["--device", "cpu", "--backend", "local", "--port", str(port)]) == 2
+    errors = _launch_errors(caplog)
+    assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0] and "in use" in errors[0], errors
+
+
+def test_elastic_without_a_gpu_says_so_at_once(never_started, caplog):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU message; this machine has a CUDA GPU")
+    assert main(["--port", "0"]) == 2            # --device cuda is the default
+    errors = _launch_errors(caplog)
+    assert len(errors) == 1 and "no usable CUDA GPU" in errors[0] and "--device cpu" in errors[0], errors
+
+
+def test_elastic_start_failure_is_one_line(tmp_path):
+    """The first generation cannot start (its engine refuses a flag): one line and an exit status."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "foundry_sglang.launch", "--elastic", "--device", "cpu",
+                           "--backend", "local", "--port", "0", "--log-dir", str(tmp_path), "--start-timeout", "120",
+                           "--", "--no-such-engine-flag"], env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and "cannot start" in errors[0] and "exited with status 2" in errors[0], proc.stderr
+
+
+def test_an_open_admin_api_on_a_public_address_is_warned_about(caplog):
+    from foundry_sglang.elastic.deployment import ElasticDeployment, exposure_warning
+    from foundry_sglang.elastic.layout import LayoutError
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert exposure_warning(host, None) is None, host
+    for host in ("0.0.0.0", "::", "10.1.2.3", "my-host"):
+        assert "anyone who can reach" in exposure_warning(host, None), host
+        assert exposure_warning(host, "token") is None
+    dep = ElasticDeployment(DeploymentConfig(model="builtin:no-such-preset", host="0.0.0.0", backend="local"))
+    with pytest.raises(LayoutError):
+        dep.start()
+    dep.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "0.0.0.0" in r.getMessage()]
+    assert len(warnings) == 1 and "--api-token" in warnings[0], caplog.text

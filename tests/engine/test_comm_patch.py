@@ -15,7 +15,7 @@ from conftest import sample_archive
 
 from foundry_core import schema
 from foundry_core.archive import Archive, ArchiveWriter
-from foundry_core.errors import ArchiveError, UnsupportedGraph
+from foundry_core.errors import ArchiveError, FoundryError, UnsupportedGraph
 from foundry_core.ranks import NotTemplatable, byte_runs, merge_rank_archives
 from foundry_core.restore import apply_patches, graph_tables, rank_patches
 from foundry_core.slots import UnfilledSlot, check_fillable, check_slot_specs
@@ -252,6 +252,27 @@ def test_template_key_has_no_rank_and_ranks_load(tmp_path):
     assert b0.layout_args is not None and backend(0).layout_args is None
     assert b1.session.rank == 1 and backend(0).session.rank is None
     assert backend(0, ep=2).session.key != b0.session.key
+
+
+def test_ranks_left_out_are_derived_when_the_captured_ones_equal_rank_0(ranks):
+    tmp, r0, noise, r1 = ranks
+    out = tmp / "tpl4.foundry"
+    report = merge_rank_archives({0: r0, 3: noise}, out, noise=noise, world_size=4)  # rank 3 == rank 0 but noise
+    assert report.derived == [1, 2] and report.delta_bytes == {1: 0, 2: 0, 3: 0}
+    with Archive.open(out) as a:
+        t = a.manifest.ranks
+        assert t.world_size == 4 and [d.rank for d in t.deltas] == [1, 2, 3] and not any(d.patches for d in t.deltas)
+
+
+def test_ranks_cannot_be_derived_when_a_captured_rank_differs(ranks):
+    from foundry_core.ranks import NotDerivable
+
+    tmp, r0, noise, r1 = ranks
+    with pytest.raises(NotDerivable, match=r"ranks \[1, 2\] cannot be derived"):
+        merge_rank_archives({0: r0, 3: r1}, tmp / "tpl4.foundry", noise=noise, world_size=4)
+    assert not (tmp / "tpl4.foundry").exists()
+    with pytest.raises(FoundryError, match="rank 0"):
+        merge_rank_archives({1: r1}, tmp / "x.foundry", world_size=2)
 
 
 def test_inspect_shows_the_rank_template(ranks, capsys):

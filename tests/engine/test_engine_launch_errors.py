@@ -44,17 +44,61 @@ def test_bad_server_limits():
                     "--body-timeout")
 
 
-def test_load_mode_with_a_missing_archive(tmp_path):
-    missing = str(tmp_path / "nowhere")
-    assert_one_line(*launch("--device", "cpu", "--port", "0", "--foundry-mode", "load", "--foundry-archive", missing),
-                    "nowhere")
-
-
-def test_the_other_rank_of_a_killed_engine_exits_with_one_line():
-    """SIGKILL rank 0 of a TP=2 server in the middle of generating: rank 1 loses its peer inside a collective and
-    must say so in one line, not a traceback."""
+def _serve_until_ready(*args, module="foundry_sglang.launch", timeout=120):
+    """Start a server, wait for its ready line, stop it with SIGTERM; (exit status, stderr)."""
     import re
     import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                            text=True)
+    lines = []
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if re.search(r"ready: serving", line):
+                proc.send_signal(signal.SIGTERM)
+                break
+        lines.extend(proc.stderr)
+        return proc.wait(30), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_load_mode_with_a_missing_archive_serves_with_one_log_line(tmp_path):
+    """As --help says: load falls back (on CPU: serves without graphs) with one log line, for a missing archive
+    and for a missing archive directory."""
+    missing = str(tmp_path / "nowhere" / "deeper")
+    code, stderr = _serve_until_ready("--device", "cpu", "--port", "0", "--foundry-mode", "load",
+                                      "--foundry-archive", missing)
+    assert code == 0 and "ready: serving" in stderr, stderr
+    assert "Traceback" not in stderr and " ERROR " not in stderr, stderr
+    notes = [line for line in stderr.splitlines() if "nowhere" in line and " WARNING " in line]
+    assert len(notes) == 1, stderr
+
+
+def _rank_pids(pid):
+    """The rank processes (> 0) a TP server started (multiprocessing spawn children)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in f.read().split():
+                with open(f"/proc/{child}/cmdline", "rb") as c:
+                    if b"spawn_main" in c.read():
+                        out.append(int(child))
+    return out
+
+
+def _tp2_server_mid_decode(act):
+    """Start a TP=2 CPU server in its own process group, stream long generations, then ``act(proc, url)`` in the
+    middle of decoding; returns everything the server group wrote to stderr once it has exited."""
+    import re
     import threading
     import time
 
@@ -63,7 +107,7 @@ def test_the_other_rank_of_a_killed_engine_exits_with_one_line():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "foundry_sglang.engine", "--tp", "2", "--device", "cpu",
                              "--port", "0", "--num-kv-pages", "64"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=True)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     try:
@@ -76,19 +120,65 @@ def test_the_other_rank_of_a_killed_engine_exits_with_one_line():
             url = m.group(1) if m else None
         assert url, "".join(lines)
         reader.start()
-        threading.Thread(target=lambda: requests.post(url + "/v1/completions", timeout=60, json={
-            "prompt": "x", "max_tokens": 500, "temperature": 0, "ignore_eos": True}), daemon=True).start()
+        def stream():
+            try:
+                requests.post(url + "/v1/completions", timeout=120, json={
+                    "prompt": "x", "max_tokens": 120, "temperature": 0, "ignore_eos": True, "stream": True})
+            except requests.RequestException:   # the server went away: expected here
+                pass
+
+        for _ in range(2):
+            threading.Thread(target=stream, daemon=True).start()
         time.sleep(1.0)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        reader.join(30)      # stderr closes when rank 1 (which inherited it) has exited
-        assert not reader.is_alive(), "rank 1 did not exit"
+        act(proc, url)
+        proc.wait(120)
+        reader.join(60)      # stderr closes when every rank (which inherited it) has exited
+        assert not reader.is_alive(), "a rank did not exit"
     finally:
         if proc.poll() is None:
-            proc.kill()
-    text = "".join(lines)
+            os.killpg(proc.pid, 9)
+    return "".join(lines)
+
+
+def test_the_other_rank_of_a_killed_engine_exits_with_one_line():
+    """SIGKILL rank 0 of a TP=2 server in the middle of generating: rank 1 loses its peer inside a collective and
+    must say so in one line, not a traceback."""
+    import re
+    import signal
+
+    text = _tp2_server_mid_decode(lambda proc, url: proc.send_signal(signal.SIGKILL))
     assert "Traceback" not in text, text[-3000:]
     assert re.search(r"rank 1 .*exits", text), text[-2000:]
+
+
+def test_a_tp2_server_stopped_mid_decode_exits_quietly():
+    """SIGTERM to the whole process group (as a supervisor stops a server) in the middle of decoding: rank 0
+    finishes its step and tells rank 1 to exit; no traceback and no error line."""
+    import signal
+
+    text = _tp2_server_mid_decode(lambda proc, url: os.killpg(proc.pid, signal.SIGTERM))
+    assert "Traceback" not in text and " ERROR " not in text, text[-3000:]
+    assert "shutting down" in text
+
+
+def test_a_rank_killed_mid_decode_is_one_line_and_the_server_reports_unhealthy():
+    import signal
+
+    import requests
+
+    def kill_rank1(proc, url):
+        (rank1,) = _rank_pids(proc.pid)
+        os.kill(rank1, signal.SIGKILL)
+        for _ in range(600):      # the engine loop notices at its next step
+            if requests.get(url + "/health", timeout=10).status_code == 503:
+                break
+        assert requests.get(url + "/health", timeout=10).status_code == 503
+        os.killpg(proc.pid, signal.SIGTERM)
+
+    text = _tp2_server_mid_decode(kill_rank1)
+    notes = [line for line in text.splitlines() if " ERROR " in line or " WARNING " in line]
+    assert "Traceback" not in text, text[-3000:]
+    assert len(notes) == 1 and "rank 1 exited with status -9" in notes[0], text[-3000:]
 
 
 def test_gpu_ids_take_gpu_zero_and_refuse_negative_indices():

@@ -1,7 +1,7 @@
 """CPU tests of foundry_sglang.builtin.backend (the engine's adapter over the graphs router): archive keys/paths
 for the built-in engine, LOAD routing and the fallback policy.
 
-SAVE needs a GPU (warm-ups and torch.cuda.graph) and is covered by tests/gpu/check_launch.py and the benchmark;
+SAVE needs a GPU (warm-ups and torch.cuda.graph) and is covered by tests/gpu/test_launch.py and the benchmark;
 LOAD routing only looks graphs up, so it is tested here with a small restore stand-in (no CUDA involved).
 """
 from types import SimpleNamespace

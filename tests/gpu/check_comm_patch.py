@@ -15,12 +15,12 @@ Rows:
   (b)/(c) also: every restore() phase per rank (``RestoreStats.summary``; all of them in the JSON) and what each
       archive's LOAD writes back besides the graphs (snapshots, capture region, graph outputs inside snapshots);
   (d) EP=2 with the MoE preset, the same way.
-Details go to $OUT/check_comm_patch.json. The verdict table is printed last.
+The rows and figures go to $OUT/check_comm_patch.json (gpu/records.py). The verdict table is printed last.
+Run by tests/gpu/test_comm_patch.py; without the GPUs it needs it prints one line and exits with status 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -32,17 +32,19 @@ import time
 import traceback
 from pathlib import Path
 
-ROWS: list[tuple[str, str, str]] = []
-DETAILS: dict = {}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: gpu.verdicts, gpu.records
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: tools.needs_gpu, also without PYTHONPATH
+
+from gpu.records import write_record
+from gpu.verdicts import Verdicts
+from tools.needs_gpu import exit_without_gpu
+
+VERDICTS = Verdicts("comm_patch")
+row = VERDICTS.row
+DETAILS = VERDICTS.figures
 DENSE = "builtin:qwen3-8b?num_hidden_layers=4"
 MOE = "builtin:qwen3-30b-a3b?num_hidden_layers=4"
 SIZES_ALL = [1, 2, 4, 8, 12] + list(range(16, 257, 8))
-
-
-def row(name, ok, info):
-    verdict = {True: "PASS", False: "FAIL", None: "INFO"}.get(ok, ok)
-    ROWS.append((name, verdict, info))
-    print(f"[{verdict}] {name}: {info}", flush=True)
 
 
 def free_port() -> int:
@@ -133,15 +135,16 @@ def rank_compare(rank, cfg, q):
     try:
         import torch
 
+        from foundry_sglang.builtin.backend import make_graph_backend
         from foundry_sglang.engine import EngineArgs
+        from foundry_sglang.engine.graphs import TorchGraphBackend
         from foundry_sglang.engine.model_runner import ModelRunner
-        from foundry_sglang.graph_backend import TorchGraphBackend
 
         logging.basicConfig(level=logging.WARNING)
         args = EngineArgs(**cfg["args"])
         res: dict = {"rank": rank}
         t0 = time.perf_counter()
-        runner = ModelRunner(args, rank=rank)
+        runner = ModelRunner(args, rank=rank, graph_backend_factory=make_graph_backend)
         res["init_s"] = time.perf_counter() - t0
         res["weights_s"] = runner.weights_seconds
         backend = runner.graph_backend
@@ -223,8 +226,8 @@ def rank_old_wiring(rank, cfg, q):
     """The old wiring: rank 0's backend built by the caller ignores the runner's barrier (the TP=2 deadlock)."""
     try:
         from foundry_sglang.engine import EngineArgs
+        from foundry_sglang.engine.graphs import TorchGraphBackend
         from foundry_sglang.engine.model_runner import ModelRunner
-        from foundry_sglang.graph_backend import TorchGraphBackend
 
         class Deaf(TorchGraphBackend):
             @property
@@ -309,8 +312,8 @@ def check_tp_greedy(gpus):
 def check_template(model, kind, gpus, label, sets):
     import torch
 
-    from foundry_sglang.comm_patch.template import save_template
-    from foundry_sglang.graph_backend import FoundryGraphBackend
+    from foundry_sglang.builtin.backend import FoundryGraphBackend
+    from foundry_sglang.builtin.template import save_template
 
     out_dir = tempfile.mkdtemp(prefix=f"foundry-{label}-")
     world = 2
@@ -418,7 +421,8 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: a0 (old-wiring deadlock), a, b, c, d")
     ap.add_argument("--input-sets", type=int, default=3, help="fresh random input sets per batch size")
     ns = ap.parse_args()
-    # No NVLink multicast (the lent machines' rule); the rank processes inherit these.
+    exit_without_gpu("this check", ns.gpus)
+    # No NVLink multicast (NVLS): not every host allows it; the rank processes inherit these.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
@@ -427,8 +431,7 @@ def main():
     import torch
 
     DETAILS.update(device=torch.cuda.get_device_name(0), gpus=ns.gpus, torch=torch.__version__,
-                   nccl=".".join(map(str, torch.cuda.nccl.version())), date=time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                          time.gmtime()))
+                   nccl=".".join(map(str, torch.cuda.nccl.version())))
     print(f"check_comm_patch: {DETAILS['device']} x{torch.cuda.device_count()}, ranks on "
           f"{'one GPU' if ns.gpus == 1 else 'two GPUs'}, torch {torch.__version__}, NCCL {DETAILS['nccl']}", flush=True)
     def dense():
@@ -448,13 +451,10 @@ def main():
             traceback.print_exc()
     DETAILS["total_s"] = time.perf_counter() - t_start
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "check_comm_patch.json"), "w") as f:
-            json.dump({"rows": ROWS, "details": DETAILS}, f, indent=1, default=str)
+        write_record(Path(os.environ["OUT"]) / "check_comm_patch.json", VERDICTS, DETAILS["device"])
     print(f"\ntotal {DETAILS['total_s']:.1f} s\n")
-    print(f"{'check':<40} {'verdict':<7} info")
-    for name, verdict, info in ROWS:
-        print(f"{name:<40} {verdict:<7} {info}")
-    return 0 if all(v != "FAIL" for _, v, _ in ROWS) else 1
+    print(VERDICTS.table())
+    return 0 if not VERDICTS.failed else 1
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ with exactly one log line and serve (a TP/EP layout adds a start of another layo
 directory). With ``--share-gpu`` (default when only one GPU is visible) every rank of a TP/EP server runs on
 GPU 0 (``--foundry-ranks-share-gpu``: each rank its own NCCL host id), plain SGLang included, and the fallback
 starts run on GPU 0 beside the others; servers then size their KV pool with ``--max-total-tokens`` so that several
-fit on one GPU. Every row is guarded; servers are killed at exit; logs and a JSON go to --out.
+fit on one GPU. Every row is guarded; servers are killed at exit; logs and the JSON record (rows and figures,
+gpu/records.py) go to --out. Run by tests/gpu/test_sglang_server.py; without a GPU it prints one line and exits
+with status 2.
 """
 from __future__ import annotations
 
@@ -41,9 +43,16 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: gpu.verdicts, gpu.records
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: tools.needs_gpu, also without PYTHONPATH
+
+from gpu.records import write_record
+from gpu.verdicts import FAIL, PASS, SKIP, Row, Verdicts
+from tools.needs_gpu import exit_without_gpu
+
 ROOT = Path(__file__).resolve().parents[2]
 
-#: Flags measured to serve on the lent H200 with SGLang 0.5.17 (docs/STAGING.md): no FlashAttention-3 in the
+#: Flags measured to serve on an H200 with SGLang 0.5.17 (docs/STAGING.md): no FlashAttention-3 in the
 #: trimmed kernel wheel, no flashinfer sampling/grammar, no custom all-reduce, dummy weights, no tokenizer.
 SERVER_FLAGS = ["--load-format", "dummy", "--attention-backend", "triton", "--sampling-backend", "pytorch",
                 "--grammar-backend", "none", "--disable-custom-all-reduce", "--mem-fraction-static", "0.3",
@@ -365,13 +374,13 @@ def check_model(kind: str, layers: int, args, out: Path, layout: str = "tp1") ->
     return verdicts(kind, layers, results, layout, share), results
 
 
-def verdicts(kind: str, layers: int, r: dict, layout: str = "tp1", share: bool = False) -> list:
+def verdicts(kind: str, layers: int, r: dict, layout: str = "tp1", share: bool = False) -> list[Row]:
     rows = []
     tag = f"{kind} {layers}L" + ("" if layout == "tp1" else f" {layout.upper()}" + (" 1 GPU" if share else ""))
     parallel = layout != "tp1"
 
     def row(name, ok, detail):
-        rows.append(("PASS" if ok else ("n/a" if ok is None else "FAIL"), f"{tag}: {name}", detail))
+        rows.append(Row(PASS if ok else (SKIP if ok is None else FAIL), f"{tag}: {name}", detail))
 
     def guarded(name, fn):
         try:
@@ -438,8 +447,10 @@ def verdicts(kind: str, layers: int, r: dict, layout: str = "tp1", share: bool =
         if res is None:
             row(f"{label} falls back", None, "not run (no second GPU or --no-fallback)")
             continue
-        guarded(f"{label} falls back (1 line)",
-                lambda res=res: ("healthy_s" in res and len(res.get("fallback_lines", [])) == 1
+        ranks = 2 if parallel and key != "other" else 1  # one line per rank process, each saying why
+        guarded(f"{label} falls back ({ranks} line{'s' if ranks > 1 else ''}: one per rank)" if ranks > 1
+                else f"{label} falls back (1 line)",
+                lambda res=res, ranks=ranks: ("healthy_s" in res and len(res.get("fallback_lines", [])) == ranks
                                  and bool(res.get("bs")) and res.get("restored", 0) == 0 and bool(res.get("answers")),
                                  f"healthy {res.get('healthy_s', '-')} s, SGLang captured {len(res.get('bs', []))} "
                                  f"graphs live in {res.get('decode_graph_phase_s', '-')} s, "
@@ -450,7 +461,7 @@ def verdicts(kind: str, layers: int, r: dict, layout: str = "tp1", share: bool =
     return rows
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, device: str, path: Path) -> None:
     """Bar chart of one model's time to healthy and SGLang's graph phase: plain vs Foundry SAVE vs LOAD."""
     import matplotlib
 
@@ -472,8 +483,7 @@ def plot(report: dict, path: Path) -> None:
             ax.text(i + 0.2, g, f"{g:.2f}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(x), [n for n, _ in runs])
         ax.set_title(f"SGLang {report.get('sglang', '')}, Qwen3 {kind} {report[kind].get('layers')} layers, "
-                     f"{report.get('device', '')}{' (ranks share 1 GPU)' if report[kind].get('share') else ''}",
-                     fontsize=9)
+                     f"{device}{' (ranks share 1 GPU)' if report[kind].get('share') else ''}", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -501,23 +511,27 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="/tmp/foundry_sglang_check",
                         help="folder for the model directories and archives (default: %(default)s)")
     parser.add_argument("--commit", default=os.environ.get("FOUNDRY_COMMIT", ""),
-                        help="commit recorded in the JSON (the device copy has no .git)")
+                        help="commit recorded in the JSON (default: $FOUNDRY_COMMIT, else git rev-parse HEAD)")
     parser.add_argument("--plot-only", metavar="JSON", help="draw JSON's bar chart next to it (.png) and exit")
     args = parser.parse_args(argv)
     if args.plot_only:
-        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
+        doc = json.loads(Path(args.plot_only).read_text())  # a record, or the report alone (before records)
+        plot(doc.get("figures", doc), doc.get("device", ""), Path(args.plot_only).with_suffix(".png"))
         return 0
+    exit_without_gpu("this check")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(1))
-    rows, report = [], {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": args.commit,
-                        "flags": SERVER_FLAGS}
+    table = Verdicts("SGLang server")
+    report = table.figures
+    report["flags"] = SERVER_FLAGS
+    device = "none"
     try:
         import torch
 
         n_gpus = torch.cuda.device_count()
-        report["device"] = torch.cuda.get_device_name(0) if n_gpus else "none"
+        device = torch.cuda.get_device_name(0) if n_gpus else "none"
         report["torch"] = torch.__version__
         import sglang
 
@@ -525,10 +539,10 @@ def main(argv=None) -> int:
         from importlib.metadata import entry_points
 
         eps = [e.value for e in entry_points(group="sglang.srt.plugins")]
-        rows.append(("PASS" if "foundry_sglang.plugin:register" in eps else "FAIL", "plugin entry point installed",
-                     f"sglang {sglang.__version__}, torch {torch.__version__}, {n_gpus} GPU(s), plugins {eps}"))
+        table.row("plugin entry point installed", "foundry_sglang.plugin:register" in eps,
+                  f"sglang {sglang.__version__}, torch {torch.__version__}, {n_gpus} GPU(s), plugins {eps}")
     except Exception as err:
-        rows.append(("FAIL", "environment", f"{type(err).__name__}: {err}"[:300]))
+        table.row("environment", False, f"{type(err).__name__}: {err}"[:300])
         n_gpus = 0
     if args.fallback_gpu is None and n_gpus >= 2 and not args.no_fallback:
         args.fallback_gpu = 1
@@ -549,23 +563,21 @@ def main(argv=None) -> int:
             report["cases"].append(case)
             try:
                 model_rows, results = check_model(kind, layers, args, out, layout)
-                rows += model_rows
+                table.extend(model_rows)
                 report[case] = {"layers": layers, "layout": layout, "share": args.share_gpu and layout != "tp1",
                                 **{k: ({kk: vv for kk, vv in v.items() if kk != "answers"} if isinstance(v, dict)
                                        else v) for k, v in results.items()}}
             except Exception as err:
                 traceback.print_exc()
-                rows.append(("FAIL", f"{case}: check", f"{type(err).__name__}: {err}"[:300]))
-            (out / "sglang_server.json").write_text(json.dumps(report, indent=1))
+                table.row(f"{case}: check", False, f"{type(err).__name__}: {err}"[:300])
+            write_record(out / "sglang_server.json", table, device, args.commit or None)
     kill_all()
     try:
-        plot(report, out / "sglang_server.png")
+        plot(report, device, out / "sglang_server.png")
     except Exception as err:  # matplotlib missing: the JSON is what counts
         print(f"no plot: {type(err).__name__}: {err}")
-    print("\n| verdict | check | detail |\n|---|---|---|")
-    for verdict, name, detail in rows:
-        print(f"| {verdict} | {name} | {detail} |")
-    return 0 if all(v != "FAIL" for v, _, _ in rows) else 1
+    print(f"\n{table.table()}")
+    return 0 if not table.failed else 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the repo: tools.needs_gpu, also without PYTHONPATH
+
+from tools.needs_gpu import exit_without_gpu  # noqa: E402
+
 N, K = 64, 256  # rows (tokens) and hidden size of the toy layer
 
 
@@ -169,11 +173,7 @@ def main(argv=None) -> int:
     if args.rank is not None:
         run_rank(args.rank, args.world, args.mode, args.path, args.rank_arg, args.result)
         return 0
-    import torch
-
-    if not torch.cuda.is_available():
-        print("check_slots_live: no CUDA GPU: this check needs one", file=sys.stderr)
-        return 2
+    exit_without_gpu("this check")
     from foundry_core.ranks import merge_rank_archives
 
     rows = []

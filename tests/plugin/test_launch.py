@@ -67,6 +67,7 @@ def test_dispatch_sglang_when_importable(recorded, monkeypatch):
 
 def test_dispatch_builtin_when_sglang_missing(recorded, monkeypatch, caplog):
     monkeypatch.setattr(launch, "sglang_available", lambda: "ModuleNotFoundError: No module named 'sglang'")
+    monkeypatch.setattr(launch, "builtin_preferred", lambda rest: None)  # as on a GPU machine
     with caplog.at_level("WARNING"):
         assert launch.main(["--model", "m"]) == 0
     assert "builtin" in recorded and "not using SGLang (ModuleNotFoundError" in caplog.text
@@ -100,6 +101,30 @@ def test_engine_sglang_insisted_but_missing_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(launch, "sglang_available", lambda: "ImportError: nope")
     assert launch.main(["--foundry-engine", "sglang"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_engine_sglang_without_a_gpu_is_one_line_before_sglang_starts(recorded, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(launch, "sglang_available", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch.main(["--foundry-engine", "sglang", "--model", "/m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sglang" not in recorded and err.count("\n") == 0 and "no CUDA GPU" in err and "builtin" in err, err
+    assert launch.main(["--foundry-engine", "sglang", "--model", "/m", "--device", "cpu"]) == 0   # SGLang's CPU
+    assert "sglang" in recorded
+
+
+def test_a_typo_fails_at_once_with_the_launchers_usage():
+    """``--modle``: the launcher's usage and one error line, before torch, SGLang or the engine is imported."""
+    code = ("import sys; from foundry_sglang import launch; rc = launch.main(['--modle', 'x']); "
+            "print(rc, sorted(m for m in ('torch', 'sglang', 'foundry_sglang.engine.server') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split("\n")[0] == "2 []", proc.stdout + proc.stderr
+    assert "usage: python -m foundry_sglang.launch" in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "unrecognized arguments: --modle x" in errors[0], proc.stderr
+    assert "foundry_sglang.engine:" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_run_builtin_hands_settings_to_the_engine_flags(monkeypatch):

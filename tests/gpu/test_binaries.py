@@ -1,6 +1,4 @@
-"""GPU check for foundry_core.recorder and .images (run on the H200 in one command; needs msgspec importable):
-
-    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_binaries.py [--out DIR]
+"""foundry_core.recorder and .images on the GPU: kernel images recorded at SAVE, loaded in fresh processes.
 
 SAVE process: arm the ImageRecorder before torch touches CUDA, run a matmul (cuBLASLt), softmax (ATen),
 SDPA (flash/cuDNN), a torch.compile'd function (Inductor/Triton) and a hand-written Triton kernel autotuned
@@ -11,19 +9,20 @@ driver reports; write the needed images and KernelFunction records.
 LOAD processes (fresh, no torch): load_images + get_functions under CUDA_MODULE_LOADING=LAZY and EAGER, check
 every function's name, identity attributes (regs, shared, local, const, max threads) and re-applied attributes.
 Error paths: CUPTI held by another subscriber -> clear ImageCaptureError; recorder started after CUDA init ->
-RuntimeWarning. Prints a verdict table last; details go to DIR/check_binaries.json ($OUT by default).
+RuntimeWarning.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+import pytest
+
+from gpu.fresh import run_function
+
+pytestmark = pytest.mark.gpu
 
 # ---------------------------------------------------------------------------------------------------------
 # SAVE side
@@ -95,7 +94,8 @@ def build_workload():
     return step
 
 
-def phase_save(work: Path) -> dict:
+def phase_save(work: str) -> dict:
+    work = Path(work)
     t_start = time.perf_counter()
     from foundry_core import cubin
     from foundry_core import images as kernel_images
@@ -244,7 +244,8 @@ def compare_cubin_with_driver(refs, images) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def phase_load(work: Path) -> dict:
+def phase_load(work: str) -> dict:
+    work = Path(work)
     from cuda.bindings import driver as drv
 
     from foundry_core import cubin
@@ -332,45 +333,24 @@ def phase_errors() -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def run_child(phase: str, work: Path, env_extra: dict[str, str] | None = None) -> dict:
-    env = dict(os.environ, **(env_extra or {}))
-    proc = subprocess.run([sys.executable, __file__, "--phase", phase, "--work", str(work)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    marker = "@@RESULT@@"
-    for line in proc.stdout.splitlines():
-        if line.startswith(marker):
-            return json.loads(line[len(marker):])
-    return {"error": f"exit {proc.returncode}", "stderr": proc.stderr[-3000:]}
+# -- the tests -----------------------------------------------------------------------------------------------------
+def run_phase(phase, *args, log: Path, env: dict | None = None) -> dict:
+    """A phase's result, or {"error", "stderr"} when its process failed."""
+    ran = run_function(phase, *args, timeout=900, env=env, log=log)
+    return ran.value if ran.value is not None else {"error": ran.status, "stderr": ran.output[-3000:]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="directory for check_binaries.json")
-    ap.add_argument("--phase", choices=["save", "load", "errors"], help=argparse.SUPPRESS)
-    ap.add_argument("--work", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.phase:
-        fn = {"save": lambda: phase_save(Path(args.work)), "load": lambda: phase_load(Path(args.work)),
-              "errors": phase_errors}[args.phase]
-        print("@@RESULT@@" + json.dumps(fn(), default=str), flush=True)
-        return
+@pytest.fixture(scope="module")
+def saved(module_dir, tmp_path_factory):
+    """The SAVE process's result and its work folder (images and function records, for the LOAD processes)."""
+    work = tmp_path_factory.mktemp("binaries-work")
+    return work, run_phase(phase_save, work, log=module_dir / "save.log")
 
-    with tempfile.TemporaryDirectory(prefix="foundry-binaries-") as tmp:
-        work = Path(tmp)
-        save = run_child("save", work)
-        lazy = run_child("load", work, {"CUDA_MODULE_LOADING": "LAZY"}) if "error" not in save else {}
-        eager = run_child("load", work, {"CUDA_MODULE_LOADING": "EAGER"}) if "error" not in save else {}
-    errors = run_child("errors", Path("."))
-    report = {"save": save, "load_lazy": lazy, "load_eager": eager, "errors": errors}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "check_binaries.json").write_text(json.dumps(report, indent=1, default=str))
 
-    rows = []
-
-    def row(name, ok, detail):
-        rows.append((name, "PASS" if ok else "FAIL", detail))
-
+def test_save_records_and_resolves_every_kernel(saved, verdicts):
+    _, save = saved
+    verdicts.figures["save"] = save
+    row = verdicts.row
     if "error" in save:
         row("save process", False, f"{save['error']}: {save['stderr'][-600:]}")
     else:
@@ -394,32 +374,36 @@ def main() -> None:
         row("archive selection", save["stored_images"] > 0,
             f"{save['stored_images']} images ({save['stored_bytes'] / 1e6:.1f} MB), "
             f"{save['stored_functions']} functions")
-    for label, ld in (("LOAD fresh process, LAZY", lazy), ("LOAD fresh process, EAGER", eager)):
-        if not ld:
-            continue
-        if "error" in ld:
-            row(label, False, f"{ld['error']}: {ld['stderr'][-600:]}")
-            continue
-        row(label, ld["num_mismatches"] == 0,
-            f"mode={ld['mode']} load_images {ld['load_images_seconds']:.3f} s + get_functions "
-            f"{ld['get_functions_seconds']:.3f} s + cuFuncLoad {ld['cuFuncLoad_seconds']:.3f} s "
-            f"for {ld['images']} images/"
-            f"{ld['functions']} functions; {ld['num_mismatches']} mismatches {ld['mismatches'][:2]}")
+    verdicts.assert_passed()
+
+
+@pytest.mark.parametrize("loading", ["LAZY", "EAGER"])
+def test_load_in_a_fresh_process(saved, out_dir, verdicts, loading):
+    work, save = saved
+    if "error" in save:
+        pytest.skip(f"the SAVE process failed: {save['error']}")
+    ld = verdicts.figures["load"] = run_phase(phase_load, work, log=out_dir / "load.log",
+                                              env={"CUDA_MODULE_LOADING": loading})
+    label = f"LOAD fresh process, {loading}"
+    if "error" in ld:
+        verdicts.row(label, False, f"{ld['error']}: {ld['stderr'][-600:]}")
+    else:
+        verdicts.row(label, ld["num_mismatches"] == 0,
+                     f"mode={ld['mode']} load_images {ld['load_images_seconds']:.3f} s + get_functions "
+                     f"{ld['get_functions_seconds']:.3f} s + cuFuncLoad {ld['cuFuncLoad_seconds']:.3f} s "
+                     f"for {ld['images']} images/"
+                     f"{ld['functions']} functions; {ld['num_mismatches']} mismatches {ld['mismatches'][:2]}")
+    verdicts.assert_passed()
+
+
+def test_recorder_error_paths(out_dir, verdicts):
+    errors = verdicts.figures["errors"] = run_phase(phase_errors, log=out_dir / "errors.log")
     if "error" in errors:
-        row("error paths", False, f"{errors['error']}: {errors['stderr'][-600:]}")
+        verdicts.row("error paths", False, f"{errors['error']}: {errors['stderr'][-600:]}")
     else:
         busy = errors["busy_error"]
-        row("CUPTI held by another subscriber -> clear error", "already in use" in busy and "\n" not in busy,
-            busy[:200])
-        row("recorder started after CUDA init -> warning", "MISSED" in errors["late_warning"],
-            f"{errors['late_warning'][:120]}... (then recorded {errors['late_images']} images)")
-
-    print(f"\ndetails: {out / 'check_binaries.json'}")
-    print(f"{'VERDICT':5} | {'check':48} | detail")
-    for name, verdict, detail in rows:
-        print(f"{verdict:5} | {name:48} | {detail}")
-    sys.exit(0 if all(v == "PASS" for _, v, _ in rows) else 1)
-
-
-if __name__ == "__main__":
-    main()
+        verdicts.row("CUPTI held by another subscriber -> clear error", "already in use" in busy and "\n" not in busy,
+                     busy[:200])
+        verdicts.row("recorder started after CUDA init -> warning", "MISSED" in errors["late_warning"],
+                     f"{errors['late_warning'][:120]}... (then recorded {errors['late_images']} images)")
+    verdicts.assert_passed()

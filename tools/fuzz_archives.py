@@ -1,7 +1,7 @@
 """Fuzz everything LOAD checks before a GPU or native code acts on an archive, with corrupted archives.
 
-    python3 tests/core/fuzz_archives.py --cases 10000          # the long run (a few minutes on 2 cores)
-    python3 tests/core/fuzz_archives.py --case 1234 -v         # re-run one case and print what it did
+    python3 tools/fuzz_archives.py --cases 10000          # the long run (a few minutes on 2 cores)
+    python3 tools/fuzz_archives.py --case 1234 -v         # re-run one case and print what it did
 
 Every case starts from a realistic archive (kernels, memset, memcpy, events, a child graph, snapshots, outputs
 with a pytree structure) and corrupts it: manifest fields (odd types, boundary integers, nesting thousands deep,
@@ -14,7 +14,7 @@ builder's own bounds check (``foundry_check_graph`` in ``_native/restore.c``) on
 
 Outcomes: accepted, refused (a one-line FoundryError), or a defect: a crash (the checking process died), a hang
 (no answer within ``--timeout`` seconds) or any other exception. Exit status 1 when there is a defect.
-``test_archive_fuzz_load.py`` runs a few hundred cases in CI.
+``tests/core/test_archive_fuzz_load.py`` runs a few hundred cases in CI.
 """
 from __future__ import annotations
 

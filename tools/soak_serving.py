@@ -5,16 +5,20 @@ loopback, for a bounded time. Meanwhile:
 
 - valid clients send greedy completions and chat requests (streaming and not) and compare every answer with the
   reference taken before the chaos starts: a different answer is *wrong*, no answer is *failed*;
-- malformed clients send broken JSON, deep JSON, wrong types, out-of-range values, unknown roles: each must get a
-  4xx (a 2xx is *wrong*, a 5xx *failed*);
+- malformed clients send broken JSON, deep JSON, integers of 5000 digits, wrong types, out-of-range values,
+  unknown roles: each must get a 4xx (a 2xx is *wrong*, a 5xx *failed*);
 - disconnecting clients leave mid-stream, right after ``[DONE]``, before the answer, or mid-headers;
 - half-open connections are opened and never finished;
-- a chaos loop SIGKILLs a random engine process every ``--kill-every`` seconds, and the layout is switched
-  TP 1 x 2 replicas -> TP 2 -> TP 1 x 2 -> TP 2 while that goes on.
+- the layout is switched TP 1 x 2 replicas -> TP 2 -> TP 1 x 2 -> TP 2, and a serving engine is SIGKILLed as
+  each switch starts;
+- between switches, a chaos loop SIGKILLs a random serving engine every ``--kill-every`` seconds, outside any
+  switch, and times its replacement: from the kill until ``/health`` is ``ok`` again (every declared replica
+  serves) without the killed process.
 
-It prints ``requests ok / failed / wrong``, failures by cause, the controller's engine restarts and switches, and
-tracebacks found in the engine logs. Exit status 0 when nothing is wrong and every failure was caused by its
-client. Run: ``python3 tests/soak_serving.py --seconds 90``.
+It prints ``requests ok / failed / wrong``, failures by cause, the kills and replacement times, the controller's
+engine restarts and switches, and tracebacks found in the engine logs. Exit status 0 when nothing is wrong, every
+failure was caused by its client and every engine killed outside a switch was replaced. Run:
+``python3 tools/soak_serving.py --seconds 90``.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import aiohttp
 
@@ -56,6 +60,9 @@ MALFORMED = [  # (path, raw body)
     ("/v1/completions", json.dumps({"prompt": "x", "stop": ["a"] * 10_000}).encode()),
     ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 3}).encode()),
     ("/v1/completions", json.dumps([1, 2, 3]).encode()),
+    ("/v1/completions", json.dumps({"prompt": "x", "model": []}).encode()),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"),
+    ("/reconfigure", b'{"tp": ' + b"1" * 5000 + b"}"),
     ("/v1/chat/completions", json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode()),
     ("/v1/chat/completions", json.dumps({"messages": [{"role": "user"}]}).encode()),
     ("/v1/chat/completions", json.dumps({"messages": [], "stream_options": "yes"}).encode()),
@@ -198,24 +205,68 @@ def serving_pids(dep: ElasticDeployment) -> list:
             for r in g["replicas"] if r.get("pid")]
 
 
-def chaos(dep: ElasticDeployment, seconds: float, kill_every: float, log, stop: threading.Event) -> Dict[str, int]:
-    """Kill a random engine every ``kill_every`` s; switch TP at 1/4, 1/2 and 3/4 of the time."""
+def _kill_one(dep: ElasticDeployment, rng: random.Random, log, why: str) -> Optional[int]:
+    pids = serving_pids(dep)
+    if not pids:
+        return None
+    pid = rng.choice(pids)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return None
+    log(f"killed engine pid {pid} ({why})")
+    return pid
+
+
+def _replaced(dep: ElasticDeployment, url: str, pid: int) -> bool:
+    """The killed engine is gone from the serving generation and every declared replica serves again."""
+    if dep.status()["job"] is not None or pid in serving_pids(dep):
+        return False
+    return _get(url + "/health").startswith('200 {"status": "ok"')
+
+
+def chaos(dep: ElasticDeployment, url: str, seconds: float, kill_every: float, log,
+          stop: threading.Event) -> Dict[str, Any]:
+    """Switch TP at 1/4, 1/2 and 3/4 of the time, killing a serving engine as each switch starts; between switches
+    kill a serving engine every ``kill_every`` s and time its replacement. A kill that is due goes first and no
+    switch starts while an engine is being replaced, so these kills are always outside a switch."""
     rng = random.Random(7)
     t0 = time.monotonic()
-    kills = 0
+    out: Dict[str, Any] = {"kills_in_switches": 0, "kills_outside": 0, "replacements_s": []}
     switches = [(seconds / 4, {"tp": 2, "replicas": 1}), (seconds / 2, {"tp": 1, "replicas": 2}),
                 (3 * seconds / 4, {"tp": 2, "replicas": 1})]
     next_kill = t0 + kill_every
     pending_job = None
+    replacing: Optional[Tuple[int, float]] = None    # (pid killed, when)
     waiting = False
+
+    def check_replacement(now: float) -> None:
+        nonlocal replacing, next_kill
+        if replacing is not None and _replaced(dep, url, replacing[0]):
+            took = now - replacing[1]
+            out["replacements_s"].append(took)
+            log(f"engine pid {replacing[0]} replaced {took:.1f}s after its kill")
+            replacing = None
+            next_kill = max(next_kill, now + 2.0)
+
     while not stop.is_set() and time.monotonic() - t0 < seconds:
         now = time.monotonic()
-        if switches and now - t0 >= switches[0][0] and pending_job is None:
+        check_replacement(now)
+        kill_due = pending_job is None and replacing is None and now >= next_kill
+        if kill_due and dep.status()["job"] is None:   # before a switch that is late: kills outside switches
+            pid = _kill_one(dep, rng, log, "outside a switch")
+            if pid:
+                out["kills_outside"] += 1
+                replacing = (pid, now)
+            next_kill = now + kill_every
+        elif not kill_due and replacing is None and switches and now - t0 >= switches[0][0] and pending_job is None:
             try:
                 pending_job = dep._call("submit", switches[0][1])
                 log(f"switch to {switches[0][1]} submitted (job {pending_job['id']})")
                 waiting = False
                 switches.pop(0)
+                if _kill_one(dep, rng, log, "as the switch starts"):
+                    out["kills_in_switches"] += 1
             except Exception as exc:  # busy with a repair: try again shortly
                 if not waiting:
                     log(f"switch not accepted yet: {type(exc).__name__}: {exc}")
@@ -226,32 +277,27 @@ def chaos(dep: ElasticDeployment, seconds: float, kill_every: float, log, stop: 
                 log(f"switch {job['from']} -> {job['to']}: {job['state']} ({job['strategy']}) in "
                     f"{job['total_s']:.1f}s {job.get('error') or ''}")
                 pending_job = None
-        if now >= next_kill:
-            pids = serving_pids(dep)
-            if pids:
-                pid = rng.choice(pids)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    kills += 1
-                    log(f"killed engine pid {pid}")
-                except ProcessLookupError:
-                    pass
-            next_kill = now + kill_every
+                next_kill = max(next_kill, time.monotonic() + 2.0)
         time.sleep(0.25)
-    while pending_job is not None:
-        job = dep.job(pending_job["id"])
-        if job["state"] != "running":
-            log(f"switch {job['from']} -> {job['to']}: {job['state']} ({job['strategy']})")
-            pending_job = None
+    deadline = time.monotonic() + 300
+    while (pending_job is not None or replacing is not None) and time.monotonic() < deadline:
+        check_replacement(time.monotonic())
+        if pending_job is not None:
+            job = dep.job(pending_job["id"])
+            if job["state"] != "running":
+                log(f"switch {job['from']} -> {job['to']}: {job['state']} ({job['strategy']})")
+                pending_job = None
         time.sleep(0.25)
-    return {"kills": kills}
+    out["unreplaced"] = int(replacing is not None)
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=90.0, help="length of the chaos phase (default 90)")
     p.add_argument("--backend", choices=["local", "ray"], default="local", help="worker backend (default local)")
-    p.add_argument("--kill-every", type=float, default=15.0, help="seconds between engine kills (default 15)")
+    p.add_argument("--kill-every", type=float, default=15.0,
+                   help="seconds between engine kills outside switches (default 15; one more as each switch starts)")
     p.add_argument("--valid", type=int, default=4, help="concurrent valid clients (default 4)")
     p.add_argument("--malformed", type=int, default=2, help="concurrent malformed clients (default 2)")
     p.add_argument("--disconnect", type=int, default=2, help="concurrent disconnecting clients (default 2)")
@@ -279,9 +325,10 @@ def main(argv=None) -> int:
         log(f"reference taken: {len(ref)} answers")
         socks = half_open(url, args.half_open)
         stop_chaos = threading.Event()
-        result: Dict[str, int] = {}
+        result: Dict[str, Any] = {}
         chaos_thread = threading.Thread(
-            target=lambda: result.update(chaos(dep, args.seconds, args.kill_every, log, stop_chaos)), daemon=True)
+            target=lambda: result.update(chaos(dep, url, args.seconds, args.kill_every, log, stop_chaos)),
+            daemon=True)
 
         async def load():
             stop = asyncio.Event()
@@ -319,14 +366,18 @@ def main(argv=None) -> int:
         print(f"  failed: {n:6d}  {cause}")
     for cause, n in sorted(tally.wrong.items()):
         print(f"  wrong:  {n:6d}  {cause}")
-    print(f"engine restarts (replicas replaced by the controller): {status['restarts']}; engines killed: "
-          f"{result.get('kills', 0)}; switches: {status['switches']}")
+    times = sorted(result.get("replacements_s", []))
+    print(f"engines killed: {result.get('kills_outside', 0)} outside switches, {result.get('kills_in_switches', 0)} "
+          f"as a switch started; replaced outside switches: {len(times)}"
+          + (f" in {', '.join(f'{t:.1f}' for t in times)} s (median {times[len(times) // 2]:.1f} s)" if times else "")
+          + f"; engine restarts (replicas replaced by the controller): {status['restarts']}; "
+            f"switches: {status['switches']}")
     print(f"final layout {status['layout']}, /health {health}; half-open connections closed by the server: "
           f"{closed}/{len(socks)}; tracebacks in engine logs: {tracebacks}")
     for cause, ex in tally.examples.items():
         if not cause.startswith("client"):
             print(f"  example ({cause}): {ex}")
-    verdict = wrong == 0 and server == 0 and tally.ok > 0
+    verdict = wrong == 0 and server == 0 and tally.ok > 0 and not result.get("unreplaced", 1)
     print("VERDICT:", "PASS (0 wrong, every failure caused by its client)" if verdict else "FAIL")
     return 0 if verdict else 1
 

@@ -1,44 +1,29 @@
-"""GPU check of the built-in engine (run by the lead on the H200, one command, < 4 minutes).
-
-    export PYTHONPATH=$PWD:$PYTHONPATH                # from the repo root
-    python3 tests/gpu/check_engine.py                 # 1 GPU: qwen3-8b preset with 8 layers
-    python3 tests/gpu/check_engine.py --tp 2          # 2-GPU kind: also compares TP=2 with TP=1
+"""The built-in engine on the GPU (qwen3-8b preset with 8 layers; TP=2 on two GPUs).
 
 Checks: the qwen3-8b-shaped preset (reduced layers) captures decode graphs over SGLang's H200 batch-size list,
 serves a batch of requests through the engine and the HTTP server, graph decode equals eager decode (greedy tokens
-identical), Triton kernels are inside the graphs; reports capture time, node counts and decode step latency.
-Details go to $OUT/check_engine.json when $OUT is set. The verdict table is printed last.
+identical), Triton kernels are inside the graphs; reports capture time, node counts and decode step latency. With
+TP=2 it also compares TP=2 with TP=1. Everything runs in one fresh process.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
-import logging
-import os
 import statistics
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for --help without PYTHONPATH
-
+import pytest
 import torch
 
 from foundry_sglang.engine import AsyncLLMEngine, EngineArgs, LLMEngine, SamplingParams
+from foundry_sglang.engine.graphs import TorchGraphBackend
 from foundry_sglang.engine.server import ServerThread
-from foundry_sglang.graph_backend import TorchGraphBackend
+from gpu.verdicts import Verdicts
 
-ROWS = []
-DETAILS = {}
-
-
-def row(name, ok, info):
-    verdict = {True: "PASS", False: "FAIL", None: "INFO"}.get(ok, ok)
-    ROWS.append((name, verdict, info))
-    print(f"[{verdict}] {name}: {info}", flush=True)
+pytestmark = pytest.mark.gpu
 
 
 class KeepGraphBackend(TorchGraphBackend):
@@ -100,15 +85,14 @@ def run_batch(engine: LLMEngine, ps, max_tokens, eager):
     return [done[i] for i in ids], decode
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=8, help="num_hidden_layers of the qwen3-8b preset (default 8)")
-    ap.add_argument("--tp", type=int, default=1, help="tensor parallel degree (2 on the 2-GPU kind)")
-    ap.add_argument("--batch", type=int, default=64, help="requests in the graph-vs-eager batch (a captured size)")
-    ap.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
-    ap.add_argument("--num-kv-pages", type=int, default=8192, help="KV pages (forced, 16 tokens each)")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def check_engine(layers: int = 8, tp: int = 1, batch: int = 64, max_tokens: int = 32,
+                 num_kv_pages: int = 8192) -> dict:
+    """Run every check in this process; its rows and figures. ``layers``: num_hidden_layers of the qwen3-8b
+    preset; ``batch``: requests in the graph-vs-eager batch (a captured size); ``max_tokens``: tokens generated per
+    request; ``num_kv_pages``: KV pages (forced, 16 tokens each)."""
+    args = SimpleNamespace(layers=layers, tp=tp, batch=batch, max_tokens=max_tokens, num_kv_pages=num_kv_pages)
+    verdicts = Verdicts(f"engine tp={tp}")
+    row, DETAILS = verdicts.row, verdicts.figures
     t_start = time.perf_counter()
     model = f"builtin:qwen3-8b?num_hidden_layers={args.layers}"
     print(f"model {model} (qwen3-8b shape with {args.layers} layers), tp={args.tp}, "
@@ -222,15 +206,11 @@ def main():
             f"(max |logit| {scale:.3g})")
 
     DETAILS["total_s"] = time.perf_counter() - t_start
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "check_engine.json"), "w") as f:
-            json.dump({"rows": ROWS, "details": DETAILS}, f, indent=1, default=str)
     print(f"\ntotal {DETAILS['total_s']:.1f} s\n")
-    print(f"{'check':<36} {'verdict':<7} info")
-    for name, verdict, info in ROWS:
-        print(f"{name:<36} {verdict:<7} {info}")
-    return 0 if all(v != "FAIL" for _, v, _ in ROWS) else 1
+    return {"rows": verdicts.rows, "figures": DETAILS}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.two_gpu)])
+def test_engine(tp, run_check, verdicts):
+    run_check(check_engine, 8, tp, timeout=600, echo=True)
+    verdicts.assert_passed()

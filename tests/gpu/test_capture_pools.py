@@ -1,6 +1,4 @@
-"""GPU probe (one GPU, seconds): where do the allocations of a Foundry SAVE graph capture land?
-
-    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/check_capture_pools.py [--out DIR]
+"""Where do the allocations of a Foundry SAVE graph capture land? (one GPU, seconds)
 
 Why: ``Session.graph_capture`` used to re-register the session's all-streams route *after* ``capture_begin`` so
 that, on a PyTorch that searches its routing list oldest-first, the capture's own pool would win for the capture
@@ -8,30 +6,24 @@ stream. PyTorch searches that list newest-first since pytorch/pytorch#168382 (ne
 re-registered route won instead, the capture allocated from the warm-up pool, and SAVE snapshotted every live graph
 output as a "warm-up buffer" that LOAD wrote back on restore()'s path (the suspected cause of the built-in engine's
 seconds-long LOAD in check_comm_patch (b)/(c) on 2026-11-30). The session now steps its route aside for the
-capture; this probe shows where a capture's allocations land and what an archive would write back.
+capture; this test shows where a capture's allocations land and what an archive would write back.
 
-Rows (INFO unless stated):
-  routing order    two all-streams routes, A then B: which pool a fresh allocation comes from (B: newest-first);
+Rows:
   capture output   a real SAVE Session: the pool of a tensor allocated inside ``Session.graph_capture``
                    (FAIL unless the graph pool);
   archive          what its LOAD would write back (``foundry_core.save.snapshot_facts``; FAIL if the output is
-                   inside a snapshot).
+                   inside a snapshot);
+  routing order    (INFO) two all-streams routes, A then B: which pool a fresh allocation comes from.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import tempfile
 from pathlib import Path
 
-ROWS: list[tuple[str, str, str]] = []
+import pytest
 
+from gpu.verdicts import Verdicts
 
-def row(name: str, verdict: str, info: str) -> None:
-    ROWS.append((name, verdict, info))
-    print(f"{verdict:5} | {name:16} | {info}", flush=True)
+pytestmark = pytest.mark.gpu
 
 
 def pool_of(address: int):
@@ -94,15 +86,13 @@ def routing_order() -> str:
     return {tuple(b.id): "newest-first", tuple(a.id): "oldest-first"}.get(where, f"neither ({where})")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=None, help="directory for the probe archive and check_capture_pools.json")
-    ns = ap.parse_args()
-    out = Path(ns.out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="foundry-pools-"))
-    out.mkdir(parents=True, exist_ok=True)
-    details: dict = {}
+def probe(out: str) -> dict:
+    """The three rows, in this (fresh) process: the Session opens before any CUDA work."""
+    verdicts = Verdicts("capture pools")
+    row = verdicts.row
+    details = verdicts.figures
     try:
-        details["capture"] = cap = capture_output_pool(out / "probe.foundry")
+        details["capture"] = cap = capture_output_pool(Path(out) / "probe.foundry")
         row("capture output", "PASS" if cap["output_pool"] == "graphs" else "FAIL",
             f"a tensor allocated inside Session.graph_capture came from the {cap['output_pool']!r} pool "
             "(expected 'graphs')")
@@ -122,10 +112,9 @@ def main() -> int:
     details["routing_order"] = order = routing_order()
     row("routing order", "INFO", f"torch {torch.__version__}: PyTorch searches its allocation routes {order} "
         "(Session.graph_capture assumes oldest-first)")
-    (out / "check_capture_pools.json").write_text(json.dumps({"rows": ROWS, "details": details}, indent=1,
-                                                             default=str))
-    return 1 if any(v == "FAIL" for _, v, _ in ROWS) else 0
+    return {"rows": verdicts.rows, "figures": details}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def test_capture_allocates_from_the_graph_pool(out_dir, run_check, verdicts):
+    run_check(probe, out_dir, timeout=300)
+    verdicts.assert_passed()

@@ -1,6 +1,6 @@
 """The native bounds check (``foundry_check_graph`` in ``_native/restore.c``) under AddressSanitizer and UBSan.
 
-    python3 tests/core/asan_native_check.py [--cases 50000]
+    python3 tools/asan_native_check.py [--cases 50000]
 
 Builds ``driver.c`` + ``restore.c`` with ``-fsanitize=address,undefined`` into a temporary directory, re-runs
 itself with the sanitizer runtime preloaded, and feeds the check random node, payload, attribute and edge tables,

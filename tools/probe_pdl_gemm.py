@@ -1,13 +1,14 @@
 """GPU probe (one GPU, seconds): why does a rebuilt bf16 NN GEMM graph (cuBLASLt split-K + PDL edge) compute
 different numbers than the captured one, in the same process?
 
-    PYTHONPATH=$PWD:$PYTHONPATH python3 tests/gpu/probe_pdl_gemm.py
+    PYTHONPATH=$PWD:$PYTHONPATH python3 tools/probe_pdl_gemm.py
 
-Captures ``(x @ w).float()`` (x [8, 4096] bf16, w [4096, 2048], the check_fidelity GEMM toy's NN GEMM) into a
-CUDA graph, reads it with ``codec.GraphReader`` and rebuilds it with the native builder using the ORIGINAL
-function handles (no fresh modules), in variants: as read; PDL edges made plain; launch attributes dropped;
-and the driver's own ``cuGraphClone`` as a control. Each variant: outputs vs the captured graph on fresh
-inputs (poisoned first), and the edges read back from the rebuilt graph. Prints one row per variant.
+Captures ``(x @ w).float()`` (x [8, 4096] bf16, w [4096, 2048], the NN GEMM of the GEMM toy in
+tests/gpu/test_fidelity_gemm.py) into a CUDA graph, reads it with ``codec.GraphReader`` and rebuilds it with the
+native builder using the ORIGINAL function handles (no fresh modules), in variants: as read; PDL edges made plain;
+launch attributes dropped; and the driver's own ``cuGraphClone`` as a control. Each variant: outputs vs the
+captured graph on fresh inputs (poisoned first), and the edges read back from the rebuilt graph. Prints one row
+per variant.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import ctypes
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ def edges_of(dg) -> list[tuple[int, ...]]:
 
 
 def main() -> int:
+    from tools.needs_gpu import exit_without_gpu
+
+    exit_without_gpu("this probe")
     from cuda.bindings import driver as drv
 
     torch.cuda.set_device(0)
