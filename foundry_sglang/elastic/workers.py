@@ -154,6 +154,8 @@ def standby_command(spec: WorkerSpec, gpu_index: Optional[int] = None) -> List[s
         return cmd + (["--gpu-ids", str(gpu_index)] if gpu_index is not None else [])
     if spec.kind == "sglang":
         cmd = [sys.executable, "-m", "foundry_sglang.plugin.standby", "--device", spec.device]
+        if os.path.isfile(os.path.join(spec.model, "config.json")):
+            cmd += ["--model-path", spec.model]      # its SGLang model file is imported ahead
         return cmd + (["--gpu", str(gpu_index)] if gpu_index is not None else [])
     raise ValueError(f"unknown worker kind {spec.kind!r}; expected one of {', '.join(WORKER_KINDS)}")
 

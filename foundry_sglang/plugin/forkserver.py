@@ -6,7 +6,9 @@ every one of them starts an interpreter and imports torch, SGLang's scheduler an
 files (``srt/models/registry.py`` imports every module of ``srt/models``). A standby SGLang server
 (:mod:`.standby`) pays that once, ahead: :func:`start` launches multiprocessing's forkserver with those modules
 imported (:func:`wait_warm` waits for it), and :func:`use_forkserver` (an AFTER hook on ``_set_envs_and_config``)
-makes SGLang's later ``mp.Process`` calls fork from it.
+makes SGLang's later ``mp.Process`` calls fork from it. A module that wants CUDA at import (SGLang's registry
+imports every model file, some of which query the GPU) is left to the processes themselves: the forkserver must
+not start CUDA (:func:`_preload`).
 
 A forked process would otherwise keep the forkserver's environment and parent; :class:`_InChild` gives it the
 launcher's environment as it is at ``start()`` (``FOUNDRY_MODE``, ``CUDA_VISIBLE_DEVICES`` and what SGLang set)
@@ -26,6 +28,7 @@ import multiprocessing.forkserver
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
@@ -49,14 +52,36 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class CudaAtImport(RuntimeError):
+    """A module wanted CUDA while the forkserver imported it (some SGLang model files query the GPU at import)."""
+
+
+def _refuse_cuda(*_: Any, **__: Any) -> None:
+    raise CudaAtImport("initialises CUDA at import: left to the processes themselves (a process forked after "
+                       "CUDA started could not use it)")
+
+
 def _preload(names: Sequence[str]) -> None:
-    """Import ``names`` (in the forkserver), recording which failed; never raises (the forkserver must live)."""
-    for name in names:
-        try:
-            importlib.import_module(name)
-            PRELOAD_REPORT["ok"].append(name)
-        except BaseException as exc:  # noqa: BLE001 - an import may raise anything; report it
-            PRELOAD_REPORT["failed"][name] = _one_line(exc)
+    """Import ``names`` (in the forkserver), recording which failed; never raises (the forkserver must live).
+    Once torch is imported, torch's CUDA initialisation (``torch.cuda._lazy_init``, which every device query and
+    CUDA tensor goes through) raises :class:`CudaAtImport` until the end: a module that needs CUDA at import is
+    not preloaded, and the forkserver stays fit to fork from."""
+    restore = None
+    try:
+        for name in names:
+            try:
+                importlib.import_module(name)
+                PRELOAD_REPORT["ok"].append(name)
+            except BaseException as exc:  # noqa: BLE001 - an import may raise anything; report it
+                PRELOAD_REPORT["failed"][name] = _one_line(exc)
+            torch = sys.modules.get("torch")
+            if restore is None and torch is not None and hasattr(torch, "cuda"):
+                original = torch.cuda._lazy_init
+                torch.cuda._lazy_init = _refuse_cuda
+                restore = lambda: setattr(torch.cuda, "_lazy_init", original)  # noqa: E731
+    finally:
+        if restore is not None:
+            restore()
 
 
 if os.environ.get(PRELOAD_ENV):

@@ -4,7 +4,7 @@ The SGLang counterpart of ``python -m foundry_sglang.engine --standby`` (same st
 :func:`foundry_sglang.engine.standby.run_standby`). Warm-up, before any layout is known:
 
 1. the forkserver starts and imports the scheduler side (:data:`SCHEDULER_MODULES`: torch, SGLang's scheduler,
-   detokenizer, model runner and every model file, our plugin) while this process imports the launcher side
+   detokenizer and model runner, our plugin, and the served model's file) while this process imports the launcher side
    (:data:`LAUNCHER_MODULES`: SGLang's server arguments, HTTP server and engine, our launcher);
 2. a process forked from it proves it warm (and, on GPU, that CUDA works there), and SGLang's
    ``_set_envs_and_config`` gets the hook that starts its processes from it (:mod:`.forkserver`);
@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import json
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from foundry_sglang.engine.standby import run_standby
@@ -31,13 +35,36 @@ from . import forkserver
 
 log = logging.getLogger("foundry_sglang.plugin.standby")
 
-#: Imported in the forkserver: what every SGLang scheduler (and the detokenizer) process imports first.
+#: Imported in the forkserver: what every SGLang scheduler (and the detokenizer) process imports first. Not
+#: ``sglang.srt.models.registry``: it imports every model file and skips those that fail, so a preloaded registry
+#: would lack the models that query the GPU at import (the forkserver refuses CUDA). The served model's own file
+#: is added (:func:`model_modules`).
 SCHEDULER_MODULES = ("torch", "sglang.srt.managers.scheduler", "sglang.srt.managers.detokenizer_manager",
-                     "sglang.srt.model_executor.model_runner", "sglang.srt.models.registry",
-                     "foundry_sglang.plugin", "foundry_sglang.plugin.hooks")
+                     "sglang.srt.model_executor.model_runner", "foundry_sglang.plugin", "foundry_sglang.plugin.hooks")
 #: Imported in the standby itself: what SGLang's launcher process imports.
 LAUNCHER_MODULES = ("torch", "sglang.srt.server_args", "sglang.srt.plugins", "sglang.launch_server",
                     "sglang.srt.entrypoints.engine", "sglang.srt.entrypoints.http_server", "foundry_sglang.launch")
+
+
+def model_modules(model_path: Optional[str]) -> List[str]:
+    """SGLang's model files (``sglang.srt.models.X``) whose ``EntryClass`` is an architecture of ``model_path``'s
+    config.json (read as text: nothing is imported); [] without a readable config."""
+    try:
+        with open(os.path.join(model_path or "", "config.json"), encoding="utf-8") as f:
+            archs = json.load(f).get("architectures") or []
+        spec = importlib.util.find_spec("sglang.srt.models")
+    except (OSError, ValueError, ImportError, AttributeError):
+        return []
+    if not archs or spec is None or not spec.submodule_search_locations:
+        return []
+    found = []
+    for folder in spec.submodule_search_locations:
+        for path in sorted(Path(folder).glob("*.py")):
+            text = path.read_text(errors="replace")
+            entry = [line for line in text.splitlines() if line.startswith("EntryClass")]
+            if any(re.search(rf"\b{re.escape(a)}\b", line) for a in archs for line in entry):
+                found.append(f"sglang.srt.models.{path.stem}")
+    return found
 
 
 def _import_all(names) -> dict:
@@ -50,11 +77,12 @@ def _import_all(names) -> dict:
     return failed
 
 
-def warm_up(device: str, gpu: int = 0) -> None:
-    """Imports, the scheduler forkserver and (on GPU) CUDA, as the module docstring says. Raises when SGLang
-    itself cannot be imported (the standby then exits and a switch starts a fresh worker)."""
+def warm_up(device: str, gpu: int = 0, model_path: Optional[str] = None) -> None:
+    """Imports, the scheduler forkserver and (on GPU) CUDA, as the module docstring says; ``model_path``: the
+    served model, whose SGLang model file the forkserver imports too. Raises when SGLang itself cannot be
+    imported (the standby then exits and a switch starts a fresh worker)."""
     importlib.import_module("sglang.srt.server_args")
-    started = forkserver.start(SCHEDULER_MODULES)     # imports in its own process while this one imports
+    started = forkserver.start(list(SCHEDULER_MODULES) + model_modules(model_path))   # imports while this one does
     failed = _import_all(LAUNCHER_MODULES)
     report = forkserver.wait_warm(started, device)
     failed.update({f"{name} (forkserver)": why for name, why in report["failed"].items()})
@@ -93,11 +121,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             '{"argv": [...]} of python -m foundry_sglang.launch arguments.')
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="cuda: initialise CUDA ahead")
     p.add_argument("--gpu", type=int, default=0, help="the visible GPU whose CUDA this process initialises")
+    p.add_argument("--model-path", default=None, help="the model it will serve: its SGLang model file is imported "
+                                                      "ahead too")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
         exit_with_parent()
-    return run_standby(args.device, args.gpu, serve=serve, warm=warm_up)
+    return run_standby(args.device, args.gpu, serve=serve,
+                       warm=lambda device, gpu: warm_up(device, gpu, args.model_path))
 
 
 if __name__ == "__main__":

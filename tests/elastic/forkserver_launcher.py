@@ -1,8 +1,9 @@
 """A stand-in for SGLang's launcher process (run as a script by test_elastic_standby_sglang.py).
 
-It warms the forkserver as a standby does, sets an environment variable afterwards (as the launcher sets
-FOUNDRY_MODE), forces ``spawn`` as SGLang's ``_set_envs_and_config`` does, applies the standby's hook body and
-starts processes with plain ``multiprocessing.Process``, as SGLang does. Prints one JSON line, then waits.
+It warms the forkserver as a standby does (one of its modules wants CUDA at import), sets an environment
+variable afterwards (as the launcher sets FOUNDRY_MODE), forces ``spawn`` as SGLang's ``_set_envs_and_config``
+does, applies the standby's hook body and starts processes with plain ``multiprocessing.Process``, as SGLang
+does. Prints one JSON line, then waits.
 """
 import json
 import multiprocessing as mp
@@ -29,7 +30,8 @@ def start(name):
 if __name__ == "__main__":
     from foundry_sglang.plugin import forkserver
 
-    warm = forkserver.wait_warm(forkserver.start(["json", "foundry_sglang.graphs.keys", "no_such_module_here"]))
+    modules = ["torch", "json", "foundry_sglang.graphs.keys", "cuda_at_import", "no_such_module_here"]
+    warm = forkserver.wait_warm(forkserver.start(modules))
     os.environ["FOUNDRY_MODE"] = "load"
     mp.set_start_method("spawn", force=True)
     forkserver.use_forkserver()

@@ -22,6 +22,7 @@ from waiting import gone, wait_until
 from foundry_sglang.elastic.deployment import DeploymentConfig
 from foundry_sglang.elastic.launch import build_parser, config_from_args
 from foundry_sglang.elastic.workers import ProcessWorker, WorkerSpec, http_ok, standby_command
+from foundry_sglang.plugin.standby import model_modules
 
 pytest.importorskip("sglang.srt.server_args")
 
@@ -32,9 +33,14 @@ BODY = {"prompt": "standby", "max_tokens": 6, "temperature": 0}
 WARM_S = 300.0     # importing SGLang twice (standby and forkserver) on a busy 2-core machine
 
 
-def test_standby_command_and_flags_take_the_sglang_kind():
+def test_standby_command_and_flags_take_the_sglang_kind(tmp_path):
     cmd = standby_command(WorkerSpec(model="m", kind="sglang", device="cuda"), gpu_index=1)
     assert cmd[1:] == ["-m", "foundry_sglang.plugin.standby", "--device", "cuda", "--gpu", "1"]
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}))
+    cmd = standby_command(WorkerSpec(model=str(tmp_path), kind="sglang", device="cpu"))
+    assert cmd[-2:] == ["--model-path", str(tmp_path)]
+    assert model_modules(str(tmp_path)) == ["sglang.srt.models.qwen3_moe"]     # its model file, found as text
+    assert model_modules("builtin:tiny") == [] and model_modules(None) == []
     args = build_parser().parse_args(["--device", "cpu", "--backend", "local", "--worker", "sglang", "--standby", "1"])
     assert config_from_args(args, []).standby == 1
     assert DeploymentConfig(model="builtin:tiny", kind="sglang", backend="local", standby=1).standby == 1
@@ -54,8 +60,7 @@ def test_sglang_standby_preloads_the_scheduler_side_and_runs_the_launcher_with_i
         warm_s = time.monotonic() - t0
         text = log_path.read_text()
         [line] = [x for x in text.splitlines() if "standby: forkserver pid" in x]
-        for module in ("torch", "sglang.srt.model_executor.model_runner", "sglang.srt.models.registry",
-                       "foundry_sglang.plugin.hooks"):
+        for module in ("torch", "sglang.srt.model_executor.model_runner", "foundry_sglang.plugin.hooks"):
             assert module in line, line       # imported in the forkserver before any layout was known
         pid = w.pid
         t1 = time.monotonic()
@@ -76,7 +81,8 @@ def test_sglang_standby_preloads_the_scheduler_side_and_runs_the_launcher_with_i
 
 
 def test_processes_sglang_starts_fork_from_the_warm_forkserver_and_die_with_the_launcher():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    path = [str(HERE.parents[1]), str(HERE), os.environ.get("PYTHONPATH", "")]   # HERE: the forkserver's too
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     launcher = subprocess.Popen([sys.executable, str(HERE / "forkserver_launcher.py")], stdout=subprocess.PIPE,
                                 text=True, env=env, start_new_session=True)
     children = []
@@ -84,7 +90,8 @@ def test_processes_sglang_starts_fork_from_the_warm_forkserver_and_die_with_the_
         out = json.loads(launcher.stdout.readline())
         warm, forked = out["warm"], out["forked"]
         children = [forked["pid"], out["spawned"]["pid"], out["forkserver"]]
-        assert warm["ok"] == ["json", "foundry_sglang.graphs.keys"] and "no_such_module_here" in warm["failed"]
+        assert warm["ok"] == ["torch", "json", "foundry_sglang.graphs.keys"] and "no_such_module_here" in warm["failed"]
+        assert "initialises CUDA at import" in warm["failed"]["cuda_at_import"]   # refused: fit to fork from
         assert forked["ppid"] == out["forkserver"] != out["launcher"]        # forked, not spawned
         assert forked["preloaded"] and forked["mode"] == "load"             # warm, with the launcher's environment
         # LD_LIBRARY_PATH changed after the forkserver started: that process was spawned as before
