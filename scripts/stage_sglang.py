@@ -3,8 +3,9 @@
 
 The GPU host this is made for has torch 2.11 (which SGLang 0.5.11-0.5.17 pin) but none of SGLang's other wheels
 and no Ray, and takes files in transfers of limited size. A *wheel set* (``--set``) is one locked list of cp312
-wheels staged the same way (docs/STAGING.md): ``sglang`` (default) is the set measured to serve a real SGLang 0.5.17 server there; ``ray`` is
-Ray with what ``ray[serve]`` and this project's elastic code need beyond the image (``scripts/stage_ray.py``).
+wheels staged the same way (docs/STAGING.md): ``sglang`` (default) is the set measured to serve a real SGLang
+0.5.17 server there; ``ray`` is Ray with what ``ray[serve]`` and this project's elastic code need beyond the image
+(``scripts/stage_ray.py``).
 
 * ``build`` (dev machine, needs pip's index; nvcc for sglang): downloads the set's locked cp312 wheels; for
   sglang trims ``sglang-kernel`` to the Hopper library it loads on an H200 (``sgl_kernel/sm90/common_ops``, a
