@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,26 @@ def rewrite_manifest(path: Path, manifest_doc) -> None:
     data += encoded
     HEADER.pack_into(data, 0, magic, version, flags, offset, len(encoded), hashlib.sha256(encoded).digest())
     path.write_bytes(bytes(data))
+
+
+def returns_within(seconds: float, fn, *args):
+    """``fn(*args)``, or AssertionError when it has not returned after ``seconds`` (it blocked: a FIFO, a device)."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as err:  # re-raised on the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise AssertionError(f"{getattr(fn, '__qualname__', fn)} still running after {seconds} s (blocked)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def pytest_collection_modifyitems(config, items):
