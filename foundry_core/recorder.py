@@ -72,15 +72,13 @@ def find_libcupti() -> str:
             raise ImageCaptureError(f"FOUNDRY_LIBCUPTI={env} does not exist")
         return env
     patterns = []
-    for sp in sys.path:
-        if sp and os.path.isdir(os.path.join(sp, "nvidia")):
-            patterns += [
-                os.path.join(sp, "nvidia", "cu13", "lib", "libcupti.so*"),
-                os.path.join(sp, "nvidia", "cuda_cupti", "lib", "libcupti.so*"),
-                os.path.join(sp, "nvidia", "cu12", "lib", "libcupti.so*"),
-            ]
-    homes = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")] + ["/usr/local/cuda"]
-    for home in filter(None, homes):
+    for sp in native.site_dirs():  # never the working directory: a library found there would run here
+        patterns += [
+            os.path.join(sp, "nvidia", "cu13", "lib", "libcupti.so*"),
+            os.path.join(sp, "nvidia", "cuda_cupti", "lib", "libcupti.so*"),
+            os.path.join(sp, "nvidia", "cu12", "lib", "libcupti.so*"),
+        ]
+    for home in native.cuda_homes():
         patterns += [os.path.join(home, "extras", "CUPTI", "lib64", "libcupti.so*"),
                      os.path.join(home, "lib64", "libcupti.so*"), os.path.join(home, "lib", "libcupti.so*")]
     for pattern in patterns:
