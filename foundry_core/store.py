@@ -29,6 +29,7 @@ from typing import Iterable, Optional, Sequence
 
 import msgspec
 
+from foundry_core import trust
 from foundry_core.archive import Archive, ArchiveWriter, _fsync_dir
 from foundry_core.errors import ArchiveError
 from foundry_core.schema import KernelImage
@@ -264,17 +265,21 @@ def store_usage(archive) -> dict:
 
 
 def pack_archive(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Export ``src`` as a single-file archive at ``dst`` with every store image embedded (verified on the way)."""
+    """Export ``src`` as a single-file archive at ``dst`` with every store image embedded (verified on the way).
+    The source must pass LOAD's trust check (``trust.check_archive``): the copy is the caller's file, and signed
+    when a key is configured."""
     if Path(src).resolve() == Path(dst).resolve():
         raise StoreError(f"{dst}: pack needs a destination other than the source")
-    with Archive.open(src) as archive, ArchiveWriter(dst) as writer:
+    with Archive.open(src) as archive:
+        trust.check_archive(archive)  # the copy is this user's (and signed, with a key): only what LOAD would trust
         m = archive.manifest
-        for name, blob in m.blobs.items():
-            writer.add_blob(name, archive.blob(name), compress=blob.codec != "raw")
-        images = []
-        for im in m.images:
-            if im.in_store:
-                name = writer.add_blob(f"image/{im.sha256[:16]}", image_bytes(archive, im), compress=False)
-                im = msgspec.structs.replace(im, blob=name, in_store=False)
-            images.append(im)
-        return writer.finish(msgspec.structs.replace(m, images=images))
+        with ArchiveWriter(dst) as writer:
+            for name, blob in m.blobs.items():
+                writer.add_blob(name, archive.blob(name), compress=blob.codec != "raw")
+            images = []
+            for im in m.images:
+                if im.in_store:
+                    name = writer.add_blob(f"image/{im.sha256[:16]}", image_bytes(archive, im), compress=False)
+                    im = msgspec.structs.replace(im, blob=name, in_store=False)
+                images.append(im)
+            return writer.finish(msgspec.structs.replace(m, images=images))

@@ -36,13 +36,11 @@ def save_layout(path: Path, images: list[StoredImage], seed: int, embed: bool = 
     store = None if embed else ImageStore.beside(path)
     with ArchiveWriter(path) as w:
         records = store_images(w, images, store)
-        nodes = np.zeros(40, schema.NODE_DTYPE)
-        nodes["ref"] = rng.integers(0, 5, 40)
+        nodes = np.zeros(40, schema.NODE_DTYPE)  # kernel nodes of the one function, without arguments
         graph = schema.GraphRecord(key=f"decode_bs{seed}", template=0,
                                    nodes=w.add_blob("graph/0/nodes", nodes.tobytes()),
                                    payload=w.add_blob("graph/0/payload", rng.bytes(4000)),
-                                   attrs=w.add_blob("graph/0/attrs", bytes(72)),
-                                   num_kernel_nodes=40)
+                                   attrs="", num_kernel_nodes=40)
         template = schema.GraphTemplate(num_nodes=40, kinds_sha256="cd" * 32, num_edges=0,
                                         edges=w.add_blob("template/0/edges", bytes(16)))
         manifest = schema.Manifest(
@@ -124,7 +122,7 @@ _READER = textwrap.dedent("""
     shas = [hashlib.sha256(b"\\x7fELF" + np.random.default_rng(s).bytes(200_000 + 5_000 * s)).hexdigest()
             for s in range(12)]
     seen = 0
-    while time.time() < start + 4 and seen < len(shas):
+    while time.time() < start + 60 and seen < len(shas):  # generous: 7 processes may share 2 busy cores
         seen = 0
         for sha in shas:
             try:
