@@ -36,7 +36,8 @@ from foundry_core import trust, validate
 from foundry_core.errors import ArchiveError
 from foundry_core.schema import SCHEMA_VERSION, Blob, Manifest
 
-__all__ = ["Archive", "ArchiveWriter", "blob_names", "check_inflate_budget", "inflate", "inflate_budget"]
+__all__ = ["Archive", "ArchiveWriter", "blob_names", "check_inflate_budget", "held_bytes", "inflate",
+           "inflate_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,9 @@ def _bytes_view(data) -> memoryview:
 
 
 def inflate_budget() -> int:
-    """Most bytes all of one archive's zlib blobs together may decompress to: FOUNDRY_INFLATE_BUDGET, else half the
-    available memory (at most ``DEFAULT_INFLATE_BUDGET``). A declared size is the archive's word only; this bounds
-    what believing it costs."""
+    """Most bytes of one archive's contents LOAD may hold, decompressed (:func:`held_bytes`): FOUNDRY_INFLATE_BUDGET,
+    else half the available memory (at most ``DEFAULT_INFLATE_BUDGET``). Declared sizes are the archive's word only;
+    this bounds what believing them costs."""
     value = os.environ.get("FOUNDRY_INFLATE_BUDGET")
     if value:
         try:
@@ -92,13 +93,26 @@ def check_inflate_budget(size: int, what: str) -> None:
                            "bytes (set FOUNDRY_INFLATE_BUDGET to allow more)")
 
 
-def inflate(stored, size: int, what: str, keep: bool = True, check_budget: bool = True) -> bytearray:
-    """zlib data that must inflate to exactly ``size`` bytes, decompressed in bounded steps straight into the result
-    and never past ``size``; ``keep=False`` only checks (and returns an empty bytearray). ``size`` must fit
-    :func:`inflate_budget` (``check_budget=False``: the caller has checked a total that includes it). ``what``
-    starts every error message."""
-    if check_budget:
-        check_inflate_budget(size, what)
+def held_bytes(m: Manifest) -> int:
+    """What LOAD holds of an archive's contents at most, as the manifest declares it: every blob counted once per
+    use (a record that several graphs or images name is read, and decompressed, for each), store images at their
+    recorded size, and the allocation trace. Blob names must have been checked to exist."""
+    def size(name: str) -> int:
+        return max(m.blobs[name].size, 0) if name else 0
+
+    total = sum(max(im.size, 0) if im.in_store else size(im.blob) for im in m.images)
+    for graph in m.graphs:
+        total += size(graph.nodes) + size(graph.payload) + size(graph.attrs)
+        total += size(m.templates[graph.template].edges) if 0 <= graph.template < len(m.templates) else 0
+    total += sum(size(s.blob) for s in m.snapshots) + sum(size(v.value) for v in m.module_variables)
+    return total + (m.trace.inflated_bytes if m.trace is not None else 0)
+
+
+def inflate(stored, size: int, what: str, keep: bool = True) -> bytearray:
+    """zlib data that must inflate to exactly ``size`` bytes (which must fit :func:`inflate_budget`), decompressed in
+    bounded steps straight into the result and never past ``size``; ``keep=False`` only checks (and returns an
+    empty bytearray). ``what`` starts every error message."""
+    check_inflate_budget(size, what)
     if size < 0:
         raise ArchiveError(f"{what} declares {size} bytes uncompressed (corrupt)")
     out = bytearray(size) if keep else None
@@ -368,11 +382,7 @@ class Archive:
         self._readers = 0  # reads in flight: close() leaves the descriptor to the last of them
         self._closing_fd: int | None = None
         self._lock = threading.Lock()
-        #: What all of it declares to decompress to (each distinct zlib record once, and the allocation trace):
-        #: one decompression budget covers the whole archive (:meth:`check_inflate_budget`).
-        self.inflated_size = sum(size for *_, size in {(b.offset, b.stored_size, b.size)
-                                                       for b in manifest.blobs.values() if b.codec == "zlib"})
-        self.inflated_size += manifest.trace.inflated_bytes if manifest.trace is not None else 0
+        self.held_size = held_bytes(manifest)  # one budget covers it all (:meth:`check_inflate_budget`)
         self._budget_checked = False
 
     # -- opening -----------------------------------------------------------------------------------------
@@ -433,6 +443,7 @@ class Archive:
     def blob(self, name: str) -> bytes | bytearray:
         """The blob's original bytes: read once into private memory, sha256-checked, decompressed, size-checked."""
         record = self.info(name)
+        self.check_inflate_budget()
         stored = self._stored(name, record)
         if record.codec == "raw":
             return stored
@@ -452,11 +463,12 @@ class Archive:
         return array
 
     def verify_all(self, progress: bool = False) -> int:
-        """Check every blob (sha256, decompression, size, one decompression budget for all) and that the gaps
-        between blobs are zero.
+        """Check every blob (sha256, decompression, size, the one decompression budget) and that the gaps between
+        blobs are zero.
 
         Returns the number of stored records checked. With ``progress`` a tqdm bar shows the bytes read.
         """
+        self.check_inflate_budget()
         records: dict[tuple[int, int], tuple[str, Blob]] = {}
         for name, record in self.manifest.blobs.items():
             records.setdefault((record.offset, record.stored_size), (name, record))
@@ -481,10 +493,10 @@ class Archive:
         return len(ordered)
 
     def check_inflate_budget(self) -> None:
-        """ArchiveError unless everything the archive decompresses, all together, fits :func:`inflate_budget`.
-        Runs before its first decompression; LOAD calls it before decoding the allocation trace."""
+        """ArchiveError unless all LOAD would hold of the archive (:func:`held_bytes`) fits :func:`inflate_budget`.
+        Runs before the first blob is read; LOAD also calls it before decoding the allocation trace."""
         if not self._budget_checked:
-            check_inflate_budget(self.inflated_size, f"{self.path}: all its compressed data together")
+            check_inflate_budget(self.held_size, f"{self.path}: all it holds together, counted once per use,")
             self._budget_checked = True
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -512,8 +524,8 @@ class Archive:
         return stored
 
     def _inflate(self, name: str, record: Blob, stored: bytes, keep: bool = True) -> bytearray:
-        self.check_inflate_budget()
-        return inflate(stored, record.size, f"{self.path}: blob {name!r}", keep, check_budget=False)
+        # Each blob on its own too: one that nothing refers to is not in the archive's total.
+        return inflate(stored, record.size, f"{self.path}: blob {name!r}", keep)
 
     def _check_gaps(self, ordered: list[tuple[str, Blob]]) -> None:
         cursor = HEADER_SIZE

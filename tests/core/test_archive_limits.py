@@ -11,7 +11,7 @@ import msgspec
 import pytest
 from fuzz_archives import Deep, replace_manifest
 
-from foundry_core import cli
+from foundry_core import cli, schema
 from foundry_core.archive import Archive, ArchiveWriter
 from foundry_core.errors import ArchiveError
 
@@ -105,22 +105,38 @@ def test_decompression_peak_memory_is_what_is_kept(tmp_path, how, size, limit_mi
     assert peak_mib < limit_mib, f"{how} grew by {peak_mib} MiB for {size >> 20} MiB declared"
 
 
-def test_the_decompression_budget_is_one_total_for_the_archive(tmp_path, monkeypatch):
-    """Before: each blob was held to the budget on its own, so three blobs just under it took three times it."""
+def _archive_of_images(path, blobs: dict[str, bytes], images: list[str]):
+    """An archive whose kernel images are the named blobs (``images`` may name one blob several times)."""
     from fuzz_archives import _EMPTY_MANIFEST
 
-    path = tmp_path / "three.foundry"
     with ArchiveWriter(path, level=9) as w:
-        for i in range(3):
-            w.add_blob(f"zeros/{i}", memoryview(bytearray((6 << 20) + i)))  # distinct records, 6 MiB each
-        w.finish(_EMPTY_MANIFEST)
+        for name, data in blobs.items():
+            w.add_blob(name, data)
+        w.finish(msgspec.structs.replace(_EMPTY_MANIFEST, images=[
+            schema.KernelImage(sha256="0" * 64, blob=name, size=len(blobs[name]), kernels=[]) for name in images]))
+    return path
+
+
+def test_the_decompression_budget_is_one_total_for_the_archive(tmp_path, monkeypatch):
+    """Before: each blob was held to the budget on its own, so three blobs just under it took three times it."""
+    blobs = {f"zeros/{i}": bytes((6 << 20) + i) for i in range(3)}  # distinct records, 6 MiB each
+    path = _archive_of_images(tmp_path / "three.foundry", blobs, list(blobs))
     monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(16 << 20))
     for read in (lambda a: a.blob("zeros/0"), lambda a: a.verify_all()):
-        with Archive.open(path) as archive, pytest.raises(ArchiveError, match="together declares 18874371 bytes"):
+        with Archive.open(path) as archive, pytest.raises(ArchiveError, match="together.* declares 18874371 bytes"):
             read(archive)
     monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(20 << 20))
     with Archive.open(path) as archive:
         assert archive.verify_all() == 3 and len(archive.blob("zeros/2")) == (6 << 20) + 2
+
+
+def test_a_blob_named_many_times_counts_once_per_use(tmp_path, monkeypatch):
+    """LOAD reads (and keeps) a blob once for every record that names it: 20 images naming one 4 MiB blob hold
+    80 MiB, from a file of 4 MiB."""
+    path = _archive_of_images(tmp_path / "many.foundry", {"image": os.urandom(4 << 20)}, ["image"] * 20)
+    monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(64 << 20))
+    with Archive.open(path) as archive, pytest.raises(ArchiveError, match="declares 83886080 bytes"):
+        archive.blob("image")
 
 
 def test_decompression_budget_refuses_large_declared_sizes(tmp_path, monkeypatch):
