@@ -10,18 +10,21 @@ Layout (little-endian)::
 :class:`ArchiveWriter` streams blobs into a new temporary file next to ``PATH`` (created exclusively, so a planted
 file or symlink is never followed) and, on :meth:`ArchiveWriter.finish`, appends the manifest, patches the header,
 fsyncs and renames over ``PATH``; an existing archive is never damaged.
-:class:`Archive` reads through one read-only ``mmap``: the header and manifest are validated on open, each
-blob's sha256 on first use. Every problem raises :class:`~foundry_core.errors.ArchiveError` with one line that
-names the file and what is wrong.
+:class:`Archive` reads every byte it uses once, into private memory, and checks that copy: the header and
+manifest on open, each blob's sha256 on every read, before anything of it is returned. Nothing it returns is a view
+of the file, so changing or truncating the file after its checks changes nothing that was checked (a truncated
+read is an ArchiveError, not a SIGBUS). Every problem raises :class:`~foundry_core.errors.ArchiveError` with one
+line that names the file and what is wrong.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import mmap
 import os
+import stat
 import struct
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -33,7 +36,8 @@ from foundry_core import trust, validate
 from foundry_core.errors import ArchiveError
 from foundry_core.schema import SCHEMA_VERSION, Blob, Manifest
 
-__all__ = ["Archive", "ArchiveWriter", "blob_names", "inflate", "inflate_budget"]
+__all__ = ["Archive", "ArchiveWriter", "blob_names", "check_inflate_budget", "held_bytes", "inflate",
+           "inflate_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ assert HEADER.size == HEADER_SIZE
 BLOB_ALIGN = 64
 
 #: zlib is kept only when it saves at least this fraction of the raw size: decompressing costs LOAD time,
-#: a raw blob is read straight from the mapping.
+#: a raw blob is only read.
 MIN_SAVING = 1 / 16
 #: zlib cannot expand data by more than ~1032:1; a larger declared size is corruption, not a real blob.
 MAX_ZLIB_RATIO = 1100
@@ -64,8 +68,9 @@ def _bytes_view(data) -> memoryview:
 
 
 def inflate_budget() -> int:
-    """Most bytes one blob may decompress to: FOUNDRY_INFLATE_BUDGET, else half the available memory (at most
-    ``DEFAULT_INFLATE_BUDGET``). A declared size is the archive's word only; this bounds what believing it costs."""
+    """Most bytes of one archive's contents LOAD may hold, decompressed (:func:`held_bytes`): FOUNDRY_INFLATE_BUDGET,
+    else half the available memory (at most ``DEFAULT_INFLATE_BUDGET``). Declared sizes are the archive's word only;
+    this bounds what believing them costs."""
     value = os.environ.get("FOUNDRY_INFLATE_BUDGET")
     if value:
         try:
@@ -80,14 +85,36 @@ def inflate_budget() -> int:
     return min(DEFAULT_INFLATE_BUDGET, available // 2)
 
 
-def inflate(stored, size: int, what: str, keep: bool = True) -> bytes:
-    """zlib data that must inflate to exactly ``size`` bytes, decompressed in bounded steps and never past ``size``
-    (which must fit :func:`inflate_budget`); ``keep=False`` only checks. ``what`` starts every error message."""
+def check_inflate_budget(size: int, what: str) -> None:
+    """ArchiveError unless ``size`` declared uncompressed bytes fit :func:`inflate_budget`."""
     budget = inflate_budget()
-    if not 0 <= size <= budget:
+    if size > budget:
         raise ArchiveError(f"{what} declares {size} bytes uncompressed, over the decompression budget of {budget} "
-                           "bytes (set FOUNDRY_INFLATE_BUDGET to allow more)" if size > budget else
-                           f"{what} declares {size} bytes uncompressed (corrupt)")
+                           "bytes (set FOUNDRY_INFLATE_BUDGET to allow more)")
+
+
+def held_bytes(m: Manifest) -> int:
+    """What LOAD holds of an archive's contents at most, as the manifest declares it: every blob counted once per
+    use (a record that several graphs or images name is read, and decompressed, for each), store images at their
+    recorded size, and the allocation trace. Blob names must have been checked to exist."""
+    def size(name: str) -> int:
+        return max(m.blobs[name].size, 0) if name else 0
+
+    total = sum(max(im.size, 0) if im.in_store else size(im.blob) for im in m.images)
+    for graph in m.graphs:
+        total += size(graph.nodes) + size(graph.payload) + size(graph.attrs)
+        total += size(m.templates[graph.template].edges) if 0 <= graph.template < len(m.templates) else 0
+    total += sum(size(s.blob) for s in m.snapshots) + sum(size(v.value) for v in m.module_variables)
+    return total + (m.trace.inflated_bytes if m.trace is not None else 0)
+
+
+def inflate(stored, size: int, what: str, keep: bool = True) -> bytearray:
+    """zlib data that must inflate to exactly ``size`` bytes (which must fit :func:`inflate_budget`), decompressed in
+    bounded steps straight into the result and never past ``size``; ``keep=False`` only checks (and returns an
+    empty bytearray). ``what`` starts every error message."""
+    check_inflate_budget(size, what)
+    if size < 0:
+        raise ArchiveError(f"{what} declares {size} bytes uncompressed (corrupt)")
     out = bytearray(size) if keep else None
     inflater = zlib.decompressobj()
     pending = stored
@@ -108,7 +135,7 @@ def inflate(stored, size: int, what: str, keep: bool = True) -> bytes:
         raise ArchiveError(f"{what} does not decompress ({err}) (corrupt)") from None
     if total != size or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
         raise ArchiveError(f"{what} decompresses to a different size than the recorded {size} bytes (corrupt)")
-    return bytes(out) if out is not None else b""
+    return out if out is not None else bytearray()
 
 
 def _chunks(view: memoryview) -> Iterator[memoryview]:
@@ -341,17 +368,22 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class Archive:
-    """A validated, memory-mapped archive. Reads are thread-safe; open with :meth:`Archive.open`."""
+    """A validated archive, read through private copies. Reads are thread-safe; open with :meth:`Archive.open`."""
 
-    def __init__(self, path: Path, mm: mmap.mmap, file_size: int, manifest_offset: int, manifest: Manifest):
+    def __init__(self, path: Path, fd: int, file_stat: os.stat_result, header: bytes, manifest_offset: int,
+                 manifest: Manifest):
         self.path = path
-        self.file_size = file_size
+        self.file_size = file_stat.st_size
+        self.file_stat = file_stat  # of the file as opened: owner and mode for ``trust``
+        self.header = header  # what a signature covers (``trust``)
         self.manifest_offset = manifest_offset  # the blob area is [HEADER_SIZE, manifest_offset)
         self.manifest = manifest
-        self._mm: mmap.mmap | None = mm
-        self._verified: set[tuple[int, int]] = set()  # (offset, stored_size) of records whose sha256 matched
-        self.header = bytes(mm[:HEADER_SIZE])  # what a signature covers (``trust``)
-        self.file_stat: os.stat_result | None = None  # of the file as opened: owner and mode for ``trust``
+        self._fd: int | None = fd
+        self._readers = 0  # reads in flight: close() leaves the descriptor to the last of them
+        self._closing_fd: int | None = None
+        self._lock = threading.Lock()
+        self.held_size = held_bytes(manifest)  # one budget covers it all (:meth:`check_inflate_budget`)
+        self._budget_checked = False
 
     # -- opening -----------------------------------------------------------------------------------------
 
@@ -359,26 +391,27 @@ class Archive:
     def open(cls, path: str | os.PathLike) -> "Archive":
         """Open and validate header, manifest and blob bounds; blob contents are checked when read."""
         path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                size = st.st_size
-                if size < HEADER_SIZE:
-                    raise ArchiveError(f"{path}: truncated: {size} bytes, smaller than the {HEADER_SIZE}-byte header")
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:  # O_NONBLOCK: a FIFO planted under an archive's name must not block the open
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except IsADirectoryError:
             raise ArchiveError(f"{path}: is a directory, not an archive") from None
         except OSError as err:
             raise ArchiveError(f"{path}: cannot open: {err.strerror or err}") from None
         try:
-            manifest_offset, manifest = _read_manifest(path, mm, size)
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise ArchiveError(f"{path}: is a directory, not an archive")
+            if not stat.S_ISREG(st.st_mode):
+                raise ArchiveError(f"{path}: is not a regular file (a FIFO, device or socket), not an archive")
+            if st.st_size < HEADER_SIZE:
+                raise ArchiveError(f"{path}: truncated: {st.st_size} bytes, smaller than the {HEADER_SIZE}-byte header")
+            header = read_at(fd, 0, HEADER_SIZE, str(path))
+            manifest_offset, manifest = _read_manifest(path, fd, header, st.st_size)
             _check_manifest(path, manifest, manifest_offset)
         except BaseException:
-            mm.close()
+            os.close(fd)
             raise
-        archive = cls(path, mm, size, manifest_offset, manifest)
-        archive.file_stat = st
-        return archive
+        return cls(path, fd, st, header, manifest_offset, manifest)
 
     def __enter__(self) -> "Archive":
         return self
@@ -387,13 +420,13 @@ class Archive:
         self.close()
 
     def close(self) -> None:
-        """Release the mapping. Arrays from :meth:`blob_array` keep it alive until they are gone."""
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass  # zero-copy arrays still point into it; the mapping goes when they do
+        """Close the file. What was read from it stays valid (it is private memory)."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is not None and not self._readers:
+                os.close(fd)
+            elif fd is not None:
+                self._closing_fd = fd  # the last read in flight closes it
 
     # -- reading -----------------------------------------------------------------------------------------
 
@@ -407,16 +440,17 @@ class Archive:
         except KeyError:
             raise ArchiveError(f"{self.path}: no blob named {name!r}") from None
 
-    def blob(self, name: str, *, verify: bool = True) -> bytes:
-        """The blob's original bytes (sha256-checked on first read, decompressed, size-checked)."""
+    def blob(self, name: str) -> bytes | bytearray:
+        """The blob's original bytes: read once into private memory, sha256-checked, decompressed, size-checked."""
         record = self.info(name)
-        stored = self._stored(name, record, verify)
+        self.check_inflate_budget()
+        stored = self._stored(name, record)
         if record.codec == "raw":
-            return bytes(stored)
+            return stored
         return self._inflate(name, record, stored)
 
-    def blob_array(self, name: str, dtype, *, verify: bool = True) -> np.ndarray:
-        """The blob as a read-only 1-D array of ``dtype`` records; raw blobs are not copied."""
+    def blob_array(self, name: str, dtype) -> np.ndarray:
+        """The blob as a read-only 1-D array of ``dtype`` records, over the checked private copy (no second copy)."""
         dtype = np.dtype(dtype)
         record = self.info(name)
         if record.size % dtype.itemsize:
@@ -424,16 +458,17 @@ class Archive:
                 f"{self.path}: blob {name!r} has {record.size} bytes, not a whole number of "
                 f"{dtype.itemsize}-byte records"
             )
-        stored = self._stored(name, record, verify)
-        if record.codec == "raw":
-            return np.frombuffer(stored, dtype=dtype)
-        return np.frombuffer(self._inflate(name, record, stored), dtype=dtype)
+        array = np.frombuffer(self.blob(name), dtype=dtype)
+        array.flags.writeable = False
+        return array
 
     def verify_all(self, progress: bool = False) -> int:
-        """Check every blob (sha256, decompression, size) and that the gaps between blobs are zero.
+        """Check every blob (sha256, decompression, size, the one decompression budget) and that the gaps between
+        blobs are zero.
 
         Returns the number of stored records checked. With ``progress`` a tqdm bar shows the bytes read.
         """
+        self.check_inflate_budget()
         records: dict[tuple[int, int], tuple[str, Blob]] = {}
         for name, record in self.manifest.blobs.items():
             records.setdefault((record.offset, record.stored_size), (name, record))
@@ -446,7 +481,7 @@ class Archive:
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify", leave=False)
         try:
             for name, record in ordered:
-                stored = self._stored(name, record, verify=True, force=True)
+                stored = self._stored(name, record)
                 if record.codec == "zlib":
                     self._inflate(name, record, stored, keep=False)
                 if bar is not None:
@@ -457,38 +492,71 @@ class Archive:
         self._check_gaps(ordered)
         return len(ordered)
 
+    def check_inflate_budget(self) -> None:
+        """ArchiveError unless all LOAD would hold of the archive (:func:`held_bytes`) fits :func:`inflate_budget`.
+        Runs before the first blob is read; LOAD also calls it before decoding the allocation trace."""
+        if not self._budget_checked:
+            check_inflate_budget(self.held_size, f"{self.path}: all it holds together, counted once per use,")
+            self._budget_checked = True
+
     # -- internals ---------------------------------------------------------------------------------------
 
-    def _view(self) -> memoryview:
-        mm = self._mm
+    def _read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of the opened file, in memory of this process."""
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                raise ArchiveError(f"{self.path}: archive is closed")
+            self._readers += 1
         try:
-            if mm is None:
-                raise ValueError
-            return memoryview(mm)
-        except ValueError:
-            raise ArchiveError(f"{self.path}: archive is closed") from None
+            return read_at(fd, offset, size, str(self.path))
+        finally:
+            with self._lock:
+                self._readers -= 1
+                if self._closing_fd is not None and not self._readers:
+                    os.close(self._closing_fd)
+                    self._closing_fd = None
 
-    def _stored(self, name: str, record: Blob, verify: bool, force: bool = False) -> memoryview:
-        stored = self._view()[record.offset : record.offset + record.stored_size]
-        ident = (record.offset, record.stored_size)
-        if verify and (force or ident not in self._verified):
-            if hashlib.sha256(stored).hexdigest() != record.sha256:
-                raise ArchiveError(f"{self.path}: blob {name!r} sha256 mismatch (corrupt)")
-            self._verified.add(ident)
+    def _stored(self, name: str, record: Blob) -> bytes:
+        stored = self._read(record.offset, record.stored_size)
+        if hashlib.sha256(stored).hexdigest() != record.sha256:
+            raise ArchiveError(f"{self.path}: blob {name!r} sha256 mismatch (corrupt)")
         return stored
 
-    def _inflate(self, name: str, record: Blob, stored: memoryview, keep: bool = True) -> bytes:
+    def _inflate(self, name: str, record: Blob, stored: bytes, keep: bool = True) -> bytearray:
+        # Each blob on its own too: one that nothing refers to is not in the archive's total.
         return inflate(stored, record.size, f"{self.path}: blob {name!r}", keep)
 
     def _check_gaps(self, ordered: list[tuple[str, Blob]]) -> None:
-        view = self._view()
         cursor = HEADER_SIZE
         ends = [(record.offset, record.offset + record.stored_size) for _, record in ordered]
         ends.append((self.manifest_offset, self.file_size))
         for start, end in ends:
-            if start > cursor and any(view[cursor:start]):
-                raise ArchiveError(f"{self.path}: bytes {cursor}..{start} between blobs are not zero (corrupt)")
+            for at in range(cursor, start, _CHUNK):
+                if any(self._read(at, min(_CHUNK, start - at))):
+                    raise ArchiveError(f"{self.path}: bytes {cursor}..{start} between blobs are not zero (corrupt)")
             cursor = max(cursor, end)
+
+
+def read_at(fd: int, offset: int, size: int, where: str) -> bytes:
+    """Exactly ``size`` bytes at ``offset`` of ``fd`` (one copy, into a new bytes object); ArchiveError naming
+    ``where`` when the file ends first (truncated, perhaps after it was checked)."""
+    try:
+        data = os.pread(fd, size, offset)
+        if len(data) < size:  # the file ended, or one read returned less (over 2 GiB): read on
+            parts = [data]
+            got = len(data)
+            while got < size:
+                part = os.pread(fd, size - got, offset + got)
+                if not part:
+                    raise ArchiveError(f"{where}: truncated: the file ends before byte {offset + size} "
+                                       "(changed after it was opened?)")
+                parts.append(part)
+                got += len(part)
+            data = b"".join(parts)
+    except OSError as err:
+        raise ArchiveError(f"{where}: cannot read: {err.strerror or err}") from None
+    return data
 
 
 class _VersionProbe(msgspec.Struct):
@@ -497,9 +565,9 @@ class _VersionProbe(msgspec.Struct):
     schema_version: int
 
 
-def _read_manifest(path: Path, mm: mmap.mmap, size: int) -> tuple[int, Manifest]:
-    """Validate the header and decode the manifest; returns (manifest offset, manifest)."""
-    magic, version, flags, offset, length, digest = HEADER.unpack_from(mm)
+def _read_manifest(path: Path, fd: int, header: bytes, size: int) -> tuple[int, Manifest]:
+    """Validate the header and decode the manifest (read once, privately); returns (manifest offset, manifest)."""
+    magic, version, flags, offset, length, digest = HEADER.unpack_from(header)
     if magic != MAGIC:
         raise ArchiveError(f"{path}: not a foundry archive (bad magic)")
     if version != CONTAINER_VERSION:
@@ -510,27 +578,24 @@ def _read_manifest(path: Path, mm: mmap.mmap, size: int) -> tuple[int, Manifest]
         raise ArchiveError(f"{path}: truncated: manifest at {offset}+{length} beyond file size {size}")
     if offset + length != size:
         raise ArchiveError(f"{path}: {size - offset - length} unexpected bytes after the manifest (corrupt)")
-    raw = memoryview(mm)[offset : offset + length]
+    raw = read_at(fd, offset, length, str(path))
+    if hashlib.sha256(raw).digest() != digest:
+        raise ArchiveError(f"{path}: manifest sha256 mismatch (corrupt)")
     try:
-        if hashlib.sha256(raw).digest() != digest:
-            raise ArchiveError(f"{path}: manifest sha256 mismatch (corrupt)")
-        try:
-            schema = msgspec.msgpack.decode(raw, type=_VersionProbe).schema_version
-        except msgspec.DecodeError as err:  # ValidationError is a DecodeError
-            raise ArchiveError(f"{path}: manifest is unreadable: {err}") from None
-        except RecursionError:  # msgspec skips unknown fields recursively; a real manifest is a few levels deep
-            raise ArchiveError(f"{path}: manifest is nested too deep (corrupt)") from None
-        if schema != SCHEMA_VERSION:
-            raise ArchiveError(f"{path}: schema version {schema}, this foundry reads {SCHEMA_VERSION} — delete the "
-                               "archive to save it again with this version")
-        try:
-            return offset, msgspec.msgpack.decode(raw, type=Manifest, strict=True)
-        except msgspec.DecodeError as err:
-            raise ArchiveError(f"{path}: manifest is invalid: {err}") from None
-        except RecursionError:
-            raise ArchiveError(f"{path}: manifest is nested too deep (corrupt)") from None
-    finally:
-        raw.release()
+        schema = msgspec.msgpack.decode(raw, type=_VersionProbe).schema_version
+    except msgspec.DecodeError as err:  # ValidationError is a DecodeError
+        raise ArchiveError(f"{path}: manifest is unreadable: {err}") from None
+    except RecursionError:  # msgspec skips unknown fields recursively; a real manifest is a few levels deep
+        raise ArchiveError(f"{path}: manifest is nested too deep (corrupt)") from None
+    if schema != SCHEMA_VERSION:
+        raise ArchiveError(f"{path}: schema version {schema}, this foundry reads {SCHEMA_VERSION} — delete the "
+                           "archive to save it again with this version")
+    try:
+        return offset, msgspec.msgpack.decode(raw, type=Manifest, strict=True)
+    except msgspec.DecodeError as err:
+        raise ArchiveError(f"{path}: manifest is invalid: {err}") from None
+    except RecursionError:
+        raise ArchiveError(f"{path}: manifest is nested too deep (corrupt)") from None
 
 
 def _check_manifest(path: Path, manifest: Manifest, blobs_end: int) -> None:

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify",
         help="check an archive's integrity and its compatibility with this machine",
-        description="Check the header, the manifest and every blob's sha256 (and decompression), that LOAD would "
+        description="Check the header, the manifest and every blob's sha256 (and decompression), the graph tables, "
+        "allocation trace and outputs as LOAD checks them (for every rank of a rank template), that LOAD would "
         "trust the file (not writable by other users, or signed when FOUNDRY_ARCHIVE_KEY is set), then compare "
         "the saved fingerprint with this machine's when a CUDA GPU is present.",
     )
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "pack",
         help="export an archive as one self-contained file",
         description="Write a copy of ARCHIVE with every kernel image from the host's image store embedded, so the "
-        "single file can be copied to another machine. Images are verified on the way.",
+        "single file can be copied to another machine. Images are verified on the way. ARCHIVE must be one LOAD "
+        "would trust (not writable by other users, or signed when FOUNDRY_ARCHIVE_KEY is set).",
     )
     pack.add_argument("archive", metavar="ARCHIVE", help="path of the .foundry archive")
     pack.add_argument("output", metavar="OUTPUT", help="path of the self-contained archive to write")
@@ -83,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="sign an archive with the deployment's key (for shared archive directories)",
         description="Write ARCHIVE.hmac, an HMAC-SHA256 made with the key in FOUNDRY_ARCHIVE_KEY or the file named "
         "by FOUNDRY_ARCHIVE_KEY_FILE. With a key configured, LOAD accepts only archives signed with it, and then "
-        "also from directories other users can write. The archive is checked (as verify does) before it is signed.",
+        "also from directories other users can write. The archive must belong to this user (or root), writable by "
+        "nobody else, and pass verify's checks before it is signed.",
     )
     sign.add_argument("archive", metavar="ARCHIVE", help="path of the .foundry archive")
 
@@ -300,6 +303,7 @@ def cmd_verify(args) -> int:
     from foundry_core import fingerprint as fpr
     from foundry_core import trust
     from foundry_core.archive import Archive
+    from foundry_core.restore import check_archive_offline
     from foundry_core.store import image_bytes
 
     with Archive.open(args.archive) as archive:
@@ -310,6 +314,8 @@ def cmd_verify(args) -> int:
             image_bytes(archive, im)
         print(f"ok: {args.archive}: header, manifest and {records} blob records intact"
               + (f"; {len(in_store)} images in the image store intact" if in_store else ""))
+        check_archive_offline(archive)
+        print(f"ok: graph tables, trace and outputs pass LOAD's checks{_for_ranks(archive)}")
         print(f"ok: trusted for LOAD: {trust.check_archive(archive)}")
 
     if args.key is not None:
@@ -364,15 +370,24 @@ def cmd_sign(args) -> int:
     from foundry_core import trust
     from foundry_core.archive import Archive
     from foundry_core.errors import UntrustedArchive
+    from foundry_core.restore import check_archive_offline
 
     key = trust.archive_key()
     if key is None:
         raise UntrustedArchive(f"no key to sign with: set {trust.KEY_ENV} or {trust.KEY_FILE_ENV}")
     with Archive.open(args.archive) as archive:
+        trust.check_private(archive, to_sign=True)
         records = archive.verify_all(progress=args.verbose > 0 and sys.stderr.isatty())
+        check_archive_offline(archive)
         target = trust.write_signature(archive.path, archive.header, key)
-    print(f"ok: {args.archive}: {records} blob records intact; signature written to {target}")
+    print(f"ok: {args.archive}: {records} blob records intact, LOAD's checks pass{_for_ranks(archive)}; signature "
+          f"written to {target}")
     return EXIT_OK
+
+
+def _for_ranks(archive) -> str:
+    ranks = archive.manifest.ranks
+    return f" for each of its {ranks.world_size} ranks" if ranks is not None else ""
 
 
 # -- machine -----------------------------------------------------------------------------------------------

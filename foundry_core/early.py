@@ -99,7 +99,7 @@ class EarlyLoad:
         self.preloader = None  # restore.Preloader, run on this load's thread
         self.adopted = False
         self.started_at = self.opened_at = self.finished_at = 0.0
-        self._identity = None  # of the archive file as opened (a later open() of a replaced file redoes the work)
+        self._identity = None  # of the archive file as opened (open() redoes the work for a replaced or changed file)
         self._retained = None  # the CUdevice whose primary context this load retained (discard() releases it)
         self._opened = threading.Event()
         self._thread = threading.Thread(target=self._run, name="foundry-early-load", daemon=True)
@@ -203,8 +203,7 @@ class EarlyLoad:
             self.archive, self.problem, self.fingerprint = opened.archive, opened.problem, opened.fingerprint
             self.saved_trace, self.saved_blocks = opened.saved_trace, opened.saved_blocks
             if self.archive is not None:
-                st = self.archive.file_stat
-                self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                self._identity = _identity_of(self.archive.file_stat)
                 self.preloader = Preloader(self.archive, self.device, self.rank, bind=self._bind_primary_context)
         except BaseException as e:  # not an archive problem: open() does the work itself
             self.failure = e
@@ -241,7 +240,12 @@ def _resolve(path: str | os.PathLike) -> Path:
 
 def _identity(path: Path):
     try:
-        st = os.stat(path)
+        return _identity_of(os.stat(path))
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _identity_of(st: os.stat_result) -> tuple:
+    """Which file, in which state: an in-place write changes the ctime even when the mtime is put back (the ctime
+    cannot be set), a replacement changes the inode."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -25,7 +25,7 @@ __all__ = ["TRACE_DTYPE", "encode", "decode", "decode_blocks", "check", "check_b
 TRACE_DTYPE = np.dtype(
     [("op", "u1"), ("pool", "u1"), ("reserved", "<u2"), ("granules", "<u4"), ("offset", "<u8")]
 )
-assert TRACE_DTYPE.itemsize == 16
+assert TRACE_DTYPE.itemsize == schema.TRACE_RECORD_BYTES
 
 OP_ALLOC, OP_FREE, OP_MAP = 1, 2, 3
 OP_NAMES = {OP_ALLOC: "allocation", OP_FREE: "free", OP_MAP: "raw mapping", 0: "lost record"}

@@ -13,9 +13,10 @@ import hashlib
 import logging
 import os
 import shutil
+import site
 import stat
 import subprocess
-import sys
+import sysconfig
 import tempfile
 import threading
 from pathlib import Path
@@ -29,19 +30,36 @@ _loaded: dict[str, ctypes.CDLL] = {}
 _lock = threading.Lock()
 
 
+def site_dirs() -> list[str]:
+    """The interpreter's own package directories (site-packages of its environment and of the user), absolute: with
+    CUDA_HOME, the only places foundry takes NVIDIA's headers and libraries from. Never ``sys.path`` as such: it
+    holds the working directory ('' or its absolute path), and whoever can write there would choose the code
+    foundry compiles or loads."""
+    dirs = [sysconfig.get_paths()[key] for key in ("purelib", "platlib")] + list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dict.fromkeys(dirs) if os.path.isabs(d)]
+
+
+def cuda_homes() -> list[str]:
+    """CUDA_HOME, CUDA_PATH (absolute paths only: a relative one would mean the working directory), then
+    /usr/local/cuda."""
+    homes = [os.environ.get(env, "") for env in ("CUDA_HOME", "CUDA_PATH")]
+    return [h for h in dict.fromkeys(homes) if os.path.isabs(h)] + ["/usr/local/cuda"]
+
+
 def cuda_include_dirs() -> list[str]:
-    """Directories that may hold ``cuda.h`` (CUDA_HOME, /usr/local/cuda, pip's nvidia wheels)."""
-    dirs = []
-    for env in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(env):
-            dirs.append(os.path.join(os.environ[env], "include"))
-    dirs.append("/usr/local/cuda/include")
-    for sp in sys.path:
-        for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include", "nvidia/cu12/include"):
-            p = os.path.join(sp, sub)
-            if os.path.isdir(p):
-                dirs.append(p)
-    return [d for d in dict.fromkeys(dirs) if os.path.exists(os.path.join(d, "cuda.h"))]
+    """Directories that hold ``cuda.h``: under :func:`cuda_homes`, then pip's nvidia wheels in :func:`site_dirs`."""
+    dirs = [os.path.join(home, "include") for home in cuda_homes()]
+    for sp in site_dirs():
+        dirs += [os.path.join(sp, sub) for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include",
+                                                   "nvidia/cu12/include")]
+    return [d for d in dict.fromkeys(dirs) if os.path.isfile(os.path.join(d, "cuda.h"))]
+
+
+def c_compiler() -> str | None:
+    """$CC, else the first of cc, gcc, clang on PATH; None when there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
 def cache_dir() -> Path:
@@ -103,7 +121,7 @@ def library_path(name: str, sources: list[str], rebuild: bool = False) -> Path:
         return out
     if out.exists() or out.is_symlink():
         log.warning("foundry: %s is not the library foundry built (hash, owner or mode differ); rebuilding", out)
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = c_compiler()
     if not cc:
         raise NativeBuildError("no C compiler found (set CC) to build foundry's native helper")
     incs = cuda_include_dirs()

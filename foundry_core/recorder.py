@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from foundry_core import native
-from foundry_core.errors import FoundryError
+from foundry_core.errors import DeviceUnavailable, FoundryError
+from foundry_core.fingerprint import gpu_unavailable_reason
 
 __all__ = ["CapturedImage", "ImageCaptureError", "ImageRecorder", "ModuleGlobal", "find_libcupti"]
 
@@ -72,15 +73,13 @@ def find_libcupti() -> str:
             raise ImageCaptureError(f"FOUNDRY_LIBCUPTI={env} does not exist")
         return env
     patterns = []
-    for sp in sys.path:
-        if sp and os.path.isdir(os.path.join(sp, "nvidia")):
-            patterns += [
-                os.path.join(sp, "nvidia", "cu13", "lib", "libcupti.so*"),
-                os.path.join(sp, "nvidia", "cuda_cupti", "lib", "libcupti.so*"),
-                os.path.join(sp, "nvidia", "cu12", "lib", "libcupti.so*"),
-            ]
-    homes = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")] + ["/usr/local/cuda"]
-    for home in filter(None, homes):
+    for sp in native.site_dirs():  # never the working directory: a library found there would run here
+        patterns += [
+            os.path.join(sp, "nvidia", "cu13", "lib", "libcupti.so*"),
+            os.path.join(sp, "nvidia", "cuda_cupti", "lib", "libcupti.so*"),
+            os.path.join(sp, "nvidia", "cu12", "lib", "libcupti.so*"),
+        ]
+    for home in native.cuda_homes():
         patterns += [os.path.join(home, "extras", "CUPTI", "lib64", "libcupti.so*"),
                      os.path.join(home, "lib64", "libcupti.so*"), os.path.join(home, "lib", "libcupti.so*")]
     for pattern in patterns:
@@ -105,7 +104,8 @@ class ImageRecorder:
     """
 
     def start(self, libcupti_path: str | None = None, warn_if_late: bool = True) -> "ImageRecorder":
-        """Subscribe to CUPTI module callbacks. Raises ImageCaptureError with the reason if it cannot.
+        """Subscribe to CUPTI module callbacks. Raises ImageCaptureError with the reason if it cannot
+        (DeviceUnavailable when CUPTI refuses because there is no usable CUDA device).
 
         ``warn_if_late=False``: the caller knows that no kernel has run yet in this process even if CUDA is
         initialised (modules load lazily, at their first launch), so nothing can have been missed."""
@@ -117,6 +117,8 @@ class ImageRecorder:
         path = libcupti_path or find_libcupti()
         err = ctypes.create_string_buffer(512)
         rc = lib.foundry_cupti_start(path.encode(), err, len(err))
+        if rc > 0 and (no_gpu := gpu_unavailable_reason()) is not None:  # CUPTI says only CUPTI_ERROR_UNKNOWN
+            raise DeviceUnavailable(f"no usable CUDA device: {no_gpu}")
         if rc != 0:
             raise ImageCaptureError(f"cannot record kernel images: {err.value.decode(errors='replace')}")
         log.info("recording module images through %s%s", path,

@@ -21,11 +21,12 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from foundry_core import schema, validate
+from foundry_core import layout, schema, validate
 from foundry_core.errors import ArchiveError, FoundryError
 from foundry_core.store import image_bytes
 
-__all__ = ["RestoreInputs", "Restoration", "RestoredGraph", "RestoreStats", "restore_archive"]
+__all__ = ["RestoreInputs", "Restoration", "RestoredGraph", "RestoreStats", "check_archive_offline",
+           "restore_archive"]
 
 log = logging.getLogger("foundry_core.restore")
 
@@ -249,6 +250,20 @@ def check_output_structures(archive) -> None:
             output_structure(rec)
         except ArchiveError as e:
             raise ArchiveError(f"{archive.path}: {e}") from None
+
+
+def check_archive_offline(archive) -> None:
+    """Everything LOAD checks without a GPU, for every rank the archive serves: the decompression budget, the
+    allocation trace, and :func:`check_archive_for_load` with each rank's patches. ``verify`` and ``sign`` run it,
+    so that they pass only what LOAD accepts."""
+    m = archive.manifest
+    archive.check_inflate_budget()
+    if m.trace is not None:
+        layout.decode(m.trace, str(archive.path))
+        layout.decode_blocks(m.trace, str(archive.path))
+    for rank in [None] if m.ranks is None else range(m.ranks.world_size):
+        check_tables_for_load(archive, rank)
+    check_output_structures(archive)
 
 
 class Preloader:
@@ -596,8 +611,6 @@ def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], backg
     archive, arena, device = inputs.archive, inputs.arena, inputs.device
     m = archive.manifest
     start, end = m.arena.capture_start, m.arena.capture_end
-    from foundry_core import layout
-
     live = arena.trace()
     layout.check(m.trace, inputs.saved_trace, live, m.arena.granularity)
     stats.layout_seconds, stats.layout_records = time.perf_counter() - t0, len(live)

@@ -82,6 +82,9 @@ MEMSET_DTYPE = np.dtype(
 )
 assert MEMSET_DTYPE.itemsize == 40
 
+#: Bytes of one allocation-trace row (``layout.TRACE_DTYPE``).
+TRACE_RECORD_BYTES = 16
+
 
 # ---------------------------------------------------------------------------
 # Manifest structs
@@ -201,6 +204,11 @@ class AllocationTrace(msgspec.Struct, frozen=True, kw_only=True):
     blocks: bytes = b""
     num_blocks: int = 0
     blocks_sha256: str = ""
+
+    @property
+    def inflated_bytes(self) -> int:
+        """What ``records`` and ``blocks`` declare to decompress to."""
+        return TRACE_RECORD_BYTES * max(self.count, 0) + 16 * max(self.num_blocks, 0)
 
 
 class RngState(msgspec.Struct, frozen=True, kw_only=True):

@@ -93,6 +93,7 @@ def open_for_load(path: Path, key: str, device: int, rank: Optional[int],
         if ranks is not None and not (rank is not None and 0 <= rank < ranks.world_size):
             raise ArchiveError(f"{path} is a template for {ranks.world_size} ranks; this process is rank "
                                f"{rank} (pass Session(rank=...))")
+        out.archive.check_inflate_budget()  # one budget for everything it decompresses, the trace included
         if out.archive.manifest.trace is not None:  # decoded now so restore() only compares
             out.saved_trace = layout.decode(out.archive.manifest.trace, str(path))
             out.saved_blocks = layout.decode_blocks(out.archive.manifest.trace, str(path))

@@ -5,11 +5,15 @@ Archives of different layouts (TP1, TP2, EP2 ...) and models load mostly the sam
 manifest refers to it by hash (``KernelImage.in_store``); an archive then holds only its own graph tables and
 snapshots, and N layouts store their images once.
 
-- Names are the sha256 of the contents; a read re-hashes the file and refuses one that does not match.
+- Names are the sha256 of the contents; a read re-hashes the file and refuses one that does not match. Reads open
+  regular files only (never through a symbolic link, never waiting on a FIFO) and read no more than the size the
+  archive recorded.
 - Writers never expose a partial file: each writes a temporary file of its own (exclusive create), fsyncs it and
   renames it over the final name. Concurrent writers of the same image race harmlessly (same bytes).
 - ``gc`` removes images no archive in the directory refers to, sparing recent files (a SAVE in progress has put
-  its images but not yet written its archive) and refusing to run while an archive cannot be read.
+  its images but not yet written its archive) and refusing to run while an archive cannot be read. ``put`` and
+  ``gc`` share a lock file (``flock`` of ``.lock``): gc never decides about an image between put's check of it
+  and the refresh of its mtime.
 - ``pack_archive`` exports an archive with its images embedded (the single-file form, for copying elsewhere).
 Images are GPU code: the store is trusted input, as archives are; verification protects against damage, not
 against someone who can write the directory.
@@ -17,19 +21,23 @@ against someone who can write the directory.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import msgspec
 
-from foundry_core.archive import Archive, ArchiveWriter, _fsync_dir
+from foundry_core import trust
+from foundry_core.archive import Archive, ArchiveWriter, _fsync_dir, read_at
 from foundry_core.errors import ArchiveError
 from foundry_core.schema import KernelImage
 
@@ -42,6 +50,7 @@ ARCHIVE_GLOB = "*.foundry"
 DEFAULT_GRACE_S = 3600.0
 _NAME = re.compile(r"[0-9a-f]{64}")
 _TMP_PREFIX = ".tmp-"
+_LOCK_NAME = ".lock"
 
 
 class StoreError(ArchiveError):
@@ -82,71 +91,83 @@ class ImageStore:
 
     # -- writing -------------------------------------------------------------------------------------------
     def put(self, data) -> str:
-        """Store ``data`` (bytes-like) and return its sha256. An intact existing copy is kept; a damaged one is
-        replaced."""
+        """Store ``data`` (bytes-like) and return its sha256. An intact existing copy is kept (its mtime refreshed,
+        so ``gc`` spares it for the grace period); a damaged one is replaced."""
         view = memoryview(data).cast("B")
         sha = sha256_of(view)
         final = self.path(sha)
-        if final.is_file() and self._intact(final, sha, len(view)):
-            with contextlib.suppress(OSError):
-                os.utime(final)  # fresh again: gc spares it until this SAVE's archive refers to it
-            return sha
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=SUFFIX, dir=self.root)  # O_EXCL, unique
-        except OSError as err:
-            raise StoreError(f"{self.root}: cannot write the image store: {err.strerror or err}") from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(view)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o444)
-            os.replace(tmp, final)  # atomic: readers see no file or the whole file
-        except OSError as err:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise StoreError(f"{final}: cannot write: {err.strerror or err}") from None
+        with self._lock(exclusive=False):  # gc cannot decide about this image between the check and the refresh
+            if self._intact(final, sha, len(view)):
+                with contextlib.suppress(OSError):
+                    os.utime(final)  # fresh again: gc spares it until this SAVE's archive refers to it
+                return sha
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=SUFFIX, dir=self.root)  # O_EXCL, unique
+            except OSError as err:
+                raise StoreError(f"{self.root}: cannot write the image store: {err.strerror or err}") from None
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(view)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, final)  # atomic: readers see no file or the whole file
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise StoreError(f"{final}: cannot write: {err.strerror or err}") from None
         _fsync_dir(self.root)
         return sha
 
+    @contextlib.contextmanager
+    def _lock(self, exclusive: bool) -> Iterator[None]:
+        """``flock`` of ``ROOT/.lock``: ``put`` holds it shared from its check of an image to the refresh of its
+        mtime (or its write), ``gc`` exclusively while it decides and deletes."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            fd = os.open(self.root / _LOCK_NAME, flags, 0o644)
+        except OSError as err:
+            raise StoreError(f"{self.root}: cannot lock the image store: {err.strerror or err}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StoreError(f"{self.root / _LOCK_NAME}: not a regular file; remove it")
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     # -- reading -------------------------------------------------------------------------------------------
     def get(self, sha256: str, size: Optional[int] = None) -> bytes:
-        """The image's bytes, re-hashed; StoreError if it is missing, truncated or damaged."""
+        """The image's bytes, re-hashed; StoreError if it is missing, truncated, damaged or not a regular file."""
         path = self.path(sha256)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise StoreError(f"{path}: kernel image missing from the store (removed, or the archive was copied "
-                             f"without it; export with 'python -m foundry_core pack')") from None
-        except OSError as err:
-            raise StoreError(f"{path}: cannot read: {err.strerror or err}") from None
-        if size is not None and len(data) != size:
-            raise StoreError(f"{path}: {len(data)} bytes, the archive recorded {size} (truncated or corrupt)")
+        data = _read_regular(path, size)
         if sha256_of(data) != sha256:
             raise StoreError(f"{path}: sha256 mismatch (corrupt image refused)")
         return data
 
     def check(self, images: Iterable[KernelImage]) -> None:
-        """Cheap presence check (exists, recorded size) of an archive's store images, for open()."""
+        """Cheap presence check (a regular file of the recorded size) of an archive's store images, for open()."""
         for image in images:
             if not image.in_store:
                 continue
             path = self.path(image.sha256)
             try:
-                size = path.stat().st_size
+                st = os.lstat(path)
             except OSError:
                 raise StoreError(f"{path}: kernel image missing from the store") from None
-            if size != image.size:
-                raise StoreError(f"{path}: {size} bytes, the archive recorded {image.size} (truncated or corrupt)")
+            _check_regular(path, st, image.size)
 
     def entries(self) -> dict[str, int]:
-        """sha256 -> size of every image file."""
+        """sha256 -> size of every image file (regular files only)."""
         out = {}
         if self.root.is_dir():
             for p in self.root.iterdir():
                 if p.suffix == SUFFIX and _NAME.fullmatch(p.stem):
-                    out[p.stem] = p.stat().st_size
+                    with contextlib.suppress(OSError):
+                        st = p.lstat()
+                        if stat.S_ISREG(st.st_mode):
+                            out[p.stem] = st.st_size
         return out
 
     # -- garbage collection --------------------------------------------------------------------------------
@@ -162,12 +183,18 @@ class ImageStore:
             except ArchiveError as err:
                 raise StoreError(f"gc refused: cannot tell which images {p} needs ({err})") from None
         report = GcReport()
-        now = time.time()
         if not self.root.is_dir():
             return report
+        with self._lock(exclusive=True):
+            self._collect(referenced, grace_s, dry_run, report)
+        return report
+
+    def _collect(self, referenced: set[str], grace_s: float, dry_run: bool, report: GcReport) -> None:
+        """gc's decisions and deletions (under the exclusive lock)."""
+        now = time.time()
         for p in sorted(self.root.iterdir()):
             try:
-                st = p.stat()
+                st = p.lstat()
             except FileNotFoundError:
                 continue  # a concurrent writer renamed it away
             recent = now - st.st_mtime < grace_s
@@ -190,7 +217,6 @@ class ImageStore:
                 if not dry_run:
                     with contextlib.suppress(OSError):
                         p.unlink()
-        return report
 
     def archives_beside(self) -> list[Path]:
         """The archives that share this store: ``*.foundry`` in its parent directory."""
@@ -199,10 +225,36 @@ class ImageStore:
     @staticmethod
     def _intact(path: Path, sha256: str, size: int) -> bool:
         try:
-            data = path.read_bytes()
-        except OSError:
+            return sha256_of(_read_regular(path, size)) == sha256
+        except ArchiveError:
             return False
-        return len(data) == size and sha256_of(data) == sha256
+
+
+def _check_regular(path: Path, st: os.stat_result, size: Optional[int]) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{path}: not a regular file (a symbolic link, FIFO or device); refused")
+    if size is not None and st.st_size != size:
+        raise StoreError(f"{path}: {st.st_size} bytes, the archive recorded {size} (truncated or corrupt)")
+
+
+def _read_regular(path: Path, size: Optional[int]) -> bytes:
+    """The bytes of the regular file ``path``, opened without following a symbolic link or waiting on a FIFO, and
+    never more than it held when opened (which must be ``size`` when given)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: kernel image missing from the store (removed, or the archive was copied "
+                         f"without it; export with 'python -m foundry_core pack')") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise StoreError(f"{path}: not a regular file (a symbolic link, FIFO or device); refused") from None
+        raise StoreError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        st = os.fstat(fd)
+        _check_regular(path, st, size)
+        return read_at(fd, 0, st.st_size, str(path))
+    finally:
+        os.close(fd)
 
 
 def store_images(writer, images, store: Optional[ImageStore]) -> list[KernelImage]:
@@ -264,17 +316,21 @@ def store_usage(archive) -> dict:
 
 
 def pack_archive(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Export ``src`` as a single-file archive at ``dst`` with every store image embedded (verified on the way)."""
+    """Export ``src`` as a single-file archive at ``dst`` with every store image embedded (verified on the way).
+    The source must pass LOAD's trust check (``trust.check_archive``): the copy is the caller's file, and signed
+    when a key is configured."""
     if Path(src).resolve() == Path(dst).resolve():
         raise StoreError(f"{dst}: pack needs a destination other than the source")
-    with Archive.open(src) as archive, ArchiveWriter(dst) as writer:
+    with Archive.open(src) as archive:
+        trust.check_archive(archive)  # the copy is this user's (and signed, with a key): only what LOAD would trust
         m = archive.manifest
-        for name, blob in m.blobs.items():
-            writer.add_blob(name, archive.blob(name), compress=blob.codec != "raw")
-        images = []
-        for im in m.images:
-            if im.in_store:
-                name = writer.add_blob(f"image/{im.sha256[:16]}", image_bytes(archive, im), compress=False)
-                im = msgspec.structs.replace(im, blob=name, in_store=False)
-            images.append(im)
-        return writer.finish(msgspec.structs.replace(m, images=images))
+        with ArchiveWriter(dst) as writer:
+            for name, blob in m.blobs.items():
+                writer.add_blob(name, archive.blob(name), compress=blob.codec != "raw")
+            images = []
+            for im in m.images:
+                if im.in_store:
+                    name = writer.add_blob(f"image/{im.sha256[:16]}", image_bytes(archive, im), compress=False)
+                    im = msgspec.structs.replace(im, blob=name, in_store=False)
+                images.append(im)
+            return writer.finish(msgspec.structs.replace(m, images=images))

@@ -25,7 +25,7 @@ from typing import Optional
 
 from foundry_core.errors import UntrustedArchive
 
-__all__ = ["archive_key", "check_archive", "signature_path", "tag", "write_signature"]
+__all__ = ["archive_key", "check_archive", "check_private", "signature_path", "tag", "write_signature"]
 
 log = logging.getLogger("foundry_core.trust")
 
@@ -89,8 +89,7 @@ def check_archive(archive) -> str:
     st = archive.file_stat
     key = archive_key()
     if key is None:
-        _check_owner(st, f"{archive.path}")
-        return "private to this user (not writable by others)"
+        return check_private(archive)
     if st.st_mode & 0o022:
         raise UntrustedArchive(f"{archive.path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
                                "`chmod go-w` it")
@@ -107,10 +106,21 @@ def check_archive(archive) -> str:
     return "signed with the configured key"
 
 
-def _check_owner(st: os.stat_result, what: str) -> None:
+def check_private(archive, to_sign: bool = False) -> str:
+    """Refuse an opened archive that another user could have written (owner other than this user or root, or
+    writable by group or others), whatever key is configured; returns how it is trusted. ``sign`` requires this:
+    a signature would make another user's file trusted everywhere the key is."""
+    _check_owner(archive.file_stat, f"{archive.path}", to_sign)
+    return "private to this user (not writable by others)"
+
+
+def _check_owner(st: os.stat_result, what: str, to_sign: bool = False) -> None:
+    sign_only_own = "a signature makes every LOAD with the key trust it, so sign only what this user wrote"
     if st.st_uid not in (os.geteuid(), 0):
-        raise UntrustedArchive(f"{what} belongs to uid {st.st_uid}, not this user or root; LOAD runs an archive's "
-                               f"GPU code, so it loads only what this user wrote (or sign archives: {KEY_ENV})")
+        raise UntrustedArchive(f"{what} belongs to uid {st.st_uid}, not this user or root; " + (sign_only_own if to_sign
+                               else f"LOAD runs an archive's GPU code, so it loads only what this user wrote (or sign "
+                               f"archives: {KEY_ENV})"))
     if st.st_mode & 0o022:
-        raise UntrustedArchive(f"{what} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); LOAD runs an "
-                               f"archive's GPU code: `chmod go-w` it, or sign archives for shared use ({KEY_ENV})")
+        raise UntrustedArchive(f"{what} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); " + (
+            f"`chmod go-w` it first: {sign_only_own}" if to_sign else
+            f"LOAD runs an archive's GPU code: `chmod go-w` it, or sign archives for shared use ({KEY_ENV})"))

@@ -70,6 +70,7 @@ def check_manifest(where: str, m: schema.Manifest) -> None:
             if offset < 0 or offset % 8 or not 0 <= inside < var.size:
                 raise ArchiveError(f"{what}: reference at payload byte {offset} (+{inside}) is not an aligned word "
                                    "pointing inside it")
+    _check_ranks(where, m)
     lo, hi = restored_range(m)
     if len({s.id for s in m.slots}) != len(m.slots):
         raise ArchiveError(f"{where}: two slot descriptions share an id")
@@ -78,6 +79,26 @@ def check_manifest(where: str, m: schema.Manifest) -> None:
             if size < 0 or (size and not lo <= address <= address + size <= hi):
                 raise ArchiveError(f"{where}: slot {s.id} ({s.op[:40]}) {what} buffer {address:#x}+{size} lies "
                                    f"outside the arena's restored memory [{lo:#x}, {hi:#x})")
+
+
+def _check_ranks(where: str, m: schema.Manifest) -> None:
+    """A rank template's deltas: one per rank 1..world_size-1 at most, each patch aimed at exactly one graph or
+    snapshot that exists (LOAD would otherwise ignore it silently)."""
+    if m.ranks is None:
+        return
+    world = m.ranks.world_size
+    if world < 1:
+        raise ArchiveError(f"{where}: rank template for {world} ranks")
+    ranks = [d.rank for d in m.ranks.deltas]
+    if len(set(ranks)) != len(ranks) or not all(1 <= r < world for r in ranks):
+        raise ArchiveError(f"{where}: rank template deltas for ranks {sorted(ranks)[:8]}; expected each of 1.."
+                           f"{world - 1} at most once")
+    for delta in m.ranks.deltas:
+        for p in delta.patches:
+            if (p.graph >= 0) == (p.snapshot >= 0) or p.graph >= len(m.graphs) or p.snapshot >= len(m.snapshots):
+                raise ArchiveError(f"{where}: rank {delta.rank} patch at {p.offset} is for graph {p.graph} and "
+                                   f"snapshot {p.snapshot}; the archive has {len(m.graphs)} graphs and "
+                                   f"{len(m.snapshots)} snapshots, and a patch is for exactly one of them")
 
 
 def check_graph_tables(where: str, m: schema.Manifest, index: int, nodes: np.ndarray, payload: np.ndarray,

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Stage locked wheel sets onto a GPU host without a package index (chunked staging, docs/STAGING.md).
+"""Stage locked wheel sets onto a GPU host without a package index, in chunks.
 
-The GPU machine has torch 2.11 (which SGLang 0.5.11-0.5.17 pin), but none of SGLang's other wheels, no Ray, and a
-call may carry at most 64 MiB. A *wheel set* (``--set``) is one locked list of cp312 wheels staged the same way
-(docs/STAGING.md): ``sglang`` (default) is the set measured to serve a real SGLang 0.5.17 server there; ``ray`` is
-Ray with what ``ray[serve]`` and this project's elastic code need beyond the image (``scripts/stage_ray.py``).
+The GPU host this is made for has torch 2.11 (which SGLang 0.5.11-0.5.17 pin) but none of SGLang's other wheels
+and no Ray, and takes files in transfers of limited size. A *wheel set* (``--set``) is one locked list of cp312
+wheels staged the same way (docs/STAGING.md): ``sglang`` (default) is the set measured to serve a real SGLang
+0.5.17 server there; ``ray`` is Ray with what ``ray[serve]`` and this project's elastic code need beyond the image
+(``scripts/stage_ray.py``).
 
 * ``build`` (dev machine, needs pip's index; nvcc for sglang): downloads the set's locked cp312 wheels; for
   sglang trims ``sglang-kernel`` to the Hopper library it loads on an H200 (``sgl_kernel/sm90/common_ops``, a
@@ -523,7 +524,8 @@ def build_parser(default_set: str = "sglang", prog: str = "scripts/stage_sglang.
                    help=f"wheel set to build (default %(default)s; {sets})")
     b.add_argument("--stage", default=None, help="output folder (git-ignored; default: the set's, see --set)")
     b.add_argument("--part-mib", type=float, default=55.0,
-                   help="largest part in MiB; a device call carries at most 64 MiB with the code (default 55)")
+                   help="largest part in MiB: each part travels on its own, with the code, in one transfer "
+                        "(default 55)")
     b.add_argument("--head-dims", default="128", help="attention head_dims of the models to serve (default 128)")
     b.add_argument("--kv-row-bytes", default="2048,1024",
                    help="KV row widths per rank in bytes, kv_heads*head_dim*2 for bf16 (default: Qwen3-8B and "

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from foundry_core import schema
+from foundry_core import native, schema
 from foundry_core.archive import ArchiveWriter
 
 ARENA_BASE = 0x6A0000000000
@@ -159,10 +160,42 @@ def rewrite_manifest(path: Path, manifest_doc) -> None:
     path.write_bytes(bytes(data))
 
 
+def returns_within(seconds: float, fn, *args):
+    """``fn(*args)``, or AssertionError when it has not returned after ``seconds`` (it blocked: a FIFO, a device)."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as err:  # re-raised on the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise AssertionError(f"{getattr(fn, '__qualname__', fn)} still running after {seconds} s (blocked)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 # -- CI: a skip for a missing required dependency is a failure ------------------------------------------------------
-#: Comma-separated top-level modules (e.g. "sglang,transformers,ray") whose absence must fail the run instead of
-#: skipping tests; .ci/run sets it, so a broken install cannot silently turn tests off.
+#: Comma-separated requirements whose absence must fail the run instead of skipping tests: top-level modules
+#: (e.g. "sglang,transformers,ray") and the tools of :data:`TOOLS`; .ci/run sets it, so a broken install cannot
+#: silently turn tests off.
 REQUIRED_ENV = "FOUNDRY_CI_REQUIRE"
+#: Requirements that are not modules: what building foundry's native helpers needs.
+TOOLS = {"cc": "a C compiler", "cuda_h": "the CUDA driver API header cuda.h"}
+_TOOLS_PREFIX = "missing requirement: "
+
+
+def missing_tools() -> str | None:
+    """The skip reason of a test that builds the native helpers, when this machine cannot (None when it can); it
+    names the requirements so that FOUNDRY_CI_REQUIRE can turn the skip into a failure."""
+    missing = [name for name, present in (("cc", native.c_compiler()), ("cuda_h", native.cuda_include_dirs()))
+               if not present]
+    return _TOOLS_PREFIX + ", ".join(f"{name} ({TOOLS[name]})" for name in missing) if missing else None
 
 
 def _missing_required(report) -> str | None:
@@ -170,9 +203,11 @@ def _missing_required(report) -> str | None:
     if not required or not report.skipped:
         return None
     reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
-    for module in required:
-        if f"could not import '{module}'" in reason or f"could not import '{module}." in reason:
-            return f"{REQUIRED_ENV} requires {module}, but the test skipped: {reason}"
+    tools = reason.split(_TOOLS_PREFIX, 1)[1] if _TOOLS_PREFIX in reason else ""
+    for name in required:
+        if (f"could not import '{name}'" in reason or f"could not import '{name}." in reason
+                or (name in TOOLS and f"{name} (" in tools)):
+            return f"{REQUIRED_ENV} requires {name}, but the test skipped: {reason}"
     return None
 
 

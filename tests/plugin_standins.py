@@ -13,6 +13,18 @@ import os
 import torch
 
 
+class SlotLog:
+    """Stands in for a SAVE session's ``slot()``: records what ``Session.slot`` would be told (no kernel is
+    launched on CPU)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def slot(self, op, **fields):
+        self.calls.append(dict(fields, op=op))
+        return len(self.calls)
+
+
 class CpuStandInGraph:
     """Stands in for a captured CUDA graph: replay() recomputes the captured output on CPU."""
 

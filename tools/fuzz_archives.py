@@ -5,16 +5,20 @@
 
 Every case starts from a realistic archive (kernels, memset, memcpy, events, a child graph, snapshots, outputs
 with a pytree structure) and corrupts it: manifest fields (odd types, boundary integers, nesting thousands deep,
-deletions) or the node, payload, attribute and edge tables. Tables are re-stored with valid sha256s, as a
-deliberate tamperer would, so the corruption reaches the consistency checks instead of stopping at the hashes.
-Each case then runs the CPU side of LOAD (``restore.check_archive_for_load`` as rank 1 of a rank template:
-container, manifest, addresses, every table with the rank's patches, child graphs, output structures; the
-allocation trace) and, whether Python accepted the tables or not, the native
-builder's own bounds check (``foundry_check_graph`` in ``_native/restore.c``) on the raw tables.
+deletions), the node, payload, attribute and edge tables, or sizes: declared sizes of blobs, zlib streams that
+inflate to more or less than declared, zlib bombs (up to the decompression budget each, in several blobs), and
+one blob named by many records. Blobs are re-stored with valid sha256s, as a deliberate tamperer would, so the
+corruption reaches the consistency checks instead of stopping at the hashes.
+Each case then runs the CPU side of LOAD for every rank of its rank template (``restore.check_archive_offline``:
+container, manifest, addresses, the decompression budget, every table with each rank's patches, child graphs,
+output structures, the allocation trace) and, whether Python accepted the tables or not, the native builder's own
+bounds check (``foundry_check_graph`` in ``_native/restore.c``) on the raw tables. Workers run with a
+decompression budget of ``BUDGET`` bytes, and the memory a case takes is measured (peak RSS).
 
 Outcomes: accepted, refused (a one-line FoundryError), or a defect: a crash (the checking process died), a hang
-(no answer within ``--timeout`` seconds) or any other exception. Exit status 1 when there is a defect.
-``tests/core/test_archive_fuzz_load.py`` runs a few hundred cases in CI.
+(no answer within ``--timeout`` seconds), any other exception, or a case that took more memory than
+``MEMORY_LIMIT`` (what believing the archive may cost: the budget, twice, and working room). Exit status 1 when
+there is a defect. ``tests/core/test_archive_fuzz_load.py`` runs a few hundred cases in CI.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import sys
 import tempfile
 import time
 import traceback
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -44,6 +50,9 @@ CAPTURE_END = CAPTURE_START + (6 << 20)
 CAPTURE = ARENA_BASE + CAPTURE_START  # first address of the capture region
 MEMCPY3D_SIZE = 200
 CU_MEMORYTYPE_DEVICE = 2
+#: The decompression budget workers run with (FOUNDRY_INFLATE_BUDGET), and the most memory one case may take.
+BUDGET = 64 << 20
+MEMORY_LIMIT = 2 * BUDGET + (32 << 20)
 
 FINGERPRINT = schema.Fingerprint(
     gpu_name="NVIDIA H200", compute_capability="9.0", driver_version=13000, cuda_runtime="13.0",
@@ -185,14 +194,30 @@ def read_archive(path: Path) -> tuple[dict, dict[str, bytes]]:
         return doc, {n: archive.blob(n) for n in archive.names()}
 
 
-def write_archive(path: Path, doc, blobs: dict[str, bytes]) -> None:
-    """Write ``doc`` (a manifest as plain data, which may be anything) with ``blobs``, each with a valid sha256."""
+@dataclass(frozen=True)
+class Stored:
+    """A blob given as its stored bytes, recorded with ``codec`` and declared ``size`` (whatever they are)."""
+
+    data: bytes
+    codec: str
+    size: int
+
+
+def write_archive(path: Path, doc, blobs: dict[str, "bytes | Stored"]) -> None:
+    """Write ``doc`` (a manifest as plain data, which may be anything) with ``blobs``, each with a valid sha256 of
+    its stored bytes."""
     with ArchiveWriter(path) as w:
         for name, data in blobs.items():
-            w.add_blob(name, data)
+            if isinstance(data, Stored):
+                w.add_blob(name, data.data, compress=False)
+            else:
+                w.add_blob(name, data)
         w.finish(_EMPTY_MANIFEST)
     with Archive.open(path) as archive:
         records = msgspec.to_builtins(archive.manifest.blobs, builtin_types=(bytes,))
+    for name, data in blobs.items():
+        if isinstance(data, Stored):
+            records[name] = dict(records[name], codec=data.codec, size=data.size)
     if isinstance(doc, dict):
         doc = dict(doc, blobs=records)
     replace_manifest(path, doc)
@@ -380,6 +405,68 @@ def corrupt_table(doc, blobs, rng: random.Random) -> str:
     return f"blob {name} bytes flipped"
 
 
+_ZEROS: dict[int, bytes] = {}
+
+
+def zlib_of_zeros(n: int) -> bytes:
+    """A zlib stream of ``n`` zero bytes (about 1000:1), made once per process."""
+    if n not in _ZEROS:
+        packer, chunk = zlib.compressobj(9), bytes(1 << 20)
+        parts = [packer.compress(chunk[: min(len(chunk), n - at)]) for at in range(0, n, len(chunk))]
+        _ZEROS[n] = b"".join(parts) + packer.flush()
+    return _ZEROS[n]
+
+
+def _used_blob_names(doc) -> list[str]:
+    """Names the manifest uses for graph tables, template edges, snapshots and images (with repeats)."""
+    names = [g.get(f) for g in doc.get("graphs", []) if isinstance(g, dict) for f in ("nodes", "payload", "attrs")]
+    names += [t.get("edges") for t in doc.get("templates", []) if isinstance(t, dict)]
+    names += [x.get("blob") for key in ("snapshots", "images") for x in doc.get(key, []) if isinstance(x, dict)]
+    return [n for n in names if isinstance(n, str) and n]
+
+
+def corrupt_sizes(doc, blobs, rng: random.Random) -> str:
+    """Declared sizes against stored ones: what a zlib bomb or a lying record looks like."""
+    used = _used_blob_names(doc)
+    roll = rng.random()
+    if roll < 0.35:  # one blob's declared size
+        name = rng.choice(used)
+        data = blobs[name] if isinstance(blobs[name], bytes) else blobs[name].data
+        packed = rng.random() < 0.7
+        stored = zlib.compress(data, 6) if packed else data
+        size = rng.choice([0, 1, len(data) - 1, len(data) + 1, 2 * len(data), len(stored) * 1100 + 64,
+                           len(stored) * 1100 + 65, BUDGET - 1, BUDGET, BUDGET + 1, 2**31, 2**63 - 1, -1])
+        blobs[name] = Stored(stored, "zlib" if packed else "raw", size)
+        return f"blob {name} ({'zlib' if packed else 'raw'}, {len(data)} bytes) declared {size}"
+    if roll < 0.55:  # a zlib stream that inflates to other than it declares
+        name = rng.choice(used)
+        data = blobs[name] if isinstance(blobs[name], bytes) else bytes(64)
+        stream = zlib.compress(data, 6)
+        how = rng.choice(["truncated", "trailing bytes", "two streams", "more than declared", "less than declared"])
+        stored, size = {"truncated": (stream[: max(len(stream) - rng.randint(1, 8), 0)], len(data)),
+                        "trailing bytes": (stream + rng.randbytes(rng.randint(1, 16)), len(data)),
+                        "two streams": (stream + stream, 2 * len(data)),
+                        "more than declared": (zlib.compress(data + bytes(4096), 6), len(data)),
+                        "less than declared": (stream, len(data) + rng.choice((1, 8, 4096)))}[how]
+        blobs[name] = Stored(stored, "zlib", size)
+        return f"blob {name} zlib {how}"
+    if roll < 0.85:  # zlib bombs, each within the budget, in one to four blobs
+        names = rng.sample(sorted(set(used)), rng.randint(1, min(4, len(set(used)))))
+        sizes = [rng.choice((BUDGET // 4, BUDGET // 2, BUDGET - 1, BUDGET, BUDGET + 1)) for _ in names]
+        for name, size in zip(names, sizes):
+            blobs[name] = Stored(zlib_of_zeros(size), "zlib", size)
+        return f"zlib bombs {dict(zip(names, sizes))}"
+    # one blob (a bomb or a large raw one) named by many records
+    target = rng.choice(used)
+    size = rng.choice((BUDGET // 8, BUDGET // 2))
+    blobs[target] = Stored(zlib_of_zeros(size), "zlib", size) if rng.random() < 0.7 else rng.randbytes(size // 4)
+    fields = [(g, f) for g in doc.get("graphs", []) if isinstance(g, dict) for f in ("nodes", "payload", "attrs")]
+    fields += [(x, "blob") for key in ("snapshots", "images") for x in doc.get(key, []) if isinstance(x, dict)]
+    for record, field in rng.sample(fields, rng.randint(2, len(fields))):
+        record[field] = target
+    return f"blob {target} named by many records"
+
+
 def make_case(valid: tuple[dict, dict[str, bytes]], seed: int, out: Path) -> list[str]:
     """Write corrupted case ``seed`` to ``out``; returns what was done to it."""
     rng = random.Random(seed)
@@ -387,7 +474,8 @@ def make_case(valid: tuple[dict, dict[str, bytes]], seed: int, out: Path) -> lis
     blobs = dict(valid[1])
     done = []
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
-        corrupt = corrupt_manifest if rng.random() < 0.4 else corrupt_table
+        roll = rng.random()
+        corrupt = corrupt_manifest if roll < 0.35 else corrupt_sizes if roll < 0.5 else corrupt_table
         try:
             done.append(corrupt(doc, blobs, rng))
         except (KeyError, IndexError, TypeError, ValueError, AttributeError):
@@ -401,18 +489,14 @@ def make_case(valid: tuple[dict, dict[str, bytes]], seed: int, out: Path) -> lis
 
 def check_case(path: Path, lib) -> str:
     """Run the CPU side of LOAD and the native bounds check; 'accepted' or 'refused: ...'. Other exceptions escape."""
-    from foundry_core import layout, restore
+    from foundry_core import restore
 
     native_refusals = 0
     outcome = "accepted"
     try:
         with Archive.open(path) as archive:
             try:
-                m = archive.manifest
-                restore.check_archive_for_load(archive, rank=1 if m.ranks is not None else None)
-                if m.trace is not None:  # what Session.open() decodes
-                    layout.decode(m.trace, str(path))
-                    layout.decode_blocks(m.trace, str(path))
+                restore.check_archive_offline(archive)  # every rank, the trace, the budget
             except FoundryError as err:
                 outcome = f"refused: {err}"
             native_refusals = _native_checks(archive, lib)
@@ -424,11 +508,16 @@ def check_case(path: Path, lib) -> str:
 
 
 def _native_checks(archive, lib) -> int:
-    """The C builder's own check on every graph's raw tables, whether Python accepted them or not."""
+    """The C builder's own check on every graph's raw tables, whether Python accepted them or not (what LOAD would
+    hold is within the budget, or nothing is read)."""
     from foundry_core import restore
 
     m = archive.manifest
     refused = 0
+    try:
+        archive.check_inflate_budget()
+    except FoundryError:
+        return 0
     for rec in m.graphs:
         try:
             nodes = archive.blob_array(rec.nodes, schema.NODE_DTYPE)
@@ -453,6 +542,7 @@ def _worker(conn, valid_path: str, workdir: str) -> None:
     from foundry_core.native import native_lib
 
     lib = native_lib()
+    os.environ["FOUNDRY_INFLATE_BUDGET"] = str(BUDGET)
     selftest = os.environ.get("FOUNDRY_FUZZ_SELFTEST") == "1"
     valid = read_archive(Path(valid_path))
     case_path = Path(workdir) / f"case-{os.getpid()}.foundry"
@@ -464,29 +554,45 @@ def _worker(conn, valid_path: str, workdir: str) -> None:
         try:
             done = make_case(valid, seed, case_path)
         except Exception as err:  # the generator, not the code under test
-            conn.send((seed, "skipped", f"generator: {err!r}", []))
+            conn.send((seed, "skipped", f"generator: {err!r}", [], 0))
             continue
         try:
+            base = _start_peak()
             if selftest:  # prove the harness sees each kind of defect (test_archive_fuzz_load.py)
                 _misbehave(seed)
             outcome = check_case(case_path, lib)
             kind = "accepted" if outcome.startswith("accepted") else "refused"
-            conn.send((seed, kind, outcome, done))
+            conn.send((seed, kind, outcome, done, _status_kib("VmHWM") * 1024 - base))
         except BaseException as err:
             conn.send((seed, "exception", "".join(traceback.format_exception_only(type(err), err)).strip() + "\n"
-                       + traceback.format_exc(), done))
+                       + traceback.format_exc(), done, 0))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _start_peak() -> int:
+    """Reset this process's peak RSS (VmHWM) to its current RSS and return that, in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
 
 
 def _misbehave(seed: int) -> None:
-    if seed % 4 == 0:
+    if seed % 5 == 0:
         import faulthandler
 
         faulthandler.disable()  # a deliberate crash needs no stack dump in the test log
         os.abort()
-    if seed % 4 == 1:
+    if seed % 5 == 1:
         time.sleep(3600)
-    if seed % 4 == 2:
+    if seed % 5 == 2:
         raise ValueError("a non-Foundry exception")
+    if seed % 5 == 3:
+        _misbehave.held = bytearray(MEMORY_LIMIT + (16 << 20))  # touched: calloc'd pages count once written
+        _misbehave.held[::4096] = b"x" * len(_misbehave.held[::4096])
 
 
 def run(cases: int, seed0: int, timeout: float, jobs: int, verbose: bool, progress: bool = True) -> dict:
@@ -503,6 +609,7 @@ def run(cases: int, seed0: int, timeout: float, jobs: int, verbose: bool, progre
     counts: collections.Counter = collections.Counter()
     reasons: collections.Counter = collections.Counter()
     defects: list[str] = []
+    worst = 0  # the most memory one case took
     pending = list(range(seed0, seed0 + cases))[::-1]
     workers = []
 
@@ -536,8 +643,12 @@ def run(cases: int, seed0: int, timeout: float, jobs: int, verbose: bool, progre
                     except (EOFError, OSError):
                         w["proc"].join(5)  # the process died: reported below
                 if answer is not None:
-                    seed, kind, detail, done = answer
+                    seed, kind, detail, done, peak = answer
                     counts[kind] += 1
+                    worst = max(worst, peak)
+                    if peak > MEMORY_LIMIT:
+                        counts["memory"] += 1
+                        defects.append(f"case {seed} took {peak >> 20} MiB (limit {MEMORY_LIMIT >> 20}): {done}")
                     if "[native refused" in detail:  # the C check's own verdict on the raw tables
                         counts["native refused"] += 1
                         counts["native refused, Python accepted"] += kind == "accepted"
@@ -572,7 +683,7 @@ def run(cases: int, seed0: int, timeout: float, jobs: int, verbose: bool, progre
             bar.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return {"cases": cases, "seconds": time.perf_counter() - t0, "counts": counts, "reasons": reasons,
-            "defects": defects}
+            "defects": defects, "peak_mib": worst >> 20}
 
 
 def _reason(detail: str) -> str:
@@ -601,6 +712,8 @@ def main(argv=None) -> int:
     print(f"  accepted {c['accepted']}, refused with a FoundryError {c['refused']}")
     print(f"  crashes {c['crash']}, hangs {c['hang']}, non-Foundry exceptions {c['exception']}, "
           f"generator failures {c['skipped']}")
+    print(f"  memory over {MEMORY_LIMIT >> 20} MiB {c['memory']} (decompression budget {BUDGET >> 20} MiB; the most "
+          f"one case took: {result['peak_mib']} MiB)")
     print(f"  native bounds check (raw tables, also where Python refused): refused in {c['native refused']} "
           f"archives, {c['native refused, Python accepted']} of them accepted by Python")
     print("  most common refusals:")

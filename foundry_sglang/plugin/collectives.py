@@ -62,20 +62,21 @@ def around_all_reduce(original: Callable, group: Any, input_: Any, *args, **kwar
     return input_  # SGLang's in-place all-reduce returns its input
 
 
-def around_all_gather_into_tensor(original: Callable, group: Any, output: Any, input_: Any, *args, **kwargs):
-    session = _recording_for(group)
-    if session is None:
-        return original(group, output, input_, *args, **kwargs)
-    record_collective(session, "all_gather", group.unique_name, input_, output)
-    return None
+def _slot_into(op: str) -> Callable:
+    """The hook of a collective that writes ``output`` from ``input_`` (all-gather, reduce-scatter)."""
+    def around(original: Callable, group: Any, output: Any, input_: Any, *args, **kwargs):
+        session = _recording_for(group)
+        if session is None:
+            return original(group, output, input_, *args, **kwargs)
+        record_collective(session, op, group.unique_name, input_, output)
+        return None
+
+    around.__name__ = around.__qualname__ = f"around_{op}"
+    return around
 
 
-def around_reduce_scatter_tensor(original: Callable, group: Any, output: Any, input_: Any, *args, **kwargs):
-    session = _recording_for(group)
-    if session is None:
-        return original(group, output, input_, *args, **kwargs)
-    record_collective(session, "reduce_scatter", group.unique_name, input_, output)
-    return None
+around_all_gather_into_tensor = _slot_into("all_gather")
+around_reduce_scatter_tensor = _slot_into("reduce_scatter")
 
 
 def around_all_gather(original: Callable, group: Any, input_: Any, dim: int = -1, output_tensor_list=None):

@@ -1,13 +1,17 @@
 """Archive writer/reader and fingerprint checks (CPU)."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import numpy as np
 import pytest
-from conftest import FINGERPRINT, rewrite_manifest, sample_archive
+from conftest import FINGERPRINT, returns_within, rewrite_manifest, sample_archive
 
 from foundry_core import schema
 from foundry_core.archive import HEADER, Archive, ArchiveWriter
@@ -61,13 +65,13 @@ def test_identical_contents_are_stored_once(archive_file):
         assert archive.blob("graphs/decode_bs2/attrs") == blobs["graphs/decode_bs2/attrs"]
 
 
-def test_raw_blob_array_is_zero_copy_and_read_only(archive_file):
+def test_blob_array_is_a_read_only_private_copy(archive_file):
     path, blobs = archive_file
     archive = Archive.open(path)
     arr = archive.blob_array("snapshots/0", np.uint8)
-    assert not arr.flags.owndata and not arr.flags.writeable
+    assert not arr.flags.writeable
     assert arr.tobytes() == blobs["snapshots/0"]
-    archive.close()  # the array keeps the mapping alive
+    archive.close()  # the array is private memory, not a view of the file
     assert arr.tobytes() == blobs["snapshots/0"]
     with pytest.raises(ArchiveError, match="closed"):
         archive.blob("snapshots/0")
@@ -160,6 +164,87 @@ def test_concurrent_reads(archive_file):
         with ThreadPoolExecutor(4) as pool:
             for name, data in pool.map(read, names):
                 assert data == blobs[name]
+
+
+# -- a file changed after its checks ---------------------------------------------------------------------------
+
+
+def _raw_copy(src, dst):
+    """``src`` rewritten with every blob stored raw (no decompression copy between the file and the tables)."""
+    with Archive.open(src) as archive:
+        manifest, blobs = archive.manifest, {n: archive.blob(n) for n in archive.names()}
+    with ArchiveWriter(dst) as w:
+        for name, data in blobs.items():
+            w.add_blob(name, data, compress=False)
+        w.finish(manifest)
+    return dst
+
+
+def _write_in_place(path, offset: int, data: bytes) -> None:
+    """Overwrite bytes of ``path`` without replacing it, and put its mtime back."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_load_uses_the_bytes_it_checked_when_the_file_is_rewritten_in_place(archive_file, tmp_path):
+    """Before: the checked tables were views of a shared mapping, so a rewrite after the checks reached native code
+    unchecked (a memset target became 0xdead0000)."""
+    from foundry_core import restore
+
+    path = _raw_copy(archive_file[0], tmp_path / "raw.foundry")
+    with Archive.open(path) as archive:
+        arrays = restore.check_tables_for_load(archive)
+        nodes, payload, *_ = arrays[0]
+        assert nodes["kind"][0] == schema.NODE_MEMSET
+        checked = payload.tobytes()
+        record = archive.info(archive.manifest.graphs[0].payload)
+        _write_in_place(path, record.offset + int(nodes["payload_off"][0]), (0xDEAD0000).to_bytes(8, "little"))
+        assert payload.tobytes() == checked  # what the builder gets is what was checked
+        with pytest.raises(ArchiveError, match="sha256 mismatch"):  # a later read checks its own copy again
+            restore.check_tables_for_load(archive)
+
+
+def test_a_blob_read_again_after_an_in_place_change_is_refused(archive_file, tmp_path):
+    path = _raw_copy(archive_file[0], tmp_path / "raw.foundry")
+    with Archive.open(path) as archive:
+        first = archive.blob("snapshots/0")
+        _write_in_place(path, archive.info("snapshots/0").offset, b"\xff" * 8)
+        with pytest.raises(ArchiveError, match="snapshots/0.*sha256 mismatch"):
+            archive.blob("snapshots/0")
+    assert first == archive_file[1]["snapshots/0"]
+
+
+def test_a_file_truncated_while_open_is_an_archive_error_not_sigbus(archive_file):
+    """Before: reading through the mapping past the new end of file killed the process (SIGBUS)."""
+    path, _ = archive_file
+    probe = textwrap.dedent("""
+        import os, sys
+        from foundry_core.archive import Archive
+        from foundry_core.errors import ArchiveError
+        archive = Archive.open(sys.argv[1])
+        os.truncate(sys.argv[1], 4096)
+        try:
+            for name in archive.names():
+                archive.blob(name)
+        except ArchiveError as err:
+            print("ArchiveError:", err)
+    """)
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-500:]}"
+    assert out.stdout.startswith("ArchiveError: ") and "truncated" in out.stdout, out.stdout
+
+
+def test_fifos_and_devices_are_not_archives(tmp_path):
+    """Before: opening a FIFO named like an archive blocked forever (gc and inspect hung)."""
+    fifo = tmp_path / "fifo.foundry"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(ArchiveError, match="not a regular file"):
+            returns_within(10, Archive.open, path)
 
 
 # -- damaged files -------------------------------------------------------------------------------------------

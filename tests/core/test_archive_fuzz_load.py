@@ -16,9 +16,9 @@ def test_corrupted_archives_are_accepted_or_refused_with_a_foundry_error():
     assert counts["refused"] > cases // 2  # the corruptions reach the checks instead of missing them
 
 
-def test_the_harness_reports_crashes_hangs_and_other_exceptions(monkeypatch):
+def test_the_harness_reports_crashes_hangs_other_exceptions_and_memory(monkeypatch):
     monkeypatch.setenv("FOUNDRY_FUZZ_SELFTEST", "1")
     result = fuzz_archives.run(4, seed0=0, timeout=5, jobs=1, verbose=False, progress=False)
     counts = result["counts"]
-    assert (counts["crash"], counts["hang"], counts["exception"]) == (1, 1, 1)
-    assert len(result["defects"]) == 3
+    assert (counts["crash"], counts["hang"], counts["exception"], counts["memory"]) == (1, 1, 1, 1)
+    assert len(result["defects"]) == 4

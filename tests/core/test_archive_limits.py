@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import zlib
 
 import msgspec
 import pytest
 from fuzz_archives import Deep, replace_manifest
 
-from foundry_core import cli
+from foundry_core import cli, schema
 from foundry_core.archive import Archive, ArchiveWriter
 from foundry_core.errors import ArchiveError
 
@@ -27,16 +26,19 @@ def _doc(path):
 
 @pytest.mark.parametrize("depth", [997, 2000, 5000, 100_000])
 def test_manifest_nested_deep_is_an_archive_error(archive_file, depth):
-    """Before: RecursionError. Where decoding stops depends on the stack left (an unknown field a few hundred levels
-    deep may still be skipped, harmlessly); whatever the depth, only ArchiveError may come out."""
+    """Before: RecursionError. Where decoding stops depends on the stack left: an unknown field a few hundred levels
+    deep may still be skipped, and then the manifest must be exactly the one without it; 100,000 levels never
+    decode. Whatever the depth, only ArchiveError may come out."""
     path, _ = archive_file
-    replace_manifest(path, dict(_doc(path), unknown_field=Deep(depth)))
+    original = _doc(path)
+    replace_manifest(path, dict(original, unknown_field=Deep(depth)))
     try:
-        Archive.open(path).close()
+        decoded = _doc(path)
     except ArchiveError as err:
         assert str(err).endswith("manifest is nested too deep (corrupt)")
     else:
         assert depth < 100_000, "a manifest 100,000 levels deep was accepted"
+        assert decoded == original, "skipping the deep unknown field changed the manifest"
 
 
 def test_cli_reports_a_deep_manifest_in_one_line(archive_file, capsys):
@@ -68,23 +70,73 @@ def _zlib_bomb(path, size: int) -> None:
         w.finish(_EMPTY_MANIFEST)
 
 
-def test_verify_of_a_zlib_bomb_stays_small(tmp_path):
-    """Before: verify held the whole inflated blob; a 0.25 MB file took over 256 MB of memory."""
+_PEAK_PROBE = """
+import sys
+import numpy as np
+from foundry_core import cli
+from foundry_core.archive import Archive
+
+def status(field):  # this process's own figures in MiB (ru_maxrss would include the parent's)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) // 1024
+
+path, how = sys.argv[1:]
+before = status("VmRSS")
+if how == "verify":
+    rc = cli.main(["verify", path, "--no-machine-check"])
+else:  # what LOAD does with a zlib table or snapshot: decompress and keep it
+    with Archive.open(path) as archive:
+        rc = int(archive.blob_array("zeros", np.uint8).nbytes != (64 << 20))
+print(rc, status("VmHWM") - before)
+"""
+
+
+@pytest.mark.parametrize("how, size, limit_mib", [("verify", 256 << 20, 100), ("load", 64 << 20, 64 + 24)])
+def test_decompression_peak_memory_is_what_is_kept(tmp_path, how, size, limit_mib):
+    """verify keeps nothing: a 0.25 MB file must not take 256 MB (before: it held the whole blob). LOAD keeps the
+    blob, once: before, inflate copied its buffer, so the peak was twice the declared size."""
     path = tmp_path / "bomb.foundry"
-    _zlib_bomb(path, 256 << 20)
+    _zlib_bomb(path, size)
     assert path.stat().st_size < 512 << 10
-    probe = textwrap.dedent(f"""
-        from foundry_core import cli
-        rc = cli.main(["verify", {str(path)!r}, "--no-machine-check"])
-        with open("/proc/self/status") as f:  # VmHWM: this process's peak (ru_maxrss would include the parent's)
-            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-        print(rc, peak // 1024)
-    """)
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    out = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(path), how], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     rc, peak_mib = map(int, out.stdout.split()[-2:])
     assert rc == 0, out.stderr
-    assert peak_mib < 160, f"verify peaked at {peak_mib} MiB for a {path.stat().st_size} byte file"
+    assert peak_mib < limit_mib, f"{how} grew by {peak_mib} MiB for {size >> 20} MiB declared"
+
+
+def _archive_of_images(path, blobs: dict[str, bytes], images: list[str]):
+    """An archive whose kernel images are the named blobs (``images`` may name one blob several times)."""
+    from fuzz_archives import _EMPTY_MANIFEST
+
+    with ArchiveWriter(path, level=9) as w:
+        for name, data in blobs.items():
+            w.add_blob(name, data)
+        w.finish(msgspec.structs.replace(_EMPTY_MANIFEST, images=[
+            schema.KernelImage(sha256="0" * 64, blob=name, size=len(blobs[name]), kernels=[]) for name in images]))
+    return path
+
+
+def test_the_decompression_budget_is_one_total_for_the_archive(tmp_path, monkeypatch):
+    """Before: each blob was held to the budget on its own, so three blobs just under it took three times it."""
+    blobs = {f"zeros/{i}": bytes((6 << 20) + i) for i in range(3)}  # distinct records, 6 MiB each
+    path = _archive_of_images(tmp_path / "three.foundry", blobs, list(blobs))
+    monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(16 << 20))
+    for read in (lambda a: a.blob("zeros/0"), lambda a: a.verify_all()):
+        with Archive.open(path) as archive, pytest.raises(ArchiveError, match="together.* declares 18874371 bytes"):
+            read(archive)
+    monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(20 << 20))
+    with Archive.open(path) as archive:
+        assert archive.verify_all() == 3 and len(archive.blob("zeros/2")) == (6 << 20) + 2
+
+
+def test_a_blob_named_many_times_counts_once_per_use(tmp_path, monkeypatch):
+    """LOAD reads (and keeps) a blob once for every record that names it: 20 images naming one 4 MiB blob hold
+    80 MiB, from a file of 4 MiB."""
+    path = _archive_of_images(tmp_path / "many.foundry", {"image": os.urandom(4 << 20)}, ["image"] * 20)
+    monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(64 << 20))
+    with Archive.open(path) as archive, pytest.raises(ArchiveError, match="declares 83886080 bytes"):
+        archive.blob("image")
 
 
 def test_decompression_budget_refuses_large_declared_sizes(tmp_path, monkeypatch):

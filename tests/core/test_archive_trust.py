@@ -124,3 +124,55 @@ def test_cli_verify_reports_an_archive_others_can_write(archive_file, capsys):
     path.chmod(0o666)
     assert cli.main(["verify", str(path), "--no-machine-check"]) == cli.EXIT_BAD
     assert "writable by other users" in capsys.readouterr().err
+
+
+# -- commands that write or sign trust their input as LOAD would -----------------------------------------------------
+
+
+def _untrusted(path, how, monkeypatch):
+    if how == "writable by others":
+        path.chmod(0o666)
+    elif how == "another owner":
+        os.chown(path, 12345, 12345)
+    else:  # "unsigned": written before the deployment had a key
+        monkeypatch.setenv("FOUNDRY_ARCHIVE_KEY", KEY)
+
+
+UNTRUSTED = ["writable by others", "unsigned", pytest.param("another owner", marks=needs_root)]
+
+
+@pytest.mark.parametrize("how", UNTRUSTED)
+def test_pack_does_not_launder_an_archive_load_refuses(archive_file, monkeypatch, capsys, how):
+    """Before: pack copied an archive that verify refused into a private file (signed, with a key set), which
+    verify and LOAD then accepted."""
+    path, _ = archive_file
+    _untrusted(path, how, monkeypatch)
+    if how == "writable by others":
+        monkeypatch.setenv("FOUNDRY_ARCHIVE_KEY", KEY)  # the copy would be signed
+    out = path.with_name("copy.foundry")
+    assert cli.main(["pack", str(path), str(out)]) == cli.EXIT_BAD
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert ("not signed" if how == "unsigned" else "belongs to uid" if how == "another owner"
+            else "writable by other users") in err
+    assert not out.exists() and not out.with_name("copy.foundry.hmac").exists()
+
+
+@pytest.mark.parametrize("how", ["writable by others", pytest.param("another owner", marks=needs_root)])
+def test_sign_refuses_an_archive_another_user_could_have_written(archive_file, monkeypatch, capsys, how):
+    """Before: sign wrote a valid tag for any file, so LOAD then trusted what another user had written."""
+    path, _ = archive_file
+    _untrusted(path, how, monkeypatch)
+    monkeypatch.setenv("FOUNDRY_ARCHIVE_KEY", KEY)
+    assert cli.main(["sign", str(path)]) == cli.EXIT_BAD
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "sign only what this user wrote" in err
+    assert not path.with_name(path.name + ".hmac").exists()
+
+
+def test_pack_of_a_trusted_archive_is_signed_and_verifies(tmp_path, monkeypatch, capsys):
+    path = _signed(tmp_path, monkeypatch)
+    out = tmp_path / "copy.foundry"
+    assert cli.main(["pack", str(path), str(out)]) == cli.EXIT_OK
+    assert cli.main(["verify", str(out), "--no-machine-check"]) == cli.EXIT_OK
+    assert "signed with the configured key" in capsys.readouterr().out

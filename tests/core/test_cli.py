@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from foundry_core import schema
@@ -151,3 +152,44 @@ def test_subprocess_exit_codes_and_no_tracebacks(archive_file, tmp_path):
     assert machine.returncode == 0 and "Traceback" not in machine.stderr
     if NO_GPU:
         assert machine.stdout.startswith("no CUDA GPU usable here")
+
+
+# -- verify and sign pass only what LOAD accepts ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory):
+    from fuzz_archives import write_realistic_archive
+
+    path = tmp_path_factory.mktemp("cli") / "valid.foundry"
+    write_realistic_archive(path)
+    return path
+
+
+def _bad_kernel_ref(doc, blobs):
+    rec = doc["graphs"][1]
+    nodes = np.frombuffer(blobs[rec["nodes"]], schema.NODE_DTYPE).copy()
+    nodes["ref"][nodes["kind"] == schema.NODE_KERNEL] = 99
+    blobs[rec["nodes"]] = nodes.tobytes()
+
+
+def _rank_patch_outside_the_payload(doc, blobs):
+    doc["ranks"]["deltas"][0]["patches"][0]["offset"] = 10**6  # only LOAD as rank 1 applies it
+
+
+@pytest.mark.parametrize("edit, message", [(_bad_kernel_ref, "refers to kernel 99 of 3"),
+                                           (_rank_patch_outside_the_payload, "patch at 1000000+1 lies outside")])
+def test_verify_and_sign_refuse_tables_that_load_refuses(realistic, tmp_path, monkeypatch, capsys, edit, message):
+    """Before: both checked sha256s and trust only, and passed archives whose tables LOAD refuses."""
+    from fuzz_archives import tamper
+
+    assert main(["verify", str(realistic), "--no-machine-check"]) == 0
+    assert "pass LOAD's checks for each of its 2 ranks" in capsys.readouterr().out
+    bad = tamper(realistic, tmp_path / "bad.foundry", edit=edit)
+    assert main(["verify", str(bad), "--no-machine-check"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    monkeypatch.setenv("FOUNDRY_ARCHIVE_KEY", "a deployment secret of enough length")
+    assert main(["sign", str(bad)]) == 1
+    assert message in capsys.readouterr().err
+    assert not bad.with_name(bad.name + ".hmac").exists()

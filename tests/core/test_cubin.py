@@ -330,29 +330,50 @@ def test_corrupted_headers(built):
             cubin.parse_image(blob)
 
 
+def _parsed_or_refused(blob: bytes) -> str:
+    """Parse ``blob``: either a one-line ValueError ("refused") or an ImageInfo whose every part is what its type
+    promises, and which answers what images.py asks of it ("parsed")."""
+    try:
+        info = cubin.parse_image(blob)
+    except ValueError as err:
+        assert str(err) and "\n" not in str(err), repr(err)
+        return "refused"
+    assert info.kind in ("elf", "fatbin", "ptx") and isinstance(info.arch, int)
+    for image in (info, *info.elves):
+        assert all(isinstance(name, str) and kernel.name == name for name, kernel in image.kernels.items())
+        assert isinstance(image.kernel_names, frozenset)
+    assert all(e.kind == "elf" for e in info.elves)
+    assert all(isinstance(note, str) and "\n" not in note for note in info.notes)
+    for arch in (80, 90, 100):
+        chosen = info.for_arch(arch)
+        assert chosen is None or isinstance(chosen, cubin.ImageInfo)
+    return "parsed"
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_random_mutations_only_raise_value_error(built, data):
-    """Flip bytes anywhere in real images: the parser either succeeds or raises ValueError."""
+    """Flip bytes anywhere in real images: the parser either gives a well-formed result or raises a one-line
+    ValueError."""
     name = data.draw(st.sampled_from(["cubin", "fatbin", "fatbin_lz4"]))
     blob = bytearray(built[name] or built["cubin"])
     for _ in range(data.draw(st.integers(1, 8))):
         pos = data.draw(st.integers(0, len(blob) - 1))
         blob[pos] = data.draw(st.integers(0, 255))
-    try:
-        cubin.parse_image(bytes(blob))
-    except ValueError:
-        pass
+    assert _parsed_or_refused(bytes(blob)) in ("parsed", "refused")
+
+
+def test_the_mutation_check_sees_both_outcomes(built):
+    """_parsed_or_refused is exercised on each side: an intact image parses, a broken header is refused."""
+    assert _parsed_or_refused(built["cubin"]) == "parsed"
+    assert _parsed_or_refused(b"\x7fELF" + bytes(60)) == "refused"
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=512))
 def test_random_bytes_only_raise_value_error(blob):
     for prefix in (b"", b"\x7fELF\x02\x01\x01A\x08", struct.pack("<IHHQ", cubin.FATBIN_MAGIC, 1, 16, len(blob))):
-        try:
-            cubin.parse_image(prefix + blob)
-        except ValueError:
-            pass
+        assert _parsed_or_refused(prefix + blob) in ("parsed", "refused")
 
 
 # --- module-scope variables (__device__ / __constant__) ------------------------------------------------------

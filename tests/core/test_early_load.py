@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,23 @@ def test_a_file_replaced_since_the_early_load_is_opened_again(tmp_path, opens):
     assert not e.adopted and opens == [path]
     assert str(err) == str(open_error(path, key="k"))
     assert early.started() == []  # discarded: nobody else could use it
+
+
+def test_a_file_edited_in_place_since_the_early_load_is_opened_again(tmp_path, opens):
+    """Same inode, same size, mtime put back: only the ctime tells (it cannot be set back)."""
+    path = corrupt(tmp_path)
+    e = fc.preload(path, key="k").wait()
+    before = os.stat(path)
+    time.sleep(0.02)  # past the filesystem's timestamp granularity
+    with open(path, "r+b") as f:
+        f.write(b"THIS")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    opens.clear()
+    open_error(path, key="k")
+    assert not e.adopted and opens == [path]
+    assert early.started() == []
 
 
 def test_a_failed_early_load_leaves_open_to_do_the_work(tmp_path, opens, monkeypatch):

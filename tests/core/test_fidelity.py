@@ -1,4 +1,4 @@
-"""CPU tests for issue 11: the arena allocation trace (encode, compare, first-divergence messages), the pointer-check
+"""CPU tests of fidelity: the arena allocation trace (encode, compare, first-divergence messages), the pointer-check
 rules, RNG state and address checks in the schema, and the replay-time RNG bookkeeping."""
 from __future__ import annotations
 

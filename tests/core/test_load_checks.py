@@ -343,3 +343,26 @@ def test_output_constants_must_fit_the_output_structure(realistic, tmp_path):
     path = tamper(realistic, tmp_path / "constants.foundry", edit=edit)
     with Archive.open(path) as archive, pytest.raises(ArchiveError, match="2 tensors and 1 constants"):
         check_archive_for_load(archive)
+
+
+# -- rank templates -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [dict(graph=3), dict(snapshot=2), dict(), dict(graph=0, snapshot=0)])
+def test_a_rank_patch_for_nothing_that_exists_is_refused(realistic, tmp_path, target):
+    """Before: a patch for a graph or snapshot the archive does not have was silently ignored."""
+    def edit(doc, blobs):
+        doc["ranks"]["deltas"][0]["patches"].append(dict(dict(graph=-1, snapshot=-1), offset=0, data=b"\1",
+                                                         **target))
+    path = tamper(realistic, tmp_path / "tampered.foundry", edit=edit)
+    with pytest.raises(ArchiveError, match="rank 1 patch at 0 is for graph"):
+        Archive.open(path)
+
+
+@pytest.mark.parametrize("ranks", [[1, 1], [2], [0]])
+def test_rank_deltas_must_be_for_distinct_ranks_of_the_template(realistic, tmp_path, ranks):
+    def edit(doc, blobs):
+        delta = doc["ranks"]["deltas"][0]
+        doc["ranks"]["deltas"] = [dict(delta, rank=r) for r in ranks]
+    with pytest.raises(ArchiveError, match="rank template deltas for ranks"):
+        Archive.open(tamper(realistic, tmp_path / "tampered.foundry", edit=edit))

@@ -3,18 +3,19 @@ recorded when foundry built it: a library planted in the cache never runs (CPU; 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from conftest import missing_tools
 
 from foundry_core import native
 from foundry_core.errors import NativeBuildError
 
 SOURCES = ["driver.c", "arena.c", "restore.c"]
-pytestmark = pytest.mark.skipif(not (shutil.which("cc") and native.cuda_include_dirs()), reason="needs cc and cuda.h")
+MISSING = missing_tools()
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 EVIL = r"""
 #include <stdio.h>
@@ -26,9 +27,9 @@ int foundry_build_graph(void) { return 0; }
 """
 
 
-def _python(code: str, **env) -> subprocess.CompletedProcess:
+def _python(code: str, cwd=None, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=os.getcwd(), **env))
+                          cwd=cwd, env=dict(os.environ, PYTHONPATH=os.getcwd(), **env))
 
 
 def test_a_planted_library_never_runs(tmp_path):
@@ -78,3 +79,24 @@ def test_a_library_writable_by_others_is_rebuilt(tmp_path, monkeypatch):
     path.chmod(0o666)
     again = native.library_path("foundry_native_mode", SOURCES)
     assert again == path and path.stat().st_mode & 0o022 == 0
+
+
+def test_headers_planted_in_the_working_directory_are_never_compiled(tmp_path):
+    """Before: the include directories came from sys.path, which holds the working directory ('' under -c, its
+    absolute path under -m), so a planted ./nvidia/cu13/include/stdio.h was compiled into the helper library."""
+    work = tmp_path / "work"
+    for sub in ("nvidia/cu13/include", "include"):  # pip's layout, and CUDA_HOME=. below
+        planted = work / sub
+        planted.mkdir(parents=True)
+        for header in ("cuda.h", "stdio.h"):
+            (planted / header).write_text(f'#error "PLANTED {sub}/{header} was compiled"\n')
+    built = _python("""
+        import os, sys
+        sys.path.insert(1, os.getcwd())  # as `python -m` puts it
+        from foundry_core import native
+        print(native.cuda_include_dirs())
+        print(native.library_path("foundry_native", %r))
+    """ % SOURCES, cwd=work, FOUNDRY_CACHE=str(tmp_path / "cache"), CUDA_HOME=".")
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert "PLANTED" not in built.stdout + built.stderr
+    assert str(work) not in built.stdout and "'include'" not in built.stdout.splitlines()[0]

@@ -64,6 +64,16 @@ def test_load_of_valid_archive_without_gpu_says_so(archive_file):
 
 
 @needs_no_gpu
+def test_save_without_gpu_says_so(tmp_path):
+    """Before: `cuptiSubscribe failed: CUPTI_ERROR_UNKNOWN (999)` (the image recorder starts first)."""
+    s = fc.Session(tmp_path / "model.foundry", mode="save")
+    with pytest.raises(DeviceUnavailable) as err:
+        s.open()
+    assert str(err.value).startswith("no usable CUDA device: ") and "CUPTI" not in str(err.value)
+    assert "\n" not in str(err.value) and s.mode is None
+
+
+@needs_no_gpu
 @pytest.mark.parametrize("content", [None, b"garbage" * 20])
 def test_auto_falls_back_to_save_and_then_needs_a_gpu(tmp_path, content):
     path = tmp_path / "model.foundry"

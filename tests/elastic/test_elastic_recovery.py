@@ -1,4 +1,4 @@
-"""The control plane recovers on its own (issue 12, serving items 2-5), against in-process test doubles.
+"""The control plane recovers on its own, against in-process test doubles.
 
 A replica that is up but failing (500s, /health 503) leaves routing and is replaced; so is one that dies outside
 a switch, from the same archive, and the restarts show in /status and /metrics. Stopping the controller during a

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import sample_archive
+from plugin_standins import SlotLog
 
 from foundry_core import schema
 from foundry_core.archive import Archive, ArchiveWriter
@@ -23,17 +24,6 @@ from foundry_sglang.engine import parallel
 
 
 # -- descriptors -------------------------------------------------------------------------------------------------
-class SlotLog:
-    """Stands in for a SAVE session: records what ``Session.slot`` would be told (no kernel launched)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def slot(self, op, **fields):
-        self.calls.append(dict(fields, op=op))
-        return len(self.calls)
-
-
 @pytest.fixture
 def virtual_rank():
     from foundry_sglang.builtin.collectives import PlaceholderCollectives

@@ -1,4 +1,4 @@
-"""Launch problems are one line and an exit status, never a traceback (issue 12, serving item 7)."""
+"""Launch problems are one line and an exit status, never a traceback."""
 import os
 import socket
 import subprocess

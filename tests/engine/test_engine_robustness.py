@@ -1,4 +1,4 @@
-"""No request or client can break the engine server (issue 12, serving items 1, 5, 6).
+"""No request or client can break the engine server.
 
 Out-of-range values are rejected at the API with the offending ``param``; a request that still fails inside the
 engine fails alone (the engine loop, its other requests and /health survive); disconnecting clients cancel their

@@ -9,18 +9,10 @@ import json
 import sys
 
 import torch
+from plugin_standins import SlotLog
 
 from foundry_sglang.comm_patch import UnsupportedCollective
 from foundry_sglang.plugin import collectives
-
-
-class SlotLog:
-    def __init__(self):
-        self.calls = []
-
-    def slot(self, op, **fields):
-        self.calls.append(dict(fields, op=op))
-        return len(self.calls)
 
 
 def main(rank: int, port: int) -> dict:

@@ -28,7 +28,8 @@ REPO = HERE.parents[1]
 @pytest.fixture(scope="module")
 def ranks():
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                                       os.environ.get("PYTHONPATH", "")]))
     procs = [subprocess.Popen([sys.executable, str(HERE / "sglang_rank.py"), str(r), str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = []
