@@ -163,7 +163,7 @@ def plain_reference(model: Path, layout, out: Path, share: bool, max_tokens: int
 def run_deployment(args, name: str, model: str, steps: list, references: dict, share: bool, out: Path,
                    row) -> dict:
     """Serve ``model`` elastically under load through ``steps`` (rows through ``row``); its bench-format record."""
-    from bench.elastic_standby_switch import Load, counts
+    from bench.elastic_standby_switch import Load, counts, wait_standby_ready
     from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
     from foundry_sglang.graphs.settings import FoundryConfig
 
@@ -193,6 +193,8 @@ def run_deployment(args, name: str, model: str, steps: list, references: dict, s
         with load:
             for target in steps:
                 time.sleep(3.0)
+                if args.standby:      # a switch onto a warm standby is what this case measures
+                    row("  standby pool warm after (s)", None, f"{wait_standby_ready(dep, timeout=600):.1f}")
                 t_submit = time.monotonic()
                 job = dep.reconfigure(**target)
                 layouts[job["generation"] or 0] = (job["to"]["tp"], job["to"]["ep"])
@@ -212,6 +214,10 @@ def run_deployment(args, name: str, model: str, steps: list, references: dict, s
         status = dep.status()
         dep.stop()
     c = counts(load.records, switches)
+    if args.standby:
+        sb = status.get("standby") or {}
+        row(f"{name}: replicas started from a standby / fallbacks", sb.get("used", 0) > 0 and not sb.get("fallbacks"),
+            f"{sb.get('used', 0)} / {sb.get('fallbacks', 0)}")
     row(f"{name}: workers ran on backend", status.get("backend") == args.backend, str(status.get("backend")))
     row(f"{name}: requests ok / failed", bool(c["ok"]) and not c["failed"], f"{c['ok']} / {c['failed']}")
     judge = "plain SGLang of the same layout" if args.worker == "sglang" else "the TP1 answer"

@@ -12,7 +12,8 @@ from gpu.elastic_switches import run_switches
 pytestmark = [pytest.mark.gpu]
 
 CASES = [("builtin", "local", 0, ""), ("builtin", "local", 1, ""), ("builtin", "ray", 0, ""),
-         ("sglang", "local", 0, "dense"), ("sglang", "local", 0, "moe"), ("sglang", "ray", 0, "dense")]
+         ("sglang", "local", 0, "dense"), ("sglang", "local", 1, "dense"), ("sglang", "local", 0, "moe"),
+         ("sglang", "ray", 0, "dense")]
 
 
 @pytest.mark.parametrize("worker, backend, standby, models", [
