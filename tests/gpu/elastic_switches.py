@@ -102,7 +102,7 @@ def write_tokenizer(path: Path) -> None:
 
 
 def write_model(root: Path, kind: str) -> Path:
-    from gpu.check_sglang_server import MODELS
+    from gpu.sglang_servers import MODELS
 
     path = root / f"qwen3-{kind}-{LAYERS[kind]}l"
     path.mkdir(parents=True, exist_ok=True)
@@ -115,8 +115,8 @@ def write_model(root: Path, kind: str) -> Path:
 
 
 def sglang_flags(share: bool) -> list:
-    """SGLang's flags for every server here: check_sglang_server's, with the tokenizer and without host/log."""
-    from gpu.check_sglang_server import SERVER_FLAGS, SHARED_MEMORY_FLAGS
+    """SGLang's flags for every server here: sglang_servers.py's, with the tokenizer and without host/log."""
+    from gpu.sglang_servers import SERVER_FLAGS, SHARED_MEMORY_FLAGS
 
     flags, rest = [], list(SERVER_FLAGS)
     while rest:
@@ -137,7 +137,7 @@ def plain_reference(model: Path, layout, out: Path, share: bool, max_tokens: int
     import urllib.request
 
     from bench.elastic_standby_switch import PROMPTS
-    from gpu.check_sglang_server import PREFILL_PIN, Server, free_port, server_env
+    from gpu.sglang_servers import PREFILL_PIN, Server, free_port, server_env
 
     port = free_port()
     cmd = [sys.executable, "-m", "foundry_sglang.launch", "--foundry-engine", "sglang", "--foundry-mode", "off",
