@@ -47,6 +47,8 @@ MODELS = {
             "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
             "hidden_act": "silu", "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645},
 }
+# Qwen3-30B-A3B's shapes, all 128 experts (fewer layers when asked).
+MODELS["a3b"] = dict(MODELS["moe"], num_experts=128)
 
 _servers: list[subprocess.Popen] = []
 
@@ -98,13 +100,14 @@ class Server:
 
     def __init__(self, name: str, cmd: list[str], env: dict, log: Path, port: int):
         self.name, self.log, self.base = name, log, f"http://127.0.0.1:{port}"
-        self.t0 = time.perf_counter()
         self.fh = open(log, "w")
+        self.t0, self.t_launch = time.perf_counter(), time.time()  # the launch: clock for intervals, wall clock
         self.proc = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                      start_new_session=True)
         _servers.append(self.proc)
 
-    def wait_healthy(self, timeout: float) -> float:
+    def wait_healthy(self, timeout: float, poll: float = 0.1) -> float:
+        """Seconds from the launch to the first ``/health`` 200, asked every ``poll`` seconds."""
         while time.perf_counter() - self.t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.last_error()}")
@@ -114,7 +117,7 @@ class Server:
                         return time.perf_counter() - self.t0
             except (OSError, urllib.error.URLError):
                 pass
-            time.sleep(0.1)
+            time.sleep(poll)
         raise RuntimeError(f"{self.name} not healthy after {timeout:.0f} s: {self.last_error()}")
 
     def text(self) -> str:
@@ -126,23 +129,42 @@ class Server:
         lines = [x for x in self.text().splitlines() if "Error" in x or "error" in x]
         return (lines[-1] if lines else (self.text().splitlines() or ["(empty log)"])[-1])[:300]
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=15)
-            except (OSError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
+    def stop(self, grace: float = 15) -> None:
+        """SIGTERM to the server's process group, SIGKILL to what is left of it after ``grace`` seconds; returns
+        once the group is gone (schedulers included, so that their GPU memory is free for the next server)."""
+        _signal_group(self.proc.pid, signal.SIGTERM)
+        deadline = time.time() + grace
+        while time.time() < deadline and _group_alive(self.proc.pid):
+            self.proc.poll()  # reap the leader: a zombie leader keeps the group alive
+            time.sleep(0.1)
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
         self.fh.close()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except OSError:  # the group is gone
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except OSError:
+        return False
+    return True
 
 
 def server_env(gpu: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FOUNDRY_")}
     env.update(CUDA_VISIBLE_DEVICES=str(gpu), NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
-               NVSHMEM_DISABLE_NVLS="1", PYTHONUNBUFFERED="1", SGLANG_IS_FLASHINFER_AVAILABLE="false")
+               NVSHMEM_DISABLE_NVLS="1", PYTHONUNBUFFERED="1", SGLANG_IS_FLASHINFER_AVAILABLE="false",
+               SGLANG_LOG_MS="1")  # log times in milliseconds: bench/sglang_start.py splits the start by them
     return env  # plain SGLang: the plugin is installed but idle without FOUNDRY_MODE/FOUNDRY_ARCHIVE
 
 
@@ -177,6 +199,25 @@ def generate(base: str, ids: list[int], max_new: int) -> dict:
     body = {"input_ids": ids, "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new,
                                                   "ignore_eos": True}}
     return http(base + "/generate", body, timeout=300)
+
+
+def stream_marks(base: str, ids: list[int], max_new: int, timeout: float = 300) -> list[tuple[float, int]]:
+    """Stream one greedy ``/generate`` request: (``time.perf_counter()``, tokens generated so far) at each chunk."""
+    body = {"input_ids": ids, "stream": True,
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new, "ignore_eos": True}}
+    req = urllib.request.Request(base + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    marks = []
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        for line in r:
+            if not line.startswith(b"data: {"):
+                continue  # blank separators and the final "data: [DONE]"
+            t = time.perf_counter()
+            chunk = json.loads(line[len(b"data: "):])
+            if "error" in chunk:
+                raise RuntimeError(f"stream failed: {chunk['error']}")
+            marks.append((t, int(chunk["meta_info"]["completion_tokens"])))
+    return marks
 
 
 def greedy_answers(base: str, ids: list[list[int]], max_new: int) -> list[list[int]]:

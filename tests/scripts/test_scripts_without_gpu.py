@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 NEEDS_GPU = {
     "bench/cold_start.py": ["--models", "dense", "--dense-layers", "1", "--out", "{tmp}"],
     "bench/start.py": ["--starts", "1", "--out", "{tmp}", "--work", "{tmp}"],
+    "bench/sglang_start.py": ["--starts", "1", "--out", "{tmp}", "--workdir", "{tmp}"],
     "bench/moe_decode.py": ["--layers", "1", "--out", "{tmp}"],
     "bench/elastic_standby_switch.py": ["--device", "cuda", "--log-dir", "{tmp}"],
     "tools/probe_pdl_gemm.py": [],
