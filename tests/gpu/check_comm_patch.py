@@ -3,6 +3,8 @@
     export PYTHONPATH=$PWD:$PYTHONPATH                 # from the repo root
     python3 tests/gpu/check_comm_patch.py              # one GPU: both ranks share it (NCCL over sockets)
     python3 tests/gpu/check_comm_patch.py --gpus 2     # two GPUs: rank r on GPU r (NVLink); SAVE on GPU 0 alone
+    python3 tests/gpu/check_comm_patch.py --ranks 4    # (b)-(d) with four ranks, all on GPU 0
+    python3 tests/gpu/check_comm_patch.py --template-costs   # (e) only
 
 Rows:
   (a) the TP=2 warm-up deadlock of the old wiring (rank 0's graph backend without the runner's barrier)
@@ -14,7 +16,11 @@ Rows:
       node anatomy of the restored graphs; replay latency restored vs live;
   (b)/(c) also: every restore() phase per rank (``RestoreStats.summary``; all of them in the JSON) and what each
       archive's LOAD writes back besides the graphs (snapshots, capture region, graph outputs inside snapshots);
-  (d) EP=2 with the MoE preset, the same way.
+  (d) EP=2 with the MoE preset, the same way;
+  (e) with --template-costs, alone: the SAVE time of the TP=2, TP=4 and EP=4 templates on one GPU against one
+      live capture of the same model (TP=1, fresh process), how many captures each took, which ranks were derived.
+--ranks 4 runs (b)-(d) with four ranks sharing GPU 0 (each its own NCCL host id, a smaller KV pool), (a0)/(a)
+stay TP=2 only (SKIP rows); --dense-layers/--moe-layers deepen the presets (4 layers each by default).
 The rows and figures go to $OUT/check_comm_patch.json (gpu/records.py). The verdict table is printed last.
 Run by tests/gpu/test_comm_patch.py; without the GPUs it needs it prints one line and exits with status 2.
 """
@@ -73,6 +79,11 @@ def describe_facts(f: dict) -> str:
             f"graph outputs inside snapshots: {f['outputs_in_snapshots']}/{f['outputs']} "
             f"({f['output_bytes_in_snapshots'] / mib:.1f} MiB; expected 0: outputs belong in the graph pool); "
             f"archive {f['archive_bytes'] / mib:.1f} MiB")
+
+
+def kv_pages(world: int) -> dict:
+    """Ranks beyond two share one GPU with smaller KV pools (two keep the engine_args default, 4096 pages)."""
+    return {} if world <= 2 else {"num_kv_pages": 8192 // world}
 
 
 def engine_args(model, world, gpus, kind="tp", **kw):
@@ -309,21 +320,27 @@ def check_tp_greedy(gpus):
         f"{time.perf_counter() - t:.1f} s")
 
 
-def check_template(model, kind, gpus, label, sets):
-    import torch
-
+def save_layout_template(model, kind, gpus, label, world):
+    """SAVE of a layout's rank template on GPU 0 (``save_template``): its engine args (Foundry LOAD of a fresh
+    archive directory), the template's path, the TemplateReport and the seconds the SAVE took."""
     from foundry_sglang.builtin.backend import FoundryGraphBackend
     from foundry_sglang.builtin.template import save_template
 
     out_dir = tempfile.mkdtemp(prefix=f"foundry-{label}-")
-    world = 2
-    args = engine_args(model, world, gpus, kind, foundry_archive=out_dir, foundry_mode="load")
+    args = engine_args(model, world, gpus, kind, foundry_archive=out_dir, foundry_mode="load", **kv_pages(world))
     backend = FoundryGraphBackend.from_engine_args(args, rank=0)
     path, key = backend.session.path, backend.session.key
     t = time.perf_counter()
     rep = save_template(args, path, key, gpu=0)
-    save_s = time.perf_counter() - t
+    return args, path, rep, time.perf_counter() - t
+
+
+def check_template(model, kind, gpus, label, sets, world=2):
+    import torch
+
     from foundry_core.archive import Archive
+
+    args, path, rep, save_s = save_layout_template(model, kind, gpus, label, world)
 
     with Archive.open(path) as a:
         m = a.manifest
@@ -333,7 +350,7 @@ def check_template(model, kind, gpus, label, sets):
                             for d in m.ranks.deltas},
                     noise=m.ranks.noise_bytes, mb=round(path.stat().st_size / 2**20, 1))
     DETAILS[f"{label}_template"] = dict(info, capture_s=rep.capture_seconds, merge_s=rep.merge_seconds, total_s=save_s,
-                                        delta_by_kernel=rep.by_kernel)
+                                        delta_by_kernel=rep.by_kernel, derived=rep.derived)
     DETAILS[f"{label}_template_writes_back"] = facts = archive_facts(path)
     row(f"({label}) what the template's LOAD writes back", None, describe_facts(facts))
     top = sorted(rep.by_kernel.items(), key=lambda kv: -kv[1])[:4]
@@ -341,7 +358,8 @@ def check_template(model, kind, gpus, label, sets):
     row(f"({label}) SAVE one GPU -> rank template", True,
         f"{info['graphs']} graphs, {info['templates']} topologies, {info['slots']} collective slots, per-rank delta "
         f"bytes {info['deltas']}, noise masked {info['noise']} B, {info['mb']} MB; captures "
-        + ", ".join(f"{k} {v:.1f}s" for k, v in rep.capture_seconds.items()) + f", merge {rep.merge_seconds:.1f}s")
+        + ", ".join(f"{k} {v:.1f}s" for k, v in rep.capture_seconds.items()) + f", merge {rep.merge_seconds:.1f}s"
+        + (f"; ranks {rep.derived} derived" if rep.derived else ""))
     torch.cuda.empty_cache()
 
     cfg = {"args": dict(args.__dict__, dist_port=free_port()), "input_sets": sets}
@@ -407,7 +425,7 @@ def check_single_gpu_load(model, gpus, label, tp_res):
     # A verdict on separate GPUs only: ranks sharing one GPU time-slice it with each other's NCCL proxies (replays
     # there run ~30x slower than on NVLink), so their start-up times say nothing about a real deployment.
     row(f"({label}) LOAD per rank vs single GPU", per_rank - single <= 0.1 if gpus > 1 else None,
-        f"TP=2 rank {per_rank:.3f}s (ranks: " + ", ".join(f"{k}: {v:.3f}s" for k, v in sorted(times.items()))
+        f"TP={len(times)} rank {per_rank:.3f}s (ranks: " + ", ".join(f"{k}: {v:.3f}s" for k, v in sorted(times.items()))
         + f"; the earlier one waits for its peer) vs TP=1 {single:.3f}s (preloader wait "
         f"{r.get('preload_wait_s', 0):.3f}s, images {r.get('images_s', 0):.3f}s, first graph "
         f"{r.get('first_graph_s', 0):.3f}s): {per_rank - single:+.3f}s "
@@ -415,13 +433,81 @@ def check_single_gpu_load(model, gpus, label, tp_res):
     row(f"({label}) TP=1 restore() phases", None, r.get("restore_summary", "no restore stats"))
 
 
+#: (e): layout -> (preset, kind, ranks)
+COST_LAYOUTS = {"tp2": ("dense", "tp", 2), "tp4": ("dense", "tp", 4), "ep4": ("moe", "ep", 4)}
+
+
+def live_capture_once(model, gpus) -> dict:
+    """One live capture of ``model`` at TP=1 in a fresh process, no Foundry: its figures plus ``wall_s`` (from
+    the spawn to the ready graphs, as a template capture is timed from its process start)."""
+    args = engine_args(model, 1, gpus, "tp", tp=1, gpu_ids=[0])
+    t = time.perf_counter()
+    res = run_ranks(rank_compare, {"args": args.__dict__, "timing_only": True}, 1, timeout=300)
+    return dict(res.get(0, {"error": "no answer"}), wall_s=time.perf_counter() - t)
+
+
+def check_template_costs(gpus, layouts):
+    """(e) Template SAVE time per layout against one live capture; how many captures it took, which ranks were
+    derived. Captures are constant in the rank count: rank 0, its noise capture, the last rank as the check."""
+    presets = {"dense": DENSE, "moe": MOE}
+    live = {}
+    for name in [n for n in presets if any(COST_LAYOUTS[x][0] == n for x in layouts)]:
+        r = live_capture_once(presets[name], gpus)
+        DETAILS[f"e_live_{name}"] = r
+        if "error" in r or "graphs_s" not in r:
+            row(f"(e) one live capture, {name}", False, str(r.get("error", "no graphs"))[:300])
+            continue
+        live[name] = r
+        row(f"(e) one live capture, {name}", None,
+            f"{presets[name]} TP=1, fresh process: {r['wall_s']:.1f} s from spawn to ready graphs (init "
+            f"{r['init_s']:.1f} s, weights {r['weights_s']:.1f} s, graphs {r['graphs_s']:.1f} s)")
+    for label in layouts:
+        name, kind, world = COST_LAYOUTS[label]
+        try:
+            _, _, rep, save_s = save_layout_template(presets[name], kind, gpus, f"e-{label}", world)
+        except Exception as e:  # the other layouts still run
+            row(f"(e) {label.upper()} template in 3 captures, ranks derived", False, f"{type(e).__name__}: {e}"[:300])
+            traceback.print_exc()
+            continue
+        n = len(rep.capture_seconds)
+        ok = n <= 3 and rep.derived == list(range(1, world - 1))
+        base = live.get(name)
+        DETAILS[f"e_{label}"] = {"world": world, "captures": n, "capture_s": rep.capture_seconds,
+                                 "derived": rep.derived, "merge_s": rep.merge_seconds, "total_s": save_s,
+                                 "live_wall_s": base and base["wall_s"], "summary": rep.summary,
+                                 "delta_by_kernel": rep.by_kernel}
+        top = sorted(rep.by_kernel.items(), key=lambda kv: -kv[1])[:3]
+        row(f"(e) {label.upper()} template in 3 captures, ranks derived", ok,
+            f"{n} captures (" + ", ".join(f"{k} {v:.1f}s" for k, v in rep.capture_seconds.items())
+            + f"), ranks derived {rep.derived or 'none'}, merge {rep.merge_seconds:.1f}s; SAVE {save_s:.1f} s"
+            + (f" = {save_s / base['wall_s']:.2f}x one live capture ({base['wall_s']:.1f} s)" if base else "")
+            + f"; {rep.summary}" + ("" if ok or not top else "; deltas in " + ", ".join(
+                f"{k[:50]}: {v} B" for k, v in top)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gpus", type=int, default=1, choices=[1, 2], help="1: both ranks on GPU 0; 2: rank r on GPU r")
+    ap.add_argument("--gpus", type=int, default=1, choices=[1, 2], help="1: every rank on GPU 0; 2: rank r on GPU r")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: a0 (old-wiring deadlock), a, b, c, d")
     ap.add_argument("--input-sets", type=int, default=3, help="fresh random input sets per batch size")
+    ap.add_argument("--ranks", type=int, default=2, choices=[2, 4, 8],
+                    help="ranks of the (b)-(d) layouts (2); more than 2 share GPU 0 (--gpus 1); (a0)/(a) need 2")
+    ap.add_argument("--template-costs", action="store_true",
+                    help="run (e) alone: template SAVE time on one GPU against one live capture")
+    ap.add_argument("--cost-layouts", default=",".join(COST_LAYOUTS),
+                    help=f"comma list of the (e) layouts ({', '.join(COST_LAYOUTS)})")
+    ap.add_argument("--dense-layers", type=int, default=4, help="layers of the qwen3-8b preset (4)")
+    ap.add_argument("--moe-layers", type=int, default=4, help="layers of the qwen3-30b-a3b preset (4)")
     ns = ap.parse_args()
+    if ns.ranks > 2 and ns.gpus != 1:
+        ap.error("--ranks above 2 puts every rank on GPU 0: use it with --gpus 1")
+    layouts = [x for x in ns.cost_layouts.split(",") if x]
+    if any(x not in COST_LAYOUTS for x in layouts):
+        ap.error(f"--cost-layouts: choose from {', '.join(COST_LAYOUTS)}")
     exit_without_gpu("this check", ns.gpus)
+    global DENSE, MOE
+    DENSE = f"builtin:qwen3-8b?num_hidden_layers={ns.dense_layers}"
+    MOE = f"builtin:qwen3-30b-a3b?num_hidden_layers={ns.moe_layers}"
     # No NVLink multicast (NVLS): not every host allows it; the rank processes inherit these.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -431,18 +517,25 @@ def main():
     import torch
 
     DETAILS.update(device=torch.cuda.get_device_name(0), gpus=ns.gpus, torch=torch.__version__,
-                   nccl=".".join(map(str, torch.cuda.nccl.version())))
-    print(f"check_comm_patch: {DETAILS['device']} x{torch.cuda.device_count()}, ranks on "
+                   nccl=".".join(map(str, torch.cuda.nccl.version())), ranks=ns.ranks, models=[DENSE, MOE])
+    print(f"check_comm_patch: {DETAILS['device']} x{torch.cuda.device_count()}, {ns.ranks} ranks on "
           f"{'one GPU' if ns.gpus == 1 else 'two GPUs'}, torch {torch.__version__}, NCCL {DETAILS['nccl']}", flush=True)
-    def dense():
-        DETAILS["b_res"] = check_template(DENSE, "tp", ns.gpus, "b", ns.input_sets)
 
-    for part, fn in (("a0", lambda: check_old_wiring_deadlocks(ns.gpus)),
-                     ("a", lambda: check_tp_greedy(ns.gpus)),
-                     ("b", dense),
-                     ("c", lambda: check_single_gpu_load(DENSE, ns.gpus, "c", DETAILS.get("b_res") or {})),
-                     ("d", lambda: check_template(MOE, "ep", ns.gpus, "d", ns.input_sets))):
+    def dense():
+        DETAILS["b_res"] = check_template(DENSE, "tp", ns.gpus, "b", ns.input_sets, ns.ranks)
+
+    parts = (("a0", lambda: check_old_wiring_deadlocks(ns.gpus)),
+             ("a", lambda: check_tp_greedy(ns.gpus)),
+             ("b", dense),
+             ("c", lambda: check_single_gpu_load(DENSE, ns.gpus, "c", DETAILS.get("b_res") or {})),
+             ("d", lambda: check_template(MOE, "ep", ns.gpus, "d", ns.input_sets, ns.ranks)))
+    if ns.template_costs:
+        parts = (("e", lambda: check_template_costs(ns.gpus, layouts)),)
+    for part, fn in parts:
         if part in skip:
+            continue
+        if part in ("a0", "a") and ns.ranks != 2:
+            row(f"({part}) TP=2 wiring", "SKIP", f"runs with --ranks 2 (this run: --ranks {ns.ranks})")
             continue
         try:
             fn()
