@@ -108,14 +108,15 @@ def verdicts(request, out_dir):
 
 @pytest.fixture
 def run_script(out_dir, verdicts):
-    """``run_script(script, *args, record=..., timeout=...)``: run a GPU script of this folder (one that stays
-    runnable by hand) with $OUT = the test's folder, its output shown as it comes (``-s``), and take the rows of
-    the JSON record it writes there into the test's table."""
+    """``run_script(script, *args, record=..., timeout=...)``: run a GPU script of this folder or of bench/ (path
+    relative to this folder; one that stays runnable by hand) with $OUT = the test's folder, its output shown as it
+    comes (``-s``), and take the rows of the JSON record it writes there (``record``: a name or a glob) into the
+    test's table."""
     def run(script: str, *args: str, record: str, timeout: float):
         cmd = [sys.executable, str(Path(__file__).parent / script), *args]
         ran = run_command(cmd, timeout=timeout, env={"OUT": str(out_dir)}, log=out_dir / f"{Path(script).stem}.log",
                           echo=True)
-        path = out_dir / record
+        path = next(iter(sorted(out_dir.glob(record))), out_dir / record)
         if path.exists():
             verdicts.extend(json.loads(path.read_text())["rows"])
             verdicts.figures["record"] = str(path)
