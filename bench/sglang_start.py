@@ -15,8 +15,10 @@ Per model, one server at a time on GPU 0, every server with the same fixed KV po
   capture  ``python -m sglang.launch_server``: SGLang captures its decode graphs live
   load     ``python -m foundry_sglang.launch --foundry-mode load`` on the save's archive
 then ``--starts`` rounds of eager, capture, load (interleaved). Each start: time to healthy (``/health`` every
-20 ms), the latency of one request (1 new token) sent as soon as it is healthy, SGLang's ``/server_info`` start-up
-times, and in the first ``--tpot-starts`` starts of each mode the decode TPOT with 1, 8 and 64 concurrent streams.
+20 ms; with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 it answers once SGLang is up, without the probe generation
+that waits >= 1 s), the latency of one request (1 new token) sent as soon as it is healthy, SGLang's
+``/server_info`` start-up times, and in the first ``--tpot-starts`` starts of each mode the decode TPOT with 1, 8
+and 64 concurrent streams.
 SGLang's log (``SGLANG_LOG_MS=1``) splits each start into phases, each ending at a log line:
   imports          launch -> ``server_args=...`` (main process: interpreter, imports, arguments, plugins)
   tokenizer_manager  n/a: built in the main process beside the scheduler start, with no log line of its own
@@ -540,12 +542,16 @@ def main(argv=None) -> int:
     from tools.needs_gpu import exit_without_gpu
 
     exit_without_gpu("this benchmark")
-    try:
-        import sglang
-        import torch
-    except ImportError as err:
-        print(f"sglang not importable ({err}): stage it first (docs/STAGING.md)", file=sys.stderr)
+    import importlib.metadata
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("sglang") is None:
+        print("sglang is not importable: stage it first (docs/STAGING.md)", file=sys.stderr)
         return 2
+    # /health answers as soon as SGLang is up, without its probe generation (which waits >= 1 s for a token)
+    os.environ["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] = "0"
     for sig in (signal.SIGTERM, signal.SIGINT):  # unwind: atexit stops the servers
         signal.signal(sig, lambda *_: sys.exit(1))
     out.mkdir(parents=True, exist_ok=True)
@@ -554,7 +560,8 @@ def main(argv=None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     commit = git_commit()
     doc = {"name": "sglang_start", "date": now, "device": torch.cuda.get_device_name(0), "commit": commit,
-           "sglang": sglang.__version__, "torch": torch.__version__,
+           "sglang": importlib.metadata.version("sglang"), "torch": torch.__version__,
+           "env": {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0", "SGLANG_LOG_MS": "1"},
            "runs": [{"date": now, "commit": commit, "argv": sys.argv[1:] if argv is None else list(argv),
                      "stopped": None}],
            "models": {}, "rows": []}
