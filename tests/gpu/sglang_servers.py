@@ -153,11 +153,23 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except OSError:
-        return False
-    return True
+    """Whether a process of group ``pgid`` still runs (zombies, which hold no GPU memory, do not count: an init
+    that does not reap would keep them forever)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if group == str(pgid) and state not in ("Z", "X"):
+            return True
+    return False
 
 
 def server_env(gpu: int) -> dict:

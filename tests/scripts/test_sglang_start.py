@@ -334,13 +334,17 @@ def test_the_budget_stops_before_a_round_that_would_not_fit(tmp_path, fake_sglan
 
 
 def test_server_stop_ends_the_whole_process_group(tmp_path):
-    srv = Server("group", ["bash", "-c", "trap '' TERM; sleep 60 & sleep 60"], dict(os.environ),
-                 tmp_path / "group.log", sglang_servers.free_port())
-    time.sleep(0.5)
-    srv.stop(grace=1)
-    assert srv.proc.poll() is not None
-    for _ in range(50):  # the background sleep, killed, is reaped by init
-        if not sglang_servers._group_alive(srv.proc.pid):
+    """Children that ignore SIGTERM are killed after the grace time, and stop() returns once none runs."""
+    log = tmp_path / "group.log"
+    srv = Server("group", ["bash", "-c", "trap '' TERM; sleep 60 & echo $!; sleep 60"], dict(os.environ), log,
+                 sglang_servers.free_port())
+    for _ in range(100):
+        if log.read_text().strip():
             break
-        time.sleep(0.1)
-    assert not sglang_servers._group_alive(srv.proc.pid)
+        time.sleep(0.05)
+    child = int(log.read_text().split()[0])
+    assert sglang_servers._group_alive(srv.proc.pid)
+    srv.stop(grace=1)
+    assert srv.proc.poll() is not None and not sglang_servers._group_alive(srv.proc.pid)
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
