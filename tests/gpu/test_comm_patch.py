@@ -14,8 +14,10 @@ def test_comm_patch(gpus, run_script, verdicts):
     verdicts.assert_passed()
 
 
-def test_comm_patch_four_ranks_one_gpu(run_script, verdicts):
-    run_script("check_comm_patch.py", "--gpus", "1", "--ranks", "4", record="check_comm_patch.json", timeout=590)
+@pytest.mark.parametrize("skip", ["d", "b,c"], ids=["tp4", "ep4"])  # TP=4 dense (and (c)), EP=4 MoE
+def test_comm_patch_four_ranks_one_gpu(skip, run_script, verdicts):
+    run_script("check_comm_patch.py", "--gpus", "1", "--ranks", "4", "--skip", skip, record="check_comm_patch.json",
+               timeout=590)
     verdicts.assert_passed()
 
 
