@@ -458,7 +458,7 @@ def preflight(eargs: EngineArgs, host: str, port: int) -> None:
                               "use --device cpu")
         if eargs.world_size > torch.cuda.device_count():
             raise ConfigError(f"--tp/--ep need {eargs.world_size} GPUs; {torch.cuda.device_count()} visible")
-    foundry = eargs.foundry_config()
+    foundry = eargs.foundry
     if foundry.enabled and eargs.resolved_device() == "cpu":
         if foundry.mode in (FoundryMode.LOAD, FoundryMode.SAVE):
             log.warning("--foundry-mode %s: there are no CUDA graphs on CPU; the archive %s is not used",

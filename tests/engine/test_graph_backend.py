@@ -12,6 +12,7 @@ from foundry_core.errors import FoundryError
 from foundry_sglang.builtin.backend import FoundryGraphBackend
 from foundry_sglang.engine.config import EngineArgs
 from foundry_sglang.graphs.router import shape_key_name
+from foundry_sglang.graphs.settings import FoundryConfig
 
 
 def test_shape_key_names():
@@ -21,7 +22,7 @@ def test_shape_key_names():
 
 
 def _backend(tmp_path, rank=0, **changes):
-    args = EngineArgs(model="builtin:tiny", foundry_archive=str(tmp_path), foundry_mode="auto", **changes)
+    args = EngineArgs(model="builtin:tiny", foundry=FoundryConfig.resolve("auto", tmp_path), **changes)
     return FoundryGraphBackend.from_engine_args(args, rank=rank)
 
 
@@ -40,12 +41,13 @@ def test_engine_archives_are_per_layout_and_rank_and_keyed_by_graph_inputs(tmp_p
     assert r0.session.path == r1.session.path and r0.session.key == r1.session.key
     assert "-tp2-" in r1.session.path.name and "r1" not in r1.session.path.name.split("-tp2-")[0][-3:]
     assert (r0.session.rank, r1.session.rank) == (0, 1) and base.session.rank is None
-    assert r1.session.requested_mode == "load" and r1.requested_mode == "auto"  # rank 0 saves the template first
+    assert r1.session.requested_mode == "load" and r1.target.requested == "auto"  # rank 0 saves the template first
+    assert r1.router.requested == "load" and r1.target.is_template and not base.target.is_template
     assert _backend(tmp_path, rank=1, ep=2).session.path not in (r0.session.path, base.session.path)
 
 
 def test_archive_flag_alone_means_auto(tmp_path):
-    args = EngineArgs(model="builtin:tiny", foundry_archive=str(tmp_path))
+    args = EngineArgs(model="builtin:tiny", foundry=FoundryConfig.resolve(None, tmp_path))
     assert FoundryGraphBackend.from_engine_args(args).session.requested_mode == "auto"
 
 
