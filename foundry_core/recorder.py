@@ -171,7 +171,7 @@ class ImageRecorder:
         """{"images", "bytes", "events", "out_of_memory"} counters."""
         count, total, events, oom = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_int()
         self._lib().foundry_cupti_stats(ctypes.byref(count), ctypes.byref(total), ctypes.byref(events),
-                                               ctypes.byref(oom))
+                                        ctypes.byref(oom))
         return {"images": count.value, "bytes": total.value, "events": events.value, "out_of_memory": oom.value}
 
     def images(self) -> list[CapturedImage]:

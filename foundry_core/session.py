@@ -221,13 +221,14 @@ class Session:
         return early.claim(self.path, self.key, device, self.rank, (str(torch.__version__), torch.version.cuda or ""),
                            self.options)
 
-    def _adopt(self, early) -> Optional[FoundryError]:
+    def _adopt(self, loaded: early.EarlyLoad) -> Optional[FoundryError]:
         """Take what an early load found, as ``_open_archive`` would have found it."""
-        if early.problem is None:
-            self.archive, self._saved_trace, self._saved_blocks = early.archive, early.saved_trace, early.saved_blocks
-        log.info("foundry: using the early load of %s (%s)", self.path, early.problem or "archive checked")
+        if loaded.problem is None:
+            self.archive, self._saved_trace = loaded.archive, loaded.saved_trace
+            self._saved_blocks = loaded.saved_blocks
+        log.info("foundry: using the early load of %s (%s)", self.path, loaded.problem or "archive checked")
         self.open_stats["early_load"] = 1.0
-        return early.problem
+        return loaded.problem
 
     def close(self) -> None:
         """Stop routing allocations to the arena and stop recording images. Graphs, outputs and tensors already
