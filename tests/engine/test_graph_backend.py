@@ -155,3 +155,28 @@ def test_explicit_save_keeps_the_error():
 
     with pytest.raises(ArenaUnavailable):
         FoundryGraphBackend(UnopenableSession("save")).before_allocations()
+
+
+def test_flags_are_resolved_once_and_each_rank_target_carries_both_modes(tmp_path):
+    """EngineArgs carries the resolved FoundryConfig (one field), and archive_target computes per rank what the
+    user asked for and what the rank's session does; before, the raw flag strings were re-resolved at each use,
+    LOAD was forced in keys.py and the requested mode brought back in the backend."""
+    import dataclasses
+    import json
+
+    from foundry_core.session import SessionMode
+    from foundry_sglang.builtin.keys import archive_target
+    from foundry_sglang.engine.flags import build_arg_parser, engine_args_from
+
+    argv = ["--foundry-archive", str(tmp_path), "--foundry-mode", "save", "--tp", "2"]
+    args = engine_args_from(build_arg_parser().parse_args(argv))
+    assert args.foundry == FoundryConfig.resolve("save", tmp_path)
+    assert not {"foundry_mode", "foundry_archive"} & {f.name for f in dataclasses.fields(EngineArgs)}
+    rank1 = archive_target(args, 1)
+    assert (rank1.requested, rank1.mode, rank1.session_mode, rank1.rank) == ("save", "load", SessionMode.LOAD, 1)
+    single = archive_target(dataclasses.replace(args, tp=1), 0)
+    assert (single.requested, single.mode, single.rank, single.is_template) == ("save", "save", None, False)
+    backend = FoundryGraphBackend.from_engine_args(args, rank=1)
+    assert backend.target == rank1 and backend.router.requested == "load" and not backend.router.strict
+    # a rank template's virtual ranks get the arguments as JSON
+    assert EngineArgs(**json.loads(json.dumps(args.to_dict()))) == args
