@@ -2,10 +2,12 @@
 
 :meth:`Options.from_env` reads them. :class:`~foundry_core.Session` takes an ``Options`` (default:
 ``Options.from_env()``, read once when the session is made) and hands each step what it needs as parameters;
-so do the entry points used without a session: the CLI, :func:`~foundry_core.preload`,
-:func:`~foundry_core.ranks.merge_rank_archives`, :class:`~foundry_core.recorder.ImageRecorder` and the native build
-(:func:`~foundry_core.native.native_lib`). Below them nothing reads ``os.environ`` for a setting; ``Options()``
-holds the defaults, which are the values with none of the variables set.
+so do the entry points used without a session (``options=None`` meaning ``Options.from_env()``): the CLI's
+``main``, :func:`~foundry_core.preload`, :func:`~foundry_core.ranks.merge_rank_archives`,
+:func:`~foundry_core.store.pack_archive`, :class:`~foundry_core.recorder.ImageRecorder` and the native build
+(:mod:`foundry_core.native`). Below them nothing reads ``os.environ`` for a setting: what takes a setting as a
+parameter defaults to ``Options()``, the values with none of the variables set. Other tools' variables (``CC``,
+``CUDA_HOME``/``CUDA_PATH`` for the native build) are read where those tools are looked for.
 """
 from __future__ import annotations
 
@@ -86,11 +88,6 @@ class Options:
         if self.module_globals not in MODULE_GLOBALS_POLICIES:
             raise FoundryError(f"{ENV['module_globals']}={self.module_globals!r}: expected one of "
                                f"{', '.join(MODULE_GLOBALS_POLICIES)}")
-
-    @property
-    def has_archive_key(self) -> bool:
-        """Whether a key is configured (``trust.configured_key`` reads it)."""
-        return bool(self.archive_key or self.archive_key_file)
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "Options":
