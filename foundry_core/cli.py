@@ -304,7 +304,6 @@ def _size(n: int) -> str:
 
 
 def cmd_verify(args, options: Options) -> int:
-    key = trust.configured_key(options)
     with Archive.open(args.archive, options) as archive:
         records = archive.verify_all(progress=args.verbose > 0 and sys.stderr.isatty())
         saved = archive.manifest.fingerprint
@@ -315,7 +314,7 @@ def cmd_verify(args, options: Options) -> int:
               + (f"; {len(in_store)} images in the image store intact" if in_store else ""))
         check_archive_offline(archive)
         print(f"ok: graph tables, trace and outputs pass LOAD's checks{_for_ranks(archive)}")
-        print(f"ok: trusted for LOAD: {trust.check_archive(archive, key)}")
+        print(f"ok: trusted for LOAD: {trust.check_archive(archive, trust.configured_key(options))}")
 
     if args.key is not None:
         expected = msgspec.structs.replace(saved, key=args.key)
