@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from aiohttp import web
 
 from foundry_sglang import jsonsafe
 from foundry_sglang.graphs.settings import FoundryMode
-from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent, port_problem
+from foundry_sglang.proc import exit_with_parent_if_asked, port_problem
 
 from .config import ConfigError, EngineArgs
 from .engine import AsyncLLMEngine, EngineDead, RequestFailed
@@ -479,8 +478,7 @@ def main(argv: Optional[List[str]] = None, early=None,
     parsed into flags and EngineArgs (by whoever started the early load), so they are not parsed again."""
     marks = {"imported": time.time()}
     args, eargs = parsed if parsed is not None else (build_arg_parser().parse_args(argv), None)
-    if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
-        exit_with_parent()
+    exit_with_parent_if_asked()
     configure_logging(args.log_level)
     if args.standby:
         from .standby import run_standby
