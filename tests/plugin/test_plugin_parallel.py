@@ -97,9 +97,9 @@ def test_shared_gpu_hook_puts_every_rank_on_the_base_gpu(monkeypatch):
 
 def test_launcher_asks_for_shared_gpus_and_nccl_all_reduces(monkeypatch):
     ours, _ = launch.split_argv(["--foundry-ranks-share-gpu", "--tp-size", "2"])
-    assert launch.foundry_env(ours, {})["FOUNDRY_RANKS_SHARE_GPU"] == "1"
+    assert launch.foundry_config(ours, {}).to_env()["FOUNDRY_RANKS_SHARE_GPU"] == "1"
     ours, _ = launch.split_argv(["--tp-size", "2"])
-    assert "FOUNDRY_RANKS_SHARE_GPU" not in launch.foundry_env(ours, {})
+    assert "FOUNDRY_RANKS_SHARE_GPU" not in launch.foundry_config(ours, {}).to_env()
 
 
 # -- which archive a TP/EP server's ranks use -----------------------------------------------------------------------
