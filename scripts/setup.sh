@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 step() { echo "setup: $*"; }
 fail() { echo "setup: error: $*" >&2; exit 1; }
 $PY -m pip install -q --upgrade pip >/dev/null 2>&1 || true   # an old pip still works
+# An earlier editable install leaves foundry_sglang.egg-info here; `python -m pip` run from this folder sees it as
+# an installed foundry-sglang and, in a new environment, prints a resolver "ERROR" about its missing dependencies.
+# The editable install below writes it again.
+rm -rf foundry_sglang.egg-info
 # SGLang 0.5.23 pins torch 2.14.1; where that wheel is not at hand any torch >= 2.6 works for foundry and
 # for the parts of SGLang the tests import (SGLang is installed without its dependency pins below).
 step "torch"
