@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Stage Ray 2.60.0 (cp312, with what ``ray[serve]`` needs beyond the image) onto a GPU host without a package index.
 
-``scripts/stage_sglang.py`` with ``--set ray`` as the default: ``build`` on the dev machine (parts under
-``.stage/ray/parts``), then ``append`` each part and ``install --check`` on the GPU machine (``/tmp/foundry_ray``).
-See docs/STAGING.md for the procedure.
+``scripts/stage_sglang.py`` with ``--set ray`` as the default: ``build`` on the build machine (parts under
+``.stage/ray/parts``), then ``append`` each part and ``install --check`` on the GPU host (``/tmp/foundry_ray``).
+See docs/STAGING.md for the whole procedure.
 """
 from __future__ import annotations
 

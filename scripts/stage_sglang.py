@@ -501,6 +501,9 @@ def cmd_install(args: argparse.Namespace) -> int:
         info = write_dist_info(project, target)
         log(f"entry point {info.name}")
         env["TVM_FFI_CACHE_DIR"] = str(dest / "bundle" / "tvm-ffi-cache")  # SGLang builds missing kernels here
+    # PYTHONPATH goes in front of what is there, so the env.sh of several sets can be sourced one after the other
+    # (the last one sourced comes first).
+    env["PYTHONPATH"] += "${PYTHONPATH:+:$PYTHONPATH}"
     (dest / "env.sh").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     log(f"set {ws.name}: environment in {dest / 'env.sh'} (source it)")
     if args.check:

@@ -5,10 +5,14 @@ import json
 from typing import Optional
 
 
-async def openai_request(session, url: str, body: dict, chat: bool = False) -> tuple[Optional[str], Optional[str]]:
-    """POST to /v1/completions (or /v1/chat/completions when ``chat``); return (text, None) or (None, error)."""
+async def openai_request(session, url: str, body: dict, chat: bool = False,
+                         headers: Optional[dict] = None) -> tuple[Optional[str], Optional[str]]:
+    """POST to /v1/completions (or /v1/chat/completions when ``chat``); return (text, None) or (None, error).
+    ``headers``: a dict that receives the response's headers."""
     path = "/v1/chat/completions" if chat else "/v1/completions"
     async with session.post(url + path, json=body) as r:
+        if headers is not None:
+            headers.update(r.headers)
         if r.status != 200:
             return None, f"HTTP {r.status}: {(await r.text())[:200]}"
         if not body.get("stream"):

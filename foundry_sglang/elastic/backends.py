@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .layout import Layout
-from .workers import ProcessWorker, WorkerSpec
+from .workers import ProcessWorker, WorkerSpec, distinct, rank_placement
 
 log = logging.getLogger("foundry_sglang.elastic.backends")
 
@@ -46,6 +46,8 @@ class ReplicaHandle:
 
 
 SpecFactory = Callable[[int], WorkerSpec]  # replica index -> spec
+#: Standby workers in a row that may exit before they are warm before the pool stops starting them.
+STANDBY_MAX_FAILURES = 3
 
 
 # --------------------------------------------------------------------------------------------- local
@@ -74,17 +76,15 @@ class _LocalReplica(ReplicaHandle):
                 self.backend.standby_fallbacks += 1
                 await loop.run_in_executor(None, standby.stop, 2.0)
         if not self.from_standby:
-            gpu_ids = self.slots if self.spec.device == "cuda" else ()
-            self.url = self.worker.start(self.spec, gpu_ids=gpu_ids)
+            self.url = self.worker.start(self.spec, gpu_ids=self.backend.gpus_of(self.slots))
         self.pid = self.worker.pid
         return self.url
 
     def _standby_spec(self) -> WorkerSpec:
-        """A standby sees all of the backend's GPUs: tell its ranks which of them are this replica's."""
-        if self.spec.device != "cuda" or "--gpu-ids" in self.spec.extra_args:
-            return self.spec
-        index = [self.backend.all_slots.index(s) for s in self.slots]
-        return replace(self.spec, extra_args=list(self.spec.extra_args) + ["--gpu-ids", ",".join(map(str, index))])
+        """A standby sees all of the backend's GPUs: tell its ranks which of them are this replica's
+        (ValueError, and so a fresh worker, where the engine cannot express the placement)."""
+        flags = rank_placement(self.spec, self.backend.gpus_of(self.slots), self.backend.visible)
+        return replace(self.spec, extra_args=list(self.spec.extra_args) + flags) if flags else self.spec
 
     def describe(self) -> Dict[str, Any]:
         return dict(super().describe(), from_standby=self.from_standby)
@@ -99,7 +99,9 @@ class _LocalReplica(ReplicaHandle):
 
 
 class LocalBackend:
-    """Workers as child processes of the controller; ``slots`` are GPU ids (cuda) or plain numbers (cpu).
+    """Workers as child processes of the controller. ``slots`` gives each slot's GPU id (cuda; a repeated id
+    makes slots share that GPU: ranks and replicas on one GPU) or any numbers (cpu); slots are numbered
+    0..n-1 in that order.
 
     With ``standby`` > 0 the backend keeps up to that many warm engines (``engine --standby``) on free slots,
     one slot each (a standby holds its GPU). They are not serving capacity: a slot with a standby is free for
@@ -110,11 +112,23 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, slots: Sequence[int], standby: int = 0):
-        self.all_slots: List[int] = list(slots)
-        self.free: List[int] = list(slots)
+        self.gpus: List[int] = list(slots)                   # slot i runs on GPU gpus[i]
+        self.visible: List[int] = distinct(self.gpus)        # what a standby (serving any slots) sees
+        self.all_slots: List[int] = list(range(len(self.gpus)))
+        self.free: List[int] = list(self.all_slots)
         self.standby_target = max(0, int(standby))
         self.standbys: Dict[int, ProcessWorker] = {}   # slot -> warm engine (its slot is not in self.free)
         self.standby_started = self.standby_used = self.standby_fallbacks = 0
+        self.standby_failures = 0                      # standbys in a row that exited before they were warm
+        self.standby_disabled: Optional[str] = None    # why no more standbys are started
+
+    def capacity(self) -> Tuple[Optional[int], str]:
+        """How many slots this backend has at all, and where (for a one-line refusal)."""
+        return len(self.all_slots), f"the local backend has {len(self.all_slots)} slot(s) {self.gpus}"
+
+    def gpus_of(self, slots: Sequence[int]) -> List[int]:
+        """The GPU of each of ``slots`` (one per rank)."""
+        return [self.gpus[s] for s in slots]
 
     async def allocate(self, gen_id: int, layout: Layout, spec_for: SpecFactory) -> List[ReplicaHandle]:
         available = len(self.free) + len(self.standbys)
@@ -144,11 +158,18 @@ class LocalBackend:
         ``spec`` gives the worker kind, device, environment and log path (``{slot}`` in it is filled in)."""
         for slot, w in list(self.standbys.items()):
             if w.returncode() is not None:
-                log.warning("standby pid %s on slot %s exited with status %s; replacing it",
-                            w.pid, slot, w.returncode())
+                self.standby_failures = 0 if w.was_warm() else self.standby_failures + 1
+                log.warning("standby pid %s on slot %s exited with status %s%s; replacing it", w.pid, slot,
+                            w.returncode(), "" if self.standby_failures == 0 else " before it was warm")
                 w.stop()
                 del self.standbys[slot]
                 self._give_back([slot])
+        if self.standby_failures >= STANDBY_MAX_FAILURES:
+            if not self.standby_disabled:
+                self.standby_disabled = (f"{self.standby_failures} standby workers in a row exited before they "
+                                         f"were warm (see their logs); no more standby workers")
+                log.error("%s", self.standby_disabled)
+            return 0
         started = 0
         while len(self.standbys) < self.standby_target and self.free:
             slot = self.free.pop(0)
@@ -156,7 +177,7 @@ class LocalBackend:
             s = replace(spec, log_path=spec.log_path.format(slot=slot) if spec.log_path else None)
             try:
                 if spec.device == "cuda":
-                    w.start_standby(s, gpu_ids=self.all_slots, gpu_index=self.all_slots.index(slot))
+                    w.start_standby(s, gpu_ids=self.visible, gpu_index=self.visible.index(self.gpus[slot]))
                 else:
                     w.start_standby(s)
             except (OSError, ValueError) as exc:
@@ -173,10 +194,11 @@ class LocalBackend:
                     ("warming" if w.returncode() is None else "exited")} for slot, w in sorted(self.standbys.items())]
         return {"target": self.standby_target, "ready": sum(w["state"] == "ready" for w in workers),
                 "warming": sum(w["state"] == "warming" for w in workers), "workers": workers,
-                "started": self.standby_started, "used": self.standby_used, "fallbacks": self.standby_fallbacks}
+                "started": self.standby_started, "used": self.standby_used, "fallbacks": self.standby_fallbacks,
+                "disabled": self.standby_disabled}
 
     def _give_back(self, slots: Sequence[int]) -> None:
-        self.free = sorted(set(self.free) | set(slots))
+        self.free = sorted(set(self.free) | set(slots))     # slot numbers, not GPU ids: no two alike
 
     async def shutdown(self) -> None:
         """Stop the standby pool (the replicas are the controller's to stop)."""
@@ -204,6 +226,9 @@ def _worker_actor():
             def start(self, spec: Dict[str, Any]) -> Dict[str, Any]:
                 s = WorkerSpec(**spec)
                 gpu_ids = [int(g) for g in ray.get_gpu_ids()] if s.device == "cuda" else []
+                ranks = max(s.tp, s.ep)
+                if 0 < len(gpu_ids) < ranks:     # a share of fewer GPUs than ranks: the ranks share them
+                    gpu_ids = [gpu_ids[r * len(gpu_ids) // ranks] for r in range(ranks)]
                 url = self.worker.start(s, gpu_ids=gpu_ids)
                 return {"url": url, "pid": self.worker.pid, "gpu_ids": gpu_ids}
 
@@ -255,8 +280,11 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, device: str = "cpu", placement_timeout: float = 60.0, instance: str = ""):
+    def __init__(self, device: str = "cpu", placement_timeout: float = 60.0, instance: str = "",
+                 slots_per_gpu: int = 1):
+        """``slots_per_gpu`` > 1: each slot is that share of a GPU (ranks and replicas share GPUs)."""
         self.resource = "GPU" if device == "cuda" else "CPU"
+        self.per_slot = 1.0 / slots_per_gpu if self.resource == "GPU" else 1.0
         self.placement_timeout = placement_timeout
         self._groups_made = 0     # placement-group names must be unique in the cluster
         self.prefix = f"foundry-elastic-{instance}-" if instance else "foundry-elastic-"
@@ -276,6 +304,16 @@ class RayBackend:
             log.warning("removed %d placement group(s) left by a previous controller", removed)
         return removed
 
+    def capacity(self) -> Tuple[Optional[int], str]:
+        """The cluster's total slots of this backend's resource (None when Ray cannot say), and a description."""
+        import ray
+
+        try:
+            total = ray.cluster_resources().get(self.resource, 0)
+        except Exception:  # Ray in trouble: let the placement itself decide
+            return None, "the Ray cluster's size is unknown"
+        return int(total / self.per_slot + 1e-9), f"the Ray cluster has {total:g} {self.resource}"
+
     async def allocate(self, gen_id: int, layout: Layout, spec_for: SpecFactory) -> List[ReplicaHandle]:
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -283,7 +321,8 @@ class RayBackend:
         n = layout.slots_per_replica
         first = self._groups_made
         self._groups_made += layout.replicas
-        groups = [placement_group([{self.resource: n}], strategy="STRICT_PACK",
+        amount = n * self.per_slot
+        groups = [placement_group([{self.resource: amount}], strategy="STRICT_PACK",
                                   name=f"{self.prefix}g{gen_id}-pg{first + i}") for i in range(layout.replicas)]
         try:
             await asyncio.wait_for(asyncio.gather(*(g.ready() for g in groups)), timeout=self.placement_timeout)
@@ -297,7 +336,7 @@ class RayBackend:
         handles: List[ReplicaHandle] = []
         for i, group in enumerate(groups):
             strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0)
-            opts = {"num_cpus": n, "num_gpus": 0} if self.resource == "CPU" else {"num_cpus": 0, "num_gpus": n}
+            opts = {"num_cpus": n, "num_gpus": 0} if self.resource == "CPU" else {"num_cpus": 0, "num_gpus": amount}
             actor = _worker_actor().options(scheduling_strategy=strategy, **opts).remote()
             handles.append(_RayReplica(i, spec_for(i), actor, group))
         return handles

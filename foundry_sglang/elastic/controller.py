@@ -35,7 +35,7 @@ from foundry_sglang.graphs.keys import RankLayout, layout_dir
 from foundry_sglang.graphs.settings import FoundryConfig
 
 from .backends import ReplicaHandle
-from .layout import Layout, ModelShape, parse_layout, validate_layout
+from .layout import Layout, LayoutError, ModelShape, parse_layout, validate_layout
 from .router import Router, RouteSet, Upstream
 from .workers import WorkerSpec
 
@@ -151,7 +151,7 @@ class Controller:
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Validate the initial layout and bring up generation 1."""
-        validate_layout(self.config.layout, self.shape, self.config.slots, self.config.kind)
+        self._validate(self.config.layout)
         job = Job(id="initial", target=self.config.layout, source=None, strategy="initial")
         self.jobs[job.id] = job
         gen = await self._start_generation(job, self.config.layout)
@@ -163,7 +163,7 @@ class Controller:
 
     # -- standby pool ------------------------------------------------------------------------------
     def _standby_supported(self) -> bool:
-        return self.config.standby > 0 and hasattr(self.backend, "replenish") and self.config.kind == "builtin"
+        return self.config.standby > 0 and hasattr(self.backend, "replenish")
 
     def _replenish_standby(self) -> None:
         """Refill the standby pool on free slots (never fails the caller: a standby is an optimisation)."""
@@ -181,7 +181,8 @@ class Controller:
         """The standby pool as /status and /metrics report it (``ready`` engines are never serving capacity)."""
         if hasattr(self.backend, "standby_status"):
             return self.backend.standby_status()
-        return {"target": 0, "ready": 0, "warming": 0, "workers": [], "started": 0, "used": 0, "fallbacks": 0}
+        return {"target": 0, "ready": 0, "warming": 0, "workers": [], "started": 0, "used": 0, "fallbacks": 0,
+                "disabled": None}
 
     async def stop(self) -> None:
         """Cancel the monitor and any running job (waiting until they have cleaned up), then stop every replica."""
@@ -204,6 +205,19 @@ class Controller:
             await self.backend.shutdown()
 
     # -- API ---------------------------------------------------------------------------------------
+    def _slots(self) -> int:
+        """The slots a layout may use: the deployment's, or fewer where the hardware holds fewer."""
+        have = self.backend.capacity()[0] if hasattr(self.backend, "capacity") else None
+        return self.config.slots if have is None else min(self.config.slots, have)
+
+    def _validate(self, layout: Layout) -> None:
+        """LayoutError (one line) for a layout the model, the deployment or the hardware cannot hold."""
+        validate_layout(layout, self.shape, self.config.slots, self.config.kind)
+        if hasattr(self.backend, "capacity"):
+            have, where = self.backend.capacity()
+            if have is not None and layout.slots > have:
+                raise LayoutError(f"{layout} needs {layout.slots} slots (max(tp, ep) * replicas) but {where}")
+
     def submit(self, body: Any) -> Job:
         """Validate a reconfiguration request and start it. Raises LayoutError (400) or ControllerBusy (409)."""
         if self._stopping:
@@ -213,7 +227,7 @@ class Controller:
         if self.current_job is not None:
             raise ControllerBusy(f"reconfiguration {self.current_job.id} is still running "
                                  f"(phase {self.current_job.phase}); try again when it is done")
-        validate_layout(target, self.shape, self.config.slots, self.config.kind)
+        self._validate(target)
         job = Job(id=uuid.uuid4().hex[:12], target=target, source=current)
         self.jobs[job.id] = job
         self.current_job = job
@@ -312,11 +326,12 @@ class Controller:
             return "gap", 0
         if (target.tp, target.ep) == (old.layout.tp, old.layout.ep):
             return "scale", 0         # same engines, only the replica count changes: no new generation
-        free = self.config.slots - old.layout.slots_per_replica * len(old.replicas)
+        slots = self._slots()
+        free = slots - old.layout.slots_per_replica * len(old.replicas)
         if target.slots <= free:
             return "overlap", len(old.replicas)
         per = old.layout.slots_per_replica
-        keep = (self.config.slots - target.slots) // per
+        keep = (slots - target.slots) // per
         if keep >= 1:
             return "shrink", min(keep, len(old.replicas))
         return "gap", 0

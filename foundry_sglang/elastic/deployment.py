@@ -65,7 +65,8 @@ class DeploymentConfig:
     replicas: int = 1
     kind: str = "builtin"
     device: str = "cpu"
-    gpu_ids: Optional[List[int]] = None      # local backend on GPU: which GPUs (default 0..slots-1)
+    gpu_ids: Optional[List[int]] = None      # local backend on GPU: each slot's GPU (default 0..slots-1)
+    slots_per_gpu: int = 1                   # >1: that many slots share each GPU (ranks/replicas on one GPU)
     host: str = "127.0.0.1"
     port: int = 8000
     api_token: Optional[str] = None
@@ -79,13 +80,15 @@ class DeploymentConfig:
     start_timeout: float = 600.0
     drain_timeout: float = 600.0
     policy: Optional[Dict[str, Any]] = None  # PolicyConfig fields; None: policy off
-    standby: int = 0                         # warm standby engines kept on free slots (local backend, builtin)
+    standby: int = 0                         # warm standby workers kept on free slots (local backend)
 
     def __post_init__(self) -> None:
         if isinstance(self.foundry, Mapping):  # from YAML (Ray Serve args) or asdict() (the controller actor)
             self.foundry = FoundryConfig.from_dict(self.foundry)
-        if self.standby < 0 or (self.standby and (self.backend != "local" or self.kind != "builtin")):
-            raise ValueError("standby must be >= 0, and standby engines need backend 'local' and kind 'builtin'")
+        if self.slots_per_gpu < 1:
+            raise ValueError("slots_per_gpu must be >= 1")
+        if self.standby < 0 or (self.standby and self.backend != "local"):
+            raise ValueError("standby must be >= 0, and standby engines need backend 'local'")
 
     def controller_config(self) -> ControllerConfig:
         return ControllerConfig(model=self.model, slots=self.slots, layout=Layout(self.tp, self.ep, self.replicas),
@@ -103,9 +106,9 @@ class ElasticServer:
         self.config = config
         self.router = Router(queue_limit=config.queue_limit, queue_timeout=config.queue_timeout)
         if config.backend == "ray":
-            backend: Any = RayBackend(device=config.device, instance=instance)
+            backend: Any = RayBackend(device=config.device, instance=instance, slots_per_gpu=config.slots_per_gpu)
         elif config.backend == "local":
-            slots = config.gpu_ids if config.gpu_ids else list(range(config.slots))
+            slots = config.gpu_ids or [i // config.slots_per_gpu for i in range(config.slots)]
             backend = LocalBackend(slots[:config.slots], standby=config.standby)
         else:
             raise ValueError(f"unknown backend {config.backend!r}; expected ray or local")

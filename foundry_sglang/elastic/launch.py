@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda", help="where engines run (default cuda)")
     p.add_argument("--gpu-ids", default=None,
                    help="comma-separated GPU ids for --backend local (default 0..slots-1)")
+    p.add_argument("--slots-per-gpu", type=int, default=1, metavar="N",
+                   help="N slots share each GPU, so ranks and replicas fit on fewer GPUs (one GPU: --slots 2 "
+                        "--slots-per-gpu 2); SGLang ranks on one GPU run with --foundry-ranks-share-gpu (default 1)")
     p.add_argument("--host", default="127.0.0.1",
                    help="router bind address (default 127.0.0.1); on any other address set --api-token, or anyone "
                         "who can reach the port can reconfigure the deployment (a warning says so at start)")
@@ -77,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for every engine process (repeatable; or put them after --)")
     p.add_argument("--standby", type=int, default=0, metavar="N",
-                   help="keep N warm standby engines (torch imported, rank forkserver and CUDA context up) on "
-                        "free slots, each holding its slot/GPU, so a switch or scale-up skips the process start; "
-                        "refilled after every job, never serving capacity, reported in /status and /metrics. "
-                        "Needs --backend local and --worker builtin (default 0: off)")
+                   help="keep N warm standby workers of the --worker kind on free slots, each holding its "
+                        "slot/GPU: torch and the server imported, a forkserver for its rank processes (SGLang: "
+                        "with the scheduler side imported), CUDA up; a switch or scale-up hands one its layout "
+                        "instead of starting a process. Refilled after every job, never serving capacity, "
+                        "reported in /status and /metrics. Needs --backend local (default 0: off)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -97,10 +101,12 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
             raise LayoutError(f"--policy is not valid JSON: {exc}") from None
         if not isinstance(policy, dict):
             raise LayoutError("--policy must be a JSON object")
+    if args.slots_per_gpu < 1:
+        raise LayoutError("--slots-per-gpu must be >= 1")
     if args.standby < 0:
         raise LayoutError("--standby must be >= 0")
-    if args.standby and (args.backend != "local" or args.kind != "builtin"):
-        raise LayoutError("--standby needs --backend local and --worker builtin")
+    if args.standby and args.backend != "local":
+        raise LayoutError("--standby needs --backend local")
     gpu_ids = [int(g) for g in args.gpu_ids.split(",") if g.strip()] if args.gpu_ids else None
     slots = args.slots or max(args.tp, args.ep) * args.replicas
     try:
@@ -113,7 +119,7 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
         backend=args.backend, foundry=foundry if args.device == "cuda" else FoundryConfig(),
         extra_args=list(args.engine_arg) + list(extra), log_dir=args.log_dir, queue_limit=args.queue_limit,
         queue_timeout=args.queue_timeout, start_timeout=args.start_timeout, drain_timeout=args.drain_timeout,
-        policy=policy, standby=args.standby)
+        policy=policy, standby=args.standby, slots_per_gpu=args.slots_per_gpu)
 
 
 def preflight(cfg: DeploymentConfig, ray_address: Optional[str]) -> None:
@@ -129,9 +135,10 @@ def preflight(cfg: DeploymentConfig, ray_address: Optional[str]) -> None:
     if not torch.cuda.is_available():
         raise ValueError("--device cuda (the default): no usable CUDA GPU on this machine; "
                          "use --device cpu to run the engines on CPU")
-    if not cfg.gpu_ids and torch.cuda.device_count() < cfg.slots:
-        raise ValueError(f"the deployment owns {cfg.slots} slots (GPUs) but {torch.cuda.device_count()} GPU(s) "
-                         f"are visible; lower --slots/--tp/--replicas")
+    gpus = -(-cfg.slots // cfg.slots_per_gpu)
+    if not cfg.gpu_ids and torch.cuda.device_count() < gpus:
+        raise ValueError(f"the deployment owns {cfg.slots} slots ({gpus} GPUs) but {torch.cuda.device_count()} "
+                         f"GPU(s) are visible; lower --slots/--tp/--replicas or raise --slots-per-gpu")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -38,6 +38,8 @@ from foundry_sglang import jsonsafe
 log = logging.getLogger("foundry_sglang.elastic.router")
 
 RETRYABLE_STATUS = (502, 503, 504)
+#: Response header naming the replica that answered (a resumed stream: the first one).
+REPLICA_HEADER = "X-Foundry-Replica"
 PROXIED_PATHS = ("/v1/completions", "/v1/chat/completions")
 #: Consecutive failed answers (5xx or a lost connection) after which an upstream is routed around for a while.
 FAILURES_BEFORE_DOWN = 3
@@ -126,6 +128,11 @@ class Upstream:
     @property
     def available(self) -> bool:
         return time.monotonic() >= self.down_until
+
+    @property
+    def name(self) -> str:
+        """What the ``X-Foundry-Replica`` response header says: generation and port (``3:41234``)."""
+        return f"{self.generation}:{self.url.rsplit(':', 1)[-1]}"
 
 
 @dataclass
@@ -358,7 +365,9 @@ class Router:
                         log.info("%s answered %d to %s; trying another replica", up.url, r.status, path)
                         continue
                     up.served += 1
-                    return _answer(r, data)
+                    resp = _answer(r, data)
+                    resp.headers[REPLICA_HEADER] = up.name
+                    return resp
             except (aiohttp.ClientError, asyncio.TimeoutError, _UpstreamLost, OSError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 self._mark_down(up)
@@ -406,7 +415,7 @@ class Router:
                         return _answer(r, data)
                     if out is None:
                         out = web.StreamResponse(status=200, headers={
-                            "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", REPLICA_HEADER: up.name})
                         try:
                             await out.prepare(request)
                         except (ConnectionError, RuntimeError) as exc:

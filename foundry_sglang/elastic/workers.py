@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from foundry_sglang.graphs.settings import FoundryConfig
@@ -110,6 +110,34 @@ def build_env(spec: WorkerSpec, gpu_ids: Sequence[int]) -> Dict[str, str]:
     return env
 
 
+def distinct(ids: Sequence[int]) -> List[int]:
+    """``ids`` without repeats, in order."""
+    return list(dict.fromkeys(ids))
+
+
+def rank_placement(spec: WorkerSpec, rank_gpus: Sequence[int], visible: Sequence[int]) -> List[str]:
+    """Server flags that put rank r on GPU ``rank_gpus[r]`` (repeats share a GPU) of a process that sees
+    ``visible`` (its CUDA_VISIBLE_DEVICES): the built-in engine's ``--gpu-ids``; SGLang's ``--base-gpu-id`` and
+    ``--gpu-id-step``, or ``--foundry-ranks-share-gpu`` when every rank is on one GPU. Nothing where the ranks
+    fall on the visible GPUs in order, or the spec already places them; ValueError where SGLang cannot."""
+    pos = [list(visible).index(g) for g in rank_gpus]
+    given = {a.split("=", 1)[0] for a in spec.extra_args}
+    if spec.device != "cuda" or pos == list(range(len(pos))):
+        return []
+    if spec.kind == "builtin":
+        return [] if "--gpu-ids" in given else ["--gpu-ids", ",".join(map(str, pos))]
+    if given & {"--base-gpu-id", "--gpu-id-step", "--foundry-ranks-share-gpu"}:
+        return []
+    if len(pos) > 1 and len(set(pos)) == 1:
+        return ["--base-gpu-id", str(pos[0]), "--foundry-ranks-share-gpu"]
+    order = sorted(pos)
+    step = order[1] - order[0] if len(order) > 1 else 1
+    if step < 1 or order != list(range(order[0], order[0] + step * len(order), step)):
+        raise ValueError(f"SGLang cannot put its ranks on GPUs {list(rank_gpus)}: they must be one GPU or "
+                         "evenly spaced")
+    return ["--base-gpu-id", str(order[0])] + (["--gpu-id-step", str(step)] if step > 1 else [])
+
+
 def http_ok(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -119,12 +147,17 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def standby_command(spec: WorkerSpec, gpu_index: Optional[int] = None) -> List[str]:
-    """The command line of a standby engine for ``spec``'s kind and device (built-in engine only);
-    ``gpu_index``: the visible GPU whose CUDA context it creates."""
-    if spec.kind != "builtin":
-        raise ValueError(f"standby workers need the builtin worker kind, not {spec.kind!r}")
-    cmd = [sys.executable, "-m", "foundry_sglang.engine", "--standby", "--device", spec.device]
-    return cmd + (["--gpu-ids", str(gpu_index)] if gpu_index is not None else [])
+    """The command line of a standby for ``spec``'s kind and device (it later takes ``build_command``'s
+    arguments on stdin); ``gpu_index``: the visible GPU whose CUDA it initialises."""
+    if spec.kind == "builtin":
+        cmd = [sys.executable, "-m", "foundry_sglang.engine", "--standby", "--device", spec.device]
+        return cmd + (["--gpu-ids", str(gpu_index)] if gpu_index is not None else [])
+    if spec.kind == "sglang":
+        cmd = [sys.executable, "-m", "foundry_sglang.plugin.standby", "--device", spec.device]
+        if os.path.isfile(os.path.join(spec.model, "config.json")):
+            cmd += ["--model-path", spec.model]      # its SGLang model file is imported ahead
+        return cmd + (["--gpu", str(gpu_index)] if gpu_index is not None else [])
+    raise ValueError(f"unknown worker kind {spec.kind!r}; expected one of {', '.join(WORKER_KINDS)}")
 
 
 class ProcessWorker:
@@ -143,7 +176,13 @@ class ProcessWorker:
         self._ready = False
 
     def start(self, spec: WorkerSpec, port: Optional[int] = None, gpu_ids: Sequence[int] = ()) -> str:
+        """Launch ``spec``'s server; ``gpu_ids`` (cuda): its GPUs, or one per rank where ranks share GPUs."""
         port = port or free_port(spec.host)
+        if spec.device == "cuda" and len(distinct(gpu_ids)) < len(gpu_ids):
+            gpu_ids = list(gpu_ids)
+            flags = rank_placement(spec, gpu_ids, distinct(gpu_ids))
+            spec = replace(spec, extra_args=list(spec.extra_args) + flags)
+            gpu_ids = distinct(gpu_ids)
         cmd = build_command(spec, port)
         self.spec = spec
         self.url = f"http://{spec.host}:{port}"
@@ -179,6 +218,11 @@ class ProcessWorker:
                 self._close_ready()
         return self._ready and self.returncode() is None and self.url is None
 
+    def was_warm(self) -> bool:
+        """Whether this standby ever said it was warm (also after it exited)."""
+        self.standby_ready()
+        return self._ready
+
     def _close_ready(self) -> None:
         if self._ready_fd is not None:
             os.close(self._ready_fd)
@@ -193,7 +237,7 @@ class ProcessWorker:
         if proc.poll() is not None:
             raise RuntimeError(f"standby pid {proc.pid} exited with status {proc.returncode}")
         port = port or free_port(spec.host)
-        argv = build_command(spec, port)[3:]        # drop "python -m foundry_sglang.engine"
+        argv = build_command(spec, port)[3:]        # drop "python -m <module>"
         log.info("activating standby pid %d: %s", proc.pid, printable_command(argv))
         proc.stdin.write((json.dumps({"argv": argv}) + "\n").encode())
         proc.stdin.close()                           # one message per standby; raises if the pipe is broken

@@ -107,12 +107,13 @@ def _signal_ready() -> None:
 
 
 def run_standby(device: str, gpu: int = 0, stream: Optional[TextIO] = None,
-                serve: Optional[Callable[[List[str]], int]] = None) -> int:
-    """Warm up, wait for arguments, then ``serve(argv)`` (the server's ``main`` with the standby's own settings)
-    and return its exit status."""
+                serve: Optional[Callable[[List[str]], int]] = None,
+                warm: Callable[[str, int], None] = warm_up) -> int:
+    """``warm(device, gpu)``, wait for arguments, then ``serve(argv)`` (the server's ``main`` with the standby's
+    own settings) and return its exit status. The protocol is the same for every server a standby becomes."""
     t0 = time.monotonic()
     try:
-        warm_up(device, gpu)
+        warm(device, gpu)
     except Exception as e:  # the parent falls back to a fresh engine when this process exits
         log.error("standby could not warm up: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return 1

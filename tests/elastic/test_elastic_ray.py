@@ -6,86 +6,21 @@ switch. Every response must be complete and equal to the greedy reference taken 
 no request may fail. Invalid reconfigurations are rejected with 4xx and change nothing. Switch time by phase
 is printed (run with -s to see it).
 """
-import asyncio
 import os
 import signal
-import threading
 import time
 
-import aiohttp
 import pytest
 import requests
-from openai_client import openai_request
+from elastic_load import LoadGenerator, reference_outputs
 
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
 from foundry_sglang.elastic.layout import LayoutError
 
 ray = pytest.importorskip("ray")
 
-PROMPTS = [f"request {i}: the quick brown fox" for i in range(6)]
-MAX_TOKENS = 12
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-async def one_request(session, url, i, stream):
-    chat = i % 3 == 0
-    prompt = PROMPTS[i % len(PROMPTS)]
-    body = {"max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream}
-    if chat:
-        body["messages"] = [{"role": "user", "content": prompt}]
-    else:
-        body["prompt"] = prompt
-    return await openai_request(session, url, body, chat=chat)
-
-
-class LoadGenerator:
-    """Concurrent streaming and non-streaming requests on a thread until stopped."""
-
-    def __init__(self, url, reference, concurrency=4):
-        self.url, self.reference, self.concurrency = url, reference, concurrency
-        self.ok = 0
-        self.failures = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self):
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
-            async def worker(w):
-                i = w
-                while not self._stop.is_set():
-                    stream = (i // len(PROMPTS)) % 2 == 0
-                    text, err = await one_request(s, self.url, i, stream)
-                    key = (i % len(PROMPTS), i % 3 == 0, stream)
-                    if err:
-                        self.failures.append(err)
-                    elif text != self.reference[key]:
-                        self.failures.append(f"mismatch {key}: {text!r} != {self.reference[key]!r}")
-                    else:
-                        self.ok += 1
-                    i += self.concurrency
-            await asyncio.gather(*(worker(w) for w in range(self.concurrency)))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(300)
-
-
-def reference_outputs(url):
-    async def main():
-        async with aiohttp.ClientSession() as s:
-            out = {}
-            for i in range(len(PROMPTS) * 3):
-                for stream in (False, True):
-                    text, err = await one_request(s, url, i, stream)
-                    assert err is None, err
-                    out[(i % len(PROMPTS), i % 3 == 0, stream)] = text
-            return out
-    return asyncio.run(main())
 
 
 @pytest.fixture(scope="module")

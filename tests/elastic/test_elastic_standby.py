@@ -8,6 +8,7 @@ import time
 
 import pytest
 import requests
+from waiting import wait_until
 
 from foundry_sglang.elastic.backends import LocalBackend
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
@@ -20,15 +21,6 @@ from foundry_sglang.engine.standby import StandbyMessageError, parse_message
 ENGINE_ARGS = ["--num-kv-pages", "256"]
 ENV = {"OMP_NUM_THREADS": "1"}
 BODY = {"prompt": "standby", "max_tokens": 6, "temperature": 0}
-
-
-def wait_until(predicate, timeout=90.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached within {timeout:.0f}s")
 
 
 def replica_pids(dep):
@@ -96,9 +88,12 @@ def test_standby_exits_at_end_of_input_and_with_its_parent():
     wait_until(gone, timeout=30, what="standby exit after its parent died")
 
 
-def test_dead_standby_falls_back_to_a_fresh_worker():
+@pytest.mark.parametrize("kind", ["builtin", pytest.param("sglang", marks=pytest.mark.slow)])
+def test_dead_standby_falls_back_to_a_fresh_worker_and_is_replaced(kind, caplog):
+    if kind == "sglang":
+        pytest.importorskip("sglang.srt.server_args")
     backend = LocalBackend([0, 1], standby=1)
-    spec = WorkerSpec(model="builtin:tiny", device="cpu", extra_args=ENGINE_ARGS, env=ENV)
+    spec = WorkerSpec(model="builtin:tiny", kind=kind, device="cpu", extra_args=ENGINE_ARGS, env=ENV)
 
     async def scenario():
         assert backend.replenish(spec) == 1 and backend.free == [1]
@@ -106,12 +101,16 @@ def test_dead_standby_falls_back_to_a_fresh_worker():
         os.kill(standby.pid, signal.SIGKILL)
         standby.proc.wait(10)
         [replica] = await backend.allocate(2, Layout(1, 1, 1), lambda i: spec)
-        url = await replica.start()
+        with caplog.at_level("WARNING", logger="foundry_sglang.elastic.backends"):
+            url = await replica.start()
         try:
             await asyncio.get_running_loop().run_in_executor(
                 None, lambda: wait_until(lambda: http_ok(url + "/health"), what="fallback worker healthy"))
             assert replica.pid != standby.pid and not replica.from_standby
             assert backend.standby_status()["fallbacks"] == 1
+            [line] = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
+            assert f"standby pid {standby.pid}" in line and "exited" in line and "\n" not in line
+            assert backend.replenish(spec) == 1 and backend.standby_status()["started"] == 2   # replaced
         finally:
             await replica.stop()
             await backend.shutdown()

@@ -349,3 +349,26 @@ def test_layout_validation_messages():
     assert parse_layout(b'{"replicas": 3}', Layout(2, 1, 1)) == Layout(2, 1, 3)
     with pytest.raises(LayoutError, match="positive"):
         parse_layout({"tp": True})
+
+
+def test_every_answer_names_the_replica_that_gave_it():
+    async def main():
+        router = Router(queue_timeout=10)
+        engine = FakeEngine()
+        await engine.start()
+        router.set_active(RouteSet(7, [Upstream(engine.url, 7)]))
+        ctl = type("C", (), {"status": lambda self: {"state": "serving", "generation": 7, "layout": None},
+                              "config": type("K", (), {"model": "m"})()})()
+        runner, url = await _serve(ctl, router)
+        want = "7:" + engine.url.rsplit(":", 1)[1]
+        try:
+            async with aiohttp.ClientSession() as s:
+                for stream in (False, True):
+                    async with s.post(url + "/v1/completions", json={"prompt": "ab", "stream": stream}) as r:
+                        await r.read()
+                        assert r.status == 200 and r.headers["X-Foundry-Replica"] == want
+        finally:
+            await runner.cleanup()
+            await router.close()
+            await engine.stop()
+    run(main())

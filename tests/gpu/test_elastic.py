@@ -1,5 +1,6 @@
-"""Live TP switching on two GPUs under load (elastic_switches.py), local processes, with a warm standby, and on
-Ray (where Ray is staged: scripts/stage_ray.py, docs/STAGING.md)."""
+"""Live switches under load (elastic_switches.py; by hand: check_elastic.py): built-in workers locally, with a warm
+standby and on Ray (where Ray is staged: scripts/stage_ray.py, docs/STAGING.md); SGLang workers, dense and MoE,
+locally and on Ray (SGLang staged). With one GPU every slot shares it; with two, one GPU per slot."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,13 +9,20 @@ import pytest
 
 from gpu.elastic_switches import run_switches
 
-pytestmark = [pytest.mark.gpu, pytest.mark.two_gpu]
+pytestmark = [pytest.mark.gpu]
+
+CASES = [("builtin", "local", 0, ""), ("builtin", "local", 1, ""), ("builtin", "ray", 0, ""),
+         ("sglang", "local", 0, "dense"), ("sglang", "local", 1, "dense"), ("sglang", "local", 0, "moe"),
+         ("sglang", "ray", 0, "dense")]
 
 
-@pytest.mark.parametrize("backend, standby", [("local", 0), ("local", 1), ("ray", 0)],
-                         ids=["local", "local-standby", "ray"])
-def test_switches_under_load(backend, standby, out_dir, run_check, verdicts):
+@pytest.mark.parametrize("worker, backend, standby, models", [
+    pytest.param(*case, marks=[pytest.mark.sglang] if case[0] == "sglang" else [],
+                 id="-".join(str(x) for x in (case[0], case[1], f"standby{case[2]}" if case[2] else "", case[3]) if x))
+    for case in CASES])
+def test_switches_under_load(worker, backend, standby, models, out_dir, run_check, verdicts):
     if backend == "ray" and importlib.util.find_spec("ray") is None:
         pytest.skip("needs Ray importable (stage it: scripts/stage_ray.py, docs/STAGING.md)")
-    run_check(run_switches, out_dir, backend, standby, timeout=600, echo=True)
+    run_check(run_switches, str(out_dir), backend, standby, worker, None, models or "dense,moe", timeout=590,
+              echo=True)
     verdicts.assert_passed()

@@ -8,6 +8,8 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import os
+import subprocess
 import zipfile
 from argparse import Namespace
 from pathlib import Path
@@ -89,6 +91,9 @@ def test_parts_append_and_install_with_an_entry_point(tmp_path):
     assert [(ep.name, ep.value) for ep in eps] == [("foundry", "foundry_sglang.plugin:register")]
     env = (dest / "env.sh").read_text()
     assert f"PYTHONPATH={site}:{ROOT}" in env and "SGLANG_IS_FLASHINFER_AVAILABLE=false" in env
+    sourced = subprocess.run(["bash", "-c", f". {dest / 'env.sh'}; echo $PYTHONPATH"], capture_output=True,
+                             text=True, env=dict(os.environ, PYTHONPATH="/other-set/site")).stdout.strip()
+    assert sourced == f"{site}:{ROOT}:/other-set/site"      # another set's env.sh sourced before stays
     assert (dest / "bundle" / "tvm-ffi-cache" / "sgl_kernel_jit_x__arch_9.0a" / "x.so").exists()
     assert stage.cmd_install(args) == 0  # idempotent: the stamp matches, nothing reinstalled
 

@@ -20,6 +20,7 @@ NEEDS_GPU = {
     "bench/elastic_standby_switch.py": ["--device", "cuda", "--log-dir", "{tmp}"],
     "tools/probe_pdl_gemm.py": [],
     "tests/gpu/check_comm_patch.py": ["--gpus", "1"],
+    "tests/gpu/check_elastic.py": ["--out", "{tmp}", "--worker", "sglang", "--backend", "ray", "--share-gpu"],
     "tests/gpu/check_sglang_server.py": ["--out", "{tmp}", "--workdir", "{tmp}", "--no-fallback"],
     "tests/gpu/check_slots_live.py": ["--out", "{tmp}"],
 }

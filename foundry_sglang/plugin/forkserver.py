@@ -1,0 +1,245 @@
+"""SGLang's scheduler processes from a warm forkserver instead of a fresh ``spawn``.
+
+SGLang starts one scheduler process per rank (and a detokenizer) with ``mp.Process`` after
+``_set_envs_and_config`` forced the ``spawn`` start method (``srt/entrypoints/engine.py``, 0.5.17 and 0.5.23):
+every one of them starts an interpreter and imports torch, SGLang's scheduler and model runner and all model
+files (``srt/models/registry.py`` imports every module of ``srt/models``). A standby SGLang server
+(:mod:`.standby`) pays that once, ahead: :func:`start` launches multiprocessing's forkserver with those modules
+imported (:func:`wait_warm` waits for it), and :func:`use_forkserver` (an AFTER hook on ``_set_envs_and_config``)
+makes SGLang's later ``mp.Process`` calls fork from it. A module that wants CUDA at import (SGLang's registry
+imports every model file, some of which query the GPU) is left to the processes themselves: the forkserver must
+not start CUDA (:func:`_preload`).
+
+A forked process would otherwise keep the forkserver's environment and parent; :class:`_InChild` gives it the
+launcher's environment as it is at ``start()`` (``FOUNDRY_MODE``, ``CUDA_VISIBLE_DEVICES`` and what SGLang set)
+and stops it when the launcher dies (SGLang's own ``PR_SET_PDEATHSIG`` watches the forkserver instead). A start
+whose exec-time environment (``LD_PRELOAD``, ``LD_LIBRARY_PATH``) differs from the forkserver's is spawned as
+before. The forkserver imports with NVML-based CUDA checks and must not initialise CUDA: :func:`start` checks
+that a forked process can still use CUDA (:func:`wait_warm`); the standby then keeps ``spawn``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.context as mp_context
+import multiprocessing.forkserver
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+
+log = logging.getLogger("foundry_sglang.plugin.forkserver")
+
+#: Set only in the forkserver's own environment: the modules it imports when it imports this module.
+PRELOAD_ENV = "FOUNDRY_FORKSERVER_PRELOAD"
+#: Environment that takes effect only when a program is executed: a fork cannot change it.
+EXEC_ONLY_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH")
+#: SGLang's function that forces ``spawn`` before it starts its processes.
+SET_ENVS_TARGET = "sglang.srt.entrypoints.engine._set_envs_and_config"
+
+#: In the forkserver (and so in every process forked from it): {"ok": [modules], "failed": {module: reason}}.
+PRELOAD_REPORT: Dict[str, Any] = {"ok": [], "failed": {}}
+_server_env: Dict[str, str] = {}   # the forkserver's environment (for EXEC_ONLY_ENV)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class CudaAtImport(RuntimeError):
+    """A module wanted CUDA while the forkserver imported it (some SGLang model files query the GPU at import)."""
+
+
+def _refuse_cuda(*_: Any, **__: Any) -> None:
+    raise CudaAtImport("initialises CUDA at import: left to the processes themselves (a process forked after "
+                       "CUDA started could not use it)")
+
+
+def _preload(names: Sequence[str]) -> None:
+    """Import ``names`` (in the forkserver), recording which failed; never raises (the forkserver must live).
+    Once torch is imported, torch's CUDA initialisation (``torch.cuda._lazy_init``, which every device query and
+    CUDA tensor goes through) raises :class:`CudaAtImport` until the end: a module that needs CUDA at import is
+    not preloaded, and the forkserver stays fit to fork from."""
+    restore = None
+    try:
+        for name in names:
+            try:
+                importlib.import_module(name)
+                PRELOAD_REPORT["ok"].append(name)
+            except BaseException as exc:  # noqa: BLE001 - an import may raise anything; report it
+                PRELOAD_REPORT["failed"][name] = _one_line(exc)
+            torch = sys.modules.get("torch")
+            if restore is None and torch is not None and hasattr(torch, "cuda"):
+                original = torch.cuda._lazy_init
+                torch.cuda._lazy_init = _refuse_cuda
+                restore = lambda: setattr(torch.cuda, "_lazy_init", original)  # noqa: E731
+    finally:
+        if restore is not None:
+            restore()
+
+
+if os.environ.get(PRELOAD_ENV):
+    _preload([n for n in os.environ[PRELOAD_ENV].split(",") if n])
+
+
+@contextlib.contextmanager
+def _scoped_env(values: Dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _probe(conn: Any, device: str) -> None:
+    """In a process forked from the forkserver: what it preloaded and, on GPU, whether CUDA still works."""
+    report = {"ok": list(PRELOAD_REPORT["ok"]), "failed": dict(PRELOAD_REPORT["failed"]), "cuda": None}
+    if device == "cuda":
+        try:
+            import torch
+
+            torch.cuda.init()   # raises in a child of a process that had initialised CUDA
+            report["cuda"] = "ok"
+        except Exception as exc:  # reported: the standby then keeps spawn
+            report["cuda"] = _one_line(exc)
+    conn.send(report)
+    conn.close()
+
+
+def start(modules: Sequence[str]) -> float:
+    """Start the forkserver, which imports ``modules`` while the caller goes on; returns the start time for
+    :func:`wait_warm`."""
+    t0 = time.monotonic()
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    # NVML answers torch.cuda.is_available() without initialising CUDA, which a forked process could not undo.
+    with _scoped_env({PRELOAD_ENV: ",".join(modules), "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}):
+        multiprocessing.forkserver.ensure_running()
+    _server_env.clear()
+    _server_env.update(os.environ)
+    return t0
+
+
+def wait_warm(t0: float, device: str = "cpu", timeout: float = 600.0) -> Dict[str, Any]:
+    """Wait until the forkserver has imported everything (a process forked from it answers). Returns its report:
+    ``ok``/``failed`` modules, ``cuda`` (on GPU: "ok" or why a forked process cannot use CUDA), ``error`` (the
+    forkserver did not answer) and ``seconds`` since :func:`start`."""
+    ctx = multiprocessing.get_context("forkserver")
+    reader, writer = ctx.Pipe(duplex=False)
+    probe = ctx.Process(target=_probe, args=(writer, device), name="forkserver-probe")
+    report: Dict[str, Any] = {"ok": [], "failed": {}, "cuda": None}
+    try:
+        probe.start()     # the forkserver forks only once it has imported everything
+        writer.close()
+        if reader.poll(timeout):
+            report = reader.recv()
+        else:
+            report["error"] = f"the forkserver did not answer within {timeout:.0f}s"
+    except (OSError, EOFError) as exc:
+        report["error"] = f"the forkserver failed: {_one_line(exc)}"
+    finally:
+        reader.close()
+        if probe.pid is not None:
+            probe.join(30)
+    report["seconds"] = round(time.monotonic() - t0, 2)
+    return report
+
+
+def usable(report: Dict[str, Any]) -> Optional[str]:
+    """None when processes may fork from the forkserver :func:`start` reported on, else why not (one line)."""
+    if report.get("error"):
+        return report["error"]
+    if report.get("cuda") not in (None, "ok"):
+        return f"CUDA does not work in a process forked from it ({report['cuda']})"
+    return None
+
+
+def forkserver_pid() -> Optional[int]:
+    return multiprocessing.forkserver._forkserver._forkserver_pid
+
+
+# -- the processes SGLang starts ---------------------------------------------------------------------
+def _die_with(pid: int) -> None:
+    """SIGKILL this process when process ``pid`` exits (a pidfd where the kernel has them, else polling)."""
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            os.kill(os.getpid(), signal.SIGKILL)
+            return
+        except (AttributeError, OSError):
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                except PermissionError:
+                    pass
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.poll()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+class _InChild:
+    """A process target that first takes the launcher's environment and ties its life to the launcher."""
+
+    def __init__(self, target: Callable, env: Dict[str, str], launcher: int):
+        self.target, self.env, self.launcher = target, env, launcher
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        os.environ.clear()
+        os.environ.update(self.env)
+        _die_with(self.launcher)
+        return self.target(*args, **kwargs)
+
+
+class _FromForkserver(mp_context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        changed = [k for k in EXEC_ONLY_ENV if os.environ.get(k) != _server_env.get(k)]
+        if changed or process_obj._target is None:
+            log.info("foundry: %s spawned (%s changed since the forkserver started)", process_obj.name,
+                     ", ".join(changed) or "no target")
+            return mp_context.SpawnProcess._Popen(process_obj)
+        process_obj._target = _InChild(process_obj._target, dict(os.environ), os.getpid())
+        return mp_context.ForkServerProcess._Popen(process_obj)
+
+
+class _Context(mp_context.ForkServerContext):
+    Process = _FromForkserver
+
+
+_CONTEXT = _Context()
+
+
+def use_forkserver(*_: Any, **__: Any) -> None:
+    """Make ``mp.Process`` (the default context, which SGLang just set to spawn) start from the forkserver.
+    An AFTER hook on :data:`SET_ENVS_TARGET`; also callable directly."""
+    multiprocessing.context._default_context._actual_context = _CONTEXT
+    log.info("foundry: SGLang's processes start from the warm forkserver (pid %s)", forkserver_pid())
+
+
+def install_hook() -> None:
+    """Register and apply :func:`use_forkserver` on SGLang's ``_set_envs_and_config`` (this process only; its
+    module must import)."""
+    importlib.import_module(SET_ENVS_TARGET.rsplit(".", 1)[0])
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(SET_ENVS_TARGET, use_forkserver, HookType.AFTER)
+    HookRegistry.apply_hooks()
+
