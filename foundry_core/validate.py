@@ -7,7 +7,7 @@ RNG and slot addresses (inside the memory LOAD restores; ``layout.check_addresse
 the child-graph references between graphs (no cycles, bounded depth). ``_native/restore.c`` checks the table
 bounds once more before it builds.
 
-What no check can see is what a kernel does with its arguments: an archive is code (README, "Security and trust").
+What no check can see is what a kernel does with its arguments: an archive is code (docs/SECURITY.md).
 Every problem raises :class:`~foundry_core.errors.ArchiveError` with one line naming the graph, node and field.
 """
 from __future__ import annotations
