@@ -12,7 +12,7 @@ then waited for it. Modes:
   capture  live CUDA-graph capture of the decode batch sizes (PyTorch, SGLang-style)
   load     Foundry LOAD of the archive that one ``save`` start (not timed against the others) wrote first
   load_early the same with the early load on (FOUNDRY_EARLY_LOAD=1, off by default; run when asked for in --modes;
-             results of 2026-11-30 called the early-load start "load" and the default one "load_early")
+             results of 2026-11-30 called the early-load start "load" and the default one "load_late")
 Starts run interleaved (eager, capture, load, eager, ...) after the save start, which also warms the page cache.
 Then one more process restores the archive and times decode steps at bs 1/8/64/256 eagerly and through the
 restored graphs (TPOT). Target: best LOAD time to healthy <= best eager + 0.1 s. Writes start.json and start.png

@@ -1,6 +1,7 @@
 """foundry_core: save CUDA graphs with their execution context and restore them in a fresh process.
 
-Public API: :class:`Session` (save/load; :class:`SessionMode`), :class:`RestoredGraph` (what LOAD returns),
+Public API: :class:`Session` (save/load; :class:`SessionMode`; its settings: :class:`Options`, read from the
+environment once by ``Options.from_env()``), :class:`RestoredGraph` (what LOAD returns),
 :func:`preload` (start LOAD's preparation at process start, before torch is imported; a later ``Session`` adopts
 the :class:`EarlyLoad`) and the :class:`FoundryError` hierarchy. ``__version__`` is the package version
 (pyproject reads it from here).
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Session",
     "SessionMode",
+    "Options",
     "RestoredGraph",
     "preload",
     "EarlyLoad",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 # Resolved on first use to keep `import foundry_core` light (the CLI; preload() runs before torch is imported).
-_LAZY = {"Session": "foundry_core.session", "SessionMode": "foundry_core.session",
+_LAZY = {"Session": "foundry_core.session", "SessionMode": "foundry_core.session", "Options": "foundry_core.options",
          "RestoredGraph": "foundry_core.restore", "preload": "foundry_core.early", "EarlyLoad": "foundry_core.early"}
 
 

@@ -9,25 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from typing import Optional
 
 import numpy as np
 
 from foundry_core import native
 from foundry_core.errors import ArenaUnavailable
+from foundry_core.layout import TRACE_DTYPE
+from foundry_core.options import DEFAULT_ARENA_BASE, DEFAULT_ARENA_SIZE, Options
 
 log = logging.getLogger("foundry_core.allocator")
-
-#: Far from where Linux puts the heap (0x55…), shared libraries and mmaps (0x7f…) and where the CUDA driver
-#: usually reserves its own ranges; override with FOUNDRY_ARENA_BASE.
-DEFAULT_BASE = 0x6A00_0000_0000
-#: Virtual size only; physical memory is mapped per segment.
-DEFAULT_SIZE = 1 << 40
-
-def env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value, 0) if value else default
 
 
 def describe_holder(start: int, end: int, maps: Optional[str] = None) -> str:
@@ -53,13 +44,17 @@ def describe_holder(start: int, end: int, maps: Optional[str] = None) -> str:
 
 
 class Arena:
-    """The process's deterministic arena on one device, and the PyTorch memory pools that draw from it."""
+    """The process's deterministic arena on one device, and the PyTorch memory pools that draw from it.
 
-    def __init__(self, device: int = 0, base: Optional[int] = None, size: Optional[int] = None):
+    ``base``/``size``: the reservation (``Options.arena_base``/``arena_size`` for a SAVE, the archive's for a
+    LOAD); ``options``: where the native helper is built (``native.native_lib``)."""
+
+    def __init__(self, device: int = 0, base: int = DEFAULT_ARENA_BASE, size: int = DEFAULT_ARENA_SIZE,
+                 options: Optional[Options] = None):
         self.device = device
-        self.base = base if base is not None else env_int("FOUNDRY_ARENA_BASE", DEFAULT_BASE)
-        self.size = size if size is not None else env_int("FOUNDRY_ARENA_SIZE", DEFAULT_SIZE)
-        self.lib = native.native_lib()
+        self.base = base
+        self.size = size
+        self.lib = native.native_lib(options)
         self._allocators: dict[str, object] = {}
 
     def reserve(self) -> None:
@@ -104,8 +99,6 @@ class Arena:
 
     def trace(self, start: int = 0, end: Optional[int] = None) -> np.ndarray:
         """Records [start, end) of the allocation trace, as ``layout.TRACE_DTYPE``."""
-        from foundry_core.layout import TRACE_DTYPE
-
         end = self.trace_len() if end is None else end
         out = np.zeros(max(end - start, 0), TRACE_DTYPE)
         if len(out):

@@ -27,17 +27,18 @@ import tempfile
 import threading
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import msgspec
 import numpy as np
 
 from foundry_core import trust, validate
+from foundry_core.decompress import check_inflate_budget, inflate, inflate_budget
 from foundry_core.errors import ArchiveError
+from foundry_core.options import Options
 from foundry_core.schema import SCHEMA_VERSION, Blob, Manifest
 
-__all__ = ["Archive", "ArchiveWriter", "blob_names", "check_inflate_budget", "held_bytes", "inflate",
-           "inflate_budget"]
+__all__ = ["Archive", "ArchiveWriter", "blob_names", "held_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ BLOB_ALIGN = 64
 MIN_SAVING = 1 / 16
 #: zlib cannot expand data by more than ~1032:1; a larger declared size is corruption, not a real blob.
 MAX_ZLIB_RATIO = 1100
-#: Ceiling of :func:`inflate_budget` (real graph tables and snapshots are far smaller; images are stored raw).
-DEFAULT_INFLATE_BUDGET = 8 << 30
 _CHUNK = 4 << 20
 _CODECS = ("raw", "zlib")
 
@@ -65,32 +64,6 @@ def _bytes_view(data) -> memoryview:
     if not view.c_contiguous:
         raise ValueError("blob data must be C-contiguous")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
-def inflate_budget() -> int:
-    """Most bytes of one archive's contents LOAD may hold, decompressed (:func:`held_bytes`): FOUNDRY_INFLATE_BUDGET,
-    else half the available memory (at most ``DEFAULT_INFLATE_BUDGET``). Declared sizes are the archive's word only;
-    this bounds what believing them costs."""
-    value = os.environ.get("FOUNDRY_INFLATE_BUDGET")
-    if value:
-        try:
-            return int(value, 0)
-        except ValueError:
-            raise ArchiveError(f"FOUNDRY_INFLATE_BUDGET={value!r} is not a number of bytes") from None
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return DEFAULT_INFLATE_BUDGET
-    return min(DEFAULT_INFLATE_BUDGET, available // 2)
-
-
-def check_inflate_budget(size: int, what: str) -> None:
-    """ArchiveError unless ``size`` declared uncompressed bytes fit :func:`inflate_budget`."""
-    budget = inflate_budget()
-    if size > budget:
-        raise ArchiveError(f"{what} declares {size} bytes uncompressed, over the decompression budget of {budget} "
-                           "bytes (set FOUNDRY_INFLATE_BUDGET to allow more)")
 
 
 def held_bytes(m: Manifest) -> int:
@@ -106,36 +79,6 @@ def held_bytes(m: Manifest) -> int:
         total += size(m.templates[graph.template].edges) if 0 <= graph.template < len(m.templates) else 0
     total += sum(size(s.blob) for s in m.snapshots) + sum(size(v.value) for v in m.module_variables)
     return total + (m.trace.inflated_bytes if m.trace is not None else 0)
-
-
-def inflate(stored, size: int, what: str, keep: bool = True) -> bytearray:
-    """zlib data that must inflate to exactly ``size`` bytes (which must fit :func:`inflate_budget`), decompressed in
-    bounded steps straight into the result and never past ``size``; ``keep=False`` only checks (and returns an
-    empty bytearray). ``what`` starts every error message."""
-    check_inflate_budget(size, what)
-    if size < 0:
-        raise ArchiveError(f"{what} declares {size} bytes uncompressed (corrupt)")
-    out = bytearray(size) if keep else None
-    inflater = zlib.decompressobj()
-    pending = stored
-    total = 0
-    try:
-        while True:
-            chunk = inflater.decompress(pending, min(_CHUNK, size - total + 1))  # one byte past size is enough
-            if total + len(chunk) > size:
-                total += len(chunk)
-                break
-            if out is not None:
-                out[total : total + len(chunk)] = chunk
-            total += len(chunk)
-            pending = inflater.unconsumed_tail
-            if inflater.eof or not chunk:
-                break
-    except zlib.error as err:
-        raise ArchiveError(f"{what} does not decompress ({err}) (corrupt)") from None
-    if total != size or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
-        raise ArchiveError(f"{what} decompresses to a different size than the recorded {size} bytes (corrupt)")
-    return out if out is not None else bytearray()
 
 
 def _chunks(view: memoryview) -> Iterator[memoryview]:
@@ -167,14 +110,16 @@ class ArchiveWriter:
     """Writes an archive: ``add_blob`` any number of times, then ``finish(manifest)``.
 
     Use it as a context manager; if the block raises (or ``finish`` is never reached) the temporary file is
-    removed and ``PATH`` is left as it was.
+    removed and ``PATH`` is left as it was. ``sign_key`` (``trust.configured_key``): ``finish`` writes
+    ``PATH.hmac`` with it; None removes a stale one.
     """
 
-    def __init__(self, path: str | os.PathLike, *, level: int = 1):
+    def __init__(self, path: str | os.PathLike, *, level: int = 1, sign_key: Optional[bytes] = None):
         if not 1 <= level <= 9:
             raise ValueError(f"zlib level must be 1..9, got {level}")
         self.path = Path(path)
         self.level = level
+        self.sign_key = sign_key
         self._blobs: dict[str, Blob] = {}
         self._by_content: dict[str, Blob] = {}  # sha256 of the raw data -> its stored record
         self._raw_sha: dict[str, str] = {}  # blob name -> sha256 of its raw data
@@ -256,9 +201,8 @@ class ArchiveWriter:
             os.fchmod(f.fileno(), _FILE_MODE & ~_umask())  # private while written, then readable
             os.fsync(f.fileno())
             f.close()
-            key = trust.archive_key()
-            if key is not None:
-                trust.write_signature(self.path, header, key)
+            if self.sign_key is not None:
+                trust.write_signature(self.path, header, self.sign_key)
             else:
                 trust.signature_path(self.path).unlink(missing_ok=True)  # a stale tag would only mislead
             os.replace(self.tmp_path, self.path)
@@ -368,11 +312,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class Archive:
-    """A validated archive, read through private copies. Reads are thread-safe; open with :meth:`Archive.open`."""
+    """A validated archive, read through private copies. Reads are thread-safe; open with :meth:`Archive.open`.
+
+    ``options`` are the settings it is read and checked under: its decompression budget (``inflate_budget``) and
+    whether LOAD accepts memory targets outside the arena (``allow_foreign_pointers``)."""
 
     def __init__(self, path: Path, fd: int, file_stat: os.stat_result, header: bytes, manifest_offset: int,
-                 manifest: Manifest):
+                 manifest: Manifest, options: Optional[Options] = None):
         self.path = path
+        self.options = options if options is not None else Options()
         self.file_size = file_stat.st_size
         self.file_stat = file_stat  # of the file as opened: owner and mode for ``trust``
         self.header = header  # what a signature covers (``trust``)
@@ -384,12 +332,22 @@ class Archive:
         self._lock = threading.Lock()
         self.held_size = held_bytes(manifest)  # one budget covers it all (:meth:`check_inflate_budget`)
         self._budget_checked = False
+        self._inflate_budget: Optional[int] = None
+
+    @property
+    def inflate_budget(self) -> int:
+        """The decompression budget of this archive (``Options.inflate_budget``, else from the available memory
+        when first asked)."""
+        if self._inflate_budget is None:
+            self._inflate_budget = inflate_budget(self.options.inflate_budget)
+        return self._inflate_budget
 
     # -- opening -----------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Archive":
-        """Open and validate header, manifest and blob bounds; blob contents are checked when read."""
+    def open(cls, path: str | os.PathLike, options: Optional[Options] = None) -> "Archive":
+        """Open and validate header, manifest and blob bounds; blob contents are checked when read. ``options``:
+        see the class (default ``Options()``: the defaults)."""
         path = Path(path)
         try:  # O_NONBLOCK: a FIFO planted under an archive's name must not block the open
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -411,7 +369,7 @@ class Archive:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, st, header, manifest_offset, manifest)
+        return cls(path, fd, st, header, manifest_offset, manifest, options)
 
     def __enter__(self) -> "Archive":
         return self
@@ -493,10 +451,11 @@ class Archive:
         return len(ordered)
 
     def check_inflate_budget(self) -> None:
-        """ArchiveError unless all LOAD would hold of the archive (:func:`held_bytes`) fits :func:`inflate_budget`.
+        """ArchiveError unless all LOAD would hold of the archive (:func:`held_bytes`) fits its budget.
         Runs before the first blob is read; LOAD also calls it before decoding the allocation trace."""
         if not self._budget_checked:
-            check_inflate_budget(self.held_size, f"{self.path}: all it holds together, counted once per use,")
+            check_inflate_budget(self.held_size, f"{self.path}: all it holds together, counted once per use,",
+                                 self.inflate_budget)
             self._budget_checked = True
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -525,7 +484,7 @@ class Archive:
 
     def _inflate(self, name: str, record: Blob, stored: bytes, keep: bool = True) -> bytearray:
         # Each blob on its own too: one that nothing refers to is not in the archive's total.
-        return inflate(stored, record.size, f"{self.path}: blob {name!r}", keep)
+        return inflate(stored, record.size, f"{self.path}: blob {name!r}", self.inflate_budget, keep)
 
     def _check_gaps(self, ordered: list[tuple[str, Blob]]) -> None:
         cursor = HEADER_SIZE

@@ -1,6 +1,7 @@
 """``python -m foundry_core``: inspect and verify archives, describe this machine.
 
 Exit codes: 0 ok, 1 the archive is bad or incompatible, 2 usage error. Errors are one line on stderr.
+The settings (``foundry_core.options``) are read once, in :func:`main`, and handed to each command.
 """
 from __future__ import annotations
 
@@ -8,10 +9,17 @@ import argparse
 import logging
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import msgspec
 
-from foundry_core.errors import FoundryError
+from foundry_core import fingerprint as fpr
+from foundry_core import trust
+from foundry_core.archive import CONTAINER_VERSION, Archive, blob_names
+from foundry_core.errors import FoundryError, UntrustedArchive
+from foundry_core.options import Options
+from foundry_core.restore import check_archive_offline
+from foundry_core.store import STORE_DIRNAME, ImageStore, image_bytes, pack_archive, store_usage
 
 log = logging.getLogger("foundry_core.cli")
 
@@ -107,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        options = Options.from_env()
         commands = {"inspect": cmd_inspect, "verify": cmd_verify, "pack": cmd_pack, "gc": cmd_gc, "sign": cmd_sign,
                     "machine": cmd_machine}
-        return commands[args.command](args)
+        return commands[args.command](args, options)
     except FoundryError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD
@@ -128,10 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 # -- inspect -----------------------------------------------------------------------------------------------
 
 
-def cmd_inspect(args) -> int:
-    from foundry_core.archive import Archive
-
-    with Archive.open(args.archive) as archive:
+def cmd_inspect(args, options: Options) -> int:
+    with Archive.open(args.archive, options) as archive:
         summary = summarise(archive)
         if args.json:
             doc = {"summary": summary, "manifest": msgspec.to_builtins(archive.manifest)}
@@ -143,9 +150,6 @@ def cmd_inspect(args) -> int:
 
 def summarise(archive) -> dict:
     """The facts ``inspect`` prints, as plain data."""
-    from foundry_core.archive import CONTAINER_VERSION, blob_names
-    from foundry_core.store import store_usage
-
     m = archive.manifest
     category_of = blob_names(m)
     categories = {c: {"count": 0, "stored": 0, "size": 0} for c in CATEGORIES}
@@ -299,14 +303,8 @@ def _size(n: int) -> str:
 # -- verify ------------------------------------------------------------------------------------------------
 
 
-def cmd_verify(args) -> int:
-    from foundry_core import fingerprint as fpr
-    from foundry_core import trust
-    from foundry_core.archive import Archive
-    from foundry_core.restore import check_archive_offline
-    from foundry_core.store import image_bytes
-
-    with Archive.open(args.archive) as archive:
+def cmd_verify(args, options: Options) -> int:
+    with Archive.open(args.archive, options) as archive:
         records = archive.verify_all(progress=args.verbose > 0 and sys.stderr.isatty())
         saved = archive.manifest.fingerprint
         in_store = [im for im in archive.manifest.images if im.in_store]
@@ -316,7 +314,7 @@ def cmd_verify(args) -> int:
               + (f"; {len(in_store)} images in the image store intact" if in_store else ""))
         check_archive_offline(archive)
         print(f"ok: graph tables, trace and outputs pass LOAD's checks{_for_ranks(archive)}")
-        print(f"ok: trusted for LOAD: {trust.check_archive(archive)}")
+        print(f"ok: trusted for LOAD: {trust.check_archive(archive, trust.configured_key(options))}")
 
     if args.key is not None:
         expected = msgspec.structs.replace(saved, key=args.key)
@@ -339,19 +337,13 @@ def cmd_verify(args) -> int:
 # -- pack / gc ---------------------------------------------------------------------------------------------
 
 
-def cmd_pack(args) -> int:
-    from foundry_core.store import pack_archive
-
-    out = pack_archive(args.archive, args.output)
+def cmd_pack(args, options: Options) -> int:
+    out = pack_archive(args.archive, args.output, options)
     print(f"ok: wrote {out} ({_size(out.stat().st_size)}, self-contained)")
     return EXIT_OK
 
 
-def cmd_gc(args) -> int:
-    from pathlib import Path
-
-    from foundry_core.store import STORE_DIRNAME, ImageStore
-
+def cmd_gc(args, options: Options) -> int:
     directory = Path(args.directory)
     if not directory.is_dir():
         print(f"error: {directory}: not a directory", file=sys.stderr)
@@ -366,16 +358,11 @@ def cmd_gc(args) -> int:
 # -- sign --------------------------------------------------------------------------------------------------
 
 
-def cmd_sign(args) -> int:
-    from foundry_core import trust
-    from foundry_core.archive import Archive
-    from foundry_core.errors import UntrustedArchive
-    from foundry_core.restore import check_archive_offline
-
-    key = trust.archive_key()
+def cmd_sign(args, options: Options) -> int:
+    key = trust.configured_key(options)
     if key is None:
         raise UntrustedArchive(f"no key to sign with: set {trust.KEY_ENV} or {trust.KEY_FILE_ENV}")
-    with Archive.open(args.archive) as archive:
+    with Archive.open(args.archive, options) as archive:
         trust.check_private(archive, to_sign=True)
         records = archive.verify_all(progress=args.verbose > 0 and sys.stderr.isatty())
         check_archive_offline(archive)
@@ -393,8 +380,6 @@ def _for_ranks(archive) -> str:
 # -- machine -----------------------------------------------------------------------------------------------
 
 
-def cmd_machine(args) -> int:
-    from foundry_core.fingerprint import describe_machine
-
-    print(describe_machine(args.device))
+def cmd_machine(args, options: Options) -> int:
+    print(fpr.describe_machine(args.device))
     return EXIT_OK

@@ -20,7 +20,7 @@ import numpy as np
 
 from foundry_core import schema
 from foundry_core.errors import DriverError, UnsupportedGraph
-from foundry_core.native import check
+from foundry_core.native import check, native_lib
 
 log = logging.getLogger("foundry_core.codec")
 
@@ -185,8 +185,6 @@ class GraphReader:
         """Edges as (src, dst) node indices and their data (from_port, to_port, type), read through the native
         helper: cuda-python's cuGraphGetEdges returns edge data over freed memory (NVIDIA/cuda-python#1804), and a
         programmatic (PDL) edge read back as a plain one, or on the wrong edge, restores to wrong results."""
-        from foundry_core.native import native_lib
-
         lib = native_lib()
         n = ctypes.c_size_t(0)
         rc = lib.foundry_graph_edges(int(g), None, None, None, ctypes.byref(n))

@@ -182,7 +182,10 @@ class ImageInfo:
             return max(usable, key=lambda e: e.arch)
         ptx = [e for e in self.entries if e.kind == "ptx" and e.data is not None and e.arch <= arch]
         if ptx:
-            return parse_ptx(max(ptx, key=lambda e: e.arch).data)
+            try:
+                return parse_ptx(max(ptx, key=lambda e: e.arch).data)
+            except ValueError:  # unreadable PTX: as an unreadable fatbin, nothing the driver would load is known
+                return None
         return None
 
 

@@ -4,8 +4,8 @@ before the application has even imported torch.
 A server spends seconds importing its packages and creating its CUDA context before it builds its model; LOAD's
 own preparation (open and check the archive, decode the graph tables, load the kernel images) needs none of
 that. :func:`preload` starts it on one daemon thread right away; ``Session(path, mode=load|auto).open()`` later
-adopts it when it is for the same archive, key, device and rank, so the archive is opened once and the images are
-loaded once, while the application was importing.
+adopts it when it is for the same archive, key, device, rank and options, so the archive is opened once and the
+images are loaded once, while the application was importing.
 
 The thread never imports torch (two threads importing one large package take turns on its import lock): it
 reads torch's version from ``torch/version.py`` for the fingerprint, brings up the device's primary context
@@ -14,6 +14,9 @@ that needs torch (the graphs' output structures). ``open()`` adopts nothing it c
 for another archive, key, device or rank, for a file that changed since, or computed with other torch versions
 than the process imported is left alone, and ``open()`` does the work itself, exactly as without it. What the
 thread found wrong is reported by ``open()`` and ``restore()`` with the same errors they raise themselves.
+
+The rest of foundry_core is imported on the thread, not here (deliberately): :func:`preload` returns at once and
+the imports overlap the application's own.
 
 Abandoning one is safe: the thread is a daemon, and :meth:`EarlyLoad.discard` unloads what it loaded.
 """
@@ -27,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from foundry_core import native
 from foundry_core.errors import FoundryError
+from foundry_core.options import Options
 
 __all__ = ["EarlyLoad", "claim", "preload"]
 
@@ -38,31 +43,34 @@ _lock = threading.Lock()
 _EXIT_WAIT_S = 5.0  # at exit, how long to let a running preparation finish before the driver is torn down
 
 
-def preload(path: str | os.PathLike, key: str = "", device: int = 0, rank: Optional[int] = None) -> "EarlyLoad":
+def preload(path: str | os.PathLike, key: str = "", device: int = 0, rank: Optional[int] = None,
+            options: Optional[Options] = None) -> "EarlyLoad":
     """Start preparing LOAD of the archive at ``path`` on a background thread; returns at once.
 
-    ``key``, ``device`` (the CUDA ordinal torch will use; CUDA_VISIBLE_DEVICES applies to both) and ``rank`` are
-    the ones the application will pass to :class:`~foundry_core.Session`; ``Session.open()`` adopts the early load
-    only if all of them and the archive's resolved path match. Call it before importing torch."""
-    early = EarlyLoad(path, key, device, rank)
+    ``key``, ``device`` (the CUDA ordinal torch will use; CUDA_VISIBLE_DEVICES applies to both), ``rank`` and
+    ``options`` (default ``Options.from_env()``) are the ones the application will pass to
+    :class:`~foundry_core.Session`; ``Session.open()`` adopts the early load only if all of them and the archive's
+    resolved path match. Call it before importing torch."""
+    early = EarlyLoad(path, key, device, rank, options if options is not None else Options.from_env())
     with _lock:
         _started.append(early)
     return early.start()
 
 
-def claim(path: str | os.PathLike, key: str, device: int, rank: Optional[int],
-          torch_versions: tuple[str, str]) -> Optional["EarlyLoad"]:
+def claim(path: str | os.PathLike, key: str, device: int, rank: Optional[int], torch_versions: tuple[str, str],
+          options: Options) -> Optional["EarlyLoad"]:
     """The started early load ``Session.open()`` may adopt for these arguments, waiting for its archive checks;
     None when there is none. ``torch_versions``: (``str(torch.__version__)``, ``torch.version.cuda or ""``) of
     the imported torch. A match that cannot be adopted (the file changed, other torch versions, a failure of the
-    early machinery itself) is discarded."""
+    early machinery itself) is discarded. A load made under other ``options`` (another key, budget, ...) is not a
+    match: its checks are not the session's."""
     with _lock:
         if not _started:
             return None
-        wanted = (_resolve(path), key, device, rank)
-        early = next((e for e in _started if (e.resolved, e.key, e.device, e.rank) == wanted), None)
+        wanted = (_resolve(path), key, device, rank, options)
+        early = next((e for e in _started if (e.resolved, e.key, e.device, e.rank, e.options) == wanted), None)
         if early is None:
-            log.debug("foundry: no early load for %s (key, device or rank differ)", path)
+            log.debug("foundry: no early load for %s (key, device, rank or options differ)", path)
             return None
         _started.remove(early)
     why = early.unusable_reason(torch_versions)
@@ -87,10 +95,12 @@ class EarlyLoad:
     archive is open and checked in ``archive``); ``preloader`` holds the kernels and tables ``restore()`` uses.
     ``started_at`` and ``finished_at`` are wall-clock times (``time.time()``), for start-up timelines."""
 
-    def __init__(self, path: str | os.PathLike, key: str, device: int, rank: Optional[int]):
+    def __init__(self, path: str | os.PathLike, key: str, device: int, rank: Optional[int],
+                 options: Optional[Options] = None):
         self.path = Path(path)
         self.resolved = _resolve(path)
         self.key, self.device, self.rank = key, device, rank
+        self.options = options if options is not None else Options()
         self.archive = None
         self.problem: Optional[FoundryError] = None
         self.failure: Optional[BaseException] = None  # the early machinery itself failed: open() redoes the work
@@ -160,11 +170,9 @@ class EarlyLoad:
             self.preloader.unload()
             self.preloader = None
         if self._retained is not None:
-            from foundry_core.native import call, driver
-
-            drv = driver()
+            drv = native.driver()
             try:
-                call("cuDevicePrimaryCtxRelease", drv.cuDevicePrimaryCtxRelease, self._retained)
+                native.call("cuDevicePrimaryCtxRelease", drv.cuDevicePrimaryCtxRelease, self._retained)
             except FoundryError as e:
                 log.warning("foundry: %s", e)
             self._retained = None
@@ -188,18 +196,18 @@ class EarlyLoad:
             log.debug("foundry: early load of %s finished in %.3f s", self.path, self.finished_at - self.started_at)
 
     def _open(self) -> None:
-        """What ``Session.open()`` does first (``session.open_for_load``), with torch's versions read from its
+        """What ``Session.open()`` does first (``opening.open_for_load``), with torch's versions read from its
         files; on success, the preloader that is to run next."""
         try:
-            from foundry_core.fingerprint import installed_torch_versions
+            from foundry_core import fingerprint
+            from foundry_core.opening import open_for_load
             from foundry_core.restore import Preloader
-            from foundry_core.session import open_for_load
 
-            versions = installed_torch_versions()
+            versions = fingerprint.installed_torch_versions()
             if versions is None:
                 raise RuntimeError("cannot read torch's version without importing it")
             self._identity = _identity(self.path)
-            opened = open_for_load(self.path, self.key, self.device, self.rank, versions)
+            opened = open_for_load(self.path, self.key, self.device, self.rank, self.options, versions)
             self.archive, self.problem, self.fingerprint = opened.archive, opened.problem, opened.fingerprint
             self.saved_trace, self.saved_blocks = opened.saved_trace, opened.saved_blocks
             if self.archive is not None:
@@ -211,21 +219,17 @@ class EarlyLoad:
     def _bind_primary_context(self, device: int) -> None:
         """Make the device's primary context current on this thread through the driver (no torch): it is the
         context torch's runtime uses for the same device, so what is loaded into it now serves torch later."""
-        from foundry_core.native import call, driver
-
-        drv = driver()
-        call("cuInit", drv.cuInit, 0)
-        dev = call("cuDeviceGet", drv.cuDeviceGet, device)
-        ctx = call("cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain, dev)
+        drv = native.driver()
+        native.call("cuInit", drv.cuInit, 0)
+        dev = native.call("cuDeviceGet", drv.cuDeviceGet, device)
+        ctx = native.call("cuDevicePrimaryCtxRetain", drv.cuDevicePrimaryCtxRetain, dev)
         self._retained = dev
-        call("cuCtxSetCurrent", drv.cuCtxSetCurrent, ctx)
+        native.call("cuCtxSetCurrent", drv.cuCtxSetCurrent, ctx)
 
     def _warm_native_helper(self) -> None:
         """Load (and on a first run build) the native helper that the arena and restore() use."""
         try:
-            from foundry_core.native import native_lib
-
-            native_lib()
+            native.native_lib(self.options)
         except Exception as e:  # a warm-up only: the arena reports the problem where it needs the helper
             log.debug("foundry: native helper not ready early: %s", e)
 

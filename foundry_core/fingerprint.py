@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
+import foundry_core
+from foundry_core import native
 from foundry_core.errors import DeviceUnavailable, FoundryError, IncompatibleArchive
 from foundry_core.schema import Fingerprint
 
@@ -48,8 +50,6 @@ def current_fingerprint(key: str, device: int = 0, torch_versions: Optional[tupl
         import torch
 
         torch_versions = (str(torch.__version__), torch.version.cuda or "")
-    import foundry_core
-
     return Fingerprint(
         gpu_name=gpu_name,
         compute_capability=capability,
@@ -128,10 +128,9 @@ class _NoGpu(Exception):
 
 def _query_device(device: int) -> tuple[str, str, int]:
     """(name, "major.minor", driver version) through the CUDA driver API, or _NoGpu with a one-line reason."""
-    from foundry_core.native import call, driver
-
+    call = native.call
     try:
-        cu = driver()
+        cu = native.driver()
         version = call("cuDriverGetVersion (is the NVIDIA driver installed?)", cu.cuDriverGetVersion)
         call("cuInit", cu.cuInit, 0)
         count = call("cuDeviceGetCount", cu.cuDeviceGetCount)

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from foundry_core import schema
-from foundry_core.archive import inflate
+from foundry_core.decompress import inflate, inflate_budget
 from foundry_core.errors import ArchiveError, LayoutMismatch
 
 __all__ = ["TRACE_DTYPE", "encode", "decode", "decode_blocks", "check", "check_blocks", "check_addresses",
@@ -53,10 +53,12 @@ def encode(rows: np.ndarray, compared: int, labels: list[tuple[str, int, int]] =
     )
 
 
-def decode(trace: schema.AllocationTrace, where: str = "archive") -> np.ndarray:
-    """The trace's rows, checked (length and hash); raises ArchiveError if they are damaged."""
+def decode(trace: schema.AllocationTrace, where: str = "archive", budget: Optional[int] = None) -> np.ndarray:
+    """The trace's rows, checked (length and hash); raises ArchiveError if they are damaged. ``budget``: the
+    archive's decompression budget (``Archive.inflate_budget``; None: from the available memory)."""
     n = TRACE_DTYPE.itemsize
-    raw = inflate(trace.records, trace.count * n, f"{where}: allocation trace")  # no more than it declares
+    raw = inflate(trace.records, trace.count * n, f"{where}: allocation trace",  # no more than it declares
+                  inflate_budget(budget))
     if len(raw) != trace.count * n or not 0 <= trace.compared <= trace.count:
         raise ArchiveError(f"{where}: allocation trace holds {len(raw)} bytes for {trace.count} records (corrupt)")
     if hashlib.sha256(raw[: trace.compared * n]).hexdigest() != trace.sha256:
@@ -64,10 +66,11 @@ def decode(trace: schema.AllocationTrace, where: str = "archive") -> np.ndarray:
     return np.frombuffer(raw, TRACE_DTYPE)
 
 
-def decode_blocks(trace: schema.AllocationTrace, where: str = "archive") -> np.ndarray:
-    """The (offset, size) rows of the blocks SAVE's graphs read (live before its capture phase); checked."""
-    raw = inflate(trace.blocks, 16 * trace.num_blocks, f"{where}: block table of the allocation trace") \
-        if trace.blocks else b""
+def decode_blocks(trace: schema.AllocationTrace, where: str = "archive", budget: Optional[int] = None) -> np.ndarray:
+    """The (offset, size) rows of the blocks SAVE's graphs read (live before its capture phase); checked.
+    ``budget``: as for :func:`decode`."""
+    raw = inflate(trace.blocks, 16 * trace.num_blocks, f"{where}: block table of the allocation trace",
+                  inflate_budget(budget)) if trace.blocks else b""
     if len(raw) != 16 * trace.num_blocks or hashlib.sha256(raw).hexdigest() != trace.blocks_sha256:
         raise ArchiveError(f"{where}: block table of the allocation trace does not match its size/sha256 (corrupt)")
     return np.frombuffer(raw, "<u8").reshape(-1, 2)

@@ -17,7 +17,7 @@ The recorder (``recorder.ImageRecorder.globals``) keeps every (name, address, si
 :func:`argument_refs` finds argument words inside those ranges; :func:`changed_values` compares the live bytes of
 the variables of the modules graph kernels come from with their initial bytes.
 
-What SAVE does with the findings is ``FOUNDRY_MODULE_GLOBALS`` (:func:`policy`): ``warn`` (default: one log
+What SAVE does with the findings is ``Options.module_globals`` (``FOUNDRY_MODULE_GLOBALS``): ``warn`` (default: one log
 line per finding, counted in ``Session.save_stats``), ``refuse`` (UnsafeAddress / UnsupportedGraph naming the
 variable), ``off``, or ``relocate`` (EXPERIMENTAL, not yet run on a GPU): SAVE archives the image each variable
 comes from (a kernel-less one included) and records the variable's live bytes and the argument words that point
@@ -27,30 +27,19 @@ the ``relocate`` variant of ``tests/gpu/test_fidelity_gemm.py``.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from foundry_core.errors import FoundryError
+from foundry_core.errors import FoundryError, UnsupportedGraph
+from foundry_core.native import call, driver
 
-__all__ = ["GlobalRef", "ChangedGlobal", "apply_variables", "argument_refs", "changed_values", "policy",
-           "POLICIES"]
+__all__ = ["GlobalRef", "ChangedGlobal", "apply_variables", "argument_refs", "changed_values"]
 
 log = logging.getLogger("foundry_core.modglobals")
-
-POLICIES = ("warn", "refuse", "off", "relocate")
-ENV = "FOUNDRY_MODULE_GLOBALS"
-
-
-def policy() -> str:
-    """``FOUNDRY_MODULE_GLOBALS``: warn (default), refuse, off or relocate."""
-    value = os.environ.get(ENV, "warn").strip().lower() or "warn"
-    if value not in POLICIES:
-        raise FoundryError(f"{ENV}={value!r}: expected one of {', '.join(POLICIES)}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -136,8 +125,6 @@ def image_of_variable(var, images: Sequence, module_images: Mapping[int, int], p
     (``recorder.ModuleGlobal``) belongs to: the image its module's load returned (``module_images``: CUmodule ->
     image index), else the one image whose ELF for this GPU (``parse(bytes)`` -> cubin.ImageInfo) defines a
     variable of that name and size. UnsupportedGraph when there is none or several."""
-    from foundry_core.errors import UnsupportedGraph
-
     def defines(data: bytes) -> bool:
         v = parse(data).globals.get(var.name)
         return v is not None and v.size == var.size
@@ -208,8 +195,6 @@ def apply_variables(variables: Sequence, arrays: dict[int, tuple], modules: Sequ
 # -- driver-side helpers (SAVE) ----------------------------------------------------------------------------------
 def driver_address_of(module: int, name: str) -> Optional[tuple[int, int]]:
     """(address, size) of a module's variable (cuModuleGetGlobal), None when the driver does not know it."""
-    from foundry_core.native import driver
-
     drv = driver()
     err, address, size = drv.cuModuleGetGlobal(drv.CUmodule(module), name.encode("utf-8", errors="surrogateescape"))
     if int(err) != 0:
@@ -219,10 +204,6 @@ def driver_address_of(module: int, name: str) -> Optional[tuple[int, int]]:
 
 def driver_write(address: int, data: bytes) -> None:
     """Host bytes to device ``address`` (cuMemcpyHtoD, synchronous)."""
-    import ctypes
-
-    from foundry_core.native import call, driver
-
     drv = driver()
     buf = ctypes.create_string_buffer(bytes(data), len(data))
     call("cuMemcpyHtoD (module variable)", drv.cuMemcpyHtoD, address, ctypes.addressof(buf), len(data))
@@ -230,10 +211,6 @@ def driver_write(address: int, data: bytes) -> None:
 
 def driver_read(address: int, size: int) -> bytes:
     """Device bytes at ``address`` (cuMemcpyDtoH, synchronous)."""
-    import ctypes
-
-    from foundry_core.native import call, driver
-
     drv = driver()
     buf = ctypes.create_string_buffer(size)
     call("cuMemcpyDtoH (module variable)", drv.cuMemcpyDtoH, ctypes.addressof(buf), address, size)

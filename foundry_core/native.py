@@ -2,9 +2,12 @@
 ``foundry_core/_native`` and declare their C signatures, and call the CUDA driver through cuda.bindings.
 
 The C files need only a C compiler and the CUDA driver API header (``cuda.h``); they are compiled on first use
-into a private per-user directory (0700, refused if anyone else can write it), keyed by the source hash, so no
-build step is needed at install time and no NVCC. A built library is loaded only if its sha256 is the one
-recorded when it was built; anything else found under its name is rebuilt, never run.
+into a private per-user directory (``Options.cache_dir``/native: 0700, refused if anyone else can write it), keyed
+by the source hash, so no build step is needed at install time and no NVCC. The build is an entry point of its
+own: :func:`library_path`, :func:`load`, :func:`native_lib` and :func:`cupti_lib` take an ``Options`` and read
+``Options.from_env()`` without one (the first load of each library decides where it is built). A built library is
+loaded only if its sha256 is the one recorded when it was built; anything else found under its name is rebuilt,
+never run.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ import sysconfig
 import tempfile
 import threading
 from pathlib import Path
+from typing import Optional
 
 from foundry_core.errors import DriverError, FoundryError, NativeBuildError
+from foundry_core.options import Options
 
 log = logging.getLogger("foundry_core.native")
 
@@ -62,17 +67,10 @@ def c_compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("FOUNDRY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "foundry"
-    )
-    return Path(root)
-
-
-def private_dir() -> Path:
-    """``cache_dir()/native``: created 0700; refused unless it is a real directory of this user that nobody else
+def private_dir(cache_dir: Path) -> Path:
+    """``cache_dir/native``: created 0700; refused unless it is a real directory of this user that nobody else
     can write (whoever can write there chooses the code this process runs)."""
-    directory = cache_dir() / "native"
+    directory = Path(cache_dir) / "native"
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(directory)
@@ -109,13 +107,14 @@ def _trusted(path: Path) -> bool:
     return _sha256(path) == recorded
 
 
-def library_path(name: str, sources: list[str], rebuild: bool = False) -> Path:
-    """Compile ``sources`` (files in _native) into ``lib<name>-<hash>.so`` in :func:`private_dir` unless a trusted
-    build is there already; return its path. A file that fails :func:`_trusted` is rebuilt, never loaded."""
+def library_path(name: str, sources: list[str], rebuild: bool = False, options: Optional[Options] = None) -> Path:
+    """Compile ``sources`` (files in _native) into ``lib<name>-<hash>.so`` in :func:`private_dir` of
+    ``options.cache_dir`` (default ``Options.from_env()``) unless a trusted build is there already; return its path.
+    A file that fails :func:`_trusted` is rebuilt, never loaded."""
     texts = [(SOURCE_DIR / s).read_bytes() for s in sources]
     headers = sorted(SOURCE_DIR.glob("*.h"))
     digest = hashlib.sha256(b"".join(texts + [h.read_bytes() for h in headers])).hexdigest()[:16]
-    directory = private_dir()
+    directory = private_dir((options if options is not None else Options.from_env()).cache_dir)
     out = directory / f"lib{name}-{digest}.so"
     if not rebuild and _trusted(out):
         return out
@@ -150,13 +149,15 @@ def library_path(name: str, sources: list[str], rebuild: bool = False) -> Path:
     return out
 
 
-def load(name: str, sources: list[str]) -> ctypes.CDLL:
-    """Build if needed, check the file once more, and dlopen the library (once per process)."""
+def load(name: str, sources: list[str], options: Optional[Options] = None) -> ctypes.CDLL:
+    """Build if needed, check the file once more, and dlopen the library (once per process; ``options``: see
+    :func:`library_path`, read only by the first load)."""
     with _lock:
         if name not in _loaded:
-            path = library_path(name, sources)
+            options = options if options is not None else Options.from_env()
+            path = library_path(name, sources, options=options)
             if not _trusted(path):  # another process replaced it between our build or check and now
-                path = library_path(name, sources, rebuild=True)
+                path = library_path(name, sources, rebuild=True, options=options)
                 if not _trusted(path):
                     raise NativeBuildError(f"{path} changed while foundry was loading it; not loading it")
             _loaded[name] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
@@ -180,9 +181,10 @@ def _declare(lib: ctypes.CDLL, signatures: dict) -> None:
         fn.restype, fn.argtypes = restype, argtypes
 
 
-def native_lib() -> ctypes.CDLL:
-    """``libfoundry_native``: the arena and the graph check/rebuild loop, with its C signatures declared."""
-    lib = load("foundry_native", FOUNDRY_SOURCES)
+def native_lib(options: Optional[Options] = None) -> ctypes.CDLL:
+    """``libfoundry_native``: the arena and the graph check/rebuild loop, with its C signatures declared
+    (``options``: see :func:`load`)."""
+    lib = load("foundry_native", FOUNDRY_SOURCES, options)
     if not getattr(lib, "_foundry_typed", False):
         u64, u32, c_int, p, text, size = (ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p,
                                           ctypes.c_char_p, ctypes.c_size_t)
@@ -212,10 +214,10 @@ def native_lib() -> ctypes.CDLL:
     return lib
 
 
-def cupti_lib() -> ctypes.CDLL:
-    """``libfoundry_cupti``: the module-image recorder, with its C signatures declared; NativeBuildError when the
-    loaded build does not speak :data:`CUPTI_ABI`."""
-    lib = load("foundry_cupti", CUPTI_SOURCES)
+def cupti_lib(options: Optional[Options] = None) -> ctypes.CDLL:
+    """``libfoundry_cupti``: the module-image recorder, with its C signatures declared (``options``: see
+    :func:`load`); NativeBuildError when the loaded build does not speak :data:`CUPTI_ABI`."""
+    lib = load("foundry_cupti", CUPTI_SOURCES, options)
     if not getattr(lib, "_foundry_typed", False):
         u64, u32, c_int, ptr, text, size = (ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int, ctypes.POINTER,
                                             ctypes.c_char_p, ctypes.c_size_t)

@@ -25,9 +25,10 @@ from typing import Mapping, Optional, Sequence, Union
 import msgspec
 import numpy as np
 
-from foundry_core import schema
+from foundry_core import schema, trust
 from foundry_core.archive import Archive, ArchiveWriter
 from foundry_core.errors import FoundryError
+from foundry_core.options import Options
 
 __all__ = ["NotDerivable", "NotTemplatable", "MergeReport", "merge_rank_archives", "byte_runs"]
 
@@ -117,13 +118,16 @@ PartsArg = Union[Sequence[Union[str, Path]], Mapping[int, Union[str, Path]]]
 
 
 def merge_rank_archives(parts: PartsArg, out: str | Path, noise: Optional[str | Path] = None,
-                        layout: Optional[dict[str, str]] = None, world_size: Optional[int] = None) -> MergeReport:
+                        layout: Optional[dict[str, str]] = None, world_size: Optional[int] = None,
+                        options: Optional[Options] = None) -> MergeReport:
     """Write ``out``: rank 0's archive with a ``RankTemplate`` holding every rank's delta.
 
     ``parts``: rank r's archive at ``parts[r]`` (a list: every rank; a mapping: the captured ranks, rank 0
     included, of a layout of ``world_size`` ranks — the others are derived, see the module docstring).
     ``noise``: a second capture of rank 0; bytes it changes are masked (never patched, never compared).
     Raises NotTemplatable if any rank differs in structure, or if a rank is missing while a captured one differs.
+    ``options``: how the parts are read and trusted and the template signed (default ``Options.from_env()``: a
+    merge runs without a Session).
     """
     by_rank = dict(parts) if isinstance(parts, Mapping) else dict(enumerate(parts))
     if 0 not in by_rank:
@@ -131,22 +135,22 @@ def merge_rank_archives(parts: PartsArg, out: str | Path, noise: Optional[str | 
     world = world_size or len(by_rank)
     if any(not 0 <= r < world for r in by_rank):
         raise FoundryError(f"merge_rank_archives: ranks {sorted(by_rank)} do not fit a layout of {world}")
-    from foundry_core import trust
-
-    archives = {r: Archive.open(p) for r, p in sorted(by_rank.items())}
-    noise_archive = Archive.open(noise) if noise else None
+    options = options if options is not None else Options.from_env()
+    key = trust.configured_key(options)
+    archives = {r: Archive.open(p, options) for r, p in sorted(by_rank.items())}
+    noise_archive = Archive.open(noise, options) if noise else None
     opened = list(archives.values()) + ([noise_archive] if noise_archive else [])
     try:
         for a in opened:
-            trust.check_archive(a)  # the template inherits their code: no part may be less trusted than it
-        return _merge(archives, noise_archive, Path(out), layout or {}, world)
+            trust.check_archive(a, key)  # the template inherits their code: no part may be less trusted than it
+        return _merge(archives, noise_archive, Path(out), layout or {}, world, key)
     finally:
         for a in opened:
             a.close()
 
 
 def _merge(archives: dict[int, Archive], noise: Optional[Archive], out: Path, layout: dict[str, str],
-           world: int) -> MergeReport:
+           world: int, sign_key: Optional[bytes]) -> MergeReport:
     base = archives[0]
     m0 = base.manifest
     ref = _structure(m0)
@@ -225,7 +229,7 @@ def _merge(archives: dict[int, Archive], noise: Optional[Archive], out: Path, la
         deltas.sort(key=lambda d: d.rank)
         report.delta_bytes.update({r: 0 for r in report.derived})
 
-    with ArchiveWriter(out) as w:
+    with ArchiveWriter(out, sign_key=sign_key) as w:
         for name in sorted(m0.blobs):
             w.add_blob(name, base.blob(name), compress=m0.blobs[name].codec != "raw")
         manifest = msgspec.structs.replace(

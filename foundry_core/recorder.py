@@ -20,10 +20,12 @@ import sys
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
 from foundry_core import native
 from foundry_core.errors import DeviceUnavailable, FoundryError
 from foundry_core.fingerprint import gpu_unavailable_reason
+from foundry_core.options import ENV, Options
 
 __all__ = ["CapturedImage", "ImageCaptureError", "ImageRecorder", "ModuleGlobal", "find_libcupti"]
 
@@ -65,13 +67,13 @@ class ModuleGlobal:
     via_library: bool  # cuLibraryGetGlobal (True) or cuModuleGetGlobal_v2 (False)
 
 
-def find_libcupti() -> str:
-    """Path of a usable libcupti: $FOUNDRY_LIBCUPTI, the nvidia pip wheels, then the CUDA toolkit."""
-    env = os.environ.get("FOUNDRY_LIBCUPTI")
-    if env:
-        if not os.path.exists(env):
-            raise ImageCaptureError(f"FOUNDRY_LIBCUPTI={env} does not exist")
-        return env
+def find_libcupti(configured: Optional[str] = None) -> str:
+    """Path of a usable libcupti: ``configured`` (``Options.libcupti``), the nvidia pip wheels, then the CUDA
+    toolkit."""
+    if configured:
+        if not os.path.exists(configured):
+            raise ImageCaptureError(f"{ENV['libcupti']}={configured} does not exist")
+        return configured
     patterns = []
     for sp in native.site_dirs():  # never the working directory: a library found there would run here
         patterns += [
@@ -100,8 +102,22 @@ class ImageRecorder:
     """Keeps a copy of every module image loaded while it is started (process-wide; CUPTI allows one).
 
     Start it before any CUDA work in the process. ``images()`` may be called at any time and returns the
-    distinct images seen so far, in load order.
+    distinct images seen so far, in load order. ``options``: which libcupti, and where the recorder's native
+    library is built; default ``Options.from_env()`` (read when first needed: a process may record images before
+    it makes a Session).
     """
+
+    def __init__(self, options: Optional[Options] = None):
+        self._options = options
+
+    @property
+    def options(self) -> Options:
+        if self._options is None:
+            self._options = Options.from_env()
+        return self._options
+
+    def _lib(self):
+        return native.cupti_lib(self._options)
 
     def start(self, libcupti_path: str | None = None, warn_if_late: bool = True) -> "ImageRecorder":
         """Subscribe to CUPTI module callbacks. Raises ImageCaptureError with the reason if it cannot
@@ -109,12 +125,12 @@ class ImageRecorder:
 
         ``warn_if_late=False``: the caller knows that no kernel has run yet in this process even if CUDA is
         initialised (modules load lazily, at their first launch), so nothing can have been missed."""
-        lib = native.cupti_lib()
+        lib = native.cupti_lib(self.options)
         if lib.foundry_cupti_active():
             return self
         if warn_if_late:
             self._warn_if_cuda_started(lib)
-        path = libcupti_path or find_libcupti()
+        path = libcupti_path or find_libcupti(self.options.libcupti)
         err = ctypes.create_string_buffer(512)
         rc = lib.foundry_cupti_start(path.encode(), err, len(err))
         if rc > 0 and (no_gpu := gpu_unavailable_reason()) is not None:  # CUPTI says only CUPTI_ERROR_UNKNOWN
@@ -142,25 +158,25 @@ class ImageRecorder:
 
     def stop(self) -> None:
         """Unsubscribe from CUPTI (keeps the recorded images). Lets profilers use CUPTI again."""
-        lib = native.cupti_lib()
+        lib = self._lib()
         err = ctypes.create_string_buffer(512)
         if lib.foundry_cupti_stop(err, len(err)) != 0:
             log.warning("%s", err.value.decode(errors="replace"))
 
     @property
     def active(self) -> bool:
-        return bool(native.cupti_lib().foundry_cupti_active())
+        return bool(self._lib().foundry_cupti_active())
 
     def stats(self) -> dict[str, int]:
         """{"images", "bytes", "events", "out_of_memory"} counters."""
         count, total, events, oom = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_int()
-        native.cupti_lib().foundry_cupti_stats(ctypes.byref(count), ctypes.byref(total), ctypes.byref(events),
-                                               ctypes.byref(oom))
+        self._lib().foundry_cupti_stats(ctypes.byref(count), ctypes.byref(total), ctypes.byref(events),
+                                        ctypes.byref(oom))
         return {"images": count.value, "bytes": total.value, "events": events.value, "out_of_memory": oom.value}
 
     def images(self) -> list[CapturedImage]:
         """Copies of the distinct images recorded so far, in load order."""
-        lib = native.cupti_lib()
+        lib = self._lib()
         stats = self.stats()
         if stats["out_of_memory"]:
             raise ImageCaptureError("the image recorder ran out of host memory: some module images were not kept")
@@ -180,7 +196,7 @@ class ImageRecorder:
 
     def module_images(self) -> dict[int, int]:
         """CUmodule handle -> index into :meth:`images` for live modules whose load call was observed."""
-        lib = native.cupti_lib()
+        lib = self._lib()
         out = {}
         for i in range(lib.foundry_cupti_module_count()):
             mid, image, handle = ctypes.c_uint32(), ctypes.c_uint64(), ctypes.c_uint64()
@@ -192,7 +208,7 @@ class ImageRecorder:
     def globals(self) -> list[ModuleGlobal]:
         """Module-scope variables whose address the driver handed to host code while recording
         (cuModuleGetGlobal_v2 / cuLibraryGetGlobal, which cudaGetSymbolAddress and cudaMemcpyToSymbol use)."""
-        lib = native.cupti_lib()
+        lib = self._lib()
         out = []
         name = ctypes.create_string_buffer(1024)
         for i in range(lib.foundry_cupti_global_count()):
@@ -206,11 +222,11 @@ class ImageRecorder:
     @property
     def records_globals(self) -> bool:
         """Whether the get-global callbacks are enabled (else :meth:`globals` stays empty)."""
-        return bool(native.cupti_lib().foundry_cupti_global_callbacks())
+        return bool(self._lib().foundry_cupti_global_callbacks())
 
     def clear(self) -> None:
         """Forget all recorded images."""
-        native.cupti_lib().foundry_cupti_clear()
+        self._lib().foundry_cupti_clear()
 
     def __enter__(self) -> "ImageRecorder":
         return self.start()

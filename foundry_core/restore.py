@@ -21,8 +21,12 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from foundry_core import layout, schema, validate
+from foundry_core import images as kernel_images
+from foundry_core import layout, modglobals, schema, validate
 from foundry_core.errors import ArchiveError, FoundryError
+from foundry_core.native import call, driver, native_lib
+from foundry_core.outputs import output_structure, tensor_at, unflatten_outputs
+from foundry_core.slots import check_fillable, check_slot_specs, fill_slots
 from foundry_core.store import image_bytes
 
 __all__ = ["RestoreInputs", "Restoration", "RestoredGraph", "RestoreStats", "check_archive_offline",
@@ -71,24 +75,6 @@ class RestoreStats:
                 f"preloader wait {self.preload_wait_seconds:.3f}s (its tables {self.decode_seconds:.3f}s, "
                 f"images {self.images_seconds:.3f}s), first graph {self.first_graph_seconds:.3f}s, "
                 f"slots {self.num_slots} in {self.slot_seconds:.3f}s; returned after {self.returned_seconds:.3f}s")
-
-
-def tensor_at(spec: schema.TensorSpec, device: int):
-    """A tensor over memory that already holds the saved output (no copy, no ownership)."""
-    import torch
-
-    class _Window:  # __cuda_array_interface__ over raw bytes; torch keeps this object alive with the tensor
-        def __init__(self, address: int, nbytes: int):
-            self.__cuda_array_interface__ = {
-                "shape": (nbytes,), "typestr": "|u1", "data": (address, False), "version": 3, "strides": None,
-            }
-
-    dtype = getattr(torch, spec.dtype)
-    nbytes = max(spec.storage_bytes, 1)
-    with torch.cuda.device(device):
-        raw = torch.as_tensor(_Window(spec.address, nbytes), device=f"cuda:{device}")
-    flat = raw.view(dtype) if nbytes % dtype.itemsize == 0 else raw[: nbytes - nbytes % dtype.itemsize].view(dtype)
-    return flat.as_strided(spec.shape, spec.strides)
 
 
 class RestoredGraph:
@@ -193,32 +179,9 @@ def graph_tables(archive, m: schema.Manifest, index: int, patches: Iterable[sche
     edges = archive.blob_array(tpl.edges, schema.EDGE_DTYPE) if tpl.num_edges else np.zeros(0, schema.EDGE_DTYPE)
     if len(nodes) != tpl.num_nodes or len(edges) != tpl.num_edges:
         raise ArchiveError(f"{archive.path}: graph {rec.key!r} does not match its template")
-    validate.check_graph_tables(f"{archive.path}: graph {rec.key[:60]!r}", m, index, nodes, payload, attrs, edges)
+    validate.check_graph_tables(f"{archive.path}: graph {rec.key[:60]!r}", m, index, nodes, payload, attrs, edges,
+                                archive.options.allow_foreign_pointers)
     return nodes, payload, attrs, edges
-
-
-def output_structure(rec: schema.GraphRecord):
-    """The pytree structure of a graph's outputs, checked against their tensors and constants (None: a single
-    tensor or none), so that ``save.unflatten_outputs`` cannot fail at LOAD."""
-    from torch.utils import _pytree as pytree
-
-    constants = rec.output_constants
-    if not rec.output_tree:
-        if len(rec.outputs) > 1 or constants:
-            raise ArchiveError(f"graph {rec.key[:60]!r} has {len(rec.outputs)} outputs and {len(constants)} "
-                               "constants but no output structure")
-        return None
-    try:
-        spec = pytree.treespec_loads(rec.output_tree)
-        leaves = spec.num_leaves
-    except RecursionError:
-        raise ArchiveError(f"graph {rec.key[:60]!r}: output structure is nested too deep") from None
-    except Exception as e:  # json/pytree errors of every kind: the string is not a structure SAVE wrote
-        raise ArchiveError(f"graph {rec.key[:60]!r}: output structure is invalid ({type(e).__name__})") from None
-    if leaves != len(rec.outputs) + len(constants) or any(not 0 <= k < leaves for k in constants):
-        raise ArchiveError(f"graph {rec.key[:60]!r}: output structure has {leaves} leaves for {len(rec.outputs)} "
-                           f"tensors and {len(constants)} constants")
-    return spec
 
 
 def check_archive_for_load(archive, rank: Optional[int] = None) -> dict[int, tuple]:
@@ -259,8 +222,8 @@ def check_archive_offline(archive) -> None:
     m = archive.manifest
     archive.check_inflate_budget()
     if m.trace is not None:
-        layout.decode(m.trace, str(archive.path))
-        layout.decode_blocks(m.trace, str(archive.path))
+        layout.decode(m.trace, str(archive.path), archive.inflate_budget)
+        layout.decode_blocks(m.trace, str(archive.path), archive.inflate_budget)
     for rank in [None] if m.ranks is None else range(m.ranks.world_size):
         check_tables_for_load(archive, rank)
     check_output_structures(archive)
@@ -296,8 +259,6 @@ class Preloader:
     def run(self) -> None:
         """Do the preparation on this thread (``start()`` runs it on a new one); errors go to ``wait()``."""
         try:
-            from foundry_core import images as kernel_images
-
             if self._bind is None:
                 import torch
 
@@ -314,9 +275,7 @@ class Preloader:
             self.decode_seconds = t2 - t
             self.modules = kernel_images.load_images([image_bytes(self.archive, img) for img in m.images])
             self.functions = np.asarray(kernel_images.get_functions(self.modules, m.functions), dtype=np.uint64)
-            if m.module_variables:  # SAVE ran with FOUNDRY_MODULE_GLOBALS=relocate
-                from foundry_core import modglobals
-
+            if m.module_variables:  # SAVE ran with the module-variable policy relocate
                 self.arrays = modglobals.apply_variables(m.module_variables, self.arrays, self.modules,
                                                          modglobals.driver_address_of, modglobals.driver_write,
                                                          self.archive.blob)
@@ -345,9 +304,7 @@ class Preloader:
         """Unload the kernel modules (after ``wait``; for a preparation nobody will use)."""
         self._done.wait()
         if self.modules:
-            from foundry_core.images import unload_modules
-
-            unload_modules(self.modules)
+            kernel_images.unload_modules(self.modules)
             self.modules = []
 
 
@@ -551,8 +508,6 @@ def fill_all_slots(builder: GraphBuilder, slot_ids: dict[int, list[int]], spec_o
     every rank of a layout shares); each is handed to ``pipeline`` as soon as it is filled."""
     import torch
 
-    from foundry_core.slots import fill_slots
-
     stream = torch.cuda.Stream(device)
     try:
         for index, ids in slot_ids.items():
@@ -603,9 +558,6 @@ def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], backg
     multi-rank layout pass the same order on every rank)."""
     import torch
 
-    from foundry_core.native import native_lib
-    from foundry_core.save import unflatten_outputs
-
     stats = RestoreStats()
     t0 = time.perf_counter()
     archive, arena, device = inputs.archive, inputs.arena, inputs.device
@@ -630,8 +582,6 @@ def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], backg
     stats.capture_region_bytes = end - start
 
     if m.slots:
-        from foundry_core.slots import check_slot_specs
-
         check_slot_specs(m.slots, arena.base, arena.base + arena.size)
     snapshot_patches: dict[int, list] = {}
     for p in rank_patches(m, inputs.rank):
@@ -658,8 +608,6 @@ def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], backg
 
     events = np.zeros(m.num_events, dtype=np.uint64)
     if m.num_events:
-        from foundry_core.native import call, driver
-
         drv = driver()
         for i in range(m.num_events):
             events[i] = int(call("cuEventCreate", drv.cuEventCreate, 0))
@@ -686,8 +634,6 @@ def restore_archive(inputs: RestoreInputs, order: Optional[Iterable[str]], backg
     if m.slots:
         # Slots are filled here, in `ordered` order (callers pass the same order on every rank); each filled
         # graph is instantiated by the background thread meanwhile.
-        from foundry_core.slots import check_fillable
-
         slot_ids = {i: ids for i in ordered if (ids := builder.slot_ids(i))}
         spec_of = check_fillable(m, slot_ids, slot_filler)
         pipeline = SlotPipeline(slot_ids)

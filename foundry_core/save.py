@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,19 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from foundry_core import layout, modglobals, schema
+from foundry_core import cubin, layout, modglobals, schema, trust
+from foundry_core import images as kernel_images
+from foundry_core.archive import ArchiveWriter
 from foundry_core.codec import DecodedGraph, GraphReader, template_identity
 from foundry_core.errors import UnsafeAddress, UnsupportedGraph
+from foundry_core.fingerprint import current_fingerprint
+from foundry_core.native import call, driver, native_lib
+from foundry_core.options import ENV, Options
+from foundry_core.outputs import flatten_outputs, tensor_at
 from foundry_core.safety import PointerOracle, candidate_words, judge_graph, padding_ranges, whole_word_params
 from foundry_core.store import store_images
 
-__all__ = ["CapturedGraph", "SaveInputs", "flatten_outputs", "snapshot_facts", "tensor_spec", "write_archive"]
+__all__ = ["CapturedGraph", "SaveInputs", "snapshot_facts", "write_archive"]
 
 log = logging.getLogger("foundry_core.save")
 
@@ -61,10 +66,12 @@ class SaveInputs:
     image_store: Optional[Any] = None  # store.ImageStore for the kernel images; None: embedded in the archive
     extra: Mapping[str, str] = field(default_factory=dict)
     progress: bool = True  # tqdm while reading graphs
-    #: torch.cuda.MemPool the graphs were captured into; with FOUNDRY_SNAPSHOT_GRAPH_POOL=1 its live blocks that
+    #: torch.cuda.MemPool the graphs were captured into; with ``options.snapshot_graph_pool`` its live blocks that
     #: arguments point into (and that hold no graph output) are snapshotted too — e.g. a cuBLAS workspace
     #: PyTorch allocated during capture for the capture stream
     graph_pool: Optional[Any] = None
+    #: the session's settings: module-variable policy, foreign pointers, graph-pool snapshots, the signing key
+    options: Options = field(default_factory=Options)
 
 
 @dataclass
@@ -75,58 +82,6 @@ class _Entry:
     outputs: Any
     capture_seconds: float
     child_indices: list[int]
-
-
-def tensor_spec(t) -> schema.TensorSpec:
-    if t.numel() == 0:
-        extent = 0
-    else:
-        extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    return schema.TensorSpec(
-        address=int(t.data_ptr()), dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape),
-        strides=list(t.stride()), storage_bytes=extent * t.element_size(),
-    )
-
-
-def flatten_outputs(key: str, outputs: Any) -> tuple[list[schema.TensorSpec], str, dict]:
-    """(tensor leaves, treespec JSON, constant leaves by leaf position) of a graph's outputs.
-
-    Leaves that are not tensors — ``None`` for an optional field (SGLang's ``LogitsProcessorOutput``), or a
-    plain bool/int/float/str — are constants of the graph and are stored by value."""
-    import torch
-    from torch.utils import _pytree as pytree
-
-    if outputs is None:
-        return [], "", {}
-    if isinstance(outputs, torch.Tensor):
-        return [tensor_spec(outputs)], "", {}
-    leaves, spec = pytree.tree_flatten(outputs)
-    constants = {}
-    for i, leaf in enumerate(leaves):
-        if leaf is None or (isinstance(leaf, (bool, int, float, str)) and not isinstance(leaf, torch.Tensor)):
-            constants[i] = leaf
-        elif not isinstance(leaf, torch.Tensor):
-            raise UnsupportedGraph(
-                f"graph {key!r}: output leaf of type {type(leaf).__name__} is not a tensor or a constant; return "
-                "tensors (or register the container with torch.utils._pytree)"
-            )
-    try:
-        tree = pytree.treespec_dumps(spec)
-    except Exception as e:  # unregistered/unserialisable container
-        raise UnsupportedGraph(f"graph {key!r}: output structure cannot be stored: {e}") from None
-    return [tensor_spec(t) for t in leaves if isinstance(t, torch.Tensor)], tree, constants
-
-
-def unflatten_outputs(tensors: list, tree: str, constants: dict):
-    """The inverse of :func:`flatten_outputs` over restored tensors."""
-    from torch.utils import _pytree as pytree
-
-    if not tree:
-        return tensors[0] if tensors else None
-    it = iter(tensors)
-    n = len(tensors) + len(constants)
-    leaves = [constants[i] if i in constants else next(it) for i in range(n)]
-    return pytree.tree_unflatten(leaves, pytree.treespec_loads(tree))
 
 
 def _kernel_and_copy_spans(g: DecodedGraph) -> list[tuple[int, int, int]]:
@@ -140,11 +95,6 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
     and sizes."""
     import torch
 
-    from foundry_core import images as kernel_images
-    from foundry_core.archive import ArchiveWriter
-    from foundry_core.fingerprint import current_fingerprint
-    from foundry_core.native import native_lib
-
     torch.cuda.synchronize()
     arena = inputs.arena
     t0 = time.perf_counter()
@@ -152,7 +102,7 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
     # 1. read graphs ----------------------------------------------------------------------------------------
     slot_recorder = inputs.slots
     reader = GraphReader(slot_function=slot_recorder.function if slot_recorder is not None else None)
-    reader.memcpy3d_size = int(native_lib().foundry_sizeof_memcpy3d())
+    reader.memcpy3d_size = int(native_lib(inputs.options).foundry_sizeof_memcpy3d())
     entries: list[_Entry] = []
 
     def add(key, dg, is_child, outputs, secs) -> int:
@@ -204,11 +154,11 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
 
     # 3. safety: arguments must point into restorable memory ------------------------------------------------
     t2 = time.perf_counter()
-    relocating = modglobals.policy() == "relocate"
+    relocating = inputs.options.module_globals == "relocate"
     recorded_globals = inputs.images.globals() if relocating and hasattr(inputs.images, "globals") else []
     lo, hi = arena.base, arena.base + arena.size
     oracle = PointerOracle()
-    allow = os.environ.get("FOUNDRY_ALLOW_FOREIGN_POINTERS") == "1"
+    allow = inputs.options.allow_foreign_pointers
     layouts = {global_ref[handle_index[h]]: reader.param_layout(h) for h in handles}
     pointer_params = {f: whole_word_params(layout_) for f, layout_ in layouts.items()}
     stale = 0
@@ -238,7 +188,7 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
                        "memory a library allocates by itself cannot be restored")
                 if not allow:
                     raise UnsafeAddress(msg)
-                log.warning("%s (allowed by FOUNDRY_ALLOW_FOREIGN_POINTERS=1)", msg)
+                log.warning("%s (allowed by %s=1)", msg, ENV["allow_foreign_pointers"])
         for _, off, n in spans:
             w = np.frombuffer(e.graph.payload, "<u8", count=n // 8, offset=off)
             arena_words.append(w[(w >= lo) & (w < hi)])
@@ -271,7 +221,7 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
     for sha, data, *_ in relocations:  # images of relocated variables that no graph kernel comes from
         if sha not in {im.sha256 for im in stored_images}:
             stored_images.append(kernel_images.StoredImage(data, sha, sorted(_parsed(data).kernels)))
-    with ArchiveWriter(inputs.path) as w:
+    with ArchiveWriter(inputs.path, sign_key=trust.configured_key(inputs.options)) as w:
         image_records = store_images(w, stored_images, inputs.image_store)
         image_index = {im.sha256: i for i, im in enumerate(stored_images)}
         module_variables = [
@@ -335,10 +285,11 @@ def write_archive(inputs: SaveInputs, stats: dict[str, float]) -> Path:
 def _check_module_globals(inputs: SaveInputs, entries: list[_Entry], handles: list[int], refs, stored_images,
                           functions, stats: dict[str, float]) -> list[tuple]:
     """``modglobals``: argument words pointing into module variables whose address a library asked for, and
-    variables of the graphs' modules whose live bytes differ from the image's. ``FOUNDRY_MODULE_GLOBALS=warn``
-    (default) logs and counts them (a failure of the check itself is logged, not raised), ``refuse`` raises,
-    ``off`` skips. Returns the relocation plan (``relocate`` only; else empty)."""
-    mode = modglobals.policy()
+    variables of the graphs' modules whose live bytes differ from the image's. ``options.module_globals``:
+    ``warn`` (default) logs and counts them (a failure of the check itself is logged, not raised), ``refuse``
+    raises, ``off`` skips. Returns the relocation plan (``relocate`` only; else empty)."""
+    mode = inputs.options.module_globals
+    env = ENV["module_globals"]
     if mode == "off":
         return []
     try:
@@ -352,7 +303,7 @@ def _check_module_globals(inputs: SaveInputs, entries: list[_Entry], handles: li
         if mode in ("refuse", "relocate"):
             raise
         log.warning("foundry: the module-variable check could not run (%s: %s); %s=refuse makes this an error",
-                    type(err).__name__, err, modglobals.ENV)
+                    type(err).__name__, err, env)
         return []
     stats["module_globals_recorded"] = float(len(recorded))
     stats["module_global_refs"] = float(len(found))
@@ -371,10 +322,10 @@ def _check_module_globals(inputs: SaveInputs, entries: list[_Entry], handles: li
     if mode == "refuse":
         cls = UnsafeAddress if found else UnsupportedGraph
         raise cls(f"{lines[0]} ({len(found)} argument reference(s), {len(changed)} changed variable(s) in all; "
-                  f"LOAD cannot recreate module memory; {modglobals.ENV}=warn saves anyway)")
+                  f"LOAD cannot recreate module memory; {env}=warn saves anyway)")
     for line in lines[:20]:
         log.warning("foundry: %s; LOAD may restore this graph to wrong results (%s=refuse refuses it)", line,
-                    modglobals.ENV)
+                    env)
     if len(lines) > 20:
         log.warning("foundry: ... and %d more module-variable finding(s)", len(lines) - 20)
     return []
@@ -382,11 +333,8 @@ def _check_module_globals(inputs: SaveInputs, entries: list[_Entry], handles: li
 
 def _parsed(data: bytes):
     """The ELF of an image this GPU loads (cubin.ImageInfo), or an empty one when it cannot be read."""
-    from foundry_core import cubin
-    from foundry_core.images import device_arch
-
     try:
-        chosen = cubin.parse_image(data).for_arch(device_arch())
+        chosen = cubin.parse_image(data).for_arch(kernel_images.device_arch())
     except ValueError:
         chosen = None
     return chosen if chosen is not None else cubin.ImageInfo(kind="elf", arch=0, kernels={})
@@ -395,7 +343,7 @@ def _parsed(data: bytes):
 def _relocation_plan(inputs: SaveInputs, entries: list[_Entry], found, changed, recorded
                      ) -> list[tuple[str, bytes, str, bytes, list[tuple[int, int, int]]]]:
     """(image sha256, image bytes, variable name, live bytes, [(graph index, payload offset, offset inside)]) per
-    module variable the graphs point into or whose value changed since load (FOUNDRY_MODULE_GLOBALS=relocate)."""
+    module variable the graphs point into or whose value changed since load (module-variable policy relocate)."""
     index = {e.key: i for i, e in enumerate(entries)}
     by_var: dict[tuple[str, int], Any] = {(g.name, g.address): g for g in recorded}
     images = inputs.images.images() if found else []  # copies of every recorded image: once
@@ -427,8 +375,6 @@ def _relocation_plan(inputs: SaveInputs, entries: list[_Entry], found, changed, 
 
 def _graph_modules(handles: list[int], refs, stored_images) -> dict[int, tuple[str, dict]]:
     """Live CUmodule of every graph function -> (its image's sha256, that image's module variables for this GPU)."""
-    from foundry_core.native import call, driver
-
     drv = driver()
     data = {im.sha256: im.data for im in stored_images}
     variables: dict[str, dict] = {}
@@ -587,8 +533,6 @@ def _graph_words(e: _Entry, entries: list[_Entry]) -> np.ndarray:
 
 
 def _read_u64(address: int, device: int) -> int:
-    from foundry_core.restore import tensor_at
-
     t = tensor_at(schema.TensorSpec(address=address, dtype="int64", shape=[1], strides=[1], storage_bytes=8), device)
     return int(t.item()) % (1 << 64)
 
@@ -604,15 +548,13 @@ def _output_addresses(entries: list[_Entry]) -> np.ndarray:
 def _snapshot_blocks(inputs: SaveInputs, words: np.ndarray, outputs: np.ndarray = np.zeros(0, np.uint64)
                      ) -> list[tuple[int, bytes, str]]:
     """Contents of live blocks of the warm-up pool that graphs may read (small ones, or ones arguments point
-    into); with ``FOUNDRY_SNAPSHOT_GRAPH_POOL=1`` also the live blocks of the graph pool arguments point into that
+    into); with ``options.snapshot_graph_pool`` also the live blocks of the graph pool arguments point into that
     hold no graph output (memory the capture allocated and kept, e.g. a cuBLAS workspace for the capture
     stream: LOAD maps the capture region but writes nothing there)."""
     import torch
 
-    from foundry_core.restore import tensor_at
-
     pools = {tuple(inputs.warmup_pool.id): "warmup"}
-    if inputs.graph_pool is not None and os.environ.get("FOUNDRY_SNAPSHOT_GRAPH_POOL") == "1":
+    if inputs.graph_pool is not None and inputs.options.snapshot_graph_pool:
         pools[tuple(inputs.graph_pool.id)] = "graphs"
     out = []
     for seg in torch.cuda.memory_snapshot():

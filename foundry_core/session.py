@@ -4,10 +4,11 @@ SAVE: ``open()`` starts recording module images (before CUDA work), reserves the
 allocation PyTorch makes from then on — any thread, any stream, PyTorch's own included — into it; the application
 initialises; ``capture_phase()`` brackets warm-ups and captures; ``save()`` reads the graphs, checks them, and
 writes the archive together with the arena's allocation trace.
-LOAD: ``open()`` checks the archive against this machine (or adopts those checks, and the kernels, from an early
-load that ``foundry_core.preload`` started at process start) and reserves the same arena; the application runs the
-same initialisation; ``restore()`` compares this process's allocation trace with SAVE's, maps the capture region,
-writes back warm-up buffers, loads kernels and rebuilds the graphs — no capture, no forward pass.
+LOAD: ``open()`` checks the archive against this machine (``opening.open_for_load``, or adopts those checks, and
+the kernels, from an early load that ``foundry_core.preload`` started at process start) and reserves the same
+arena; the application runs the same initialisation; ``restore()`` compares this process's allocation trace with
+SAVE's, maps the capture region, writes back warm-up buffers, loads kernels and rebuilds the graphs — no capture,
+no forward pass.
 """
 from __future__ import annotations
 
@@ -17,16 +18,22 @@ import enum
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
+from foundry_core import early
 from foundry_core.allocator import Arena
-from foundry_core.errors import ArchiveError, DeviceUnavailable, FoundryError
-from foundry_core.save import CapturedGraph
+from foundry_core.errors import DeviceUnavailable, FoundryError
+from foundry_core.layout import live_blocks
+from foundry_core.opening import open_for_load
+from foundry_core.options import Options
+from foundry_core.recorder import ImageRecorder
+from foundry_core.restore import Preloader, RestoreInputs, restore_archive
+from foundry_core.save import CapturedGraph, SaveInputs, write_archive
+from foundry_core.slots import SlotRecorder, fill_captured
 from foundry_core.store import ImageStore
 
-__all__ = ["OpenedArchive", "Session", "SessionMode", "keep_previous", "open_for_load"]
+__all__ = ["Session", "SessionMode", "keep_previous"]
 
 log = logging.getLogger("foundry_core.session")
 
@@ -61,51 +68,6 @@ def keep_previous(path: Path) -> Path:
     return prev
 
 
-@dataclass
-class OpenedArchive:
-    """What :func:`open_for_load` found: the checked archive, or the problem that makes it unusable."""
-
-    archive: Any = None  # archive.Archive; None when there is a problem
-    problem: Optional[FoundryError] = None
-    saved_trace: Any = None  # SAVE's allocation trace (layout.decode), None when the archive has none
-    saved_blocks: Any = None  # SAVE's live blocks before capture (layout.decode_blocks)
-    fingerprint: Any = None  # this machine's, when it was computed
-
-
-def open_for_load(path: Path, key: str, device: int, rank: Optional[int],
-                  torch_versions: Optional[tuple[str, str]] = None) -> OpenedArchive:
-    """Open the archive at ``path`` and make every check LOAD makes before the arena: trust, fingerprint (``key``,
-    CUDA ``device``), rank template, allocation trace, image store. A problem is returned, not raised (``auto``
-    falls back on it). ``torch_versions``: see :func:`foundry_core.fingerprint.current_fingerprint`."""
-    from foundry_core import layout, trust
-    from foundry_core.archive import Archive
-    from foundry_core.fingerprint import check_compatible, current_fingerprint
-
-    if not path.exists():
-        return OpenedArchive(problem=ArchiveError(f"{path}: no archive"))
-    out = OpenedArchive()
-    try:
-        out.archive = Archive.open(path)
-        trust.check_archive(out.archive)  # before anything of it is used: an archive is code
-        out.fingerprint = current_fingerprint(key, device, torch_versions)
-        check_compatible(out.archive.manifest.fingerprint, out.fingerprint, path)
-        ranks = out.archive.manifest.ranks
-        if ranks is not None and not (rank is not None and 0 <= rank < ranks.world_size):
-            raise ArchiveError(f"{path} is a template for {ranks.world_size} ranks; this process is rank "
-                               f"{rank} (pass Session(rank=...))")
-        out.archive.check_inflate_budget()  # one budget for everything it decompresses, the trace included
-        if out.archive.manifest.trace is not None:  # decoded now so restore() only compares
-            out.saved_trace = layout.decode(out.archive.manifest.trace, str(path))
-            out.saved_blocks = layout.decode_blocks(out.archive.manifest.trace, str(path))
-        ImageStore.beside(path).check(out.archive.manifest.images)
-    except FoundryError as e:
-        if out.archive is not None:
-            with contextlib.suppress(Exception):
-                out.archive.close()
-        return OpenedArchive(problem=e, fingerprint=out.fingerprint)
-    return out
-
-
 class Session:
     """Save CUDA graphs with their execution context, or restore them in a fresh process.
 
@@ -114,8 +76,11 @@ class Session:
     ``key``: caller's identity of the model/config/layout; LOAD refuses an archive saved under another key.
     ``image_store``: SAVE puts kernel images into the host's store beside the archive (``foundry_core.store``,
     shared by every archive there); False embeds them in the archive file. Default (None): the store when
-    ``FOUNDRY_IMAGE_STORE=1``, else embedded — the store has not run on a GPU yet (CPU-tested only), so the
-    GPU-proven single-file layout stays the default until it has.
+    ``options.image_store`` (``FOUNDRY_IMAGE_STORE=1``), else embedded — the store has not run on a GPU yet
+    (CPU-tested only), so the GPU-proven single-file layout stays the default until it has.
+    ``arena_base``/``arena_size``: SAVE's arena (default: ``options``'); LOAD uses the archive's.
+    ``options``: foundry_core's settings (:class:`~foundry_core.options.Options`); default
+    ``Options.from_env()``, read once here. Every step of the session gets what it needs from them.
     """
 
     def __init__(
@@ -130,7 +95,9 @@ class Session:
         record_images: bool = True,
         rank: Optional[int] = None,
         image_store: Optional[bool] = None,
+        options: Optional[Options] = None,
     ):
+        self.options = options if options is not None else Options.from_env()
         self.path = Path(path)
         self.requested_mode = SessionMode.parse(mode)
         self.mode: Optional[SessionMode] = None  # SAVE or LOAD once open
@@ -140,10 +107,11 @@ class Session:
         self.fallback_reason: Optional[str] = None  # why "auto" chose save
         self.rank = rank  # LOAD of a multi-rank template archive: which rank's delta to apply
         self._slot_recorder = None
-        self._arena_args = (arena_base, arena_size)
+        self._arena_args = (self.options.arena_base if arena_base is None else arena_base,
+                            self.options.arena_size if arena_size is None else arena_size)
         self._record_images = record_images
         if image_store is None:
-            image_store = os.environ.get("FOUNDRY_IMAGE_STORE", "0") == "1"
+            image_store = self.options.image_store
         self.image_store = ImageStore.beside(self.path) if image_store else None
         self.arena: Optional[Arena] = None
         self.archive = None
@@ -208,9 +176,7 @@ class Session:
     def _start(self, mode: SessionMode) -> None:
         """Recorder (SAVE), device, preloader (LOAD), arena and pools; this thread then allocates from the arena."""
         if mode is SessionMode.SAVE and self._record_images:
-            from foundry_core.recorder import ImageRecorder
-
-            self._recorder = ImageRecorder()
+            self._recorder = ImageRecorder(self.options)
             self._recorder.start()
         import torch
 
@@ -223,15 +189,13 @@ class Session:
             raise DeviceUnavailable(f"no usable CUDA device for foundry: {first}") from None
         base, size = self._arena_args
         if self.archive is not None:  # LOAD: the arena must be where SAVE had it
-            from foundry_core.restore import Preloader
-
             base, size = self.archive.manifest.arena.base, self.archive.manifest.arena.size
             if self._early is not None:
                 self._preload = self._early.preloader  # kernels loaded (or loading) since process start
             else:
                 self._preload = Preloader(self.archive, self.device, self.rank).start()
         t1 = time.perf_counter()
-        self.arena = Arena(self.device, base, size)
+        self.arena = Arena(self.device, base, size, self.options)
         self.arena.reserve()
         for name in ("init", "warmup", "graphs"):
             self._pools[name] = self.arena.new_pool(name)
@@ -240,30 +204,31 @@ class Session:
 
     def _open_archive(self) -> Optional[FoundryError]:
         """Open and check the archive; return the problem instead of raising (auto mode falls back on it)."""
-        opened = open_for_load(self.path, self.key, self.device or 0, self.rank)
+        opened = open_for_load(self.path, self.key, self.device or 0, self.rank, self.options)
         if opened.problem is None:
             self.archive = opened.archive
             self._saved_trace, self._saved_blocks = opened.saved_trace, opened.saved_blocks
         return opened.problem
 
     def _claim_early_load(self):
-        """The early load (``foundry_core.preload``) started for this archive, key, device and rank, if any."""
-        from foundry_core import early
-
+        """The early load (``foundry_core.preload``) started for this archive, key, device, rank and options, if
+        any."""
         if not early.started():
             return None
         import torch
 
         device = self.device if self.device is not None else _default_device()
-        return early.claim(self.path, self.key, device, self.rank, (str(torch.__version__), torch.version.cuda or ""))
+        return early.claim(self.path, self.key, device, self.rank, (str(torch.__version__), torch.version.cuda or ""),
+                           self.options)
 
-    def _adopt(self, early) -> Optional[FoundryError]:
+    def _adopt(self, loaded: early.EarlyLoad) -> Optional[FoundryError]:
         """Take what an early load found, as ``_open_archive`` would have found it."""
-        if early.problem is None:
-            self.archive, self._saved_trace, self._saved_blocks = early.archive, early.saved_trace, early.saved_blocks
-        log.info("foundry: using the early load of %s (%s)", self.path, early.problem or "archive checked")
+        if loaded.problem is None:
+            self.archive, self._saved_trace = loaded.archive, loaded.saved_trace
+            self._saved_blocks = loaded.saved_blocks
+        log.info("foundry: using the early load of %s (%s)", self.path, loaded.problem or "archive checked")
         self.open_stats["early_load"] = 1.0
-        return early.problem
+        return loaded.problem
 
     def close(self) -> None:
         """Stop routing allocations to the arena and stop recording images. Graphs, outputs and tensors already
@@ -324,8 +289,6 @@ class Session:
             raise FoundryError("capture_phase() may be entered once per session")
         start = self.arena.cursor
         self._trace_at_capture = self.arena.trace_len()
-        from foundry_core.layout import live_blocks
-
         self._blocks_at_capture = live_blocks(self._pools["init"], self.arena.base)
         self._route_to("warmup")
         self._in_capture_phase = True
@@ -392,8 +355,6 @@ class Session:
         ``foundry_core.slots``. ``fields`` are ``schema.SlotSpec`` fields (group, dtype, count, send, recv, ...)."""
         self._require(SessionMode.SAVE)
         if self._slot_recorder is None:
-            from foundry_core.slots import SlotRecorder
-
             self._slot_recorder = SlotRecorder()
         return self._slot_recorder.launch(op, **fields)
 
@@ -403,8 +364,6 @@ class Session:
         self._require(SessionMode.SAVE)
         if self._slot_recorder is None:
             return 0
-        from foundry_core.slots import fill_captured
-
         return fill_captured(graph, self._slot_recorder, filler, key)
 
     def add_graph(self, key: str, graph, outputs: Any, capture_seconds: float = 0.0) -> None:
@@ -421,8 +380,6 @@ class Session:
 
     def save(self, extra: Optional[dict[str, str]] = None) -> Path:
         """Read every recorded graph, check it, and write the archive. Returns the archive path."""
-        from foundry_core.save import SaveInputs, write_archive
-
         self._require(SessionMode.SAVE)
         if self._capture_range is None:
             raise FoundryError("save() needs a completed capture_phase()")
@@ -439,7 +396,7 @@ class Session:
             trace_at_capture=self._trace_at_capture, blocks_at_capture=self._blocks_at_capture,
             labels=list(self._labels), capture_begin_blocks=frozenset(self._capture_begin_blocks),
             slots=self._slot_recorder, image_store=self.image_store, extra=dict(extra or {}),
-            progress=self.progress, graph_pool=self._pools["graphs"])
+            progress=self.progress, graph_pool=self._pools["graphs"], options=self.options)
         path = write_archive(inputs, self.save_stats)
         self.save_stats["write_seconds"] = time.perf_counter() - t0
         self._recorder.stop()  # frees CUPTI for profilers; later module loads are not needed
@@ -457,8 +414,6 @@ class Session:
         ``slot_filler(spec)`` enqueues the real work of each placeholder (``schema.SlotSpec``) on torch's current
         stream; it is required when the archive has slots and is called on this thread, in slot order, before
         ``restore()`` returns."""
-        from foundry_core.restore import RestoreInputs, restore_archive
-
         self._require(SessionMode.LOAD)
         inputs = RestoreInputs(archive=self.archive, arena=self.arena, device=self.device,
                                init_pool=self._pools["init"], rank=self.rank, preload=self._preload,

@@ -21,8 +21,8 @@ import time
 from typing import Callable, Optional, Sequence
 
 from foundry_core import schema
-from foundry_core.errors import FoundryError
-from foundry_core.native import check
+from foundry_core.errors import ArchiveError, FoundryError
+from foundry_core.native import check, native_lib
 
 __all__ = ["SlotRecorder", "SlotFiller", "placeholder_function", "fill_slots", "fill_captured", "check_fillable",
            "check_slot_specs", "UnfilledSlot"]
@@ -115,8 +115,6 @@ class SlotRecorder:
 def check_fillable(m: schema.Manifest, slot_ids: dict[int, list[int]], filler) -> dict[int, schema.SlotSpec]:
     """Before anything is built: every slot of every graph (graph index -> slot ids in node order) has a
     description, and there is a filler. Returns the descriptions by id."""
-    from foundry_core.errors import ArchiveError
-
     spec_of = {s.id: s for s in m.slots}
     for index, ids in slot_ids.items():
         key = m.graphs[index].key
@@ -188,8 +186,6 @@ def fill_captured(graph, recorder: SlotRecorder, filler: SlotFiller, key: str = 
     graph. Every rank calls it for the same graphs in the same order (collectives match by order).
     """
     import torch
-
-    from foundry_core.native import native_lib
 
     raw = int(graph.raw_cuda_graph())
     placed = recorder.placed(raw)

@@ -39,6 +39,7 @@ import msgspec
 from foundry_core import trust
 from foundry_core.archive import Archive, ArchiveWriter, _fsync_dir, read_at
 from foundry_core.errors import ArchiveError
+from foundry_core.options import Options
 from foundry_core.schema import KernelImage
 
 log = logging.getLogger(__name__)
@@ -315,16 +316,18 @@ def store_usage(archive) -> dict:
     }
 
 
-def pack_archive(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+def pack_archive(src: str | os.PathLike, dst: str | os.PathLike, options: Optional[Options] = None) -> Path:
     """Export ``src`` as a single-file archive at ``dst`` with every store image embedded (verified on the way).
     The source must pass LOAD's trust check (``trust.check_archive``): the copy is the caller's file, and signed
-    when a key is configured."""
+    when a key is configured. ``options``: how it is read, trusted and signed (default ``Options.from_env()``)."""
     if Path(src).resolve() == Path(dst).resolve():
         raise StoreError(f"{dst}: pack needs a destination other than the source")
-    with Archive.open(src) as archive:
-        trust.check_archive(archive)  # the copy is this user's (and signed, with a key): only what LOAD would trust
+    options = options if options is not None else Options.from_env()
+    key = trust.configured_key(options)
+    with Archive.open(src, options) as archive:
+        trust.check_archive(archive, key)  # the copy is this user's (and signed, with a key): only what LOAD trusts
         m = archive.manifest
-        with ArchiveWriter(dst) as writer:
+        with ArchiveWriter(dst, sign_key=key) as writer:
             for name, blob in m.blobs.items():
                 writer.add_blob(name, archive.blob(name), compress=blob.codec != "raw")
             images = []

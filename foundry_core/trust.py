@@ -4,9 +4,10 @@ Without a key, LOAD accepts an archive only if no other user could have written 
 this user (or root) and is writable by nobody else. The check runs on the file LOAD actually opened (``fstat``),
 so swapping files in the directory afterwards changes nothing.
 
-With a key (``FOUNDRY_ARCHIVE_KEY``, or ``FOUNDRY_ARCHIVE_KEY_FILE`` naming a file that only its owner can write),
-archives may live in directories shared by the deployment's service accounts: every archive must then carry an
-HMAC-SHA256 in ``PATH.hmac``, made with that key. ``ArchiveWriter`` signs automatically when a key is configured;
+With a key (``Options.archive_key`` from ``FOUNDRY_ARCHIVE_KEY``, or ``FOUNDRY_ARCHIVE_KEY_FILE`` naming a file that
+only its owner can write; :func:`configured_key`), archives may live in directories shared by the deployment's
+service accounts: every archive must then carry an HMAC-SHA256 in ``PATH.hmac``, made with that key. SAVE signs
+when a key is configured (``ArchiveWriter(sign_key=...)``);
 ``python -m foundry_core sign`` signs an existing archive. The HMAC covers the 64-byte header, which holds the
 manifest's sha256, which holds every blob's sha256, and LOAD verifies each blob before use: one tag covers the
 whole file. It proves a key holder wrote the archive; like any signature it does not stop an older archive, also
@@ -24,24 +25,26 @@ from pathlib import Path
 from typing import Optional
 
 from foundry_core.errors import UntrustedArchive
+from foundry_core.options import ENV, Options
 
-__all__ = ["archive_key", "check_archive", "check_private", "signature_path", "tag", "write_signature"]
+__all__ = ["check_archive", "check_private", "configured_key", "signature_path", "tag", "write_signature"]
 
 log = logging.getLogger("foundry_core.trust")
 
-KEY_ENV = "FOUNDRY_ARCHIVE_KEY"
-KEY_FILE_ENV = "FOUNDRY_ARCHIVE_KEY_FILE"
+KEY_ENV = ENV["archive_key"]
+KEY_FILE_ENV = ENV["archive_key_file"]
 MIN_KEY_BYTES = 16
 _TAG_PREFIX = "hmac-sha256:"
 _DOMAIN = b"foundry archive header v1\0"
 
 
-def archive_key() -> Optional[bytes]:
-    """The configured archive key, or None. A key file that others can write is refused like an archive."""
-    key = os.environ.get(KEY_ENV)
+def configured_key(options: Options) -> Optional[bytes]:
+    """The archive key ``options`` configure (``archive_key``, else the one in ``archive_key_file``), or None. A key
+    file that others can write is refused like an archive."""
+    key = options.archive_key
     source = KEY_ENV
-    if not key and os.environ.get(KEY_FILE_ENV):
-        path = Path(os.environ[KEY_FILE_ENV])
+    if not key and options.archive_key_file:
+        path = Path(options.archive_key_file)
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -84,10 +87,10 @@ def write_signature(path: str | os.PathLike, header: bytes, key: bytes) -> Path:
     return target
 
 
-def check_archive(archive) -> str:
-    """Refuse an opened :class:`~foundry_core.archive.Archive` that LOAD must not trust; returns how it is trusted."""
+def check_archive(archive, key: Optional[bytes]) -> str:
+    """Refuse an opened :class:`~foundry_core.archive.Archive` that LOAD must not trust under the configured ``key``
+    (:func:`configured_key`; None: no key); returns how it is trusted."""
     st = archive.file_stat
-    key = archive_key()
     if key is None:
         return check_private(archive)
     if st.st_mode & 0o022:

@@ -7,16 +7,14 @@ RNG and slot addresses (inside the memory LOAD restores; ``layout.check_addresse
 the child-graph references between graphs (no cycles, bounded depth). ``_native/restore.c`` checks the table
 bounds once more before it builds.
 
-What no check can see is what a kernel does with its arguments: an archive is code (README, "Security and trust").
+What no check can see is what a kernel does with its arguments: an archive is code (docs/SECURITY.md).
 Every problem raises :class:`~foundry_core.errors.ArchiveError` with one line naming the graph, node and field.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from foundry_core import codec, schema
+from foundry_core import codec, layout, schema
 from foundry_core.errors import ArchiveError
 
 __all__ = ["check_manifest", "check_graph_tables", "check_child_graphs", "restored_range"]
@@ -46,8 +44,6 @@ def restored_range(m: schema.Manifest) -> tuple[int, int]:
 def check_manifest(where: str, m: schema.Manifest) -> None:
     """Arena, events, outputs, snapshots, RNG state and slots of a decoded manifest (indices and blob bounds are
     archive.py's; snapshot, output and RNG addresses are ``layout.check_addresses``'s)."""
-    from foundry_core import layout
-
     arena = m.arena
     if arena.base < 0 or arena.size <= 0 or arena.base + arena.size > 2**64 or arena.granularity <= 0:
         raise ArchiveError(f"{where}: arena {arena.base:#x}+{arena.size:#x} (granularity {arena.granularity}) "
@@ -102,10 +98,12 @@ def _check_ranks(where: str, m: schema.Manifest) -> None:
 
 
 def check_graph_tables(where: str, m: schema.Manifest, index: int, nodes: np.ndarray, payload: np.ndarray,
-                       attrs: np.ndarray, edges: np.ndarray) -> None:
+                       attrs: np.ndarray, edges: np.ndarray, allow_foreign_pointers: bool = False) -> None:
     """Every node's kind, table indices, payload bounds and memory targets, and every edge, of graph ``index``.
 
-    ``where`` names the archive and graph. Vectorised: LOAD runs this on every node of every graph.
+    ``where`` names the archive and graph. ``allow_foreign_pointers`` (``Options.allow_foreign_pointers``, the
+    switch under which SAVE allowed them): memset/memcpy targets outside the arena pass. Vectorised: LOAD runs
+    this on every node of every graph.
     """
     kinds = nodes["kind"]
     names = schema.NODE_KIND_NAMES
@@ -153,7 +151,7 @@ def check_graph_tables(where: str, m: schema.Manifest, index: int, nodes: np.nda
         fail(slot & m.graphs[index].is_child, "slot nodes may not sit inside a child graph")
 
     lo, hi = restored_range(m)
-    if os.environ.get("FOUNDRY_ALLOW_FOREIGN_POINTERS") == "1":  # SAVE allowed them under the same switch
+    if allow_foreign_pointers:
         lo, hi = 0, 2**64
     memset = kinds == schema.NODE_MEMSET
     fail(memset & (length != schema.MEMSET_DTYPE.itemsize),

@@ -2,8 +2,10 @@
 
 Our own flags are listed in ``--help``; every other flag goes unchanged to SGLang's launcher (the same as
 ``python -m sglang.launch_server``: ``load_plugins(); run_server(prepare_server_args(argv))``), so ``--model`` /
-``--model-path`` and all SGLang flags mean what SGLang says. The Foundry settings reach the plugin in every
-spawned scheduler process through ``FOUNDRY_MODE`` / ``FOUNDRY_ARCHIVE`` in the environment.
+``--model-path`` and all SGLang flags mean what SGLang says. Our flags (and ``FOUNDRY_*`` in the environment for
+what they leave unset) become one ``FoundryConfig`` (:func:`foundry_config`); it reaches the plugin in every spawned
+SGLang scheduler process as environment (``FoundryConfig.to_env``), the built-in engine as its own flags
+(``FoundryConfig.engine_flags``) and the elastic launcher as environment.
 
 Dispatch: ``--elastic`` → the elastic TP/EP controller (``foundry_sglang.elastic.launch.main``); SGLang importable,
 a real model and a CUDA GPU → SGLang; otherwise (or ``--foundry-engine builtin``) → the built-in engine
@@ -16,19 +18,18 @@ import importlib
 import logging
 import os
 import sys
+from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 from foundry_sglang.builtin.serve import main as serve_builtin
 from foundry_sglang.graphs.settings import (
     DEFAULT_ARCHIVE_DIR,
     ENV_ARCHIVE,
-    ENV_MODE,
-    MODE_CHOICES,
-    MODE_HELP,
+    ENV_RANKS_SHARE_GPU,
     FoundryConfig,
     FoundryMode,
+    add_foundry_flags,
 )
-from foundry_sglang.plugin import ENV_RANKS_SHARE_GPU
 from foundry_sglang.plugin.flags import PINS, UnsafeFlag, check_flags
 
 log = logging.getLogger("foundry_sglang.launch")
@@ -55,18 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                "python -m foundry_sglang.launch --model Qwen/Qwen3-8B --foundry-archive /data/foundry --port 30000",
         allow_abbrev=False,  # never let a prefix of an SGLang flag be taken as ours
     )
-    parser.add_argument("--foundry-archive", metavar="DIR", default=None,
-                        help="directory of per-rank graph archives (default: $FOUNDRY_ARCHIVE or "
-                             f"{DEFAULT_ARCHIVE_DIR}); "
-                             "file names encode the model, rank layout and a hash of every graph-relevant input")
-    parser.add_argument("--foundry-mode", choices=MODE_CHOICES, default=None, help=MODE_HELP)
+    add_foundry_flags(parser, archive_help=f"directory of per-rank graph archives (default: ${ENV_ARCHIVE} or "
+                                           f"{DEFAULT_ARCHIVE_DIR}); file names encode the model, rank layout and a "
+                                           "hash of every graph-relevant input")
     parser.add_argument("--foundry-engine", choices=("auto", "sglang", "builtin"), default="auto",
                         help="auto (default): SGLang if it can be imported, a CUDA GPU is present and --model is not a "
                              "builtin: preset; else the built-in engine. sglang/builtin: insist on one")
     parser.add_argument("--foundry-ranks-share-gpu", action="store_true",
                         help="run every rank of a TP/EP server on --base-gpu-id (each rank its own NCCL host id, "
                              "NCCL over loopback sockets): one GPU saves the rank template of a layout that fits "
-                             "in its memory; slower collectives, for saving templates and testing")
+                             f"in its memory; slower collectives, for saving templates and testing "
+                             f"(default: ${ENV_RANKS_SHARE_GPU}=1)")
     parser.add_argument("--elastic", action="store_true",
                         help="start the elastic TP/EP controller (Ray) instead of a single server; "
                              "reserved for foundry_sglang.elastic")
@@ -92,19 +92,13 @@ def apply_pins(rest: list[str]) -> tuple[list[str], list[str]]:
     return rest + added, added
 
 
-def foundry_env(ours: argparse.Namespace, environ: Optional[dict] = None) -> dict[str, str]:
-    """FOUNDRY_MODE/FOUNDRY_ARCHIVE for the child processes (flags win over the environment; the archive directory
-    defaults to DEFAULT_ARCHIVE_DIR, so the mode defaults to auto)."""
-    env = os.environ if environ is None else environ
-    archive = ours.foundry_archive or env.get(ENV_ARCHIVE) or DEFAULT_ARCHIVE_DIR
+def foundry_config(ours: argparse.Namespace, environ: Optional[dict] = None) -> FoundryConfig:
+    """The launcher's Foundry settings: our flags win over ``FOUNDRY_*`` in the environment, and the archive
+    directory defaults to DEFAULT_ARCHIVE_DIR (so the mode defaults to auto)."""
     try:
-        config = FoundryConfig.resolve(ours.foundry_mode or env.get(ENV_MODE), archive)
+        return FoundryConfig.from_flags(ours, environ, env_defaults=True, default_archive_dir=DEFAULT_ARCHIVE_DIR)
     except ValueError as err:
         raise LaunchError(str(err)) from None
-    out = config.to_env()
-    if getattr(ours, "foundry_ranks_share_gpu", False):
-        out[ENV_RANKS_SHARE_GPU] = "1"
-    return out
 
 
 def sglang_available() -> Optional[str]:
@@ -129,9 +123,10 @@ def _resolve(target: str) -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
-def run_sglang(rest: list[str], env: dict[str, str]) -> int:
-    """Check flags, set the environment, then do what ``python -m sglang.launch_server`` does."""
-    mode = FoundryMode.parse(env[ENV_MODE])
+def run_sglang(rest: list[str], config: FoundryConfig) -> int:
+    """Check flags, hand ``config`` to the plugin through the environment, then do what
+    ``python -m sglang.launch_server`` does."""
+    mode = config.mode
     if mode is not FoundryMode.OFF:
         if not plugin_installed():
             raise LaunchError("the foundry SGLang plugin entry point is not installed; run `pip install -e .` "
@@ -145,8 +140,7 @@ def run_sglang(rest: list[str], env: dict[str, str]) -> int:
     from sglang.srt.server_args import prepare_server_args
 
     server_args = prepare_server_args(rest)
-    shared = env.get(ENV_RANKS_SHARE_GPU) == "1"
-    nccl_only = mode is not FoundryMode.OFF or shared
+    nccl_only = mode is not FoundryMode.OFF or config.ranks_share_gpu
     if nccl_only and server_args.tp_size > 1 and not server_args.disable_custom_all_reduce:
         # Custom all-reduce kernels hold IPC-mapped peer addresses no restore can re-create (plugin.parallel),
         # and need one GPU per rank.
@@ -159,9 +153,9 @@ def run_sglang(rest: list[str], env: dict[str, str]) -> int:
             raise LaunchError(str(err)) from None
         if reason:
             log.warning("foundry: off for this server: %s", reason)
-            env = dict(env, **{ENV_MODE: FoundryMode.OFF.value})
-    os.environ.update(env)
-    log.info("foundry: mode=%s archive=%s; starting SGLang", env[ENV_MODE], env.get(ENV_ARCHIVE, "-"))
+            config = replace(config, mode=FoundryMode.OFF)
+    os.environ.update(config.to_env())
+    log.info("foundry: mode=%s archive=%s; starting SGLang", config.mode, config.archive_dir or "-")
     from sglang.srt.plugins import load_plugins
 
     load_plugins()
@@ -187,20 +181,23 @@ def check_builtin_flags(argv: list[str]) -> None:
     parser.parse_args(argv)
 
 
-def run_builtin(rest: list[str], env: dict[str, str]) -> int:
-    """The built-in engine; our settings go to its own --foundry-archive/--foundry-mode flags (flags the user
-    already gave it win). A Foundry LOAD starts preparing before the engine (and torch) is imported."""
+def run_builtin(rest: list[str], config: FoundryConfig) -> int:
+    """The built-in engine; ``config`` goes to its own --foundry-archive/--foundry-mode flags
+    (``FoundryConfig.engine_flags``; flags the user already gave it win). A Foundry LOAD starts preparing before
+    the engine (and torch) is imported."""
     present = {a.split("=", 1)[0] for a in rest}
+    flags = config.engine_flags()
     extra: list[str] = []
-    for flag, value in (("--foundry-archive", env.get(ENV_ARCHIVE)), ("--foundry-mode", env[ENV_MODE])):
-        if value and flag not in present:
+    for flag, value in zip(flags[::2], flags[1::2]):
+        if flag not in present:
             extra += [flag, value]
     check_builtin_flags(rest + extra)
     return serve_builtin(rest + extra)
 
 
-def run_elastic(rest: list[str], env: dict[str, str]) -> int:
-    os.environ.update(env)
+def run_elastic(rest: list[str], config: FoundryConfig) -> int:
+    """The elastic launcher, with ``config`` as the defaults of its own Foundry flags (environment)."""
+    os.environ.update(config.to_env())
     main = _resolve("foundry_sglang.elastic.launch:main")
     return int(main(rest) or 0)
 
@@ -241,12 +238,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ours, rest = split_argv(sys.argv[1:] if argv is None else argv)
     try:
-        env = foundry_env(ours)
+        config = foundry_config(ours)
         if ours.elastic:
-            return run_elastic(rest, env)
+            return run_elastic(rest, config)
         if ours.foundry_engine == "builtin":
             log.info("running the built-in engine (--foundry-engine builtin)")
-            return run_builtin(rest, env)
+            return run_builtin(rest, config)
         # auto: the cheap reasons first, so that the built-in engine (and a typo in its flags) is not kept
         # waiting for SGLang's import
         why_not = builtin_preferred(rest) if ours.foundry_engine == "auto" else None
@@ -258,11 +255,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise LaunchError(f"--foundry-engine sglang: {missing}, and SGLang needs one here; run the "
                                   "built-in engine on CPU instead (--foundry-engine auto or builtin)")
         if why_not is None:
-            return run_sglang(rest, env)
+            return run_sglang(rest, config)
         if ours.foundry_engine == "sglang":
             raise LaunchError(f"--foundry-engine sglang: SGLang cannot be used ({why_not})")
         log.warning("not using SGLang (%s); running the built-in engine instead", why_not)
-        return run_builtin(rest, env)
+        return run_builtin(rest, config)
     except LaunchError as err:
         if isinstance(err, UsageError):
             build_parser().print_usage(sys.stderr)

@@ -9,13 +9,27 @@ import threading
 import time
 from typing import Optional
 
-__all__ = ["EXIT_WITH_PARENT_ENV", "NVLS_OFF_ENV", "disable_nvls", "exit_with_parent", "free_port", "port_problem"]
+__all__ = ["ELASTIC_API_TOKEN_ENV", "EXIT_WITH_PARENT_ENV", "FORKSERVER_PRELOAD_ENV", "NVLS_OFF_ENV",
+           "RANK_CONTEXT_ENV", "STANDBY_READY_FD_ENV", "disable_nvls", "exit_with_parent", "exit_with_parent_if_asked",
+           "free_port", "port_problem"]
 
 log = logging.getLogger("foundry_sglang.proc")
 
-#: Set by supervisors (the elastic workers): stop when the supervising process goes away, so a Ctrl-C that takes
-#: the supervisor down never leaves an orphaned server holding GPUs.
+# The environment between our own processes (each variable is set by one side and read in one place; the
+# user-facing FOUNDRY_* settings are foundry_sglang.graphs.settings'):
+#: "1", set by supervisors (the elastic workers): stop when the supervising process goes away, so a Ctrl-C that
+#: takes the supervisor down never leaves an orphaned server holding GPUs (:func:`exit_with_parent_if_asked`).
 EXIT_WITH_PARENT_ENV = "FOUNDRY_EXIT_WITH_PARENT"
+#: A multiprocessing start method the engine starts its ranks with (set by a standby whose forkserver has torch
+#: imported; read by the engine; default spawn).
+RANK_CONTEXT_ENV = "FOUNDRY_ENGINE_RANK_CONTEXT"
+#: A file descriptor (a pipe from the elastic workers) a standby writes ``ready`` to once it is warm, then closes.
+STANDBY_READY_FD_ENV = "FOUNDRY_STANDBY_READY_FD"
+#: The bearer token of the elastic admin API (the default of the elastic launcher's ``--api-token``).
+ELASTIC_API_TOKEN_ENV = "FOUNDRY_ELASTIC_API_TOKEN"
+#: Comma-separated modules an SGLang standby's forkserver imports (set by ``plugin.forkserver.start`` in the
+#: forkserver's own environment only; read when that process imports ``plugin.forkserver``).
+FORKSERVER_PRELOAD_ENV = "FOUNDRY_FORKSERVER_PRELOAD"
 
 #: NVLink multicast (NVLS) stays off in every process we start or run in: a program that uses it can put a
 #: shared host's GPUs out of service, and Foundry refuses graphs that would hold multicast objects anyway.
@@ -59,3 +73,11 @@ def exit_with_parent(poll_s: float = 1.0, sig: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), sig)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def exit_with_parent_if_asked() -> bool:
+    """:func:`exit_with_parent` when the supervisor asked for it (``FOUNDRY_EXIT_WITH_PARENT=1``); whether it did."""
+    if os.environ.get(EXIT_WITH_PARENT_ENV) != "1":
+        return False
+    exit_with_parent()
+    return True

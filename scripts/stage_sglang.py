@@ -12,8 +12,8 @@ wheels staged the same way (docs/STAGING.md): ``sglang`` (default) is the set me
   corrected RECORD) and prebuilds SGLang's tvm-ffi JIT kernels for ``sm_90a`` with nvcc; packs everything into
   one tar and splits it into parts of less than ``--part-mib`` under the set's folder (``.stage/``,
   ``.stage/ray/``) next to ``manifest.json`` (sha256 of every part and the whole);
-* ``append PART`` (GPU machine, one call per part): copies a part under ``--dest`` (``/tmp`` survives between
-  back-to-back calls while the machine stays warm) and checks its sha256;
+* ``append PART`` (GPU machine, once per part, as the parts arrive): copies a part under ``--dest`` (kept there
+  until ``install``) and checks its sha256;
 * ``install`` (GPU machine): checks every part's sha256, joins them, checks the bundle's sha256, installs the
   wheels into ``--dest/site`` (``pip --no-index --no-deps``) and writes ``env.sh`` to source. For sglang it also
   unpacks the JIT cache and writes an entry-point ``.dist-info`` for this project so ``sglang.srt.plugins``
@@ -157,7 +157,7 @@ class WheelSet(NamedTuple):
     name: str
     lock: tuple[str, ...]
     stage: Path                 # build folder on the dev machine (git-ignored)
-    dest: str                   # staging folder on the GPU machine (under /tmp: it survives while warm)
+    dest: str                   # staging folder on the GPU machine (under /tmp, kept between append and install)
     marker: str                 # a top-level package the installed target must hold (idempotent install)
     check: str                  # Python run by ``install --check`` with env.sh's environment
     env: dict                   # exported by env.sh besides PYTHONPATH

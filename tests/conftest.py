@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from foundry_core import native, schema
+from foundry_core import native, schema, trust
 from foundry_core.archive import ArchiveWriter
+from foundry_core.options import Options
 
 ARENA_BASE = 0x6A0000000000
 FINGERPRINT = schema.Fingerprint(
@@ -58,7 +59,8 @@ def _graph_tables(rng, num_nodes: int, batch: int):
 
 
 def sample_archive(path: Path, *, graphs: int = 3, nodes: int = 12, image_size: int = 4096) -> dict[str, bytes]:
-    """Write a realistic archive at ``path``; returns every blob's original bytes by name."""
+    """Write a realistic archive at ``path`` (signed, as SAVE signs, when the environment configures a key);
+    returns every blob's original bytes by name."""
     rng = np.random.default_rng(7)
     blobs: dict[str, bytes] = {}
     images_bytes = [_fake_cubin(1, image_size), _fake_cubin(2, image_size // 2)]
@@ -130,7 +132,7 @@ def sample_archive(path: Path, *, graphs: int = 3, nodes: int = 12, image_size: 
         num_events=0,
         extra={"kv_pages": "4096"},
     )
-    with ArchiveWriter(path) as writer:
+    with ArchiveWriter(path, sign_key=trust.configured_key(Options.from_env())) as writer:
         for name, data in blobs.items():
             writer.add_blob(name, data)
         writer.finish(manifest)

@@ -63,8 +63,8 @@ class CpuStandInSession:
 
     instances: list = []
 
-    def __init__(self, path, mode="auto", key="", device=0):
-        self.path, self.requested, self.key, self.device = str(path), mode, key, device
+    def __init__(self, path, mode="auto", key="", device=0, rank=None):
+        self.path, self.requested, self.key, self.device, self.rank = str(path), mode, key, device, rank
         self.mode = None
         self.graph_pool = ("stand-in-pool", 1)
         self.added = {}
@@ -75,6 +75,7 @@ class CpuStandInSession:
         CpuStandInSession.instances.append(self)
 
     def open(self):
+        self.requested = getattr(self.requested, "value", self.requested)
         if self.requested == "auto":
             self.mode = "load" if os.path.exists(self.path) else "save"
         else:

@@ -119,3 +119,65 @@ def test_the_import_graph_sees_function_level_imports():
     known = modules()
     assert "foundry_sglang.builtin.backend" in first_party_imports(
         "foundry_sglang.builtin.serve", known["foundry_sglang.builtin.serve"], known)
+
+
+# -- docs/DESIGN.md's other lists ---------------------------------------------------------------------------------
+def design_section(heading: str) -> str:
+    """The text of one ``#``-heading's section of docs/DESIGN.md, up to the next heading of its level or above."""
+    text = (REPO / "docs" / "DESIGN.md").read_text()
+    start = text.index(f"\n{heading}\n") + 1
+    level = heading.split(" ", 1)[0]
+    ends = [text.find(f"\n{'#' * n} ", start + 1) for n in range(1, len(level) + 1)]
+    ends = [e for e in ends if e != -1]
+    return text[start: min(ends) if ends else len(text)]
+
+
+def table_rows(section: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| `")]
+
+
+def foundry_errors() -> dict[str, str]:
+    """Every FoundryError subclass defined in either package (read from the source, by base-class name) -> its
+    module."""
+    defined: dict[str, tuple[str, list[str]]] = {}
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                defined[node.name] = (name, [ast.unparse(b).rpartition(".")[2] for b in node.bases])
+    errors = {"FoundryError": defined["FoundryError"][0]}
+    grew = True
+    while grew:
+        grew = False
+        for cls, (module, bases) in defined.items():
+            if cls not in errors and any(b in errors for b in bases):
+                errors[cls] = module
+                grew = True
+    return errors
+
+
+def test_design_names_every_error_and_only_errors_that_exist():
+    listed = {row[0].strip("`"): row[1].strip("`") for row in table_rows(design_section("### Errors"))}
+    assert "LayoutMismatch" in foundry_errors()
+    assert listed == foundry_errors()
+
+
+def test_design_lists_every_cli_command():
+    from foundry_core.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    listed = [row[0].strip("`").split()[3] for row in table_rows(design_section("### CLI"))]
+    assert "machine" in commands and sorted(listed) == sorted(commands)
+
+
+def test_design_lists_every_setting_with_the_one_place_it_is_read():
+    from foundry_core.options import ENV
+    from foundry_sglang import proc
+    from foundry_sglang.graphs import settings
+
+    variables = set(ENV.values())
+    variables |= {v for k, v in vars(settings).items() if k.startswith("ENV_") and isinstance(v, str)}
+    variables |= {v for k, v in vars(proc).items() if k.endswith("_ENV") and isinstance(v, str)}
+    named = set(re.findall(r"FOUNDRY_[A-Z_]+", design_section("## Settings")))
+    assert len(variables) >= 18 and named == variables

@@ -42,6 +42,7 @@ import numpy as np
 from foundry_core import schema
 from foundry_core.archive import HEADER, Archive, ArchiveWriter
 from foundry_core.errors import FoundryError
+from foundry_core.options import Options
 
 ARENA_BASE = 0x6A00_0000_0000
 ARENA_SIZE = 80 << 30
@@ -50,9 +51,10 @@ CAPTURE_END = CAPTURE_START + (6 << 20)
 CAPTURE = ARENA_BASE + CAPTURE_START  # first address of the capture region
 MEMCPY3D_SIZE = 200
 CU_MEMORYTYPE_DEVICE = 2
-#: The decompression budget workers run with (FOUNDRY_INFLATE_BUDGET), and the most memory one case may take.
+#: The decompression budget workers run with (``Options.inflate_budget``), and the most memory one case may take.
 BUDGET = 64 << 20
 MEMORY_LIMIT = 2 * BUDGET + (32 << 20)
+OPTIONS = Options(inflate_budget=BUDGET)
 
 FINGERPRINT = schema.Fingerprint(
     gpu_name="NVIDIA H200", compute_capability="9.0", driver_version=13000, cuda_runtime="13.0",
@@ -494,7 +496,7 @@ def check_case(path: Path, lib) -> str:
     native_refusals = 0
     outcome = "accepted"
     try:
-        with Archive.open(path) as archive:
+        with Archive.open(path, OPTIONS) as archive:
             try:
                 restore.check_archive_offline(archive)  # every rank, the trace, the budget
             except FoundryError as err:
@@ -542,7 +544,6 @@ def _worker(conn, valid_path: str, workdir: str) -> None:
     from foundry_core.native import native_lib
 
     lib = native_lib()
-    os.environ["FOUNDRY_INFLATE_BUDGET"] = str(BUDGET)
     selftest = os.environ.get("FOUNDRY_FUZZ_SELFTEST") == "1"
     valid = read_archive(Path(valid_path))
     case_path = Path(workdir) / f"case-{os.getpid()}.foundry"

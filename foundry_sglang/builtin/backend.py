@@ -23,7 +23,7 @@ from foundry_sglang.graphs.router import GraphRouter, Route, shape_key_name
 from foundry_sglang.graphs.settings import FoundryMode
 
 from .collectives import slot_filler
-from .keys import archive_target
+from .keys import ArchiveTarget, archive_target
 from .template import save_template
 
 __all__ = ["FoundryGraphBackend", "make_graph_backend"]
@@ -41,19 +41,22 @@ class FoundryGraphBackend(TorchGraphBackend):
 
     ``before_allocations()`` must run before the application allocates anything the graphs touch: it opens the
     session, which reserves the deterministic arena and routes this thread's allocations into it.
+
+    ``target``: this rank's :class:`~.keys.ArchiveTarget` (``from_engine_args``), whose ``mode`` the router runs;
+    without one (a virtual rank's SAVE) the session's requested mode.
     """
 
     def __init__(self, session, warmups: int = 2, barrier=None, save_extra: Optional[dict] = None,
-                 restore_order: Optional[list] = None):
-        self.router = GraphRouter(session, session.requested_mode)  # first: the base class sets all_ranks_ok
+                 restore_order: Optional[list] = None, target: Optional[ArchiveTarget] = None):
+        self.target = target
+        # first: the base class sets all_ranks_ok
+        self.router = GraphRouter(session, target.mode if target is not None else session.requested_mode)
         super().__init__(warmups, barrier)
         self.save_extra = save_extra or {}
         self.restore_order = restore_order
         self.archive_path = None
         self._in_session_capture = False  # inside the SAVE capture phase: graphs come from the session
         self._live_pool = None
-        self.layout_args = None  # EngineArgs of a TP/EP layout restored from a rank template (comm_patch)
-        self.requested_mode = getattr(session, "requested_mode", None)
         self.template_report = None
 
     @property
@@ -67,17 +70,19 @@ class FoundryGraphBackend(TorchGraphBackend):
 
     def prepare_layout(self, args, rank: int) -> None:
         """TP/EP: rank 0 saves the layout's rank template on its GPU when there is none (``auto``) or when asked
-        (``save``); the other ranks wait. A failed template save in ``auto`` mode makes every rank capture live."""
-        if self.layout_args is None:
+        (``save``); the other ranks wait. A failed template save falls back as the requested mode says
+        (``FoundryMode.strict``): every rank captures live, or an explicit ``save`` raises."""
+        if self.target is None or not self.target.is_template:
             return
+        requested = self.target.requested
         ok = True
-        if rank == 0 and (self.requested_mode == FoundryMode.SAVE or not self._template_usable()):
+        if rank == 0 and (requested is FoundryMode.SAVE or not self._template_usable()):
             try:
                 if self.session.path.exists():
                     keep_previous(self.session.path)
                 self.template_report = save_template(args, self.session.path, self.session.key)
             except FoundryError as e:
-                if self.requested_mode == FoundryMode.SAVE:
+                if requested.strict:
                     raise
                 log.warning("foundry: saving the tp=%d ep=%d template failed: %s", args.tp, args.ep, e)
                 ok = False
@@ -89,7 +94,7 @@ class FoundryGraphBackend(TorchGraphBackend):
         if not self.session.path.exists():
             return False
         try:
-            with Archive.open(self.session.path) as a:
+            with Archive.open(self.session.path, self.session.options) as a:
                 return a.manifest.fingerprint.key == self.session.key and a.manifest.ranks is not None
         except FoundryError:
             return False
@@ -105,17 +110,13 @@ class FoundryGraphBackend(TorchGraphBackend):
 
     @classmethod
     def from_engine_args(cls, args, rank: int = 0, barrier=None) -> "FoundryGraphBackend":
-        """Backend for the built-in engine: one archive per rank under ``args.foundry_archive`` (a directory),
-        keyed by everything that changes the decode graphs."""
+        """Backend for the built-in engine: rank ``rank``'s archive (:func:`~.keys.archive_target`) under the
+        archive directory of ``args.foundry``."""
         target = archive_target(args, rank)
         target.path.parent.mkdir(parents=True, exist_ok=True)
-        session = Session(target.path, mode=target.mode.session_mode, key=target.key, device=target.device,
+        session = Session(target.path, mode=target.session_mode, key=target.key, device=target.device,
                           rank=target.rank)
-        backend = cls(session, barrier=barrier)
-        if args.world_size > 1:
-            backend.layout_args = args
-            backend.requested_mode = args.foundry_config().mode
-        return backend
+        return cls(session, barrier=barrier, target=target)
 
     @property
     def saved_extra(self) -> dict:
@@ -185,6 +186,6 @@ def make_graph_backend(args, rank: int, barrier: Callable[[], None]) -> Optional
     the engine's Foundry settings are enabled, else live capture."""
     if args.disable_cuda_graph or args.resolved_device() != "cuda":
         return None
-    if args.foundry_config().enabled:
+    if args.foundry.enabled:
         return FoundryGraphBackend.from_engine_args(args, rank=rank, barrier=barrier)
     return TorchGraphBackend(barrier=barrier)

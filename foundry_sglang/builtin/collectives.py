@@ -8,13 +8,12 @@ created for the default group.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from foundry_core.errors import FoundryError
 from foundry_sglang.comm_patch import SlotFiller, TorchCommunicator, process_group_communicator, record_collective
 from foundry_sglang.engine.parallel import Collectives
+from foundry_sglang.graphs.settings import ENV_SLOT_FILLER, slot_filler_choice
 
 __all__ = ["GROUPS", "PlaceholderCollectives", "slot_filler"]
 
@@ -40,10 +39,11 @@ class PlaceholderCollectives(Collectives):
 
 def slot_filler(device: int) -> SlotFiller:
     """LOAD: the filler for this rank: direct NCCL calls on torch's communicator when torch exposes it, else
-    torch.distributed under the capture. ``FOUNDRY_SLOT_FILLER=torch|nccl`` forces one."""
-    choice = os.environ.get("FOUNDRY_SLOT_FILLER", "auto")
+    torch.distributed under the capture. ``FOUNDRY_SLOT_FILLER=torch|nccl`` forces one
+    (:func:`~foundry_sglang.graphs.settings.slot_filler_choice`)."""
+    choice = slot_filler_choice()
     comm = process_group_communicator() if choice in ("auto", "nccl") else None
     if comm is None and choice == "nccl":
-        raise FoundryError("FOUNDRY_SLOT_FILLER=nccl but torch does not expose the NCCL communicator")
+        raise FoundryError(f"{ENV_SLOT_FILLER}=nccl but torch does not expose the NCCL communicator")
     comm = comm or TorchCommunicator(None, device)
     return SlotFiller({group: comm for group in GROUPS})

@@ -1,7 +1,9 @@
 """The built-in engine's archive rule: which archive one rank's graph backend uses, and how.
 
-One place for it: the graph backend (:mod:`.backend`) and the early load (:mod:`.early`) both ask
-:func:`archive_target`. Pure: needs neither torch nor the archive.
+One function, :func:`archive_target`, computes it per rank from the resolved settings the engine's flags gave
+(``EngineArgs.foundry``): the path, the key, the mode the user asked for and the mode this rank's session runs in.
+The graph backend (:mod:`.backend`) and the early load (:mod:`.early`) both take it from there. Pure: needs neither
+torch nor the archive.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from foundry_core.session import SessionMode
 from foundry_sglang.engine.config import EngineArgs
 from foundry_sglang.graphs.keys import RankLayout, archive_key
 from foundry_sglang.graphs.settings import FoundryMode
@@ -18,19 +21,35 @@ __all__ = ["ArchiveTarget", "archive_target"]
 
 @dataclass(frozen=True)
 class ArchiveTarget:
-    """The archive one rank's graph backend uses, and how (``foundry_core.Session`` arguments)."""
+    """One rank's archive: where, under which key, and what its session does with it."""
 
     path: Path
     key: str
-    mode: FoundryMode  # what the session is asked to do (a TP/EP rank always loads its layout's template)
     device: int  # CUDA ordinal
-    rank: Optional[int]  # the rank of a rank template; None for a single-rank archive
+    rank: Optional[int]  # the rank of a rank template (a TP/EP layout); None for a single-rank archive
+    requested: FoundryMode  # what the user asked for (``--foundry-mode``, resolved)
+    #: What this rank's session and router do: ``requested`` for a single rank; ``load`` for every rank of a TP/EP
+    #: layout, whose one rank template rank 0 saves first when ``requested`` asks for it (``save``, or ``auto``
+    #: without a usable template: ``FoundryGraphBackend.prepare_layout``). A rank's own graphs would hold live NCCL
+    #: state, so a rank never saves in place.
+    mode: FoundryMode
+
+    @property
+    def session_mode(self) -> SessionMode:
+        return self.mode.session_mode
+
+    @property
+    def is_template(self) -> bool:
+        """Whether this rank restores its layout's rank template."""
+        return self.rank is not None
 
 
 def archive_target(args: EngineArgs, rank: int = 0) -> ArchiveTarget:
-    """Rank ``rank``'s archive under ``--foundry-archive`` (a directory), keyed by everything that changes the
-    decode graphs. Pure: needs neither torch nor the archive."""
-    config = args.foundry_config()
+    """Rank ``rank``'s archive under the archive directory, keyed by everything that changes the decode graphs
+    (a TP/EP layout has one rank template: no rank in its key or path). ValueError for Foundry off."""
+    config = args.foundry
+    if not config.enabled:
+        raise ValueError("Foundry is off for these engine arguments: no archive")
     layout = RankLayout(tp_size=args.tp, tp_rank=rank if args.tp > 1 else 0,
                         ep_size=args.ep, ep_rank=rank if args.ep > 1 else 0)
     material = {
@@ -38,11 +57,8 @@ def archive_target(args: EngineArgs, rank: int = 0) -> ArchiveTarget:
         "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
         "cuda_graph_bs": list(args.graph_batch_sizes()), "num_kv_pages": args.num_kv_pages, "seed": args.seed,
     }
-    world = args.world_size
-    # A TP/EP layout has ONE rank template (no rank in key or path) that every rank restores; its ranks never
-    # SAVE in place (their graphs hold live NCCL state): rank 0 saves the template on one GPU first
-    # (FoundryGraphBackend.prepare_layout), then every rank loads it, or every rank captures live.
-    key = archive_key("builtin", args.model, material, layout, per_rank=world == 1)
-    return ArchiveTarget(path=key.path(config.archive_dir), key=key.key,
-                         mode=config.mode if world == 1 else FoundryMode.LOAD, device=args.gpu_of(rank),
-                         rank=rank if world > 1 else None)
+    template = args.world_size > 1
+    key = archive_key("builtin", args.model, material, layout, per_rank=not template)
+    return ArchiveTarget(path=key.path(config.archive_dir), key=key.key, device=args.gpu_of(rank),
+                         rank=rank if template else None, requested=config.mode,
+                         mode=FoundryMode.LOAD if template else config.mode)

@@ -61,7 +61,7 @@ def save_template(args, path: str | os.PathLike, key: str, gpu: Optional[int] = 
             out = Path(tmp) / f"{name}.foundry"
             ts = time.perf_counter()
             cmd = [sys.executable, "-m", "foundry_sglang.builtin.virtual_rank", "--rank", str(rank), "--gpu", str(gpu),
-                   "--key", key, "--out", str(out), "--args", json.dumps(dataclasses.asdict(args))]
+                   "--key", key, "--out", str(out), "--args", json.dumps(args.to_dict())]
             log.info("foundry: capturing virtual %s of %d on cuda:%d", name, world, gpu)
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
             if proc.returncode != 0 or not out.exists():

@@ -23,7 +23,7 @@ from typing import Mapping, Optional, Protocol
 
 from foundry_core import schema
 from foundry_core.errors import FoundryError
-from foundry_core.restore import tensor_at
+from foundry_core.outputs import tensor_at
 
 __all__ = ["Communicator", "NcclCommunicator", "SlotFiller", "TorchCommunicator", "process_group_communicator",
            "torch_nccl_library"]

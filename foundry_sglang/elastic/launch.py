@@ -16,15 +16,14 @@ import threading
 from typing import List, Optional
 
 from foundry_sglang import jsonsafe
-from foundry_sglang.graphs.settings import ENV_ARCHIVE, ENV_MODE, MODE_CHOICES, MODE_HELP, FoundryConfig
-from foundry_sglang.proc import port_problem
+from foundry_sglang.graphs.settings import ENV_ARCHIVE, ENV_MODE, MODE_HELP, FoundryConfig, add_foundry_flags
+from foundry_sglang.proc import ELASTIC_API_TOKEN_ENV, port_problem
 
 from .deployment import ControllerLost, DeploymentConfig, ElasticDeployment
 from .layout import Layout, LayoutError, resolve_model_shape, validate_layout
 
 log = logging.getLogger("foundry_sglang.elastic.launch")
 
-TOKEN_ENV = "FOUNDRY_ELASTIC_API_TOKEN"
 SUPERVISE_INTERVAL_S = 5.0
 
 
@@ -54,18 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="router bind address (default 127.0.0.1); on any other address set --api-token, or anyone "
                         "who can reach the port can reconfigure the deployment (a warning says so at start)")
     p.add_argument("--port", type=int, default=8000, help="router port, also serving the admin API (default 8000)")
-    p.add_argument("--api-token", default=os.environ.get(TOKEN_ENV),
-                   help=f"bearer token required by /reconfigure and /status (default: ${TOKEN_ENV}; none: open)")
+    p.add_argument("--api-token", default=os.environ.get(ELASTIC_API_TOKEN_ENV),
+                   help=f"bearer token required by /reconfigure and /status (default: ${ELASTIC_API_TOKEN_ENV}; "
+                        "none: open)")
     p.add_argument("--backend", choices=["ray", "local"], default="ray",
                    help="ray: controller and workers are Ray actors in placement groups; local: child processes")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--foundry-archive", dest="archive_root", default=os.environ.get(ENV_ARCHIVE),
-                   help="root directory of graph archives, one subdirectory per layout (default: $FOUNDRY_ARCHIVE, "
-                        "which the launcher sets from its own --foundry-archive; none: no archives). "
-                        "Ignored with --device cpu (no CUDA graphs there)")
-    p.add_argument("--foundry-mode", default=os.environ.get(ENV_MODE) or None, choices=MODE_CHOICES,
-                   help=f"archive mode passed to every engine (default: ${ENV_MODE}). {MODE_HELP}")
+    add_foundry_flags(p, archive_help=f"root directory of graph archives, one subdirectory per layout (default: "
+                                      f"${ENV_ARCHIVE}, which the launcher sets from its own --foundry-archive; "
+                                      "none: no archives). Ignored with --device cpu (no CUDA graphs there)",
+                      mode_help=f"archive mode passed to every engine (default: ${ENV_MODE}). {MODE_HELP}")
     p.add_argument("--log-dir", default=None, help="write each engine process's output to a file here")
     p.add_argument("--queue-limit", type=int, default=1024, help="requests that may wait during a switch gap")
     p.add_argument("--queue-timeout", type=float, default=300.0,
@@ -110,7 +108,7 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
     gpu_ids = [int(g) for g in args.gpu_ids.split(",") if g.strip()] if args.gpu_ids else None
     slots = args.slots or max(args.tp, args.ep) * args.replicas
     try:
-        foundry = FoundryConfig.resolve(args.foundry_mode, args.archive_root)
+        foundry = FoundryConfig.from_flags(args, env_defaults=True)
     except ValueError as exc:
         raise LayoutError(str(exc)) from None
     return DeploymentConfig(

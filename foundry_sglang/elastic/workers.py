@@ -24,11 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from foundry_sglang.graphs.settings import FoundryConfig
-from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, disable_nvls, free_port
-
-#: Where a standby engine reports that it is warm (see foundry_sglang/engine/standby.py; not imported here:
-#: the engine package imports torch).
-STANDBY_READY_FD_ENV = "FOUNDRY_STANDBY_READY_FD"
+from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, STANDBY_READY_FD_ENV, disable_nvls, free_port
 
 log = logging.getLogger("foundry_sglang.elastic.workers")
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 from urllib.parse import parse_qsl
 
 from foundry_sglang.graphs.settings import FoundryConfig
@@ -146,7 +146,9 @@ def load_model_config(model: str) -> ModelConfig:
 
 @dataclass
 class EngineArgs:
-    """Everything needed to start an engine; the server flags map 1:1 onto these fields."""
+    """Everything needed to start an engine; the server flags map 1:1 onto these fields, except
+    ``--foundry-archive``/``--foundry-mode``, which are resolved once into ``foundry`` where the flags are parsed
+    (``flags.engine_args_from``)."""
 
     model: str = "builtin:tiny"
     tokenizer: Optional[str] = None
@@ -165,8 +167,7 @@ class EngineArgs:
     disable_cuda_graph: bool = False
     seed: int = 0
     served_model_name: Optional[str] = None
-    foundry_archive: Optional[str] = None
-    foundry_mode: Optional[str] = None  # a FoundryMode; None: auto with an archive, else off
+    foundry: FoundryConfig = FoundryConfig()  # the resolved Foundry settings (a mapping of them is converted)
     dist_port: Optional[int] = None  # rendezvous port of the ranks (free port if None)
     gpu_ids: Optional[List[int]] = None  # rank r runs on cuda:gpu_ids[r] (default: cuda:r); repeats share a GPU
 
@@ -187,12 +188,16 @@ class EngineArgs:
     def ranks_share_gpu(self) -> bool:
         return bool(self.gpu_ids) and len(set(self.gpu_ids[: self.world_size])) < self.world_size
 
-    def foundry_config(self) -> FoundryConfig:
-        """The resolved Foundry settings (ConfigError with one line when they do not fit together)."""
-        try:
-            return FoundryConfig.resolve(self.foundry_mode, self.foundry_archive)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    def __post_init__(self) -> None:
+        if isinstance(self.foundry, Mapping):  # from JSON (to_dict) or dataclasses.asdict
+            try:
+                self.foundry = FoundryConfig.from_dict(self.foundry)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields as JSON values (``EngineArgs(**d)`` reads them back)."""
+        return {**dataclasses.asdict(self), "foundry": self.foundry.to_dict()}
 
     def graph_batch_sizes(self) -> List[int]:
         sizes = sorted(set(self.cuda_graph_bs or DEFAULT_CUDA_GRAPH_BS))
@@ -210,7 +215,6 @@ class EngineArgs:
             raise ConfigError("--page-size and --max-running-requests must be >= 1")
         if self.num_kv_pages is not None and self.num_kv_pages < 2:
             raise ConfigError("--num-kv-pages must be >= 2 (page 0 is the padding page)")
-        self.foundry_config()
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ConfigError("--dtype must be auto, bfloat16, float16 or float32")
         if self.gpu_ids is not None and (len(self.gpu_ids) < self.world_size or min(self.gpu_ids) < 0):

@@ -21,7 +21,7 @@ from typing import Sequence as Seq
 
 import torch.multiprocessing as mp
 
-from foundry_sglang.proc import exit_with_parent, free_port
+from foundry_sglang.proc import RANK_CONTEXT_ENV, exit_with_parent, free_port
 
 from .batch import EXIT, StepBatch, broadcast_batch, receive_batch
 from .config import ConfigError, EngineArgs, load_model_config
@@ -99,7 +99,7 @@ class LLMEngine:
         how decode graphs are made; Foundry settings in ``args`` need Foundry's factory
         (``foundry_sglang.builtin.make_graph_backend``)."""
         args.validate()
-        if args.foundry_config().enabled and graph_backend is None and graph_backend_factory is None:
+        if args.foundry.enabled and graph_backend is None and graph_backend_factory is None:
             raise ConfigError("the Foundry settings (--foundry-archive/--foundry-mode) need Foundry's graph backend: "
                               "start python -m foundry_sglang.engine, or pass "
                               "graph_backend_factory=foundry_sglang.builtin.make_graph_backend")
@@ -113,7 +113,7 @@ class LLMEngine:
         self.workers: List[mp.Process] = []
         if args.world_size > 1:
             # A standby engine has a forkserver with torch imported already (engine/standby.py).
-            ctx = mp.get_context(os.environ.get("FOUNDRY_ENGINE_RANK_CONTEXT") or "spawn")
+            ctx = mp.get_context(os.environ.get(RANK_CONTEXT_ENV) or "spawn")
             for rank in range(1, args.world_size):
                 p = ctx.Process(target=worker_main, args=(args, rank, graph_backend_factory), daemon=True,
                                 name=f"engine-rank{rank}")

@@ -1,8 +1,8 @@
 """Command-line flags of the built-in engine's server, kept free of heavy imports.
 
 ``python -m foundry_sglang.engine`` parses them before it imports torch, so that a Foundry LOAD can start preparing
-while the rest of the engine is imported (``foundry_sglang.engine.preload``); the server, the launcher and the
-elastic workers share them.
+while the rest of the engine is imported (``foundry_sglang.builtin.early``); the server, the launcher and the
+elastic workers share them. :func:`engine_args_from` resolves the Foundry flags once into ``EngineArgs.foundry``.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import logging
 from dataclasses import dataclass
 from typing import List
 
-from foundry_sglang.graphs.settings import MODE_CHOICES, MODE_HELP
+from foundry_sglang.graphs.settings import FoundryConfig, add_foundry_flags
 
-from .config import EngineArgs
+from .config import ConfigError, EngineArgs
 
 __all__ = ["LOG_FORMAT", "ServerLimits", "add_engine_args", "build_arg_parser", "configure_logging",
            "engine_args_from"]
@@ -90,15 +90,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--random-seed", dest="seed", type=int, default=0,
                    help="seed of the builtin: random weights")
     g.add_argument("--served-model-name", default=None, help="model id reported by the API (default: --model)")
-    g.add_argument("--foundry-archive", default=None,
-                   help="directory of the per-rank Foundry archives of the decode graphs (saved or loaded there)")
-    g.add_argument("--foundry-mode", default=None, choices=MODE_CHOICES, help=MODE_HELP)
+    add_foundry_flags(g)
     return parser
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    """EngineArgs of parsed server flags, the Foundry settings resolved (ConfigError, one line, when they do not
+    fit together)."""
     fields = EngineArgs.__dataclass_fields__
-    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in fields})
+    try:
+        foundry = FoundryConfig.from_flags(ns)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in fields}, foundry=foundry)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

@@ -6,10 +6,10 @@ Run: ``python -m foundry_sglang.engine --model builtin:tiny --port 30000``.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -20,7 +20,7 @@ from aiohttp import web
 
 from foundry_sglang import jsonsafe
 from foundry_sglang.graphs.settings import FoundryMode
-from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent, port_problem
+from foundry_sglang.proc import exit_with_parent_if_asked, port_problem
 
 from .config import ConfigError, EngineArgs
 from .engine import AsyncLLMEngine, EngineDead, RequestFailed
@@ -458,7 +458,7 @@ def preflight(eargs: EngineArgs, host: str, port: int) -> None:
                               "use --device cpu")
         if eargs.world_size > torch.cuda.device_count():
             raise ConfigError(f"--tp/--ep need {eargs.world_size} GPUs; {torch.cuda.device_count()} visible")
-    foundry = eargs.foundry_config()
+    foundry = eargs.foundry
     if foundry.enabled and eargs.resolved_device() == "cpu":
         if foundry.mode in (FoundryMode.LOAD, FoundryMode.SAVE):
             log.warning("--foundry-mode %s: there are no CUDA graphs on CPU; the archive %s is not used",
@@ -469,15 +469,16 @@ def preflight(eargs: EngineArgs, host: str, port: int) -> None:
 
 
 def main(argv: Optional[List[str]] = None, early=None,
-         graph_backend_factory: Optional[GraphBackendFactory] = None) -> int:
+         graph_backend_factory: Optional[GraphBackendFactory] = None,
+         parsed: Optional[Tuple[argparse.Namespace, EngineArgs]] = None) -> int:
     """Run the server with ``argv`` (default: the command line). ``graph_backend_factory``: how every rank makes
     its decode graphs (default: live capture; ``python -m foundry_sglang.engine`` passes Foundry's). ``early``: a
     ``foundry_core.EarlyLoad`` started for these arguments before the engine was imported; its times join the
-    startup timeline, and it is discarded if the graph backend did not adopt it."""
+    startup timeline, and it is discarded if the graph backend did not adopt it. ``parsed``: ``argv`` already
+    parsed into flags and EngineArgs (by whoever started the early load), so they are not parsed again."""
     marks = {"imported": time.time()}
-    args = build_arg_parser().parse_args(argv)
-    if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
-        exit_with_parent()
+    args, eargs = parsed if parsed is not None else (build_arg_parser().parse_args(argv), None)
+    exit_with_parent_if_asked()
     configure_logging(args.log_level)
     if args.standby:
         from .standby import run_standby
@@ -488,7 +489,7 @@ def main(argv: Optional[List[str]] = None, early=None,
     try:
         if args.max_queued_requests < 0 or args.header_timeout <= 0 or args.body_timeout <= 0:
             raise ConfigError("--max-queued-requests must be >= 0 and --header-timeout/--body-timeout > 0")
-        eargs = engine_args_from(args)
+        eargs = eargs if eargs is not None else engine_args_from(args)
         eargs.validate()
         preflight(eargs, args.host, args.port)
         engine = AsyncLLMEngine(eargs, graph_backend_factory=graph_backend_factory)

@@ -18,16 +18,13 @@ import time
 from typing import Callable, List, Optional, TextIO
 
 from foundry_sglang import jsonsafe
+from foundry_sglang.proc import RANK_CONTEXT_ENV, STANDBY_READY_FD_ENV
 
 log = logging.getLogger("foundry_sglang.engine.standby")
 
 #: Modules the forkserver imports once, so forked ranks start with them loaded.
 FORKSERVER_PRELOAD = ["torch", "foundry_sglang.engine.engine"]
-#: The engine starts its ranks from this multiprocessing context when set (see ``engine.rank_context``).
-RANK_CONTEXT_ENV = "FOUNDRY_ENGINE_RANK_CONTEXT"
 MAX_MESSAGE = 1 << 20
-#: A file descriptor (a pipe from the parent) the standby writes ``ready`` to once it is warm, then closes.
-READY_FD_ENV = "FOUNDRY_STANDBY_READY_FD"
 
 
 class StandbyMessageError(ValueError):
@@ -97,7 +94,7 @@ def wait_for_argv(stream: TextIO) -> Optional[List[str]]:
 def _signal_ready() -> None:
     import os
 
-    fd = os.environ.pop(READY_FD_ENV, "")
+    fd = os.environ.pop(STANDBY_READY_FD_ENV, "")
     if fd.isdigit():
         try:
             os.write(int(fd), b"ready\n")

@@ -1,6 +1,7 @@
 """The one layer between foundry_core and every engine (the built-in engine, the SGLang plugin, elastic workers).
 
-* :mod:`~foundry_sglang.graphs.settings`: :class:`FoundryMode`, :class:`FoundryConfig` and their defaults;
+* :mod:`~foundry_sglang.graphs.settings`: :class:`FoundryMode` (and its one strictness rule), :class:`FoundryConfig`,
+  their defaults and flags (``add_foundry_flags``), and every ``FOUNDRY_*`` setting;
 * :mod:`~foundry_sglang.graphs.keys`: :class:`RankLayout` -> archive key, file name and directory;
 * :mod:`~foundry_sglang.graphs.router`: :class:`GraphRouter`, the SAVE/LOAD decisions and the one fallback policy.
 

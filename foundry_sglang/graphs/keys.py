@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import foundry_core
+from foundry_core.fingerprint import current_fingerprint
+
 __all__ = [
     "ArchiveKey", "RankLayout", "archive_key", "describe_difference", "jsonable", "layout_dir", "machine_facts",
     "model_identity", "slug",
@@ -124,8 +127,6 @@ def machine_facts(device: int = 0) -> dict[str, str]:
     """GPU name, compute capability, driver and library versions of this machine ("none" without a GPU)."""
     facts = {"sglang": _dist_version("sglang"), "foundry": _foundry_version()}
     try:
-        from foundry_core.fingerprint import current_fingerprint
-
         fp = current_fingerprint("", device)
         facts.update(gpu=fp.gpu_name, capability=fp.compute_capability, driver=str(fp.driver_version),
                      cuda_runtime=fp.cuda_runtime, torch=fp.torch, triton=fp.triton)
@@ -192,6 +193,4 @@ def _dist_version(name: str) -> str:
 
 
 def _foundry_version() -> str:
-    import foundry_core
-
     return foundry_core.__version__

@@ -1,13 +1,14 @@
 """The capture/restore router: one process's SAVE/LOAD decisions and the one fallback policy, for every engine.
 
-An engine adapter (the built-in engine's :class:`~foundry_sglang.graph_backend.FoundryGraphBackend`, the SGLang
+An engine adapter (the built-in engine's :class:`~foundry_sglang.builtin.backend.FoundryGraphBackend`, the SGLang
 plugin's ``CaptureAdapter``) owns the mechanism: how a graph is captured, into which pool, where outputs go. The
 :class:`GraphRouter` owns the decisions, so they are the same everywhere:
 
 * **route**: ``save`` (capture and record), ``load`` (restore, never run the forward) or ``live`` (plain capture);
 * **fallback policy**: a problem of the kinds in :data:`FALLBACK_ERRORS` while opening the session, restoring,
   recording or writing the archive makes the process serve live-captured graphs, logged once as one line
-  (``foundry: <reason>; capturing CUDA graphs live``). An explicit ``save`` is strict: the same problems raise.
+  (``foundry: <reason>; capturing CUDA graphs live``). A strict mode (``FoundryMode.strict``: an explicit
+  ``save``) raises the same problems instead.
   A graph the archive lacks is captured live (one warning naming it); the other graphs stay restored.
   Opening and LOAD problems also stop routing this thread's allocations into the arena (``session.close()``),
   so a live capture uses the engine's own pool; a SAVE problem happens inside the capture phase and keeps it;
@@ -28,6 +29,7 @@ import time
 from typing import Any, Callable, Hashable, Iterable, Optional, Union
 
 from foundry_core.errors import FoundryError
+from foundry_core.session import SessionMode
 from foundry_sglang.graphs.settings import FoundryMode
 
 __all__ = ["FALLBACK_ERRORS", "GraphRouter", "Route", "one_line", "shape_key_name"]
@@ -41,14 +43,24 @@ FALLBACK_ERRORS: tuple[type[BaseException], ...] = (FoundryError, OSError, Runti
 
 
 class Route(str, enum.Enum):
-    """What the router does with the next graph."""
+    """What the router does with the next graph: ``save`` or ``load`` — the mode its session resolved to, so the
+    values are :class:`~foundry_core.session.SessionMode`'s — or ``live``.
 
-    SAVE = FoundryMode.SAVE.value
-    LOAD = FoundryMode.LOAD.value
-    LIVE = "live"  # not a mode one asks for: what a process does with Foundry off or after a problem
+    Why a route is not a mode: ``live`` is nothing one asks for (``off`` means no router at all); it is where a
+    process ends up when Foundry cannot save or restore. ``auto`` is asked for but never routed:
+    ``Session.open()`` resolves it to save or load before the first graph."""
+
+    SAVE = SessionMode.SAVE.value
+    LOAD = SessionMode.LOAD.value
+    LIVE = "live"
 
     def __str__(self) -> str:
         return self.value
+
+    @classmethod
+    def of(cls, mode: Union[str, SessionMode]) -> "Route":
+        """The route of an opened session's mode (save or load)."""
+        return cls(SessionMode(mode).value)
 
 
 def shape_key_name(key: Hashable, runner: Any = None) -> str:
@@ -101,8 +113,8 @@ class GraphRouter:
 
     @property
     def strict(self) -> bool:
-        """An explicit ``save``: problems raise instead of falling back."""
-        return self.requested is FoundryMode.SAVE
+        """Problems raise instead of falling back: the requested mode's rule (``FoundryMode.strict``)."""
+        return self.requested.strict
 
     # -- policy ----------------------------------------------------------------------------------
     def fall_back(self, reason: str) -> None:
@@ -133,7 +145,7 @@ class GraphRouter:
         if not self.agree(True):
             self.fall_back("another rank cannot use its archive")
             return self.route
-        self.route = Route(self.session.mode)
+        self.route = Route.of(self.session.mode)
         log.info("foundry: session %s (%s)", self.route, self.session.path)
         return self.route
 

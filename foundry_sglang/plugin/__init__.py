@@ -3,9 +3,10 @@
 SGLang calls every entry point of the group ``sglang.srt.plugins`` from ``load_plugins()``
 (``srt/plugins/__init__.py``) in the launcher, in each scheduler process, the DP controller and the detokenizer.
 Our entry point (``pyproject.toml``: ``foundry = "foundry_sglang.plugin:register"``) does nothing unless Foundry
-is enabled through the environment (``FOUNDRY_MODE`` / ``FOUNDRY_ARCHIVE``, see :mod:`.flags`);
-``python -m foundry_sglang.launch`` sets both. When enabled, :func:`register` registers the hooks listed in
-:data:`HOOKS` with SGLang's ``HookRegistry`` (``srt/plugins/hook_registry.py``); ``load_plugins()`` applies them.
+is enabled through the environment (``FOUNDRY_MODE`` / ``FOUNDRY_ARCHIVE``, read into one ``FoundryConfig`` by
+:func:`.flags.config_from_env`); ``python -m foundry_sglang.launch`` sets both. When enabled, :func:`register`
+registers the hooks listed in :data:`HOOKS` with SGLang's ``HookRegistry`` (``srt/plugins/hook_registry.py``);
+``load_plugins()`` applies them.
 
 Modules: :mod:`.flags` (settings from the environment, flag pins and refusals), :mod:`.parallel` (which TP/EP
 layouts restore), :mod:`.keys` (the archive key material of an SGLang server), :mod:`.hooks` (the hook bodies: a
@@ -23,11 +24,7 @@ from foundry_sglang.plugin import collectives, hooks
 from foundry_sglang.plugin.flags import UnsafeFlag, check_flags, config_from_env, refusals
 from foundry_sglang.proc import disable_nvls
 
-__all__ = ["ENV_RANKS_SHARE_GPU", "HOOKS", "UnsafeFlag", "check_flags", "config_from_env", "refusals", "register",
-           "unregister"]
-
-#: "1": every rank of a TP/EP server runs on --base-gpu-id (``collectives.shared_gpu_hook``).
-ENV_RANKS_SHARE_GPU = "FOUNDRY_RANKS_SHARE_GPU"
+__all__ = ["HOOKS", "UnsafeFlag", "check_flags", "config_from_env", "refusals", "register", "unregister"]
 
 log = logging.getLogger("foundry_sglang.plugin")
 
@@ -64,14 +61,14 @@ def register() -> None:
     except UnsafeFlag as err:
         log.error("foundry: %s; Foundry disabled", err)
         return
-    share = os.environ.get(ENV_RANKS_SHARE_GPU) == "1"
+    share = config.ranks_share_gpu
     if not (config.enabled or share) or _registered:
         log.debug("foundry plugin: mode=%s, registered=%s", config.mode, _registered)
         return
     disable_nvls()  # SGLang processes load plugins before they create NCCL communicators
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    for target, hook_type, fn, _why in _active_hooks(config.enabled):
+    for target, hook_type, fn, _why in _active_hooks(config.enabled, share):
         HookRegistry.register(target, fn, HookType[hook_type])
     _registered = True
     log.info("foundry plugin enabled: mode=%s archive=%s ranks share a GPU: %s pid=%d", config.mode,
@@ -80,10 +77,11 @@ def register() -> None:
         start_image_recorder_early()
 
 
-def _active_hooks(enabled: bool = True) -> tuple:
-    """HOOKS when Foundry is enabled, plus the shared-GPU hook when ``FOUNDRY_RANKS_SHARE_GPU=1``."""
+def _active_hooks(enabled: bool, share: bool) -> tuple:
+    """HOOKS when Foundry is enabled, plus the shared-GPU hook when the ranks share a GPU
+    (``FoundryConfig.ranks_share_gpu``)."""
     active = HOOKS if enabled else ()
-    if os.environ.get(ENV_RANKS_SHARE_GPU) == "1":
+    if share:
         active += (collectives.shared_gpu_hook(),)
     return active
 
@@ -126,7 +124,7 @@ def unregister() -> None:
 
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    active = _active_hooks()
+    active = _active_hooks(True, _ranks_share_gpu())
     ours = {fn for _t, _h, fn, _w in active}
     for target, _hook_type, _fn, _why in active:
         owner_path, attr = target.rsplit(".", 1)
@@ -145,6 +143,13 @@ def unregister() -> None:
         HookRegistry._patched.discard(target)
     hooks.reset_state()
     _registered = False
+
+
+def _ranks_share_gpu() -> bool:
+    try:
+        return config_from_env().ranks_share_gpu
+    except UnsafeFlag:
+        return False
 
 
 def _is_registry_wrapper(fn: Any) -> bool:

@@ -1,17 +1,17 @@
 """The SGLang plugin's settings and its policy on server flags: which it pins, which it refuses and why.
 
-Settings come from the environment (spawned scheduler processes inherit ``os.environ``): ``FOUNDRY_MODE`` and
-``FOUNDRY_ARCHIVE``, read by :func:`config_from_env` into the one :class:`~foundry_sglang.graphs.FoundryConfig`
-(setting only the archive directory enables ``auto``; a mode without a directory uses
-:data:`~foundry_sglang.graphs.settings.DEFAULT_ARCHIVE_DIR`).
+Settings come from the environment (spawned scheduler processes inherit ``os.environ``): ``FOUNDRY_MODE``,
+``FOUNDRY_ARCHIVE`` and ``FOUNDRY_RANKS_SHARE_GPU``, read by :func:`config_from_env` into the one
+:class:`~foundry_sglang.graphs.FoundryConfig` (setting only the archive directory enables ``auto``; a mode without a
+directory uses :data:`~foundry_sglang.graphs.settings.DEFAULT_ARCHIVE_DIR`). Whether a refused flag is an error or
+makes the server run without Foundry is the mode's rule (``FoundryMode.strict``).
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Optional
 
 from foundry_core.errors import FoundryError
-from foundry_sglang.graphs.settings import DEFAULT_ARCHIVE_DIR, ENV_MODE, MODE_CHOICES, FoundryConfig, FoundryMode
+from foundry_sglang.graphs.settings import DEFAULT_ARCHIVE_DIR, FoundryConfig, FoundryMode
 
 from .compat import graph_backends
 from .parallel import parallel_refusal
@@ -26,12 +26,12 @@ class UnsafeFlag(FoundryError):
 
 
 def config_from_env(environ: Optional[Mapping[str, str]] = None) -> FoundryConfig:
-    """Read ``FOUNDRY_MODE``/``FOUNDRY_ARCHIVE``; raises UnsafeFlag (one line) on an unknown mode."""
+    """``FoundryConfig.from_env`` with the plugin's default directory; raises UnsafeFlag (one line) on an unknown
+    mode."""
     try:
         return FoundryConfig.from_env(environ, default_archive_dir=DEFAULT_ARCHIVE_DIR)
-    except ValueError:
-        mode = (os.environ if environ is None else environ).get(ENV_MODE, "")
-        raise UnsafeFlag(f"{ENV_MODE}={mode!r} is not one of {', '.join(MODE_CHOICES)}") from None
+    except ValueError as err:
+        raise UnsafeFlag(str(err)) from None
 
 
 # -- flag policy -----------------------------------------------------------------------------------
@@ -103,10 +103,10 @@ def refusals(args: Any) -> list[str]:
 
 
 def check_flags(args: Any, mode: FoundryMode | str) -> Optional[str]:
-    """Apply the policy for ``mode``: return None to proceed, a reason to run without Foundry (auto), or raise.
+    """Apply the policy for ``mode``: return None to proceed, a reason to run without Foundry, or raise.
 
-    Explicit ``save``/``load`` raise :class:`UnsafeFlag` on the first refusal; ``auto`` degrades to plain
-    SGLang with the same message as a warning.
+    A strict mode (``FoundryMode.strict``: an explicit ``save``) raises :class:`UnsafeFlag` on the first refusal;
+    ``load`` and ``auto`` degrade to plain SGLang with the same message as a warning.
     """
     disabled = graphs_disabled(args)
     if disabled:
@@ -114,6 +114,7 @@ def check_flags(args: Any, mode: FoundryMode | str) -> Optional[str]:
     problems = refusals(args)
     if not problems:
         return None
-    if mode in (FoundryMode.SAVE, FoundryMode.LOAD):
+    mode = FoundryMode.parse(mode)
+    if mode.strict:
         raise UnsafeFlag(f"--foundry-mode {mode} refused: {problems[0]}")
     return problems[0]

@@ -33,10 +33,9 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
-log = logging.getLogger("foundry_sglang.plugin.forkserver")
+from foundry_sglang.proc import FORKSERVER_PRELOAD_ENV
 
-#: Set only in the forkserver's own environment: the modules it imports when it imports this module.
-PRELOAD_ENV = "FOUNDRY_FORKSERVER_PRELOAD"
+log = logging.getLogger("foundry_sglang.plugin.forkserver")
 #: Environment that takes effect only when a program is executed: a fork cannot change it.
 EXEC_ONLY_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH")
 #: SGLang's function that forces ``spawn`` before it starts its processes.
@@ -84,8 +83,9 @@ def _preload(names: Sequence[str]) -> None:
             restore()
 
 
-if os.environ.get(PRELOAD_ENV):
-    _preload([n for n in os.environ[PRELOAD_ENV].split(",") if n])
+_modules = os.environ.get(FORKSERVER_PRELOAD_ENV, "")
+if _modules:
+    _preload([n for n in _modules.split(",") if n])
 
 
 @contextlib.contextmanager
@@ -124,7 +124,7 @@ def start(modules: Sequence[str]) -> float:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     # NVML answers torch.cuda.is_available() without initialising CUDA, which a forked process could not undo.
-    with _scoped_env({PRELOAD_ENV: ",".join(modules), "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}):
+    with _scoped_env({FORKSERVER_PRELOAD_ENV: ",".join(modules), "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}):
         multiprocessing.forkserver.ensure_running()
     _server_env.clear()
     _server_env.update(os.environ)

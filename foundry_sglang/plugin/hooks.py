@@ -272,7 +272,7 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
         return None
     reason = check_flags(runner.server_args, config.mode) or _resolved_graph_config_problem()
     if reason:
-        if config.mode in (FoundryMode.SAVE, FoundryMode.LOAD):
+        if config.mode.strict:
             raise UnsafeFlag(f"--foundry-mode {config.mode} refused: {reason}")
         log.warning("foundry: disabled for this server: %s", reason)
         _stop_early_recorder()
@@ -324,7 +324,7 @@ def _open_single(config: FoundryConfig, key: ArchiveKey, device: int) -> Optiona
         path.parent.mkdir(parents=True, exist_ok=True)
         session = foundry_core.Session(str(path), mode=config.mode.session_mode, key=key.key, device=device)
     except FALLBACK_ERRORS as err:
-        if config.mode is FoundryMode.SAVE:
+        if config.mode.strict:
             raise
         log.warning("foundry: not used, running plain SGLang: cannot open %s: %s", path, one_line(err))
         return None
@@ -339,7 +339,7 @@ def _open_parallel(config: FoundryConfig, key: ArchiveKey, device: int,
     part), or every rank saves its part. Each step is agreed, so the ranks always take the same route."""
     agree = archives.agree
     if not agree(_make_parent(archives.template)):
-        if config.mode is FoundryMode.SAVE:
+        if config.mode.strict:
             raise FoundryError(f"cannot create the archive directory {archives.template.parent}")
         log.warning("foundry: not used, running plain SGLang: cannot create %s", archives.template.parent)
         return None

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from foundry_sglang.engine.standby import run_standby
-from foundry_sglang.proc import EXIT_WITH_PARENT_ENV, exit_with_parent
+from foundry_sglang.proc import exit_with_parent_if_asked
 
 from . import forkserver
 
@@ -125,8 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                       "ahead too")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if os.environ.get(EXIT_WITH_PARENT_ENV) == "1":
-        exit_with_parent()
+    exit_with_parent_if_asked()
     return run_standby(args.device, args.gpu, serve=serve,
                        warm=lambda device, gpu: warm_up(device, gpu, args.model_path))
 

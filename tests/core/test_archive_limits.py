@@ -14,6 +14,7 @@ from fuzz_archives import Deep, replace_manifest
 from foundry_core import cli, schema
 from foundry_core.archive import Archive, ArchiveWriter
 from foundry_core.errors import ArchiveError
+from foundry_core.options import Options
 
 
 def _doc(path):
@@ -117,39 +118,36 @@ def _archive_of_images(path, blobs: dict[str, bytes], images: list[str]):
     return path
 
 
-def test_the_decompression_budget_is_one_total_for_the_archive(tmp_path, monkeypatch):
+def test_the_decompression_budget_is_one_total_for_the_archive(tmp_path):
     """Before: each blob was held to the budget on its own, so three blobs just under it took three times it."""
     blobs = {f"zeros/{i}": bytes((6 << 20) + i) for i in range(3)}  # distinct records, 6 MiB each
     path = _archive_of_images(tmp_path / "three.foundry", blobs, list(blobs))
-    monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(16 << 20))
     for read in (lambda a: a.blob("zeros/0"), lambda a: a.verify_all()):
-        with Archive.open(path) as archive, pytest.raises(ArchiveError, match="together.* declares 18874371 bytes"):
+        with Archive.open(path, Options(inflate_budget=16 << 20)) as archive, \
+                pytest.raises(ArchiveError, match="together.* declares 18874371 bytes"):
             read(archive)
-    monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(20 << 20))
-    with Archive.open(path) as archive:
+    with Archive.open(path, Options(inflate_budget=20 << 20)) as archive:
         assert archive.verify_all() == 3 and len(archive.blob("zeros/2")) == (6 << 20) + 2
 
 
-def test_a_blob_named_many_times_counts_once_per_use(tmp_path, monkeypatch):
+def test_a_blob_named_many_times_counts_once_per_use(tmp_path):
     """LOAD reads (and keeps) a blob once for every record that names it: 20 images naming one 4 MiB blob hold
     80 MiB, from a file of 4 MiB."""
     path = _archive_of_images(tmp_path / "many.foundry", {"image": os.urandom(4 << 20)}, ["image"] * 20)
-    monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(64 << 20))
-    with Archive.open(path) as archive, pytest.raises(ArchiveError, match="declares 83886080 bytes"):
+    with Archive.open(path, Options(inflate_budget=64 << 20)) as archive, \
+            pytest.raises(ArchiveError, match="declares 83886080 bytes"):
         archive.blob("image")
 
 
-def test_decompression_budget_refuses_large_declared_sizes(tmp_path, monkeypatch):
+def test_decompression_budget_refuses_large_declared_sizes(tmp_path):
     path = tmp_path / "bomb.foundry"
     _zlib_bomb(path, 8 << 20)
-    monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(4 << 20))
-    with Archive.open(path) as archive:
+    with Archive.open(path, Options(inflate_budget=4 << 20)) as archive:
         with pytest.raises(ArchiveError, match="decompression budget"):
             archive.blob("zeros")
         with pytest.raises(ArchiveError, match="decompression budget"):
             archive.verify_all()
-    monkeypatch.setenv("FOUNDRY_INFLATE_BUDGET", str(16 << 20))
-    with Archive.open(path) as archive:
+    with Archive.open(path, Options(inflate_budget=16 << 20)) as archive:
         assert archive.blob("zeros") == bytes(8 << 20)
 
 

@@ -16,6 +16,7 @@ from conftest import missing_tools
 from foundry_core import cubin, native, recorder
 from foundry_core import images as imgs
 from foundry_core.errors import DeviceUnavailable, FoundryError, UnsupportedGraph
+from foundry_core.options import Options
 from foundry_core.schema import KernelFunction, KernelImage
 
 EXPORTS = [
@@ -149,11 +150,12 @@ def test_start_with_missing_libcupti_is_a_clear_error(lib):
 def test_find_libcupti_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv("FOUNDRY_LIBCUPTI", str(tmp_path / "missing.so"))
     with pytest.raises(recorder.ImageCaptureError, match="FOUNDRY_LIBCUPTI"):
-        recorder.find_libcupti()
+        recorder.find_libcupti(Options.from_env().libcupti)
     fake = tmp_path / "libcupti.so.13"
     fake.write_bytes(b"")
     monkeypatch.setenv("FOUNDRY_LIBCUPTI", str(fake))
-    assert recorder.find_libcupti() == str(fake)
+    assert recorder.find_libcupti(Options.from_env().libcupti) == str(fake)
+    assert recorder.ImageRecorder().options.libcupti == str(fake)  # a recorder without a Session reads it too
 
 
 def test_start_with_real_libcupti(lib, monkeypatch):

@@ -363,6 +363,13 @@ def test_random_mutations_only_raise_value_error(built, data):
     assert _parsed_or_refused(bytes(blob)) in ("parsed", "refused")
 
 
+def test_a_fatbin_whose_ptx_entry_is_unreadable_has_nothing_to_load():
+    """Found by the mutation test: a PTX entry damaged so that it is no PTX text made for_arch raise."""
+    fat = cubin.ImageInfo(kind="fatbin", arch=0, kernels={},
+                          entries=(cubin.FatbinEntry(kind="ptx", arch=90, compression="", size=8, data=b"garbage!"),))
+    assert fat.for_arch(90) is None
+
+
 def test_the_mutation_check_sees_both_outcomes(built):
     """_parsed_or_refused is exercised on each side: an intact image parses, a broken header is refused."""
     assert _parsed_or_refused(built["cubin"]) == "parsed"

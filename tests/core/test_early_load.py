@@ -15,6 +15,7 @@ import foundry_core as fc
 from foundry_core import early, schema
 from foundry_core.archive import Archive
 from foundry_core.errors import ArchiveError, DeviceUnavailable, FoundryError, UntrustedArchive
+from foundry_core.options import Options
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "qwen3-8b|tp1|rank0|kv_pages=4096"  # the sample archive's key (tests/conftest.py)
@@ -43,9 +44,9 @@ def opens(monkeypatch):
     calls = []
     real = Archive.open.__func__
 
-    def counting(cls, path):
+    def counting(cls, path, *args):
         calls.append(Path(path))
-        return real(cls, path)
+        return real(cls, path, *args)
 
     monkeypatch.setattr(Archive, "open", classmethod(counting))
     return calls
@@ -112,7 +113,8 @@ def test_auto_falls_back_for_the_same_reason(tmp_path):
     assert path.read_bytes() == b"this is not an archive" * 10
 
 
-@pytest.mark.parametrize("other", [dict(key="other key"), dict(device=1), dict(rank=0)])
+@pytest.mark.parametrize("other", [dict(key="other key"), dict(device=1), dict(rank=0),
+                                   dict(options=Options(inflate_budget=1 << 30))])  # its checks are not the session's
 def test_an_early_load_for_other_arguments_is_not_adopted(tmp_path, opens, other):
     path = corrupt(tmp_path)
     e = fc.preload(path, key="k").wait()
@@ -178,10 +180,10 @@ def test_an_early_load_made_with_other_torch_versions_is_not_adopted(tmp_path):
     e = fc.preload(path, key="k").wait()
     e.fingerprint = schema.Fingerprint(gpu_name="g", compute_capability="9.0", driver_version=13000,
                                        cuda_runtime="13.0", torch="2.11.0+cu130", triton="", foundry="", key="k")
-    assert early.claim(path, "k", 0, None, ("2.11.0+cu130", "13.0")) is e
+    assert early.claim(path, "k", 0, None, ("2.11.0+cu130", "13.0"), e.options) is e
     e.adopted = False
     early._started.append(e)
-    assert early.claim(path, "k", 0, None, ("2.14.1+cu130", "13.0")) is None
+    assert early.claim(path, "k", 0, None, ("2.14.1+cu130", "13.0"), e.options) is None
     assert "torch 2.11.0+cu130" in e.unusable_reason(("2.14.1+cu130", "13.0"))
 
 

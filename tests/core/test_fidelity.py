@@ -370,7 +370,7 @@ def test_output_constants_round_trip():
     from torch.utils import _pytree as pytree
 
     from foundry_core.errors import UnsupportedGraph
-    from foundry_core.save import flatten_outputs, unflatten_outputs
+    from foundry_core.outputs import flatten_outputs, unflatten_outputs
 
     a, b = torch.zeros(2, 3), torch.ones(4, dtype=torch.int32)
     out = {"logits": a, "hidden": None, "ids": [b, 7, "x"], "flag": True}

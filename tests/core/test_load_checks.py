@@ -19,6 +19,7 @@ from fuzz_archives import (
 from foundry_core import schema
 from foundry_core.archive import Archive
 from foundry_core.errors import ArchiveError, FoundryError
+from foundry_core.options import Options
 from foundry_core.restore import GraphBuilder, RestoredGraph, RestoreStats, build_all, graph_tables
 
 
@@ -44,8 +45,8 @@ def _with_nodes(realistic, tmp_path, change, graph=0, payload=None):
     return tamper(realistic, tmp_path / "tampered.foundry", blobs=blobs)
 
 
-def _tables(path, graph=0):
-    with Archive.open(path) as archive:
+def _tables(path, graph=0, options=None):
+    with Archive.open(path, options) as archive:
         return graph_tables(archive, archive.manifest, graph)
 
 
@@ -309,7 +310,7 @@ def test_too_many_events_for_the_nodes_is_refused(realistic, tmp_path):
         Archive.open(path)
 
 
-def test_foreign_memset_targets_follow_the_save_switch(realistic, tmp_path, monkeypatch):
+def test_foreign_memset_targets_follow_the_save_switch(realistic, tmp_path):
     rec, nodes, payload = _nodes(realistic)
     off = int(nodes[_kind_index(nodes, schema.NODE_MEMSET)]["payload_off"])
     outside = memset_record(0x7F00_0000_0000, width=1024)  # e.g. a buffer SAVE was told to allow
@@ -317,8 +318,7 @@ def test_foreign_memset_targets_follow_the_save_switch(realistic, tmp_path, monk
                   blobs={rec.payload: payload[:off] + outside + payload[off + len(outside):]})
     with pytest.raises(ArchiveError, match="outside"):
         _tables(path)
-    monkeypatch.setenv("FOUNDRY_ALLOW_FOREIGN_POINTERS", "1")
-    _tables(path)
+    _tables(path, options=Options(allow_foreign_pointers=True))
 
 
 def test_slot_node_must_be_described_and_its_buffers_inside_the_arena(realistic, tmp_path):

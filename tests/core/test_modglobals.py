@@ -19,7 +19,10 @@ from foundry_core.archive import Archive
 from foundry_core.codec import DecodedGraph
 from foundry_core.cubin import GlobalVar
 from foundry_core.errors import ArchiveError, FoundryError, UnsafeAddress, UnsupportedGraph
+from foundry_core.options import ENV, Options
 from foundry_core.recorder import ModuleGlobal
+
+MODULE_GLOBALS = ENV["module_globals"]
 
 CONSTANTS = ModuleGlobal("_ZN6cublas8internal15deviceConstantsE", 0x7F3A00200000, 112, 0xAB, True)
 COUNTER = ModuleGlobal("counter", 0x7F3A00300000, 4, 0xCD, False)
@@ -77,20 +80,20 @@ def test_changed_values_compare_live_bytes_with_the_image():
 @pytest.mark.parametrize("value, expected", [("", "warn"), ("warn", "warn"), ("REFUSE", "refuse"), ("off", "off"),
                                              ("relocate", "relocate")])
 def test_policy(monkeypatch, value, expected):
-    monkeypatch.setenv(modglobals.ENV, value)
-    assert modglobals.policy() == expected
+    monkeypatch.setenv(MODULE_GLOBALS, value)
+    assert Options.from_env().module_globals == expected
 
 
 def test_unknown_policy_is_refused(monkeypatch):
-    monkeypatch.setenv(modglobals.ENV, "bogus")
+    monkeypatch.setenv(MODULE_GLOBALS, "bogus")
     with pytest.raises(FoundryError, match="FOUNDRY_MODULE_GLOBALS"):
-        modglobals.policy()
+        Options.from_env()
 
 
 # -- SAVE ----------------------------------------------------------------------------------------------------------
 def _save_args(recorded, graph=None):
     entry = save._Entry("decode_bs8", graph or _graph(PLAIN, GEMV_REF), False, None, 0.0, [])
-    inputs = SimpleNamespace(images=SimpleNamespace(globals=lambda: list(recorded)))
+    inputs = SimpleNamespace(images=SimpleNamespace(globals=lambda: list(recorded)), options=Options.from_env())
     functions = [schema.KernelFunction(image=0, name="gemv2T_kernel_ref")]
     return inputs, [entry], [], [], [], functions
 
@@ -102,13 +105,13 @@ def no_driver(monkeypatch):
 
 
 def test_refuse_names_the_variable_and_the_kernel(monkeypatch, no_driver):
-    monkeypatch.setenv(modglobals.ENV, "refuse")
+    monkeypatch.setenv(MODULE_GLOBALS, "refuse")
     with pytest.raises(UnsafeAddress, match=r"node 1 \(kernel 'gemv2T_kernel_ref'\).*deviceConstantsE \+ 8"):
         save._check_module_globals(*_save_args([CONSTANTS]), {})
 
 
 def test_warn_saves_and_counts(monkeypatch, no_driver, caplog):
-    monkeypatch.delenv(modglobals.ENV, raising=False)
+    monkeypatch.delenv(MODULE_GLOBALS, raising=False)
     stats = {}
     with caplog.at_level(logging.WARNING, "foundry_core.save"):
         save._check_module_globals(*_save_args([CONSTANTS, COUNTER]), stats)
@@ -118,14 +121,14 @@ def test_warn_saves_and_counts(monkeypatch, no_driver, caplog):
 
 
 def test_nothing_found_is_silent(monkeypatch, no_driver, caplog):
-    monkeypatch.setenv(modglobals.ENV, "refuse")
+    monkeypatch.setenv(MODULE_GLOBALS, "refuse")
     stats = {}
     save._check_module_globals(*_save_args([CONSTANTS], _graph(PLAIN)), stats)
     assert stats["module_global_refs"] == 0 and not caplog.records
 
 
 def test_off_skips(monkeypatch):
-    monkeypatch.setenv(modglobals.ENV, "off")
+    monkeypatch.setenv(MODULE_GLOBALS, "off")
     monkeypatch.setattr(save, "_graph_modules", lambda *a: pytest.fail("off must not touch the driver"))
     stats = {}
     save._check_module_globals(*_save_args([CONSTANTS]), stats)
@@ -133,7 +136,7 @@ def test_off_skips(monkeypatch):
 
 
 def test_changed_module_variable_is_refused(monkeypatch):
-    monkeypatch.setenv(modglobals.ENV, "refuse")
+    monkeypatch.setenv(MODULE_GLOBALS, "refuse")
     var = GlobalVar("scale", ".nv.global.init", 0, 4, struct.pack("<f", 1.0))
     monkeypatch.setattr(save, "_graph_modules", lambda *a: {7: ("cd" * 32, {"scale": var})})
     monkeypatch.setattr(modglobals, "driver_address_of", lambda m, n: (0x5000, 4))
@@ -147,11 +150,11 @@ def test_a_failing_check_warns_unless_refusing(monkeypatch, caplog):
         raise RuntimeError("no context")
 
     monkeypatch.setattr(save, "_graph_modules", broken)
-    monkeypatch.setenv(modglobals.ENV, "warn")
+    monkeypatch.setenv(MODULE_GLOBALS, "warn")
     with caplog.at_level(logging.WARNING, "foundry_core.save"):
         save._check_module_globals(*_save_args([CONSTANTS]), {})
     assert any("could not run" in r.message for r in caplog.records)
-    monkeypatch.setenv(modglobals.ENV, "refuse")
+    monkeypatch.setenv(MODULE_GLOBALS, "refuse")
     with pytest.raises(RuntimeError):
         save._check_module_globals(*_save_args([CONSTANTS]), {})
 
@@ -163,8 +166,6 @@ WORKSPACE, OUTPUT, UNUSED, WARM = ARENA + 0x10000000, ARENA + 0x10400000, ARENA 
 
 def _fake_memory(monkeypatch):
     import torch
-
-    import foundry_core.restore as restore
 
     def block(address, size):
         return {"address": address, "size": size, "state": "active_allocated"}
@@ -186,11 +187,12 @@ def _fake_memory(monkeypatch):
         def numpy(self):
             return np.full(self.spec.storage_bytes, 0x5A, np.uint8)
 
-    monkeypatch.setattr(restore, "tensor_at", lambda spec, device: Window(spec))
+    monkeypatch.setattr(save, "tensor_at", lambda spec, device: Window(spec))
 
 
 def _snapshot_inputs():
-    return SimpleNamespace(warmup_pool=SimpleNamespace(id=WARMUP), graph_pool=SimpleNamespace(id=GRAPHS), device=0)
+    return SimpleNamespace(warmup_pool=SimpleNamespace(id=WARMUP), graph_pool=SimpleNamespace(id=GRAPHS), device=0,
+                           options=Options.from_env())
 
 
 def test_graph_pool_blocks_are_snapshotted_only_when_asked(monkeypatch):
@@ -217,7 +219,7 @@ def _defines(*datas):
 
 
 def test_relocation_plan_records_image_value_and_payload_offsets(monkeypatch, no_driver):
-    monkeypatch.setenv(modglobals.ENV, "relocate")
+    monkeypatch.setenv(MODULE_GLOBALS, "relocate")
     monkeypatch.setattr(save, "_parsed", _defines(IMAGE_B.data))
     monkeypatch.setattr(modglobals, "driver_read", lambda a, n: b"\x02" * n if a == CONSTANTS.address else None)
     inputs, entries, *rest = _save_args([CONSTANTS])
@@ -229,7 +231,7 @@ def test_relocation_plan_records_image_value_and_payload_offsets(monkeypatch, no
 
 
 def test_relocation_needs_one_image_defining_the_variable(monkeypatch, no_driver):
-    monkeypatch.setenv(modglobals.ENV, "relocate")
+    monkeypatch.setenv(MODULE_GLOBALS, "relocate")
     monkeypatch.setattr(save, "_parsed", _defines(IMAGE_A.data, IMAGE_B.data))
     monkeypatch.setattr(modglobals, "driver_read", lambda a, n: bytes(n))
     inputs, entries, *rest = _save_args([CONSTANTS])

@@ -32,7 +32,7 @@ def test_restored_graph_is_importable_from_the_package():
 
 @pytest.mark.parametrize("module", ["foundry_core.errors", "foundry_core.session", "foundry_core.restore",
                                     "foundry_core.recorder", "foundry_core.images", "foundry_core.binaries",
-                                    "foundry_core.archive"])
+                                    "foundry_core.archive", "foundry_core.options"])
 def test_public_modules_declare_all(module):
     mod = importlib.import_module(module)
     assert mod.__all__ and all(hasattr(mod, n) for n in mod.__all__)

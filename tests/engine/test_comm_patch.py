@@ -231,15 +231,16 @@ def test_patch_outside_table_is_an_archive_error():
 def test_template_key_has_no_rank_and_ranks_load(tmp_path):
     from foundry_sglang.builtin.backend import FoundryGraphBackend
     from foundry_sglang.engine.config import EngineArgs
+    from foundry_sglang.graphs.settings import FoundryConfig
 
     def backend(rank, **kw):
-        args = EngineArgs(model="builtin:tiny", foundry_archive=str(tmp_path), foundry_mode="auto", **kw)
+        args = EngineArgs(model="builtin:tiny", foundry=FoundryConfig.resolve("auto", tmp_path), **kw)
         return FoundryGraphBackend.from_engine_args(args, rank=rank)
 
     b0, b1 = backend(0, tp=2), backend(1, tp=2)
     assert b0.session.key == b1.session.key and '"rank"' not in b0.session.key
     assert b0.session.path == b1.session.path and "-tp2-" in b0.session.path.name
-    assert b0.layout_args is not None and backend(0).layout_args is None
+    assert b0.target.is_template and not backend(0).target.is_template
     assert b1.session.rank == 1 and backend(0).session.rank is None
     assert backend(0, ep=2).session.key != b0.session.key
 

@@ -17,13 +17,14 @@ from foundry_sglang.builtin import keys
 from foundry_sglang.builtin.backend import FoundryGraphBackend
 from foundry_sglang.engine.config import EngineArgs
 from foundry_sglang.engine.flags import build_arg_parser, engine_args_from
+from foundry_sglang.graphs.settings import ENV_EARLY_LOAD, FoundryConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
 def no_early_loads_left(monkeypatch):
-    monkeypatch.setenv(preload.ENV_EARLY_LOAD, "1")  # opt-in; test_early_load_is_off_by_default checks the default
+    monkeypatch.setenv(ENV_EARLY_LOAD, "1")  # opt-in; test_early_load_is_off_by_default checks the default
     yield
     for e in early.started():
         e.discard()
@@ -44,7 +45,7 @@ def put_archive(argv: list[str]) -> Path:
 @pytest.mark.parametrize("changes", [{}, {"page_size": 32, "cuda_graph_bs": [1, 2], "seed": 3},
                                      {"tp": 2}, {"ep": 2, "gpu_ids": [1, 0]}])
 def test_the_early_archive_is_the_one_the_graph_backend_opens(tmp_path, changes):
-    args = EngineArgs(model="builtin:tiny", foundry_archive=str(tmp_path), **changes)
+    args = EngineArgs(model="builtin:tiny", foundry=FoundryConfig.resolve(None, tmp_path), **changes)
     for rank in range(args.world_size):
         target = keys.archive_target(args, rank)
         session = FoundryGraphBackend.from_engine_args(args, rank=rank).session
@@ -81,7 +82,7 @@ def test_no_early_load_where_the_server_will_not_load_an_existing_archive(tmp_pa
 def test_early_load_is_off_by_default(tmp_path, monkeypatch):
     argv = argv_for(tmp_path, "--foundry-mode", "load")
     put_archive(argv)
-    monkeypatch.delenv(preload.ENV_EARLY_LOAD)
+    monkeypatch.delenv(ENV_EARLY_LOAD)
     assert preload.start_from_argv(argv) is None and early.started() == []
 
 
@@ -93,7 +94,7 @@ def test_an_existing_archive_is_loaded_early_unless_saving_or_turned_off(tmp_pat
     assert (e is not None) == (mode != "save")
     if e is not None:
         e.discard()
-        monkeypatch.setenv(preload.ENV_EARLY_LOAD, "0")
+        monkeypatch.setenv(ENV_EARLY_LOAD, "0")
         assert preload.start_from_argv(argv) is None
 
 

@@ -4,6 +4,7 @@ import torch
 
 from foundry_sglang.engine import LLM, EngineArgs, SamplingParams
 from foundry_sglang.engine.config import ConfigError
+from foundry_sglang.engine.flags import build_arg_parser, engine_args_from
 
 PROMPTS = ["hello world", "the quick brown fox", "a", "xyz" * 20]
 
@@ -33,5 +34,5 @@ def test_parallel_layouts_equal_tp1(model, layouts):
 def test_bad_layouts_are_rejected():
     with pytest.raises(ConfigError, match="tp and --ep"):
         EngineArgs(tp=2, ep=4).validate()
-    with pytest.raises(ConfigError, match="foundry-archive"):
-        EngineArgs(foundry_mode="save").validate()
+    with pytest.raises(ConfigError, match="foundry-archive"):  # resolved where the flags are parsed
+        engine_args_from(build_arg_parser().parse_args(["--foundry-mode", "save"]))

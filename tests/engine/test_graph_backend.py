@@ -12,6 +12,7 @@ from foundry_core.errors import FoundryError
 from foundry_sglang.builtin.backend import FoundryGraphBackend
 from foundry_sglang.engine.config import EngineArgs
 from foundry_sglang.graphs.router import shape_key_name
+from foundry_sglang.graphs.settings import FoundryConfig
 
 
 def test_shape_key_names():
@@ -21,7 +22,7 @@ def test_shape_key_names():
 
 
 def _backend(tmp_path, rank=0, **changes):
-    args = EngineArgs(model="builtin:tiny", foundry_archive=str(tmp_path), foundry_mode="auto", **changes)
+    args = EngineArgs(model="builtin:tiny", foundry=FoundryConfig.resolve("auto", tmp_path), **changes)
     return FoundryGraphBackend.from_engine_args(args, rank=rank)
 
 
@@ -40,12 +41,13 @@ def test_engine_archives_are_per_layout_and_rank_and_keyed_by_graph_inputs(tmp_p
     assert r0.session.path == r1.session.path and r0.session.key == r1.session.key
     assert "-tp2-" in r1.session.path.name and "r1" not in r1.session.path.name.split("-tp2-")[0][-3:]
     assert (r0.session.rank, r1.session.rank) == (0, 1) and base.session.rank is None
-    assert r1.session.requested_mode == "load" and r1.requested_mode == "auto"  # rank 0 saves the template first
+    assert r1.session.requested_mode == "load" and r1.target.requested == "auto"  # rank 0 saves the template first
+    assert r1.router.requested == "load" and r1.target.is_template and not base.target.is_template
     assert _backend(tmp_path, rank=1, ep=2).session.path not in (r0.session.path, base.session.path)
 
 
 def test_archive_flag_alone_means_auto(tmp_path):
-    args = EngineArgs(model="builtin:tiny", foundry_archive=str(tmp_path))
+    args = EngineArgs(model="builtin:tiny", foundry=FoundryConfig.resolve(None, tmp_path))
     assert FoundryGraphBackend.from_engine_args(args).session.requested_mode == "auto"
 
 
@@ -153,3 +155,28 @@ def test_explicit_save_keeps_the_error():
 
     with pytest.raises(ArenaUnavailable):
         FoundryGraphBackend(UnopenableSession("save")).before_allocations()
+
+
+def test_flags_are_resolved_once_and_each_rank_target_carries_both_modes(tmp_path):
+    """EngineArgs carries the resolved FoundryConfig (one field), and archive_target computes per rank what the
+    user asked for and what the rank's session does; before, the raw flag strings were re-resolved at each use,
+    LOAD was forced in keys.py and the requested mode brought back in the backend."""
+    import dataclasses
+    import json
+
+    from foundry_core.session import SessionMode
+    from foundry_sglang.builtin.keys import archive_target
+    from foundry_sglang.engine.flags import build_arg_parser, engine_args_from
+
+    argv = ["--foundry-archive", str(tmp_path), "--foundry-mode", "save", "--tp", "2"]
+    args = engine_args_from(build_arg_parser().parse_args(argv))
+    assert args.foundry == FoundryConfig.resolve("save", tmp_path)
+    assert not {"foundry_mode", "foundry_archive"} & {f.name for f in dataclasses.fields(EngineArgs)}
+    rank1 = archive_target(args, 1)
+    assert (rank1.requested, rank1.mode, rank1.session_mode, rank1.rank) == ("save", "load", SessionMode.LOAD, 1)
+    single = archive_target(dataclasses.replace(args, tp=1), 0)
+    assert (single.requested, single.mode, single.rank, single.is_template) == ("save", "save", None, False)
+    backend = FoundryGraphBackend.from_engine_args(args, rank=1)
+    assert backend.target == rank1 and backend.router.requested == "load" and not backend.router.strict
+    # a rank template's virtual ranks get the arguments as JSON
+    assert EngineArgs(**json.loads(json.dumps(args.to_dict()))) == args

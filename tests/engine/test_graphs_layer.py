@@ -62,6 +62,130 @@ def test_mode_values_are_defined_once():
     assert offenders == []
 
 
+
+def _python_sources():
+    import ast
+
+    for path in sorted((REPO / "foundry_sglang").rglob("*.py")):
+        yield path.relative_to(REPO).as_posix(), ast.parse(path.read_text())
+
+
+def test_every_foundry_variable_is_named_in_one_home_and_read_in_one_place():
+    """FOUNDRY_* names are string constants of graphs/settings.py (the settings) and proc.py (the environment
+    between our own processes) only, and each is read (get, pop, [ ]) in exactly one place. Before: nine modules
+    spelled them, FOUNDRY_MODE was read in four places and FOUNDRY_STANDBY_READY_FD named twice."""
+    import ast
+
+    from foundry_sglang import proc
+    from foundry_sglang.graphs import settings
+
+    constants = {k for k, v in vars(settings).items() if k.startswith("ENV_") and isinstance(v, str)}
+    constants |= {k for k, v in vars(proc).items() if k.endswith("_ENV") and isinstance(v, str)}
+    homes = {"foundry_sglang/graphs/settings.py", "foundry_sglang/proc.py"}
+    named, reads = [], {c: [] for c in constants}
+    for where, tree in _python_sources():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and re.fullmatch(r"FOUNDRY_[A-Z_]+", node.value) and where not in homes:
+                named.append(f"{where}:{node.lineno}: {node.value}")
+            key = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in ("get", "pop") and node.args and isinstance(node.args[0], ast.Name):
+                key = node.args[0].id
+            elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) \
+                    and isinstance(node.slice, ast.Name):
+                key = node.slice.id
+            if key in reads:
+                reads[key].append(f"{where}:{node.lineno}")
+    assert named == []
+    assert {c: len(r) for c, r in reads.items() if len(r) != 1} == {}, reads
+
+
+def test_foundry_flags_are_defined_once():
+    """Every parser takes --foundry-archive/--foundry-mode from settings.add_foundry_flags (before: three
+    definitions, with two spellings of the help), and they mean the same everywhere."""
+    import ast
+
+    from foundry_sglang import launch
+    from foundry_sglang.elastic import launch as elastic_launch
+    from foundry_sglang.engine.flags import build_arg_parser
+
+    spelled = [f"{where}:{n.lineno}" for where, tree in _python_sources() for n in ast.walk(tree)
+               if isinstance(n, ast.Constant) and n.value in ("--foundry-archive", "--foundry-mode")
+               and where != "foundry_sglang/graphs/settings.py"]
+    assert spelled == []
+    argv = ["--foundry-archive", "/data/f", "--foundry-mode", "load"]
+    parsed = [launch.build_parser().parse_known_args(argv)[0], build_arg_parser().parse_args(argv),
+              elastic_launch.build_parser().parse_args(argv)]
+    assert {FoundryConfig.from_flags(ns, {}) for ns in parsed} == {FoundryConfig.resolve("load", "/data/f")}
+
+
+def test_flags_win_over_the_environment_only_where_a_front_end_asks():
+    import argparse
+
+    from foundry_sglang.graphs.settings import add_foundry_flags
+
+    parser = argparse.ArgumentParser()
+    add_foundry_flags(parser)
+    env = {"FOUNDRY_MODE": "save", "FOUNDRY_ARCHIVE": "/env", "FOUNDRY_EARLY_LOAD": "1",
+           "FOUNDRY_RANKS_SHARE_GPU": "1"}
+    none = parser.parse_args([])
+    assert FoundryConfig.from_flags(none, env) == FoundryConfig(early_load=True)  # the engine's server: flags only
+    assert FoundryConfig.from_flags(none, env, env_defaults=True) == FoundryConfig(
+        FoundryMode.SAVE, Path("/env"), ranks_share_gpu=True, early_load=True)
+    flagged = parser.parse_args(["--foundry-mode", "load", "--foundry-archive", "/flag"])
+    assert FoundryConfig.from_flags(flagged, env, env_defaults=True).archive_dir == Path("/flag")
+    assert FoundryConfig.from_flags(none, {}, default_archive_dir="/d") == FoundryConfig.resolve("auto", "/d")
+    config = FoundryConfig.from_env(env)
+    assert FoundryConfig.from_env(config.to_env()) == config and FoundryConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="FOUNDRY_MODE='sometimes'"):
+        FoundryConfig.from_env({"FOUNDRY_MODE": "sometimes"})
+
+
+def test_strictness_is_one_rule():
+    """FoundryMode.strict decides everywhere whether a problem raises: only an explicit save. Before, the router
+    treated load as lenient while the SGLang plugin raised on refused flags in load mode."""
+    import ast
+
+    from foundry_sglang.plugin.flags import UnsafeFlag, check_flags
+
+    assert [m.value for m in FoundryMode if m.strict] == ["save"]
+    assert GraphRouter(SaveSession("save"), "save").strict and not GraphRouter(SaveSession("load"), "load").strict
+    unsafe = {"enable_memory_saver": True, "cuda_graph_backend_prefill": "disabled"}
+    assert "--enable-memory-saver" in check_flags(unsafe, "load") and check_flags(unsafe, "auto")
+    with pytest.raises(UnsafeFlag):
+        check_flags(unsafe, "save")
+
+    def raises(statements) -> bool:  # a raise not under an `if ... .strict`
+        for st in statements:
+            if isinstance(st, ast.Raise):
+                return True
+            if isinstance(st, ast.If) and ".strict" in ast.unparse(st.test):
+                continue
+            inner = [getattr(st, f, []) for f in ("body", "orelse", "finalbody")]
+            inner += [h.body for h in getattr(st, "handlers", [])]
+            if any(raises(block) for block in inner if isinstance(block, list)):
+                return True
+        return False
+
+    decided = []  # an `if` on the mode being save/load whose branch raises: a second copy of the rule
+    for where, tree in _python_sources():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and re.search(r"FoundryMode\.(SAVE|LOAD)", ast.unparse(node.test)) \
+                    and raises(node.body):
+                decided.append(f"{where}:{node.lineno}: {ast.unparse(node.test)}")
+    assert decided == []
+
+
+def test_route_is_not_a_mode():
+    from foundry_core.session import SessionMode
+    from foundry_sglang.graphs.router import Route
+
+    assert {Route.SAVE.value, Route.LOAD.value} == {SessionMode.SAVE.value, SessionMode.LOAD.value}
+    assert Route.of(SessionMode.LOAD) is Route.LOAD and "live" not in {m.value for m in FoundryMode}
+    assert "auto" not in {r.value for r in Route}
+
+
 # -- keys ------------------------------------------------------------------------------------------
 def test_per_rank_and_rank_free_keys():
     r0, r1 = RankLayout(tp_size=2, tp_rank=0), RankLayout(tp_size=2, tp_rank=1)

@@ -325,9 +325,10 @@ def save_layout_template(model, kind, gpus, label, world):
     archive directory), the template's path, the TemplateReport and the seconds the SAVE took."""
     from foundry_sglang.builtin.backend import FoundryGraphBackend
     from foundry_sglang.builtin.template import save_template
+    from foundry_sglang.graphs.settings import FoundryConfig
 
     out_dir = tempfile.mkdtemp(prefix=f"foundry-{label}-")
-    args = engine_args(model, world, gpus, kind, foundry_archive=out_dir, foundry_mode="load", **kv_pages(world))
+    args = engine_args(model, world, gpus, kind, foundry=FoundryConfig.resolve("load", out_dir), **kv_pages(world))
     backend = FoundryGraphBackend.from_engine_args(args, rank=0)
     path, key = backend.session.path, backend.session.key
     t = time.perf_counter()
@@ -403,8 +404,10 @@ def check_template(model, kind, gpus, label, sets, world=2):
 
 def check_single_gpu_load(model, gpus, label, tp_res):
     """TP=1 SAVE then LOAD of the same model in fresh processes: the single-GPU LOAD time to compare with."""
+    from foundry_sglang.graphs.settings import FoundryConfig
+
     out_dir = tempfile.mkdtemp(prefix=f"foundry-{label}-tp1-")
-    args = engine_args(model, 1, gpus, "tp", tp=1, gpu_ids=[0], foundry_archive=out_dir, foundry_mode="save")
+    args = engine_args(model, 1, gpus, "tp", tp=1, gpu_ids=[0], foundry=FoundryConfig.resolve("save", out_dir))
     res = run_ranks(rank_compare, {"args": args.__dict__, "timing_only": True}, 1, timeout=300)
     if 0 not in res or "error" in res[0]:
         row(f"({label}) single-GPU LOAD", False, str(res.get(0, {}).get("error", "no answer")))
@@ -413,7 +416,7 @@ def check_single_gpu_load(model, gpus, label, tp_res):
     if saved:
         DETAILS[f"{label}_tp1_writes_back"] = facts = archive_facts(saved[0])
         row(f"({label}) what the TP=1 LOAD writes back", None, describe_facts(facts))
-    args = engine_args(model, 1, gpus, "tp", tp=1, gpu_ids=[0], foundry_archive=out_dir, foundry_mode="load")
+    args = engine_args(model, 1, gpus, "tp", tp=1, gpu_ids=[0], foundry=FoundryConfig.resolve("load", out_dir))
     res = run_ranks(rank_compare, {"args": args.__dict__, "timing_only": True}, 1, timeout=300)
     r = res.get(0, {})
     if "error" in r or "graphs_s" not in r:

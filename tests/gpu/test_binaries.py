@@ -299,10 +299,11 @@ def phase_errors() -> dict:
     import ctypes
     import warnings
 
+    from foundry_core.options import Options
     from foundry_core.recorder import ImageCaptureError, ImageRecorder, find_libcupti
 
     res = {}
-    path = find_libcupti()
+    path = find_libcupti(Options.from_env().libcupti)
     cupti = ctypes.CDLL(path)
     holder = ctypes.c_void_p()
     cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p)(lambda *a: None)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from foundry_sglang import launch
+from foundry_sglang.graphs.settings import FoundryConfig
 
 
 def test_split_keeps_sglang_flags_untouched_and_in_order():
@@ -41,19 +43,19 @@ def test_pins_added_only_when_user_chose_nothing():
 
 def test_env_flags_win_over_environment():
     ours, _ = launch.split_argv(["--foundry-mode", "save"])
-    env = launch.foundry_env(ours, {"FOUNDRY_MODE": "load", "FOUNDRY_ARCHIVE": "/x"})
-    assert env == {"FOUNDRY_MODE": "save", "FOUNDRY_ARCHIVE": "/x"}
+    config = launch.foundry_config(ours, {"FOUNDRY_MODE": "load", "FOUNDRY_ARCHIVE": "/x"})
+    assert config.to_env() == {"FOUNDRY_MODE": "save", "FOUNDRY_ARCHIVE": "/x"}
     ours, _ = launch.split_argv([])
-    assert launch.foundry_env(ours, {})["FOUNDRY_MODE"] == "auto"
+    assert launch.foundry_config(ours, {}).mode == "auto"
 
 
 @pytest.fixture()
 def recorded(monkeypatch):
     """Replace the three dispatch targets by recorders (the real ones start servers)."""
     calls = {}
-    monkeypatch.setattr(launch, "run_sglang", lambda rest, env: calls.setdefault("sglang", (rest, env)) and 0)
-    monkeypatch.setattr(launch, "run_builtin", lambda rest, env: calls.setdefault("builtin", (rest, env)) and 0)
-    monkeypatch.setattr(launch, "run_elastic", lambda rest, env: calls.setdefault("elastic", (rest, env)) and 0)
+    monkeypatch.setattr(launch, "run_sglang", lambda rest, cfg: calls.setdefault("sglang", (rest, cfg)) and 0)
+    monkeypatch.setattr(launch, "run_builtin", lambda rest, cfg: calls.setdefault("builtin", (rest, cfg)) and 0)
+    monkeypatch.setattr(launch, "run_elastic", lambda rest, cfg: calls.setdefault("elastic", (rest, cfg)) and 0)
     return calls
 
 
@@ -61,8 +63,8 @@ def test_dispatch_sglang_when_importable(recorded, monkeypatch):
     monkeypatch.setattr(launch, "sglang_available", lambda: None)
     monkeypatch.setattr(launch, "builtin_preferred", lambda rest: None)  # as on a GPU machine
     assert launch.main(["--model", "m", "--foundry-archive", "/tmp/arch"]) == 0
-    rest, env = recorded["sglang"]
-    assert rest == ["--model", "m"] and env["FOUNDRY_ARCHIVE"] == "/tmp/arch"
+    rest, config = recorded["sglang"]
+    assert rest == ["--model", "m"] and config.archive_dir == Path("/tmp/arch")
 
 
 def test_dispatch_builtin_when_sglang_missing(recorded, monkeypatch, caplog):
@@ -130,10 +132,10 @@ def test_a_typo_fails_at_once_with_the_launchers_usage():
 def test_run_builtin_hands_settings_to_the_engine_flags(monkeypatch):
     seen = {}
     monkeypatch.setattr(launch, "serve_builtin", lambda argv: seen.setdefault("argv", argv) and 0)
-    launch.run_builtin(["--model", "m"], {"FOUNDRY_MODE": "auto", "FOUNDRY_ARCHIVE": "/a"})
+    launch.run_builtin(["--model", "m"], FoundryConfig.resolve("auto", "/a"))
     assert seen["argv"] == ["--model", "m", "--foundry-archive", "/a", "--foundry-mode", "auto"]
     seen.clear()
-    launch.run_builtin(["--model", "m", "--foundry-mode=off"], {"FOUNDRY_MODE": "auto", "FOUNDRY_ARCHIVE": "/a"})
+    launch.run_builtin(["--model", "m", "--foundry-mode=off"], FoundryConfig.resolve("auto", "/a"))
     assert seen["argv"] == ["--model", "m", "--foundry-mode=off", "--foundry-archive", "/a"]  # the user's flag wins
 
 
@@ -141,9 +143,8 @@ def test_launcher_flags_reach_the_real_engine_parser():
     from foundry_sglang.engine.server import build_arg_parser, engine_args_from
 
     ours, rest = launch.split_argv(["--model", "builtin:tiny", "--foundry-mode", "load", "--foundry-archive", "/a"])
-    env = launch.foundry_env(ours, {})
-    argv = rest + ["--foundry-archive", env["FOUNDRY_ARCHIVE"], "--foundry-mode", env["FOUNDRY_MODE"]]
-    config = engine_args_from(build_arg_parser().parse_args(argv)).foundry_config()
+    argv = rest + launch.foundry_config(ours, {}).engine_flags()
+    config = engine_args_from(build_arg_parser().parse_args(argv)).foundry
     assert config.mode == "load" and str(config.archive_dir) == "/a"
 
 
@@ -153,7 +154,7 @@ def test_run_sglang_refuses_unsafe_flag_before_starting(monkeypatch):
     monkeypatch.setattr(launch, "_resolve", lambda t: started.append(t))
     monkeypatch.setattr(launch.os, "environ", {})
     with pytest.raises(launch.LaunchError, match="--enable-memory-saver"):
-        launch.run_sglang(["--model", "/m", "--enable-memory-saver"], {"FOUNDRY_MODE": "save", "FOUNDRY_ARCHIVE": "/a"})
+        launch.run_sglang(["--model", "/m", "--enable-memory-saver"], FoundryConfig.resolve("save", "/a"))
     assert started == []
 
 
@@ -166,7 +167,7 @@ def test_run_sglang_forwards_parsed_args_and_sets_env(monkeypatch):
     monkeypatch.setattr(launch, "_resolve", lambda t: (lambda *a, **k: served.setdefault(t, a)))
     env = {}
     monkeypatch.setattr(launch.os, "environ", env)
-    launch.run_sglang(["--model", "/m", "--port", "30123"], {"FOUNDRY_MODE": "auto", "FOUNDRY_ARCHIVE": "/a"})
+    launch.run_sglang(["--model", "/m", "--port", "30123"], FoundryConfig.resolve("auto", "/a"))
     args = served["sglang.launch_server:run_server"][0]
     assert args.model_path == "/m" and args.port == 30123 and args.cuda_graph_backend_prefill == "disabled"
     assert env["FOUNDRY_MODE"] == "auto" and env["FOUNDRY_ARCHIVE"] == "/a"

@@ -103,8 +103,9 @@ def test_unsafe_flags_are_named(field, value, flag):
     problems = plugin.refusals(args)
     assert problems and flag in problems[0]
     assert plugin.check_flags(args, "auto") == problems[0]
+    assert plugin.check_flags(args, "load") == problems[0]  # load falls back (FoundryMode.strict)
     with pytest.raises(plugin.UnsafeFlag, match=flag.split()[0]):
-        plugin.check_flags(args, "load")
+        plugin.check_flags(args, "save")
 
 
 def test_safe_flags_pass_and_disabled_graphs_make_plugin_idle():

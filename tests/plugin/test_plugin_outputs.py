@@ -3,7 +3,7 @@ stopped with "output leaf of type NoneType is not a tensor": the output must rou
 output description (tensors by address, None and constants by value, the structure as a JSON treespec)."""
 import torch
 
-from foundry_core.save import flatten_outputs, unflatten_outputs
+from foundry_core.outputs import flatten_outputs, unflatten_outputs
 from foundry_sglang.plugin.hooks import register_output_pytrees
 
 

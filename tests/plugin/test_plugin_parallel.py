@@ -97,6 +97,92 @@ def test_shared_gpu_hook_puts_every_rank_on_the_base_gpu(monkeypatch):
 
 def test_launcher_asks_for_shared_gpus_and_nccl_all_reduces(monkeypatch):
     ours, _ = launch.split_argv(["--foundry-ranks-share-gpu", "--tp-size", "2"])
-    assert launch.foundry_env(ours, {})["FOUNDRY_RANKS_SHARE_GPU"] == "1"
+    assert launch.foundry_config(ours, {}).to_env()["FOUNDRY_RANKS_SHARE_GPU"] == "1"
     ours, _ = launch.split_argv(["--tp-size", "2"])
-    assert "FOUNDRY_RANKS_SHARE_GPU" not in launch.foundry_env(ours, {})
+    assert "FOUNDRY_RANKS_SHARE_GPU" not in launch.foundry_config(ours, {}).to_env()
+
+
+# -- which archive a TP/EP server's ranks use -----------------------------------------------------------------------
+class Ranks:
+    """Agreement with the other ranks: ``agree(ok)`` is ok here and there; the others say no to the questions
+    numbered in ``no`` (1: the archive directory exists, 2: the template exists, 3: this rank's part exists, ...)."""
+
+    def __init__(self, no: tuple = ()):
+        self.no = no
+        self.calls = 0
+
+    def __call__(self, ok: bool) -> bool:
+        self.calls += 1
+        return ok and self.calls not in self.no
+
+
+def _open(tmp_path, mode, monkeypatch, others_no=(), template=None, part=None):
+    from plugin_standins import CpuStandInSession
+
+    from foundry_sglang.graphs.keys import ArchiveKey
+    from foundry_sglang.graphs.settings import FoundryConfig
+    from foundry_sglang.plugin import hooks
+
+    monkeypatch.setattr(hooks.foundry_core, "Session", CpuStandInSession)
+    key = ArchiveKey(file_name="m-tp2-0123456789ab.foundry", key="sglang:k", material="{}")
+    archives = hooks.ParallelArchives(key.path(tmp_path), rank=1, world=2, agree=Ranks(others_no))
+    for path, content in ((archives.template, template), (archives.part, part)):
+        if content is not None:
+            path.write_text(json.dumps({"key": content, "extra": {}, "graphs": {}}))
+    router = hooks._open_parallel(FoundryConfig.resolve(mode, tmp_path), key, 0, archives)
+    return router, archives
+
+
+def test_ranks_load_the_template_with_their_rank(tmp_path, monkeypatch):
+    router, archives = _open(tmp_path, "auto", monkeypatch, template="sglang:k")
+    assert router.route == "load" and router.session.path == str(archives.template) and router.session.rank == 1
+
+
+def test_ranks_load_their_parts_where_no_template_was_made(tmp_path, monkeypatch):
+    router, archives = _open(tmp_path, "auto", monkeypatch, part="sglang:k")
+    assert router.route == "load" and router.session.path == str(archives.part) and router.session.rank is None
+
+
+def test_first_start_saves_every_rank_part(tmp_path, monkeypatch):
+    router, archives = _open(tmp_path, "auto", monkeypatch)
+    assert router.route == "save" and router.session.path == str(archives.part)
+    assert archives.part.name == "m-tp2-0123456789ab.rank1.foundry"
+
+
+def test_a_rank_without_the_template_makes_every_rank_save_its_part_in_auto(tmp_path, monkeypatch):
+    router, archives = _open(tmp_path, "auto", monkeypatch, others_no=(2,), template="sglang:k")
+    assert router.route == "save" and router.session.path == str(archives.part)  # all ranks take one route
+
+
+def test_a_rank_that_cannot_open_the_template_makes_every_rank_serve_live_in_load(tmp_path, monkeypatch):
+    router, _ = _open(tmp_path, "load", monkeypatch, others_no=(3,), template="sglang:k")
+    assert router.route == "live"  # the 3rd question is "opened the template?": another rank said no
+
+
+def test_load_without_any_archive_serves_live_with_one_line(tmp_path, monkeypatch, caplog):
+    with caplog.at_level("WARNING"):
+        router, _ = _open(tmp_path, "load", monkeypatch)
+    assert router is None
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(lines) == 1 and "no archive for this layout" in lines[0]
+
+
+def test_an_unusable_template_is_saved_anew_in_auto(tmp_path, monkeypatch):
+    router, archives = _open(tmp_path, "auto", monkeypatch, template="sglang:another-key")
+    assert router.route == "save" and router.session.path == str(archives.part)
+
+
+def test_rank_parts_become_one_template(tmp_path, monkeypatch):
+    from conftest import sample_archive
+
+    from foundry_sglang.plugin import hooks
+
+    template = tmp_path / "m-tp2-0123456789ab.foundry"
+    archives = hooks.ParallelArchives(template, rank=0, world=2, agree=Ranks())
+    for r in range(2):
+        sample_archive(hooks.rank_part_path(template, r))
+    barriers = []
+    monkeypatch.setattr(hooks.collectives, "barrier", lambda: barriers.append(1))
+    hooks._write_template(archives, written=True)
+    assert template.exists() and not any(hooks.rank_part_path(template, r).exists() for r in range(2))
+    assert barriers == [1]

@@ -15,6 +15,7 @@ from foundry_sglang.builtin.template import TemplateReport
 from foundry_sglang.engine.config import builtin_config
 from foundry_sglang.engine.model import Qwen3ForCausalLM
 from foundry_sglang.engine.parallel import ParallelState, get_state, set_state
+from foundry_sglang.graphs.settings import FoundryConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "gpu" / "check_comm_patch.py"
 
@@ -33,7 +34,7 @@ def check(monkeypatch):
 def test_every_rank_of_the_four_and_eight_rank_layouts_builds(check, kind, world):
     """TP needs the heads (32, kv 8), the MLP and the vocabulary to split; EP the 128 experts."""
     model = check.DENSE if kind == "tp" else check.MOE
-    args = check.engine_args(model, world, 1, kind, foundry_archive="/tmp/x", foundry_mode="load",
+    args = check.engine_args(model, world, 1, kind, foundry=FoundryConfig.resolve("load", "/tmp/x"),
                              **check.kv_pages(world))
     args.validate()
     assert args.ranks_share_gpu and args.gpu_ids == [0] * world and args.num_kv_pages == 8192 // world
