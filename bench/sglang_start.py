@@ -35,8 +35,8 @@ A phase whose line is missing is n/a and its time counts in the next phase (eage
 Targets (verdict rows): LOAD's graph phase <= 0.3 s (median); LOAD's time to healthy <= eager's + 0.3 s
 (medians), with the phases that make up any difference. Writes sglang_start-<date>-<device>.json (date,
 device, commit, every start) to --out after every start, then the PNG (phases of each mode's median start as
-stacked bars) and the tables. ``--budget`` stops before a round that would not finish in time. Without a GPU
-it prints one line and exits with status 2.
+stacked bars) and the tables; server logs go to --logs. ``--budget`` stops before a round that would not finish
+in time. Without a GPU it prints one line and exits with status 2.
 """
 from __future__ import annotations
 
@@ -410,7 +410,7 @@ def start_once(mode: str, model_dir: Path, vocab: int, archive: Path, a, logs: P
     text = srv.text()
     res["phases_s"] = phases(log_marks(text), srv.t_launch, res.get("healthy_s"))
     res["graphs"] = {k: v for k, v in graph_facts(text).items() if k != "template"}
-    res["log"] = f"{logs.name}/{srv.log.name}"
+    res["log"] = str(srv.log)
     res["seconds"] = time.perf_counter() - t0
     return res
 
@@ -423,7 +423,7 @@ def run_model(name: str, a, doc: dict, run_i: int, t_begin: float, write) -> Non
     work = Path(a.workdir)
     model_dir = write_model(work / "models", kind, layers)
     archive = work / f"archive-{key}"
-    logs = Path(a.out) / "sglang_start_logs"
+    logs = Path(a.logs)
     logs.mkdir(parents=True, exist_ok=True)
     entry = doc["models"].setdefault(key, {"model": name, "layers": layers, "max_bs": a.max_bs,
                                            "kv_tokens": a.kv_tokens, "save": [], "starts": {},
@@ -495,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workdir", default="/tmp/foundry_sglang_start", help="model configs and archives (%(default)s)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")),
                     help="folder of the JSON, the PNG and the server logs (default: $OUT, else bench/results)")
+    ap.add_argument("--logs", default=None,
+                    help="folder of the server logs (default: $OUT/sglang_start_logs, else <workdir>/logs)")
     ap.add_argument("--estimate", action="store_true", help="print the estimated seconds and exit")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge records of split runs into one (in --out)")
     ap.add_argument("--plot", metavar="JSON", help="redraw the PNG next to a record and print its tables")
@@ -527,6 +529,9 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         finish(merge_docs(docs), out)
         return 0
+    if a.logs is None:
+        a.logs = str(Path(os.environ["OUT"]) / "sglang_start_logs" if os.environ.get("OUT")
+                     else Path(a.workdir) / "logs")
     names = [m.strip() for m in a.models.split(",") if m.strip()]
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = [m for m in names if m not in BENCH_MODELS] + [m for m in a.modes if m not in MODES]

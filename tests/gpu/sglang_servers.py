@@ -135,7 +135,7 @@ class Server:
         _signal_group(self.proc.pid, signal.SIGTERM)
         deadline = time.time() + grace
         while time.time() < deadline and _group_alive(self.proc.pid):
-            self.proc.poll()  # reap the leader: a zombie leader keeps the group alive
+            self.proc.poll()  # reap the leader once it exits
             time.sleep(0.1)
         _signal_group(self.proc.pid, signal.SIGKILL)
         try:

@@ -294,7 +294,8 @@ def fake_sglang(tmp_path, monkeypatch):
 def test_a_run_against_a_stand_in_server(tmp_path, fake_sglang):
     a = Namespace(models="qwen3-8b", layers=2, starts=2, modes=list(bench.MODES), max_bs=8, tpot_starts=1,
                   tpot_tokens=16, kv_tokens=4096, mem_fraction=0.5, start_timeout=60, budget=0,
-                  reuse_archive=False, workdir=str(tmp_path / "work"), out=str(tmp_path / "out"))
+                  reuse_archive=False, workdir=str(tmp_path / "work"), out=str(tmp_path / "out"),
+                  logs=str(tmp_path / "logs"))
     doc = {"name": "sglang_start", "date": "2026-12-08T10:00:00+00:00", "device": "NVIDIA H100 80GB HBM3",
            "commit": "abc", "sglang": "0.5.17", "torch": "2.11", "runs": [{"stopped": None}], "models": {},
            "rows": []}
@@ -324,7 +325,8 @@ def test_a_run_against_a_stand_in_server(tmp_path, fake_sglang):
 def test_the_budget_stops_before_a_round_that_would_not_fit(tmp_path, fake_sglang):
     a = Namespace(models="qwen3-8b", layers=2, starts=3, modes=["eager"], max_bs=None, tpot_starts=0,
                   tpot_tokens=4, kv_tokens=4096, mem_fraction=0.5, start_timeout=60, budget=1e-3,
-                  reuse_archive=False, workdir=str(tmp_path / "work"), out=str(tmp_path / "out"))
+                  reuse_archive=False, workdir=str(tmp_path / "work"), out=str(tmp_path / "out"),
+                  logs=str(tmp_path / "logs"))
     doc = {"runs": [{"stopped": None}], "models": {}}
     bench.run_model("qwen3-8b", a, doc, 0, time.perf_counter(), lambda: None)
     assert [k for k, _ in fake_sglang] == ["save"] and "before round 0" in doc["runs"][0]["stopped"]
