@@ -212,7 +212,8 @@ class EarlyLoad:
             self.saved_trace, self.saved_blocks = opened.saved_trace, opened.saved_blocks
             if self.archive is not None:
                 self._identity = _identity_of(self.archive.file_stat)
-                self.preloader = Preloader(self.archive, self.device, self.rank, bind=self._bind_primary_context)
+                self.preloader = Preloader(self.archive, self.device, self.rank, bind=self._bind_primary_context,
+                                          options=self.options)
         except BaseException as e:  # not an archive problem: open() does the work itself
             self.failure = e
 

@@ -169,7 +169,7 @@ def load(name: str, sources: list[str], options: Optional[Options] = None) -> ct
 # The libraries and their C signatures (every ctypes declaration of foundry_core lives here)
 # ---------------------------------------------------------------------------------------------------------------
 #: arena.c (the VMM arena PyTorch allocates from), restore.c (the graph check and rebuild loop), driver.c
-FOUNDRY_SOURCES = ["driver.c", "arena.c", "restore.c"]
+FOUNDRY_SOURCES = ["driver.c", "arena.c", "restore.c", "kernels.c"]
 #: cupti_capture.c (the module-image recorder); CUPTI_ABI must equal its foundry_cupti_abi()
 CUPTI_SOURCES = ["cupti_capture.c"]
 CUPTI_ABI = 2
@@ -209,6 +209,7 @@ def native_lib(options: Optional[Options] = None) -> ctypes.CDLL:
             "foundry_graph_destroy": (c_int, [p]),
             "foundry_graph_edges": (c_int, [p, p, p, p, ctypes.POINTER(size)]),
             "foundry_split_node": (c_int, [p, p, p, text, size]),
+            "foundry_load_kernels": (c_int, [u32, p, p, u32, p, p, p, p, p, c_int, p, p, text, size]),
         })
         lib._foundry_typed = True
     return lib

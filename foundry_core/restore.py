@@ -23,7 +23,7 @@ import numpy as np
 
 from foundry_core import images as kernel_images
 from foundry_core import layout, modglobals, schema, validate
-from foundry_core.errors import ArchiveError, FoundryError
+from foundry_core.errors import ArchiveError, FoundryError, NativeBuildError
 from foundry_core.native import call, driver, native_lib
 from foundry_core.outputs import output_structure, tensor_at, unflatten_outputs
 from foundry_core.slots import check_fillable, check_slot_specs, fill_slots
@@ -237,10 +237,12 @@ class Preloader:
     ``bind``: makes the device's context current on the preparing thread; default ``torch.cuda.set_device``.
     Given one (``foundry_core.early`` binds the primary context through the driver, before torch is imported),
     the preparation needs no torch, and the output structures (torch's pytree format) are checked in ``wait()``
-    on the caller's thread instead."""
+    on the caller's thread instead. ``options``: where the native helper is built (its kernel loader does the
+    image loads in one call; without a helper they go through Python)."""
 
-    def __init__(self, archive, device: int, rank: Optional[int] = None, bind=None):
+    def __init__(self, archive, device: int, rank: Optional[int] = None, bind=None, options=None):
         self.archive = archive
+        self.options = options
         self.device = device
         self.rank = rank
         self.modules: list[int] = []
@@ -273,8 +275,9 @@ class Preloader:
                 self._outputs_checked = True
             t2 = time.perf_counter()
             self.decode_seconds = t2 - t
-            self.modules = kernel_images.load_images([image_bytes(self.archive, img) for img in m.images])
-            self.functions = np.asarray(kernel_images.get_functions(self.modules, m.functions), dtype=np.uint64)
+            modules, functions = kernel_images.load_kernels([image_bytes(self.archive, img) for img in m.images],
+                                                            m.functions, lib=self._native_loader())
+            self.modules, self.functions = modules, np.asarray(functions, dtype=np.uint64)
             if m.module_variables:  # SAVE ran with the module-variable policy relocate
                 self.arrays = modglobals.apply_variables(m.module_variables, self.arrays, self.modules,
                                                          modglobals.driver_address_of, modglobals.driver_write,
@@ -284,6 +287,14 @@ class Preloader:
             self._error = e
         finally:
             self._done.set()
+
+    def _native_loader(self):
+        """The native helper, whose kernel loader the preparation uses; None (Python loads) if it cannot be had."""
+        try:
+            return native_lib(self.options)
+        except NativeBuildError as e:
+            log.debug("foundry: native kernel loader unavailable (%s); loading through Python", e)
+            return None
 
     @property
     def done(self) -> bool:

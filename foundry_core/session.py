@@ -193,7 +193,7 @@ class Session:
             if self._early is not None:
                 self._preload = self._early.preloader  # kernels loaded (or loading) since process start
             else:
-                self._preload = Preloader(self.archive, self.device, self.rank).start()
+                self._preload = Preloader(self.archive, self.device, self.rank, options=self.options).start()
         t1 = time.perf_counter()
         self.arena = Arena(self.device, base, size, self.options)
         self.arena.reserve()

@@ -11,7 +11,8 @@
     X(cuGraphAddMemsetNode) X(cuGraphAddMemcpyNode) X(cuGraphAddEmptyNode) X(cuGraphAddEventRecordNode)   \
     X(cuGraphAddEventWaitNode) X(cuGraphAddChildGraphNode) X(cuGraphAddDependencies) X(cuGraphGetEdges)   \
     X(cuGraphInstantiate) X(cuGraphUpload) X(cuGraphLaunch) X(cuGraphExecDestroy)                     \
-    X(cuGraphNodeGetDependencies) X(cuGraphNodeGetDependentNodes) X(cuGraphDestroyNode)
+    X(cuGraphNodeGetDependencies) X(cuGraphNodeGetDependentNodes) X(cuGraphDestroyNode)                     \
+    X(cuModuleLoadData) X(cuModuleUnload) X(cuModuleGetFunction) X(cuFuncSetAttribute)
 
 #define FOUNDRY_STR(x) #x
 #define FOUNDRY_XSTR(x) FOUNDRY_STR(x)

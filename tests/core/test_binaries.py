@@ -326,6 +326,30 @@ def test_driver_calls_fail_with_one_line_errors():
         imgs.get_functions([], [KernelFunction(image=0, name="k")])
 
 
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a GPU driver is present")
+@pytest.mark.parametrize("path", ["python", "native"])
+def test_load_kernels_fails_with_one_line_errors_on_either_path(path, tmp_path):
+    """The native kernel loader builds with the helper and speaks the Python path's errors."""
+    lib = None
+    if path == "native":
+        from foundry_core import native
+        from foundry_core.options import Options
+
+        try:
+            lib = native.native_lib(Options.from_env({"FOUNDRY_CACHE_DIR": str(tmp_path)}))
+        except FoundryError as e:
+            pytest.skip(f"native helper not buildable here: {e}")
+    with pytest.raises(FoundryError, match="only 1 are loaded"):
+        imgs.load_kernels([b"x"], [KernelFunction(image=1, name="k")], lib=lib)
+    with pytest.raises(FoundryError, match="out of range"):
+        imgs.load_kernels([b"x"], [KernelFunction(image=0, name="k", attributes={8: 2**40})], lib=lib)
+    with pytest.raises(FoundryError) as err:  # no driver on this machine
+        imgs.load_kernels([b"x", bytearray(b"y")], [KernelFunction(image=0, name="k")], lib=lib)
+    assert "\n" not in str(err.value)
+    if lib is not None:
+        assert "libcuda.so.1" in str(err.value)
+
+
 # --- helpers ----------------------------------------------------------------------------------------------
 
 _TINY_CU = r"""
