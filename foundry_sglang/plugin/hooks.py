@@ -466,20 +466,21 @@ def after_init_cuda_graphs(result: Any, runner: Any, *args, **kwargs) -> Any:
         filled = state.capture.fill_slots(SlotFiller(collectives.communicators()))
         log.info("foundry: filled %d collective slots in %d graphs", filled, len(state.capture.with_slots))
     if state.parallel is not None and saving:
-        _write_template(state.parallel, written is not None)
+        _write_template(state.parallel, written is not None, getattr(router.session, "options", None))
     log.info("foundry: %s", router.summary())
     return result
 
 
-def _write_template(archives: ParallelArchives, written: bool) -> None:
-    """Rank 0 merges every rank's part into the layout's template once all of them are written; where the ranks
-    differ in structure the parts stay and later starts load them per rank."""
+def _write_template(archives: ParallelArchives, written: bool, options=None) -> None:
+    """Rank 0 merges every rank's part into the layout's template once all of them are written (``options``: the
+    session's, by which the parts were written and are read and signed); where the ranks differ in structure the
+    parts stay and later starts load them per rank."""
     if archives.agree(written) and archives.rank == 0:
         parts = [rank_part_path(archives.template, r) for r in range(archives.world)]
         try:
             if archives.template.exists():
                 keep_previous(archives.template)
-            report = merge_rank_archives(parts, archives.template)
+            report = merge_rank_archives(parts, archives.template, options=options)
         except FALLBACK_ERRORS as err:
             log.warning("foundry: rank parts kept as per-rank archives (%s)", one_line(err))
         else:
