@@ -15,6 +15,7 @@ from foundry_core.images import (
     get_functions,
     image_facts,
     load_images,
+    load_kernels,
     loading_mode,
     resolve_functions,
     select_images,
@@ -25,6 +26,6 @@ from foundry_core.recorder import CapturedImage, ImageCaptureError, ImageRecorde
 __all__ = [
     "CapturedImage", "DriverError", "FunctionRef", "ImageCaptureError", "ImageFacts", "ImageRecorder", "ModuleFacts",
     "ModuleGlobal", "StoredImage", "changed_attributes", "choose_image", "consistent_with_cubin", "device_arch",
-    "find_libcupti", "get_functions", "image_facts", "load_images", "loading_mode", "resolve_functions",
+    "find_libcupti", "get_functions", "image_facts", "load_images", "load_kernels", "loading_mode", "resolve_functions",
     "select_images", "unload_modules",
 ]
