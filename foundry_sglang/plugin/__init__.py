@@ -31,6 +31,7 @@ log = logging.getLogger("foundry_sglang.plugin")
 _MR = "sglang.srt.model_executor.model_runner.ModelRunner"
 _FULL = "sglang.srt.model_executor.runner_backend.full_cuda_graph_backend.FullCudaGraphBackend"
 _KVC = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+_GC = "sglang.srt.model_executor.runner.base_cuda_graph_runner.freeze_gc"
 
 #: (target, hook type name, hook, why). Seams of sglang 0.5.17 and 0.5.23:
 HOOKS = (
@@ -40,6 +41,9 @@ HOOKS = (
     # alloc_memory_pool -> KVCacheConfigurator.configure -> _resolve_memory_pool_config profiles free memory;
     # SAVE records its MemoryPoolConfig, LOAD returns the recorded one so the KV pool is allocated identically.
     (f"{_KVC}._resolve_memory_pool_config", "AROUND", hooks.around_resolve_memory_pool_config, "save/force KV pool"),
+    # The capture loops run inside freeze_gc (full collections around them); a LOAD skips them. A module
+    # function: HookRegistry also rebinds the runner modules' `from ... import freeze_gc`.
+    (_GC, "AROUND", hooks.around_freeze_gc, "no GC passes around a LOAD"),
     # DecodeCudaGraphRunner._capture enters backend.capture_session(stream) around all capture_one calls.
     (f"{_FULL}.capture_session", "AROUND", hooks.around_capture_session, "arena capture phase + graph pool"),
     # capture_one: SAVE captures and records, LOAD fills _graphs/_outputs from the archive; replay() untouched.
@@ -135,6 +139,7 @@ def unregister() -> None:
             original = original.__wrapped__
         if original is not current:
             setattr(owner, attr, original)
+            _rebind_importers(current, original)
         remaining = [h for h in HookRegistry._hooks.get(target, []) if h[1] not in ours]
         if remaining:  # another plugin's hooks on the same target: re-apply them on the next apply_hooks()
             HookRegistry._hooks[target] = remaining
@@ -143,6 +148,18 @@ def unregister() -> None:
         HookRegistry._patched.discard(target)
     hooks.reset_state()
     _registered = False
+
+
+def _rebind_importers(wrapper: Any, original: Any) -> None:
+    """Undo what HookRegistry does for a module function: the modules that imported it by name hold the wrapper."""
+    import sys
+    import types
+
+    for module in list(sys.modules.values()):
+        if isinstance(module, types.ModuleType):
+            for name, value in list(vars(module).items()):
+                if value is wrapper:
+                    setattr(module, name, original)
 
 
 def _ranks_share_gpu() -> bool:

@@ -419,6 +419,17 @@ def around_capture_session(original: Callable, backend: Any, stream: Any, *args,
     return _save_capture_session(state, original, backend, stream, *args, **kwargs)
 
 
+def around_freeze_gc(original: Callable, enable_cudagraph_gc: bool, *args, **kwargs):
+    """AROUND SGLang's ``freeze_gc``, the guard its capture loops run in: a full collection before the captures
+    and, when it froze the heap, another after them. A LOAD captures nothing, so neither collection has a job
+    there, and each walks the whole scheduler heap (0.39 s for the 0.73 M objects of SGLang's model-runner
+    modules alone, measured on a CPU). Every other route gets SGLang's own guard."""
+    state = _state
+    if state is not None and state.router.route is Route.LOAD:
+        return contextlib.nullcontext()
+    return original(enable_cudagraph_gc, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def _save_capture_session(state: PluginState, original, backend, stream, *args, **kwargs):
     session = state.session

@@ -324,3 +324,47 @@ def test_graph_names():
 
     assert shape_key_name(ShapeKey(size=8)) == "decode_bs8"
     assert shape_key_name(ShapeKey(size=8, stream_idx=1, variant_label="lora")) == "decode_bs8_s1_vlora"
+
+
+def _full_collections(body) -> int:
+    """How many full (generation 2) garbage collections run during ``body()``."""
+    import gc
+
+    seen = []
+
+    def callback(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            seen.append(1)
+
+    gc.callbacks.append(callback)
+    try:
+        body()
+    finally:
+        gc.callbacks.remove(callback)
+    return len(seen)
+
+
+def test_a_load_skips_the_gc_passes_around_the_capture_loop(loaded_plugin, tmp_path):
+    """SGLang's capture loops run inside freeze_gc (a full collection before, freeze, another after): a LOAD has
+    nothing to capture and skips both; SAVE and a process without Foundry keep SGLang's own guard."""
+    import gc
+
+    from sglang.srt.model_executor.runner import base_cuda_graph_runner, decode_cuda_graph_runner
+
+    guard = decode_cuda_graph_runner.freeze_gc  # the runner module's own `from ... import freeze_gc` binding
+    assert plugin._is_registry_wrapper(guard)
+
+    def capture_loop():
+        with guard(False):  # enable_cudagraph_gc=False: SGLang collects, freezes, and collects again
+            frozen.append(gc.get_freeze_count())
+
+    frozen = []
+    assert _full_collections(capture_loop) == 2 and frozen[-1] > 0  # no Foundry state: SGLang's guard
+    _save_run(tmp_path)
+    assert _full_collections(capture_loop) == 2  # SAVE
+    install_state(_reopen(tmp_path), "load")
+    assert _full_collections(capture_loop) == 0 and frozen[-1] == 0  # LOAD
+
+    plugin.unregister()
+    assert decode_cuda_graph_runner.freeze_gc is base_cuda_graph_runner.freeze_gc
+    assert not plugin._is_registry_wrapper(decode_cuda_graph_runner.freeze_gc)
