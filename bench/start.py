@@ -10,9 +10,11 @@ images, started before the server imports torch) had finished, in seconds since 
 then waited for it. Modes:
   eager    --disable-cuda-graph
   capture  live CUDA-graph capture of the decode batch sizes (PyTorch, SGLang-style)
-  load     Foundry LOAD of the archive that one ``save`` start (not timed against the others) wrote first
-  load_early the same with the early load on (FOUNDRY_EARLY_LOAD=1, off by default; run when asked for in --modes;
-             results of 2026-11-30 called the early-load start "load" and the default one "load_late")
+  load     Foundry LOAD of the archive that one ``save`` start (not timed against the others) wrote first, as a
+           user gets it (the early load is on by default since 2026-12-07)
+  load_late  the same with the early load off (FOUNDRY_EARLY_LOAD=0); run when asked for in --modes
+  load_early the same with FOUNDRY_EARLY_LOAD=1 set explicitly (results of 2026-11-30 and 2026-12-07 name the
+             start without an early load "load" and the one with it "load_early")
 Starts run interleaved (eager, capture, load, eager, ...) after the save start, which also warms the page cache.
 Then one more process restores the archive and times decode steps at bs 1/8/64/256 eagerly and through the
 restored graphs (TPOT). Target: the median LOAD time to healthy <= the median eager one + 0.1 s (moonshot: <=
@@ -40,13 +42,13 @@ sys.path.insert(0, str(ROOT))
 TPOT_BS = [1, 8, 64, 256]
 TARGET_S = 0.1
 MODES = ("eager", "capture", "load")
-ALL_MODES = MODES + ("load_early",)
+ALL_MODES = MODES + ("load_late", "load_early")
 MODE_FLAGS = {"eager": ["--disable-cuda-graph"], "capture": ["--foundry-mode", "off"],
               "save": ["--foundry-mode", "save"], "load": ["--foundry-mode", "load"],
-              "load_early": ["--foundry-mode", "load"],
+              "load_late": ["--foundry-mode", "load"], "load_early": ["--foundry-mode", "load"],
               # another graph set (another archive key), as a second TP/EP layout would have
               "save_second_layout": ["--foundry-mode", "save", "--cuda-graph-max-bs", "128"]}
-MODE_ENV = {"load_early": {"FOUNDRY_EARLY_LOAD": "1"}}
+MODE_ENV = {"load_late": {"FOUNDRY_EARLY_LOAD": "0"}, "load_early": {"FOUNDRY_EARLY_LOAD": "1"}}
 TIMELINE = re.compile(r"startup timeline: (\{.*\})")
 #: Timeline marks of work beside the start-up sequence (the early load): reported, but they end no phase.
 BACKGROUND_MARKS = ("early_load_started", "early_load_ready")
@@ -282,9 +284,9 @@ def summarize(runs: dict) -> dict:
         verdict["phase_load_minus_eager_s"] = dict(sorted(diffs.items(), key=lambda kv: -kv[1]))
         if not verdict["met"]:
             verdict["blocking_phase"] = max(diffs, key=diffs.get) if diffs else "unknown"
-    early = summary.get("load_early", {})
-    if eager.get("healthy_s") is not None and early.get("healthy_s") is not None:
-        verdict["load_early_minus_eager_s"] = early["healthy_s"] - eager["healthy_s"]
+    for other in ("load_late", "load_early"):
+        if eager.get("healthy_s") is not None and summary.get(other, {}).get("healthy_s") is not None:
+            verdict[f"{other}_minus_eager_s"] = summary[other]["healthy_s"] - eager["healthy_s"]
     summary["verdict"] = verdict
     return summary
 
@@ -369,7 +371,7 @@ def print_table(doc: dict) -> None:
         for name, u in st["archives"].items():
             print(f"| {name[:48]} | {u['graphs']} | {u['file_bytes'] / 1e6:.1f} | {u['shared_bytes'] / 1e6:.1f} | "
                   f"{u['own_bytes'] / 1e6:.1f} |")
-    for mode in ("load", "load_early"):
+    for mode in ("load", "load_late", "load_early"):
         load = s.get(mode) or {}
         if load.get("restore_waited_s") is None:
             continue
@@ -378,8 +380,9 @@ def print_table(doc: dict) -> None:
             "" if adopted else " but NOT adopted (see the start's log)")
         print(f"\n{mode}: {early}; restore() waited {load['restore_waited_s']:.3f} s for the kernels")
     v = s["verdict"]
-    if "load_early_minus_eager_s" in v:
-        print(f"\nload_early - eager = {v['load_early_minus_eager_s']:+.2f} s (medians)")
+    for other in ("load_late", "load_early"):
+        if f"{other}_minus_eager_s" in v:
+            print(f"\n{other} - eager = {v[other + '_minus_eager_s']:+.2f} s (medians)")
     if "met" in v:
         print(f"\nverdict: {v['target']}: {'MET' if v['met'] else 'NOT MET'} (LOAD - eager = "
               f"{v['load_minus_eager_s']:+.2f} s, medians)" + ("" if v["met"] else f"; largest extra phase in LOAD: "
@@ -393,7 +396,8 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:qwen3-8b?vocab_size=320",
                     help="model or builtin preset (default: the Qwen3-8B shape, byte-level vocabulary)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu only for a smoke test (eager)")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma list of eager, capture, load, load_early")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma list of eager, capture, load, load_late, load_early")
     ap.add_argument("--starts", type=int, default=5, help="timed starts per mode (medians, spread and best reported)")
     ap.add_argument("--kv-pages", type=int, default=8192, help="KV-cache pages of 16 tokens (same for every mode)")
     ap.add_argument("--tpot-iters", type=int, default=50, help="timed decode steps per batch size")
@@ -427,7 +431,7 @@ def main() -> None:
     logs.mkdir(exist_ok=True)
     modes = [m for m in a.modes.split(",") if m]
     runs: dict = {m: [] for m in modes}
-    if "load" in modes or "load_early" in modes:
+    if any(m.startswith("load") for m in modes):
         import shutil
 
         shutil.rmtree(a.archive_dir, ignore_errors=True)

@@ -104,6 +104,23 @@ def _structure(m: schema.Manifest) -> dict:
     }
 
 
+def _image_difference(m0: schema.Manifest, mr: schema.Manifest) -> str:
+    """How rank r's kernel-image table differs from rank 0's, naming the kernels of the images only one side has."""
+    shas0, shasr = [i.sha256 for i in m0.images], [i.sha256 for i in mr.images]
+    if sorted(shas0) == sorted(shasr):
+        first = next(i for i, (x, y) in enumerate(zip(shas0, shasr)) if x != y)
+        return f"the same {len(shas0)} kernel images in another order (from index {first} on)"
+
+    def described(m: schema.Manifest, shas: set) -> str:
+        own = [i for i in m.images if i.sha256 in shas]
+        names = ", ".join(f"{i.sha256[:12]} ({', '.join(i.kernels[:3]) or 'no entry points'}"
+                          f"{', ...' if len(i.kernels) > 3 else ''})" for i in own[:3])
+        return f"{len(own)} [{names}{', ...' if len(own) > 3 else ''}]"
+
+    only0, onlyr = set(shas0) - set(shasr), set(shasr) - set(shas0)
+    return f"kernel images of its own: {described(mr, onlyr)}; rank 0's not in it: {described(m0, only0)}"
+
+
 def _first_difference(a: dict, b: dict) -> str:
     for k in a:
         if a[k] != b[k]:
@@ -158,7 +175,9 @@ def _merge(archives: dict[int, Archive], noise: Optional[Archive], out: Path, la
             [("the second rank-0 capture", noise)] if noise else []):
         other = _structure(a.manifest)
         if other != ref:
-            raise NotTemplatable(f"{who} differs from rank 0 in structure: {_first_difference(ref, other)}")
+            where = (_image_difference(m0, a.manifest) if other["images"] != ref["images"]
+                     else _first_difference(ref, other))
+            raise NotTemplatable(f"{who} differs from rank 0 in structure: {where}")
     report = MergeReport(world_size=world)
 
     # Noise mask per table: bytes the second rank-0 capture changed.

@@ -7,11 +7,11 @@ works out the archive the graph backend will open (:func:`archive_target`, the o
 when that archive exists and may be loaded, starts ``foundry_core.preload`` for it; the backend's
 ``Session.open()`` adopts it later. Nothing here imports torch.
 
-Opt-in (``FOUNDRY_EARLY_LOAD=1``: ``FoundryConfig.early_load``), and then only for a single-rank GPU server with
-``--foundry-mode load`` or ``auto`` and an existing archive: TP/EP ranks are processes of their own, and a rank
-template may first be saved by rank 0. Off by default because on the H200 it did not pay: it removed restore()'s
-wait for the kernels (0.23-0.24 s -> 0) but its Python work, run while the main thread imports torch, slowed the
-import by as much (bench/start.py, 2026-11-30: best LOAD time to healthy 4.30/4.47 s with it, 4.20/4.33 s without).
+On by default (``FOUNDRY_EARLY_LOAD=0`` turns it off: ``FoundryConfig.early_load``), and then only for a
+single-rank GPU server with ``--foundry-mode load`` or ``auto`` and an existing archive: TP/EP ranks are processes
+of their own, and a rank template may first be saved by rank 0. Its kernel loads are one native call made without the
+GIL, not hundreds of driver calls each taking the GIL back from the thread importing torch (bench/start.py, H100,
+2026-12-07, medians of 5 starts: LOAD healthy 3.14 s with it, 3.40 s without, eager 3.07 s).
 """
 from __future__ import annotations
 

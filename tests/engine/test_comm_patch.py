@@ -302,3 +302,27 @@ def test_a_writable_rank_part_is_not_laundered_into_a_template(ranks):
     with pytest.raises(FoundryError, match="writable"):
         merge_rank_archives([r0, r1], tmp / "tpl.foundry", noise=noise)
     assert not (tmp / "tpl.foundry").exists()
+
+
+def test_differing_kernel_images_are_named_by_their_kernels(ranks):
+    """Ranks that load other kernel code (or the same images in another order) cannot share one template; the
+    refusal says which, naming the kernels, so a user can tell a rank-specialised JIT kernel from a load order."""
+    from foundry_core.ranks import _image_difference
+
+    tmp, r0, _, _ = ranks
+    with Archive.open(r0) as a:
+        m0 = a.manifest
+    image = m0.images[0]
+    other = msgspec.structs.replace(image, sha256="ab" * 32, kernels=["triton_poi_fused_mask_0", "k2", "k3", "k4"])
+    second = msgspec.structs.replace(image, sha256="cd" * 32, kernels=["second_kernel"])
+    m_other = msgspec.structs.replace(m0, images=[other, *m0.images[1:]])
+    said = _image_difference(m0, m_other)
+    assert "kernel images of its own: 1 [abababababab (triton_poi_fused_mask_0, k2, k3, ...)]" in said
+    assert f"rank 0's not in it: 1 [{image.sha256[:12]} (" in said
+    two = msgspec.structs.replace(m0, images=[image, second])
+    assert _image_difference(two, msgspec.structs.replace(two, images=[second, image])) == (
+        "the same 2 kernel images in another order (from index 0 on)")
+    bad = tmp / "other_image.foundry"
+    rewrite(r0, bad, images=[other, *m0.images[1:]])
+    with pytest.raises(NotTemplatable, match="kernel images of its own: 1 .*triton_poi_fused_mask_0"):
+        merge_rank_archives([r0, bad], tmp / "tpl.foundry")

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(autouse=True)
 def no_early_loads_left(monkeypatch):
-    monkeypatch.setenv(ENV_EARLY_LOAD, "1")  # opt-in; test_early_load_is_off_by_default checks the default
+    monkeypatch.setenv(ENV_EARLY_LOAD, "1")  # test_early_load_is_on_by_default_and_zero_turns_it_off: the default
     yield
     for e in early.started():
         e.discard()
@@ -79,11 +79,19 @@ def test_no_early_load_where_the_server_will_not_load_an_existing_archive(tmp_pa
     assert capsys.readouterr().err == ""  # errors are main()'s to report, once
 
 
-def test_early_load_is_off_by_default(tmp_path, monkeypatch):
+def test_early_load_is_on_by_default_and_zero_turns_it_off(tmp_path, monkeypatch):
     argv = argv_for(tmp_path, "--foundry-mode", "load")
     put_archive(argv)
     monkeypatch.delenv(ENV_EARLY_LOAD)
-    assert preload.start_from_argv(argv) is None and early.started() == []
+    e = preload.start_from_argv(argv)
+    assert e is not None
+    e.discard()
+    monkeypatch.setenv(ENV_EARLY_LOAD, "0")
+    assert preload.start_from_argv(argv) is None
+    # a launcher hands "off" on to its children explicitly: their environment may say otherwise
+    assert FoundryConfig.resolve("load", tmp_path, early_load=False).to_env()[ENV_EARLY_LOAD] == "0"
+    assert FoundryConfig.from_env({ENV_EARLY_LOAD: "0"}).early_load is False
+    assert FoundryConfig.from_env({}).early_load is True
 
 
 @pytest.mark.parametrize("mode", ["auto", "load", "save"])
