@@ -427,6 +427,11 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+#: Logged once the last graph is instantiated (restore() logs its summary when it returns, before that).
+ALL_READY_MESSAGE = ("foundry: all %d graphs ready %.3fs after restore() began (build %.3fs, instantiate and upload "
+                     "%.3fs, %d nodes)")
+
+
 def build_all(builder: GraphBuilder, order: Iterable[int], graphs: dict[int, RestoredGraph], stats: RestoreStats,
               t0: float, device: int, stream, slots: Optional[SlotPipeline] = None) -> None:
     """Build (or take from ``slots`` once filled) and instantiate graphs in ``order``, marking each ready as
@@ -473,6 +478,10 @@ def build_all(builder: GraphBuilder, order: Iterable[int], graphs: dict[int, Res
                 if not stats.first_graph_seconds:
                     stats.first_graph_seconds = time.perf_counter() - t0
                 rg._ready.set()
+                if n == len(order) - 1 and all(g._ready.is_set() for g in graphs.values()):
+                    # restore() logged its summary when it returned; what the background still did shows here
+                    log.info(ALL_READY_MESSAGE, len(graphs), stats.all_graphs_seconds, stats.build_seconds,
+                             stats.instantiate_seconds, stats.num_nodes)
                 done = n + 1
     except BaseException as e:  # the thread itself failed: so do the graphs it did not reach
         reason = _one_line(e)

@@ -93,3 +93,20 @@ def test_skip_reasons():
     assert _skip_reason(_Item("gpu", "two_gpu"), ("H200",)) == "needs 2 CUDA GPUs (1 visible)"
     assert _skip_reason(_Item("gpu", "two_gpu"), ("H200", "H200")) is None
     assert _skip_reason(_Item("gpu"), ("H200",)) is None
+
+
+def test_graph_facts_read_a_real_tp2_load_log():
+    """What the SGLang check reads from a server log: here the LOAD of a real TP=2 server (both ranks), plus the
+    line restore.build_all logs once the background has instantiated every graph."""
+    from gpu.sglang_servers import graph_facts
+
+    from foundry_core.restore import ALL_READY_MESSAGE
+
+    text = (REPO / "bench/results/logs-2026-12-07-h100/dense-tp2-foundry-auto-2.log").read_text(errors="replace")
+    facts = graph_facts(text)
+    assert (facts["foundry_mode"], facts["restored"], facts["live"], facts["ranks_reported"]) == ("load", 12, 0, 2)
+    assert facts["ranks_agree"] and facts["restore_s"] in (0.09, 0.1) and facts["tracebacks"] == 0
+    assert facts["bs"] == [1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64] and "all_graphs_ready_s" not in facts
+
+    line = ALL_READY_MESSAGE % (12, 0.412, 0.05, 0.3, 8000)
+    assert graph_facts(text + "\n[2026-12-07 12:03:08.950 TP0] " + line)["all_graphs_ready_s"] == 0.412
