@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 TPOT_BS = [1, 8, 64, 256]
 TARGET_S = 0.1
 MODES = ("eager", "capture", "load")
-ALL_MODES = MODES + ("load_late", "load_early")
+LOAD_VARIANTS = ("load_late", "load_early")  # LOAD with the early load forced off / on
+ALL_MODES = MODES + LOAD_VARIANTS
 MODE_FLAGS = {"eager": ["--disable-cuda-graph"], "capture": ["--foundry-mode", "off"],
               "save": ["--foundry-mode", "save"], "load": ["--foundry-mode", "load"],
               "load_late": ["--foundry-mode", "load"], "load_early": ["--foundry-mode", "load"],
@@ -284,7 +285,7 @@ def summarize(runs: dict) -> dict:
         verdict["phase_load_minus_eager_s"] = dict(sorted(diffs.items(), key=lambda kv: -kv[1]))
         if not verdict["met"]:
             verdict["blocking_phase"] = max(diffs, key=diffs.get) if diffs else "unknown"
-    for other in ("load_late", "load_early"):
+    for other in LOAD_VARIANTS:
         if eager.get("healthy_s") is not None and summary.get(other, {}).get("healthy_s") is not None:
             verdict[f"{other}_minus_eager_s"] = summary[other]["healthy_s"] - eager["healthy_s"]
     summary["verdict"] = verdict
@@ -371,7 +372,7 @@ def print_table(doc: dict) -> None:
         for name, u in st["archives"].items():
             print(f"| {name[:48]} | {u['graphs']} | {u['file_bytes'] / 1e6:.1f} | {u['shared_bytes'] / 1e6:.1f} | "
                   f"{u['own_bytes'] / 1e6:.1f} |")
-    for mode in ("load", "load_late", "load_early"):
+    for mode in ("load",) + LOAD_VARIANTS:
         load = s.get(mode) or {}
         if load.get("restore_waited_s") is None:
             continue
@@ -380,7 +381,7 @@ def print_table(doc: dict) -> None:
             "" if adopted else " but NOT adopted (see the start's log)")
         print(f"\n{mode}: {early}; restore() waited {load['restore_waited_s']:.3f} s for the kernels")
     v = s["verdict"]
-    for other in ("load_late", "load_early"):
+    for other in LOAD_VARIANTS:
         if f"{other}_minus_eager_s" in v:
             print(f"\n{other} - eager = {v[other + '_minus_eager_s']:+.2f} s (medians)")
     if "met" in v:

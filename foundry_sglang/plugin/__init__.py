@@ -126,7 +126,7 @@ def unregister() -> None:
     global _registered
     import pkgutil
 
-    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.plugins.hook_registry import HookRegistry, _propagate_patch
 
     active = _active_hooks(True, _ranks_share_gpu())
     ours = {fn for _t, _h, fn, _w in active}
@@ -139,7 +139,7 @@ def unregister() -> None:
             original = original.__wrapped__
         if original is not current:
             setattr(owner, attr, original)
-            _rebind_importers(current, original)
+            _propagate_patch(current, original, owner)  # SGLang's own walk, backwards: importers get the original
         remaining = [h for h in HookRegistry._hooks.get(target, []) if h[1] not in ours]
         if remaining:  # another plugin's hooks on the same target: re-apply them on the next apply_hooks()
             HookRegistry._hooks[target] = remaining
@@ -148,18 +148,6 @@ def unregister() -> None:
         HookRegistry._patched.discard(target)
     hooks.reset_state()
     _registered = False
-
-
-def _rebind_importers(wrapper: Any, original: Any) -> None:
-    """Undo what HookRegistry does for a module function: the modules that imported it by name hold the wrapper."""
-    import sys
-    import types
-
-    for module in list(sys.modules.values()):
-        if isinstance(module, types.ModuleType):
-            for name, value in list(vars(module).items()):
-                if value is wrapper:
-                    setattr(module, name, original)
 
 
 def _ranks_share_gpu() -> bool:
