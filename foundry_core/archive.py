@@ -36,7 +36,7 @@ from foundry_core import trust, validate
 from foundry_core.decompress import check_inflate_budget, inflate, inflate_budget
 from foundry_core.errors import ArchiveError
 from foundry_core.options import Options
-from foundry_core.schema import SCHEMA_VERSION, Blob, Manifest
+from foundry_core.schema import SCHEMA_VERSION, Blob, Manifest, rank_manifests
 
 __all__ = ["Archive", "ArchiveWriter", "blob_names", "held_bytes"]
 
@@ -69,16 +69,20 @@ def _bytes_view(data) -> memoryview:
 def held_bytes(m: Manifest) -> int:
     """What LOAD holds of an archive's contents at most, as the manifest declares it: every blob counted once per
     use (a record that several graphs or images name is read, and decompressed, for each), store images at their
-    recorded size, and the allocation trace. Blob names must have been checked to exist."""
+    recorded size, and the allocation trace; a rank template's variants count in full too. Blob names must have
+    been checked to exist."""
     def size(name: str) -> int:
         return max(m.blobs[name].size, 0) if name else 0
 
-    total = sum(max(im.size, 0) if im.in_store else size(im.blob) for im in m.images)
-    for graph in m.graphs:
-        total += size(graph.nodes) + size(graph.payload) + size(graph.attrs)
-        total += size(m.templates[graph.template].edges) if 0 <= graph.template < len(m.templates) else 0
-    total += sum(size(s.blob) for s in m.snapshots) + sum(size(v.value) for v in m.module_variables)
-    return total + (m.trace.inflated_bytes if m.trace is not None else 0)
+    total = 0
+    for v in rank_manifests(m):
+        total += sum(max(im.size, 0) if im.in_store else size(im.blob) for im in v.images)
+        for graph in v.graphs:
+            total += size(graph.nodes) + size(graph.payload) + size(graph.attrs)
+            total += size(v.templates[graph.template].edges) if 0 <= graph.template < len(v.templates) else 0
+        total += sum(size(s.blob) for s in v.snapshots) + sum(size(x.value) for x in v.module_variables)
+        total += v.trace.inflated_bytes if v.trace is not None else 0
+    return total
 
 
 def _chunks(view: memoryview) -> Iterator[memoryview]:
@@ -87,21 +91,23 @@ def _chunks(view: memoryview) -> Iterator[memoryview]:
 
 
 def blob_names(manifest: Manifest) -> dict[str, str]:
-    """Every blob name the manifest refers to, mapped to the category it belongs to (for checks and ``inspect``)."""
+    """Every blob name the manifest (and each of its rank variants) refers to, mapped to the category it belongs to
+    (for checks and ``inspect``)."""
     names: dict[str, str] = {}
-    for image in manifest.images:
-        if not image.in_store:  # store images live in foundry_core.store, not in the file
-            names.setdefault(image.blob, "images")
-    for graph in manifest.graphs:
-        names.setdefault(graph.nodes, "graph nodes")
-        names.setdefault(graph.payload, "graph payload")
-        names.setdefault(graph.attrs, "graph attrs")
-    for template in manifest.templates:
-        names.setdefault(template.edges, "templates")
-    for snapshot in manifest.snapshots:
-        names.setdefault(snapshot.blob, "snapshots")
-    for var in manifest.module_variables:
-        names.setdefault(var.value, "module variables")
+    for m in rank_manifests(manifest):
+        for image in m.images:
+            if not image.in_store:  # store images live in foundry_core.store, not in the file
+                names.setdefault(image.blob, "images")
+        for graph in m.graphs:
+            names.setdefault(graph.nodes, "graph nodes")
+            names.setdefault(graph.payload, "graph payload")
+            names.setdefault(graph.attrs, "graph attrs")
+        for template in m.templates:
+            names.setdefault(template.edges, "templates")
+        for snapshot in m.snapshots:
+            names.setdefault(snapshot.blob, "snapshots")
+        for var in m.module_variables:
+            names.setdefault(var.value, "module variables")
     names.pop("", None)  # "" means "no blob": a graph without arguments or launch attributes, a template without edges
     return names
 
@@ -578,9 +584,19 @@ def _check_manifest(path: Path, manifest: Manifest, blobs_end: int) -> None:
         if name not in manifest.blobs:
             raise ArchiveError(f"{path}: manifest refers to missing blob {name!r}")
 
+    for v in manifest.ranks.variants if manifest.ranks is not None else ():
+        if v.manifest.ranks is not None:
+            raise ArchiveError(f"{path}: rank {v.rank}'s variant is itself a rank template (corrupt)")
+        _check_indices(f"{path}: rank {v.rank}'s variant", v.manifest)
+    _check_indices(str(path), manifest)
+    validate.check_manifest(str(path), manifest)
+
+
+def _check_indices(where: str, manifest: Manifest) -> None:
+    """Every table index the manifest uses lies in its table, and its arena's capture range in the arena."""
     def check_index(what: str, index: int, count: int, of: str) -> None:
         if not 0 <= index < count:
-            raise ArchiveError(f"{path}: {what} refers to {of} {index} of {count} (corrupt)")
+            raise ArchiveError(f"{where}: {what} refers to {of} {index} of {count} (corrupt)")
 
     for i, function in enumerate(manifest.functions):
         check_index(f"function {i} ({function.name[:60]!r})", function.image, len(manifest.images), "image")
@@ -593,8 +609,7 @@ def _check_manifest(path: Path, manifest: Manifest, blobs_end: int) -> None:
     arena = manifest.arena
     if not 0 <= arena.capture_start <= arena.capture_end <= arena.size:
         raise ArchiveError(
-            f"{path}: arena capture range [{arena.capture_start}, {arena.capture_end}) "
+            f"{where}: arena capture range [{arena.capture_start}, {arena.capture_end}) "
             f"does not fit the arena size {arena.size}"
         )
-    validate.check_manifest(str(path), manifest)
 

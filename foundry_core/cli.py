@@ -19,6 +19,7 @@ from foundry_core.archive import CONTAINER_VERSION, Archive, blob_names
 from foundry_core.errors import FoundryError, UntrustedArchive
 from foundry_core.options import Options
 from foundry_core.restore import check_archive_offline
+from foundry_core.schema import rank_manifests
 from foundry_core.store import STORE_DIRNAME, ImageStore, image_bytes, pack_archive, store_usage
 
 log = logging.getLogger("foundry_core.cli")
@@ -206,9 +207,12 @@ def summarise(archive) -> dict:
             "layout": dict(m.ranks.layout),
             "noise_bytes": m.ranks.noise_bytes,
             "deltas": {d.rank: {"patches": len(d.patches), "bytes": sum(len(p.data) for p in d.patches),
+                                "base": d.base,
                                 "graphs": len({p.graph for p in d.patches if p.graph >= 0}),
                                 "snapshots": len({p.snapshot for p in d.patches if p.snapshot >= 0})}
                        for d in m.ranks.deltas},
+            "variants": {v.rank: {"graphs": len(v.manifest.graphs), "images": len(v.manifest.images),
+                                  "functions": len(v.manifest.functions)} for v in m.ranks.variants},
         },
     }
 
@@ -257,9 +261,13 @@ def render(s: dict) -> str:
         layout = " ".join(f"{k}={v}" for k, v in r["layout"].items())
         lines.append(f"ranks       one template for {r['world_size']} ranks ({layout}); "
                      f"noise masked {_size(r['noise_bytes'])}")
-        for rank, d in sorted(r["deltas"].items()):
-            lines.append(f"  rank {rank}    delta {d['patches']} patches, {_size(d['bytes'])} in {d['graphs']} graphs "
-                         f"and {d['snapshots']} snapshots")
+        rows = [(rank, f"delta {d['patches']} patches, {_size(d['bytes'])} in {d['graphs']} graphs and "
+                       f"{d['snapshots']} snapshots" + (f", on rank {d['base']}'s graphs" if d.get("base") else ""))
+                for rank, d in r["deltas"].items()]
+        rows += [(rank, f"variant: graphs of its own ({v['graphs']} graphs, {v['images']} kernel images, "
+                        f"{v['functions']} kernels)") for rank, v in r.get("variants", {}).items()]
+        for rank, what in sorted(rows):
+            lines.append(f"  rank {rank}    {what}")
     lines.append("")
     lines.append(f"graphs ({len(s['graphs'])})")
     lines += _table(
@@ -307,7 +315,8 @@ def cmd_verify(args, options: Options) -> int:
     with Archive.open(args.archive, options) as archive:
         records = archive.verify_all(progress=args.verbose > 0 and sys.stderr.isatty())
         saved = archive.manifest.fingerprint
-        in_store = [im for im in archive.manifest.images if im.in_store]
+        in_store = list({im.sha256: im for v in rank_manifests(archive.manifest) for im in v.images
+                         if im.in_store}.values())
         for im in in_store:
             image_bytes(archive, im)
         print(f"ok: {args.archive}: header, manifest and {records} blob records intact"

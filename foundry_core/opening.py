@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from foundry_core import layout, trust
+from foundry_core import layout, schema, trust
 from foundry_core.archive import Archive
 from foundry_core.errors import ArchiveError, FoundryError
 from foundry_core.fingerprint import check_compatible, current_fingerprint
@@ -46,6 +46,11 @@ def open_for_load(path: Path, key: str, device: int, rank: Optional[int], option
         if ranks is not None and not (rank is not None and 0 <= rank < ranks.world_size):
             raise ArchiveError(f"{path} is a template for {ranks.world_size} ranks; this process is rank "
                                f"{rank} (pass Session(rank=...))")
+        if ranks is not None:  # from here on the archive reads as this rank's: its graphs, images, trace
+            try:
+                out.archive.manifest = schema.for_rank(out.archive.manifest, rank)
+            except ValueError as err:
+                raise ArchiveError(f"{path}: {err}") from None
         out.archive.check_inflate_budget()  # one budget for everything it decompresses, the trace included
         if out.archive.manifest.trace is not None:  # decoded now so restore() only compares
             budget = out.archive.inflate_budget

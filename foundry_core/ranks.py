@@ -1,4 +1,4 @@
-"""One archive for every rank of a layout: differential capture → template + per-rank byte deltas.
+"""One archive for every rank of a layout: differential capture → template + per-rank byte deltas or variants.
 
 Each rank of a tensor/expert-parallel layout is captured separately (``parts[r]``, same process layout, same
 arena), and rank 0 once more (``noise``). Ranks need not all be captured: when every captured rank's delta is
@@ -7,13 +7,15 @@ whose rank-dependent values live in device memory, not in kernel arguments, then
 and one more rank as the check, whatever the rank count.
 
 Bytes that differ between the two rank-0 captures are capture noise — uninitialised padding in kernel
-arguments — and carry no meaning. :func:`merge_rank_archives` then requires the
-ranks to be structurally identical (graphs, topology, kernels, launch shapes, attributes, outputs, slots,
-snapshot layout, arena ranges) and stores rank 0's graphs once, plus for every other rank the bytes that differ
-from rank 0 outside the noise (``schema.RankDelta``). LOAD applies a rank's delta to the tables before building.
+arguments — and carry no meaning. :func:`merge_rank_archives` stores rank 0's graphs once and, for every rank
+structurally identical to them (graphs, topology, kernels, launch shapes, attributes, outputs, slots, snapshot
+layout), the bytes that differ outside the noise (``schema.RankDelta``). A rank that differs in structure — other
+kernel code, such as a JIT kernel specialised for rank 0's zero offset — is stored whole as a *variant*
+(``schema.RankVariant``), and later ranks like it become byte deltas on the variant's graphs. LOAD reads the
+archive as its rank's (``schema.for_rank``) and applies the rank's delta to the tables before building.
 
-A structural difference is refused with :class:`NotTemplatable` naming the first one: such a layout needs a
-per-rank archive, not a template.
+Ranks with another arena are refused with :class:`NotTemplatable`, and so are left-out ranks that cannot be
+derived (:class:`NotDerivable`): every rank must then be captured, or keep its own archive.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import numpy as np
 
 from foundry_core import schema, trust
 from foundry_core.archive import Archive, ArchiveWriter
+from foundry_core.archive import blob_names as archive_blob_names
 from foundry_core.errors import FoundryError
 from foundry_core.options import Options
 
@@ -36,7 +39,7 @@ log = logging.getLogger("foundry_core.ranks")
 
 
 class NotTemplatable(FoundryError):
-    """The ranks' graphs differ in structure, not only in argument bytes."""
+    """The ranks cannot share one template (another arena, or a second rank-0 capture unlike the first)."""
 
 
 class NotDerivable(NotTemplatable):
@@ -51,11 +54,16 @@ class MergeReport:
     differing: dict[int, list[str]] = field(default_factory=dict)  # rank -> where (graph/node or snapshot)
     by_kernel: dict[str, int] = field(default_factory=dict)  # kernel name (or "snapshot") -> delta bytes, all ranks
     derived: list[int] = field(default_factory=list)  # ranks not captured: their delta is empty
+    variants: dict[int, str] = field(default_factory=dict)  # rank -> how it differs from rank 0 in structure
+    based_on: dict[int, int] = field(default_factory=dict)  # rank -> the variant its delta applies to (not rank 0)
 
     def summary(self) -> str:
-        deltas = ", ".join(f"rank {r}: {n} B" for r, n in sorted(self.delta_bytes.items()))
+        deltas = ", ".join(f"rank {r}: {n} B" + (f" on rank {self.based_on[r]}" if r in self.based_on else "")
+                           for r, n in sorted(self.delta_bytes.items()))
         derived = f", ranks {self.derived} derived" if self.derived else ""
-        return f"{self.world_size} ranks, noise {self.noise_bytes} B masked, deltas {deltas or 'none'}{derived}"
+        variants = f", ranks {sorted(self.variants)} stored whole (variants)" if self.variants else ""
+        return (f"{self.world_size} ranks, noise {self.noise_bytes} B masked, deltas {deltas or 'none'}{derived}"
+                f"{variants}")
 
 
 def byte_runs(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None, gap: int = 8) -> list[tuple[int, int]]:
@@ -121,6 +129,12 @@ def _image_difference(m0: schema.Manifest, mr: schema.Manifest) -> str:
     return f"kernel images of its own: {described(mr, onlyr)}; rank 0's not in it: {described(m0, only0)}"
 
 
+def _difference(m0: schema.Manifest, mr: schema.Manifest) -> str:
+    """Where rank r's manifest first differs from rank 0's in structure (for logs and refusals)."""
+    a, b = _structure(m0), _structure(mr)
+    return _image_difference(m0, mr) if a["images"] != b["images"] else _first_difference(a, b)
+
+
 def _first_difference(a: dict, b: dict) -> str:
     for k in a:
         if a[k] != b[k]:
@@ -137,12 +151,13 @@ PartsArg = Union[Sequence[Union[str, Path]], Mapping[int, Union[str, Path]]]
 def merge_rank_archives(parts: PartsArg, out: str | Path, noise: Optional[str | Path] = None,
                         layout: Optional[dict[str, str]] = None, world_size: Optional[int] = None,
                         options: Optional[Options] = None) -> MergeReport:
-    """Write ``out``: rank 0's archive with a ``RankTemplate`` holding every rank's delta.
+    """Write ``out``: rank 0's archive with a ``RankTemplate`` holding every other rank's delta or variant.
 
     ``parts``: rank r's archive at ``parts[r]`` (a list: every rank; a mapping: the captured ranks, rank 0
     included, of a layout of ``world_size`` ranks — the others are derived, see the module docstring).
     ``noise``: a second capture of rank 0; bytes it changes are masked (never patched, never compared).
-    Raises NotTemplatable if any rank differs in structure, or if a rank is missing while a captured one differs.
+    Raises NotTemplatable if a rank has another arena or the noise capture differs from rank 0 in structure, and
+    NotDerivable if a rank is missing while a captured one differs.
     ``options``: how the parts are read and trusted and the template signed (default ``Options.from_env()``: a
     merge runs without a Session).
     """
@@ -170,90 +185,132 @@ def _merge(archives: dict[int, Archive], noise: Optional[Archive], out: Path, la
            world: int, sign_key: Optional[bytes]) -> MergeReport:
     base = archives[0]
     m0 = base.manifest
-    ref = _structure(m0)
-    for who, a in [(f"rank {r}", a) for r, a in archives.items() if r] + (
-            [("the second rank-0 capture", noise)] if noise else []):
-        other = _structure(a.manifest)
-        if other != ref:
-            where = (_image_difference(m0, a.manifest) if other["images"] != ref["images"]
-                     else _first_difference(ref, other))
-            raise NotTemplatable(f"{who} differs from rank 0 in structure: {where}")
     report = MergeReport(world_size=world)
-
-    # Noise mask per table: bytes the second rank-0 capture changed.
-    tables: list[tuple[str, int, int]] = []  # (what, graph index or -1, snapshot index or -1)
-    for gi, g in enumerate(m0.graphs):
-        tables.append(("nodes", gi, -1))
-        tables.append(("attrs", gi, -1))
-        tables.append(("payload", gi, -1))
-    for si in range(len(m0.snapshots)):
-        tables.append(("snapshot", -1, si))
-
-    def blob_of(m: schema.Manifest, what: str, gi: int, si: int) -> str:
-        if what == "snapshot":
-            return m.snapshots[si].blob
-        return getattr(m.graphs[gi], what)
-
-    # Rank 0's tables are read (and their sha256 verified) once, not once per rank and per difference.
-    base_tables = {t: _u8(base, blob_of(m0, *t)) for t in tables}
-    masks: dict[tuple[str, int, int], np.ndarray] = {}
-    for t in tables:
-        a0 = base_tables[t]
-        if noise is not None:
-            b = _u8(noise, blob_of(noise.manifest, *t))
+    if noise is not None and _structure(noise.manifest) != _structure(m0):
+        raise NotTemplatable(f"the second rank-0 capture differs from rank 0 in structure: "
+                             f"{_difference(m0, noise.manifest)}")
+    bases = {0: _Base(base, _structure(m0), _tables(base))}
+    if noise is not None:  # noise mask per table: bytes the second rank-0 capture changed
+        for t, a0 in bases[0].tables.items():
+            b = _u8(noise, _blob_of(noise.manifest, t))
             if len(b) != len(a0):
                 raise NotTemplatable(f"the second rank-0 capture has a different {t[0]} size in graph/snapshot {t[1:]}")
-            masks[t] = a0 != b
-            report.noise_bytes += int(masks[t].sum())
-        else:
-            masks[t] = np.zeros(len(a0), bool)
+            bases[0].masks[t] = a0 != b
+            report.noise_bytes += int(bases[0].masks[t].sum())
 
-    deltas = []
+    deltas, variants = [], []
     for r, a in ((r, a) for r, a in archives.items() if r):
-        patches: list[schema.BytePatch] = []
-        where: list[str] = []
-        for what, gi, si in tables:
-            a0 = base_tables[(what, gi, si)]
-            ar = _u8(a, blob_of(a.manifest, what, gi, si))
-            if len(ar) != len(a0):
-                raise NotTemplatable(f"rank {r}: graph {m0.graphs[gi].key if gi >= 0 else si!r} has a different "
-                                     f"{what} size ({len(ar)} vs {len(a0)} bytes)")
-            runs = byte_runs(a0, ar, masks[(what, gi, si)])
-            if not runs:
-                continue
-            if what in ("nodes", "attrs"):  # launch shapes, kernels or attributes differ: not a byte delta
-                raise NotTemplatable(f"rank {r}: graph {m0.graphs[gi].key!r} differs from rank 0 in its node "
-                                     f"{'table' if what == 'nodes' else 'launch attributes'} "
-                                     f"(record {runs[0][0] // (64 if what == 'nodes' else 72)})")
-            where.append(f"graph {m0.graphs[gi].key!r}" if gi >= 0 else f"snapshot {si}")
-            for off, n in runs:
-                patches.append(schema.BytePatch(offset=off, data=ar[off:off + n].tobytes(), graph=gi, snapshot=si))
-                if what == "payload":
-                    nodes = base_tables[("nodes", gi, -1)].view(schema.NODE_DTYPE)
-                    name = _kernel_at(nodes, m0, off)
-                else:
-                    name = "snapshot"
-                report.by_kernel[name] = report.by_kernel.get(name, 0) + n
-        deltas.append(schema.RankDelta(rank=r, patches=patches))
-        report.delta_bytes[r] = sum(len(p.data) for p in patches)
-        report.differing[r] = where
+        if a.manifest.arena != m0.arena:  # every rank reserves the same arena before it knows its graphs
+            raise NotTemplatable(f"rank {r} differs from rank 0 in its arena: {_difference(m0, a.manifest)}")
+        found = None
+        for b, known in bases.items():  # rank 0 first, then the variants in rank order
+            found = _delta(r, a, b, known, report) if _structure(a.manifest) == known.structure else None
+            if found is not None:
+                deltas.append(found)
+                break
+        if found is None:  # other kernels, launch shapes or table sizes: this rank's graphs are stored whole
+            why = _difference(m0, a.manifest)
+            log.info("foundry: rank %d is stored as a variant: it differs from rank 0 in structure: %s", r, why)
+            bases[r] = _Base(a, _structure(a.manifest), _tables(a))
+            variants.append(r)
+            report.variants[r] = why
     report.derived = [r for r in range(1, world) if r not in archives]
     if report.derived:
         differing = {r: n for r, n in report.delta_bytes.items() if n}
+        if variants:
+            raise NotDerivable(f"rank {variants[0]} differs from rank 0 in structure ({report.variants[variants[0]]}): "
+                               f"ranks {report.derived} cannot be derived; capture every rank")
         if differing:
             r, n = next(iter(differing.items()))
             raise NotDerivable(f"rank {r} differs from rank 0 in {n} bytes ({', '.join(report.differing[r][:3])}): "
                                  f"ranks {report.derived} cannot be derived; capture every rank")
         deltas += [schema.RankDelta(rank=r, patches=[]) for r in report.derived]
-        deltas.sort(key=lambda d: d.rank)
         report.delta_bytes.update({r: 0 for r in report.derived})
+    deltas.sort(key=lambda d: d.rank)
 
     with ArchiveWriter(out, sign_key=sign_key) as w:
         for name in sorted(m0.blobs):
             w.add_blob(name, base.blob(name), compress=m0.blobs[name].codec != "raw")
+        stored = []
+        for r in variants:  # under names of their own; the writer shares the records whose bytes are equal
+            a = archives[r]
+            renamed = _renamed_blobs(a.manifest, f"rank{r}/")
+            for name in sorted(archive_blob_names(a.manifest)):
+                w.add_blob(f"rank{r}/{name}", a.blob(name), compress=a.manifest.blobs[name].codec != "raw")
+            stored.append(schema.RankVariant(rank=r, manifest=msgspec.structs.replace(
+                renamed, blobs={}, ranks=None, fingerprint=m0.fingerprint)))
         manifest = msgspec.structs.replace(
             m0, ranks=schema.RankTemplate(world_size=world, deltas=deltas, noise_bytes=report.noise_bytes,
-                                          layout=dict(layout)))
+                                          layout=dict(layout), variants=stored))
         w.finish(manifest)
     log.info("foundry: rank template %s: %s", out, report.summary())
     return report
+
+
+@dataclass
+class _Base:
+    """A rank whose graphs the template stores whole (rank 0, or a variant): what other ranks are compared with."""
+
+    archive: Archive
+    structure: dict
+    tables: dict  # (what, graph index, snapshot index) -> uint8 bytes
+    masks: dict = field(default_factory=dict)  # same keys -> capture noise (rank 0 with a noise capture only)
+
+
+def _blob_of(m: schema.Manifest, table: tuple[str, int, int]) -> str:
+    what, gi, si = table
+    return m.snapshots[si].blob if what == "snapshot" else getattr(m.graphs[gi], what)
+
+
+def _tables(a: Archive) -> dict:
+    """Every graph's nodes, attributes and arguments and every snapshot of ``a``, as bytes (read and verified once)."""
+    m = a.manifest
+    keys = [(what, gi, -1) for gi in range(len(m.graphs)) for what in ("nodes", "attrs", "payload")]
+    keys += [("snapshot", -1, si) for si in range(len(m.snapshots))]
+    return {t: _u8(a, _blob_of(m, t)) for t in keys}
+
+
+def _delta(r: int, a: Archive, b: int, known: _Base, report: MergeReport) -> Optional[schema.RankDelta]:
+    """Rank ``r``'s bytes that differ from base rank ``b``'s outside the noise, or None when they differ in table
+    sizes, launch shapes, kernels or attributes (not a byte delta: ``r`` needs graphs of its own)."""
+    mb = known.archive.manifest
+    patches: list[schema.BytePatch] = []
+    where: list[str] = []
+    by_kernel: dict[str, int] = {}
+    for t, ab in known.tables.items():
+        what, gi, si = t
+        ar = _u8(a, _blob_of(a.manifest, t))
+        if len(ar) != len(ab):
+            return None
+        runs = byte_runs(ab, ar, known.masks.get(t))
+        if not runs:
+            continue
+        if what in ("nodes", "attrs"):
+            return None
+        where.append(f"graph {mb.graphs[gi].key!r}" if gi >= 0 else f"snapshot {si}")
+        for off, n in runs:
+            patches.append(schema.BytePatch(offset=off, data=ar[off:off + n].tobytes(), graph=gi, snapshot=si))
+            name = (_kernel_at(known.tables[("nodes", gi, -1)].view(schema.NODE_DTYPE), mb, off)
+                    if what == "payload" else "snapshot")
+            by_kernel[name] = by_kernel.get(name, 0) + n
+    for name, n in by_kernel.items():
+        report.by_kernel[name] = report.by_kernel.get(name, 0) + n
+    report.delta_bytes[r] = sum(len(p.data) for p in patches)
+    report.differing[r] = where
+    if b:
+        report.based_on[r] = b
+    return schema.RankDelta(rank=r, patches=patches, base=b)
+
+
+def _renamed_blobs(m: schema.Manifest, prefix: str) -> schema.Manifest:
+    """``m`` with every blob name it refers to prefixed (a variant's names inside the template file)."""
+    def name(n: str) -> str:
+        return prefix + n if n else n
+
+    rep = msgspec.structs.replace
+    return rep(m,
+               images=[rep(i, blob=name(i.blob)) for i in m.images],
+               graphs=[rep(g, nodes=name(g.nodes), payload=name(g.payload), attrs=name(g.attrs)) for g in m.graphs],
+               templates=[rep(t, edges=name(t.edges)) for t in m.templates],
+               snapshots=[rep(s, blob=name(s.blob)) for s in m.snapshots],
+               module_variables=[rep(v, value=name(v.value)) for v in m.module_variables])

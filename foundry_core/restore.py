@@ -142,15 +142,23 @@ def _as_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def rank_view(m: schema.Manifest, rank: Optional[int]) -> schema.Manifest:
+    """The manifest LOAD of ``rank`` reads (``schema.for_rank``); a rank the template does not serve is an
+    ArchiveError."""
+    try:
+        return schema.for_rank(m, rank)
+    except ValueError as err:
+        raise ArchiveError(str(err)) from None
+
+
 def rank_patches(m: schema.Manifest, rank: Optional[int]) -> list[schema.BytePatch]:
-    """The byte patches that turn the template (rank 0's graphs) into ``rank``'s; empty for rank 0 or a plain
-    single-rank archive."""
+    """The byte patches that turn the graphs of ``rank_view(m, rank)`` into ``rank``'s; empty for rank 0, a plain
+    single-rank archive or a rank stored as a variant."""
     if m.ranks is None or not rank:
         return []
-    for delta in m.ranks.deltas:
-        if delta.rank == rank:
-            return list(delta.patches)
-    raise ArchiveError(f"the archive's rank template has no delta for rank {rank}")
+    for delta in rank_view(m, rank).ranks.deltas:
+        return list(delta.patches)
+    raise AssertionError("for_rank keeps exactly the rank's delta")
 
 
 def apply_patches(data: np.ndarray, patches: Iterable[schema.BytePatch], what: str) -> np.ndarray:
@@ -194,7 +202,7 @@ def check_archive_for_load(archive, rank: Optional[int] = None) -> dict[int, tup
 
 def check_tables_for_load(archive, rank: Optional[int] = None) -> dict[int, tuple]:
     """The part of :func:`check_archive_for_load` that needs no torch: graph tables and child graphs."""
-    m = archive.manifest
+    m = rank_view(archive.manifest, rank)
     patches: dict[int, list] = {}
     for p in rank_patches(m, rank):
         if p.graph >= 0:
@@ -207,8 +215,9 @@ def check_tables_for_load(archive, rank: Optional[int] = None) -> dict[int, tupl
 
 
 def check_output_structures(archive) -> None:
-    """The part of :func:`check_archive_for_load` that reads torch's pytree format: every graph's outputs."""
-    for rec in archive.manifest.graphs:
+    """The part of :func:`check_archive_for_load` that reads torch's pytree format: every graph's outputs (those of
+    every rank variant too)."""
+    for rec in (g for m in schema.rank_manifests(archive.manifest) for g in m.graphs):
         try:
             output_structure(rec)
         except ArchiveError as e:
@@ -221,9 +230,9 @@ def check_archive_offline(archive) -> None:
     so that they pass only what LOAD accepts."""
     m = archive.manifest
     archive.check_inflate_budget()
-    if m.trace is not None:
-        layout.decode(m.trace, str(archive.path), archive.inflate_budget)
-        layout.decode_blocks(m.trace, str(archive.path), archive.inflate_budget)
+    for trace in (v.trace for v in schema.rank_manifests(m) if v.trace is not None):
+        layout.decode(trace, str(archive.path), archive.inflate_budget)
+        layout.decode_blocks(trace, str(archive.path), archive.inflate_budget)
     for rank in [None] if m.ranks is None else range(m.ranks.world_size):
         check_tables_for_load(archive, rank)
     check_output_structures(archive)

@@ -14,8 +14,9 @@ from typing import Optional
 import msgspec
 import numpy as np
 
-SCHEMA_VERSION = 3  # 2: allocation trace, RNG state per graph; 3: edge data read natively (2 may hold wrong
-#   edge data, cuda-python#1804), module_variables
+SCHEMA_VERSION = 4  # 2: allocation trace, RNG state per graph; 3: edge data read natively (2 may hold wrong
+#   edge data, cuda-python#1804), module_variables; 4: rank variants (a reader of 3 would patch a variant rank's
+#   delta onto rank 0's graphs)
 
 # ---------------------------------------------------------------------------
 # Binary records (little-endian, packed) used inside graph blobs.
@@ -279,19 +280,32 @@ class BytePatch(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RankDelta(msgspec.Struct, frozen=True, kw_only=True):
-    """How rank ``rank`` differs from the template (rank 0's capture), after masking capture noise."""
+    """How rank ``rank`` differs from the graphs of rank ``base`` (0, or a rank stored as a variant), after masking
+    capture noise."""
 
     rank: int
     patches: list[BytePatch] = []
+    base: int = 0
+
+
+class RankVariant(msgspec.Struct, frozen=True, kw_only=True):
+    """A rank whose graphs differ from rank 0's in structure (other kernel code, launch shapes, table sizes): its
+    whole manifest. Its blob names are the template file's (records shared where the bytes are equal); its
+    ``blobs``, ``fingerprint`` and ``ranks`` are not used (the template's are)."""
+
+    rank: int
+    manifest: "Manifest"
 
 
 class RankTemplate(msgspec.Struct, frozen=True, kw_only=True):
-    """One archive serving every rank of a layout: the graphs are rank 0's, ``deltas`` patch the others."""
+    """One archive serving every rank of a layout: the graphs are rank 0's, a variant's (``variants``) or one of
+    those patched by a delta (``deltas``); every rank 1..world_size-1 has one delta or one variant."""
 
     world_size: int
     deltas: list[RankDelta] = []
     noise_bytes: int = 0  # argument/snapshot bytes that differed between two captures of the same rank
     layout: dict[str, str] = {}
+    variants: list[RankVariant] = []
 
 
 class Manifest(msgspec.Struct, kw_only=True):
@@ -315,3 +329,30 @@ class Manifest(msgspec.Struct, kw_only=True):
     ranks: RankTemplate | None = None
     #: Module variables LOAD relocates and fills (only with FOUNDRY_MODULE_GLOBALS=relocate at SAVE).
     module_variables: list[ModuleVariable] = []
+
+
+def rank_manifests(m: Manifest) -> list[Manifest]:
+    """The manifest and those of its rank variants: everything an archive's blobs and images are named from."""
+    return [m] + ([v.manifest for v in m.ranks.variants] if m.ranks is not None else [])
+
+
+def for_rank(m: Manifest, rank: Optional[int]) -> Manifest:
+    """What LOAD of ``rank`` reads: for a rank template, the manifest of the graphs this rank is built from (rank
+    0's or a variant's, with the template's fingerprint and blob index) and, in its ``ranks``, only this rank's
+    delta, now relative to those graphs. Anything else (rank 0, None, a plain archive) is ``m`` itself. A rank the
+    template does not serve raises ValueError."""
+    t = m.ranks
+    if t is None or not rank:
+        return m
+    variants = {v.rank: v.manifest for v in t.variants}
+    delta = next((d for d in t.deltas if d.rank == rank), None)
+    if rank in variants and delta is None:
+        base, patches = variants[rank], []
+    elif delta is not None and rank not in variants and (delta.base == 0 or delta.base in variants):
+        base, patches = (variants[delta.base] if delta.base else m), delta.patches
+    else:
+        raise ValueError(f"the archive's rank template has no delta or variant for rank {rank}")
+    own = RankTemplate(world_size=t.world_size, noise_bytes=t.noise_bytes, layout=t.layout,
+                       deltas=[RankDelta(rank=rank, patches=patches)])
+    return msgspec.structs.replace(base, schema_version=m.schema_version, created_utc=m.created_utc,
+                                   fingerprint=m.fingerprint, blobs=m.blobs, ranks=own)

@@ -40,7 +40,7 @@ from foundry_core import trust
 from foundry_core.archive import Archive, ArchiveWriter, _fsync_dir, read_at
 from foundry_core.errors import ArchiveError
 from foundry_core.options import Options
-from foundry_core.schema import KernelImage
+from foundry_core.schema import KernelImage, rank_manifests
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +283,15 @@ def image_bytes(archive, image: KernelImage) -> bytes:
 def read_images(path: str | os.PathLike) -> list[KernelImage]:
     """The image records of an archive (validated open, manifest only)."""
     with Archive.open(path) as archive:
-        return list(archive.manifest.images)
+        return [im for m in rank_manifests(archive.manifest) for im in m.images]
 
 
 def store_usage(archive) -> dict:
     """Bytes of an archive's images by where they live: embedded, in the store and shared with at least one other
     archive beside it, or in the store and used by this archive alone."""
     store = ImageStore.beside(archive.path)
-    mine = {im.sha256: im.size for im in archive.manifest.images if im.in_store}
+    images = [im for m in rank_manifests(archive.manifest) for im in m.images]
+    mine = {im.sha256: im.size for im in images if im.in_store}
     others: set[str] = set()
     unreadable = 0
     other_paths = [p for p in store.archives_beside() if p.resolve() != Path(archive.path).resolve()]
@@ -303,8 +304,8 @@ def store_usage(archive) -> dict:
     shared = {s for s in mine if s in others}
     return {
         "store": str(store.root),
-        "embedded_images": sum(not im.in_store for im in archive.manifest.images),
-        "embedded_bytes": sum(im.size for im in archive.manifest.images if not im.in_store),
+        "embedded_images": len({im.sha256 for im in images if not im.in_store}),
+        "embedded_bytes": sum({im.sha256: im.size for im in images if not im.in_store}.values()),
         "store_images": len(mine),
         "shared_images": len(shared),
         "shared_bytes": sum(mine[s] for s in shared),
@@ -330,10 +331,17 @@ def pack_archive(src: str | os.PathLike, dst: str | os.PathLike, options: Option
         with ArchiveWriter(dst, sign_key=key) as writer:
             for name, blob in m.blobs.items():
                 writer.add_blob(name, archive.blob(name), compress=blob.codec != "raw")
-            images = []
-            for im in m.images:
-                if im.in_store:
-                    name = writer.add_blob(f"image/{im.sha256[:16]}", image_bytes(archive, im), compress=False)
-                    im = msgspec.structs.replace(im, blob=name, in_store=False)
-                images.append(im)
-            return writer.finish(msgspec.structs.replace(m, images=images))
+            def embedded(images: list[KernelImage]) -> list[KernelImage]:
+                out = []
+                for im in images:
+                    if im.in_store:
+                        name = writer.add_blob(f"image/{im.sha256[:16]}", image_bytes(archive, im), compress=False)
+                        im = msgspec.structs.replace(im, blob=name, in_store=False)
+                    out.append(im)
+                return out
+
+            if m.ranks is not None and m.ranks.variants:
+                variants = [msgspec.structs.replace(v, manifest=msgspec.structs.replace(
+                    v.manifest, images=embedded(v.manifest.images))) for v in m.ranks.variants]
+                m = msgspec.structs.replace(m, ranks=msgspec.structs.replace(m.ranks, variants=variants))
+            return writer.finish(msgspec.structs.replace(m, images=embedded(m.images)))

@@ -78,23 +78,31 @@ def check_manifest(where: str, m: schema.Manifest) -> None:
 
 
 def _check_ranks(where: str, m: schema.Manifest) -> None:
-    """A rank template's deltas: one per rank 1..world_size-1 at most, each patch aimed at exactly one graph or
-    snapshot that exists (LOAD would otherwise ignore it silently)."""
+    """A rank template: each rank 1..world_size-1 at most once, by a delta or by a variant; a delta's base is rank 0
+    or a variant, and each of its patches aims at exactly one graph or snapshot of that base (LOAD would otherwise
+    ignore it silently); each variant passes these checks itself, read as its rank's manifest."""
     if m.ranks is None:
         return
     world = m.ranks.world_size
     if world < 1:
         raise ArchiveError(f"{where}: rank template for {world} ranks")
-    ranks = [d.rank for d in m.ranks.deltas]
+    ranks = [d.rank for d in m.ranks.deltas] + [v.rank for v in m.ranks.variants]
     if len(set(ranks)) != len(ranks) or not all(1 <= r < world for r in ranks):
-        raise ArchiveError(f"{where}: rank template deltas for ranks {sorted(ranks)[:8]}; expected each of 1.."
-                           f"{world - 1} at most once")
+        raise ArchiveError(f"{where}: rank template deltas and variants for ranks {sorted(ranks)[:8]}; expected each "
+                           f"of 1..{world - 1} at most once")
+    variants = {v.rank: v.manifest for v in m.ranks.variants}
     for delta in m.ranks.deltas:
+        if delta.base and delta.base not in variants:
+            raise ArchiveError(f"{where}: rank {delta.rank}'s delta applies to rank {delta.base}, which is not stored "
+                               "as a variant")
+        base = variants[delta.base] if delta.base else m
         for p in delta.patches:
-            if (p.graph >= 0) == (p.snapshot >= 0) or p.graph >= len(m.graphs) or p.snapshot >= len(m.snapshots):
+            if (p.graph >= 0) == (p.snapshot >= 0) or p.graph >= len(base.graphs) or p.snapshot >= len(base.snapshots):
                 raise ArchiveError(f"{where}: rank {delta.rank} patch at {p.offset} is for graph {p.graph} and "
-                                   f"snapshot {p.snapshot}; the archive has {len(m.graphs)} graphs and "
-                                   f"{len(m.snapshots)} snapshots, and a patch is for exactly one of them")
+                                   f"snapshot {p.snapshot}; its base has {len(base.graphs)} graphs and "
+                                   f"{len(base.snapshots)} snapshots, and a patch is for exactly one of them")
+    for rank in variants:
+        check_manifest(f"{where}: rank {rank}'s variant", schema.for_rank(m, rank))
 
 
 def check_graph_tables(where: str, m: schema.Manifest, index: int, nodes: np.ndarray, payload: np.ndarray,

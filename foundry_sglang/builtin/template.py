@@ -7,7 +7,7 @@ values in device memory, so the last rank's delta is normally empty and the rank
 (``foundry_core.ranks``): three captures whatever the rank count; where the last rank does differ, every other
 rank is captured too. Each process builds
 the model with its rank's shards, turns collectives into slot placeholders (:mod:`.collectives`) and writes a
-per-rank archive; ``foundry_core.ranks.merge_rank_archives`` checks the ranks are structurally identical and
+per-rank archive; ``foundry_core.ranks.merge_rank_archives`` compares the ranks with rank 0 and
 writes one archive: rank 0's graphs plus per-rank byte deltas (normally none: rank-dependent values such as the
 vocabulary window and the first local expert live in device memory, not in kernel arguments).
 """

@@ -6,8 +6,8 @@ communicator. comm_patch keeps them out of the archive and puts them back in the
 1. **SAVE** (:mod:`.recording`): the engine adapter intercepts its engine's collectives while a SAVE captures and
    records each as a ``foundry_core`` slot (a no-op placeholder kernel plus a ``SlotSpec``: op, group, dtype,
    count, send/receive addresses in the arena, reduction).
-2. **One archive for every rank** (``foundry_core.ranks``): the ranks of a layout are structurally identical;
-   rank 0's graphs are stored once with a small per-rank byte delta (the rank template).
+2. **One archive for every rank** (``foundry_core.ranks``): rank 0's graphs are stored once with a small
+   per-rank byte delta (the rank template); a rank with other kernel code is stored whole inside it (a variant).
 3. **LOAD** (:mod:`.nccl`): the real communicators are up; each slot is filled by capturing the real collective
    into the restored graph, in slot order on every rank, on the communicator of its group. The SAVE process
    itself serves its graphs filled the same way (``foundry_core.Session.fill_captured``).

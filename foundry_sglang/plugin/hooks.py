@@ -244,7 +244,8 @@ def _resolved_graph_config_problem() -> Optional[str]:
 @dataclasses.dataclass
 class ParallelArchives:
     """A TP/EP server's archives: one rank template for the layout (``foundry_core.ranks``), written by rank 0 from
-    every rank's part; the parts stay, as per-rank archives, when the ranks differ in structure."""
+    every rank's part (a rank whose kernels differ from rank 0's is a variant inside it); the parts stay, as per-rank
+    archives, only when the merge fails."""
 
     template: Path
     rank: int  # this process's rank in SGLang's world group
@@ -484,7 +485,7 @@ def after_init_cuda_graphs(result: Any, runner: Any, *args, **kwargs) -> Any:
 
 def _write_template(archives: ParallelArchives, written: bool, options=None) -> None:
     """Rank 0 merges every rank's part into the layout's template once all of them are written (``options``: the
-    session's, by which the parts were written and are read and signed); where the ranks differ in structure the
+    session's, by which the parts were written and are read and signed); where the merge fails (another arena) the
     parts stay and later starts load them per rank."""
     if archives.agree(written) and archives.rank == 0:
         parts = [rank_part_path(archives.template, r) for r in range(archives.world)]

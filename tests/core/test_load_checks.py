@@ -364,5 +364,5 @@ def test_rank_deltas_must_be_for_distinct_ranks_of_the_template(realistic, tmp_p
     def edit(doc, blobs):
         delta = doc["ranks"]["deltas"][0]
         doc["ranks"]["deltas"] = [dict(delta, rank=r) for r in ranks]
-    with pytest.raises(ArchiveError, match="rank template deltas for ranks"):
+    with pytest.raises(ArchiveError, match="rank template deltas and variants for ranks"):
         Archive.open(tamper(realistic, tmp_path / "tampered.foundry", edit=edit))

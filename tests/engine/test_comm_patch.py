@@ -6,12 +6,13 @@ The CUDA halves (placeholder kernel, capture into the restored graph on NCCL) ru
 from __future__ import annotations
 
 import os
+import re
 
 import msgspec
 import numpy as np
 import pytest
 import torch
-from conftest import sample_archive
+from conftest import rewrite_manifest, sample_archive
 from plugin_standins import SlotLog
 
 from foundry_core import schema
@@ -185,7 +186,7 @@ def test_template_holds_rank0_plus_masked_deltas(ranks):
         want[16] = a0.blob_array(a0.manifest.graphs[0].payload, np.uint8)[16]
         assert np.array_equal(p1, want)
         assert rank_patches(m, 0) == [] and rank_patches(m, None) == []
-        with pytest.raises(ArchiveError, match="no delta for rank 5"):
+        with pytest.raises(ArchiveError, match="no delta or variant for rank 5"):
             rank_patches(m, 5)
 
 
@@ -195,10 +196,8 @@ def test_without_noise_capture_padding_becomes_delta(ranks):
     assert report.noise_bytes == 0 and report.delta_bytes == {1: 4}  # offsets 16, 40, 41 and the snapshot byte
 
 
-@pytest.mark.parametrize("what", ["grid", "extra", "snapshot_size"])
-def test_structural_differences_are_not_templatable(ranks, what):
-    tmp, r0, _, _ = ranks
-    bad = tmp / "bad.foundry"
+def differing_rank(r0, bad, what):
+    """Rewrite rank-0 archive ``r0`` as a rank that differs from it in structure (``what``), at ``bad``."""
     if what == "grid":
         def mutate(name, data):
             if not name.endswith("decode_bs2/nodes"):
@@ -207,18 +206,128 @@ def test_structural_differences_are_not_templatable(ranks, what):
             nodes["grid"][3, 0] += 1
             return nodes.tobytes()
         rewrite(r0, bad, mutate)
-        match = "node table"
     elif what == "extra":
         rewrite(r0, bad, extra={"kv_pages": "2048"})
-        match = "extra"
+    elif what == "image":  # a rank-specialised JIT kernel: other code in the same place
+        with Archive.open(r0) as a:
+            images = [msgspec.structs.replace(a.manifest.images[0], sha256="ab" * 32), *a.manifest.images[1:]]
+        rewrite(r0, bad, images=images)
     else:
         with Archive.open(r0) as a:
             snaps = [msgspec.structs.replace(a.manifest.snapshots[0], size=10)]
         rewrite(r0, bad, lambda name, data: data[:10] if name == snaps[0].blob else data, snapshots=snaps)
-        match = "snapshots"
-    with pytest.raises(NotTemplatable, match=match):
+
+
+def rank_tables(archive, rank):
+    """What LOAD of ``rank`` builds from: every graph's (nodes, payload, attrs, edges) as bytes, and the images."""
+    from foundry_core.restore import check_tables_for_load, rank_view
+
+    arrays = check_tables_for_load(archive, rank)
+    view = rank_view(archive.manifest, rank)
+    snapshots = [apply_patches(np.frombuffer(archive.blob(snap.blob), np.uint8),
+                               [p for p in rank_patches(view, rank) if p.snapshot == i], "snapshot").tobytes()
+                 for i, snap in enumerate(view.snapshots)]
+    return [tuple(x.tobytes() for x in arrays[i]) for i in sorted(arrays)], [i.sha256 for i in view.images], snapshots
+
+
+@pytest.mark.parametrize("what", ["grid", "extra", "image", "snapshot_size"])
+def test_a_rank_that_differs_in_structure_is_stored_whole_in_the_template(ranks, what):
+    """SGLang's rank 0 compiles other kernel code than rank 1 (its vocabulary window starts at 0); such a rank is
+    a variant of the one template: LOAD of it reads exactly its own graphs, rank 0 reads rank 0's."""
+    from foundry_core.cli import main
+
+    tmp, r0, _, _ = ranks
+    bad = tmp / "bad.foundry"
+    differing_rank(r0, bad, what)
+    out = tmp / "tpl.foundry"
+    report = merge_rank_archives([r0, bad], out)
+    assert list(report.variants) == [1] and report.delta_bytes == {}
+    with Archive.open(out) as t, Archive.open(r0) as a0, Archive.open(bad) as a1:
+        assert rank_tables(t, 0) == rank_tables(a0, None)
+        assert rank_tables(t, 1) == rank_tables(a1, None)
+        assert (rank_tables(t, 1) == rank_tables(a0, None)) == (what == "extra")
+        (variant,) = t.manifest.ranks.variants
+        assert variant.rank == 1 and variant.manifest.ranks is None
+        assert schema.for_rank(t.manifest, 1).extra == a1.manifest.extra
+        # the variant's blobs share the file's records where the bytes are rank 0's
+        assert t.file_size < a0.file_size + a1.file_size
+    assert main(["verify", str(out)]) == 0
+    assert main(["inspect", str(out)]) == 0
+    if what == "image":  # the variant's kernel images are the template's too: kept in a store, embedded by pack
+        from foundry_core.store import pack_archive, read_images
+
+        assert "ab" * 32 in {im.sha256 for im in read_images(out)}
+        pack_archive(out, tmp / "packed.foundry")
+        with Archive.open(tmp / "packed.foundry") as packed, Archive.open(bad) as a1:
+            assert rank_tables(packed, 1) == rank_tables(a1, None)
+
+
+def test_ranks_like_a_variant_are_deltas_on_its_graphs(ranks):
+    """TP=3 where rank 0 is special: rank 1 is stored whole, rank 2 as the bytes it differs from rank 1 in."""
+    tmp, r0, _, _ = ranks
+    r1, r2 = tmp / "v1.foundry", tmp / "v2.foundry"
+    differing_rank(r0, r1, "image")
+    rewrite(r1, r2, poke([40, 41]))
+    out = tmp / "tpl3.foundry"
+    report = merge_rank_archives([r0, r1, r2], out)
+    assert list(report.variants) == [1] and report.delta_bytes == {2: 2} and report.based_on == {2: 1}
+    assert "ranks [1] stored whole" in report.summary() and "rank 2: 2 B on rank 1" in report.summary()
+    with Archive.open(out) as t, Archive.open(r2) as a2:
+        (delta,) = t.manifest.ranks.deltas
+        assert (delta.rank, delta.base) == (2, 1)
+        assert rank_tables(t, 2) == rank_tables(a2, None)
+        with pytest.raises(ArchiveError, match="rank 3"):
+            rank_tables(t, 3)
+    with pytest.raises(NotTemplatable, match="derived"):  # a structure of its own cannot be derived
+        merge_rank_archives({0: r0, 1: r1}, tmp / "tpl4.foundry", world_size=4)
+
+
+def test_a_rank_with_another_arena_is_not_templatable(ranks):
+    tmp, r0, _, _ = ranks
+    bad = tmp / "arena.foundry"
+    with Archive.open(r0) as a:
+        arena = msgspec.structs.replace(a.manifest.arena, size=a.manifest.arena.size * 2)
+    rewrite(r0, bad, arena=arena)
+    with pytest.raises(NotTemplatable, match="arena"):
         merge_rank_archives([r0, bad], tmp / "tpl.foundry")
     assert not (tmp / "tpl.foundry").exists()
+
+
+@pytest.mark.parametrize("tamper", ["base_not_a_variant", "variant_is_a_template", "variant_blob_missing",
+                                    "rank_twice", "patch_beyond_the_base"])
+def test_a_tampered_variant_is_refused_at_open(ranks, tamper):
+    tmp, r0, _, _ = ranks
+    r1, r2 = tmp / "v1.foundry", tmp / "v2.foundry"
+    differing_rank(r0, r1, "image")
+    rewrite(r1, r2, poke([40, 41]))
+    good = tmp / "tpl3.foundry"
+    merge_rank_archives([r0, r1, r2], good)
+    with Archive.open(good) as t:
+        ranks_t = t.manifest.ranks
+    (variant,), (delta,) = ranks_t.variants, ranks_t.deltas
+    rep = msgspec.structs.replace
+    if tamper == "base_not_a_variant":
+        changed, match = rep(ranks_t, deltas=[rep(delta, base=2)]), "not stored as a variant"
+    elif tamper == "variant_is_a_template":
+        changed, match = rep(ranks_t, variants=[rep(variant, manifest=rep(variant.manifest, ranks=ranks_t))]), \
+            "itself a rank template"
+    elif tamper == "variant_blob_missing":
+        graphs = [rep(variant.manifest.graphs[0], payload="rank1/nothing"), *variant.manifest.graphs[1:]]
+        changed, match = rep(ranks_t, variants=[rep(variant, manifest=rep(variant.manifest, graphs=graphs))]), \
+            "missing blob 'rank1/nothing'"
+    elif tamper == "rank_twice":
+        changed, match = rep(ranks_t, deltas=[delta, rep(delta, rank=1, base=0)]), "at most once"
+    else:
+        snaps = len(variant.manifest.snapshots)
+        changed, match = rep(ranks_t, deltas=[rep(delta, patches=[schema.BytePatch(offset=0, data=b"x",
+                                                                                    snapshot=snaps)])]), \
+            f"its base has .* {snaps} snapshots"
+    bad = tmp / "tampered.foundry"
+    bad.write_bytes(good.read_bytes())
+    with Archive.open(good) as t:
+        rewrite_manifest(bad, msgspec.structs.replace(t.manifest, ranks=changed))
+    with pytest.raises(ArchiveError, match=match):
+        Archive.open(bad)
 
 
 def test_patch_outside_table_is_an_archive_error():
@@ -305,8 +414,9 @@ def test_a_writable_rank_part_is_not_laundered_into_a_template(ranks):
 
 
 def test_differing_kernel_images_are_named_by_their_kernels(ranks):
-    """Ranks that load other kernel code (or the same images in another order) cannot share one template; the
-    refusal says which, naming the kernels, so a user can tell a rank-specialised JIT kernel from a load order."""
+    """Ranks that load other kernel code (or the same images in another order) are variants of the template; the
+    report (and a refused derivation) says which, naming the kernels, so a user can tell a rank-specialised JIT
+    kernel from a load order."""
     from foundry_core.ranks import _image_difference
 
     tmp, r0, _, _ = ranks
@@ -324,5 +434,7 @@ def test_differing_kernel_images_are_named_by_their_kernels(ranks):
         "the same 2 kernel images in another order (from index 0 on)")
     bad = tmp / "other_image.foundry"
     rewrite(r0, bad, images=[other, *m0.images[1:]])
+    report = merge_rank_archives([r0, bad], tmp / "tpl.foundry")  # a variant, and the report says why
+    assert re.search("kernel images of its own: 1 .*triton_poi_fused_mask_0", report.variants[1])
     with pytest.raises(NotTemplatable, match="kernel images of its own: 1 .*triton_poi_fused_mask_0"):
-        merge_rank_archives([r0, bad], tmp / "tpl.foundry")
+        merge_rank_archives({0: r0, 1: bad}, tmp / "tpl4.foundry", world_size=4)

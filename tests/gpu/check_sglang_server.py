@@ -204,6 +204,13 @@ def verdicts(kind: str, layers: int, r: dict, layout: str = "tp1", share: bool =
                     f"in {load.get('restore_s', '-')} s (all ready after {load.get('all_graphs_ready_s', '-')} s)"
                     f"{ranks}")
     guarded("every decode graph restored" + (" on every rank" if parallel else ""), graphs)
+    if parallel:
+        def one_template():
+            loaded = Path(load.get("archive") or "?").name
+            ok = bool(save.get("template")) and ".rank" not in loaded and load.get("chose") == "LOAD"
+            return ok, (f"SAVE merged: {save.get('template', 'no template (parts kept)')}; LOAD read {loaded} on "
+                        f"{load.get('ranks_reported')} ranks")
+        guarded("one rank template for every rank", one_template)
 
     def answers(other, label):
         a, b = plain.get("answers"), other.get("answers")
