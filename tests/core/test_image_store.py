@@ -330,3 +330,30 @@ def test_gc_and_inspect_do_not_hang_on_a_fifo_named_like_an_archive(tmp_path, ca
     assert "gc refused" in err and "trap.foundry" in err and "not a regular file" in err
     assert returns_within(20, main, ["inspect", str(a)]) == 0
     assert "1 unreadable archives not counted" in capsys.readouterr().out
+
+
+def test_gc_keeps_the_images_only_a_rank_variant_uses(tmp_path):
+    """A rank template stores a rank whose kernels differ from rank 0's as a variant; the store images of that
+    rank alone (a rank-specialised JIT kernel) belong to the template: gc keeps them, pack embeds them."""
+    from foundry_core.ranks import merge_rank_archives
+
+    imgs = [image(i, 20_000) for i in range(3)]
+    (tmp_path / "parts").mkdir()
+    r0 = save_layout(tmp_path / "parts" / "r0.foundry", imgs[0:2], seed=1)
+    r1 = save_layout(tmp_path / "parts" / "r1.foundry", [imgs[0], imgs[2]], seed=1)
+    template = tmp_path / "parts" / "tpl.foundry"
+    report = merge_rank_archives([r0, r1], template)
+    assert list(report.variants) == [1]
+    r0.unlink()
+    r1.unlink()
+    store = ImageStore.beside(template)
+    for sha in store.entries():
+        age(store.path(sha), 7200)
+    assert store.gc().removed == []
+    assert set(store.entries()) == {i.sha256 for i in imgs}
+    assert summarise(Archive.open(template))["image_store"]["own_images"] == 3
+    packed = pack_archive(template, tmp_path / "packed.foundry")
+    with Archive.open(packed) as a:
+        variant = a.manifest.ranks.variants[0].manifest
+        assert not any(im.in_store for im in variant.images)
+        assert image_bytes(a, variant.images[1]) == imgs[2].data
