@@ -14,7 +14,9 @@ Per model, one server at a time on GPU 0, every server with the same fixed KV po
   eager    ``python -m sglang.launch_server --disable-cuda-graph``
   capture  ``python -m sglang.launch_server``: SGLang captures its decode graphs live
   load     ``python -m foundry_sglang.launch --foundry-mode load`` on the save's archive
-then ``--starts`` rounds of eager, capture, load (interleaved). Each start: time to healthy (``/health`` every
+  load_auto  (only when named in ``--modes``) the same with ``--foundry-mode auto``: what auto costs a start that
+           restores (every scheduler process records kernel images from its first line, since a SAVE may follow)
+then ``--starts`` rounds of the modes (interleaved). Each start: time to healthy (``/health`` every
 20 ms; with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 it answers once SGLang is up, without the probe generation
 that waits >= 1 s), the latency of one request (1 new token) sent as soon as it is healthy, SGLang's
 ``/server_info`` start-up times, and in the first ``--tpot-starts`` starts of each mode the decode TPOT with 1, 8
@@ -75,7 +77,9 @@ from gpu.verdicts import FAIL, INFO, SKIP, Verdicts  # noqa: E402
 
 #: Benchmark models: the server config (sglang_servers.MODELS) and the full depth.
 BENCH_MODELS = {"qwen3-8b": ("dense", 36), "qwen3-30b-a3b": ("a3b", 48)}
-MODES = ("eager", "capture", "load")
+MODES = ("eager", "capture", "load")  # the default run
+ALL_MODES = MODES + ("load_auto",)
+FOUNDRY_MODE = {"save": "save", "load": "load", "load_auto": "auto"}  # eager and capture: plain SGLang
 #: (phase, the log text that ends it), in start-up order; None: no log line marks it.
 PHASE_MARKS = (
     ("imports", "server_args=ServerArgs("),
@@ -193,7 +197,7 @@ def summarize_mode(starts: list[dict]) -> dict:
 
 def summarize(entry: dict) -> dict:
     """Per mode (and the save starts): spreads of every figure and the median of every phase."""
-    out = {mode: summarize_mode(entry["starts"].get(mode, [])) for mode in MODES if entry["starts"].get(mode)}
+    out = {mode: summarize_mode(entry["starts"].get(mode, [])) for mode in ALL_MODES if entry["starts"].get(mode)}
     if entry.get("save"):
         out["save"] = summarize_mode(entry["save"])
     return out
@@ -235,7 +239,7 @@ def verdicts(key: str, entry: dict, table: Verdicts) -> None:
         table.row(f"{key}: LOAD healthy <= eager + {HEALTHY_TARGET_S} s (median)", excess <= HEALTHY_TARGET_S,
                   f"eager {fmt(he)}, LOAD {fmt(hl)}: {excess:+.2f} s; live capture {fmt(capture.get('healthy_s'))}; "
                   "phase medians LOAD - eager: " + (", ".join(f"{p} {d:+.2f} s" for p, d in top) or "none"))
-    loads = [st for st in entry["starts"].get("load", []) if st.get("ok")]
+    loads = [st for m in ("load", "load_auto") for st in entry["starts"].get(m, []) if st.get("ok")]
     if loads:
         bad = [f"#{st.get('round')}: restored {st['graphs'].get('restored')} of {len(st['graphs'].get('bs', []))}, "
                f"live {st['graphs'].get('live')}, {st['graphs'].get('fallback_lines')}" for st in loads
@@ -243,7 +247,15 @@ def verdicts(key: str, entry: dict, table: Verdicts) -> None:
                        and st["graphs"].get("live") == 0 and not st["graphs"].get("fallback_lines"))]
         table.row(f"{key}: every LOAD restored every decode graph", not bad,
                   "; ".join(bad) or f"{len(loads)} starts, {len(loads[0]['graphs']['bs'])} graphs each, none live")
-    for mode in ("save",) + MODES:
+    auto = s.get("load_auto")
+    if auto and load:
+        diffs = phase_diffs(auto["phases_s"], load["phases_s"])
+        top = sorted(((p, d) for p, d in diffs.items() if abs(d) >= 0.01), key=lambda pd: -abs(pd[1]))[:3]
+        table.row(f"{key}: --foundry-mode auto vs load on the same archive", INFO,
+                  f"healthy {fmt(auto.get('healthy_s'))} vs {fmt(load.get('healthy_s'))}: "
+                  f"{auto['healthy_s']['median'] - load['healthy_s']['median']:+.2f} s; phase medians auto - load: "
+                  + (", ".join(f"{p} {d:+.2f} s" for p, d in top) or "none"))
+    for mode in ("save",) + ALL_MODES:
         m = s.get(mode)
         if m:
             tp = ", ".join(f"bs{bs} {v['median']:.2f} ms" for bs, v in m["tpot_ms"].items()) or "not measured"
@@ -295,7 +307,7 @@ def record_name(doc: dict) -> str:
 def estimate(kind: str, layers: int, modes, starts: int, tpot_starts: int, save: bool) -> dict:
     """Rough seconds of one model's run (EST_* constants)."""
     per = {"eager": EST_FIXED_S, "capture": EST_FIXED_S + EST_LIVE_PER_LAYER_S[kind] * layers,
-           "load": EST_FIXED_S + EST_LOAD_S}
+           "load": EST_FIXED_S + EST_LOAD_S, "load_auto": EST_FIXED_S + EST_LOAD_S}
     per = {m: v + EST_AFTER_S for m, v in per.items() if m in modes}
     save_s = EST_FIXED_S + EST_SAVE_PER_LAYER_S[kind] * layers + EST_AFTER_S if save else 0.0
     total = save_s + starts * sum(per.values()) + min(tpot_starts, starts) * len(per) * EST_TPOT_S
@@ -315,7 +327,8 @@ def plot(doc: dict, path: Path) -> None:
     cmap = plt.get_cmap("tab20")
     for ax, key in zip(axes[:, 0], keys):
         entry = doc["models"][key]
-        rows = [(m, entry.get("save", []) if m == "save" else entry["starts"].get(m, [])) for m in ("save",) + MODES]
+        rows = [(m, entry.get("save", []) if m == "save" else entry["starts"].get(m, []))
+                for m in ("save",) + ALL_MODES]
         rows = [(m, starts, median_start(starts)) for m, starts in rows if median_start(starts)]
         xmax = max([st["healthy_s"] for _, _, st in rows] + [1e-3])
         labelled = set()
@@ -352,7 +365,7 @@ def tables(doc: dict) -> str:
         out.append("| mode | starts ok | healthy median (min-max) s | first request s | graph phase s | "
                    + " | ".join(f"TPOT bs{bs} ms" for bs in TPOT_BS) + " |")
         out.append("|---|---|---|---|---|" + "---|" * len(TPOT_BS))
-        for mode in ("save",) + MODES:
+        for mode in ("save",) + ALL_MODES:
             m = s.get(mode)
             if not m:
                 continue
@@ -362,10 +375,10 @@ def tables(doc: dict) -> str:
             tp = [f(m["tpot_ms"].get(str(bs), {}).get("median")) for bs in TPOT_BS]
             out.append(f"| {mode} | {m['starts_ok']} | {hs} | {f(fr and fr['median'], 3)} | {f(g and g['median'])} | "
                        + " | ".join(tp) + " |")
-        out.append("\n| phase (median s) | " + " | ".join(m for m in ("save",) + MODES if m in s) + " |")
-        out.append("|---|" + "---|" * sum(1 for m in ("save",) + MODES if m in s))
+        out.append("\n| phase (median s) | " + " | ".join(m for m in ("save",) + ALL_MODES if m in s) + " |")
+        out.append("|---|" + "---|" * sum(1 for m in ("save",) + ALL_MODES if m in s))
         for phase in PHASES:
-            out.append(f"| {phase} | " + " | ".join(f(s[m]["phases_s"].get(phase)) for m in ("save",) + MODES
+            out.append(f"| {phase} | " + " | ".join(f(s[m]["phases_s"].get(phase)) for m in ("save",) + ALL_MODES
                                                   if m in s) + " |")
     return "\n".join(out)
 
@@ -389,7 +402,7 @@ def start_once(mode: str, model_dir: Path, vocab: int, archive: Path, a, logs: P
                tpot: bool) -> dict:
     """One server start and its measurements; never raises (an error lands in the result)."""
     extra = common_flags(a) + (["--disable-cuda-graph"] if mode == "eager" else [])
-    foundry = {"save": "save", "load": "load"}.get(mode)  # eager and capture: plain SGLang
+    foundry = FOUNDRY_MODE.get(mode)
     res: dict = {"mode": mode, "ok": False}
     t0 = time.perf_counter()
     srv = start_server(name, model_dir, logs, 0, foundry, archive if foundry else None, extra)
@@ -480,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--models", default="qwen3-8b", help=f"comma list of {', '.join(BENCH_MODELS)} (qwen3-8b)")
     ap.add_argument("--layers", type=int, default=None, help="layers of every model (default: 36 and 48)")
     ap.add_argument("--starts", type=int, default=5, help="timed starts per mode, interleaved (5)")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma list of eager, capture, load (all)")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="comma list of eager, capture, load, load_auto (default: eager,capture,load)")
     ap.add_argument("--max-bs", type=int, default=None,
                     help="--cuda-graph-max-bs-decode of every server (default: SGLang's, 256 on an H100/H200)")
     ap.add_argument("--tpot-starts", type=int, default=1, help="starts of each mode that also time decode TPOT (1)")
@@ -534,7 +548,7 @@ def main(argv=None) -> int:
                      else Path(a.workdir) / "logs")
     names = [m.strip() for m in a.models.split(",") if m.strip()]
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-    bad = [m for m in names if m not in BENCH_MODELS] + [m for m in a.modes if m not in MODES]
+    bad = [m for m in names if m not in BENCH_MODELS] + [m for m in a.modes if m not in ALL_MODES]
     if bad:
         build_parser().error(f"unknown model or mode: {', '.join(bad)}")
     if a.estimate:

@@ -261,7 +261,9 @@ class H(BaseHTTPRequestHandler):
 for msg in lines:
     if mode == "eager" and "Capture" in msg:
         continue
-    if mode == "load" and "Capture target decode CUDA graph end" in msg:
+    if mode == "auto" and "Init torch distributed begin" in msg:
+        time.sleep(0.3)  # what auto would cost in the scheduler's start
+    if mode in ("load", "auto") and "Capture target decode CUDA graph end" in msg:
         log("foundry: restored 4 graphs in 0.01 s")
         log("foundry: mode=load recorded=0 restored=4 live=0")
     log(msg)
@@ -350,3 +352,23 @@ def test_server_stop_ends_the_whole_process_group(tmp_path):
     assert srv.proc.poll() is not None and not sglang_servers._group_alive(srv.proc.pid)
     stat = Path(f"/proc/{child}/stat")
     assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def test_auto_mode_on_the_same_archive_is_a_mode_of_its_own(tmp_path, fake_sglang):
+    """``--modes ...,load_auto`` starts the launcher with ``--foundry-mode auto`` on the saved archive and reports
+    what it costs against ``load``, phase by phase."""
+    a = Namespace(models="qwen3-8b", layers=2, starts=1, modes=["load", "load_auto"], max_bs=8, tpot_starts=0,
+                  tpot_tokens=4, kv_tokens=4096, mem_fraction=0.5, start_timeout=60, budget=0,
+                  reuse_archive=False, workdir=str(tmp_path / "work"), out=str(tmp_path / "out"),
+                  logs=str(tmp_path / "logs"))
+    doc = {"name": "sglang_start", "date": "2026-12-08T10:00:00+00:00", "device": "NVIDIA H100 80GB HBM3",
+           "commit": "abc", "sglang": "0.5.17", "torch": "2.11", "runs": [{"stopped": None}], "models": {},
+           "rows": []}
+    bench.run_model("qwen3-8b", a, doc, 0, time.perf_counter(), lambda: bench.build_rows(doc))
+    assert [k for k, _ in fake_sglang] == ["save", "load", "auto"]
+    rows = rows_by_name(doc)
+    status, detail = rows["--foundry-mode auto vs load on the same archive"]
+    assert status == "INFO" and "scheduler_spawn +0.3" in detail
+    assert rows["every LOAD restored every decode graph"] == ("PASS", "2 starts, 4 graphs each, none live")
+    assert "load_auto" in bench.tables(doc)
+    assert bench.main(["--estimate", "--models", "qwen3-8b", "--modes", "load,load_auto", "--starts", "1"]) == 0
