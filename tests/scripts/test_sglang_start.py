@@ -293,14 +293,23 @@ def fake_sglang(tmp_path, monkeypatch):
     return launched
 
 
+def run_args(tmp_path, **changes) -> Namespace:
+    """The benchmark's arguments for a short run against the stand-in server (``changes`` override)."""
+    a = dict(models="qwen3-8b", layers=2, starts=2, modes=list(bench.MODES), max_bs=8, tpot_starts=1, tpot_tokens=16,
+             kv_tokens=4096, mem_fraction=0.5, start_timeout=60, budget=0, reuse_archive=False,
+             workdir=str(tmp_path / "work"), out=str(tmp_path / "out"), logs=str(tmp_path / "logs"))
+    return Namespace(**{**a, **changes})
+
+
+def new_doc() -> dict:
+    return {"name": "sglang_start", "date": "2026-12-08T10:00:00+00:00", "device": "NVIDIA H100 80GB HBM3",
+            "commit": "abc", "sglang": "0.5.17", "torch": "2.11", "runs": [{"stopped": None}], "models": {},
+            "rows": []}
+
+
 def test_a_run_against_a_stand_in_server(tmp_path, fake_sglang):
-    a = Namespace(models="qwen3-8b", layers=2, starts=2, modes=list(bench.MODES), max_bs=8, tpot_starts=1,
-                  tpot_tokens=16, kv_tokens=4096, mem_fraction=0.5, start_timeout=60, budget=0,
-                  reuse_archive=False, workdir=str(tmp_path / "work"), out=str(tmp_path / "out"),
-                  logs=str(tmp_path / "logs"))
-    doc = {"name": "sglang_start", "date": "2026-12-08T10:00:00+00:00", "device": "NVIDIA H100 80GB HBM3",
-           "commit": "abc", "sglang": "0.5.17", "torch": "2.11", "runs": [{"stopped": None}], "models": {},
-           "rows": []}
+    a = run_args(tmp_path)
+    doc = new_doc()
     written = []
     bench.run_model("qwen3-8b", a, doc, 0, time.perf_counter(), lambda: written.append(bench.build_rows(doc)))
     entry = doc["models"]["qwen3-8b-2l-maxbs8"]
@@ -325,10 +334,7 @@ def test_a_run_against_a_stand_in_server(tmp_path, fake_sglang):
 
 
 def test_the_budget_stops_before_a_round_that_would_not_fit(tmp_path, fake_sglang):
-    a = Namespace(models="qwen3-8b", layers=2, starts=3, modes=["eager"], max_bs=None, tpot_starts=0,
-                  tpot_tokens=4, kv_tokens=4096, mem_fraction=0.5, start_timeout=60, budget=1e-3,
-                  reuse_archive=False, workdir=str(tmp_path / "work"), out=str(tmp_path / "out"),
-                  logs=str(tmp_path / "logs"))
+    a = run_args(tmp_path, starts=3, modes=["eager"], max_bs=None, tpot_starts=0, tpot_tokens=4, budget=1e-3)
     doc = {"runs": [{"stopped": None}], "models": {}}
     bench.run_model("qwen3-8b", a, doc, 0, time.perf_counter(), lambda: None)
     assert [k for k, _ in fake_sglang] == ["save"] and "before round 0" in doc["runs"][0]["stopped"]
@@ -357,13 +363,8 @@ def test_server_stop_ends_the_whole_process_group(tmp_path):
 def test_auto_mode_on_the_same_archive_is_a_mode_of_its_own(tmp_path, fake_sglang):
     """``--modes ...,load_auto`` starts the launcher with ``--foundry-mode auto`` on the saved archive and reports
     what it costs against ``load``, phase by phase."""
-    a = Namespace(models="qwen3-8b", layers=2, starts=1, modes=["load", "load_auto"], max_bs=8, tpot_starts=0,
-                  tpot_tokens=4, kv_tokens=4096, mem_fraction=0.5, start_timeout=60, budget=0,
-                  reuse_archive=False, workdir=str(tmp_path / "work"), out=str(tmp_path / "out"),
-                  logs=str(tmp_path / "logs"))
-    doc = {"name": "sglang_start", "date": "2026-12-08T10:00:00+00:00", "device": "NVIDIA H100 80GB HBM3",
-           "commit": "abc", "sglang": "0.5.17", "torch": "2.11", "runs": [{"stopped": None}], "models": {},
-           "rows": []}
+    a = run_args(tmp_path, starts=1, modes=["load", "load_auto"], tpot_starts=0)
+    doc = new_doc()
     bench.run_model("qwen3-8b", a, doc, 0, time.perf_counter(), lambda: bench.build_rows(doc))
     assert [k for k, _ in fake_sglang] == ["save", "load", "auto"]
     rows = rows_by_name(doc)
