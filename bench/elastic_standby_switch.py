@@ -108,12 +108,14 @@ class Load:
 
 
 def wait_standby_ready(dep, timeout: float = 300.0) -> float:
-    """Wait until every free slot holds a warm standby (none when the serving layout takes all slots)."""
+    """Wait until every free slot holds a warm standby (none when the serving layout takes all slots, unless
+    standbys may wait on serving slots: then the whole target)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         st = dep.status()
         used = sum(len(r["slots"]) for g in st["generations"] for r in g["replicas"])
-        if st["standby"]["ready"] >= min(st["standby"]["target"], st["slots"] - used):
+        room = st["slots"] if st["standby"].get("coreside") else st["slots"] - used
+        if st["standby"]["ready"] >= min(st["standby"]["target"], room):
             return time.monotonic() - t0
         time.sleep(0.1)
     raise RuntimeError(f"standby pool not ready within {timeout:.0f}s: {dep.status()['standby']}")

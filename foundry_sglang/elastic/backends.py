@@ -107,15 +107,22 @@ class LocalBackend:
     one slot each (a standby holds its GPU). They are not serving capacity: a slot with a standby is free for
     planning, and a replica allocated on it turns the standby into its server (rank 0) instead of starting a
     process; standbys on a replica's other slots are stopped. ``replenish`` refills the pool.
+
+    ``coreside``: when no free slot is left, a standby may also sit on a slot that serves (it holds its imports
+    and a CUDA context there, no weights). It waits there, unused, until a switch stops the replica on its slot;
+    then the new layout's replica is handed the standby: a TP2→TP1 switch finds a warm engine although TP=2 held
+    every GPU.
     """
 
     name = "local"
 
-    def __init__(self, slots: Sequence[int], standby: int = 0):
+    def __init__(self, slots: Sequence[int], standby: int = 0, coreside: bool = False):
         self.gpus: List[int] = list(slots)                   # slot i runs on GPU gpus[i]
         self.visible: List[int] = distinct(self.gpus)        # what a standby (serving any slots) sees
         self.all_slots: List[int] = list(range(len(self.gpus)))
-        self.free: List[int] = list(self.all_slots)
+        self.free: List[int] = list(self.all_slots)          # slots with neither a replica nor a standby
+        self.held: set = set()                               # slots a replica serves on
+        self.coreside = coreside
         self.standby_target = max(0, int(standby))
         self.standbys: Dict[int, ProcessWorker] = {}   # slot -> warm engine (its slot is not in self.free)
         self.standby_started = self.standby_used = self.standby_fallbacks = 0
@@ -130,8 +137,12 @@ class LocalBackend:
         """The GPU of each of ``slots`` (one per rank)."""
         return [self.gpus[s] for s in slots]
 
+    def _idle_standbys(self) -> List[int]:
+        """Slots of standbys that no replica serves on (a co-resident standby waits for its slot to free)."""
+        return sorted(slot for slot in self.standbys if slot not in self.held)
+
     async def allocate(self, gen_id: int, layout: Layout, spec_for: SpecFactory) -> List[ReplicaHandle]:
-        available = len(self.free) + len(self.standbys)
+        available = len(self.free) + len(self._idle_standbys())
         if layout.slots > available:
             raise SlotsUnavailable(f"{layout} needs {layout.slots} slots, {available} free")
         handles: List[ReplicaHandle] = []
@@ -139,17 +150,19 @@ class LocalBackend:
         for i in range(layout.replicas):
             standby = None
             take: List[int] = []
-            if self.standbys:                     # rank 0 on a warm engine (one that is ready first)
-                slot = min(self.standbys, key=lambda s: (not self.standbys[s].standby_ready(), s))
+            idle = self._idle_standbys()
+            if idle:                              # rank 0 on a warm engine (one that is ready first)
+                slot = min(idle, key=lambda s: (not self.standbys[s].standby_ready(), s))
                 standby = self.standbys.pop(slot)
                 take.append(slot)
             while len(take) < n and self.free:    # then plain free slots
                 take.append(self.free.pop(0))
             spares = []
-            while len(take) < n:                  # then other standbys' slots (those standbys are stopped)
-                slot = sorted(self.standbys)[0]
+            while len(take) < n:                  # then other idle standbys' slots (those standbys are stopped)
+                slot = self._idle_standbys()[0]
                 spares.append(self.standbys.pop(slot))
                 take.append(slot)
+            self.held.update(take)
             handles.append(_LocalReplica(self, i, spec_for(i), take, standby, spares))
         return handles
 
@@ -162,8 +175,7 @@ class LocalBackend:
                 log.warning("standby pid %s on slot %s exited with status %s%s; replacing it", w.pid, slot,
                             w.returncode(), "" if self.standby_failures == 0 else " before it was warm")
                 w.stop()
-                del self.standbys[slot]
-                self._give_back([slot])
+                self._drop_standby(slot)
         if self.standby_failures >= STANDBY_MAX_FAILURES:
             if not self.standby_disabled:
                 self.standby_disabled = (f"{self.standby_failures} standby workers in a row exited before they "
@@ -171,8 +183,14 @@ class LocalBackend:
                 log.error("%s", self.standby_disabled)
             return 0
         started = 0
-        while len(self.standbys) < self.standby_target and self.free:
-            slot = self.free.pop(0)
+        while len(self.standbys) < self.standby_target:
+            if self.free:
+                slot = self.free.pop(0)
+            else:
+                serving = sorted(self.held - set(self.standbys)) if self.coreside else []
+                if not serving:
+                    break
+                slot = serving[0]
             w = ProcessWorker()
             s = replace(spec, log_path=spec.log_path.format(slot=slot) if spec.log_path else None)
             try:
@@ -182,7 +200,8 @@ class LocalBackend:
                     w.start_standby(s)
             except (OSError, ValueError) as exc:
                 log.warning("cannot start a standby worker on slot %s: %s", slot, exc)
-                self._give_back([slot])
+                if slot not in self.held:
+                    self._give_back([slot])
                 break
             self.standbys[slot] = w
             self.standby_started += 1
@@ -191,21 +210,32 @@ class LocalBackend:
 
     def standby_status(self) -> Dict[str, Any]:
         workers = [{"slot": slot, "pid": w.pid, "state": "ready" if w.standby_ready() else
-                    ("warming" if w.returncode() is None else "exited")} for slot, w in sorted(self.standbys.items())]
+                    ("warming" if w.returncode() is None else "exited"), "coresident": slot in self.held}
+                   for slot, w in sorted(self.standbys.items())]
         return {"target": self.standby_target, "ready": sum(w["state"] == "ready" for w in workers),
                 "warming": sum(w["state"] == "warming" for w in workers), "workers": workers,
                 "started": self.standby_started, "used": self.standby_used, "fallbacks": self.standby_fallbacks,
-                "disabled": self.standby_disabled}
+                "disabled": self.standby_disabled, "coreside": self.coreside}
 
     def _give_back(self, slots: Sequence[int]) -> None:
-        self.free = sorted(set(self.free) | set(slots))     # slot numbers, not GPU ids: no two alike
+        """A replica's slots, or a standby's, are free again; a slot that keeps a (co-resident) standby is the
+        standby's, not free."""
+        self.held -= set(slots)
+        self.free = sorted((set(self.free) | set(slots)) - set(self.standbys))  # slot numbers: no two alike
+
+    def _drop_standby(self, slot: int) -> None:
+        """Forget the standby on ``slot``; its slot is free unless a replica serves there."""
+        del self.standbys[slot]
+        if slot not in self.held:
+            self.free = sorted(set(self.free) | {slot})
 
     async def shutdown(self) -> None:
         """Stop the standby pool (the replicas are the controller's to stop)."""
-        standbys, self.standbys = list(self.standbys.items()), {}
+        standbys = list(self.standbys.items())
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, w.stop, 2.0) for _, w in standbys))
-        self._give_back([slot for slot, _ in standbys])
+        for slot, _ in standbys:
+            self._drop_standby(slot)
 
 
 # ----------------------------------------------------------------------------------------------- ray

@@ -81,6 +81,7 @@ class DeploymentConfig:
     drain_timeout: float = 600.0
     policy: Optional[Dict[str, Any]] = None  # PolicyConfig fields; None: policy off
     standby: int = 0                         # warm standby workers kept on free slots (local backend)
+    standby_coreside: bool = False           # standbys may also wait on serving slots (LocalBackend coreside)
 
     def __post_init__(self) -> None:
         if isinstance(self.foundry, Mapping):  # from YAML (Ray Serve args) or asdict() (the controller actor)
@@ -89,6 +90,8 @@ class DeploymentConfig:
             raise ValueError("slots_per_gpu must be >= 1")
         if self.standby < 0 or (self.standby and self.backend != "local"):
             raise ValueError("standby must be >= 0, and standby engines need backend 'local'")
+        if self.standby_coreside and not self.standby:
+            raise ValueError("standby_coreside needs standby >= 1")
 
     def controller_config(self) -> ControllerConfig:
         return ControllerConfig(model=self.model, slots=self.slots, layout=Layout(self.tp, self.ep, self.replicas),
@@ -109,7 +112,7 @@ class ElasticServer:
             backend: Any = RayBackend(device=config.device, instance=instance, slots_per_gpu=config.slots_per_gpu)
         elif config.backend == "local":
             slots = config.gpu_ids or [i // config.slots_per_gpu for i in range(config.slots)]
-            backend = LocalBackend(slots[:config.slots], standby=config.standby)
+            backend = LocalBackend(slots[:config.slots], standby=config.standby, coreside=config.standby_coreside)
         else:
             raise ValueError(f"unknown backend {config.backend!r}; expected ray or local")
         # An SGLang model may be a hub name with no local config.json: then only the slot count is checked.

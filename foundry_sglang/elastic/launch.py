@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the scheduler side imported), CUDA up; a switch or scale-up hands one its layout "
                         "instead of starting a process. Refilled after every job, never serving capacity, "
                         "reported in /status and /metrics. Needs --backend local (default 0: off)")
+    p.add_argument("--standby-coreside", action="store_true",
+                   help="let a standby also wait on a slot that serves (it holds its imports and a CUDA context "
+                        "there, no weights), so that a switch which stops every serving replica, such as TP2 -> TP1 "
+                        "on two GPUs, still finds a warm engine. Needs --standby N")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -105,6 +109,8 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
         raise LayoutError("--standby must be >= 0")
     if args.standby and args.backend != "local":
         raise LayoutError("--standby needs --backend local")
+    if args.standby_coreside and not args.standby:
+        raise LayoutError("--standby-coreside needs --standby N")
     gpu_ids = [int(g) for g in args.gpu_ids.split(",") if g.strip()] if args.gpu_ids else None
     slots = args.slots or max(args.tp, args.ep) * args.replicas
     try:
@@ -117,7 +123,8 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
         backend=args.backend, foundry=foundry if args.device == "cuda" else FoundryConfig(),
         extra_args=list(args.engine_arg) + list(extra), log_dir=args.log_dir, queue_limit=args.queue_limit,
         queue_timeout=args.queue_timeout, start_timeout=args.start_timeout, drain_timeout=args.drain_timeout,
-        policy=policy, standby=args.standby, slots_per_gpu=args.slots_per_gpu)
+        policy=policy, standby=args.standby, standby_coreside=args.standby_coreside,
+        slots_per_gpu=args.slots_per_gpu)
 
 
 def preflight(cfg: DeploymentConfig, ray_address: Optional[str]) -> None:

@@ -161,3 +161,59 @@ def test_standby_flag_and_its_limits():
     assert main(["--device", "cpu", "--backend", "local", "--standby", "-1"]) == 2
     with pytest.raises(ValueError, match="standby engines need backend 'local'"):
         DeploymentConfig(model="builtin:tiny", backend="ray", standby=1)
+    assert main(["--device", "cpu", "--backend", "local", "--standby-coreside"]) == 2       # needs --standby N
+    assert config_from_args(build_parser().parse_args(["--device", "cpu", "--backend", "local", "--standby", "1",
+                                                       "--standby-coreside"]), []).standby_coreside
+    with pytest.raises(ValueError, match="standby_coreside needs standby"):
+        DeploymentConfig(model="builtin:tiny", backend="local", standby_coreside=True)
+
+
+def test_a_coresident_standby_waits_on_a_serving_slot_and_takes_the_next_layout(tmp_path):
+    """TP=2 holds both slots: with ``standby_coreside`` the pool still keeps a warm engine, on a serving slot, and
+    the switch to TP=1 hands it the new layout instead of starting a process."""
+    cfg = DeploymentConfig(model="builtin:tiny", slots=2, tp=2, replicas=1, backend="local", port=0,
+                           log_dir=str(tmp_path), extra_args=ENGINE_ARGS, env=ENV, start_timeout=180, standby=1,
+                           standby_coreside=True)
+    with ElasticDeployment(cfg) as dep:
+        wait_until(lambda: dep.status()["standby"]["ready"] == 1, timeout=180, what="co-resident standby warm")
+        [worker] = dep.status()["standby"]["workers"]
+        assert worker["coresident"] and worker["slot"] in (0, 1) and worker["pid"] not in replica_pids(dep)
+        before = requests.post(dep.url + "/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
+
+        job = dep.reconfigure(tp=1)
+        assert job["state"] == "succeeded", job
+        replicas = replica_pids(dep)
+        assert list(replicas) == [worker["pid"]] and replicas[worker["pid"]]["from_standby"]
+        after = requests.post(dep.url + "/v1/completions", json=BODY, timeout=60).json()["choices"][0]["text"]
+        assert after == before
+        # TP=1 leaves a slot free: the pool refills there, not beside the server
+        wait_until(lambda: dep.status()["standby"]["ready"] == 1, timeout=180, what="pool refilled")
+        [refill] = dep.status()["standby"]["workers"]
+        assert not refill["coresident"] and refill["slot"] != replicas[worker["pid"]]["slots"][0]
+
+
+def test_coreside_accounting_never_gives_a_serving_slot_twice():
+    """Slots: a standby on a serving slot is neither free nor usable until the replica there stops; when it
+    stops, the slot is the standby's, not free; a standby that exits leaves a serving slot serving."""
+    backend = LocalBackend([0, 1], standby=1, coreside=True)
+    spec = WorkerSpec(model="builtin:tiny", device="cpu", extra_args=ENGINE_ARGS, env=ENV)
+
+    async def scenario():
+        [replica] = await backend.allocate(1, Layout(2, 1, 1), lambda i: spec)
+        assert backend.free == [] and backend.held == {0, 1}
+        assert backend.replenish(spec) == 1 and list(backend.standbys) == [0]
+        with pytest.raises(Exception, match="needs 1 slots, 0 free"):
+            await backend.allocate(2, Layout(1, 1, 1), lambda i: spec)
+        standby = backend.standbys[0]
+        os.kill(standby.pid, signal.SIGKILL)
+        standby.proc.wait(10)
+        assert backend.replenish(spec) == 1 and list(backend.standbys) == [0] and backend.free == []
+        backend._give_back(replica.slots)            # the TP=2 replica stopped (it never started here)
+        assert backend.free == [1] and backend.held == set()
+        [tp1] = await backend.allocate(3, Layout(1, 1, 1), lambda i: spec)
+        assert tp1.slots == [0] and tp1.standby is not None and backend.free == [1]
+        await backend.shutdown()
+        backend._give_back(tp1.slots)
+        tp1.standby.stop()
+        assert backend.free == [0, 1] and not backend.standbys
+    asyncio.run(scenario())

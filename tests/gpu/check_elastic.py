@@ -3,6 +3,7 @@ what it does). ``--help`` lists the options; the verdict table comes last and go
 folder as ``check_elastic.json``.
 
     python3 tests/gpu/check_elastic.py --out DIR [--worker sglang] [--backend ray] [--share-gpu] [--standby 1]
+        [--standby-coreside]
 """
 from __future__ import annotations
 

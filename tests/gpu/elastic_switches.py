@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--share-gpu", action="store_true", default=None,
                     help="two slots on GPU 0: ranks and replicas share it (default when one GPU is visible)")
     ap.add_argument("--standby", type=int, default=0, help="warm standby workers (local backend; default 0)")
+    ap.add_argument("--standby-coreside", action="store_true",
+                    help="standbys may also wait on serving slots (so TP2 -> TP1 finds one too)")
     ap.add_argument("--models", default="dense,moe", help="--worker sglang: models to run (dense, moe)")
     ap.add_argument("--model", default="builtin:qwen3-8b?num_hidden_layers=4",
                     help="--worker builtin: the preset served")
@@ -175,7 +177,7 @@ def run_deployment(args, name: str, model: str, steps: list, references: dict, s
     cfg = DeploymentConfig(model=model, slots=2, tp=1, replicas=1, device="cuda", kind=args.worker,
                            backend=args.backend, port=0, foundry=FoundryConfig.resolve("auto", out / "archives"),
                            log_dir=str(out / "logs"), extra_args=extra, start_timeout=600, queue_timeout=900,
-                           standby=args.standby, **placement)
+                           standby=args.standby, standby_coreside=args.standby_coreside, **placement)
     switches = []
     layouts = {1: (1, 1)}        # generation -> (tp, ep)
 

@@ -11,18 +11,24 @@ from gpu.elastic_switches import run_switches
 
 pytestmark = [pytest.mark.gpu]
 
-CASES = [("builtin", "local", 0, ""), ("builtin", "local", 1, ""), ("builtin", "ray", 0, ""),
-         ("sglang", "local", 0, "dense"), ("sglang", "local", 1, "dense"), ("sglang", "local", 0, "moe"),
-         ("sglang", "ray", 0, "dense")]
+CASES = [("builtin", "local", 0, "", ""), ("builtin", "local", 1, "", ""),
+         ("builtin", "local", 1, "", "--standby-coreside"), ("builtin", "ray", 0, "", ""),
+         ("sglang", "local", 0, "dense", ""), ("sglang", "local", 1, "dense", ""),
+         ("sglang", "local", 1, "dense", "--standby-coreside"), ("sglang", "local", 0, "moe", ""),
+         ("sglang", "ray", 0, "dense", "")]
 
 
-@pytest.mark.parametrize("worker, backend, standby, models", [
-    pytest.param(*case, marks=[pytest.mark.sglang] if case[0] == "sglang" else [],
-                 id="-".join(str(x) for x in (case[0], case[1], f"standby{case[2]}" if case[2] else "", case[3]) if x))
+def case_id(worker, backend, standby, models, flag) -> str:
+    return "-".join(str(x) for x in (worker, backend, f"standby{standby}" if standby else "", models,
+                                      flag.strip("-").replace("standby-", "")) if x)
+
+
+@pytest.mark.parametrize("worker, backend, standby, models, flag", [
+    pytest.param(*case, marks=[pytest.mark.sglang] if case[0] == "sglang" else [], id=case_id(*case))
     for case in CASES])
-def test_switches_under_load(worker, backend, standby, models, out_dir, run_check, verdicts):
+def test_switches_under_load(worker, backend, standby, models, flag, out_dir, run_check, verdicts):
     if backend == "ray" and importlib.util.find_spec("ray") is None:
         pytest.skip("needs Ray importable (stage it: scripts/stage_ray.py, docs/STAGING.md)")
-    run_check(run_switches, str(out_dir), backend, standby, worker, None, models or "dense,moe", timeout=590,
-              echo=True)
+    run_check(run_switches, str(out_dir), backend, standby, worker, None, models or "dense,moe",
+              *([flag] if flag else []), timeout=590, echo=True)
     verdicts.assert_passed()
