@@ -308,6 +308,30 @@ def test_bugs_are_not_swallowed():
         router.restore()
 
 
+def test_a_load_says_when_the_engine_asked_for_its_first_graph(caplog):
+    """One line per LOAD process: the time from the restore to the engine's first request for a graph is the
+    engine's own preparation (SGLang's per-size set-up), which the start benchmark needs apart from ours."""
+    from foundry_sglang.graphs.router import FIRST_INSTALL_MESSAGE
+
+    class LoadSession(SaveSession):
+        def open(self):
+            self.mode = "load"
+
+        def restore(self, order=None):
+            return {"decode_bs8": "g8", "decode_bs4": "g4"}
+
+    router = GraphRouter(LoadSession("auto"), "auto")
+    assert router.open() == "load"
+    installed = []
+    with caplog.at_level("INFO", logger="foundry_sglang.graphs"):
+        for name in ("decode_bs8", "decode_bs4"):
+            router.capture_one(name, install=installed.append, capture=lambda: pytest.fail("no capture in LOAD"),
+                               capture_live=lambda: pytest.fail("nothing live"))
+    assert installed == ["g8", "g4"] and router.restored_names == ["decode_bs8", "decode_bs4"]
+    lines = [r.getMessage() for r in caplog.records if "handed to the engine" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(FIRST_INSTALL_MESSAGE.split("(")[0] + "(decode_bs8)")
+
+
 def test_off_has_no_router():
     with pytest.raises(ValueError):
         GraphRouter(SaveSession(), "off")

@@ -296,6 +296,9 @@ def graph_facts(text: str) -> dict:
     m = re.search(r"foundry: all (\d+) graphs ready ([0-9.]+)s after restore\(\) began", text)
     if m:  # restore() returns once the first graph is ready; the others are instantiated in the background
         facts["all_graphs_ready_s"] = float(m.group(2))
+    m = re.search(r"foundry: first restored graph \((\S+)\) handed to the engine ([0-9.]+) s after", text)
+    if m:
+        facts["first_install_s"] = float(m.group(2))
     facts["fallback_lines"] = [x.split("foundry:", 1)[1].strip()[:200] for x in text.splitlines()
                                if "foundry:" in x and ("not used" in x or "capturing CUDA graphs live" in x)]
     facts["tracebacks"] = text.count("Traceback (most recent call last)")

@@ -110,3 +110,7 @@ def test_graph_facts_read_a_real_tp2_load_log():
 
     line = ALL_READY_MESSAGE % (12, 0.412, 0.05, 0.3, 8000)
     assert graph_facts(text + "\n[2026-12-07 12:03:08.950 TP0] " + line)["all_graphs_ready_s"] == 0.412
+    from foundry_sglang.graphs.router import FIRST_INSTALL_MESSAGE
+
+    line = FIRST_INSTALL_MESSAGE % ("decode_bs64", 0.4871)
+    assert graph_facts(text + "\n[2026-12-07 12:03:08.950 TP0] " + line)["first_install_s"] == 0.487

@@ -265,6 +265,7 @@ for msg in lines:
         time.sleep(0.3)  # what auto would cost in the scheduler's start
     if mode in ("load", "auto") and "Capture target decode CUDA graph end" in msg:
         log("foundry: restored 4 graphs in 0.01 s")
+        log("foundry: first restored graph (decode_bs8) handed to the engine 0.020 s after restore() returned")
         log("foundry: mode=load recorded=0 restored=4 live=0")
     log(msg)
     time.sleep(0.01)
@@ -328,9 +329,11 @@ def test_a_run_against_a_stand_in_server(tmp_path, fake_sglang):
         assert sum(v for v in ph.values() if v) == pytest.approx(first["healthy_s"], abs=0.05)
     load = entry["starts"]["load"][0]["graphs"]
     assert load["restored"] == 4 and load["live"] == 0 and load["bs"] == [1, 2, 4, 8]
+    assert load["first_install_s"] == 0.02
     rows = rows_by_name(doc)
     assert rows["every start served"][0] == "PASS" and rows["every LOAD restored every decode graph"][0] == "PASS"
     assert "LOAD healthy <= eager + 0.3 s (median)" in rows
+    assert "preparation of the first graph 0.020 s" in rows["LOAD graph phase <= 0.3 s (median)"][1]
 
 
 def test_the_budget_stops_before_a_round_that_would_not_fit(tmp_path, fake_sglang):
