@@ -19,7 +19,7 @@ from foundry_core.archive import CONTAINER_VERSION, Archive, blob_names
 from foundry_core.errors import FoundryError, UntrustedArchive
 from foundry_core.options import Options
 from foundry_core.restore import check_archive_offline
-from foundry_core.schema import rank_manifests
+from foundry_core.schema import rank_images
 from foundry_core.store import STORE_DIRNAME, ImageStore, image_bytes, pack_archive, store_usage
 
 log = logging.getLogger("foundry_core.cli")
@@ -315,8 +315,7 @@ def cmd_verify(args, options: Options) -> int:
     with Archive.open(args.archive, options) as archive:
         records = archive.verify_all(progress=args.verbose > 0 and sys.stderr.isatty())
         saved = archive.manifest.fingerprint
-        in_store = list({im.sha256: im for v in rank_manifests(archive.manifest) for im in v.images
-                         if im.in_store}.values())
+        in_store = list({im.sha256: im for im in rank_images(archive.manifest) if im.in_store}.values())
         for im in in_store:
             image_bytes(archive, im)
         print(f"ok: {args.archive}: header, manifest and {records} blob records intact"

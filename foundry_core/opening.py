@@ -49,7 +49,7 @@ def open_for_load(path: Path, key: str, device: int, rank: Optional[int], option
         if ranks is not None:  # from here on the archive reads as this rank's: its graphs, images, trace
             try:
                 out.archive.manifest = schema.for_rank(out.archive.manifest, rank)
-            except ValueError as err:
+            except ArchiveError as err:
                 raise ArchiveError(f"{path}: {err}") from None
         out.archive.check_inflate_budget()  # one budget for everything it decompresses, the trace included
         if out.archive.manifest.trace is not None:  # decoded now so restore() only compares

@@ -28,8 +28,7 @@ import msgspec
 import numpy as np
 
 from foundry_core import schema, trust
-from foundry_core.archive import Archive, ArchiveWriter
-from foundry_core.archive import blob_names as archive_blob_names
+from foundry_core.archive import Archive, ArchiveWriter, blob_names
 from foundry_core.errors import FoundryError
 from foundry_core.options import Options
 
@@ -202,16 +201,16 @@ def _merge(archives: dict[int, Archive], noise: Optional[Archive], out: Path, la
     for r, a in ((r, a) for r, a in archives.items() if r):
         if a.manifest.arena != m0.arena:  # every rank reserves the same arena before it knows its graphs
             raise NotTemplatable(f"rank {r} differs from rank 0 in its arena: {_difference(m0, a.manifest)}")
-        found = None
+        found, structure = None, _structure(a.manifest)
         for b, known in bases.items():  # rank 0 first, then the variants in rank order
-            found = _delta(r, a, b, known, report) if _structure(a.manifest) == known.structure else None
+            found = _delta(r, a, b, known, report) if structure == known.structure else None
             if found is not None:
                 deltas.append(found)
                 break
         if found is None:  # other kernels, launch shapes or table sizes: this rank's graphs are stored whole
             why = _difference(m0, a.manifest)
             log.info("foundry: rank %d is stored as a variant: it differs from rank 0 in structure: %s", r, why)
-            bases[r] = _Base(a, _structure(a.manifest), _tables(a))
+            bases[r] = _Base(a, structure, _tables(a))
             variants.append(r)
             report.variants[r] = why
     report.derived = [r for r in range(1, world) if r not in archives]
@@ -235,7 +234,7 @@ def _merge(archives: dict[int, Archive], noise: Optional[Archive], out: Path, la
         for r in variants:  # under names of their own; the writer shares the records whose bytes are equal
             a = archives[r]
             renamed = _renamed_blobs(a.manifest, f"rank{r}/")
-            for name in sorted(archive_blob_names(a.manifest)):
+            for name in sorted(blob_names(a.manifest)):
                 w.add_blob(f"rank{r}/{name}", a.blob(name), compress=a.manifest.blobs[name].codec != "raw")
             stored.append(schema.RankVariant(rank=r, manifest=msgspec.structs.replace(
                 renamed, blobs={}, ranks=None, fingerprint=m0.fingerprint)))

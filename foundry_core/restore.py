@@ -142,23 +142,12 @@ def _as_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def rank_view(m: schema.Manifest, rank: Optional[int]) -> schema.Manifest:
-    """The manifest LOAD of ``rank`` reads (``schema.for_rank``); a rank the template does not serve is an
-    ArchiveError."""
-    try:
-        return schema.for_rank(m, rank)
-    except ValueError as err:
-        raise ArchiveError(str(err)) from None
-
-
 def rank_patches(m: schema.Manifest, rank: Optional[int]) -> list[schema.BytePatch]:
-    """The byte patches that turn the graphs of ``rank_view(m, rank)`` into ``rank``'s; empty for rank 0, a plain
-    single-rank archive or a rank stored as a variant."""
+    """The byte patches that turn the graphs of ``schema.for_rank(m, rank)`` into ``rank``'s; empty for rank 0, a
+    plain single-rank archive or a rank stored as a variant."""
     if m.ranks is None or not rank:
         return []
-    for delta in rank_view(m, rank).ranks.deltas:
-        return list(delta.patches)
-    raise AssertionError("for_rank keeps exactly the rank's delta")
+    return list(schema.for_rank(m, rank).ranks.deltas[0].patches)  # for_rank keeps exactly the rank's delta
 
 
 def apply_patches(data: np.ndarray, patches: Iterable[schema.BytePatch], what: str) -> np.ndarray:
@@ -202,7 +191,7 @@ def check_archive_for_load(archive, rank: Optional[int] = None) -> dict[int, tup
 
 def check_tables_for_load(archive, rank: Optional[int] = None) -> dict[int, tuple]:
     """The part of :func:`check_archive_for_load` that needs no torch: graph tables and child graphs."""
-    m = rank_view(archive.manifest, rank)
+    m = schema.for_rank(archive.manifest, rank)
     patches: dict[int, list] = {}
     for p in rank_patches(m, rank):
         if p.graph >= 0:

@@ -14,6 +14,8 @@ from typing import Optional
 import msgspec
 import numpy as np
 
+from foundry_core.errors import ArchiveError
+
 SCHEMA_VERSION = 4  # 2: allocation trace, RNG state per graph; 3: edge data read natively (2 may hold wrong
 #   edge data, cuda-python#1804), module_variables; 4: rank variants (a reader of 3 would patch a variant rank's
 #   delta onto rank 0's graphs)
@@ -336,14 +338,21 @@ def rank_manifests(m: Manifest) -> list[Manifest]:
     return [m] + ([v.manifest for v in m.ranks.variants] if m.ranks is not None else [])
 
 
+def rank_images(m: Manifest) -> list[KernelImage]:
+    """The kernel-image records of the manifest and of its rank variants (a variant's own images included)."""
+    return [im for v in rank_manifests(m) for im in v.images]
+
+
 def for_rank(m: Manifest, rank: Optional[int]) -> Manifest:
     """What LOAD of ``rank`` reads: for a rank template, the manifest of the graphs this rank is built from (rank
     0's or a variant's, with the template's fingerprint and blob index) and, in its ``ranks``, only this rank's
-    delta, now relative to those graphs. Anything else (rank 0, None, a plain archive) is ``m`` itself. A rank the
-    template does not serve raises ValueError."""
+    delta, now relative to those graphs. Anything else (rank 0, None, a plain archive, a rank's view already) is
+    ``m`` itself. A rank the template does not serve is an ArchiveError."""
     t = m.ranks
     if t is None or not rank:
         return m
+    if not t.variants and [(d.rank, d.base) for d in t.deltas] == [(rank, 0)]:
+        return m  # this rank's view (or a template of rank 0 and this rank alone): nothing to narrow
     variants = {v.rank: v.manifest for v in t.variants}
     delta = next((d for d in t.deltas if d.rank == rank), None)
     if rank in variants and delta is None:
@@ -351,7 +360,7 @@ def for_rank(m: Manifest, rank: Optional[int]) -> Manifest:
     elif delta is not None and rank not in variants and (delta.base == 0 or delta.base in variants):
         base, patches = (variants[delta.base] if delta.base else m), delta.patches
     else:
-        raise ValueError(f"the archive's rank template has no delta or variant for rank {rank}")
+        raise ArchiveError(f"the archive's rank template has no delta or variant for rank {rank}")
     own = RankTemplate(world_size=t.world_size, noise_bytes=t.noise_bytes, layout=t.layout,
                        deltas=[RankDelta(rank=rank, patches=patches)])
     return msgspec.structs.replace(base, schema_version=m.schema_version, created_utc=m.created_utc,

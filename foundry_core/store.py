@@ -40,7 +40,7 @@ from foundry_core import trust
 from foundry_core.archive import Archive, ArchiveWriter, _fsync_dir, read_at
 from foundry_core.errors import ArchiveError
 from foundry_core.options import Options
-from foundry_core.schema import KernelImage, rank_manifests
+from foundry_core.schema import KernelImage, rank_images
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +283,14 @@ def image_bytes(archive, image: KernelImage) -> bytes:
 def read_images(path: str | os.PathLike) -> list[KernelImage]:
     """The image records of an archive (validated open, manifest only)."""
     with Archive.open(path) as archive:
-        return [im for m in rank_manifests(archive.manifest) for im in m.images]
+        return rank_images(archive.manifest)
 
 
 def store_usage(archive) -> dict:
     """Bytes of an archive's images by where they live: embedded, in the store and shared with at least one other
     archive beside it, or in the store and used by this archive alone."""
     store = ImageStore.beside(archive.path)
-    images = [im for m in rank_manifests(archive.manifest) for im in m.images]
+    images = rank_images(archive.manifest)
     mine = {im.sha256: im.size for im in images if im.in_store}
     others: set[str] = set()
     unreadable = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .layout import Layout
 from .workers import ProcessWorker, WorkerSpec, distinct, rank_placement
@@ -121,7 +121,7 @@ class LocalBackend:
         self.visible: List[int] = distinct(self.gpus)        # what a standby (serving any slots) sees
         self.all_slots: List[int] = list(range(len(self.gpus)))
         self.free: List[int] = list(self.all_slots)          # slots with neither a replica nor a standby
-        self.held: set = set()                               # slots a replica serves on
+        self.held: Set[int] = set()                          # slots a replica serves on
         self.coreside = coreside
         self.standby_target = max(0, int(standby))
         self.standbys: Dict[int, ProcessWorker] = {}   # slot -> warm engine (its slot is not in self.free)
@@ -227,7 +227,7 @@ class LocalBackend:
         """Forget the standby on ``slot``; its slot is free unless a replica serves there."""
         del self.standbys[slot]
         if slot not in self.held:
-            self.free = sorted(set(self.free) | {slot})
+            self._give_back([slot])
 
     async def shutdown(self) -> None:
         """Stop the standby pool (the replicas are the controller's to stop)."""

@@ -220,10 +220,10 @@ def differing_rank(r0, bad, what):
 
 def rank_tables(archive, rank):
     """What LOAD of ``rank`` builds from: every graph's (nodes, payload, attrs, edges) as bytes, and the images."""
-    from foundry_core.restore import check_tables_for_load, rank_view
+    from foundry_core.restore import check_tables_for_load
 
     arrays = check_tables_for_load(archive, rank)
-    view = rank_view(archive.manifest, rank)
+    view = schema.for_rank(archive.manifest, rank)
     snapshots = [apply_patches(np.frombuffer(archive.blob(snap.blob), np.uint8),
                                [p for p in rank_patches(view, rank) if p.snapshot == i], "snapshot").tobytes()
                  for i, snap in enumerate(view.snapshots)]
