@@ -167,6 +167,15 @@ def phase_diffs(a: dict, b: dict) -> dict:
     return out
 
 
+def after_spawn(start: dict) -> float | None:
+    """Seconds of a start from SGLang's 'Init torch distributed begin' to healthy: the part after the imports,
+    which are the same code in every mode and vary by seconds from start to start on a busy host."""
+    phases = start.get("phases_s") or {}
+    if phases.get("scheduler_spawn") is None:
+        return None
+    return sum(v for p, v in phases.items() if v is not None and p not in ("imports", "scheduler_spawn"))
+
+
 def spread(values) -> dict | None:
     """Median, min, max and count of the values that are not None."""
     vals = sorted(v for v in values if v is not None)
@@ -228,10 +237,12 @@ def verdicts(key: str, entry: dict, table: Verdicts) -> None:
     loaded = [st.get("graphs", {}) for st in entry["starts"].get("load", []) if st.get("ok")]
     restore = spread(gr.get("restore_s") for gr in loaded)
     first = spread(gr.get("first_install_s") for gr in loaded)
+    waits = [gr["engine_wait"] for gr in loaded if gr.get("engine_wait")]
     table.row(f"{key}: LOAD graph phase <= {GRAPH_TARGET_S} s (median)",
               SKIP if not g else g["median"] <= GRAPH_TARGET_S,
               f"LOAD {fmt(g)}, of which restore() {fmt(restore, digits=3)} and SGLang's preparation of the first "
-              f"graph {fmt(first, digits=3)}; SGLang live capture {fmt(live)}")
+              f"graph {fmt(first, digits=3)}" + (f" (SGLang was in: {waits[0]})" if waits else "")
+              + f"; SGLang live capture {fmt(live)}")
     he, hl = eager.get("healthy_s"), load.get("healthy_s")
     if not he or not hl:
         table.row(f"{key}: LOAD healthy <= eager + {HEALTHY_TARGET_S} s (median)", SKIP, "eager or LOAD not measured")
@@ -242,6 +253,13 @@ def verdicts(key: str, entry: dict, table: Verdicts) -> None:
         table.row(f"{key}: LOAD healthy <= eager + {HEALTHY_TARGET_S} s (median)", excess <= HEALTHY_TARGET_S,
                   f"eager {fmt(he)}, LOAD {fmt(hl)}: {excess:+.2f} s; live capture {fmt(capture.get('healthy_s'))}; "
                   "phase medians LOAD - eager: " + (", ".join(f"{p} {d:+.2f} s" for p, d in top) or "none"))
+    after = {m: spread(after_spawn(st) for st in entry["starts"].get(m, []) if st.get("ok"))
+             for m in ("eager", "capture", "load")}
+    if after["eager"] and after["load"]:
+        table.row(f"{key}: LOAD - eager after the scheduler's imports", INFO,
+                  f"from 'Init torch distributed begin' to healthy: eager {fmt(after['eager'])}, LOAD "
+                  f"{fmt(after['load'])} ({after['load']['median'] - after['eager']['median']:+.2f} s), live capture "
+                  f"{fmt(after['capture'])}; before it every mode runs the same imports (launcher and scheduler)")
     loads = [st for m in ("load", "load_auto") for st in entry["starts"].get(m, []) if st.get("ok")]
     if loads:
         bad = [f"#{st.get('round')}: restored {st['graphs'].get('restored')} of {len(st['graphs'].get('bs', []))}, "

@@ -31,8 +31,9 @@ from typing import Any, Callable, Hashable, Iterable, Optional, Union
 from foundry_core.errors import FoundryError
 from foundry_core.session import SessionMode
 from foundry_sglang.graphs.settings import FoundryMode
+from foundry_sglang.graphs.stack_sampler import StackSampler
 
-__all__ = ["FALLBACK_ERRORS", "FIRST_INSTALL_MESSAGE", "GraphRouter", "Route", "one_line", "shape_key_name"]
+__all__ = ["ENGINE_WAIT_MESSAGE", "FALLBACK_ERRORS", "FIRST_INSTALL_MESSAGE", "GraphRouter", "Route", "one_line", "shape_key_name"]
 
 log = logging.getLogger("foundry_sglang.graphs")
 
@@ -43,6 +44,8 @@ FALLBACK_ERRORS: tuple[type[BaseException], ...] = (FoundryError, OSError, Runti
 #: Logged once per LOAD process when the engine asks for its first restored graph: the time between the restore and
 #: that moment is the engine's own per-graph preparation, not ours (the SGLang start benchmark reads it).
 FIRST_INSTALL_MESSAGE = "foundry: first restored graph (%s) handed to the engine %.3f s after restore() returned"
+#: Logged with it: where the engine's thread was in that time (a :class:`StackSampler` summary).
+ENGINE_WAIT_MESSAGE = "foundry: until it asked, the engine was in (%d samples): %s"
 
 
 class Route(str, enum.Enum):
@@ -112,6 +115,7 @@ class GraphRouter:
         self.restore_seconds = 0.0
         self._restored: Optional[dict[str, Any]] = None
         self._restored_at = 0.0  # perf_counter() when restore() returned its graphs
+        self._engine_wait: Optional[StackSampler] = None  # where the engine is until it asks for its first graph
         self.agree: Callable[[bool], bool] = lambda ok: ok  # True only if every rank is ok (set by TP/EP engines)
         self.slot_filler: Optional[Callable[[Any], None]] = None  # set by the adapter for archives with slots
 
@@ -127,6 +131,9 @@ class GraphRouter:
         self.problem = reason
         self.route = Route.LIVE
         log.warning("foundry: %s; capturing CUDA graphs live", reason)
+        if self._engine_wait is not None:  # no first restored graph will come
+            self._engine_wait.stop()
+            self._engine_wait = None
         if was is not Route.SAVE:  # before any capture: let live captures use the engine's own pools
             self.session.close()
 
@@ -175,6 +182,8 @@ class GraphRouter:
             self._restored_at = time.perf_counter()
             self.restore_seconds = self._restored_at - t0
             log.info("foundry: restored %d graphs in %.2f s", len(self._restored), self.restore_seconds)
+            if self._restored:
+                self._engine_wait = StackSampler().start()
         return self._restored
 
     def capture_one(self, name: str, *, install: Callable[[Any], None],
@@ -187,6 +196,7 @@ class GraphRouter:
             if graph is not None:
                 if not self.restored_names:
                     log.info(FIRST_INSTALL_MESSAGE, name, time.perf_counter() - self._restored_at)
+                    self._log_engine_wait()
                 install(graph)
                 self.restored_names.append(name)
                 return
@@ -203,6 +213,11 @@ class GraphRouter:
                 return
         self.live_names.append(name)
         capture_live()
+
+    def _log_engine_wait(self) -> None:
+        sampler, self._engine_wait = self._engine_wait, None
+        if sampler is not None and sampler.stop().taken:
+            log.info(ENGINE_WAIT_MESSAGE, sampler.taken, sampler.summary())
 
     def record(self, name: str, graph: Any, outputs: Any, seconds: float = 0.0) -> None:
         """SAVE: keep a captured graph for the archive (the graph itself serves this process either way)."""

@@ -332,6 +332,37 @@ def test_a_load_says_when_the_engine_asked_for_its_first_graph(caplog):
     assert len(lines) == 1 and lines[0].startswith(FIRST_INSTALL_MESSAGE.split("(")[0] + "(decode_bs8)")
 
 
+def test_a_load_says_where_the_engine_was_until_it_asked_for_its_first_graph(caplog):
+    """The line after the first-graph one names the engine code that ran between the restore and that request
+    (sampled from another thread), so a slow start is explained by its log."""
+    import time
+
+    from foundry_sglang.graphs.router import ENGINE_WAIT_MESSAGE
+
+    class LoadSession(SaveSession):
+        def open(self):
+            self.mode = "load"
+
+        def restore(self, order=None):
+            return {"decode_bs8": "g8"}
+
+    def prepare_the_first_batch():
+        time.sleep(0.15)
+
+    router = GraphRouter(LoadSession("load"), "load")
+    router.open()
+    with caplog.at_level("INFO", logger="foundry_sglang.graphs"):
+        router.restore()
+        prepare_the_first_batch()
+        router.capture_one("decode_bs8", install=lambda g: None, capture=lambda: pytest.fail("no capture"),
+                           capture_live=lambda: pytest.fail("nothing live"))
+    (line,) = [r.getMessage() for r in caplog.records if r.msg == ENGINE_WAIT_MESSAGE]
+    assert "test_graphs_layer.py:prepare_the_first_batch" in line.split(":", 2)[2], line
+    share = int(line.split("): ", 1)[1].split("%", 1)[0])
+    assert share >= 80, line  # the sleep is nearly all of the stretch
+    assert not any(t.name == "foundry-stack-sampler" for t in __import__("threading").enumerate())
+
+
 def test_off_has_no_router():
     with pytest.raises(ValueError):
         GraphRouter(SaveSession(), "off")

@@ -202,8 +202,8 @@ def verdicts(kind: str, layers: int, r: dict, layout: str = "tp1", share: bool =
         return ok, (f"default decode bs list {len(bs)} sizes {bs[:5]}..{bs[-1:] if bs else ''}: SAVE recorded "
                     f"{save.get('recorded')}, LOAD restored {load.get('restored')} captured live {load.get('live')} "
                     f"in {load.get('restore_s', '-')} s (all ready after {load.get('all_graphs_ready_s', '-')} s; "
-                    f"SGLang asked for the first {load.get('first_install_s', '-')} s after the restore)"
-                    f"{ranks}")
+                    f"SGLang asked for the first {load.get('first_install_s', '-')} s after the restore"
+                    + (f", until then in: {load['engine_wait']}" if load.get("engine_wait") else "") + f"){ranks}")
     guarded("every decode graph restored" + (" on every rank" if parallel else ""), graphs)
     if parallel:
         def one_template():

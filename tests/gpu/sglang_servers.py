@@ -299,6 +299,9 @@ def graph_facts(text: str) -> dict:
     m = re.search(r"foundry: first restored graph \((\S+)\) handed to the engine ([0-9.]+) s after", text)
     if m:
         facts["first_install_s"] = float(m.group(2))
+    m = re.search(r"foundry: until it asked, the engine was in \((\d+) samples\): (.*)", text)
+    if m:  # where SGLang's thread was between the restore and its first request for a graph
+        facts["engine_wait"] = m.group(2).strip()[:400]
     facts["fallback_lines"] = [x.split("foundry:", 1)[1].strip()[:200] for x in text.splitlines()
                                if "foundry:" in x and ("not used" in x or "capturing CUDA graphs live" in x)]
     facts["tracebacks"] = text.count("Traceback (most recent call last)")

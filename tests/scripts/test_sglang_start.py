@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import sys
+import statistics
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -266,6 +267,8 @@ for msg in lines:
     if mode in ("load", "auto") and "Capture target decode CUDA graph end" in msg:
         log("foundry: restored 4 graphs in 0.01 s")
         log("foundry: first restored graph (decode_bs8) handed to the engine 0.020 s after restore() returned")
+        log("foundry: until it asked, the engine was in (4 samples): 75% triton/jit.py:run < "
+            "attention/triton_backend.py:_update_decode_kv_buffers; 25% runner/decode_cuda_graph_runner.py:capture_prepare")
         log("foundry: mode=load recorded=0 restored=4 live=0")
     log(msg)
     time.sleep(0.01)
@@ -333,7 +336,13 @@ def test_a_run_against_a_stand_in_server(tmp_path, fake_sglang):
     rows = rows_by_name(doc)
     assert rows["every start served"][0] == "PASS" and rows["every LOAD restored every decode graph"][0] == "PASS"
     assert "LOAD healthy <= eager + 0.3 s (median)" in rows
-    assert "preparation of the first graph 0.020 s" in rows["LOAD graph phase <= 0.3 s (median)"][1]
+    graph_row = rows["LOAD graph phase <= 0.3 s (median)"][1]
+    assert "preparation of the first graph 0.020 s" in graph_row
+    assert "(SGLang was in: 75% triton/jit.py:run < " in graph_row
+    after = {m: [bench.after_spawn(st) for st in entry["starts"][m]] for m in ("eager", "load")}
+    assert all(v is not None and v > 0 for vs in after.values() for v in vs)
+    state, detail = rows["LOAD - eager after the scheduler's imports"]
+    assert state == "INFO" and f"{statistics.median(after['load']) - statistics.median(after['eager']):+.2f} s" in detail
 
 
 def test_the_budget_stops_before_a_round_that_would_not_fit(tmp_path, fake_sglang):
