@@ -1,17 +1,23 @@
 """One archive for every rank of a layout: differential capture → template + per-rank byte deltas or variants.
 
 Each rank of a tensor/expert-parallel layout is captured separately (``parts[r]``, same process layout, same
-arena), and rank 0 once more (``noise``). Ranks need not all be captured: when every captured rank's delta is
-empty (its graphs are rank 0's but for noise), the missing ranks are *derived* with an empty delta — a layout
+arena), and rank 0 once more (``noise``). Ranks need not all be captured: when every captured rank differs from
+rank 0 only where capture noise lives (below), the missing ranks are *derived* with an empty delta — a layout
 whose rank-dependent values live in device memory, not in kernel arguments, then costs rank 0, its noise capture
 and one more rank as the check, whatever the rank count.
 
 Bytes that differ between the two rank-0 captures are capture noise — uninitialised padding in kernel
-arguments — and carry no meaning. :func:`merge_rank_archives` stores rank 0's graphs once and, for every rank
-structurally identical to them (graphs, topology, kernels, launch shapes, attributes, outputs, slots, snapshot
-layout), the bytes that differ outside the noise (``schema.RankDelta``). A rank that differs in structure — other
-kernel code, such as a JIT kernel specialised for rank 0's zero offset — is stored whole as a *variant*
-(``schema.RankVariant``), and later ranks like it become byte deltas on the variant's graphs. LOAD reads the
+arguments — and carry no meaning. Padding belongs to a kernel's argument layout, not to one launch, so the noise
+of a kernel is every argument offset that is noisy in any of its launches (*kernel noise*): one noise capture sees
+a padding byte change in some launches and, by chance, not in others, while another rank's process leaves other
+stack bytes there. Kernel noise decides only whether left-out ranks can be derived; the deltas of captured ranks
+mask the per-byte noise alone, so what a captured rank stores is exactly its own bytes.
+
+:func:`merge_rank_archives` stores rank 0's graphs once and, for every rank structurally identical to them (graphs,
+topology, kernels, launch shapes, attributes, outputs, slots, snapshot layout), the bytes that differ outside the
+noise (``schema.RankDelta``). A rank that differs in structure — other kernel code, such as a JIT kernel
+specialised for rank 0's zero offset — is stored whole as a *variant* (``schema.RankVariant``), and later ranks
+like it become byte deltas on the variant's graphs. LOAD reads the
 archive as its rank's (``schema.for_rank``) and applies the rank's delta to the tables before building.
 
 Ranks with another arena are refused with :class:`NotTemplatable`, and so are left-out ranks that cannot be
@@ -49,6 +55,8 @@ class NotDerivable(NotTemplatable):
 class MergeReport:
     world_size: int
     noise_bytes: int = 0
+    kernel_noise_bytes: int = 0  # argument bytes at a kernel's noisy offsets, beyond the per-byte noise
+    beyond_noise: dict[int, int] = field(default_factory=dict)  # rank -> delta bytes outside the kernel noise
     delta_bytes: dict[int, int] = field(default_factory=dict)  # rank -> patched bytes
     differing: dict[int, list[str]] = field(default_factory=dict)  # rank -> where (graph/node or snapshot)
     by_kernel: dict[str, int] = field(default_factory=dict)  # kernel name (or "snapshot") -> delta bytes, all ranks
@@ -61,8 +69,9 @@ class MergeReport:
                            for r, n in sorted(self.delta_bytes.items()))
         derived = f", ranks {self.derived} derived" if self.derived else ""
         variants = f", ranks {sorted(self.variants)} stored whole (variants)" if self.variants else ""
-        return (f"{self.world_size} ranks, noise {self.noise_bytes} B masked, deltas {deltas or 'none'}{derived}"
-                f"{variants}")
+        kernel = f" (+{self.kernel_noise_bytes} B at the kernels' noisy offsets)" if self.kernel_noise_bytes else ""
+        return (f"{self.world_size} ranks, noise {self.noise_bytes} B masked{kernel}, deltas {deltas or 'none'}"
+                f"{derived}{variants}")
 
 
 def byte_runs(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None, gap: int = 8) -> list[tuple[int, int]]:
@@ -196,6 +205,8 @@ def _merge(archives: dict[int, Archive], noise: Optional[Archive], out: Path, la
                 raise NotTemplatable(f"the second rank-0 capture has a different {t[0]} size in graph/snapshot {t[1:]}")
             bases[0].masks[t] = a0 != b
             report.noise_bytes += int(bases[0].masks[t].sum())
+        bases[0].wide = _with_kernel_noise(m0, bases[0].tables, bases[0].masks)
+        report.kernel_noise_bytes = sum(int(w.sum()) for w in bases[0].wide.values()) - report.noise_bytes
 
     deltas, variants = [], []
     for r, a in ((r, a) for r, a in archives.items() if r):
@@ -215,14 +226,15 @@ def _merge(archives: dict[int, Archive], noise: Optional[Archive], out: Path, la
             report.variants[r] = why
     report.derived = [r for r in range(1, world) if r not in archives]
     if report.derived:
-        differing = {r: n for r, n in report.delta_bytes.items() if n}
+        differing = {r: n for r, n in report.beyond_noise.items() if n}
         if variants:
             raise NotDerivable(f"rank {variants[0]} differs from rank 0 in structure ({report.variants[variants[0]]}): "
                                f"ranks {report.derived} cannot be derived; capture every rank")
         if differing:
             r, n = next(iter(differing.items()))
-            raise NotDerivable(f"rank {r} differs from rank 0 in {n} bytes ({', '.join(report.differing[r][:3])}): "
-                                 f"ranks {report.derived} cannot be derived; capture every rank")
+            raise NotDerivable(f"rank {r} differs from rank 0 in {n} bytes beyond the capture noise "
+                               f"({', '.join(report.differing[r][:3])}): ranks {report.derived} cannot be derived; "
+                               f"capture every rank")
         deltas += [schema.RankDelta(rank=r, patches=[]) for r in report.derived]
         report.delta_bytes.update({r: 0 for r in report.derived})
     deltas.sort(key=lambda d: d.rank)
@@ -254,6 +266,7 @@ class _Base:
     structure: dict
     tables: dict  # (what, graph index, snapshot index) -> uint8 bytes
     masks: dict = field(default_factory=dict)  # same keys -> capture noise (rank 0 with a noise capture only)
+    wide: dict = field(default_factory=dict)  # masks plus the kernel noise (see the module docstring)
 
 
 def _blob_of(m: schema.Manifest, table: tuple[str, int, int]) -> str:
@@ -276,6 +289,7 @@ def _delta(r: int, a: Archive, b: int, known: _Base, report: MergeReport) -> Opt
     patches: list[schema.BytePatch] = []
     where: list[str] = []
     by_kernel: dict[str, int] = {}
+    beyond = 0
     for t, ab in known.tables.items():
         what, gi, si = t
         ar = _u8(a, _blob_of(a.manifest, t))
@@ -286,6 +300,8 @@ def _delta(r: int, a: Archive, b: int, known: _Base, report: MergeReport) -> Opt
             continue
         if what in ("nodes", "attrs"):
             return None
+        wide = known.wide.get(t, known.masks.get(t))
+        beyond += int(((ab != ar) & ~wide).sum()) if wide is not None else int((ab != ar).sum())
         where.append(f"graph {mb.graphs[gi].key!r}" if gi >= 0 else f"snapshot {si}")
         for off, n in runs:
             patches.append(schema.BytePatch(offset=off, data=ar[off:off + n].tobytes(), graph=gi, snapshot=si))
@@ -295,10 +311,42 @@ def _delta(r: int, a: Archive, b: int, known: _Base, report: MergeReport) -> Opt
     for name, n in by_kernel.items():
         report.by_kernel[name] = report.by_kernel.get(name, 0) + n
     report.delta_bytes[r] = sum(len(p.data) for p in patches)
+    report.beyond_noise[r] = beyond
     report.differing[r] = where
     if b:
         report.based_on[r] = b
     return schema.RankDelta(rank=r, patches=patches, base=b)
+
+
+def _with_kernel_noise(m: schema.Manifest, tables: dict, masks: dict) -> dict:
+    """``masks`` with every kernel launch's argument bytes masked at the offsets where that kernel's arguments are
+    noisy in any launch (same function, same argument size; see the module docstring)."""
+    payloads = [(t, tables[("nodes", t[1], -1)].view(schema.NODE_DTYPE)) for t in masks if t[0] == "payload"]
+    noisy: dict[int, np.ndarray] = {}
+    for t, nodes in payloads:
+        for f, off, n in _kernel_launches(nodes, len(masks[t])):
+            seg = masks[t][off:off + n]
+            if not seg.any():
+                continue
+            known = noisy.setdefault(f, np.zeros(n, bool))
+            if len(known) == n:  # one function has one argument layout; anything else is left as it is
+                known |= seg
+    wide = dict(masks)
+    for t, nodes in payloads:
+        mask = masks[t].copy()
+        for f, off, n in _kernel_launches(nodes, len(mask)):
+            if f in noisy and len(noisy[f]) == n:
+                mask[off:off + n] |= noisy[f]
+        wide[t] = mask
+    return wide
+
+
+def _kernel_launches(nodes: np.ndarray, payload_size: int):
+    """(function index, argument offset, argument size) of every kernel node whose arguments lie in the payload."""
+    kernels = nodes[nodes["kind"] == schema.NODE_KERNEL]
+    for f, off, n in zip(kernels["ref"].tolist(), kernels["payload_off"].tolist(), kernels["payload_len"].tolist()):
+        if n and off + n <= payload_size:
+            yield f, off, n
 
 
 def _renamed_blobs(m: schema.Manifest, prefix: str) -> schema.Manifest:

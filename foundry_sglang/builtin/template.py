@@ -3,9 +3,10 @@
 ``save_template(args, path, key)`` runs one short-lived process per capture, one after another on one GPU
 (a fresh process gives each virtual rank the same arena layout a real rank will have at LOAD): rank 0, rank 0
 again (its differences from the first are capture noise) and the last rank. The engine keeps rank-dependent
-values in device memory, so the last rank's delta is normally empty and the ranks between are derived
-(``foundry_core.ranks``): three captures whatever the rank count; where the last rank does differ, every other
-rank is captured too. Each process builds
+values in device memory, so the last rank differs from rank 0 only in capture noise (uninitialised padding in
+torch's kernel-argument structs, at offsets that are noisy for that kernel: ``foundry_core.ranks``) and the ranks
+between are derived: three captures whatever the rank count; where the last rank differs beyond the noise, every
+other rank is captured too. Each process builds
 the model with its rank's shards, turns collectives into slot placeholders (:mod:`.collectives`) and writes a
 per-rank archive; ``foundry_core.ranks.merge_rank_archives`` compares the ranks with rank 0 and
 writes one archive: rank 0's graphs plus per-rank byte deltas (normally none: rank-dependent values such as the

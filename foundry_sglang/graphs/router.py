@@ -33,7 +33,8 @@ from foundry_core.session import SessionMode
 from foundry_sglang.graphs.settings import FoundryMode
 from foundry_sglang.graphs.stack_sampler import StackSampler
 
-__all__ = ["ENGINE_WAIT_MESSAGE", "FALLBACK_ERRORS", "FIRST_INSTALL_MESSAGE", "GraphRouter", "Route", "one_line", "shape_key_name"]
+__all__ = ["ENGINE_WAIT_MESSAGE", "FALLBACK_ERRORS", "FIRST_INSTALL_MESSAGE", "GraphRouter", "Route", "one_line",
+           "shape_key_name"]
 
 log = logging.getLogger("foundry_sglang.graphs")
 

@@ -375,6 +375,41 @@ def test_ranks_cannot_be_derived_when_a_captured_rank_differs(ranks):
         merge_rank_archives({1: r1}, tmp / "x.foundry", world_size=2)
 
 
+@pytest.mark.parametrize("rank3_byte, derivable", [
+    (6 * 24 + 5, True),    # k0a's launch at node 6, argument byte 5: noisy in its launch at node 3
+    (6 * 24 + 6, False),   # the same launch, a byte that is noisy nowhere
+    (4 * 24 + 5, False),   # byte 5 of another kernel's launch (k0b at node 4): its own layout, never noisy
+])
+def test_kernel_noise_lets_ranks_be_derived_only_where_that_kernel_is_noisy(tmp_path, rank3_byte, derivable):
+    """Padding is a property of a kernel's argument layout: a byte that is noise in one launch of a kernel is noise
+    in all of them, even where the noise capture happened to leave it alone (measured: TP=4 ranks differing from
+    rank 0 by 11.7-12.0 KB of torch elementwise/reduce kernel arguments after a per-byte mask)."""
+    from foundry_core.ranks import NotDerivable
+
+    r0 = tmp_path / "rank0.foundry"
+    sample_archive(r0)  # kernel nodes 1..11, 24 argument bytes each at 24 * i; function i % 3
+    noise = tmp_path / "noise.foundry"
+    rewrite(r0, noise, poke([3 * 24 + 5]))  # k0a's launch at node 3 of decode_bs1: byte 5 is padding
+    r3 = tmp_path / "rank3.foundry"
+    rewrite(r0, r3, poke([rank3_byte]))
+    out = tmp_path / "tpl4.foundry"
+    if not derivable:
+        with pytest.raises(NotDerivable, match=r"rank 3 differs from rank 0 in 1 bytes beyond the capture noise"):
+            merge_rank_archives({0: r0, 3: r3}, out, noise=noise, world_size=4)
+        return
+    report = merge_rank_archives({0: r0, 3: r3}, out, noise=noise, world_size=4)
+    # k0a launches at nodes 3, 6 and 9 of three graphs: 9 bytes at offset 5, one of them noisy itself
+    assert report.noise_bytes == 1 and report.kernel_noise_bytes == 8
+    assert report.derived == [1, 2] and report.beyond_noise == {3: 0}
+    assert report.delta_bytes == {1: 0, 2: 0, 3: 1}  # a captured rank keeps exactly its own bytes
+    assert "(+8 B at the kernels' noisy offsets)" in report.summary()
+    with Archive.open(out) as a:
+        m = a.manifest
+        assert rank_patches(m, 1) == [] and rank_patches(m, 2) == []
+        (patch,) = rank_patches(m, 3)
+        assert (patch.graph, patch.offset, len(patch.data)) == (0, rank3_byte, 1)
+
+
 def test_inspect_shows_the_rank_template(ranks, capsys):
     from foundry_core.cli import main
 
