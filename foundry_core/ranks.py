@@ -17,8 +17,8 @@ mask the per-byte noise alone, so what a captured rank stores is exactly its own
 topology, kernels, launch shapes, attributes, outputs, slots, snapshot layout), the bytes that differ outside the
 noise (``schema.RankDelta``). A rank that differs in structure — other kernel code, such as a JIT kernel
 specialised for rank 0's zero offset — is stored whole as a *variant* (``schema.RankVariant``), and later ranks
-like it become byte deltas on the variant's graphs. LOAD reads the
-archive as its rank's (``schema.for_rank``) and applies the rank's delta to the tables before building.
+like it become byte deltas on the variant's graphs. LOAD reads the archive as its rank's (``schema.for_rank``)
+and applies the rank's delta to the tables before building.
 
 Ranks with another arena are refused with :class:`NotTemplatable`, and so are left-out ranks that cannot be
 derived (:class:`NotDerivable`): every rank must then be captured, or keep its own archive.
@@ -76,9 +76,11 @@ class MergeReport:
 
 def byte_runs(a: np.ndarray, b: np.ndarray, mask: Optional[np.ndarray] = None, gap: int = 8) -> list[tuple[int, int]]:
     """(offset, length) runs where ``b`` differs from ``a`` outside ``mask``; runs closer than ``gap`` merge."""
-    diff = a != b
-    if mask is not None:
-        diff &= ~mask
+    return _runs(_outside(a != b, mask), gap)
+
+
+def _runs(diff: np.ndarray, gap: int = 8) -> list[tuple[int, int]]:
+    """(offset, length) runs of True in ``diff``; runs closer than ``gap`` merge."""
     idx = np.flatnonzero(diff)
     if not len(idx):
         return []
@@ -266,7 +268,7 @@ class _Base:
     structure: dict
     tables: dict  # (what, graph index, snapshot index) -> uint8 bytes
     masks: dict = field(default_factory=dict)  # same keys -> capture noise (rank 0 with a noise capture only)
-    wide: dict = field(default_factory=dict)  # masks plus the kernel noise (see the module docstring)
+    wide: dict = field(default_factory=dict)  # the same keys: masks plus the kernel noise (module docstring)
 
 
 def _blob_of(m: schema.Manifest, table: tuple[str, int, int]) -> str:
@@ -295,13 +297,13 @@ def _delta(r: int, a: Archive, b: int, known: _Base, report: MergeReport) -> Opt
         ar = _u8(a, _blob_of(a.manifest, t))
         if len(ar) != len(ab):
             return None
-        runs = byte_runs(ab, ar, known.masks.get(t))
-        if not runs:
+        own = _outside(ab != ar, known.masks.get(t))
+        if not own.any():
             continue
         if what in ("nodes", "attrs"):
             return None
-        wide = known.wide.get(t, known.masks.get(t))
-        beyond += int(((ab != ar) & ~wide).sum()) if wide is not None else int((ab != ar).sum())
+        beyond += int(np.count_nonzero(_outside(own, known.wide.get(t))))
+        runs = _runs(own)
         where.append(f"graph {mb.graphs[gi].key!r}" if gi >= 0 else f"snapshot {si}")
         for off, n in runs:
             patches.append(schema.BytePatch(offset=off, data=ar[off:off + n].tobytes(), graph=gi, snapshot=si))
@@ -318,6 +320,10 @@ def _delta(r: int, a: Archive, b: int, known: _Base, report: MergeReport) -> Opt
     return schema.RankDelta(rank=r, patches=patches, base=b)
 
 
+def _outside(diff: np.ndarray, mask: Optional[np.ndarray]) -> np.ndarray:
+    return diff if mask is None else diff & ~mask
+
+
 def _with_kernel_noise(m: schema.Manifest, tables: dict, masks: dict) -> dict:
     """``masks`` with every kernel launch's argument bytes masked at the offsets where that kernel's arguments are
     noisy in any launch (same function, same argument size; see the module docstring)."""
@@ -328,8 +334,10 @@ def _with_kernel_noise(m: schema.Manifest, tables: dict, masks: dict) -> dict:
             seg = masks[t][off:off + n]
             if not seg.any():
                 continue
-            known = noisy.setdefault(f, np.zeros(n, bool))
-            if len(known) == n:  # one function has one argument layout; anything else is left as it is
+            known = noisy.get(f)
+            if known is None:
+                noisy[f] = seg.copy()
+            elif len(known) == n:  # one function has one argument layout; anything else is left as it is
                 known |= seg
     wide = dict(masks)
     for t, nodes in payloads:
