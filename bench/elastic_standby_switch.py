@@ -121,8 +121,9 @@ def wait_standby_ready(dep, timeout: float = 300.0) -> float:
     raise RuntimeError(f"standby pool not ready within {timeout:.0f}s: {dep.status()['standby']}")
 
 
-def kill_one_replica(dep, t0: float) -> dict:
-    """SIGKILL a serving replica outside a switch and wait until the controller has replaced it."""
+def kill_one_replica(dep, t0: float, timeout: float = 600.0) -> dict:
+    """SIGKILL a serving replica outside a switch and wait until the controller has replaced it (RuntimeError
+    after ``timeout`` seconds)."""
     st = dep.status()
     gen = st["generations"][0]
     victim = gen["replicas"][-1]["pid"]
@@ -135,6 +136,8 @@ def kill_one_replica(dep, t0: float) -> dict:
         pids = [r["pid"] for g in st["generations"] for r in g["replicas"]]
         if st["restarts"] > restarts and st["state"] == "serving" and victim not in pids:
             break
+        if time.monotonic() - t_kill > timeout:
+            raise RuntimeError(f"replica pid {victim} not replaced within {timeout:.0f}s: {st['state']}")
         time.sleep(0.05)
     done = time.monotonic()
     return {"name": "replica killed", "strategy": "repair", "state": "replaced", "t_submit": round(t_kill - t0, 3),

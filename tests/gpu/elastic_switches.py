@@ -9,13 +9,15 @@ routes serve text, ``--load-format dummy`` weights): the dense model switches TP
 restores its graphs from the layout's archive once the layout has run (``--foundry-mode auto``). Before the
 deployment, plain SGLang serves each layout once for the greedy reference.
 
-Clients stream and do not, greedy and sampled, for the whole run. Rows per switch: its phases (stop old, start
-new, wait healthy, route) and outcome; overall: failed requests (must be 0) and greedy answers unlike the
-reference (SGLang: the same layout's plain SGLang; built-in: the TP1 answer, informational: bf16 TP2 may flip a
-token). ``backend="ray"`` runs the controller as a Ray actor and every replica in a placement group, and kills
-the controller once: Ray restarts it and it must serve its layout again. ``share_gpu`` (default with one visible
-GPU): both slots on GPU 0, so every rank and replica shares it (SGLang ranks with ``--foundry-ranks-share-gpu``).
-``DIR/elastic.json`` is in the format of ``bench/elastic_standby_switch.py``, whose ``--plot`` draws it.
+Clients stream and do not, greedy and sampled, for the whole run. Rows per switch: its phases (stop old, start new,
+wait healthy, route) and outcome. After the switches (local backend) one replica is killed with SIGKILL: the time
+until the controller has replaced it is a row. Overall: failed requests (must be 0, besides those running on the
+killed replica) and greedy answers unlike the reference (SGLang: the same layout's plain SGLang; built-in: the TP1
+answer, informational: bf16 TP2 may flip a token). ``backend="ray"`` runs the controller as a Ray actor and every
+replica in a placement group, and kills the controller once: Ray restarts it and it must serve its layout again.
+``share_gpu`` (default with one visible GPU): both slots on GPU 0, so every rank and replica shares it (SGLang ranks
+with ``--foundry-ranks-share-gpu``). ``DIR/elastic.json`` is in the format of ``bench/elastic_standby_switch.py``,
+whose ``--plot`` draws it.
 """
 from __future__ import annotations
 
@@ -211,6 +213,8 @@ def run_deployment(args, name: str, model: str, steps: list, references: dict, s
                 row("  phases (s)", None, " ".join(f"{k}={v:.2f}" for k, v in job["phases_s"].items()))
             if args.backend == "ray":
                 row(*restart_controller(dep, t0, switches))
+            else:
+                row(*replace_killed_replica(dep, t0, switches, name))
             time.sleep(3.0)
     finally:
         status = dep.status()
@@ -221,13 +225,27 @@ def run_deployment(args, name: str, model: str, steps: list, references: dict, s
         row(f"{name}: replicas started from a standby / fallbacks", sb.get("used", 0) > 0 and not sb.get("fallbacks"),
             f"{sb.get('used', 0)} / {sb.get('fallbacks', 0)}")
     row(f"{name}: workers ran on backend", status.get("backend") == args.backend, str(status.get("backend")))
-    row(f"{name}: requests ok / failed", bool(c["ok"]) and not c["failed"], f"{c['ok']} / {c['failed']}")
+    unexplained = c["failed"] - c["failed_on_killed_replica"]
+    row(f"{name}: requests ok / failed", bool(c["ok"]) and not unexplained,
+        f"{c['ok']} / {c['failed']} ({c['failed_on_killed_replica']} were running on the replica killed on purpose)")
     judge = "plain SGLang of the same layout" if args.worker == "sglang" else "the TP1 answer"
     judged = bool(references) or args.worker == "builtin"
     row(f"{name}: greedy answers unlike {judge}", None if not judged else (not c["greedy_mismatched"]) or "WARN",
         str(c["greedy_mismatched"]))
     return {"mode": name, "switches": switches, "requests": load.records, "counts": c,
             "standby": status.get("standby")}
+
+
+def replace_killed_replica(dep, t0: float, switches: list, name: str) -> tuple:
+    """SIGKILL one serving replica outside a switch; its row: replaced and serving again (time), or FAIL."""
+    from bench.elastic_standby_switch import kill_one_replica
+
+    time.sleep(3.0)
+    try:
+        switches.append(kill_one_replica(dep, t0))
+    except RuntimeError as err:
+        return (f"{name}: replica killed outside a switch, replaced", False, str(err))
+    return (f"{name}: replica killed outside a switch, replaced", True, f"{switches[-1]['total_s']:.1f}s")
 
 
 def restart_controller(dep, t0: float, switches: list) -> tuple:
