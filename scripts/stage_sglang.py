@@ -71,6 +71,8 @@ LOCK = (
 #: FlashAttention-3 (``flash_ops``, 1.1 GB unpacked), FlashMLA, InfLLM and the Blackwell library (use
 #: ``--attention-backend triton``).
 KERNEL_DROP = ("sgl_kernel/flash_ops", "sgl_kernel/flashmla_ops", "sgl_kernel/infllm_ops", "sgl_kernel/sm100/")
+#: What the trimmed Ray wheel drops: the Java worker's jar (30 MiB of the 79 MiB wheel); Python workers never load it.
+RAY_DROP = ("ray/jars/",)
 
 PIP_PLATFORM = [
     "--only-binary=:all:", "--no-deps", "--python-version", "3.12", "--implementation", "cp",
@@ -161,15 +163,17 @@ class WheelSet(NamedTuple):
     marker: str                 # a top-level package the installed target must hold (idempotent install)
     check: str                  # Python run by ``install --check`` with env.sh's environment
     env: dict                   # exported by env.sh besides PYTHONPATH
-    sglang_extras: bool = False  # trimmed sglang-kernel, JIT cache, plugin entry point
+    trims: tuple = ()           # (wheel file prefix, path prefixes dropped from that wheel)
+    sglang_extras: bool = False  # JIT cache, plugin entry point
 
 
 WHEEL_SETS = {
     "sglang": WheelSet("sglang", LOCK + (KERNEL_WHEEL,), DEFAULT_STAGE, DEFAULT_DEST, "sglang", SGLANG_CHECK,
                        {"SGLANG_IS_FLASHINFER_AVAILABLE": "false"},  # imported at load, unused with triton attention
-                       sglang_extras=True),
+                       trims=(("sglang_kernel-", KERNEL_DROP),), sglang_extras=True),
     "ray": WheelSet("ray", RAY_LOCK, DEFAULT_STAGE / "ray", "/tmp/foundry_ray", "ray", RAY_CHECK,
-                    {"RAY_USAGE_STATS_ENABLED": "0"}),  # no network there
+                    {"RAY_USAGE_STATS_ENABLED": "0"},  # no network there
+                    trims=((f"ray-{RAY_VERSION}-", RAY_DROP),)),
 }
 
 
@@ -199,14 +203,15 @@ def pip_download(specs: list[str], dest: Path, platform: bool = True) -> None:
         raise StageError(f"pip download failed: {lines[0] if lines else proc.returncode}")
 
 
-def trim_kernel_wheel(src: Path, dest_dir: Path) -> Path:
-    """Rewrite the sglang-kernel wheel without the libraries an H200 never loads; RECORD lists what remains."""
+def trim_wheel(src: Path, dest_dir: Path, drop: tuple[str, ...]) -> Path:
+    """Rewrite a wheel without the files under the ``drop`` prefixes (what the GPU machine never loads); RECORD
+    lists what remains."""
     out = dest_dir / src.name
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
         record_name = next(n for n in zin.namelist() if n.endswith(".dist-info/RECORD"))
         rows = []
         for info in zin.infolist():
-            if info.filename == record_name or info.filename.startswith(KERNEL_DROP):
+            if info.filename == record_name or info.filename.startswith(drop):
                 continue
             data = zin.read(info)
             zout.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
@@ -363,8 +368,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     for old in wheels.glob("*.whl"):
         old.unlink()
     for whl in locked_wheels(dl, ws.lock):
-        if ws.sglang_extras and whl.name.startswith("sglang_kernel-"):
-            trimmed = trim_kernel_wheel(whl, wheels)
+        drop = next((d for prefix, d in ws.trims if whl.name.startswith(prefix)), ())
+        if drop:
+            trimmed = trim_wheel(whl, wheels, drop)
             log(f"trimmed {whl.name}: {whl.stat().st_size / 2**20:.0f} MiB -> {trimmed.stat().st_size / 2**20:.1f} MiB")
         else:
             shutil.copy2(whl, wheels / whl.name)

@@ -48,7 +48,7 @@ def test_trimmed_kernel_wheel_keeps_the_hopper_library_and_a_true_record(tmp_pat
         "sgl_kernel/infllm_v2/__init__.py": b"", "triton_kernels/a.py": b"y = 2\n"}, "sglang_kernel-0.4.5")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    trimmed = stage.trim_kernel_wheel(src, out_dir)
+    trimmed = stage.trim_wheel(src, out_dir, stage.KERNEL_DROP)
     with zipfile.ZipFile(trimmed) as z:
         names = set(z.namelist())
         record = list(csv.reader(io.StringIO(z.read("sglang_kernel-0.4.5.dist-info/RECORD").decode())))
