@@ -447,6 +447,17 @@ async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name:
     await runner.cleanup()
 
 
+def gpu_count_problem(eargs: EngineArgs, visible: int) -> Optional[str]:
+    """Why ``visible`` GPUs cannot hold ``eargs``'s ranks (rank r on GPU ``gpu_of(r)``; ranks may share one),
+    or None."""
+    need = max(eargs.gpu_of(r) for r in range(eargs.world_size)) + 1
+    if need <= visible:
+        return None
+    where = f"--gpu-ids {','.join(str(eargs.gpu_of(r)) for r in range(eargs.world_size))}" if eargs.gpu_ids else \
+        f"--tp/--ep put {eargs.world_size} ranks on GPUs 0..{eargs.world_size - 1} (--gpu-ids 0,0 shares one)"
+    return f"{where}: needs {need} GPUs; {visible} visible"
+
+
 def preflight(eargs: EngineArgs, host: str, port: int) -> None:
     """Check what would otherwise fail deep inside start-up (ConfigError, one line): a GPU asked for but absent,
     a port already taken. (An archive to load that does not exist is no error: LOAD falls back to live capture
@@ -456,8 +467,9 @@ def preflight(eargs: EngineArgs, host: str, port: int) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no usable CUDA GPU here (torch.cuda.is_available() is False); "
                               "use --device cpu")
-        if eargs.world_size > torch.cuda.device_count():
-            raise ConfigError(f"--tp/--ep need {eargs.world_size} GPUs; {torch.cuda.device_count()} visible")
+        problem = gpu_count_problem(eargs, torch.cuda.device_count())
+        if problem:
+            raise ConfigError(problem)
     foundry = eargs.foundry
     if foundry.enabled and eargs.resolved_device() == "cpu":
         if foundry.mode in (FoundryMode.LOAD, FoundryMode.SAVE):

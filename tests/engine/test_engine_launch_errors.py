@@ -189,3 +189,16 @@ def test_gpu_ids_take_gpu_zero_and_refuse_negative_indices():
     assert build_arg_parser().parse_args(["--gpu-ids", "1 0"]).gpu_ids == [1, 0]
     assert_one_line(*launch("--device", "cpu", "--port", "0", "--gpu-ids", "0,-1", module="foundry_sglang.engine"),
                     "GPU indices must be 0 or more")
+
+
+def test_ranks_that_share_a_gpu_need_only_that_gpu():
+    # An elastic TP=2 worker on one GPU is started with --gpu-ids 0,0; counting ranks instead of the GPUs they
+    # name refused it ("need 2 GPUs; 1 visible") and the switch rolled back.
+    from foundry_sglang.engine.config import EngineArgs
+    from foundry_sglang.engine.server import gpu_count_problem
+
+    assert gpu_count_problem(EngineArgs(model="builtin:tiny", tp=2, gpu_ids=[0, 0]), visible=1) is None
+    assert gpu_count_problem(EngineArgs(model="builtin:tiny", tp=2, gpu_ids=[1, 0]), visible=2) is None
+    assert "needs 2 GPUs; 1 visible" in gpu_count_problem(EngineArgs(model="builtin:tiny", tp=2), visible=1)
+    assert "--gpu-ids 0,1: needs 2 GPUs" in gpu_count_problem(EngineArgs(model="builtin:tiny", ep=2, gpu_ids=[0, 1]),
+                                                              visible=1)
