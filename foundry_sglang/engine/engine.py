@@ -75,7 +75,12 @@ def worker_main(args: EngineArgs, rank: int, graph_backend_factory: Optional[Gra
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     exit_with_parent(sig=signal.SIGKILL)
-    runner = ModelRunner(args, rank=rank, graph_backend_factory=graph_backend_factory)
+    try:
+        runner = ModelRunner(args, rank=rank, graph_backend_factory=graph_backend_factory)
+    except Exception as exc:  # out of memory, a bad archive, ...: one line here, rank 0 reports the start failed
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        log.error("rank %d cannot start: %s: %s", rank, type(exc).__name__, first[:300])
+        os._exit(1)   # no teardown: the other ranks may wait in a collective
     group = runner.state.control_group
     try:
         while True:

@@ -39,6 +39,15 @@ def resolve_dtype(args: EngineArgs, cfg: ModelConfig, device: str) -> torch.dtyp
     return _DTYPES.get(cfg.torch_dtype, torch.bfloat16) if cfg.torch_dtype != "float32" else torch.float32
 
 
+def gpu_kv_pages(args: EngineArgs, rank: int, free: int, total: int, page_bytes: int) -> int:
+    """KV pages for ``rank`` on a GPU with ``free`` of ``total`` bytes free: what the memory fraction leaves
+    after activations and graphs (4 GiB a rank), split evenly among the layout's ranks on that GPU."""
+    here = args.gpu_of(rank)
+    sharing = sum(args.gpu_of(r) == here for r in range(args.world_size))
+    reserve = (1 - args.gpu_memory_fraction) * total + sharing * 4 * 2 ** 30
+    return max(2, int((free - reserve) // sharing // page_bytes))
+
+
 def init_distributed(args: EngineArgs, rank: int, device: str, virtual: bool = False) -> ParallelState:
     """Process group (NCCL on GPU, gloo on CPU) plus a gloo control group for step messages and barriers.
     ``virtual``: this process captures rank ``rank`` of the layout alone (comm_patch); no group is made."""
@@ -163,7 +172,8 @@ class ModelRunner:
 
     def _resolve_num_kv_pages(self) -> int:
         """Explicit --num-kv-pages, else enough for max_num_seqs full contexts, capped on GPU by the memory
-        fraction; the same number on every rank (minimum)."""
+        fraction, which the layout's ranks on this GPU split evenly (also a virtual rank captured alone, so that
+        the archive's size fits the layout); the same number on every rank (minimum)."""
         wanted = self.max_bs * self.max_pages_per_seq + 1
         if self.args.num_kv_pages is not None:
             return self.args.num_kv_pages
@@ -172,8 +182,7 @@ class ModelRunner:
             return int(saved["num_kv_pages"])
         if self.device_type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            reserve = (1 - self.args.gpu_memory_fraction) * total + 4 * 2 ** 30  # activations, graphs
-            pages = max(2, int((free - reserve) // self._page_bytes()))
+            pages = gpu_kv_pages(self.args, self.rank, free, total, self._page_bytes())
         else:
             pages = max(2, (64 * 2 ** 20) // self._page_bytes())  # CPU default: 64 MiB of KV
         pages = min(pages, wanted)

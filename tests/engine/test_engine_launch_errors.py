@@ -202,3 +202,29 @@ def test_ranks_that_share_a_gpu_need_only_that_gpu():
     assert "needs 2 GPUs; 1 visible" in gpu_count_problem(EngineArgs(model="builtin:tiny", tp=2), visible=1)
     assert "--gpu-ids 0,1: needs 2 GPUs" in gpu_count_problem(EngineArgs(model="builtin:tiny", ep=2, gpu_ids=[0, 1]),
                                                               visible=1)
+
+
+def test_ranks_that_share_a_gpu_split_its_kv_memory():
+    # Each rank of an elastic TP=2 worker on one GPU sized its KV pool from the whole GPU (55 GiB of an H100's 79)
+    # and the second rank ran out of memory. Virtual ranks captured alone size it the same way, so an archive's
+    # pool fits the layout it is loaded into.
+    from foundry_sglang.engine.config import EngineArgs
+    from foundry_sglang.engine.model_runner import gpu_kv_pages
+
+    gib, page = 2 ** 30, 2 ** 20
+    alone = gpu_kv_pages(EngineArgs(model="builtin:tiny", tp=2), 1, 70 * gib, 80 * gib, page)
+    shared = [gpu_kv_pages(EngineArgs(model="builtin:tiny", tp=2, gpu_ids=[0, 0]), r, 70 * gib, 80 * gib, page)
+              for r in (0, 1)]
+    assert alone == (70 - 12 - 4) * 1024
+    assert shared[0] == shared[1] == (70 - 12 - 8) * 1024 // 2
+    assert sum(shared) * page + 12 * gib + 8 * gib <= 70 * gib
+
+
+def test_a_rank_that_cannot_start_says_so_in_one_line(tmp_path):
+    # A rank > 0 that failed while building its runner (out of memory on a shared GPU, say) printed a traceback.
+    code = ("from foundry_sglang.engine.config import EngineArgs\n"
+            "from foundry_sglang.engine.engine import worker_main\n"
+            f"worker_main(EngineArgs(model={str(tmp_path / 'absent')!r}, tp=2, device='cpu'), 1)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert [line for line in out.stderr.splitlines() if "rank 1 cannot start" in line], out.stderr[-2000:]
