@@ -5,13 +5,14 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Optional
 
 __all__ = ["ELASTIC_API_TOKEN_ENV", "EXIT_WITH_PARENT_ENV", "FORKSERVER_PRELOAD_ENV", "NVLS_OFF_ENV",
-           "RANK_CONTEXT_ENV", "STANDBY_READY_FD_ENV", "disable_nvls", "exit_with_parent", "exit_with_parent_if_asked",
-           "free_port", "port_problem"]
+           "RANK_CONTEXT_ENV", "STANDBY_READY_FD_ENV", "alike_process", "disable_nvls", "exit_with_parent",
+           "exit_with_parent_if_asked", "free_port", "port_problem"]
 
 log = logging.getLogger("foundry_sglang.proc")
 
@@ -34,6 +35,28 @@ FORKSERVER_PRELOAD_ENV = "FOUNDRY_FORKSERVER_PRELOAD"
 #: NVLink multicast (NVLS) stays off in every process we start or run in: a program that uses it can put a
 #: shared host's GPUs out of service, and Foundry refuses graphs that would hold multicast objects anyway.
 NVLS_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+#: Run by a throwaway interpreter before it becomes the real command: address-space randomisation off for what it
+#: execs (Linux ``personality(ADDR_NO_RANDOMIZE)``; where that is not allowed, it runs as it is).
+_ALIKE_EXEC = ("import ctypes, os, sys\n"
+               "try:\n"
+               "    libc = ctypes.CDLL(None)\n"
+               "    libc.personality(libc.personality(0xffffffff) | 0x0040000)\n"
+               "except (OSError, AttributeError):\n"
+               "    pass\n"
+               "os.execv(sys.argv[1], sys.argv[1:])\n")
+
+
+def alike_process(cmd: list, env: Optional[dict] = None) -> tuple[list, dict]:
+    """``cmd`` and its environment such that every process started this way lays out its memory the same way: no
+    address-space randomisation and one Python hash seed. Uninitialised bytes (padding in kernel-argument structs)
+    then hold the same stale values in each, where the control flow is the same. For the short-lived processes
+    that capture a layout's virtual ranks (they serve no one); ``env`` defaults to this process's."""
+    env = dict(os.environ if env is None else env, PYTHONHASHSEED="0")
+    if not sys.platform.startswith("linux"):
+        return list(cmd), env
+    return [sys.executable, "-I", "-S", "-c", _ALIKE_EXEC, *cmd], env
 
 
 def disable_nvls(env=None) -> dict:

@@ -1,7 +1,9 @@
 """SAVE of a built-in engine TP/EP layout on one GPU: capture virtual ranks, then merge into one rank template.
 
 ``save_template(args, path, key)`` runs one short-lived process per capture, one after another on one GPU
-(a fresh process gives each virtual rank the same arena layout a real rank will have at LOAD): rank 0, rank 0
+(a fresh process gives each virtual rank the same arena layout a real rank will have at LOAD; started alike,
+without address-space randomisation and with one hash seed, so that argument padding holds the same stale bytes
+wherever the capture does the same): rank 0, rank 0
 again (its differences from the first are capture noise) and the last rank. The engine keeps rank-dependent
 values in device memory, so the last rank differs from rank 0 only in capture noise (uninitialised padding in
 torch's kernel-argument structs, at offsets that are noisy for that kernel: ``foundry_core.ranks``) and the ranks
@@ -28,6 +30,7 @@ from typing import Optional
 from foundry_core.archive import Archive
 from foundry_core.errors import FoundryError
 from foundry_core.ranks import NotDerivable, merge_rank_archives
+from foundry_sglang.proc import alike_process
 
 __all__ = ["save_template", "TemplateReport"]
 
@@ -64,7 +67,9 @@ def save_template(args, path: str | os.PathLike, key: str, gpu: Optional[int] = 
             cmd = [sys.executable, "-m", "foundry_sglang.builtin.virtual_rank", "--rank", str(rank), "--gpu", str(gpu),
                    "--key", key, "--out", str(out), "--args", json.dumps(args.to_dict())]
             log.info("foundry: capturing virtual %s of %d on cuda:%d", name, world, gpu)
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+            cmd, env = alike_process(cmd)  # the same stale bytes in every capture: less noise to mask
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                                  env=env)
             if proc.returncode != 0 or not out.exists():
                 tail = (proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
                 raise FoundryError(f"capturing virtual {name} of the tp={args.tp} ep={args.ep} layout failed: "

@@ -473,3 +473,24 @@ def test_differing_kernel_images_are_named_by_their_kernels(ranks):
     assert re.search("kernel images of its own: 1 .*triton_poi_fused_mask_0", report.variants[1])
     with pytest.raises(NotTemplatable, match="kernel images of its own: 1 .*triton_poi_fused_mask_0"):
         merge_rank_archives({0: r0, 1: bad}, tmp / "tpl4.foundry", world_size=4)
+
+
+def test_virtual_rank_processes_are_started_alike(tmp_path):
+    # The stale bytes in kernel-argument padding come from each capture process's memory; processes started through
+    # alike_process share one address layout and one hash seed, so two of them print the same addresses.
+    import subprocess
+    import sys
+
+    from foundry_sglang.proc import alike_process
+
+    code = ("import ctypes\n"
+            "print(open('/proc/self/personality').read().strip(), hash('foundry'), hex(id(object())),"
+            " hex(ctypes.addressof(ctypes.create_string_buffer(64))))\n")
+    runs = []
+    for _ in range(2):
+        cmd, env = alike_process([sys.executable, "-c", code])
+        runs.append(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=True).stdout.split())
+    assert runs[0][1] == runs[1][1]  # one hash seed
+    if not int(runs[0][0], 16) & 0x0040000:
+        pytest.skip("this host does not let a process turn address-space randomisation off")
+    assert runs[0] == runs[1]
