@@ -180,3 +180,19 @@ def test_flags_are_resolved_once_and_each_rank_target_carries_both_modes(tmp_pat
     assert backend.target == rank1 and backend.router.requested == "load" and not backend.router.strict
     # a rank template's virtual ranks get the arguments as JSON
     assert EngineArgs(**json.loads(json.dumps(args.to_dict()))) == args
+
+
+def test_a_layout_whose_ranks_share_a_gpu_has_its_own_archive(tmp_path):
+    """Ranks that share a GPU split its KV memory, and LOAD forces the pool SAVE recorded: a template saved for one
+    GPU per rank would not fit two ranks on one GPU (and the other way round, the pool would be half). The number
+    of ranks per GPU is in the key whenever the pool is derived from the memory."""
+    import dataclasses
+
+    from foundry_sglang.builtin.keys import archive_target
+
+    args = EngineArgs(model="builtin:tiny", tp=2, foundry=FoundryConfig.resolve("auto", tmp_path))
+    apart, shared = archive_target(args), archive_target(dataclasses.replace(args, gpu_ids=[0, 0]))
+    assert apart.key != shared.key and apart.path != shared.path
+    assert archive_target(dataclasses.replace(args, gpu_ids=[1, 0])).key == apart.key
+    fixed = dataclasses.replace(args, num_kv_pages=512)  # an explicit pool: the same graphs wherever the ranks run
+    assert archive_target(fixed).key == archive_target(dataclasses.replace(fixed, gpu_ids=[0, 0])).key
