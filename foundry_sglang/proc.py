@@ -45,7 +45,7 @@ _ALIKE_EXEC = ("import ctypes, os, sys\n"
                "    libc.personality(libc.personality(0xffffffff) | 0x0040000)\n"
                "except (OSError, AttributeError):\n"
                "    pass\n"
-               "os.execv(sys.argv[1], sys.argv[1:])\n")
+               "os.execvp(sys.argv[1], sys.argv[1:])\n")
 
 
 def alike_process(cmd: list, env: Optional[dict] = None) -> tuple[list, dict]:
