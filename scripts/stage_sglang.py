@@ -10,14 +10,16 @@ wheels staged the same way (docs/STAGING.md): ``sglang`` (default) is the set me
 * ``build`` (dev machine, needs pip's index; nvcc for sglang): downloads the set's locked cp312 wheels; for
   sglang trims ``sglang-kernel`` to the Hopper library it loads on an H200 (``sgl_kernel/sm90/common_ops``, a
   corrected RECORD) and prebuilds SGLang's tvm-ffi JIT kernels for ``sm_90a`` with nvcc; packs everything into
-  one tar and splits it into parts of less than ``--part-mib`` under the set's folder (``.stage/``,
-  ``.stage/ray/``) next to ``manifest.json`` (sha256 of every part and the whole);
+  one xz tar, the wheels unpacked (xz packs them far tighter than their own deflate), and splits it into parts
+  of less than ``--part-mib`` under the set's folder (``.stage/``, ``.stage/ray/``) next to ``manifest.json``
+  (sha256 of every part and the whole);
 * ``append PART`` (GPU machine, once per part, as the parts arrive): copies a part under ``--dest`` (kept there
   until ``install``) and checks its sha256;
-* ``install`` (GPU machine): checks every part's sha256, joins them, checks the bundle's sha256, installs the
-  wheels into ``--dest/site`` (``pip --no-index --no-deps``) and writes ``env.sh`` to source. For sglang it also
-  unpacks the JIT cache and writes an entry-point ``.dist-info`` for this project so ``sglang.srt.plugins``
-  discovers ``foundry`` in every SGLang process (``TVM_FFI_CACHE_DIR``, ``SGLANG_IS_FLASHINFER_AVAILABLE=false``).
+* ``install`` (GPU machine): checks every part's sha256, joins them, checks the bundle's sha256, zips the unpacked
+  wheels back (byte for byte the same files), installs the wheels into ``--dest/site`` (``pip --no-index
+  --no-deps``) and writes ``env.sh`` to source. For sglang it also unpacks the JIT cache and writes an entry-point
+  ``.dist-info`` for this project so ``sglang.srt.plugins`` discovers ``foundry`` in every SGLang process
+  (``TVM_FFI_CACHE_DIR``, ``SGLANG_IS_FLASHINFER_AVAILABLE=false``).
 
 ``append`` and ``install`` use the standard library only. Every failure is one line on stderr and exit status 2.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import calendar
 import csv
 import hashlib
 import io
@@ -310,14 +313,63 @@ def build_jit_cache(stage: Path, cache: Path, head_dims: str, row_bytes: str) ->
             junk.unlink()
 
 
+def _add_unpacked_wheel(tar: tarfile.TarFile, whl: Path) -> None:
+    """Every file of ``whl`` under ``bundle/wheels/<wheel name>/``, in the wheel's order (xz packs Python source
+    and libraries far tighter than a wheel's deflate: SGLang's set 83 MiB -> 45 MiB)."""
+    with zipfile.ZipFile(whl) as z:
+        for info in z.infolist():
+            if info.is_dir():
+                continue
+            data = z.read(info)
+            member = tarfile.TarInfo(f"bundle/wheels/{whl.name}/{info.filename}")
+            member.size = len(data)
+            member.mtime = calendar.timegm(info.date_time + (0, 0, 0))
+            member.mode = (info.external_attr >> 16) & 0o777 or 0o644
+            tar.addfile(member, io.BytesIO(data))
+
+
+def _unpack_bundle(bundle: Path, dest: Path) -> None:
+    """Extract an xz bundle into ``dest/bundle``, zipping every unpacked wheel back into ``bundle/wheels/NAME``
+    (stored, not compressed: pip only unpacks it again)."""
+    wheels = dest / "bundle" / "wheels"
+    wheels.mkdir(parents=True)
+    current, out = None, None
+    try:
+        with tarfile.open(bundle, "r:xz") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if parts[:2] != ["bundle", "wheels"] or len(parts) < 4:
+                    tar.extract(member, dest, filter="data")
+                    continue
+                name, inner = parts[2], "/".join(parts[3:])
+                if not member.isfile() or not name.endswith(".whl") or ".." in parts or "/" in name:
+                    raise StageError(f"unexpected member {member.name!r} in {bundle}")
+                if name != current:
+                    if out is not None:
+                        out.close()
+                    current, out = name, zipfile.ZipFile(wheels / name, "w", zipfile.ZIP_STORED)
+                info = zipfile.ZipInfo(inner, date_time=max(time.gmtime(member.mtime)[:6], (1980, 1, 1, 0, 0, 0)))
+                info.external_attr = (member.mode & 0o777) << 16
+                out.writestr(info, tar.extractfile(member).read())
+    finally:
+        if out is not None:
+            out.close()
+
+
 def pack_parts(bundle_dir: Path, parts_dir: Path, part_bytes: int, wheel_set: str = "sglang") -> dict:
-    """Tar ``bundle_dir`` and split it into ``parts_dir/part-N`` of at most ``part_bytes``; writes and returns the
-    manifest (the wheel set, sha256 and size of every part and of the whole, the wheels and JIT modules it holds)."""
+    """Pack ``bundle_dir`` (its wheels unpacked, :func:`_add_unpacked_wheel`) into one xz tar and split it into
+    ``parts_dir/part-N`` of at most ``part_bytes``; writes and returns the manifest (the wheel set, sha256 and
+    size of every part and of the whole, the wheels and JIT modules it holds)."""
     if part_bytes <= 0:
         raise StageError(f"part size must be positive, got {part_bytes} bytes")
-    bundle = parts_dir.parent / f"{parts_dir.name}.tar"
-    with tarfile.open(bundle, "w") as tar:
-        tar.add(bundle_dir, arcname="bundle")
+    bundle = parts_dir.parent / f"{parts_dir.name}.tar.xz"
+    with tarfile.open(bundle, "w:xz", preset=9) as tar:
+        for item in sorted(bundle_dir.iterdir()):
+            if item.name == "wheels":
+                for whl in sorted(item.glob("*.whl")):
+                    _add_unpacked_wheel(tar, whl)
+            else:
+                tar.add(item, arcname=f"bundle/{item.name}")
     shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir(parents=True)
     parts = []
@@ -331,7 +383,8 @@ def pack_parts(bundle_dir: Path, parts_dir: Path, part_bytes: int, wheel_set: st
             parts.append({"name": part.name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     cache = bundle_dir / "tvm-ffi-cache"
     manifest = {
-        "set": wheel_set, "bundle_sha256": sha256_file(bundle), "bundle_size": bundle.stat().st_size,
+        "set": wheel_set, "format": "tar.xz", "bundle_sha256": sha256_file(bundle),
+        "bundle_size": bundle.stat().st_size,
         "parts": parts, "wheels": sorted(p.name for p in (bundle_dir / "wheels").glob("*.whl")),
         "jit_modules": sorted(p.name for p in cache.glob("*")) if cache.exists() else [],
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -491,8 +544,11 @@ def cmd_install(args: argparse.Namespace) -> int:
         if digest.hexdigest() != manifest["bundle_sha256"]:
             raise StageError(f"bundle sha256 {digest.hexdigest()[:16]} != manifest {manifest['bundle_sha256'][:16]}")
         shutil.rmtree(dest / "bundle", ignore_errors=True)
-        with tarfile.open(bundle) as tar:
-            tar.extractall(dest, filter="data")
+        if manifest.get("format") == "tar.xz":
+            _unpack_bundle(bundle, dest)
+        else:  # parts built before the xz format: a plain tar of the wheel files
+            with tarfile.open(bundle) as tar:
+                tar.extractall(dest, filter="data")
         bundle.unlink()
         wheels = sorted((dest / "bundle" / "wheels").glob("*.whl"))
         proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",

@@ -69,7 +69,7 @@ def _bundle(tmp_path) -> tuple[Path, dict]:
     bundle = tmp_path / "stage" / "bundle"
     (bundle / "wheels").mkdir(parents=True)
     make_wheel(bundle / "wheels" / "tinypkg-1.0-py3-none-any.whl",
-               {"tinypkg/__init__.py": b"VALUE = 42\n" + b"#" * 20000}, "tinypkg-1.0")
+               {"tinypkg/__init__.py": b"VALUE = 42\n#" + base64.b64encode(os.urandom(15000))}, "tinypkg-1.0")
     (bundle / "tvm-ffi-cache" / "sgl_kernel_jit_x__arch_9.0a").mkdir(parents=True)
     (bundle / "tvm-ffi-cache" / "sgl_kernel_jit_x__arch_9.0a" / "x.so").write_bytes(b"\x7fELF" + b"0" * 100)
     manifest = stage.pack_parts(bundle, tmp_path / "stage" / "parts", part_bytes=4096)
@@ -129,7 +129,7 @@ def _ray_set(tmp_path, monkeypatch) -> Path:
     bundle = tmp_path / "ray-stage" / "bundle"
     (bundle / "wheels").mkdir(parents=True)
     make_wheel(bundle / "wheels" / "ray-2.60.0-py3-none-any.whl",
-               {"ray/__init__.py": b"__version__ = '2.60.0'\n" + b"#" * 30000}, "ray-2.60.0")
+               {"ray/__init__.py": b"__version__ = '2.60.0'\n#" + base64.b64encode(os.urandom(22500))}, "ray-2.60.0")
     make_wheel(bundle / "wheels" / "msgspec-0.23.0-py3-none-any.whl", {"msgspec/__init__.py": b"M = 1\n"},
                "msgspec-0.23.0")
     manifest = stage.pack_parts(bundle, tmp_path / "ray-stage" / "parts", part_bytes=8192, wheel_set="ray")
@@ -226,3 +226,20 @@ def test_ray_lock_pins_the_ray_the_elastic_code_is_tested_with():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("no ray on this machine")
     assert f"ray=={installed}" in lock
+
+
+def test_wheels_travel_unpacked_in_xz_and_are_zipped_back_whole(tmp_path):
+    # The bundle carries each wheel's files under xz (far smaller than the wheels' deflate); install zips them back.
+    bundle = tmp_path / "stage" / "bundle"
+    (bundle / "wheels").mkdir(parents=True)
+    text = b"def f():\n    return 1\n" * 4000
+    whl = make_wheel(bundle / "wheels" / "srcpkg-1.0-py3-none-any.whl",
+                     {"srcpkg/__init__.py": text, "srcpkg/bin/tool": b"#!/bin/sh\necho hi\n"}, "srcpkg-1.0")
+    manifest = stage.pack_parts(bundle, tmp_path / "stage" / "parts", part_bytes=1 << 20)
+    assert manifest["format"] == "tar.xz" and manifest["bundle_size"] < whl.stat().st_size
+    dest = tmp_path / "device-tmp"
+    _append_all(tmp_path / "stage" / "parts", str(dest))
+    assert stage.cmd_install(Namespace(set="sglang", dest=str(dest), target=None, project=str(ROOT), check=False)) == 0
+    with zipfile.ZipFile(whl) as a, zipfile.ZipFile(dest / "bundle" / "wheels" / whl.name) as b:
+        assert a.namelist() == b.namelist() and all(a.read(n) == b.read(n) for n in a.namelist())
+    assert (dest / "site" / "srcpkg" / "__init__.py").read_bytes() == text
