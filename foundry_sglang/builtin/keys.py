@@ -57,10 +57,8 @@ def archive_target(args: EngineArgs, rank: int = 0) -> ArchiveTarget:
         "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
         "cuda_graph_bs": list(args.graph_batch_sizes()), "num_kv_pages": args.num_kv_pages, "seed": args.seed,
     }
-    per_gpu = max(sum(args.gpu_of(r) == args.gpu_of(q) for r in range(args.world_size))
-                  for q in range(args.world_size))
-    if per_gpu > 1 and args.num_kv_pages is None:  # ranks sharing a GPU split its KV memory (a smaller pool)
-        material["ranks_per_gpu"] = per_gpu
+    if args.ranks_share_gpu and args.num_kv_pages is None:  # ranks sharing a GPU split its KV memory (a smaller pool)
+        material["ranks_per_gpu"] = args.ranks_per_gpu
     template = args.world_size > 1
     key = archive_key("builtin", args.model, material, layout, per_rank=not template)
     return ArchiveTarget(path=key.path(config.archive_dir), key=key.key, device=args.gpu_of(rank),

@@ -1,18 +1,17 @@
 """SAVE of a built-in engine TP/EP layout on one GPU: capture virtual ranks, then merge into one rank template.
 
-``save_template(args, path, key)`` runs one short-lived process per capture, one after another on one GPU
-(a fresh process gives each virtual rank the same arena layout a real rank will have at LOAD; started alike,
-without address-space randomisation and with one hash seed, so that argument padding holds the same stale bytes
-wherever the capture does the same): rank 0, rank 0
-again (its differences from the first are capture noise) and the last rank. The engine keeps rank-dependent
-values in device memory, so the last rank differs from rank 0 only in capture noise (uninitialised padding in
-torch's kernel-argument structs, at offsets that are noisy for that kernel: ``foundry_core.ranks``) and the ranks
-between are derived: three captures whatever the rank count; where the last rank differs beyond the noise, every
-other rank is captured too. Each process builds
-the model with its rank's shards, turns collectives into slot placeholders (:mod:`.collectives`) and writes a
-per-rank archive; ``foundry_core.ranks.merge_rank_archives`` compares the ranks with rank 0 and
-writes one archive: rank 0's graphs plus per-rank byte deltas (normally none: rank-dependent values such as the
-vocabulary window and the first local expert live in device memory, not in kernel arguments).
+``save_template(args, path, key)`` runs one short-lived process per capture, one after another on one GPU (a fresh
+process gives each virtual rank the same arena layout a real rank will have at LOAD; started alike, without
+address-space randomisation and with one hash seed, so that argument padding holds the same stale bytes wherever the
+capture does the same): rank 0, rank 0 again (its differences from the first are capture noise) and the last rank.
+The engine keeps rank-dependent values in device memory, so the last rank differs from rank 0 only in capture noise
+(uninitialised padding in torch's kernel-argument structs, at offsets that are noisy for that kernel:
+``foundry_core.ranks``) and the ranks between are derived: three captures whatever the rank count; where the last
+rank differs beyond the noise, every other rank is captured too. Each process builds the model with its rank's
+shards, turns collectives into slot placeholders (:mod:`.collectives`) and writes a per-rank archive;
+``foundry_core.ranks.merge_rank_archives`` compares the ranks with rank 0 and writes one archive: rank 0's graphs
+plus per-rank byte deltas (normally none: rank-dependent values such as the vocabulary window and the first local
+expert live in device memory, not in kernel arguments).
 """
 from __future__ import annotations
 

@@ -184,9 +184,19 @@ class EngineArgs:
     def gpu_of(self, rank: int) -> int:
         return self.gpu_ids[rank] if self.gpu_ids else rank
 
+    def rank_gpus(self) -> List[int]:
+        """The GPU of every rank, in rank order."""
+        return list(self.gpu_ids[: self.world_size]) if self.gpu_ids else list(range(self.world_size))
+
+    @property
+    def ranks_per_gpu(self) -> int:
+        """The most ranks that share one GPU (1: one GPU per rank)."""
+        gpus = self.rank_gpus()
+        return max(gpus.count(g) for g in gpus)
+
     @property
     def ranks_share_gpu(self) -> bool:
-        return bool(self.gpu_ids) and len(set(self.gpu_ids[: self.world_size])) < self.world_size
+        return self.ranks_per_gpu > 1
 
     def __post_init__(self) -> None:
         if isinstance(self.foundry, Mapping):  # from JSON (to_dict) or dataclasses.asdict

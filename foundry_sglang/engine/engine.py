@@ -67,6 +67,11 @@ MAX_ISOLATED_FAILURES = 4
 MAX_BATCH_FAILURES = 3
 
 
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (logs and errors say one line)."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def worker_main(args: EngineArgs, rank: int, graph_backend_factory: Optional[GraphBackendFactory] = None) -> None:
     """Entry of ranks > 0: build the same runner and execute every step rank 0 broadcasts."""
     logging.basicConfig(level=logging.WARNING)
@@ -78,8 +83,7 @@ def worker_main(args: EngineArgs, rank: int, graph_backend_factory: Optional[Gra
     try:
         runner = ModelRunner(args, rank=rank, graph_backend_factory=graph_backend_factory)
     except Exception as exc:  # out of memory, a bad archive, ...: one line here, rank 0 reports the start failed
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        log.error("rank %d cannot start: %s: %s", rank, type(exc).__name__, first[:300])
+        log.error("rank %d cannot start: %s", rank, error_line(exc)[:300])
         os._exit(1)   # no teardown: the other ranks may wait in a collective
     group = runner.state.control_group
     try:
@@ -89,8 +93,7 @@ def worker_main(args: EngineArgs, rank: int, graph_backend_factory: Optional[Gra
                 break
             runner.run(batch)
     except Exception as exc:  # rank 0 went away (or a collective broke): nothing left to serve
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        log.error("rank %d exits: lost the other ranks (%s: %s)", rank, type(exc).__name__, first[:300])
+        log.error("rank %d exits: lost the other ranks (%s)", rank, error_line(exc)[:300])
         os._exit(1)   # no teardown: the process group is broken and could hang it
     runner.shutdown()
 
@@ -509,10 +512,7 @@ class AsyncLLMEngine:
         self._inbox.put(("abort", request_id, None))
 
     def _error_line(self) -> str:
-        e = self.error
-        if e is None:
-            return "stopped"
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return "stopped" if self.error is None else error_line(self.error)
 
     def stats(self) -> Dict[str, float]:
         return dict(self._stats)

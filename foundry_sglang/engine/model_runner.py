@@ -42,8 +42,7 @@ def resolve_dtype(args: EngineArgs, cfg: ModelConfig, device: str) -> torch.dtyp
 def gpu_kv_pages(args: EngineArgs, rank: int, free: int, total: int, page_bytes: int) -> int:
     """KV pages for ``rank`` on a GPU with ``free`` of ``total`` bytes free: what the memory fraction leaves
     after activations and graphs (4 GiB a rank), split evenly among the layout's ranks on that GPU."""
-    here = args.gpu_of(rank)
-    sharing = sum(args.gpu_of(r) == here for r in range(args.world_size))
+    sharing = args.rank_gpus().count(args.gpu_of(rank))
     reserve = (1 - args.gpu_memory_fraction) * total + sharing * 4 * 2 ** 30
     return max(2, int((free - reserve) // sharing // page_bytes))
 

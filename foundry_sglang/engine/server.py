@@ -450,10 +450,11 @@ async def serve(engine: AsyncLLMEngine, host: str, port: int, served_model_name:
 def gpu_count_problem(eargs: EngineArgs, visible: int) -> Optional[str]:
     """Why ``visible`` GPUs cannot hold ``eargs``'s ranks (rank r on GPU ``gpu_of(r)``; ranks may share one),
     or None."""
-    need = max(eargs.gpu_of(r) for r in range(eargs.world_size)) + 1
+    gpus = eargs.rank_gpus()
+    need = max(gpus) + 1
     if need <= visible:
         return None
-    where = f"--gpu-ids {','.join(str(eargs.gpu_of(r)) for r in range(eargs.world_size))}" if eargs.gpu_ids else \
+    where = f"--gpu-ids {','.join(map(str, gpus))}" if eargs.gpu_ids else \
         f"--tp/--ep put {eargs.world_size} ranks on GPUs 0..{eargs.world_size - 1} (--gpu-ids 0,0 shares one)"
     return f"{where}: needs {need} GPUs; {visible} visible"
 
