@@ -184,9 +184,13 @@ def verdicts(kind: str, layers: int, r: dict, layout: str = "tp1", share: bool =
             parts.append(f"{label} {res.get('healthy_s', '-')} s (graphs {res.get('decode_graph_phase_s', '-')} s, "
                          f"load_weight {st.get('load_weight', '-')}, cuda_graph {cg or '-'}, "
                          f"scheduler_e2e {st.get('scheduler_e2e', '-')})")
-        ok = all("healthy_s" in x for x in (plain, save, load)) and load["healthy_s"] < plain["healthy_s"]
+        # One start per mode: whole-server time to healthy moves by seconds from start to start (imports, the
+        # tokenizer manager), far more than the graph phase, so the verdict is on the phase Foundry replaces; the
+        # medians of whole starts are bench/sglang_start.py's job.
+        ok = (all("healthy_s" in x for x in (plain, save, load))
+              and load.get("decode_graph_phase_s", 1e9) < plain.get("decode_graph_phase_s", 0))
         return ok, "; ".join(parts)
-    guarded("time to healthy plain / SAVE / LOAD", healthy)
+    guarded("time to healthy plain / SAVE / LOAD (LOAD graph phase < plain)", healthy)
     guarded("auto chose SAVE then LOAD",
             lambda: (save.get("chose") == "SAVE" and load.get("chose") == "LOAD",
                      f"1st start {save.get('chose')}, 2nd start {load.get('chose')}"))
