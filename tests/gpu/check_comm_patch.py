@@ -362,7 +362,13 @@ def check_template(model, kind, gpus, label, sets, world=2):
         + ", ".join(f"{k} {v:.1f}s" for k, v in rep.capture_seconds.items()) + f", merge {rep.merge_seconds:.1f}s"
         + (f"; ranks {rep.derived} derived" if rep.derived else ""))
     torch.cuda.empty_cache()
+    return compare_ranks(args, label, sets, world)
 
+
+def compare_ranks(args, label, sets, world, title=None):
+    """LOAD the layout's template in ``world`` fresh rank processes, each against its own live capture (bitwise,
+    ``sets`` input sets per batch size); rows under ``title`` (default ``LOAD xN bitwise == live``)."""
+    title = title or f"LOAD x{world} bitwise == live"
     # More than two ranks on one GPU time-slice it (every collective waits for each peer's turn): replay latency
     # says little there, so it is sampled lightly.
     cfg = {"args": dict(args.__dict__, dist_port=free_port()), "input_sets": sets,
@@ -371,7 +377,7 @@ def check_template(model, kind, gpus, label, sets, world=2):
     DETAILS[f"{label}_ranks"] = res
     errors = [f"rank {r['rank']}: {r['error']}" for r in res.values() if "error" in r]
     if errors or len(res) < world:
-        row(f"({label}) LOAD x{world} == live TP graphs", False, "; ".join(errors) or f"only {len(res)} ranks answered")
+        row(f"({label}) {title}", False, "; ".join(errors) or f"only {len(res)} ranks answered")
         for r in res.values():
             if "trace" in r:
                 print(r["trace"])
@@ -381,7 +387,7 @@ def check_template(model, kind, gpus, label, sets, world=2):
     tot = sum(r["total"] for r in res.values())
     nd = sum(r["nondeterministic"] for r in res.values())
     ok = not fb and eq == tot - nd and tot > 0 and nd == 0
-    row(f"({label}) LOAD x{world} bitwise == live", ok if not fb else False,
+    row(f"({label}) {title}", ok if not fb else False,
         f"{eq}/{tot} (rank x batch size x input set) equal, {nd} live-nondeterministic; fallback: {fb or 'none'}; "
         f"first mismatch {[r['first_bad'] for r in res.values() if r['first_bad']][:1]}")
     r0 = res[0]
@@ -439,6 +445,32 @@ def check_single_gpu_load(model, gpus, label, tp_res):
     row(f"({label}) TP=1 restore() phases", None, r.get("restore_summary", "no restore stats"))
 
 
+def drop_argument_deltas(path) -> int:
+    """Rewrite the rank template at ``path`` with every rank's kernel-argument patches dropped (snapshot patches,
+    rank values in device memory, stay): each rank then launches rank 0's argument bytes, as a derived rank would.
+    The bytes dropped (an experiment, not a product path: it tells whether the argument bytes by which captured
+    ranks differ from rank 0 beyond the noise matter to any output)."""
+    import msgspec
+
+    from foundry_core import trust
+    from foundry_core.archive import Archive, ArchiveWriter, blob_names
+    from foundry_core.options import Options
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".forced")
+    options = Options.from_env()
+    with Archive.open(path, options) as a:
+        m = a.manifest
+        dropped = sum(len(p.data) for d in m.ranks.deltas for p in d.patches if p.snapshot < 0)
+        deltas = [msgspec.structs.replace(d, patches=[p for p in d.patches if p.snapshot >= 0]) for d in m.ranks.deltas]
+        with ArchiveWriter(tmp, sign_key=trust.configured_key(options)) as w:
+            for name in sorted(blob_names(m)):
+                w.add_blob(name, a.blob(name), compress=m.blobs[name].codec != "raw")
+            w.finish(msgspec.structs.replace(m, ranks=msgspec.structs.replace(m.ranks, deltas=deltas)))
+    os.replace(tmp, path)
+    return dropped
+
+
 #: (e): layout -> (preset, kind, ranks)
 COST_LAYOUTS = {"tp2": ("dense", "tp", 2), "tp4": ("dense", "tp", 4), "ep4": ("moe", "ep", 4)}
 
@@ -452,9 +484,11 @@ def live_capture_once(model, gpus) -> dict:
     return dict(res.get(0, {"error": "no answer"}), wall_s=time.perf_counter() - t)
 
 
-def check_template_costs(gpus, layouts):
+def check_template_costs(gpus, layouts, forced_derivation=False, sets=3):
     """(e) Template SAVE time per layout against one live capture; how many captures it took, which ranks were
-    derived. Captures are constant in the rank count: rank 0, its noise capture, the last rank as the check."""
+    derived. Captures are constant in the rank count: rank 0, its noise capture, the last rank as the check.
+    ``forced_derivation``: where ranks were not derived, LOAD every rank with the argument deltas dropped
+    (:func:`drop_argument_deltas`) and compare it bitwise with live capture."""
     presets = {"dense": DENSE, "moe": MOE}
     live = {}
     for name in [n for n in presets if any(COST_LAYOUTS[x][0] == n for x in layouts)]:
@@ -470,7 +504,7 @@ def check_template_costs(gpus, layouts):
     for label in layouts:
         name, kind, world = COST_LAYOUTS[label]
         try:
-            _, _, rep, save_s = save_layout_template(presets[name], kind, gpus, f"e-{label}", world)
+            args, path, rep, save_s = save_layout_template(presets[name], kind, gpus, f"e-{label}", world)
         except Exception as e:  # the other layouts still run
             row(f"(e) {label.upper()} template in 3 captures, ranks derived", False, f"{type(e).__name__}: {e}"[:300])
             traceback.print_exc()
@@ -489,6 +523,13 @@ def check_template_costs(gpus, layouts):
             + (f" = {save_s / base['wall_s']:.2f}x one live capture ({base['wall_s']:.1f} s)" if base else "")
             + f"; {rep.summary}" + ("" if ok or not top else "; deltas in " + ", ".join(
                 f"{k[:50]}: {v} B" for k, v in top)))
+        if forced_derivation and not rep.derived and world > 2:
+            dropped = drop_argument_deltas(path)
+            DETAILS[f"e_{label}"]["forced_dropped_bytes"] = dropped
+            res = compare_ranks(args, f"e-{label}", sets, world,
+                                title=f"every rank with rank 0's argument bytes ({dropped} B of deltas dropped) "
+                                      "bitwise == live")
+            DETAILS[f"e_{label}_forced"] = res
 
 
 def main():
@@ -502,6 +543,9 @@ def main():
                     help="run (e) alone: template SAVE time on one GPU against one live capture")
     ap.add_argument("--cost-layouts", default=",".join(COST_LAYOUTS),
                     help=f"comma list of the (e) layouts ({', '.join(COST_LAYOUTS)})")
+    ap.add_argument("--forced-derivation", action="store_true",
+                    help="with --template-costs: where ranks were not derived, LOAD every rank with the argument "
+                         "deltas dropped and compare it bitwise with live (an experiment: do those bytes matter?)")
     ap.add_argument("--dense-layers", type=int, default=4, help="layers of the qwen3-8b preset (4)")
     ap.add_argument("--moe-layers", type=int, default=4, help="layers of the qwen3-30b-a3b preset (4)")
     ns = ap.parse_args()
@@ -536,7 +580,7 @@ def main():
              ("c", lambda: check_single_gpu_load(DENSE, ns.gpus, "c", DETAILS.get("b_res") or {})),
              ("d", lambda: check_template(MOE, "ep", ns.gpus, "d", ns.input_sets, ns.ranks)))
     if ns.template_costs:
-        parts = (("e", lambda: check_template_costs(ns.gpus, layouts)),)
+        parts = (("e", lambda: check_template_costs(ns.gpus, layouts, ns.forced_derivation, ns.input_sets)),)
     for part, fn in parts:
         if part in skip:
             continue
