@@ -13,8 +13,9 @@ The variables (each read by :func:`_read_env` only):
   defaults for ``--foundry-mode`` / ``--foundry-archive``);
 * ``FOUNDRY_RANKS_SHARE_GPU=1``: every rank of an SGLang TP/EP server runs on one GPU (``--foundry-ranks-share-gpu``
   of the launcher sets it);
-* ``FOUNDRY_EARLY_LOAD=0``: the built-in engine's server does not start its LOAD before it imports torch (the
-  early load is on by default);
+* ``FOUNDRY_EARLY_LOAD=0``: the built-in engine's server does not start its LOAD before it imports torch, and an
+  SGLang scheduler does not compute Triton's cache key on a thread while it loads the model (both are on by
+  default);
 * ``FOUNDRY_SLOT_FILLER=torch|nccl``: how a built-in engine rank fills collective slots at LOAD
   (:func:`slot_filler_choice`; default ``auto``).
 """
@@ -134,8 +135,9 @@ class FoundryConfig:
     archive_dir: Optional[Path] = None
     #: SGLang TP/EP: every rank on one GPU (``FOUNDRY_RANKS_SHARE_GPU``, ``--foundry-ranks-share-gpu``).
     ranks_share_gpu: bool = False
-    #: The built-in engine's server starts its LOAD at process start (``FOUNDRY_EARLY_LOAD=0`` turns it off; no
-    #: flag). On by default: it makes the median LOAD start 0.26 s faster (bench/start.py).
+    #: The built-in engine's server starts its LOAD at process start, and an SGLang scheduler computes Triton's
+    #: cache key while it loads the model (``FOUNDRY_EARLY_LOAD=0`` turns both off; no flag). On by default: the
+    #: early load makes the median built-in LOAD start 0.26 s faster (bench/start.py).
     early_load: bool = True
 
     @property

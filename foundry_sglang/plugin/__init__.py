@@ -11,7 +11,8 @@ registers the hooks listed in :data:`HOOKS` with SGLang's ``HookRegistry`` (``sr
 Modules: :mod:`.flags` (settings from the environment, flag pins and refusals), :mod:`.parallel` (which TP/EP
 layouts restore), :mod:`.keys` (the archive key material of an SGLang server), :mod:`.hooks` (the hook bodies: a
 thin adapter over :class:`foundry_sglang.graphs.router.GraphRouter`), :mod:`.collectives` (SGLang's collectives
-as slots, its communicators, ranks sharing one GPU) and :mod:`.compat` (what differs between SGLang versions).
+as slots, its communicators, ranks sharing one GPU), :mod:`.triton_key` (Triton's per-process cache key, computed
+while the model loads) and :mod:`.compat` (what differs between SGLang versions).
 """
 from __future__ import annotations
 

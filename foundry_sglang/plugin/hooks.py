@@ -37,6 +37,7 @@ from . import collectives, compat
 from .flags import UnsafeFlag, check_flags, config_from_env
 from .keys import sglang_archive_key
 from .parallel import world_size
+from .triton_key import TritonKeyWarmup
 
 log = logging.getLogger("foundry_sglang.plugin.hooks")
 
@@ -167,6 +168,7 @@ class PluginState:
     kv_config: Optional[dict] = None  # SAVE: what SGLang resolved
     kv_forced: bool = False
     parallel: Optional["ParallelArchives"] = None  # a TP/EP server: its template and this rank's part
+    triton_key: Optional[TritonKeyWarmup] = None  # Triton's cache key, computed while the model loads
 
 
 _state: Optional[PluginState] = None
@@ -278,6 +280,8 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
         log.warning("foundry: disabled for this server: %s", reason)
         _stop_early_recorder()
         return None
+    # First, so that it overlaps the archive's opening and the weights (triton_key: why, and what it changes).
+    triton_key = TritonKeyWarmup.start() if config.early_load else None
     layout = _rank_layout(runner)
     parallel = world_size(runner.server_args) > 1  # the same on every rank, like every decision below
     key = sglang_archive_key(runner.server_args, layout, per_rank=not parallel)
@@ -312,7 +316,8 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
     capture = CaptureAdapter(router, live_capture=lambda b, *a: live(b, *a), capture_scope=_graph_pool_capture_scope(),
                              parallel=parallel)
     _state = PluginState(session=router.session, router=router, capture=capture, archive_path=str(router.session.path),
-                         key_material=key.material, saved_kv_config=saved_kv, parallel=archives)
+                         key_material=key.material, saved_kv_config=saved_kv, parallel=archives,
+                         triton_key=triton_key)
     log.info("foundry: %s %s (rank %s, pid %d)", router.route.value.upper(), router.session.path, layout.tag(),
              os.getpid())
     return None
@@ -408,16 +413,26 @@ def around_capture_session(original: Callable, backend: Any, stream: Any, *args,
     SAVE's arena trace ends where its capture phase begins, at this call. LOAD must compare its trace at the same
     point: between here and the first ``capture_one`` SGLang prepares each batch (``capture_prepare``, the attention
     backend's out-of-graph metadata), and its temporaries would add allocations that SAVE made inside the capture
-    phase (measured on the H200: 110 records vs SAVE's 109, a 2 MiB segment, and the LOAD refused)."""
+    phase (measured on the H200: 110 records vs SAVE's 109, a 2 MiB segment, and the LOAD refused). Before SGLang's
+    first batch size, every route lets the thread computing Triton's cache key finish (:mod:`.triton_key`)."""
     state = _state
     if state is None:
         return original(backend, stream, *args, **kwargs)
     if state.router.route is Route.LOAD:
         state.router.restore()  # falls back to live capture (route LIVE) on any problem
+        _await_triton_key(state)
         return original(backend, stream, *args, **kwargs)
+    _await_triton_key(state)
     if state.router.route is not Route.SAVE:
         return original(backend, stream, *args, **kwargs)
     return _save_capture_session(state, original, backend, stream, *args, **kwargs)
+
+
+def _await_triton_key(state: PluginState) -> None:
+    """Before SGLang's first batch size launches its first Triton kernel: let the warm-up thread finish the key."""
+    if state.triton_key is not None:
+        state.triton_key.wait()
+        state.triton_key = None
 
 
 def around_freeze_gc(original: Callable, enable_cudagraph_gc: bool, *args, **kwargs):

@@ -368,3 +368,68 @@ def test_a_load_skips_the_gc_passes_around_the_capture_loop(loaded_plugin, tmp_p
     plugin.unregister()
     assert decode_cuda_graph_runner.freeze_gc is base_cuda_graph_runner.freeze_gc
     assert not plugin._is_registry_wrapper(decode_cuda_graph_runner.freeze_gc)
+
+
+# -- Triton's cache key (plugin/triton_key.py): computed while the model loads, awaited before the first size --
+class _Recorded:
+    """A warm-up whose wait() is recorded in the event list (where the graph phase waits for it)."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def wait(self, timeout=10.0):
+        self.events.append("triton_key")
+        return 0.0
+
+
+def test_load_waits_for_the_key_after_the_restore_and_before_sglangs_first_size(loaded_plugin, tmp_path):
+    _save_run(tmp_path)
+    session = _reopen(tmp_path)
+    events = []
+    real_restore = session.restore
+    session.restore = lambda order=None: (events.append("restore"), real_restore(order))[1]
+    state = install_state(session, "load")
+    state.triton_key = _Recorded(events)
+    backend, calls = make_backend(), []
+    with backend.capture_session("stream"):
+        events.append("capture_prepare")  # SGLang's first Triton launch comes with its first size's preparation
+        for bs in (8, 4, 1):
+            backend.capture_one(shape_key(bs), forward_for(bs, calls))
+    assert events == ["restore", "triton_key", "capture_prepare"]
+    assert state.triton_key is None  # waited once
+
+
+def test_save_waits_for_the_key_before_its_captures(loaded_plugin, tmp_path):
+    session = CpuStandInSession(tmp_path / "a.foundry", "auto", key="k1")
+    session.open()
+    state = install_state(session, "save")
+    events = []
+    state.triton_key = _Recorded(events)
+    backend = make_backend()
+    with backend.capture_session("stream"):
+        events.append("capture_prepare")
+    assert events == ["triton_key", "capture_prepare"]
+
+
+@pytest.mark.parametrize("early", ["1", "0"])
+def test_the_model_runner_hook_starts_the_warmup_unless_early_load_is_off(loaded_plugin, monkeypatch, tmp_path,
+                                                                           early):
+    import foundry_core
+    from foundry_sglang.plugin.triton_key import TritonKeyWarmup
+
+    monkeypatch.setattr(foundry_core, "Session", CpuStandInSession, raising=False)
+    started = []
+    monkeypatch.setattr(TritonKeyWarmup, "start", classmethod(lambda cls, key=None: started.append(1) or cls(None)))
+
+    class Runner:
+        is_draft_worker = False
+        gpu_id = 0
+        server_args = {"model_path": str(tmp_path / "m"), "tp_size": 1, "cuda_graph_backend_prefill": "disabled"}
+
+    hooks.reset_state()
+    monkeypatch.setenv("FOUNDRY_MODE", "auto")
+    monkeypatch.setenv("FOUNDRY_EARLY_LOAD", early)
+    hooks.before_model_runner_initialize(Runner())
+    state = hooks.current_state()
+    assert (state.triton_key is not None) == (early == "1") and started == ([1] if early == "1" else [])
+    hooks.reset_state()
