@@ -16,6 +16,8 @@ Per model, one server at a time on GPU 0, every server with the same fixed KV po
   load     ``python -m foundry_sglang.launch --foundry-mode load`` on the save's archive
   load_auto  (only when named in ``--modes``) the same with ``--foundry-mode auto``: what auto costs a start that
            restores (every scheduler process records kernel images from its first line, since a SAVE may follow)
+  load_late  (only when named) LOAD with ``FOUNDRY_EARLY_LOAD=0``: Triton's per-process cache key is computed at
+           SGLang's first Triton launch in the graph phase, not on a thread while the model loads
 then ``--starts`` rounds of the modes (interleaved). Each start: time to healthy (``/health`` every
 20 ms; with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0 it answers once SGLang is up, without the probe generation
 that waits >= 1 s), the latency of one request (1 new token) sent as soon as it is healthy, SGLang's
@@ -78,8 +80,9 @@ from gpu.verdicts import FAIL, INFO, SKIP, Verdicts  # noqa: E402
 #: Benchmark models: the server config (sglang_servers.MODELS) and the full depth.
 BENCH_MODELS = {"qwen3-8b": ("dense", 36), "qwen3-30b-a3b": ("a3b", 48)}
 MODES = ("eager", "capture", "load")  # the default run
-ALL_MODES = MODES + ("load_auto",)
-FOUNDRY_MODE = {"save": "save", "load": "load", "load_auto": "auto"}  # eager and capture: plain SGLang
+ALL_MODES = MODES + ("load_auto", "load_late")
+FOUNDRY_MODE = {"save": "save", "load": "load", "load_auto": "auto", "load_late": "load"}  # eager, capture: plain
+MODE_ENV = {"load_late": {"FOUNDRY_EARLY_LOAD": "0"}}  # LOAD without its early work (Triton's key on a thread)
 #: (phase, the log text that ends it), in start-up order; None: no log line marks it.
 PHASE_MARKS = (
     ("imports", "server_args=ServerArgs("),
@@ -260,7 +263,7 @@ def verdicts(key: str, entry: dict, table: Verdicts) -> None:
                   f"from 'Init torch distributed begin' to healthy: eager {fmt(after['eager'])}, LOAD "
                   f"{fmt(after['load'])} ({after['load']['median'] - after['eager']['median']:+.2f} s), live capture "
                   f"{fmt(after['capture'])}; before it every mode runs the same imports (launcher and scheduler)")
-    loads = [st for m in ("load", "load_auto") for st in entry["starts"].get(m, []) if st.get("ok")]
+    loads = [st for m in ("load", "load_auto", "load_late") for st in entry["starts"].get(m, []) if st.get("ok")]
     if loads:
         bad = [f"#{st.get('round')}: restored {st['graphs'].get('restored')} of {len(st['graphs'].get('bs', []))}, "
                f"live {st['graphs'].get('live')}, {st['graphs'].get('fallback_lines')}" for st in loads
@@ -276,6 +279,13 @@ def verdicts(key: str, entry: dict, table: Verdicts) -> None:
                   f"healthy {fmt(auto.get('healthy_s'))} vs {fmt(load.get('healthy_s'))}: "
                   f"{auto['healthy_s']['median'] - load['healthy_s']['median']:+.2f} s; phase medians auto - load: "
                   + (", ".join(f"{p} {d:+.2f} s" for p, d in top) or "none"))
+    late = s.get("load_late")
+    if late and load:
+        table.row(f"{key}: Triton's cache key on a thread (load) vs at the first launch (load_late)", INFO,
+                  f"graph phase median {load['phases_s'].get('graphs') or 0:.2f} vs "
+                  f"{late['phases_s'].get('graphs') or 0:.2f} s; "
+                  f"healthy {fmt(load.get('healthy_s'))} vs {fmt(late.get('healthy_s'))}: "
+                  f"{load['healthy_s']['median'] - late['healthy_s']['median']:+.2f} s")
     for mode in ("save",) + ALL_MODES:
         m = s.get(mode)
         if m:
@@ -328,7 +338,8 @@ def record_name(doc: dict) -> str:
 def estimate(kind: str, layers: int, modes, starts: int, tpot_starts: int, save: bool) -> dict:
     """Rough seconds of one model's run (EST_* constants)."""
     per = {"eager": EST_FIXED_S, "capture": EST_FIXED_S + EST_LIVE_PER_LAYER_S[kind] * layers,
-           "load": EST_FIXED_S + EST_LOAD_S, "load_auto": EST_FIXED_S + EST_LOAD_S}
+           "load": EST_FIXED_S + EST_LOAD_S, "load_auto": EST_FIXED_S + EST_LOAD_S,
+           "load_late": EST_FIXED_S + EST_LOAD_S}
     per = {m: v + EST_AFTER_S for m, v in per.items() if m in modes}
     save_s = EST_FIXED_S + EST_SAVE_PER_LAYER_S[kind] * layers + EST_AFTER_S if save else 0.0
     total = save_s + starts * sum(per.values()) + min(tpot_starts, starts) * len(per) * EST_TPOT_S
@@ -426,7 +437,7 @@ def start_once(mode: str, model_dir: Path, vocab: int, archive: Path, a, logs: P
     foundry = FOUNDRY_MODE.get(mode)
     res: dict = {"mode": mode, "ok": False}
     t0 = time.perf_counter()
-    srv = start_server(name, model_dir, logs, 0, foundry, archive if foundry else None, extra)
+    srv = start_server(name, model_dir, logs, 0, foundry, archive if foundry else None, extra, env=MODE_ENV.get(mode))
     try:
         res["healthy_s"] = srv.wait_healthy(a.start_timeout, poll=0.02)
         t = time.perf_counter()
@@ -515,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", type=int, default=None, help="layers of every model (default: 36 and 48)")
     ap.add_argument("--starts", type=int, default=5, help="timed starts per mode, interleaved (5)")
     ap.add_argument("--modes", default=",".join(MODES),
-                    help="comma list of eager, capture, load, load_auto (default: eager,capture,load)")
+                    help="comma list of eager, capture, load, load_auto, load_late (default: eager,capture,load)")
     ap.add_argument("--max-bs", type=int, default=None,
                     help="--cuda-graph-max-bs-decode of every server (default: SGLang's, 256 on an H100/H200)")
     ap.add_argument("--tpot-starts", type=int, default=1, help="starts of each mode that also time decode TPOT (1)")

@@ -181,9 +181,9 @@ def server_env(gpu: int) -> dict:
 
 
 def start_server(name: str, model: Path, out: Path, gpu: int, mode: str | None, archive: Path | None,
-                 extra: list[str] = (), share: bool = False) -> Server:
+                 extra: list[str] = (), share: bool = False, env: dict | None = None) -> Server:
     """``mode`` None: plain SGLang (through the launcher with Foundry off when ranks share a GPU: SGLang alone
-    cannot put two ranks on one GPU)."""
+    cannot put two ranks on one GPU). ``env``: variables set over ``server_env(gpu)``."""
     port = free_port()
     flags = SERVER_FLAGS + (SHARED_MEMORY_FLAGS if share else [])
     common = ["--model-path", str(model), "--port", str(port), *flags, *extra]
@@ -196,7 +196,7 @@ def start_server(name: str, model: Path, out: Path, gpu: int, mode: str | None, 
     else:
         cmd = [sys.executable, "-m", "foundry_sglang.launch", "--foundry-engine", "sglang", "--foundry-mode", mode,
                "--foundry-archive", str(archive), *ranks_share, *common]
-    return Server(name, cmd, server_env(gpu), out / f"{name}.log", port)
+    return Server(name, cmd, dict(server_env(gpu), **(env or {})), out / f"{name}.log", port)
 
 
 # -- measurements ------------------------------------------------------------------------------------------------

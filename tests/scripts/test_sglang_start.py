@@ -287,9 +287,9 @@ def fake_sglang(tmp_path, monkeypatch):
     lines = json.dumps([m for _, m in LINES if "fired up" not in m])
     launched = []
 
-    def start_server(name, model, out, gpu, mode, archive, extra=(), share=False):
+    def start_server(name, model, out, gpu, mode, archive, extra=(), share=False, env=None):
         kind = "capture" if mode is None and "--disable-cuda-graph" not in extra else (mode or "eager")
-        launched.append((kind, list(extra)))
+        launched.append((kind, list(extra)) + ((env,) if env else ()))
         port = sglang_servers.free_port()
         return Server(name, [sys.executable, str(script), str(port), kind, lines], dict(os.environ),
                       out / f"{name}.log", port)
@@ -318,8 +318,8 @@ def test_a_run_against_a_stand_in_server(tmp_path, fake_sglang):
     written = []
     bench.run_model("qwen3-8b", a, doc, 0, time.perf_counter(), lambda: written.append(bench.build_rows(doc)))
     entry = doc["models"]["qwen3-8b-2l-maxbs8"]
-    assert [k for k, _ in fake_sglang] == ["save"] + list(bench.MODES) * 2 and len(written) == 7
-    assert all("--cuda-graph-max-bs-decode" in extra and "4096" in extra for _, extra in fake_sglang)
+    assert [k for k, *_ in fake_sglang] == ["save"] + list(bench.MODES) * 2 and len(written) == 7
+    assert all("--cuda-graph-max-bs-decode" in extra and "4096" in extra for _, extra, *_ in fake_sglang)
     assert (tmp_path / "work" / "models" / "qwen3-dense-2l" / "config.json").exists()
     for mode in bench.MODES:
         first, second = entry["starts"][mode]
@@ -351,10 +351,10 @@ def test_the_budget_stops_before_a_round_that_would_not_fit(tmp_path, fake_sglan
     a = run_args(tmp_path, starts=3, modes=["eager"], max_bs=None, tpot_starts=0, tpot_tokens=4, budget=1e-3)
     doc = {"runs": [{"stopped": None}], "models": {}}
     bench.run_model("qwen3-8b", a, doc, 0, time.perf_counter(), lambda: None)
-    assert [k for k, _ in fake_sglang] == ["save"] and "before round 0" in doc["runs"][0]["stopped"]
+    assert [k for k, *_ in fake_sglang] == ["save"] and "before round 0" in doc["runs"][0]["stopped"]
     a.reuse_archive, a.budget = True, 0  # no archive was written by the stand-in: the save runs again
     bench.run_model("qwen3-8b", a, doc, 0, time.perf_counter(), lambda: None)
-    assert [k for k, _ in fake_sglang] == ["save", "save", "eager", "eager", "eager"]
+    assert [k for k, *_ in fake_sglang] == ["save", "save", "eager", "eager", "eager"]
 
 
 def test_server_stop_ends_the_whole_process_group(tmp_path):
@@ -380,10 +380,23 @@ def test_auto_mode_on_the_same_archive_is_a_mode_of_its_own(tmp_path, fake_sglan
     a = run_args(tmp_path, starts=1, modes=["load", "load_auto"], tpot_starts=0)
     doc = new_doc()
     bench.run_model("qwen3-8b", a, doc, 0, time.perf_counter(), lambda: bench.build_rows(doc))
-    assert [k for k, _ in fake_sglang] == ["save", "load", "auto"]
+    assert [k for k, *_ in fake_sglang] == ["save", "load", "auto"]
     rows = rows_by_name(doc)
     status, detail = rows["--foundry-mode auto vs load on the same archive"]
     assert status == "INFO" and "scheduler_spawn +0.3" in detail
     assert rows["every LOAD restored every decode graph"] == ("PASS", "2 starts, 4 graphs each, none live")
     assert "load_auto" in bench.tables(doc)
     assert bench.main(["--estimate", "--models", "qwen3-8b", "--modes", "load,load_auto", "--starts", "1"]) == 0
+
+
+def test_load_late_is_a_load_without_the_early_triton_key(tmp_path, fake_sglang):
+    """``--modes load,load_late``: the same LOAD with ``FOUNDRY_EARLY_LOAD=0`` (Triton's cache key computed at the
+    first launch, in the graph phase), and a row comparing their graph phases."""
+    a = run_args(tmp_path, starts=1, modes=["load", "load_late"], tpot_starts=0)
+    doc = new_doc()
+    bench.run_model("qwen3-8b", a, doc, 0, time.perf_counter(), lambda: bench.build_rows(doc))
+    assert fake_sglang[1][0] == "load" and len(fake_sglang[1]) == 2
+    assert fake_sglang[2][0] == "load" and fake_sglang[2][2] == {"FOUNDRY_EARLY_LOAD": "0"}
+    status, detail = rows_by_name(doc)["Triton's cache key on a thread (load) vs at the first launch (load_late)"]
+    assert status == "INFO" and detail.startswith("graph phase median ")
+
