@@ -109,10 +109,13 @@ class Load:
 
 def wait_standby_ready(dep, timeout: float = 300.0) -> float:
     """Wait until every free slot holds a warm standby (none when the serving layout takes all slots, unless
-    standbys may wait on serving slots: then the whole target)."""
+    standbys may wait on serving slots: then the whole target); RuntimeError once the pool is disabled or after
+    ``timeout`` seconds."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         st = dep.status()
+        if st["standby"].get("disabled"):
+            raise RuntimeError(f"standby pool disabled: {st['standby']['disabled']}")
         used = sum(len(r["slots"]) for g in st["generations"] for r in g["replicas"])
         room = st["slots"] if st["standby"].get("coreside") else st["slots"] - used
         if st["standby"]["ready"] >= min(st["standby"]["target"], room):

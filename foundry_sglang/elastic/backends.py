@@ -30,6 +30,11 @@ class ReplicaHandle:
     url: Optional[str] = None
     pid: Optional[int] = None
     slots: Sequence[Any] = ()
+    healthy: bool = False  # set by the controller once the replica answered /health
+
+    def on_healthy(self) -> None:
+        """The controller saw this replica answer ``/health`` for the first time."""
+        self.healthy = True
 
     async def start(self) -> str:
         raise NotImplementedError
@@ -48,6 +53,8 @@ class ReplicaHandle:
 SpecFactory = Callable[[int], WorkerSpec]  # replica index -> spec
 #: Standby workers in a row that may exit before they are warm before the pool stops starting them.
 STANDBY_MAX_FAILURES = 3
+#: Replicas started from standbys in a row that may fail before they are healthy before no standby is used.
+STANDBY_MAX_ACTIVATION_FAILURES = 2
 
 
 # --------------------------------------------------------------------------------------------- local
@@ -89,10 +96,17 @@ class _LocalReplica(ReplicaHandle):
     def describe(self) -> Dict[str, Any]:
         return dict(super().describe(), from_standby=self.from_standby)
 
+    def on_healthy(self) -> None:
+        super().on_healthy()
+        if self.from_standby:
+            self.backend.standby_activation_failures = 0
+
     async def returncode(self) -> Optional[int]:
         return self.worker.returncode()
 
     async def stop(self) -> None:
+        if self.from_standby and not self.healthy:  # handed its layout, then never served: count it
+            self.backend.standby_activation_failed(self.pid)
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
         self.backend._give_back(self.slots)
         self.slots = []
@@ -127,7 +141,9 @@ class LocalBackend:
         self.standbys: Dict[int, ProcessWorker] = {}   # slot -> warm engine (its slot is not in self.free)
         self.standby_started = self.standby_used = self.standby_fallbacks = 0
         self.standby_failures = 0                      # standbys in a row that exited before they were warm
-        self.standby_disabled: Optional[str] = None    # why no more standbys are started
+        self.standby_activation_failures = 0           # replicas from standbys in a row that never became healthy
+        self.standby_activation_failed_total = 0
+        self.standby_disabled: Optional[str] = None    # why no more standbys are started or used
 
     def capacity(self) -> Tuple[Optional[int], str]:
         """How many slots this backend has at all, and where (for a one-line refusal)."""
@@ -150,7 +166,7 @@ class LocalBackend:
         for i in range(layout.replicas):
             standby = None
             take: List[int] = []
-            idle = self._idle_standbys()
+            idle = [] if self.standby_disabled else self._idle_standbys()
             if idle:                              # rank 0 on a warm engine (one that is ready first)
                 slot = min(idle, key=lambda s: (not self.standbys[s].standby_ready(), s))
                 standby = self.standbys.pop(slot)
@@ -166,9 +182,23 @@ class LocalBackend:
             handles.append(_LocalReplica(self, i, spec_for(i), take, standby, spares))
         return handles
 
+    def standby_activation_failed(self, pid: Optional[int]) -> None:
+        """A replica started from a standby stopped before it was ever healthy (its layout's server could not
+        start in the standby). After STANDBY_MAX_ACTIVATION_FAILURES in a row no standby is used or started:
+        switches start fresh workers, as without standbys."""
+        self.standby_activation_failures += 1
+        self.standby_activation_failed_total += 1
+        log.warning("the replica started from standby pid %s never became healthy (see the standby's log)", pid)
+        if self.standby_activation_failures >= STANDBY_MAX_ACTIVATION_FAILURES and not self.standby_disabled:
+            self.standby_disabled = (f"{self.standby_activation_failures} replicas in a row started from standby "
+                                     "workers never became healthy (see their logs); fresh workers from now on")
+            log.error("%s", self.standby_disabled)
+
     def replenish(self, spec: WorkerSpec) -> int:
         """Drop standbys that exited and start new ones on free slots up to the target; returns how many started.
-        ``spec`` gives the worker kind, device, environment and log path (``{slot}`` in it is filled in)."""
+        ``spec`` gives the worker kind, device, environment and log path (``{slot}`` and ``{n}``, the standby's
+        number, in it are filled in).
+        Once the pool is disabled its idle standbys are stopped."""
         for slot, w in list(self.standbys.items()):
             if w.returncode() is not None:
                 self.standby_failures = 0 if w.was_warm() else self.standby_failures + 1
@@ -176,11 +206,14 @@ class LocalBackend:
                             w.returncode(), "" if self.standby_failures == 0 else " before it was warm")
                 w.stop()
                 self._drop_standby(slot)
-        if self.standby_failures >= STANDBY_MAX_FAILURES:
-            if not self.standby_disabled:
-                self.standby_disabled = (f"{self.standby_failures} standby workers in a row exited before they "
-                                         f"were warm (see their logs); no more standby workers")
-                log.error("%s", self.standby_disabled)
+        if self.standby_failures >= STANDBY_MAX_FAILURES and not self.standby_disabled:
+            self.standby_disabled = (f"{self.standby_failures} standby workers in a row exited before they "
+                                     f"were warm (see their logs); no more standby workers")
+            log.error("%s", self.standby_disabled)
+        if self.standby_disabled:
+            for slot, w in list(self.standbys.items()):
+                w.stop(2.0)
+                self._drop_standby(slot)
             return 0
         started = 0
         while len(self.standbys) < self.standby_target:
@@ -192,7 +225,9 @@ class LocalBackend:
                     break
                 slot = serving[0]
             w = ProcessWorker()
-            s = replace(spec, log_path=spec.log_path.format(slot=slot) if spec.log_path else None)
+            # each standby its own log: a co-resident one and the server a standby became may share a slot
+            s = replace(spec, log_path=spec.log_path.format(slot=slot, n=self.standby_started + 1)
+                        if spec.log_path else None)
             try:
                 if spec.device == "cuda":
                     w.start_standby(s, gpu_ids=self.visible, gpu_index=self.visible.index(self.gpus[slot]))
@@ -215,7 +250,8 @@ class LocalBackend:
         return {"target": self.standby_target, "ready": sum(w["state"] == "ready" for w in workers),
                 "warming": sum(w["state"] == "warming" for w in workers), "workers": workers,
                 "started": self.standby_started, "used": self.standby_used, "fallbacks": self.standby_fallbacks,
-                "disabled": self.standby_disabled, "coreside": self.coreside}
+                "never_healthy": self.standby_activation_failed_total, "disabled": self.standby_disabled,
+                "coreside": self.coreside}
 
     def _give_back(self, slots: Sequence[int]) -> None:
         """A replica's slots, or a standby's, are free again; a slot that keeps a (co-resident) standby is the

@@ -171,7 +171,7 @@ class Controller:
             return
         cfg = self.config
         spec = WorkerSpec(model=cfg.model, kind=cfg.kind, device=cfg.device, env=dict(cfg.env),
-                          log_path=os.path.join(cfg.log_dir, "standby-slot{slot}.log") if cfg.log_dir else None)
+                          log_path=os.path.join(cfg.log_dir, "standby{n}-slot{slot}.log") if cfg.log_dir else None)
         try:
             self.backend.replenish(spec)
         except Exception as exc:
@@ -374,10 +374,13 @@ class Controller:
                  ", ".join(f"{k} {v:.2f}s" for k, v in job.phases.items()))
 
     # -- generations -------------------------------------------------------------------------------
-    def _spec_for(self, layout: Layout, gen_id: int):
+    def _spec_for(self, layout: Layout, gen_id: int, first: int = 0):
+        """Replica ``index``'s spec (``first``: replicas the generation already has, so a regrown replica's log is
+        its own)."""
         cfg = self.config
 
         def make(index: int) -> WorkerSpec:
+            index += first
             foundry = (cfg.foundry.with_archive_dir(_archive_dir(cfg.foundry.archive_dir, cfg.model, layout))
                        if cfg.foundry.enabled else cfg.foundry)
             log_path = (os.path.join(cfg.log_dir, f"gen{gen_id}-tp{layout.tp}-ep{layout.ep}-r{index}.log")
@@ -398,7 +401,8 @@ class Controller:
         replicas: List[ReplicaHandle] = []
         try:
             with _Timer(job, "start_new"):
-                replicas = await self.backend.allocate(gen_id, layout, self._spec_for(layout, gen_id))
+                replicas = await self.backend.allocate(gen_id, layout, self._spec_for(
+                    layout, gen_id, first=len(gen.replicas) if gen is not None else 0))
                 if gen is not None:
                     for i, r in enumerate(replicas):
                         r.index = len(gen.replicas) + i
@@ -444,6 +448,7 @@ class Controller:
                     async with session.get(r.url + "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
                         if resp.status == 200:
                             pending.remove(r)
+                            r.on_healthy()
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                     pass
             if pending:

@@ -10,12 +10,18 @@ makes SGLang's later ``mp.Process`` calls fork from it. A module that wants CUDA
 imports every model file, some of which query the GPU) is left to the processes themselves: the forkserver must
 not start CUDA (:func:`_preload`).
 
-A forked process would otherwise keep the forkserver's environment and parent; :class:`_InChild` gives it the
-launcher's environment as it is at ``start()`` (``FOUNDRY_MODE``, ``CUDA_VISIBLE_DEVICES`` and what SGLang set)
-and stops it when the launcher dies (SGLang's own ``PR_SET_PDEATHSIG`` watches the forkserver instead). A start
-whose exec-time environment (``LD_PRELOAD``, ``LD_LIBRARY_PATH``) differs from the forkserver's is spawned as
-before. The forkserver imports with NVML-based CUDA checks and must not initialise CUDA: :func:`start` checks
-that a forked process can still use CUDA (:func:`wait_warm`); the standby then keeps ``spawn``.
+A forked process would otherwise keep the forkserver's environment, limits and parent; :class:`_InChild` gives
+it the launcher's environment as it is at ``start()`` (``FOUNDRY_MODE``, ``CUDA_VISIBLE_DEVICES`` and what SGLang
+set) and its open-file and stack limits (SGLang raises them in the launcher, and spawned processes inherit them),
+and stops it when the launcher dies (SGLang's own ``PR_SET_PDEATHSIG`` watches the forkserver instead). SGLang's
+scheduler and detokenizer report a crash with SIGQUIT to their parent process, which for a forked process is the
+forkserver: the forkserver passes it on to the launcher (:func:`_forward_sigquit`).
+
+A start whose exec-time environment (``LD_PRELOAD``, ``LD_LIBRARY_PATH``) or executable differs from the
+forkserver's is spawned as before: SGLang swaps the executable for a ``numactl`` wrapper to bind a rank to its
+GPU's NUMA node, after checking that the start method is ``spawn``, which is what this context reports. The
+forkserver imports with NVML-based CUDA checks and must not initialise CUDA: :func:`start` checks that a forked
+process can still use CUDA (:func:`wait_warm`); the standby then keeps ``spawn``.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import multiprocessing
 import multiprocessing.context as mp_context
 import multiprocessing.forkserver
 import os
+import resource
 import select
 import signal
 import sys
@@ -44,6 +51,7 @@ SET_ENVS_TARGET = "sglang.srt.entrypoints.engine._set_envs_and_config"
 #: In the forkserver (and so in every process forked from it): {"ok": [modules], "failed": {module: reason}}.
 PRELOAD_REPORT: Dict[str, Any] = {"ok": [], "failed": {}}
 _server_env: Dict[str, str] = {}   # the forkserver's environment (for EXEC_ONLY_ENV)
+_server_executable: list = []      # the executable the forkserver runs (SGLang may swap spawn's for numactl's)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -83,8 +91,22 @@ def _preload(names: Sequence[str]) -> None:
             restore()
 
 
+def _forward_sigquit() -> None:
+    """In the forkserver: pass SIGQUIT (SGLang's crash report from a process forked here) on to the launcher."""
+    launcher = os.getppid()
+
+    def forward(*_: Any) -> None:
+        try:
+            os.kill(launcher, signal.SIGQUIT)
+        except OSError:  # the launcher is gone: its children die with it anyway
+            pass
+
+    signal.signal(signal.SIGQUIT, forward)
+
+
 _modules = os.environ.get(FORKSERVER_PRELOAD_ENV, "")
-if _modules:
+if _modules:  # this is the forkserver
+    _forward_sigquit()
     _preload([n for n in _modules.split(",") if n])
 
 
@@ -128,7 +150,12 @@ def start(modules: Sequence[str]) -> float:
         multiprocessing.forkserver.ensure_running()
     _server_env.clear()
     _server_env.update(os.environ)
+    _server_executable[:] = [_executable()]
     return t0
+
+
+def _executable() -> str:
+    return os.fsdecode(multiprocessing.spawn.get_executable())
 
 
 def wait_warm(t0: float, device: str = "cpu", timeout: float = 600.0) -> Dict[str, Any]:
@@ -195,15 +222,27 @@ def _die_with(pid: int) -> None:
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
+#: Limits SGLang sets in its launcher (``set_ulimit``) that a spawned process would inherit.
+LIMITS = (resource.RLIMIT_NOFILE, resource.RLIMIT_STACK)
+
+
 class _InChild:
-    """A process target that first takes the launcher's environment and ties its life to the launcher."""
+    """A process target that first takes the launcher's environment and limits and ties its life to the
+    launcher."""
 
     def __init__(self, target: Callable, env: Dict[str, str], launcher: int):
         self.target, self.env, self.launcher = target, env, launcher
+        self.limits = {r: resource.getrlimit(r) for r in LIMITS}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         os.environ.clear()
         os.environ.update(self.env)
+        for r, limit in self.limits.items():
+            try:
+                resource.setrlimit(r, limit)
+            except (ValueError, OSError) as exc:  # a hard limit the forkserver lowered: keep its own
+                log.warning("foundry: limit %s not carried over: %s", r, _one_line(exc))
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)  # the forkserver's forwarder is not this process's
         _die_with(self.launcher)
         return self.target(*args, **kwargs)
 
@@ -212,6 +251,8 @@ class _FromForkserver(mp_context.ForkServerProcess):
     @staticmethod
     def _Popen(process_obj: Any) -> Any:
         changed = [k for k in EXEC_ONLY_ENV if os.environ.get(k) != _server_env.get(k)]
+        if _server_executable and _executable() != _server_executable[0]:
+            changed.append(f"the executable ({_executable()})")
         if changed or process_obj._target is None:
             log.info("foundry: %s spawned (%s changed since the forkserver started)", process_obj.name,
                      ", ".join(changed) or "no target")
@@ -221,6 +262,9 @@ class _FromForkserver(mp_context.ForkServerProcess):
 
 
 class _Context(mp_context.ForkServerContext):
+    # SGLang asserts get_start_method() == "spawn" before it swaps spawn's executable (NUMA binding); a process
+    # started after such a swap is spawned (_FromForkserver), so the check's purpose holds.
+    _name = "spawn"
     Process = _FromForkserver
 
 

@@ -217,3 +217,41 @@ def test_coreside_accounting_never_gives_a_serving_slot_twice():
         tp1.standby.stop()
         assert backend.free == [0, 1] and not backend.standbys
     asyncio.run(scenario())
+
+
+def test_replicas_from_standbys_that_never_become_healthy_turn_the_pool_off(caplog):
+    """A standby that takes its layout and then cannot serve it (here: a model that does not exist) is counted;
+    after two in a row no standby is used or kept, and the next replica starts a fresh worker."""
+    backend = LocalBackend([0, 1], standby=1)
+    spec = WorkerSpec(model="builtin:tiny", device="cpu", extra_args=ENGINE_ARGS, env=ENV)
+    broken = WorkerSpec(model="builtin:no-such-preset", device="cpu", extra_args=ENGINE_ARGS, env=ENV)
+
+    async def failed_activation(gen):
+        assert backend.replenish(spec) == 1
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: wait_until(lambda: all(w.standby_ready() for w in backend.standbys.values()),
+                                     timeout=120, what="standby warm"))
+        [replica] = await backend.allocate(gen, Layout(1, 1, 1), lambda i: broken)
+        with caplog.at_level("WARNING", logger="foundry_sglang.elastic.backends"):
+            await replica.start()
+            assert replica.from_standby
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: wait_until(lambda: replica.worker.returncode() is not None, timeout=120,
+                                         what="the activated standby exits"))
+            await replica.stop()                     # what the controller does when a start fails
+
+    async def scenario():
+        await failed_activation(1)
+        assert backend.standby_status()["never_healthy"] == 1 and not backend.standby_disabled
+        await failed_activation(2)
+        st = backend.standby_status()
+        assert st["never_healthy"] == 2 and "2 replicas in a row started from standby workers" in st["disabled"]
+        assert backend.replenish(spec) == 0 and not backend.standbys     # none started, none kept
+        [fresh] = await backend.allocate(3, Layout(1, 1, 1), lambda i: spec)
+        assert fresh.standby is None
+        await backend.shutdown()
+        backend._give_back(fresh.slots)
+        assert sorted(backend.free) == [0, 1]
+        lines = [r.getMessage() for r in caplog.records if "never became healthy" in r.getMessage()]
+        assert len(lines) == 3 and all("\n" not in line for line in lines)
+    asyncio.run(scenario())

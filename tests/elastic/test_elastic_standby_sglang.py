@@ -80,9 +80,11 @@ def test_sglang_standby_preloads_the_scheduler_side_and_runs_the_launcher_with_i
     assert "not using SGLang (builtin:tiny is a built-in preset)" in text
 
 
-def test_processes_sglang_starts_fork_from_the_warm_forkserver_and_die_with_the_launcher():
+def test_processes_sglang_starts_fork_from_the_warm_forkserver_and_die_with_the_launcher(tmp_path):
+    """Forked, warm, with the launcher's environment and limits; a crash report (SIGQUIT to the parent) reaches
+    the launcher; gone when the launcher dies."""
     path = [str(HERE.parents[1]), str(HERE), os.environ.get("PYTHONPATH", "")]   # HERE: the forkserver's too
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), TMPDIR_FOR_TEST=str(tmp_path))
     launcher = subprocess.Popen([sys.executable, str(HERE / "forkserver_launcher.py")], stdout=subprocess.PIPE,
                                 text=True, env=env, start_new_session=True)
     children = []
@@ -94,8 +96,13 @@ def test_processes_sglang_starts_fork_from_the_warm_forkserver_and_die_with_the_
         assert "initialises CUDA at import" in warm["failed"]["cuda_at_import"]   # refused: fit to fork from
         assert forked["ppid"] == out["forkserver"] != out["launcher"]        # forked, not spawned
         assert forked["preloaded"] and forked["mode"] == "load"             # warm, with the launcher's environment
+        assert forked["nofile"] == out["nofile"]                            # and its limits (SGLang's set_ulimit)
+        assert out["sigquit"] and out["forkserver_alive"]      # a crash report reaches the launcher, not the forkserver
         # LD_LIBRARY_PATH changed after the forkserver started: that process was spawned as before
         assert out["spawned"]["ppid"] == out["launcher"] and not out["spawned"]["preloaded"]
+        # SGLang's NUMA binding checks for spawn, then swaps the executable: that process was spawned through it
+        assert out["start_method"] == "spawn" and out["wrapped"]["ppid"] != out["forkserver"]
+        children.append(out["wrapped"]["pid"])
         os.kill(out["launcher"], signal.SIGKILL)
         launcher.wait(10)
         wait_until(lambda: gone(forked["pid"]), timeout=30, what="forked process gone with its launcher")
