@@ -280,11 +280,13 @@ def verdicts(key: str, entry: dict, table: Verdicts) -> None:
                   f"{auto['healthy_s']['median'] - load['healthy_s']['median']:+.2f} s; phase medians auto - load: "
                   + (", ".join(f"{p} {d:+.2f} s" for p, d in top) or "none"))
     late = s.get("load_late")
-    if late and load:
+    if late and load and late.get("healthy_s") and load.get("healthy_s"):   # both have a start that served
+        def graphs(m):
+            g = m["phases_s"].get("graphs")
+            return "n/a" if g is None else f"{g:.2f} s"
         table.row(f"{key}: Triton's cache key on a thread (load) vs at the first launch (load_late)", INFO,
-                  f"graph phase median {load['phases_s'].get('graphs') or 0:.2f} vs "
-                  f"{late['phases_s'].get('graphs') or 0:.2f} s; "
-                  f"healthy {fmt(load.get('healthy_s'))} vs {fmt(late.get('healthy_s'))}: "
+                  f"graph phase median {graphs(load)} vs {graphs(late)}; "
+                  f"healthy {fmt(load['healthy_s'])} vs {fmt(late['healthy_s'])}: "
                   f"{load['healthy_s']['median'] - late['healthy_s']['median']:+.2f} s")
     for mode in ("save",) + ALL_MODES:
         m = s.get(mode)

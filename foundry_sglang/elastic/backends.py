@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -66,6 +67,7 @@ class _LocalReplica(ReplicaHandle):
         self.standby = standby          # warm engine on slots[0]: becomes this replica's server (rank 0)
         self.spares = list(spares)      # standbys on this replica's other slots: stopped to free them
         self.from_standby = False
+        self._counted = False           # a failed activation is counted once
 
     async def start(self) -> str:
         loop = asyncio.get_running_loop()
@@ -105,7 +107,10 @@ class _LocalReplica(ReplicaHandle):
         return self.worker.returncode()
 
     async def stop(self) -> None:
-        if self.from_standby and not self.healthy:  # handed its layout, then never served: count it
+        # Handed its layout, then exited before it ever served: the standby's launch failed. (A replica stopped
+        # because a sibling failed or the start timed out is still running here and is not counted.)
+        if self.from_standby and not self.healthy and not self._counted and self.worker.returncode() is not None:
+            self._counted = True
             self.backend.standby_activation_failed(self.pid)
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
         self.backend._give_back(self.slots)
@@ -183,7 +188,7 @@ class LocalBackend:
         return handles
 
     def standby_activation_failed(self, pid: Optional[int]) -> None:
-        """A replica started from a standby stopped before it was ever healthy (its layout's server could not
+        """A replica started from a standby exited before it was ever healthy (its layout's server could not
         start in the standby). After STANDBY_MAX_ACTIVATION_FAILURES in a row no standby is used or started:
         switches start fresh workers, as without standbys."""
         self.standby_activation_failures += 1
@@ -211,8 +216,8 @@ class LocalBackend:
                                      f"were warm (see their logs); no more standby workers")
             log.error("%s", self.standby_disabled)
         if self.standby_disabled:
-            for slot, w in list(self.standbys.items()):
-                w.stop(2.0)
+            for slot, w in list(self.standbys.items()):  # off the controller's event loop: a stop may wait
+                threading.Thread(target=w.stop, args=(2.0,), name="standby-stop", daemon=True).start()
                 self._drop_standby(slot)
             return 0
         started = 0

@@ -83,6 +83,7 @@ class Generation:
     upstreams: List[Upstream] = field(default_factory=list)
     state: str = "starting"      # starting | healthy | active | draining | stopped | failed
     started_at: float = field(default_factory=time.time)
+    next_index: int = 0          # a replica added later (regrown, repaired) gets an index, and a log, of its own
 
     def describe(self) -> Dict[str, Any]:
         return {"id": self.id, "layout": self.layout.to_dict(), "state": self.state,
@@ -182,7 +183,7 @@ class Controller:
         if hasattr(self.backend, "standby_status"):
             return self.backend.standby_status()
         return {"target": 0, "ready": 0, "warming": 0, "workers": [], "started": 0, "used": 0, "fallbacks": 0,
-                "disabled": None}
+                "never_healthy": 0, "disabled": None}
 
     async def stop(self) -> None:
         """Cancel the monitor and any running job (waiting until they have cleaned up), then stop every replica."""
@@ -375,8 +376,8 @@ class Controller:
 
     # -- generations -------------------------------------------------------------------------------
     def _spec_for(self, layout: Layout, gen_id: int, first: int = 0):
-        """Replica ``index``'s spec (``first``: replicas the generation already has, so a regrown replica's log is
-        its own)."""
+        """Replica ``index``'s spec; ``first``: the generation's next unused replica index (``Generation.next_index``),
+        so that a replica added later has a log of its own."""
         cfg = self.config
 
         def make(index: int) -> WorkerSpec:
@@ -401,14 +402,14 @@ class Controller:
         replicas: List[ReplicaHandle] = []
         try:
             with _Timer(job, "start_new"):
-                replicas = await self.backend.allocate(gen_id, layout, self._spec_for(
-                    layout, gen_id, first=len(gen.replicas) if gen is not None else 0))
-                if gen is not None:
-                    for i, r in enumerate(replicas):
-                        r.index = len(gen.replicas) + i
+                first = gen.next_index if gen is not None else 0
+                replicas = await self.backend.allocate(gen_id, layout, self._spec_for(layout, gen_id, first=first))
+                for i, r in enumerate(replicas):
+                    r.index = first + i
                 if gen is None:
                     gen = Generation(gen_id, layout, [])
                     self.generations[gen_id] = gen
+                gen.next_index = first + len(replicas)
                 gen.replicas.extend(replicas)
                 # A fresh archive is captured by the first replica; the others then restore it.
                 foundry = self.config.foundry

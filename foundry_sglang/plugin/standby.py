@@ -77,11 +77,30 @@ def _import_all(names) -> dict:
     return failed
 
 
+def _as_sglangs_launcher() -> None:
+    """What SGLang's launcher sets for its processes, set here before the forkserver starts, so that processes
+    forked from it have it too:
+
+    * the open-file and stack limits (SGLang's ``set_ulimit``): glibc sizes a process's thread stacks from the
+      stack limit it was started with, which a forked process cannot change;
+    * ``SGLANG_NUMA_BIND_V2=0`` unless set: each scheduler then binds itself to its GPU's NUMA node (libnuma,
+      inside the process) instead of being started through a ``numactl`` executable, which a fork cannot do
+      (such a start is spawned, without the warm imports: :mod:`.forkserver`)."""
+    os.environ.setdefault("SGLANG_NUMA_BIND_V2", "0")
+    try:
+        from sglang.srt.utils.common import set_ulimit
+
+        set_ulimit()
+    except Exception as exc:  # SGLang's launcher tries again, for itself
+        log.info("standby: limits not raised ahead: %s", forkserver._one_line(exc))
+
+
 def warm_up(device: str, gpu: int = 0, model_path: Optional[str] = None) -> None:
     """Imports, the scheduler forkserver and (on GPU) CUDA, as the module docstring says; ``model_path``: the
     served model, whose SGLang model file the forkserver imports too. Raises when SGLang itself cannot be
     imported (the standby then exits and a switch starts a fresh worker)."""
     importlib.import_module("sglang.srt.server_args")
+    _as_sglangs_launcher()
     started = forkserver.start(list(SCHEDULER_MODULES) + model_modules(model_path))   # imports while this one does
     failed = _import_all(LAUNCHER_MODULES)
     report = forkserver.wait_warm(started, device)

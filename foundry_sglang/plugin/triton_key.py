@@ -1,17 +1,13 @@
-"""Triton's process-wide cache key, computed on a thread while SGLang loads its model.
+"""Triton's per-process cache key, computed on a thread while SGLang loads its model.
 
-The first Triton kernel a process launches pays for ``triton_key()``: a sha256 of Triton's own library
-(``libtriton``, about 0.5 GB) and compiler sources, computed once per process and kept by ``functools.lru_cache``.
-It is paid even when every kernel is in Triton's disk cache. In an SGLang scheduler the first Triton launch is the
-attention back-end's metadata kernel for the first decode batch size, inside the graph phase: under LOAD, where
-the restore itself takes about 0.1 s, that hash was most of the phase (0.43-0.48 s of SGLang's preparation of the
-first size on an H100 host; the same hash measured 0.43 s on a build machine's core).
-
-Hashing and file reads release the GIL, so a thread started when the plugin opens its archive computes the key
-while the main thread loads weights and sizes the KV pool. The graph phase then waits for that thread before
-SGLang's first batch size (``functools.lru_cache`` does not stop a second caller from computing the key again),
-finds the key cached, and pays only the per-kernel cache lookups. The key is Triton's own function's result; the
-thread computes nothing else and touches no CUDA state, so the arena trace and every kernel are unchanged.
+A process's first Triton launch computes ``triton_key()`` (a sha256 of ``libtriton`` and of Triton's compiler
+sources, kept by ``functools.lru_cache``), even when every kernel is in Triton's disk cache. In an SGLang
+scheduler with the triton attention back-end that launch is the attention metadata of the first decode batch
+size, inside the graph phase, where under LOAD it was most of the phase (``docs/BENCHMARKS.md``). Hashing and
+file reads release the GIL, so a thread started when the plugin opens its archive computes the key while the main
+thread loads weights and sizes the KV pool; the graph phase waits for it before SGLang's first size, since
+``lru_cache`` does not stop a second caller from computing the key again. The thread runs Triton's own function
+and nothing else: no CUDA, no allocation, so the arena trace and every kernel are unchanged.
 """
 from __future__ import annotations
 
@@ -20,6 +16,8 @@ import logging
 import threading
 import time
 from typing import Callable, Optional
+
+from foundry_sglang.graphs.router import one_line
 
 __all__ = ["TritonKeyWarmup", "triton_key_function"]
 
@@ -50,6 +48,7 @@ class TritonKeyWarmup:
         self.seconds: Optional[float] = None  # how long the thread took
         self.error: Optional[str] = None
         self.already_cached = False
+        self.ran_on: Optional[str] = None  # the thread that computed the key
 
     @classmethod
     def start(cls, key_function: Optional[Callable[[], str]] = None) -> "TritonKeyWarmup":
@@ -65,12 +64,14 @@ class TritonKeyWarmup:
 
     def _run(self) -> None:
         t = time.perf_counter()
+        self.ran_on = threading.current_thread().name
         try:
             self._key()
         except Exception as err:  # the main thread computes it as before, at its first launch
-            self.error = f"{type(err).__name__}: {err}"
-        self.seconds = time.perf_counter() - t
-        self._done.set()
+            self.error = one_line(err)
+        finally:
+            self.seconds = time.perf_counter() - t
+            self._done.set()
 
     def wait(self, timeout: float = 10.0) -> float:
         """Block until the key is computed (at most ``timeout`` s); the seconds waited. Logs what it found."""

@@ -113,3 +113,23 @@ def test_processes_sglang_starts_fork_from_the_warm_forkserver_and_die_with_the_
         for pid in children:      # whatever outlived the launcher (the spawned one always does)
             if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_standby_sets_what_sglangs_launcher_sets_before_its_forkserver_starts():
+    """SGLang's limits (a forked process keeps the thread stack size its forkserver started with) and in-process
+    NUMA binding (a forked process cannot be exec'd through numactl), unless the user chose otherwise."""
+    pytest.importorskip("sglang.srt.utils.common")
+    code = ("import json, os, resource\n"
+            "resource.setrlimit(resource.RLIMIT_STACK, (8 << 20, resource.getrlimit(resource.RLIMIT_STACK)[1]))\n"
+            "from foundry_sglang.plugin import standby\n"
+            "standby._as_sglangs_launcher()\n"
+            "print(json.dumps({'numa': os.environ.get('SGLANG_NUMA_BIND_V2'),\n"
+            "                  'stack': resource.getrlimit(resource.RLIMIT_STACK)}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "SGLANG_NUMA_BIND_V2"}
+    out = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    check=True, timeout=300).stdout.splitlines()[-1])
+    soft, hard = out["stack"]
+    assert out["numa"] == "0" and (soft == 1024 * 65535 or hard != -1 and hard < 1024 * 65535)
+    mine = subprocess.run([sys.executable, "-c", code], env=dict(env, SGLANG_NUMA_BIND_V2="1"), capture_output=True,
+                          text=True, check=True, timeout=300).stdout.splitlines()[-1]
+    assert json.loads(mine)["numa"] == "1"                      # a user's choice stays

@@ -26,19 +26,19 @@ warm.wait(60)
 after = key.cache_info()
 main = key()
 print(json.dumps({"before": before, "after": after.currsize, "misses": after.misses, "hits": key.cache_info().hits,
-                  "equal": main == key.__wrapped__(), "thread_seconds": warm.seconds}))
+                  "equal": main == key.__wrapped__(), "thread_seconds": warm.seconds, "ran_on": warm.ran_on}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["before"] == 0 and r["after"] == 1 and r["misses"] == 1 and r["hits"] == 1
-    assert r["equal"] and r["thread_seconds"] is not None  # set by the thread's body, after Triton's function
+    assert r["equal"] and r["thread_seconds"] is not None and r["ran_on"] == "foundry-triton-key"
 
 
 def test_a_key_already_cached_starts_no_thread():
     key = triton_key_function()
     key()
     warm = TritonKeyWarmup.start(key)
-    assert warm.already_cached and warm.wait(0) < 1.0
+    assert warm.already_cached and warm.ran_on is None and warm.wait(0) < 1.0
 
 
 def test_a_failing_key_is_logged_and_leaves_triton_to_compute_it(caplog):
