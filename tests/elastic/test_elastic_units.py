@@ -16,7 +16,7 @@ from openai_client import openai_request
 
 from foundry_sglang.elastic.api import build_app
 from foundry_sglang.elastic.backends import ReplicaHandle, SlotsUnavailable
-from foundry_sglang.elastic.controller import Controller, ControllerConfig
+from foundry_sglang.elastic.controller import Controller, ControllerConfig, Job
 from foundry_sglang.elastic.layout import Layout, LayoutError, ModelShape
 from foundry_sglang.elastic.router import Router, RouteSet, Upstream
 
@@ -371,4 +371,36 @@ def test_every_answer_names_the_replica_that_gave_it():
             await runner.cleanup()
             await router.close()
             await engine.stop()
+    run(main())
+
+
+def test_a_replacement_replica_gets_an_index_and_log_of_its_own():
+    """Replica 0 of two fails and is replaced: the new one is replica 2 (its log gen1-...-r2.log), never the index
+    (and so the log file) of the replica that still serves."""
+    async def main():
+        controller, backend, router = _controller(slots=3)
+        specs, original = [], controller._spec_for
+
+        def recording(*args, **kwargs):
+            make = original(*args, **kwargs)
+
+            def spec(index):
+                specs.append(make(index))
+                return specs[-1]
+            return spec
+        controller._spec_for = recording
+        controller.config.log_dir = "/tmp/logs"   # names only: nothing is written
+        await controller.start()
+        try:
+            gen = controller.active
+            assert [r.index for r in gen.replicas] == [0, 1]
+            failed = [gen.replicas[0]]
+            await failed[0].engine.kill()
+            job = Job(id="repair", target=gen.layout, source=gen.layout)
+            assert await controller._repair(job, gen, failed) == 1
+            assert sorted(r.index for r in gen.replicas) == [1, 2]
+            assert specs[-1].log_path.endswith("-r2.log")
+        finally:
+            await controller.stop()
+            await router.close()
     run(main())
