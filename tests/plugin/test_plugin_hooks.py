@@ -192,21 +192,36 @@ def test_load_restores_without_forward_and_sglang_replay_is_untouched(loaded_plu
     assert backend._graphs[shape_key(4)].replays == 1
 
 
+class _Recorded:
+    """A Triton key warm-up (plugin/triton_key.py) whose wait() is recorded in the event list (where the graph
+    phase waits for it)."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def wait(self, timeout=10.0):
+        self.events.append("triton_key")
+        return 0.0
+
+
 def test_load_restores_where_save_began_its_capture_phase(loaded_plugin, tmp_path):
     """SAVE's arena trace ends at capture_session; LOAD must restore (and compare its trace) there too, before
-    SGLang's per-batch preparation allocates (a real 0.5.17 server was refused for one extra 2 MiB segment)."""
+    SGLang's per-batch preparation allocates (a real 0.5.17 server was refused for one extra 2 MiB segment). Then,
+    before that preparation launches the first Triton kernel, it waits for Triton's key (plugin/triton_key.py)."""
     _save_run(tmp_path)
     session = _reopen(tmp_path)
     events = []
     real_restore = session.restore
     session.restore = lambda order=None: (events.append("restore"), real_restore(order))[1]
     state = install_state(session, "load")
+    state.triton_key = _Recorded(events)
     backend, calls = make_backend(), []
     with backend.capture_session("stream"):
         events.append("capture_prepare")  # what SGLang runs before each capture_one
         for bs in (8, 4, 1):
             backend.capture_one(shape_key(bs), forward_for(bs, calls))
-    assert events == ["restore", "capture_prepare"]
+    assert events == ["restore", "triton_key", "capture_prepare"]
+    assert state.triton_key is None  # waited once
     assert calls == [] and state.router.restored_names == ["decode_bs8", "decode_bs4", "decode_bs1"]
 
 
@@ -279,7 +294,8 @@ def test_load_without_kv_config_is_blocked(loaded_plugin, tmp_path):
     assert router.route == "live" and "KV-pool" in router.problem
 
 
-def test_model_runner_hook_opens_session_and_refuses(loaded_plugin, monkeypatch, tmp_path):
+def stand_in_runner(monkeypatch, tmp_path) -> type:
+    """A ModelRunner stand-in (what the BEFORE hook reads) with foundry_core.Session replaced by the CPU one."""
     import foundry_core
 
     monkeypatch.setattr(foundry_core, "Session", CpuStandInSession, raising=False)
@@ -288,7 +304,11 @@ def test_model_runner_hook_opens_session_and_refuses(loaded_plugin, monkeypatch,
         is_draft_worker = False
         gpu_id = 0
         server_args = {"model_path": str(tmp_path / "m"), "tp_size": 1, "cuda_graph_backend_prefill": "disabled"}
+    return Runner
 
+
+def test_model_runner_hook_opens_session_and_refuses(loaded_plugin, monkeypatch, tmp_path):
+    Runner = stand_in_runner(monkeypatch, tmp_path)
     hooks.reset_state()
     monkeypatch.setenv("FOUNDRY_MODE", "auto")
     hooks.before_model_runner_initialize(Runner())
@@ -370,35 +390,7 @@ def test_a_load_skips_the_gc_passes_around_the_capture_loop(loaded_plugin, tmp_p
     assert not plugin._is_registry_wrapper(decode_cuda_graph_runner.freeze_gc)
 
 
-# -- Triton's cache key (plugin/triton_key.py): computed while the model loads, awaited before the first size --
-class _Recorded:
-    """A warm-up whose wait() is recorded in the event list (where the graph phase waits for it)."""
-
-    def __init__(self, events):
-        self.events = events
-
-    def wait(self, timeout=10.0):
-        self.events.append("triton_key")
-        return 0.0
-
-
-def test_load_waits_for_the_key_after_the_restore_and_before_sglangs_first_size(loaded_plugin, tmp_path):
-    _save_run(tmp_path)
-    session = _reopen(tmp_path)
-    events = []
-    real_restore = session.restore
-    session.restore = lambda order=None: (events.append("restore"), real_restore(order))[1]
-    state = install_state(session, "load")
-    state.triton_key = _Recorded(events)
-    backend, calls = make_backend(), []
-    with backend.capture_session("stream"):
-        events.append("capture_prepare")  # SGLang's first Triton launch comes with its first size's preparation
-        for bs in (8, 4, 1):
-            backend.capture_one(shape_key(bs), forward_for(bs, calls))
-    assert events == ["restore", "triton_key", "capture_prepare"]
-    assert state.triton_key is None  # waited once
-
-
+# -- Triton's cache key: computed while the model loads, awaited before the first size (LOAD: above) --------------
 def test_save_waits_for_the_key_before_its_captures(loaded_plugin, tmp_path):
     session = CpuStandInSession(tmp_path / "a.foundry", "auto", key="k1")
     session.open()
@@ -414,18 +406,11 @@ def test_save_waits_for_the_key_before_its_captures(loaded_plugin, tmp_path):
 @pytest.mark.parametrize("early", ["1", "0"])
 def test_the_model_runner_hook_starts_the_warmup_unless_early_load_is_off(loaded_plugin, monkeypatch, tmp_path,
                                                                            early):
-    import foundry_core
     from foundry_sglang.plugin.triton_key import TritonKeyWarmup
 
-    monkeypatch.setattr(foundry_core, "Session", CpuStandInSession, raising=False)
+    Runner = stand_in_runner(monkeypatch, tmp_path)
     started = []
     monkeypatch.setattr(TritonKeyWarmup, "start", classmethod(lambda cls, key=None: started.append(1) or cls(None)))
-
-    class Runner:
-        is_draft_worker = False
-        gpu_id = 0
-        server_args = {"model_path": str(tmp_path / "m"), "tp_size": 1, "cuda_graph_backend_prefill": "disabled"}
-
     hooks.reset_state()
     monkeypatch.setenv("FOUNDRY_MODE", "auto")
     monkeypatch.setenv("FOUNDRY_EARLY_LOAD", early)
