@@ -76,6 +76,7 @@ class Load:
             text, error = await openai_request(session, self.url, body, headers=got)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             text, error = None, type(exc).__name__
+            await asyncio.sleep(0.2)  # a refused connection answers at once: do not spin while nothing listens
         replica = got.get("X-Foundry-Replica")
         rec.update(latency_s=round(time.monotonic() - start, 4), ok=error is None, replica=replica)
         if error:
@@ -149,11 +150,17 @@ def kill_one_replica(dep, t0: float, timeout: float = 600.0) -> dict:
 
 def counts(requests: list, switches: list) -> dict:
     """ok / failed / greedy answers unlike the first layout's; ``failed_on_killed_replica``: failed requests that
-    were running on the replica killed on purpose (a sampled stream cannot be resumed elsewhere)."""
+    were running on the replica killed on purpose (a sampled stream cannot be resumed elsewhere);
+    ``failed_during_controller_restart``: failed requests sent or running while the controller, which holds the
+    router, was killed and came back (a ``recover`` entry of ``switches``)."""
     kills = [(s["replica"], s["t_submit"]) for s in switches if s.get("replica")]
+    outages = [(s["t_submit"], s["t_done"]) for s in switches if s.get("strategy") == "recover"]
     failed = [r for r in requests if not r["ok"]]
     killed = [r for r in failed if any(r["replica"] == name and r["t"] <= t for name, t in kills)]
+    restart = [r for r in failed if r not in killed and any(
+        r["t"] <= end and r["t"] + r.get("latency_s", 0) >= begin for begin, end in outages)]
     return {"ok": len(requests) - len(failed), "failed": len(failed), "failed_on_killed_replica": len(killed),
+            "failed_during_controller_restart": len(restart),
             "greedy_mismatched": sum(r.get("greedy_equal") is False for r in requests)}
 
 

@@ -146,6 +146,12 @@ def run_sglang(rest: list[str], config: FoundryConfig) -> int:
         # and need one GPU per rank.
         server_args.disable_custom_all_reduce = True
         log.info("foundry: added --disable-custom-all-reduce (TP graphs use NCCL all-reduces)")
+    if nccl_only and server_args.tp_size > 1 and getattr(server_args, "flashinfer_allreduce_fusion_backend", None):
+        # SGLang 0.5.17 turns FlashInfer's all-reduce fusion on by itself for some MoE models with TP > 1 on
+        # Hopper/Blackwell; its IPC workspace is as unrestorable as custom all-reduce's (plugin.parallel).
+        server_args.enforce_disable_flashinfer_allreduce_fusion = True
+        server_args.flashinfer_allreduce_fusion_backend = None
+        log.info("foundry: added --enforce-disable-flashinfer-allreduce-fusion (TP graphs use NCCL all-reduces)")
     if mode is not FoundryMode.OFF:
         try:
             reason = check_flags(server_args, mode)

@@ -126,8 +126,9 @@ class ElasticServer:
         self.url: Optional[str] = None
 
     async def start(self) -> str:
-        """Bring up the first generation, then open the port. Returns the base URL."""
-        await self.controller.start()
+        """Bring up the first generation, then open the port; returns the base URL. A controller Ray restarted
+        opens its port first: its clients' requests then wait in the router's queue while the generation comes
+        back, instead of being refused."""
         app = build_app(self.controller, self.router, self.config.api_token)
         # handler_cancellation: a client that disconnects cancels its proxied request (and so the upstream's);
         # keepalive_timeout: connections that do not send complete headers in time are closed.
@@ -135,7 +136,12 @@ class ElasticServer:
                                      keepalive_timeout=HEADER_TIMEOUT_S)
         await self._runner.setup()
         try:
-            await self._listen()
+            if self.recovered:
+                await self._listen()
+                await self.controller.start()
+            else:
+                await self.controller.start()
+                await self._listen()
         except BaseException:
             await self.controller.stop()
             await self._runner.cleanup()
@@ -223,6 +229,7 @@ def controller_actor():
                                 Layout(cfg.tp, cfg.ep, cfg.replicas), cfg.port)
                 self.server = ElasticServer(cfg, instance=state_key)
                 self.server.recovered = bool(saved)
+                self._starting: Optional[asyncio.Future] = None
                 self.server.controller.on_layout = self._save
                 if saved:
                     self.server.controller.backend.remove_stale_groups()
@@ -240,6 +247,15 @@ def controller_actor():
                                              namespace=KV_NAMESPACE)
 
             async def start(self) -> str:
+                """Start the service once: every caller (the first start, a supervisor polling a restarted
+                actor again after its time-out) awaits the same start; after a failed one the next call retries."""
+                failed = self._starting is not None and self._starting.done() and (
+                    self._starting.cancelled() or self._starting.exception() is not None)
+                if self._starting is None or failed:
+                    self._starting = asyncio.ensure_future(self._start())
+                return await asyncio.shield(self._starting)
+
+            async def _start(self) -> str:
                 url = await self.server.start()
                 if self.server.controller.active is not None:
                     self._save(self.server.controller.active.layout)

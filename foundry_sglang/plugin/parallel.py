@@ -12,7 +12,10 @@ Refused, because the graphs would hold state no slot stands for (each refusal na
   signal and graph buffers by value, mapped by ``cudaIpcOpenMemHandle`` outside any allocator Foundry controls;
   ``--disable-custom-all-reduce`` makes the all-reduces NCCL ones (``python -m foundry_sglang.launch`` adds it);
 * symmetric memory, NVLS, torch symmetric memory, MSCCL++ and FlashInfer all-reduce fusion: multicast objects,
-  symmetric windows and workspaces mapped by those libraries;
+  symmetric windows and workspaces mapped by those libraries. SGLang 0.5.17 turns the fusion on by itself for
+  some MoE models (Qwen3-MoE among them) with TP > 1 on Hopper and Blackwell
+  (``flashinfer_allreduce_fusion_backend="auto"``); ``--enforce-disable-flashinfer-allreduce-fusion`` keeps it
+  off (``python -m foundry_sglang.launch`` adds it);
 * pipeline parallelism (send/recv between stages), data-parallel attention and data parallelism, context
   parallelism, and MoE all-to-all backends (DeepEP, Mooncake, ...): collectives and buffers outside
   ``GroupCoordinator``'s all-reduce / all-gather / reduce-scatter.
@@ -54,6 +57,11 @@ def parallel_refusal(args: Any) -> Optional[str]:
         if _get(args, field, False):
             return f"{flag} maps library memory into the graphs that a restore cannot re-create; remove {flag}"
     tp = _size(args, "tp_size")
+    fusion = _get(args, "flashinfer_allreduce_fusion_backend", None)
+    if tp > 1 and fusion not in (None, "none") and not _get(args, "enforce_disable_flashinfer_allreduce_fusion", False):
+        return (f"--flashinfer-allreduce-fusion-backend {fusion} (SGLang's choice for this model with TP > 1) maps "
+                "FlashInfer's IPC workspace into the graphs, which a restore cannot re-create; add "
+                "--enforce-disable-flashinfer-allreduce-fusion (python -m foundry_sglang.launch adds it for you)")
     if tp > 1 and not _get(args, "disable_custom_all_reduce", False):
         return ("--tp-size > 1 with SGLang's custom all-reduce: its kernels hold IPC-mapped peer addresses that a "
                 "new process maps elsewhere; add --disable-custom-all-reduce (python -m foundry_sglang.launch adds "

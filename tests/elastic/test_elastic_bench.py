@@ -27,3 +27,21 @@ def test_plot_draws_latency_over_time_with_the_switches_marked(tmp_path):
     assert out.returncode == 0, out.stderr
     png = tmp_path / "run.png"
     assert out.stdout.strip() == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failures_are_told_apart_by_what_was_done_on_purpose():
+    """A failed request running on the replica killed on purpose, or sent or running while the controller was
+    killed and came back, is counted apart; any other failure is not."""
+    sys.path.insert(0, str(BENCH.parents[1]))
+    from bench.elastic_standby_switch import counts
+
+    switches = [{"name": "replica killed", "strategy": "repair", "replica": "1:4000", "t_submit": 5.0, "t_done": 9.0},
+                {"name": "controller restarted", "strategy": "recover", "t_submit": 20.0, "t_done": 30.0}]
+    requests = [{"t": 4.0, "latency_s": 1.5, "ok": False, "replica": "1:4000"},    # on the killed replica
+                {"t": 19.5, "latency_s": 1.0, "ok": False, "replica": "1:4001"},   # running at the kill
+                {"t": 25.0, "latency_s": 0.0, "ok": False, "replica": None},       # refused meanwhile
+                {"t": 31.0, "latency_s": 0.1, "ok": False, "replica": None},       # after it: counts
+                {"t": 12.0, "latency_s": 0.1, "ok": True, "replica": "1:4001", "greedy_equal": False}]
+    c = counts(requests, switches)
+    assert c == {"ok": 1, "failed": 4, "failed_on_killed_replica": 1, "failed_during_controller_restart": 2,
+                 "greedy_mismatched": 1}

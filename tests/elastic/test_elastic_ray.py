@@ -8,6 +8,7 @@ is printed (run with -s to see it).
 """
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -117,11 +118,40 @@ def test_invalid_reconfigurations_are_rejected_without_state_change(deployment):
 @pytest.mark.slow
 def test_controller_crash_is_recovered_with_the_declared_layout(deployment):
     """Ray restarts a crashed controller actor; the supervisor brings it back on the same URL with the layout
-    it last served (not the initial one), and requests are served again."""
+    it last served (not the initial one), and requests are served again. The restarted controller opens its port
+    before its generation is up, so a request sent then waits in its queue and is answered; two supervisors
+    asking at once start it once."""
     job = deployment.reconfigure(replicas=1)
     assert job["state"] == "succeeded", job
     url = deployment.url
     ray.kill(deployment._actor, no_restart=False)        # a crash: Ray restarts the actor
+    started, t_started = [], []
+
+    def supervisors():  # two at once, asking again after a short time-out while the start still runs
+        while not started and time.monotonic() < deadline:
+            try:
+                started.append(ray.get([deployment._actor.ensure_started.remote() for _ in range(2)], timeout=2))
+                t_started.append(time.monotonic())
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                time.sleep(0.2)
+    deadline = time.monotonic() + 240
+    thread = threading.Thread(target=supervisors, daemon=True)
+    thread.start()
+    body = {"prompt": "while the controller comes back", "max_tokens": 4, "temperature": 0}
+    while True:                                          # the first request the new port accepts
+        t_sent = time.monotonic()
+        try:
+            early = requests.post(url + "/v1/completions", json=body, timeout=180)
+            break
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline, "the restarted controller never opened its port"
+            time.sleep(0.05)
+    thread.join(240)
+    assert early.status_code == 200, early.text
+    assert started == [[url, url]]
+    assert t_sent < t_started[0]          # accepted (and queued) before the restarted generation was up
+    gens = deployment.status()["generations"]
+    assert len(gens) == 1 and len(gens[0]["replicas"]) == 1, gens   # one start, not one per supervisor call
     deadline = time.monotonic() + 240
     status = {}
     while not status.get("recovered") and time.monotonic() < deadline:

@@ -232,9 +232,10 @@ def run_deployment(args, name: str, model: str, steps: list, references: dict, s
             f"{sb.get('used', 0)} / {sb.get('fallbacks', 0)} / {sb.get('never_healthy', 0)}"
             + (f"; pool disabled: {sb['disabled']}" if sb.get("disabled") else ""))
     row(f"{name}: workers ran on backend", status.get("backend") == args.backend, str(status.get("backend")))
-    unexplained = c["failed"] - c["failed_on_killed_replica"]
+    unexplained = c["failed"] - c["failed_on_killed_replica"] - c["failed_during_controller_restart"]
     row(f"{name}: requests ok / failed", bool(c["ok"]) and not unexplained,
-        f"{c['ok']} / {c['failed']} ({c['failed_on_killed_replica']} were running on the replica killed on purpose)")
+        f"{c['ok']} / {c['failed']} ({c['failed_on_killed_replica']} were running on the replica killed on purpose, "
+        f"{c['failed_during_controller_restart']} were sent or running while the controller restarted)")
     judge = "plain SGLang of the same layout" if args.worker == "sglang" else "the TP1 answer"
     judged = bool(references) or args.worker == "builtin"
     row(f"{name}: greedy answers unlike {judge}", None if not judged else (not c["greedy_mismatched"]) or "WARN",
@@ -320,9 +321,15 @@ def run_switches(out: str, backend: str = "local", standby: int = 0, worker: str
                 row(f"{kind}: deployment ran", False, f"{type(err).__name__}: {err}"[:400])
     finally:
         if args.backend == "ray":
+            import shutil
+
             import ray
 
             ray.shutdown()
+            try:   # the controller actor's log lives only in Ray's session folder
+                shutil.copytree("/tmp/ray/session_latest/logs", out / "ray-logs", dirs_exist_ok=True)
+            except OSError as err:
+                row("Ray logs kept", None, f"not copied: {err}"[:200])
     meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": os.environ.get("FOUNDRY_COMMIT", ""),
             "device": f"{torch.cuda.get_device_name(0)} x{gpus}{', slots share GPU 0' if share else ''}",
             "model": args.worker, "backend": args.backend, "shared_gpu": share, "clients": args.concurrency}

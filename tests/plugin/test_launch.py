@@ -176,3 +176,27 @@ def test_run_sglang_forwards_parsed_args_and_sets_env(monkeypatch):
 def test_elastic_help_goes_to_the_elastic_launcher():
     ours, rest = launch.split_argv(["--elastic", "--help", "--model", "builtin:tiny"])
     assert ours.elastic and rest == ["--model", "builtin:tiny", "--help"]
+
+
+def test_run_sglang_turns_off_the_allreduce_fusion_sglang_chose_for_tp(monkeypatch):
+    """SGLang 0.5.17 sets flashinfer_allreduce_fusion_backend="auto" by itself for Qwen3-MoE with TP > 1 on
+    Hopper; the launcher turns it off as it adds --disable-custom-all-reduce, so the plugin does not refuse."""
+    pytest.importorskip("sglang.srt.server_args")
+    import sglang.srt.plugins as sp
+    import sglang.srt.server_args as sa
+
+    real = sa.prepare_server_args
+
+    def as_on_hopper(argv):
+        args = real(argv)
+        args.flashinfer_allreduce_fusion_backend = "auto"       # what SGLang's MoE override resolves there
+        return args
+    monkeypatch.setattr(sa, "prepare_server_args", as_on_hopper)
+    served = {}
+    monkeypatch.setattr(sp, "load_plugins", lambda: served.setdefault("plugins", True))
+    monkeypatch.setattr(launch, "_resolve", lambda t: (lambda *a, **k: served.setdefault(t, a)))
+    monkeypatch.setattr(launch.os, "environ", {})
+    launch.run_sglang(["--model", "/m", "--tp-size", "2"], FoundryConfig.resolve("auto", "/a"))
+    args = served["sglang.launch_server:run_server"][0]
+    assert args.disable_custom_all_reduce and args.enforce_disable_flashinfer_allreduce_fusion
+    assert args.flashinfer_allreduce_fusion_backend is None

@@ -125,8 +125,13 @@ def test_tp_and_ep_over_nccl_restore_and_the_rest_is_refused_by_flag():
     for extra, flag in (({"pp_size": 2}, "--pp-size 2"), ({"enable_dp_attention": True}, "--enable-dp-attention"),
                         ({"moe_a2a_backend": "deepep"}, "--moe-a2a-backend deepep"), ({"dp_size": 2}, "--dp-size 2"),
                         ({"enable_symm_mem": True}, "--enable-symm-mem"),
-                        ({"enable_flashinfer_allreduce_fusion": True}, "--enable-flashinfer-allreduce-fusion")):
+                        ({"enable_flashinfer_allreduce_fusion": True}, "--enable-flashinfer-allreduce-fusion"),
+                        ({"flashinfer_allreduce_fusion_backend": "auto"}, "--enforce-disable-flashinfer-allreduce")):
         assert flag in parallel_refusal(dict(nccl_tp, **extra)), flag
+    # SGLang's own choice of the fusion, turned off as the launcher does: restorable again
+    assert parallel_refusal(dict(nccl_tp, flashinfer_allreduce_fusion_backend="auto",
+                                 enforce_disable_flashinfer_allreduce_fusion=True)) is None
+    assert parallel_refusal(dict(nccl_tp, flashinfer_allreduce_fusion_backend=None)) is None
 
 
 def test_config_from_env():
