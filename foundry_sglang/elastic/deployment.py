@@ -249,9 +249,7 @@ def controller_actor():
             async def start(self) -> str:
                 """Start the service once: every caller (the first start, a supervisor polling a restarted
                 actor again after its time-out) awaits the same start; after a failed one the next call retries."""
-                failed = self._starting is not None and self._starting.done() and (
-                    self._starting.cancelled() or self._starting.exception() is not None)
-                if self._starting is None or failed:
+                if self._starting is None or (self._starting.done() and self.server.url is None):  # none, failed
                     self._starting = asyncio.ensure_future(self._start())
                 return await asyncio.shield(self._starting)
 

@@ -21,6 +21,7 @@ from typing import Sequence as Seq
 
 import torch.multiprocessing as mp
 
+from foundry_sglang.graphs.router import one_line
 from foundry_sglang.proc import RANK_CONTEXT_ENV, exit_with_parent, free_port
 
 from .batch import EXIT, StepBatch, broadcast_batch, receive_batch
@@ -67,11 +68,6 @@ MAX_ISOLATED_FAILURES = 4
 MAX_BATCH_FAILURES = 3
 
 
-def error_line(e: BaseException) -> str:
-    """``Type: first line of the message`` (logs and errors say one line)."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
 def worker_main(args: EngineArgs, rank: int, graph_backend_factory: Optional[GraphBackendFactory] = None) -> None:
     """Entry of ranks > 0: build the same runner and execute every step rank 0 broadcasts."""
     logging.basicConfig(level=logging.WARNING)
@@ -83,7 +79,7 @@ def worker_main(args: EngineArgs, rank: int, graph_backend_factory: Optional[Gra
     try:
         runner = ModelRunner(args, rank=rank, graph_backend_factory=graph_backend_factory)
     except Exception as exc:  # out of memory, a bad archive, ...: one line here, rank 0 reports the start failed
-        log.error("rank %d cannot start: %s", rank, error_line(exc)[:300])
+        log.error("rank %d cannot start: %s", rank, one_line(exc)[:300])
         os._exit(1)   # no teardown: the other ranks may wait in a collective
     group = runner.state.control_group
     try:
@@ -93,7 +89,7 @@ def worker_main(args: EngineArgs, rank: int, graph_backend_factory: Optional[Gra
                 break
             runner.run(batch)
     except Exception as exc:  # rank 0 went away (or a collective broke): nothing left to serve
-        log.error("rank %d exits: lost the other ranks (%s)", rank, error_line(exc)[:300])
+        log.error("rank %d exits: lost the other ranks (%s)", rank, one_line(exc)[:300])
         os._exit(1)   # no teardown: the process group is broken and could hang it
     runner.shutdown()
 
@@ -512,7 +508,7 @@ class AsyncLLMEngine:
         self._inbox.put(("abort", request_id, None))
 
     def _error_line(self) -> str:
-        return "stopped" if self.error is None else error_line(self.error)
+        return "stopped" if self.error is None else one_line(self.error)
 
     def stats(self) -> Dict[str, float]:
         return dict(self._stats)

@@ -420,12 +420,10 @@ def around_capture_session(original: Callable, backend: Any, stream: Any, *args,
         return original(backend, stream, *args, **kwargs)
     if state.router.route is Route.LOAD:
         state.router.restore()  # falls back to live capture (route LIVE) on any problem
-        _await_triton_key(state)
-        return original(backend, stream, *args, **kwargs)
     _await_triton_key(state)
-    if state.router.route is not Route.SAVE:
-        return original(backend, stream, *args, **kwargs)
-    return _save_capture_session(state, original, backend, stream, *args, **kwargs)
+    if state.router.route is Route.SAVE:
+        return _save_capture_session(state, original, backend, stream, *args, **kwargs)
+    return original(backend, stream, *args, **kwargs)
 
 
 def _await_triton_key(state: PluginState) -> None:
