@@ -283,6 +283,12 @@ class LocalBackend:
 _worker_actor_cls = None
 
 
+def ray_gpu_ids(assigned: Sequence[Any]) -> List[str]:
+    """Ray's GPU ids for an actor as CUDA_VISIBLE_DEVICES entries: indices, or UUIDs where the node's own
+    CUDA_VISIBLE_DEVICES names GPUs by UUID (so never ``int()``)."""
+    return [str(g) for g in assigned]
+
+
 def _worker_actor():
     """The Ray actor class hosting one ProcessWorker (defined lazily: importing ray is slow)."""
     global _worker_actor_cls
@@ -296,7 +302,7 @@ def _worker_actor():
 
             def start(self, spec: Dict[str, Any]) -> Dict[str, Any]:
                 s = WorkerSpec(**spec)
-                gpu_ids = [int(g) for g in ray.get_gpu_ids()] if s.device == "cuda" else []
+                gpu_ids = ray_gpu_ids(ray.get_gpu_ids()) if s.device == "cuda" else []
                 ranks = max(s.tp, s.ep)
                 if 0 < len(gpu_ids) < ranks:     # a share of fewer GPUs than ranks: the ranks share them
                     gpu_ids = [gpu_ids[r * len(gpu_ids) // ranks] for r in range(ranks)]

@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from foundry_sglang.elastic.backends import LocalBackend
+from foundry_sglang.elastic.backends import LocalBackend, ray_gpu_ids
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticServer
 from foundry_sglang.elastic.layout import Layout
-from foundry_sglang.elastic.workers import ProcessWorker, WorkerSpec, rank_placement
+from foundry_sglang.elastic.workers import ProcessWorker, WorkerSpec, build_env, rank_placement
 
 
 def spec(kind, **kw):
@@ -33,6 +33,16 @@ def test_rank_placement_keeps_the_users_flags_and_refuses_what_sglang_cannot_exp
     assert rank_placement(WorkerSpec(model="m", kind="sglang", device="cpu"), [1], [0, 1]) == []
     with pytest.raises(ValueError, match="one GPU or evenly spaced"):
         rank_placement(spec("sglang"), [0, 1, 3], [0, 1, 2, 3])
+
+
+def test_gpus_named_by_uuid_reach_the_server_as_named():
+    # Ray hands an actor the node's CUDA_VISIBLE_DEVICES entries; on nodes that name GPUs by UUID they are not ints
+    uuids = ["GPU-5f1c7a2e-0d1b-4c7e-9a51-2f0e8c1d7b3a", "GPU-9e2d4b60-71aa-4f0c-8d3e-6b5a1c2f9e07"]
+    ids = ray_gpu_ids(uuids)
+    assert ids == uuids and ray_gpu_ids([0, 1]) == ["0", "1"]
+    assert rank_placement(spec("sglang"), [ids[0], ids[0]], ids[:1]) == ["--base-gpu-id", "0",
+                                                                         "--foundry-ranks-share-gpu"]
+    assert build_env(spec("sglang"), ids)["CUDA_VISIBLE_DEVICES"] == ",".join(uuids)
 
 
 def test_slots_sharing_one_gpu_are_allocated_freed_and_allocated_again():
