@@ -6,9 +6,10 @@ every one of them starts an interpreter and imports torch, SGLang's scheduler an
 files (``srt/models/registry.py`` imports every module of ``srt/models``). A standby SGLang server
 (:mod:`.standby`) pays that once, ahead: :func:`start` launches multiprocessing's forkserver with those modules
 imported (:func:`wait_warm` waits for it), and :func:`use_forkserver` (an AFTER hook on ``_set_envs_and_config``)
-makes SGLang's later ``mp.Process`` calls fork from it. A module that wants CUDA at import (SGLang's registry
-imports every model file, some of which query the GPU) is left to the processes themselves: the forkserver must
-not start CUDA (:func:`_preload`).
+makes SGLang's later ``mp.Process`` calls fork from it. The forkserver must not start CUDA (:func:`_preload`): the GPU's
+name and compute capability, which SGLang's modules ask for at import, are answered from NVML where every GPU of
+the node is alike (:mod:`.gpu_facts`; a process forked from it checks the answers), and a module that wants more
+of CUDA at import is left to the processes themselves.
 
 A forked process would otherwise keep the forkserver's environment, limits and parent; :class:`_InChild` gives
 it the launcher's environment as it is at ``start()`` (``FOUNDRY_MODE``, ``CUDA_VISIBLE_DEVICES`` and what SGLang
@@ -42,6 +43,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 from foundry_sglang.proc import FORKSERVER_PRELOAD_ENV
 
+from . import gpu_facts
+
 log = logging.getLogger("foundry_sglang.plugin.forkserver")
 #: Environment that takes effect only when a program is executed: a fork cannot change it.
 EXEC_ONLY_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH")
@@ -49,7 +52,7 @@ EXEC_ONLY_ENV = ("LD_PRELOAD", "LD_LIBRARY_PATH")
 SET_ENVS_TARGET = "sglang.srt.entrypoints.engine._set_envs_and_config"
 
 #: In the forkserver (and so in every process forked from it): {"ok": [modules], "failed": {module: reason}}.
-PRELOAD_REPORT: Dict[str, Any] = {"ok": [], "failed": {}}
+PRELOAD_REPORT: Dict[str, Any] = {"ok": [], "failed": {}, "gpu": None}
 _server_env: Dict[str, str] = {}   # the forkserver's environment (for EXEC_ONLY_ENV)
 _server_executable: list = []      # the executable the forkserver runs (SGLang may swap spawn's for numactl's)
 
@@ -68,11 +71,41 @@ def _refuse_cuda(*_: Any, **__: Any) -> None:
                        "CUDA started could not use it)")
 
 
+def _answer_gpu_queries(torch: Any, kind: Optional[gpu_facts.GpuKind]) -> Callable[[], None]:
+    """Make torch's CUDA initialisation raise :class:`CudaAtImport`, and (where ``kind`` is known: one GPU kind
+    on the node) answer ``torch.cuda.get_device_name``/``get_device_capability`` with it, until the returned
+    function is called. Answers a module caches (SGLang's ``is_sm90_supported`` and the like) are those every
+    process forked from here would compute; :func:`_probe` checks them against the GPU."""
+    cuda = torch.cuda
+    originals = {"_lazy_init": cuda._lazy_init, "get_device_name": cuda.get_device_name,
+                 "get_device_capability": cuda.get_device_capability}
+    preloading = [True]
+
+    def get_device_name(device: Any = None) -> str:
+        return kind[0] if preloading[0] else originals["get_device_name"](device)
+
+    def get_device_capability(device: Any = None) -> Any:
+        return kind[1] if preloading[0] else originals["get_device_capability"](device)
+
+    cuda._lazy_init = _refuse_cuda
+    if kind is not None:
+        # a module that bound these names keeps working once the preload is over (they then ask torch)
+        cuda.get_device_name, cuda.get_device_capability = get_device_name, get_device_capability
+
+    def restore() -> None:
+        preloading[0] = False
+        for name, fn in originals.items():
+            setattr(cuda, name, fn)
+
+    return restore
+
+
 def _preload(names: Sequence[str]) -> None:
     """Import ``names`` (in the forkserver), recording which failed; never raises (the forkserver must live).
     Once torch is imported, torch's CUDA initialisation (``torch.cuda._lazy_init``, which every device query and
-    CUDA tensor goes through) raises :class:`CudaAtImport` until the end: a module that needs CUDA at import is
-    not preloaded, and the forkserver stays fit to fork from."""
+    CUDA tensor goes through) raises :class:`CudaAtImport` until the end, and the GPU's name and compute
+    capability are answered from NVML where every GPU of the node is alike (:mod:`.gpu_facts`): a module that
+    needs more of CUDA at import is not preloaded, and the forkserver stays fit to fork from."""
     restore = None
     try:
         for name in names:
@@ -83,9 +116,9 @@ def _preload(names: Sequence[str]) -> None:
                 PRELOAD_REPORT["failed"][name] = _one_line(exc)
             torch = sys.modules.get("torch")
             if restore is None and torch is not None and hasattr(torch, "cuda"):
-                original = torch.cuda._lazy_init
-                torch.cuda._lazy_init = _refuse_cuda
-                restore = lambda: setattr(torch.cuda, "_lazy_init", original)  # noqa: E731
+                kind = gpu_facts.node_gpu() if torch.cuda.is_available() else None
+                PRELOAD_REPORT["gpu"] = None if kind is None else [kind[0], list(kind[1])]
+                restore = _answer_gpu_queries(torch, kind)
     finally:
         if restore is not None:
             restore()
@@ -125,14 +158,22 @@ def _scoped_env(values: Dict[str, str]) -> Iterator[None]:
 
 
 def _probe(conn: Any, device: str) -> None:
-    """In a process forked from the forkserver: what it preloaded and, on GPU, whether CUDA still works."""
-    report = {"ok": list(PRELOAD_REPORT["ok"]), "failed": dict(PRELOAD_REPORT["failed"]), "cuda": None}
+    """In a process forked from the forkserver: what it preloaded and, on GPU, whether CUDA still works and
+    every GPU is what the forkserver answered while it imported (``gpu``)."""
+    report = {"ok": list(PRELOAD_REPORT["ok"]), "failed": dict(PRELOAD_REPORT["failed"]),
+              "gpu": PRELOAD_REPORT.get("gpu"), "cuda": None}
     if device == "cuda":
         try:
             import torch
 
             torch.cuda.init()   # raises in a child of a process that had initialised CUDA
             report["cuda"] = "ok"
+            answered = report["gpu"]
+            for index in range(torch.cuda.device_count() if answered else 0):
+                actual = [torch.cuda.get_device_name(index), list(torch.cuda.get_device_capability(index))]
+                if actual != answered:
+                    report["cuda"] = f"GPU {index} is {actual}, but imports were told {answered}"
+                    break
         except Exception as exc:  # reported: the standby then keeps spawn
             report["cuda"] = _one_line(exc)
     conn.send(report)
