@@ -42,6 +42,11 @@ from .triton_key import TritonKeyWarmup
 log = logging.getLogger("foundry_sglang.plugin.hooks")
 
 EXTRA_KV = "sglang.memory_pool_config"
+EXTRA_KV_FREE = "sglang.memory_pool_free_bytes"   # the GPU's free memory when SAVE sized the pool
+#: LOAD forces the saved KV pool while the GPU's free memory, when the pool is sized, is at most this share of
+#: SGLang's runtime reserve (``pre_model_load_memory * (1 - mem_fraction_static)``) below SAVE's; a larger
+#: deficit (another process on the GPU) would leave SGLang too little for activations: live capture instead.
+KV_FREE_DEFICIT_OF_RESERVE = 0.5
 EXTRA_KEY = "sglang.key_material"
 EXTRA_GRAPHS = "sglang.graphs"
 
@@ -165,7 +170,9 @@ class PluginState:
     archive_path: str
     key_material: str
     saved_kv_config: Optional[dict] = None  # LOAD: from the archive
+    saved_kv_free_bytes: Optional[int] = None  # LOAD: the GPU's free memory when SAVE sized the pool
     kv_config: Optional[dict] = None  # SAVE: what SGLang resolved
+    kv_free_bytes: Optional[int] = None  # SAVE: the GPU's free memory when SGLang sized the pool
     kv_forced: bool = False
     parallel: Optional["ParallelArchives"] = None  # a TP/EP server: its template and this rank's part
     triton_key: Optional[TritonKeyWarmup] = None  # Triton's cache key, computed while the model loads
@@ -301,11 +308,13 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
     from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
 
     live = _original(FullCudaGraphBackend, "capture_one")
-    saved_kv = None
+    saved_kv = saved_free = None
     if router.route is Route.LOAD:
         problem = None
         try:
-            saved_kv = json.loads(_archive_extra(router.session)[EXTRA_KV])
+            extra = _archive_extra(router.session)
+            saved_kv = json.loads(extra[EXTRA_KV])
+            saved_free = int(extra[EXTRA_KV_FREE]) if EXTRA_KV_FREE in extra else None   # older archives lack it
         except (FoundryError, KeyError, ValueError) as err:
             problem = f"archive has no usable KV-pool configuration ({one_line(err)})"
         if not router.agree(problem is None):
@@ -316,7 +325,8 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
     capture = CaptureAdapter(router, live_capture=lambda b, *a: live(b, *a), capture_scope=_graph_pool_capture_scope(),
                              parallel=parallel)
     _state = PluginState(session=router.session, router=router, capture=capture, archive_path=str(router.session.path),
-                         key_material=key.material, saved_kv_config=saved_kv, parallel=archives,
+                         key_material=key.material, saved_kv_config=saved_kv, saved_kv_free_bytes=saved_free,
+                         parallel=archives,
                          triton_key=triton_key)
     log.info("foundry: %s %s (rank %s, pid %d)", router.route.value.upper(), router.session.path, layout.tag(),
              os.getpid())
@@ -384,26 +394,62 @@ def _make_parent(path: Path) -> bool:
 
 
 def around_resolve_memory_pool_config(original: Callable, configurator: Any, *args, **kwargs):
-    """AROUND KVCacheConfigurator._resolve_memory_pool_config: SAVE records, LOAD forces the pool config."""
+    """AROUND KVCacheConfigurator._resolve_memory_pool_config: SAVE records the pool config (and the GPU's free
+    memory), LOAD forces the recorded one without profiling, unless it no longer fits (every rank agrees)."""
     state = _state
     if state is None or getattr(configurator, "is_draft_worker", False):
         return original(configurator, *args, **kwargs)
     if state.router.route is Route.LOAD and state.saved_kv_config is not None:
         from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
 
+        config = problem = None
         try:
             config = compat.memory_pool_config(MemoryPoolConfig, state.saved_kv_config)
         except compat.IncompatiblePoolConfig as err:
-            state.router.fall_back(str(err))
+            problem = str(err)
+        if config is not None:
+            problem = _kv_pool_misfit(state.saved_kv_free_bytes, _free_gpu_bytes(),
+                                      _pre_model_load_gb(args, kwargs), config.mem_fraction_static)
+        if not state.router.agree(problem is None):   # the ranks take one route (a rank alone would hang)
+            state.router.fall_back(problem or "another rank cannot use the saved KV-pool configuration")
             return original(configurator, *args, **kwargs)
         state.kv_forced = True
         log.info("foundry: KV pool forced to the saved configuration: max_total_num_tokens=%s",
                  config.max_total_num_tokens)
         return config
+    free = _free_gpu_bytes() if state.router.route is Route.SAVE else None
     config = original(configurator, *args, **kwargs)
     if state.router.route is Route.SAVE:
-        state.kv_config = dataclasses.asdict(config)
+        state.kv_config, state.kv_free_bytes = dataclasses.asdict(config), free
     return config
+
+
+def _free_gpu_bytes() -> Optional[int]:
+    try:
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    except Exception:  # no CUDA here (CPU tests): nothing to compare
+        return None
+
+
+def _pre_model_load_gb(args: tuple, kwargs: dict) -> Optional[float]:
+    value = args[0] if args else kwargs.get("pre_model_load_memory")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _kv_pool_misfit(saved_free: Optional[int], free: Optional[int], pre_model_load_gb: Optional[float],
+                    mem_fraction_static: Optional[float]) -> Optional[str]:
+    """Why the saved KV pool must not be forced on this GPU now (None: it fits, or nothing to compare): the GPU
+    has less free memory than at SAVE by more than :data:`KV_FREE_DEFICIT_OF_RESERVE` of SGLang's reserve."""
+    if None in (saved_free, free, pre_model_load_gb, mem_fraction_static):
+        return None
+    allowance = KV_FREE_DEFICIT_OF_RESERVE * pre_model_load_gb * (1 - mem_fraction_static) * (1 << 30)
+    if saved_free - free <= allowance:
+        return None
+    gib = 1 << 30
+    return (f"the saved KV pool does not fit: this GPU has {free / gib:.1f} GiB free where SAVE had "
+            f"{saved_free / gib:.1f} GiB (another process holds GPU memory)")
 
 
 def around_capture_session(original: Callable, backend: Any, stream: Any, *args, **kwargs):
@@ -484,6 +530,8 @@ def after_init_cuda_graphs(result: Any, runner: Any, *args, **kwargs) -> Any:
         extra = {EXTRA_KEY: state.key_material, EXTRA_GRAPHS: json.dumps(router.recorded)}
         if state.kv_config is not None:
             extra[EXTRA_KV] = json.dumps(state.kv_config, sort_keys=True)
+            if state.kv_free_bytes is not None:
+                extra[EXTRA_KV_FREE] = str(state.kv_free_bytes)
         else:
             log.warning("foundry: KV-pool configuration was not observed; the archive will not be loadable")
         written = router.save(extra)
