@@ -42,11 +42,9 @@ from .triton_key import TritonKeyWarmup
 log = logging.getLogger("foundry_sglang.plugin.hooks")
 
 EXTRA_KV = "sglang.memory_pool_config"
-EXTRA_KV_FREE = "sglang.memory_pool_free_bytes"   # the GPU's free memory when SAVE sized the pool
-#: LOAD forces the saved KV pool while the GPU's free memory, when the pool is sized, is at most this share of
-#: SGLang's runtime reserve (``pre_model_load_memory * (1 - mem_fraction_static)``) below SAVE's; a larger
-#: deficit (another process on the GPU) would leave SGLang too little for activations: live capture instead.
-KV_FREE_DEFICIT_OF_RESERVE = 0.5
+#: GPU memory SAVE's server took from sizing its KV pool to the end of its graphs (pool, buffers, graphs): what a
+#: LOAD that forces the same pool needs free at that point, or it runs out of memory.
+EXTRA_KV_NEEDS = "sglang.memory_pool_to_graphs_bytes"
 EXTRA_KEY = "sglang.key_material"
 EXTRA_GRAPHS = "sglang.graphs"
 
@@ -170,7 +168,8 @@ class PluginState:
     archive_path: str
     key_material: str
     saved_kv_config: Optional[dict] = None  # LOAD: from the archive
-    saved_kv_free_bytes: Optional[int] = None  # LOAD: the GPU's free memory when SAVE sized the pool
+    saved_kv_needs_bytes: Optional[int] = None  # LOAD: EXTRA_KV_NEEDS of the archive
+    gpu_to_itself: bool = True  # no other rank of this server on its GPU (their pools would move its free memory)
     kv_config: Optional[dict] = None  # SAVE: what SGLang resolved
     kv_free_bytes: Optional[int] = None  # SAVE: the GPU's free memory when SGLang sized the pool
     kv_forced: bool = False
@@ -308,13 +307,13 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
     from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
 
     live = _original(FullCudaGraphBackend, "capture_one")
-    saved_kv = saved_free = None
+    saved_kv = saved_needs = None
     if router.route is Route.LOAD:
         problem = None
         try:
             extra = _archive_extra(router.session)
             saved_kv = json.loads(extra[EXTRA_KV])
-            saved_free = int(extra[EXTRA_KV_FREE]) if EXTRA_KV_FREE in extra else None   # older archives lack it
+            saved_needs = int(extra[EXTRA_KV_NEEDS]) if EXTRA_KV_NEEDS in extra else None   # older archives lack it
         except (FoundryError, KeyError, ValueError) as err:
             problem = f"archive has no usable KV-pool configuration ({one_line(err)})"
         if not router.agree(problem is None):
@@ -325,8 +324,8 @@ def before_model_runner_initialize(runner: Any, *args, **kwargs) -> None:
     capture = CaptureAdapter(router, live_capture=lambda b, *a: live(b, *a), capture_scope=_graph_pool_capture_scope(),
                              parallel=parallel)
     _state = PluginState(session=router.session, router=router, capture=capture, archive_path=str(router.session.path),
-                         key_material=key.material, saved_kv_config=saved_kv, saved_kv_free_bytes=saved_free,
-                         parallel=archives,
+                         key_material=key.material, saved_kv_config=saved_kv, saved_kv_needs_bytes=saved_needs,
+                         gpu_to_itself=not (parallel and config.ranks_share_gpu), parallel=archives,
                          triton_key=triton_key)
     log.info("foundry: %s %s (rank %s, pid %d)", router.route.value.upper(), router.session.path, layout.tag(),
              os.getpid())
@@ -395,7 +394,9 @@ def _make_parent(path: Path) -> bool:
 
 def around_resolve_memory_pool_config(original: Callable, configurator: Any, *args, **kwargs):
     """AROUND KVCacheConfigurator._resolve_memory_pool_config: SAVE records the pool config (and the GPU's free
-    memory), LOAD forces the recorded one without profiling, unless it no longer fits (every rank agrees)."""
+    memory), LOAD forces the recorded one without profiling, unless this GPU cannot hold it with SAVE's graphs
+    now (another process holds its memory): then SGLang sizes its pool and captures live (every rank agrees).
+    Ranks sharing one GPU skip that test: what each sees free depends on when the others allocate."""
     state = _state
     if state is None or getattr(configurator, "is_draft_worker", False):
         return original(configurator, *args, **kwargs)
@@ -407,9 +408,8 @@ def around_resolve_memory_pool_config(original: Callable, configurator: Any, *ar
             config = compat.memory_pool_config(MemoryPoolConfig, state.saved_kv_config)
         except compat.IncompatiblePoolConfig as err:
             problem = str(err)
-        if config is not None:
-            problem = _kv_pool_misfit(state.saved_kv_free_bytes, _free_gpu_bytes(),
-                                      _pre_model_load_gb(args, kwargs), config.mem_fraction_static)
+        if config is not None and state.gpu_to_itself:
+            problem = _kv_pool_misfit(state.saved_kv_needs_bytes, _free_gpu_bytes())
         if not state.router.agree(problem is None):   # the ranks take one route (a rank alone would hang)
             state.router.fall_back(problem or "another rank cannot use the saved KV-pool configuration")
             return original(configurator, *args, **kwargs)
@@ -417,10 +417,10 @@ def around_resolve_memory_pool_config(original: Callable, configurator: Any, *ar
         log.info("foundry: KV pool forced to the saved configuration: max_total_num_tokens=%s",
                  config.max_total_num_tokens)
         return config
-    free = _free_gpu_bytes() if state.router.route is Route.SAVE else None
     config = original(configurator, *args, **kwargs)
     if state.router.route is Route.SAVE:
-        state.kv_config, state.kv_free_bytes = dataclasses.asdict(config), free
+        state.kv_config = dataclasses.asdict(config)
+        state.kv_free_bytes = _free_gpu_bytes() if state.gpu_to_itself else None
     return config
 
 
@@ -433,23 +433,14 @@ def _free_gpu_bytes() -> Optional[int]:
         return None
 
 
-def _pre_model_load_gb(args: tuple, kwargs: dict) -> Optional[float]:
-    value = args[0] if args else kwargs.get("pre_model_load_memory")
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-def _kv_pool_misfit(saved_free: Optional[int], free: Optional[int], pre_model_load_gb: Optional[float],
-                    mem_fraction_static: Optional[float]) -> Optional[str]:
-    """Why the saved KV pool must not be forced on this GPU now (None: it fits, or nothing to compare): the GPU
-    has less free memory than at SAVE by more than :data:`KV_FREE_DEFICIT_OF_RESERVE` of SGLang's reserve."""
-    if None in (saved_free, free, pre_model_load_gb, mem_fraction_static):
-        return None
-    allowance = KV_FREE_DEFICIT_OF_RESERVE * pre_model_load_gb * (1 - mem_fraction_static) * (1 << 30)
-    if saved_free - free <= allowance:
+def _kv_pool_misfit(needs: Optional[int], free: Optional[int]) -> Optional[str]:
+    """Why SAVE's KV pool must not be forced on this GPU now (None: it fits, or nothing to compare): SAVE's
+    server took ``needs`` bytes from sizing its pool to the end of its graphs, and this GPU has less free."""
+    if needs is None or free is None or free >= needs:
         return None
     gib = 1 << 30
-    return (f"the saved KV pool does not fit: this GPU has {free / gib:.1f} GiB free where SAVE had "
-            f"{saved_free / gib:.1f} GiB (another process holds GPU memory)")
+    return (f"the saved KV pool does not fit: with its graphs it needs {needs / gib:.1f} GiB and this GPU has "
+            f"{free / gib:.1f} GiB free (another process holds GPU memory)")
 
 
 def around_capture_session(original: Callable, backend: Any, stream: Any, *args, **kwargs):
@@ -530,8 +521,9 @@ def after_init_cuda_graphs(result: Any, runner: Any, *args, **kwargs) -> Any:
         extra = {EXTRA_KEY: state.key_material, EXTRA_GRAPHS: json.dumps(router.recorded)}
         if state.kv_config is not None:
             extra[EXTRA_KV] = json.dumps(state.kv_config, sort_keys=True)
-            if state.kv_free_bytes is not None:
-                extra[EXTRA_KV_FREE] = str(state.kv_free_bytes)
+            free = _free_gpu_bytes() if state.kv_free_bytes is not None else None
+            if free is not None:
+                extra[EXTRA_KV_NEEDS] = str(max(0, state.kv_free_bytes - free))
         else:
             log.warning("foundry: KV-pool configuration was not observed; the archive will not be loadable")
         written = router.save(extra)
