@@ -6,10 +6,10 @@ every one of them starts an interpreter and imports torch, SGLang's scheduler an
 files (``srt/models/registry.py`` imports every module of ``srt/models``). A standby SGLang server
 (:mod:`.standby`) pays that once, ahead: :func:`start` launches multiprocessing's forkserver with those modules
 imported (:func:`wait_warm` waits for it), and :func:`use_forkserver` (an AFTER hook on ``_set_envs_and_config``)
-makes SGLang's later ``mp.Process`` calls fork from it. The forkserver must not start CUDA (:func:`_preload`): the GPU's
-name and compute capability, which SGLang's modules ask for at import, are answered from NVML where every GPU of
-the node is alike (:mod:`.gpu_facts`; a process forked from it checks the answers), and a module that wants more
-of CUDA at import is left to the processes themselves.
+makes SGLang's later ``mp.Process`` calls fork from it. The forkserver must not start CUDA (:func:`_preload`):
+the GPU's name and compute capability, which SGLang's modules ask for at import, are answered from NVML where
+every GPU of the node is alike (:mod:`.gpu_facts`; a process forked from it checks the answers), and a module
+that wants more of CUDA at import is left to the processes themselves.
 
 A forked process would otherwise keep the forkserver's environment, limits and parent; :class:`_InChild` gives
 it the launcher's environment as it is at ``start()`` (``FOUNDRY_MODE``, ``CUDA_VISIBLE_DEVICES`` and what SGLang
