@@ -254,51 +254,23 @@ def test_missing_graph_in_archive_is_captured_live(loaded_plugin, tmp_path):
     assert state.router.restored_names == ["decode_bs8"] and seen == [2]
 
 
-def test_kv_pool_config_recorded_at_save_and_forced_at_load(loaded_plugin, tmp_path):
-    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
-
-    class Configurator:
-        is_draft_worker = False
-
-    profiled = []
-
-    def original(self, pre_model_load_memory):
-        profiled.append(pre_model_load_memory)
-        return MemoryPoolConfig(max_total_num_tokens=4096, max_running_requests=48, mem_fraction_static=0.8)
-
-    session = CpuStandInSession(tmp_path / "kv.foundry", "save", key="k")
-    session.open()
-    state = install_state(session, "save")
-    cfg = hooks.around_resolve_memory_pool_config(original, Configurator(), 123)
-    assert cfg.max_total_num_tokens == 4096 and profiled == [123]
-    state.session.added["decode_bs1"] = torch.ones(1)
-    state.router.recorded.append("decode_bs1")
-    hooks.after_init_cuda_graphs(None, StandInDecodeRunner())
-    hooks.reset_state()
-
-    session = CpuStandInSession(tmp_path / "kv.foundry", "load", key="k")
-    session.open()
-    state = install_state(session, "load")
-    forced = hooks.around_resolve_memory_pool_config(original, Configurator(), 999)
-    assert profiled == [123], "LOAD must not profile free memory"
-    assert forced == MemoryPoolConfig(max_total_num_tokens=4096, max_running_requests=48, mem_fraction_static=0.8)
-    assert state.kv_forced
-
-
 class KvConfigurator:
     is_draft_worker = False
 
 
-def _kv_archive(tmp_path, original) -> None:
-    """SAVE an archive whose manifest carries the KV-pool configuration."""
+def _kv_archive(tmp_path, original, before_write=lambda: None):
+    """SAVE an archive whose manifest carries the KV-pool configuration; ``before_write`` runs once the pool is
+    sized, before the archive is written. Returns the configuration SAVE's server used."""
     session = CpuStandInSession(tmp_path / "kv.foundry", "save", key="k")
     session.open()
     state = install_state(session, "save")
-    hooks.around_resolve_memory_pool_config(original, KvConfigurator(), 80)
+    config = hooks.around_resolve_memory_pool_config(original, KvConfigurator(), 80)
+    before_write()
     state.session.added["decode_bs1"] = torch.ones(1)
     state.router.recorded.append("decode_bs1")
     hooks.after_init_cuda_graphs(None, StandInDecodeRunner())
     hooks.reset_state()
+    return config
 
 
 def _kv_load(tmp_path):
@@ -308,6 +280,24 @@ def _kv_load(tmp_path):
     needs = hooks._archive_extra(session).get(hooks.EXTRA_KV_NEEDS)
     state.saved_kv_needs_bytes = None if needs is None else int(needs)
     return state
+
+
+def test_kv_pool_config_recorded_at_save_and_forced_at_load(loaded_plugin, tmp_path):
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+
+    profiled = []
+
+    def original(self, pre_model_load_memory):
+        profiled.append(pre_model_load_memory)
+        return MemoryPoolConfig(max_total_num_tokens=4096, max_running_requests=48, mem_fraction_static=0.8)
+
+    cfg = _kv_archive(tmp_path, original)
+    assert cfg.max_total_num_tokens == 4096 and profiled == [80]
+    state = _kv_load(tmp_path)
+    forced = hooks.around_resolve_memory_pool_config(original, KvConfigurator(), 999)
+    assert profiled == [80], "LOAD must not profile free memory"
+    assert forced == MemoryPoolConfig(max_total_num_tokens=4096, max_running_requests=48, mem_fraction_static=0.8)
+    assert state.kv_forced
 
 
 def test_a_saved_kv_pool_that_no_longer_fits_falls_back_to_live_capture(loaded_plugin, tmp_path, monkeypatch):
@@ -324,15 +314,8 @@ def test_a_saved_kv_pool_that_no_longer_fits_falls_back_to_live_capture(loaded_p
         profiled.append(pre_model_load_memory)
         return MemoryPoolConfig(max_total_num_tokens=4096, max_running_requests=48, mem_fraction_static=0.8)
 
-    session = CpuStandInSession(tmp_path / "kv.foundry", "save", key="k")
-    session.open()
-    state = install_state(session, "save")
-    hooks.around_resolve_memory_pool_config(original, KvConfigurator(), 80)   # 40 GiB free when sized
-    state.session.added["decode_bs1"] = torch.ones(1)
-    state.router.recorded.append("decode_bs1")
-    free[0] = 10 * gib                                                      # pool + graphs took 30 GiB
-    hooks.after_init_cuda_graphs(None, StandInDecodeRunner())
-    hooks.reset_state()
+    # 40 GiB free when the pool is sized, 10 GiB once the archive is written: pool and graphs took 30 GiB
+    _kv_archive(tmp_path, original, before_write=lambda: free.__setitem__(0, 10 * gib))
 
     free[0] = 30 * gib
     state = _kv_load(tmp_path)
