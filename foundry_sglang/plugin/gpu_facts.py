@@ -21,14 +21,15 @@ GpuKind = Tuple[str, Tuple[int, int]]
 def node_gpu(library: str = "libnvidia-ml.so.1") -> Optional[GpuKind]:
     """(name, (major, minor)) shared by every GPU of this node, or None: no NVML (no driver, a CPU machine),
     no GPU, GPUs of different kinds, MIG instances among the visible devices (their names and counts are not
-    the node's), or any NVML call failing."""
+    the node's), or any NVML call failing. Never raises: the forkserver calls it while it imports."""
     if "MIG" in os.environ.get("CUDA_VISIBLE_DEVICES", ""):
         return None
     try:
         nvml = ctypes.CDLL(library)
-    except OSError:
+        init, shutdown = nvml.nvmlInit_v2, nvml.nvmlShutdown
+    except (OSError, AttributeError):   # no driver, or one too old for these calls
         return None
-    if nvml.nvmlInit_v2() != 0:
+    if init() != 0:
         return None
     try:
         count = ctypes.c_uint()
@@ -45,5 +46,7 @@ def node_gpu(library: str = "libnvidia-ml.so.1") -> Optional[GpuKind]:
                 return None
             kinds.add((name.value.decode(errors="replace"), (major.value, minor.value)))
         return kinds.pop() if len(kinds) == 1 else None
+    except AttributeError:
+        return None
     finally:
-        nvml.nvmlShutdown()
+        shutdown()

@@ -58,6 +58,7 @@ def test_without_a_known_gpu_kind_a_module_that_asks_is_not_preloaded(asks_at_im
 
 def test_no_nvml_means_no_answers():
     assert gpu_facts.node_gpu("libno-such-nvml.so.1") is None
+    assert gpu_facts.node_gpu(ctypes.util.find_library("c")) is None     # a library without NVML's functions
     if ctypes.util.find_library("nvidia-ml") is None:     # a machine without the NVIDIA driver, like CI's
         assert gpu_facts.node_gpu() is None
 
