@@ -1,21 +1,23 @@
 """One rank of a 2-rank SGLang process group on CPU (gloo), with the plugin's collective hooks applied: what the
-tests in test_plugin_parallel.py check, run as ``python sglang_rank.py RANK PORT`` (prints one JSON line).
+tests in test_plugin_parallel.py check, run as ``python sglang_rank.py RANK PORT WORKDIR`` (prints one JSON line).
 
 Real SGLang classes throughout: ``init_distributed_environment`` and a ``GroupCoordinator`` named "tp", as SGLang
 builds them, and its ``HookRegistry``. The only stand-in is the SAVE session, which records what
 ``Session.slot`` would be told (no kernel is launched on CPU).
 """
 import json
+import os
 import sys
 
 import torch
-from plugin_standins import SlotLog
+from plugin_standins import CpuStandInSession, SlotLog
 
 from foundry_sglang.comm_patch import UnsupportedCollective
-from foundry_sglang.plugin import collectives
+from foundry_sglang.graphs import GraphRouter
+from foundry_sglang.plugin import collectives, hooks
 
 
-def main(rank: int, port: int) -> dict:
+def main(rank: int, port: int, workdir: str) -> dict:
     from sglang.srt.distributed import parallel_state as ps
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -61,9 +63,38 @@ def main(rank: int, port: int) -> dict:
 
     agree = collectives.agreement()
     out["agree"] = [agree(True), agree(rank == 0)]
+    out["kv_pool"] = kv_pool_route(rank, agree, workdir)
     collectives.barrier()
     return out
 
 
+def kv_pool_route(rank: int, agree, workdir: str) -> dict:
+    """LOAD's KV-pool step on both ranks of one archive, where only rank 1's GPU lacks the memory SAVE's pool and
+    graphs took (30 GiB): the route each rank takes, agreed over the real gloo group."""
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
+
+    gib = 1 << 30
+    path = os.path.join(workdir, f"kv-rank{rank}.foundry")
+    with open(path, "w") as f:
+        json.dump({"key": "k", "extra": {hooks.EXTRA_KV: json.dumps({"max_total_num_tokens": 4096}),
+                                         hooks.EXTRA_KV_NEEDS: str(30 * gib)}}, f)
+    session = CpuStandInSession(path, "load", key="k")
+    router = GraphRouter(session, "load")
+    router.agree = agree
+    router.open()
+    hooks._state = hooks.PluginState(session=session, router=router, capture=None, archive_path=path,
+                                     key_material="{}", saved_kv_config={"max_total_num_tokens": 4096},
+                                     saved_kv_needs_bytes=30 * gib)
+    hooks._free_gpu_bytes = lambda: (40 if rank == 0 else 10) * gib
+
+    class Configurator:
+        is_draft_worker = False
+
+    config = hooks.around_resolve_memory_pool_config(
+        lambda self, m: MemoryPoolConfig(max_total_num_tokens=1024), Configurator(), 80)
+    return {"route": str(router.route), "forced": hooks._state.kv_forced, "tokens": config.max_total_num_tokens,
+            "problem": router.problem}
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(int(sys.argv[1]), int(sys.argv[2]))), flush=True)
+    print(json.dumps(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])), flush=True)

@@ -26,11 +26,11 @@ REPO = HERE.parents[1]
 
 
 @pytest.fixture(scope="module")
-def ranks():
-    port = free_port()
+def ranks(tmp_path_factory):
+    port, workdir = free_port(), tmp_path_factory.mktemp("ranks")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"),
                                                        os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, str(HERE / "sglang_rank.py"), str(r), str(port)], env=env,
+    procs = [subprocess.Popen([sys.executable, str(HERE / "sglang_rank.py"), str(r), str(port), str(workdir)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = []
     for p in procs:
@@ -71,6 +71,13 @@ def test_collectives_no_slot_stands_for_are_refused_by_name(ranks):
 
 def test_ranks_agree_only_when_every_rank_is_ok(ranks):
     assert [r["agree"] for r in ranks] == [[True, False], [True, False]]
+
+
+def test_one_rank_without_room_for_the_saved_kv_pool_sends_every_rank_to_live_capture(ranks):
+    short, roomy = ranks[1]["kv_pool"], ranks[0]["kv_pool"]
+    assert "does not fit" in short["problem"] and "another rank" in roomy["problem"]
+    for r in (short, roomy):    # SGLang's own pool and live capture on both: neither waits for the other
+        assert r["route"] == "live" and not r["forced"] and r["tokens"] == 1024
 
 
 def test_rank_parts_sit_beside_the_template():
