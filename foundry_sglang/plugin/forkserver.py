@@ -79,13 +79,13 @@ def _answer_gpu_queries(torch: Any, kind: Optional[gpu_facts.GpuKind]) -> Callab
     cuda = torch.cuda
     originals = {"_lazy_init": cuda._lazy_init, "get_device_name": cuda.get_device_name,
                  "get_device_capability": cuda.get_device_capability}
-    preloading = [True]
+    preloading = True
 
     def get_device_name(device: Any = None) -> str:
-        return kind[0] if preloading[0] else originals["get_device_name"](device)
+        return kind[0] if preloading else originals["get_device_name"](device)
 
     def get_device_capability(device: Any = None) -> Any:
-        return kind[1] if preloading[0] else originals["get_device_capability"](device)
+        return kind[1] if preloading else originals["get_device_capability"](device)
 
     cuda._lazy_init = _refuse_cuda
     if kind is not None:
@@ -93,7 +93,8 @@ def _answer_gpu_queries(torch: Any, kind: Optional[gpu_facts.GpuKind]) -> Callab
         cuda.get_device_name, cuda.get_device_capability = get_device_name, get_device_capability
 
     def restore() -> None:
-        preloading[0] = False
+        nonlocal preloading
+        preloading = False
         for name, fn in originals.items():
             setattr(cuda, name, fn)
 
