@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -56,6 +57,48 @@ SpecFactory = Callable[[int], WorkerSpec]  # replica index -> spec
 STANDBY_MAX_FAILURES = 3
 #: Replicas started from standbys in a row that may fail before they are healthy before no standby is used.
 STANDBY_MAX_ACTIVATION_FAILURES = 2
+
+
+class _StandbyPool:
+    """What both backends count about their standby pools, and when they stop using standbys."""
+
+    def __init__(self, standby: int, coreside: bool = False) -> None:
+        self.coreside = coreside
+        self.standby_target = max(0, int(standby))
+        self.standby_started = self.standby_used = self.standby_fallbacks = 0
+        self.standby_failures = 0                      # standbys in a row that exited before they were warm
+        self.standby_activation_failures = 0           # replicas from standbys in a row that never became healthy
+        self.standby_activation_failed_total = 0
+        self.standby_disabled: Optional[str] = None    # why no more standbys are started or used
+
+    def _standby_exited(self, pid: Optional[int], where: str, code: Optional[int], was_warm: bool) -> None:
+        """A waiting standby is gone. STANDBY_MAX_FAILURES in a row that never got warm disable the pool."""
+        self.standby_failures = 0 if was_warm else self.standby_failures + 1
+        log.warning("standby pid %s %s exited with status %s%s; replacing it", pid, where, code,
+                    "" if self.standby_failures == 0 else " before it was warm")
+        if self.standby_failures >= STANDBY_MAX_FAILURES and not self.standby_disabled:
+            self.standby_disabled = (f"{self.standby_failures} standby workers in a row exited before they "
+                                     f"were warm (see their logs); no more standby workers")
+            log.error("%s", self.standby_disabled)
+
+    def standby_activation_failed(self, pid: Optional[int]) -> None:
+        """A replica started from a standby exited before it was ever healthy (its layout's server could not
+        start in the standby). After STANDBY_MAX_ACTIVATION_FAILURES in a row no standby is used or started:
+        switches start fresh workers, as without standbys."""
+        self.standby_activation_failures += 1
+        self.standby_activation_failed_total += 1
+        log.warning("the replica started from standby pid %s never became healthy (see the standby's log)", pid)
+        if self.standby_activation_failures >= STANDBY_MAX_ACTIVATION_FAILURES and not self.standby_disabled:
+            self.standby_disabled = (f"{self.standby_activation_failures} replicas in a row started from standby "
+                                     "workers never became healthy (see their logs); fresh workers from now on")
+            log.error("%s", self.standby_disabled)
+
+    def _standby_summary(self, workers: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return {"target": self.standby_target, "ready": sum(w["state"] == "ready" for w in workers),
+                "warming": sum(w["state"] == "warming" for w in workers), "workers": workers,
+                "started": self.standby_started, "used": self.standby_used, "fallbacks": self.standby_fallbacks,
+                "never_healthy": self.standby_activation_failed_total, "disabled": self.standby_disabled,
+                "coreside": self.coreside}
 
 
 # --------------------------------------------------------------------------------------------- local
@@ -117,7 +160,7 @@ class _LocalReplica(ReplicaHandle):
         self.slots = []
 
 
-class LocalBackend:
+class LocalBackend(_StandbyPool):
     """Workers as child processes of the controller. ``slots`` gives each slot's GPU id (cuda; a repeated id
     makes slots share that GPU: ranks and replicas on one GPU) or any numbers (cpu); slots are numbered
     0..n-1 in that order.
@@ -141,14 +184,8 @@ class LocalBackend:
         self.all_slots: List[int] = list(range(len(self.gpus)))
         self.free: List[int] = list(self.all_slots)          # slots with neither a replica nor a standby
         self.held: Set[int] = set()                          # slots a replica serves on
-        self.coreside = coreside
-        self.standby_target = max(0, int(standby))
+        super().__init__(standby, coreside)
         self.standbys: Dict[int, ProcessWorker] = {}   # slot -> warm engine (its slot is not in self.free)
-        self.standby_started = self.standby_used = self.standby_fallbacks = 0
-        self.standby_failures = 0                      # standbys in a row that exited before they were warm
-        self.standby_activation_failures = 0           # replicas from standbys in a row that never became healthy
-        self.standby_activation_failed_total = 0
-        self.standby_disabled: Optional[str] = None    # why no more standbys are started or used
 
     def capacity(self) -> Tuple[Optional[int], str]:
         """How many slots this backend has at all, and where (for a one-line refusal)."""
@@ -187,18 +224,6 @@ class LocalBackend:
             handles.append(_LocalReplica(self, i, spec_for(i), take, standby, spares))
         return handles
 
-    def standby_activation_failed(self, pid: Optional[int]) -> None:
-        """A replica started from a standby exited before it was ever healthy (its layout's server could not
-        start in the standby). After STANDBY_MAX_ACTIVATION_FAILURES in a row no standby is used or started:
-        switches start fresh workers, as without standbys."""
-        self.standby_activation_failures += 1
-        self.standby_activation_failed_total += 1
-        log.warning("the replica started from standby pid %s never became healthy (see the standby's log)", pid)
-        if self.standby_activation_failures >= STANDBY_MAX_ACTIVATION_FAILURES and not self.standby_disabled:
-            self.standby_disabled = (f"{self.standby_activation_failures} replicas in a row started from standby "
-                                     "workers never became healthy (see their logs); fresh workers from now on")
-            log.error("%s", self.standby_disabled)
-
     def replenish(self, spec: WorkerSpec) -> int:
         """Drop standbys that exited and start new ones on free slots up to the target; returns how many started.
         ``spec`` gives the worker kind, device, environment and log path (``{slot}`` and ``{n}``, the standby's
@@ -206,15 +231,9 @@ class LocalBackend:
         Once the pool is disabled its idle standbys are stopped."""
         for slot, w in list(self.standbys.items()):
             if w.returncode() is not None:
-                self.standby_failures = 0 if w.was_warm() else self.standby_failures + 1
-                log.warning("standby pid %s on slot %s exited with status %s%s; replacing it", w.pid, slot,
-                            w.returncode(), "" if self.standby_failures == 0 else " before it was warm")
+                self._standby_exited(w.pid, f"on slot {slot}", w.returncode(), w.was_warm())
                 w.stop()
                 self._drop_standby(slot)
-        if self.standby_failures >= STANDBY_MAX_FAILURES and not self.standby_disabled:
-            self.standby_disabled = (f"{self.standby_failures} standby workers in a row exited before they "
-                                     f"were warm (see their logs); no more standby workers")
-            log.error("%s", self.standby_disabled)
         if self.standby_disabled:
             for slot, w in list(self.standbys.items()):  # off the controller's event loop: a stop may wait
                 threading.Thread(target=w.stop, args=(2.0,), name="standby-stop", daemon=True).start()
@@ -252,11 +271,7 @@ class LocalBackend:
         workers = [{"slot": slot, "pid": w.pid, "state": "ready" if w.standby_ready() else
                     ("warming" if w.returncode() is None else "exited"), "coresident": slot in self.held}
                    for slot, w in sorted(self.standbys.items())]
-        return {"target": self.standby_target, "ready": sum(w["state"] == "ready" for w in workers),
-                "warming": sum(w["state"] == "warming" for w in workers), "workers": workers,
-                "started": self.standby_started, "used": self.standby_used, "fallbacks": self.standby_fallbacks,
-                "never_healthy": self.standby_activation_failed_total, "disabled": self.standby_disabled,
-                "coreside": self.coreside}
+        return self._standby_summary(workers)
 
     def _give_back(self, slots: Sequence[int]) -> None:
         """A replica's slots, or a standby's, are free again; a slot that keeps a (co-resident) standby is the
@@ -281,6 +296,9 @@ class LocalBackend:
 
 # ----------------------------------------------------------------------------------------------- ray
 _worker_actor_cls = None
+_bundle_gpus_fn = None
+#: Ray leaves CUDA_VISIBLE_DEVICES alone in an actor started with this set: a standby sees its node's GPUs.
+RAY_NOSET_CUDA_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
 
 def ray_gpu_ids(assigned: Sequence[Any]) -> List[str]:
@@ -289,25 +307,73 @@ def ray_gpu_ids(assigned: Sequence[Any]) -> List[str]:
     return [str(g) for g in assigned]
 
 
+def node_gpu_ids(visible_env: Optional[str], node_gpus: float) -> List[str]:
+    """Every GPU of a node in Ray's id space: the raylet's CUDA_VISIBLE_DEVICES where it had one, else
+    0..n-1 for the node's ``node_gpus``."""
+    if visible_env:
+        return [g.strip() for g in visible_env.split(",") if g.strip()]
+    return [str(i) for i in range(int(node_gpus))]
+
+
+def spread(ids: Sequence[str], ranks: int) -> List[str]:
+    """One of ``ids`` per rank, in order; fewer ids than ranks: consecutive ranks share them."""
+    return [ids[r * len(ids) // ranks] for r in range(ranks)] if 0 < len(ids) < ranks else list(ids)
+
+
 def _worker_actor():
     """The Ray actor class hosting one ProcessWorker (defined lazily: importing ray is slow)."""
     global _worker_actor_cls
     if _worker_actor_cls is None:
+        import os
+
         import ray
 
         @ray.remote
         class EngineWorkerActor:
             def __init__(self) -> None:
                 self.worker = ProcessWorker()
+                self.visible: List[str] = []    # a standby's: the GPUs of the node its process sees
 
-            def start(self, spec: Dict[str, Any]) -> Dict[str, Any]:
+            def start(self, spec: Dict[str, Any], gpu_ids: Optional[List[str]] = None) -> Dict[str, Any]:
+                """A fresh server on this actor's GPUs (Ray's), or on ``gpu_ids``, one per rank."""
                 s = WorkerSpec(**spec)
-                gpu_ids = ray_gpu_ids(ray.get_gpu_ids()) if s.device == "cuda" else []
-                ranks = max(s.tp, s.ep)
-                if 0 < len(gpu_ids) < ranks:     # a share of fewer GPUs than ranks: the ranks share them
-                    gpu_ids = [gpu_ids[r * len(gpu_ids) // ranks] for r in range(ranks)]
+                if gpu_ids is None:
+                    gpu_ids = spread(ray_gpu_ids(ray.get_gpu_ids()), max(s.tp, s.ep)) if s.device == "cuda" else []
                 url = self.worker.start(s, gpu_ids=gpu_ids)
                 return {"url": url, "pid": self.worker.pid, "gpu_ids": gpu_ids}
+
+            def where(self) -> Dict[str, Any]:
+                """This actor's node and GPUs: ``gpu_ids`` Ray gave it, ``node_gpus`` every GPU of its node
+                (what CUDA_VISIBLE_DEVICES left to it: all of them in an actor run with RAY_NOSET_CUDA_ENV)."""
+                node = ray.get_runtime_context().get_node_id()
+                gpus = next((n["Resources"].get("GPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+                return {"node_ip": ray.util.get_node_ip_address(), "gpu_ids": ray_gpu_ids(ray.get_gpu_ids()),
+                        "node_gpus": node_gpu_ids(os.environ.get("CUDA_VISIBLE_DEVICES"), gpus)}
+
+            def start_standby(self, spec: Dict[str, Any]) -> Dict[str, Any]:
+                """A warm engine warmed up on this actor's GPU and seeing every GPU of the node, so that any
+                replica placed on this node can be handed to it."""
+                s = WorkerSpec(**spec)
+                here = self.where()
+                if s.device == "cuda":
+                    self.visible = here["node_gpus"]
+                    self.worker.start_standby(s, gpu_ids=self.visible,
+                                              gpu_index=self.visible.index(here["gpu_ids"][0]))
+                else:
+                    self.worker.start_standby(s)
+                return dict(here, pid=self.worker.pid)
+
+            def standby_state(self) -> Dict[str, Any]:
+                return {"ready": self.worker.standby_ready(), "warm": self.worker.was_warm(),
+                        "returncode": self.worker.returncode()}
+
+            def activate(self, spec: Dict[str, Any], rank_gpus: List[str]) -> Dict[str, Any]:
+                """Hand this standby its layout; ``rank_gpus``: each rank's GPU (cuda)."""
+                s = WorkerSpec(**spec)
+                flags = rank_placement(s, rank_gpus, self.visible) if self.visible else []
+                if flags:
+                    s = replace(s, extra_args=list(s.extra_args) + flags)
+                return {"url": self.worker.activate(s), "pid": self.worker.pid}
 
             def returncode(self) -> Optional[int]:
                 return self.worker.returncode()
@@ -322,14 +388,140 @@ def _worker_actor():
     return _worker_actor_cls
 
 
+def _bundle_gpus():
+    """A Ray task that reports the GPU ids of the bundle it runs in."""
+    global _bundle_gpus_fn
+    if _bundle_gpus_fn is None:
+        import ray
+
+        @ray.remote
+        def bundle_gpus() -> List[str]:
+            return ray_gpu_ids(ray.get_gpu_ids())
+
+        _bundle_gpus_fn = bundle_gpus
+    return _bundle_gpus_fn
+
+
+def _in_group(group: Any) -> Any:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error in one line; for an exception raised inside a Ray actor, the actor's own exception."""
+    cause = getattr(exc, "cause", None)        # RayTaskError: the exception the actor method raised
+    if isinstance(cause, BaseException):
+        exc = cause
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class _RayStandby:
+    """A warm engine in an actor that holds one slot (its own placement group). Its state is polled without
+    blocking: ``refresh`` collects the answer of the previous poll and asks again."""
+
+    def __init__(self, number: int, name: str, group: Any, actor: Any, started: Any):
+        self.number, self.name, self.group, self.actor = number, name, group, actor
+        # actor.start_standby's answer, and later the pending state poll, as futures: checked without blocking
+        # (the controller may be an async Ray actor, where a blocking ray.get must not run)
+        self.started = started.future() if started is not None else None
+        self.created = time.monotonic()
+        self.info: Optional[Dict[str, Any]] = None    # pid, node_ip, gpu_ids once its process runs
+        self.ready = self.warm = False
+        self.exit_code: Optional[int] = None
+        self._poll: Any = None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.info["pid"] if self.info else None
+
+    def state(self) -> str:
+        if self.exit_code is not None:
+            return "exited"
+        return "ready" if self.ready else ("warming" if self.info else "placing")
+
+    def _take(self, answer: Dict[str, Any]) -> None:
+        self.ready, self.warm, self.exit_code = answer["ready"], answer["warm"] or self.warm, answer["returncode"]
+
+    def refresh(self) -> None:
+        if self.exit_code is not None:
+            return
+        try:
+            if self.info is None:
+                if self.started is None or not self.started.done():
+                    return                      # its placement group is not placed yet
+                self.info = self.started.result()
+            if self._poll is not None and self._poll.done():
+                self._take(self._poll.result())
+                self._poll = None
+            if self._poll is None and self.exit_code is None:
+                self._poll = self.actor.standby_state.remote().future()
+        except Exception as exc:  # the actor died, or its process could not start
+            log.warning("standby %s: %s", self.name, _one_line(exc))
+            self.exit_code = -1
+
+    async def state_now(self, timeout: float = 10.0) -> None:
+        """Wait for this standby's current state (a standby not placed yet stays 'placing')."""
+        self.refresh()
+        if self.info is None or self.exit_code is not None:
+            return
+        try:
+            self._take(await asyncio.wait_for(self.actor.standby_state.remote(), timeout))
+        except Exception as exc:
+            log.warning("standby %s does not answer: %s", self.name, _one_line(exc))
+            self.exit_code = -1
+        self._poll = None
+
+
 class _RayReplica(ReplicaHandle):
-    def __init__(self, index: int, spec: WorkerSpec, actor: Any, group: Any):
-        self.index, self.spec, self.actor, self.group = index, spec, actor, group
+    """A replica's actor and placement groups. From a standby: the standby's actor (rank 0, its slot) and a
+    group of the other ranks' slots on the standby's node."""
+
+    def __init__(self, backend: "RayBackend", index: int, spec: WorkerSpec, n: int, groups: List[Any],
+                 actor: Any = None, standby: Optional[_RayStandby] = None):
+        self.backend, self.index, self.spec, self.n = backend, index, spec, n
+        self.groups, self.actor, self.standby = groups, actor, standby
+        self.from_standby = False
+        self._counted = False
 
     async def start(self) -> str:
-        info = await self.actor.start.remote(self.spec.to_dict())
-        self.url, self.pid, self.slots = info["url"], info["pid"], info["gpu_ids"]
+        standby, self.standby = self.standby, None
+        if standby is None:
+            info = await self.actor.start.remote(self.spec.to_dict())
+            self.url, self.pid, self.slots = info["url"], info["pid"], info["gpu_ids"]
+            return self.url
+        rank_gpus = await self._rank_gpus(standby)
+        try:
+            info = await asyncio.wait_for(standby.actor.activate.remote(self.spec.to_dict(), rank_gpus), 60)
+            self.actor, self.from_standby = standby.actor, True
+            self.backend.standby_used += 1
+        except Exception as exc:  # never fail a start for a bad standby
+            log.warning("standby pid %s unusable (%s); starting a fresh worker instead", standby.pid,
+                        _one_line(exc))
+            self.backend.standby_fallbacks += 1
+            self.backend.kill(standby.actor)
+            self.actor = self.backend.new_actor(standby.group, 1)
+            info = await self.actor.start.remote(self.spec.to_dict(), rank_gpus or None)
+        self.url, self.pid, self.slots = info["url"], info["pid"], rank_gpus
         return self.url
+
+    async def _rank_gpus(self, standby: _RayStandby) -> List[str]:
+        """Each rank's GPU: the standby's for rank 0, the extra group's for the others ([] on CPU)."""
+        mine = standby.info["gpu_ids"] if standby.info else []
+        if not mine or self.n == 1:
+            return mine[:1] * self.n if mine else []
+        others = await _bundle_gpus().options(num_cpus=0, num_gpus=(self.n - 1) * self.backend.per_slot,
+                                              scheduling_strategy=_in_group(self.groups[-1])).remote()
+        return mine[:1] + spread(others, self.n - 1)
+
+    def describe(self) -> Dict[str, Any]:
+        return dict(super().describe(), from_standby=self.from_standby)
+
+    def on_healthy(self) -> None:
+        super().on_healthy()
+        if self.from_standby:
+            self.backend.standby_activation_failures = 0
 
     async def returncode(self) -> Optional[int]:
         try:
@@ -338,33 +530,82 @@ class _RayReplica(ReplicaHandle):
             return -1
 
     async def stop(self) -> None:
-        import ray
         from ray.util.placement_group import remove_placement_group
 
+        if self.from_standby and not self.healthy and not self._counted and await self.returncode() is not None:
+            self._counted = True
+            self.backend.standby_activation_failed(self.pid)
         try:
             await asyncio.wait_for(self.actor.stop.remote(), timeout=30)
         except Exception as exc:  # best effort; the actor is killed next anyway
-            log.warning("replica %d did not stop cleanly: %s", self.index, exc)
-        ray.kill(self.actor)
-        if self.group is not None:
-            remove_placement_group(self.group)
-            self.group = None
+            log.warning("replica %d did not stop cleanly: %s", self.index, _one_line(exc))
+        self.backend.kill(self.actor)
+        for group in self.groups:
+            remove_placement_group(group)
+        if self.groups:
+            self.backend.held -= self.n
+        self.groups = []
 
 
-class RayBackend:
+class RayBackend(_StandbyPool):
     """One placement group per replica (a single STRICT_PACK bundle of tp*ep slots), so a generation can
-    shrink replica by replica; each replica's worker is an actor bound to its bundle."""
+    shrink replica by replica; each replica's worker is an actor bound to its bundle.
+
+    With ``standby`` > 0 the backend keeps up to that many warm engines, each in an actor holding one slot (its
+    own placement group), within the deployment's ``slots``. A replica allocated while a standby waits is
+    handed to it (rank 0), and its other ranks' slots are reserved on the standby's node; standbys whose slots
+    a layout needs are stopped. ``replenish`` refills the pool without blocking.
+    """
 
     name = "ray"
 
     def __init__(self, device: str = "cpu", placement_timeout: float = 60.0, instance: str = "",
-                 slots_per_gpu: int = 1):
-        """``slots_per_gpu`` > 1: each slot is that share of a GPU (ranks and replicas share GPUs)."""
+                 slots_per_gpu: int = 1, standby: int = 0, slots: Optional[int] = None):
+        """``slots_per_gpu`` > 1: each slot is that share of a GPU (ranks and replicas share GPUs);
+        ``slots``: the deployment's slots, which replicas and standbys share (None: the cluster's)."""
+        super().__init__(standby)
         self.resource = "GPU" if device == "cuda" else "CPU"
         self.per_slot = 1.0 / slots_per_gpu if self.resource == "GPU" else 1.0
         self.placement_timeout = placement_timeout
         self._groups_made = 0     # placement-group names must be unique in the cluster
         self.prefix = f"foundry-elastic-{instance}-" if instance else "foundry-elastic-"
+        self.slot_limit = slots
+        self.held = 0             # slots reserved for replicas
+        self.standbys: List[_RayStandby] = []
+
+    def _group_name(self, what: str) -> str:
+        self._groups_made += 1
+        return f"{self.prefix}{what}-pg{self._groups_made - 1}"
+
+    def new_actor(self, group: Any, slots: int, standby: bool = False) -> Any:
+        """An engine actor in ``group`` holding ``slots`` slots (a standby's sees its node's GPUs)."""
+        amount = slots * self.per_slot
+        opts: Dict[str, Any] = {"num_cpus": amount, "num_gpus": 0} if self.resource == "CPU" else \
+            {"num_cpus": 0, "num_gpus": amount}
+        if standby and self.resource == "GPU":
+            opts["runtime_env"] = {"env_vars": {RAY_NOSET_CUDA_ENV: "1"}}
+        return _worker_actor().options(scheduling_strategy=_in_group(group), **opts).remote()
+
+    @staticmethod
+    def kill(actor: Any) -> None:
+        import ray
+
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+
+    def _free_slots(self) -> int:
+        """Slots neither a replica nor a standby holds: what the cluster has free, within ``slots``."""
+        import ray
+
+        try:
+            free = int(ray.available_resources().get(self.resource, 0) / self.per_slot + 1e-9)
+        except Exception:  # Ray in trouble: nothing is free
+            return 0
+        if self.slot_limit is not None:
+            free = min(free, self.slot_limit - self.held - len(self.standbys))
+        return max(0, free)
 
     def remove_stale_groups(self) -> int:
         """Remove placement groups a previous (crashed) incarnation of this deployment left behind."""
@@ -393,30 +634,107 @@ class RayBackend:
 
     async def allocate(self, gen_id: int, layout: Layout, spec_for: SpecFactory) -> List[ReplicaHandle]:
         from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         n = layout.slots_per_replica
-        first = self._groups_made
-        self._groups_made += layout.replicas
+        taken = await self._take_standbys(layout)
         amount = n * self.per_slot
-        groups = [placement_group([{self.resource: amount}], strategy="STRICT_PACK",
-                                  name=f"{self.prefix}g{gen_id}-pg{first + i}") for i in range(layout.replicas)]
+        groups: List[List[Any]] = []         # each replica's placement groups
+        for i in range(layout.replicas):
+            if i < len(taken):               # rank 0 on the standby; the other ranks on its node
+                extra = [] if n == 1 else [placement_group(
+                    [{self.resource: (n - 1) * self.per_slot, f"node:{taken[i].info['node_ip']}": 0.001}],
+                    strategy="STRICT_PACK", name=self._group_name(f"g{gen_id}"))]
+                groups.append([taken[i].group] + extra)
+            else:
+                groups.append([placement_group([{self.resource: amount}], strategy="STRICT_PACK",
+                                               name=self._group_name(f"g{gen_id}"))])
+        made = [g for i, gs in enumerate(groups) for g in (gs[1:] if i < len(taken) else gs)]
         try:
-            await asyncio.wait_for(asyncio.gather(*(g.ready() for g in groups)), timeout=self.placement_timeout)
-        except Exception as exc:  # timeout or infeasible: give everything back
-            for g in groups:
+            await asyncio.wait_for(asyncio.gather(*(g.ready() for g in made)), timeout=self.placement_timeout)
+        except Exception as exc:  # timeout or infeasible: give everything back (the standbys to the pool)
+            for g in made:
                 remove_placement_group(g)
+            self.standbys.extend(taken)
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__   # a timeout's text is empty
             raise SlotsUnavailable(f"{layout} needs {layout.replicas} x {n} {self.resource}, not reserved within "
                                    f"{self.placement_timeout:.0f}s ({why}); the Ray cluster has "
                                    f"{self._resources()}") from None
+        self.held += layout.slots
         handles: List[ReplicaHandle] = []
-        for i, group in enumerate(groups):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0)
-            opts = {"num_cpus": n, "num_gpus": 0} if self.resource == "CPU" else {"num_cpus": 0, "num_gpus": amount}
-            actor = _worker_actor().options(scheduling_strategy=strategy, **opts).remote()
-            handles.append(_RayReplica(i, spec_for(i), actor, group))
+        for i, gs in enumerate(groups):
+            if i < len(taken):
+                handles.append(_RayReplica(self, i, spec_for(i), n, gs, standby=taken[i]))
+            else:
+                handles.append(_RayReplica(self, i, spec_for(i), n, gs, actor=self.new_actor(gs[0], n)))
         return handles
+
+    async def _take_standbys(self, layout: Layout) -> List[_RayStandby]:
+        """The standbys that become rank 0 of ``layout``'s replicas (warm ones first). Standbys not placed yet
+        or gone are dropped, and idle ones are stopped where the layout needs their slots."""
+        if not self.standbys:
+            return []
+        await asyncio.gather(*(s.state_now() for s in self.standbys))
+        for s in [s for s in self.standbys if s.state() in ("placing", "exited")]:
+            self._remove_standby(s)
+        usable = [] if self.standby_disabled else sorted(self.standbys, key=lambda s: (not s.ready, s.number))
+        taken = usable[:layout.replicas]
+        for s in taken:
+            self.standbys.remove(s)
+        free, need = self._free_slots(), layout.slots - len(taken)
+        while self.standbys and free < need:
+            self._remove_standby(self.standbys[-1])
+            free += 1
+        return taken
+
+    def replenish(self, spec: WorkerSpec) -> int:
+        """Drop standbys that exited (or were never placed) and start new ones on free slots up to the target;
+        returns how many started. Never blocks on Ray: a new standby is placed and warms up in the background."""
+        for s in list(self.standbys):
+            s.refresh()
+            if s.exit_code is not None:
+                self._standby_exited(s.pid, f"in {s.name}", s.exit_code, s.warm)
+                self._remove_standby(s)
+            elif s.info is None and time.monotonic() - s.created > self.placement_timeout:
+                log.warning("standby %s was not placed within %.0fs; removing it", s.name, self.placement_timeout)
+                self._remove_standby(s)
+        if self.standby_disabled:
+            for s in list(self.standbys):
+                self._remove_standby(s)
+            return 0
+        from ray.util.placement_group import placement_group
+
+        started = 0
+        room = self._free_slots() if len(self.standbys) < self.standby_target else 0
+        while len(self.standbys) < self.standby_target and room > 0:
+            name = self._group_name("standby")
+            group = placement_group([{self.resource: self.per_slot}], strategy="STRICT_PACK", name=name)
+            actor = self.new_actor(group, 1, standby=True)
+            number = self.standby_started + 1
+            s = replace(spec, log_path=spec.log_path.format(slot=name.rsplit("-", 1)[-1], n=number)
+                        if spec.log_path else None)
+            self.standbys.append(_RayStandby(number, name, group, actor, actor.start_standby.remote(s.to_dict())))
+            self.standby_started += 1
+            started += 1
+            room -= 1
+        return started
+
+    def _remove_standby(self, standby: _RayStandby) -> None:
+        """Stop a standby and free its slot (its engine exits with its actor)."""
+        from ray.util.placement_group import remove_placement_group
+
+        if standby in self.standbys:
+            self.standbys.remove(standby)
+        self.kill(standby.actor)
+        try:
+            remove_placement_group(standby.group)
+        except Exception as exc:  # Ray in trouble: the group goes with the cluster
+            log.warning("could not remove %s: %s", standby.name, _one_line(exc))
+
+    def standby_status(self) -> Dict[str, Any]:
+        for s in self.standbys:
+            s.refresh()
+        return self._standby_summary([{"slot": s.name, "pid": s.pid, "state": s.state(), "coresident": False}
+                                      for s in self.standbys])
 
     def _resources(self) -> str:
         import ray
@@ -429,4 +747,6 @@ class RayBackend:
         return f"{total:g} {self.resource} ({free:g} free)"
 
     async def shutdown(self) -> None:
-        pass
+        """Stop the standby pool (the replicas are the controller's to stop)."""
+        for s in list(self.standbys):
+            self._remove_standby(s)

@@ -80,7 +80,7 @@ class DeploymentConfig:
     start_timeout: float = 600.0
     drain_timeout: float = 600.0
     policy: Optional[Dict[str, Any]] = None  # PolicyConfig fields; None: policy off
-    standby: int = 0                         # warm standby workers kept on free slots (local backend)
+    standby: int = 0                         # warm standby workers kept on free slots
     standby_coreside: bool = False           # standbys may also wait on serving slots (LocalBackend coreside)
 
     def __post_init__(self) -> None:
@@ -88,10 +88,10 @@ class DeploymentConfig:
             self.foundry = FoundryConfig.from_dict(self.foundry)
         if self.slots_per_gpu < 1:
             raise ValueError("slots_per_gpu must be >= 1")
-        if self.standby < 0 or (self.standby and self.backend != "local"):
-            raise ValueError("standby must be >= 0, and standby engines need backend 'local'")
-        if self.standby_coreside and not self.standby:
-            raise ValueError("standby_coreside needs standby >= 1")
+        if self.standby < 0:
+            raise ValueError("standby must be >= 0")
+        if self.standby_coreside and (not self.standby or self.backend != "local"):
+            raise ValueError("standby_coreside needs standby >= 1 and backend 'local'")
 
     def controller_config(self) -> ControllerConfig:
         return ControllerConfig(model=self.model, slots=self.slots, layout=Layout(self.tp, self.ep, self.replicas),
@@ -109,7 +109,8 @@ class ElasticServer:
         self.config = config
         self.router = Router(queue_limit=config.queue_limit, queue_timeout=config.queue_timeout)
         if config.backend == "ray":
-            backend: Any = RayBackend(device=config.device, instance=instance, slots_per_gpu=config.slots_per_gpu)
+            backend: Any = RayBackend(device=config.device, instance=instance, slots_per_gpu=config.slots_per_gpu,
+                                      standby=config.standby, slots=config.slots)
         elif config.backend == "local":
             slots = config.gpu_ids or [i // config.slots_per_gpu for i in range(config.slots)]
             backend = LocalBackend(slots[:config.slots], standby=config.standby, coreside=config.standby_coreside)

@@ -82,11 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "slot/GPU: torch and the server imported, a forkserver for its rank processes (SGLang: "
                         "with the scheduler side imported), CUDA up; a switch or scale-up hands one its layout "
                         "instead of starting a process. Refilled after every job, never serving capacity, "
-                        "reported in /status and /metrics. Needs --backend local (default 0: off)")
+                        "reported in /status and /metrics. On Ray each standby holds one slot in a placement "
+                        "group of its own, and a replica's other ranks are placed on its node (default 0: off)")
     p.add_argument("--standby-coreside", action="store_true",
                    help="let a standby also wait on a slot that serves (it holds its imports and a CUDA context "
                         "there, no weights), so that a switch which stops every serving replica, such as TP2 -> TP1 "
-                        "on two GPUs, still finds a warm engine. Needs --standby N")
+                        "on two GPUs, still finds a warm engine. Needs --standby N and --backend local")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -107,10 +108,10 @@ def config_from_args(args: argparse.Namespace, extra: List[str]) -> DeploymentCo
         raise LayoutError("--slots-per-gpu must be >= 1")
     if args.standby < 0:
         raise LayoutError("--standby must be >= 0")
-    if args.standby and args.backend != "local":
-        raise LayoutError("--standby needs --backend local")
     if args.standby_coreside and not args.standby:
         raise LayoutError("--standby-coreside needs --standby N")
+    if args.standby_coreside and args.backend != "local":
+        raise LayoutError("--standby-coreside needs --backend local (a Ray standby holds a slot of its own)")
     gpu_ids = [int(g) for g in args.gpu_ids.split(",") if g.strip()] if args.gpu_ids else None
     slots = args.slots or max(args.tp, args.ep) * args.replicas
     try:

@@ -157,10 +157,11 @@ def test_standby_flag_and_its_limits():
     args = build_parser().parse_args(["--device", "cpu", "--backend", "local", "--standby", "2"])
     assert config_from_args(args, []).standby == 2
     assert config_from_args(build_parser().parse_args(["--device", "cpu"]), []).standby == 0
-    assert main(["--device", "cpu", "--standby", "1"]) == 2              # Ray backend: one line, exit 2
+    assert config_from_args(build_parser().parse_args(["--device", "cpu", "--standby", "1"]), []).standby == 1  # Ray
+    assert main(["--device", "cpu", "--standby", "1", "--standby-coreside"]) == 2   # Ray: one line, exit 2
     assert main(["--device", "cpu", "--backend", "local", "--standby", "-1"]) == 2
-    with pytest.raises(ValueError, match="standby engines need backend 'local'"):
-        DeploymentConfig(model="builtin:tiny", backend="ray", standby=1)
+    with pytest.raises(ValueError, match="standby_coreside needs standby >= 1 and backend 'local'"):
+        DeploymentConfig(model="builtin:tiny", backend="ray", standby=1, standby_coreside=True)
     assert main(["--device", "cpu", "--backend", "local", "--standby-coreside"]) == 2       # needs --standby N
     assert config_from_args(build_parser().parse_args(["--device", "cpu", "--backend", "local", "--standby", "1",
                                                        "--standby-coreside"]), []).standby_coreside

@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local processes (default) or Ray actors on placement groups")
     ap.add_argument("--share-gpu", action="store_true", default=None,
                     help="two slots on GPU 0: ranks and replicas share it (default when one GPU is visible)")
-    ap.add_argument("--standby", type=int, default=0, help="warm standby workers (local backend; default 0)")
+    ap.add_argument("--standby", type=int, default=0, help="warm standby workers (either backend; default 0)")
     ap.add_argument("--standby-coreside", action="store_true",
-                    help="standbys may also wait on serving slots (so TP2 -> TP1 finds one too)")
+                    help="standbys may also wait on serving slots (so TP2 -> TP1 finds one too; local backend)")
     ap.add_argument("--models", default="dense,moe", help="--worker sglang: models to run (dense, moe)")
     ap.add_argument("--model", default="builtin:qwen3-8b?num_hidden_layers=4",
                     help="--worker builtin: the preset served")
