@@ -20,6 +20,7 @@ from foundry_sglang.elastic.layout import Layout
 from foundry_sglang.elastic.workers import WorkerSpec, http_ok, rank_placement
 
 ray = pytest.importorskip("ray")
+from ray.util import placement_group_table  # noqa: E402
 
 ENGINE_ARGS = ["--num-kv-pages", "256", "--max-running-requests", "16"]
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -30,6 +31,22 @@ def ray_cluster():
     ray.init(num_cpus=4, num_gpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def exited(pid):
+    """The process is gone (or a zombie no one has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def recovered(dep):
+    try:
+        return dep.supervise() and dep.status().get("recovered") and dep.status()["state"] == "serving"
+    except ray.exceptions.RayActorError:   # still restarting
+        return False
 
 
 def replicas_by_pid(dep):
@@ -74,6 +91,17 @@ def test_ray_standby_becomes_rank_0_of_the_next_layout_under_load(ray_cluster, t
         st = dep.status()["standby"]
         assert st["used"] == 2 and st["fallbacks"] == 0 and st["started"] == 2
         assert "foundry_elastic_standby_used_total 2" in requests.get(dep.url + "/metrics", timeout=10).text
+
+        # A controller crash: Ray restarts it; the standby of the crashed one goes with it, its slot is not
+        # lost, and the restarted controller keeps a standby of its own.
+        assert dep.reconfigure(replicas=1)["state"] == "succeeded"
+        old = ready_standby(dep)
+        ray.kill(dep._actor, no_restart=False)
+        wait_until(lambda: recovered(dep), timeout=240, what="controller restarted")
+        new = ready_standby(dep)
+        assert new != old and exited(old)
+        live = [g["name"] for g in placement_group_table().values() if g["state"] != "REMOVED"]
+        assert sum("standby" in name for name in live) == 1 and len(live) == 2, live
 
 
 @pytest.mark.slow
