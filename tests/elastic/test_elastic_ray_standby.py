@@ -105,9 +105,12 @@ def test_ray_standby_becomes_rank_0_of_the_next_layout_under_load(ray_cluster, t
 
 
 @pytest.mark.slow
-def test_ray_standby_that_died_falls_back_to_a_fresh_worker_and_is_replaced(ray_cluster, caplog):
+@pytest.mark.parametrize("kind", ["builtin", "sglang"])
+def test_ray_standby_that_died_falls_back_to_a_fresh_worker_and_is_replaced(ray_cluster, caplog, kind):
+    if kind == "sglang":
+        pytest.importorskip("sglang.srt.server_args")
     backend = RayBackend(device="cpu", standby=1, slots=2)
-    spec = WorkerSpec(model="builtin:tiny", device="cpu", extra_args=ENGINE_ARGS, env=ENV)
+    spec = WorkerSpec(model="builtin:tiny", kind=kind, device="cpu", extra_args=ENGINE_ARGS, env=ENV)
 
     async def scenario():
         assert backend.replenish(spec) == 1
