@@ -101,16 +101,37 @@ class _StandbyPool:
                 "coreside": self.coreside}
 
 
+class _StandbyReplica(ReplicaHandle):
+    """A replica that a standby may have become (either backend)."""
+
+    backend: _StandbyPool
+    from_standby = False
+    _counted = False           # a failed activation is counted once
+
+    def describe(self) -> Dict[str, Any]:
+        return dict(super().describe(), from_standby=self.from_standby)
+
+    def on_healthy(self) -> None:
+        super().on_healthy()
+        if self.from_standby:
+            self.backend.standby_activation_failures = 0
+
+    def _count_failed_activation(self, exited: bool) -> None:
+        """Handed its layout, then exited before it ever served: the standby's launch failed. (A replica stopped
+        because a sibling failed or the start timed out is still running here and is not counted.)"""
+        if self.from_standby and not self.healthy and not self._counted and exited:
+            self._counted = True
+            self.backend.standby_activation_failed(self.pid)
+
+
 # --------------------------------------------------------------------------------------------- local
-class _LocalReplica(ReplicaHandle):
+class _LocalReplica(_StandbyReplica):
     def __init__(self, backend: "LocalBackend", index: int, spec: WorkerSpec, slots: Sequence[int],
                  standby: Optional[ProcessWorker] = None, spares: Sequence[ProcessWorker] = ()):
         self.backend, self.index, self.spec, self.slots = backend, index, spec, list(slots)
         self.worker = ProcessWorker()
         self.standby = standby          # warm engine on slots[0]: becomes this replica's server (rank 0)
         self.spares = list(spares)      # standbys on this replica's other slots: stopped to free them
-        self.from_standby = False
-        self._counted = False           # a failed activation is counted once
 
     async def start(self) -> str:
         loop = asyncio.get_running_loop()
@@ -138,23 +159,11 @@ class _LocalReplica(ReplicaHandle):
         flags = rank_placement(self.spec, self.backend.gpus_of(self.slots), self.backend.visible)
         return replace(self.spec, extra_args=list(self.spec.extra_args) + flags) if flags else self.spec
 
-    def describe(self) -> Dict[str, Any]:
-        return dict(super().describe(), from_standby=self.from_standby)
-
-    def on_healthy(self) -> None:
-        super().on_healthy()
-        if self.from_standby:
-            self.backend.standby_activation_failures = 0
-
     async def returncode(self) -> Optional[int]:
         return self.worker.returncode()
 
     async def stop(self) -> None:
-        # Handed its layout, then exited before it ever served: the standby's launch failed. (A replica stopped
-        # because a sibling failed or the start timed out is still running here and is not counted.)
-        if self.from_standby and not self.healthy and not self._counted and self.worker.returncode() is not None:
-            self._counted = True
-            self.backend.standby_activation_failed(self.pid)
+        self._count_failed_activation(self.worker.returncode() is not None)
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
         self.backend._give_back(self.slots)
         self.slots = []
@@ -474,7 +483,7 @@ class _RayStandby:
         self._poll = None
 
 
-class _RayReplica(ReplicaHandle):
+class _RayReplica(_StandbyReplica):
     """A replica's actor and placement groups. From a standby: the standby's actor (rank 0, its slot) and a
     group of the other ranks' slots on the standby's node."""
 
@@ -482,8 +491,6 @@ class _RayReplica(ReplicaHandle):
                  actor: Any = None, standby: Optional[_RayStandby] = None):
         self.backend, self.index, self.spec, self.n = backend, index, spec, n
         self.groups, self.actor, self.standby = groups, actor, standby
-        self.from_standby = False
-        self._counted = False
 
     async def start(self) -> str:
         standby, self.standby = self.standby, None
@@ -515,14 +522,6 @@ class _RayReplica(ReplicaHandle):
                                               scheduling_strategy=_in_group(self.groups[-1])).remote()
         return mine[:1] + spread(others, self.n - 1)
 
-    def describe(self) -> Dict[str, Any]:
-        return dict(super().describe(), from_standby=self.from_standby)
-
-    def on_healthy(self) -> None:
-        super().on_healthy()
-        if self.from_standby:
-            self.backend.standby_activation_failures = 0
-
     async def returncode(self) -> Optional[int]:
         try:
             return await self.actor.returncode.remote()
@@ -532,9 +531,8 @@ class _RayReplica(ReplicaHandle):
     async def stop(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
-        if self.from_standby and not self.healthy and not self._counted and await self.returncode() is not None:
-            self._counted = True
-            self.backend.standby_activation_failed(self.pid)
+        if self.from_standby:
+            self._count_failed_activation(await self.returncode() is not None)
         try:
             await asyncio.wait_for(self.actor.stop.remote(), timeout=30)
         except Exception as exc:  # best effort; the actor is killed next anyway

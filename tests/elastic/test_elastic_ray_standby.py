@@ -12,12 +12,12 @@ import signal
 import pytest
 import requests
 from elastic_load import LoadGenerator, reference_outputs
-from waiting import wait_until
+from waiting import fell_back, wait_until
 
 from foundry_sglang.elastic.backends import RayBackend, _RayReplica, _RayStandby
 from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
 from foundry_sglang.elastic.layout import Layout
-from foundry_sglang.elastic.workers import WorkerSpec, http_ok, rank_placement
+from foundry_sglang.elastic.workers import WorkerSpec, rank_placement
 
 ray = pytest.importorskip("ray")
 from ray.util import placement_group_table  # noqa: E402
@@ -131,11 +131,7 @@ def test_ray_standby_that_died_falls_back_to_a_fresh_worker_and_is_replaced(ray_
         with caplog.at_level("WARNING", logger="foundry_sglang.elastic.backends"):
             url = await replica.start()
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: wait_until(lambda: http_ok(url + "/health"), what="fallback worker healthy"))
-            assert replica.pid != standby.pid and not replica.from_standby
-            [line] = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
-            assert f"standby pid {standby.pid}" in line and "exited" in line and "\n" not in line
+            await fell_back(replica, url, standby.pid, caplog.records)
             assert backend.standby_status()["fallbacks"] == 1
         finally:
             await replica.stop()

@@ -1,4 +1,4 @@
-"""Waiting helpers shared by the elastic tests that run real processes."""
+"""Waiting helpers and checks shared by the elastic tests that run real processes."""
 import os
 import time
 
@@ -20,3 +20,16 @@ def gone(pid: int) -> bool:
         return False
     except ProcessLookupError:
         return True
+
+
+async def fell_back(replica, url: str, standby_pid: int, records) -> None:
+    """A replica whose standby had died serves from a fresh worker, and one log line said so."""
+    import asyncio
+
+    from foundry_sglang.elastic.workers import http_ok
+
+    await asyncio.get_running_loop().run_in_executor(
+        None, lambda: wait_until(lambda: http_ok(url + "/health"), what="fallback worker healthy"))
+    assert replica.pid != standby_pid and not replica.from_standby
+    [line] = [r.getMessage() for r in records if "unusable" in r.getMessage()]
+    assert f"standby pid {standby_pid}" in line and "exited" in line and "\n" not in line
