@@ -5,6 +5,7 @@ state machine does not know which one it drives. ``RayBackend`` reserves one pla
 (one bundle of ``tp * ep`` slots per replica) and hosts each worker in a Ray actor bound to its bundle; the
 actor reads its GPU ids from Ray and passes them to the server as ``CUDA_VISIBLE_DEVICES``. ``LocalBackend``
 hands out slot ids itself; it exists for machines without Ray (the GPU check carries no 79 MB Ray wheel).
+Either may keep a pool of standby workers (warm engines on free slots) that later replicas are handed to.
 """
 from __future__ import annotations
 
