@@ -10,11 +10,14 @@ marked (PNG next to the JSON).
 
     PYTHONPATH=$PWD python3 bench/elastic_standby_switch.py --out bench/results/elastic_switch-DATE-cpu.json
     PYTHONPATH=$PWD python3 bench/elastic_standby_switch.py --device cuda --gpu-ids 0,1 --out ...
+    PYTHONPATH=$PWD python3 bench/elastic_standby_switch.py --backend ray --out bench/results/elastic_ray-DATE-cpu.json
     python3 bench/elastic_standby_switch.py --plot bench/results/elastic_switch-DATE-cpu.json
 
 ``--device cpu`` (default): gloo, ``builtin:tiny``. ``--device cuda``: the qwen3-8b shape with 4 layers on the
 GPUs of ``--gpu-ids`` (``0,0``: both slots on one GPU), graphs through Foundry archives in ``auto`` mode in one
 directory both modes share, so both runs' switches restore their graphs and differ only in the standby workers.
+``--backend ray`` runs the controller, its replicas and its standbys on a local Ray cluster (started here)
+instead of as local processes; on GPUs, ``--gpu-ids 0,0`` there means two half-GPU slots.
 """
 from __future__ import annotations
 
@@ -164,16 +167,20 @@ def counts(requests: list, switches: list) -> dict:
             "greedy_mismatched": sum(r.get("greedy_equal") is False for r in requests)}
 
 
-def run_mode(standby: int, log_dir: str, device: str, gpu_ids, archives, clients: int) -> dict:
+def run_mode(standby: int, log_dir: str, device: str, gpu_ids, archives, clients: int,
+             backend: str = "local") -> dict:
     from foundry_sglang.elastic.deployment import DeploymentConfig, ElasticDeployment
 
-    extra = {}
+    extra: dict = {}
     if device == "cuda":
         from foundry_sglang.graphs.settings import FoundryConfig
 
-        extra = dict(gpu_ids=gpu_ids, foundry=FoundryConfig.resolve("auto", archives), start_timeout=420,
-                     queue_timeout=420)
-    cfg = DeploymentConfig(model=MODELS[device], slots=2, tp=1, replicas=1, device=device, backend="local",
+        extra = dict(foundry=FoundryConfig.resolve("auto", archives), start_timeout=420, queue_timeout=420)
+        if backend == "local":
+            extra["gpu_ids"] = gpu_ids
+        elif len(set(gpu_ids)) < len(gpu_ids):       # Ray: slots are shares of the GPUs it was given
+            extra["slots_per_gpu"] = 2
+    cfg = DeploymentConfig(model=MODELS[device], slots=2, tp=1, replicas=1, device=device, backend=backend,
                            port=0, standby=standby, log_dir=log_dir, **extra)
     switches = []
     with ElasticDeployment(cfg) as dep:
@@ -193,7 +200,7 @@ def run_mode(standby: int, log_dir: str, device: str, gpu_ids, archives, clients
             time.sleep(3.0)
         status = dep.status()
     recs = load.records
-    return {"mode": f"standby={standby}", "switches": switches, "requests": recs,
+    return {"mode": f"standby={standby}", "backend": backend, "switches": switches, "requests": recs,
             "counts": counts(recs, switches),
             "standby": status["standby"]}
 
@@ -245,7 +252,8 @@ def plot(path: str) -> str:
         ax.legend(handles=handles, fontsize=7, loc="upper right", ncol=2)
     axes[-1, 0].set_xlabel("time since the load started (s)")
     meta = doc["meta"]
-    fig.suptitle(f"Live switches under load: {meta['model']} on {meta['device']} "
+    fig.suptitle(f"Live switches under load ({meta.get('backend', 'local')} backend): {meta['model']} on "
+                 f"{meta['device']} "
                  f"({meta['date'][:10]}, commit {meta['commit']})", fontsize=11)
     fig.tight_layout()
     out = os.path.splitext(path)[0] + ".png"
@@ -262,6 +270,9 @@ def main() -> int:
     ap.add_argument("--gpu-ids", default="0,1", help="with --device cuda: the GPU of each of the 2 slots")
     ap.add_argument("--clients", type=int, default=3, help="concurrent clients during the switches (default 3)")
     ap.add_argument("--standby", default="0,1", help="standby modes to run, comma-separated (default 0,1)")
+    ap.add_argument("--backend", choices=("local", "ray"), default="local",
+                    help="controller backend: local processes (default) or a local Ray cluster started here "
+                         "(on the GPUs of --gpu-ids with --device cuda)")
     args = ap.parse_args()
     if args.plot:
         print(plot(args.plot))
@@ -272,8 +283,17 @@ def main() -> int:
 
         exit_without_gpu("this benchmark", max(gpu_ids) + 1)
     archives = os.path.join(args.log_dir, "archives")
+    if args.backend == "ray":
+        import ray
+
+        from foundry_sglang.proc import disable_nvls
+
+        disable_nvls()                          # the raylet and everything below it inherit this environment
+        if args.device == "cuda":
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in sorted(set(gpu_ids)))
+        ray.init(include_dashboard=False, log_to_driver=False, num_cpus=max(4, os.cpu_count() or 1))
     modes = [run_mode(int(n), os.path.join(args.log_dir, f"standby{n}"), args.device, gpu_ids, archives,
-                      args.clients) for n in args.standby.split(",")]
+                      args.clients, args.backend) for n in args.standby.split(",")]
     print(f"{'mode':<11} {'switch':<15} {'strategy':<8} {'total':>7}  phases")
     for m in modes:
         for s in m["switches"]:
@@ -290,7 +310,7 @@ def main() -> int:
             device = f"{torch.cuda.get_device_name(0)}, slots on GPUs {gpu_ids}"
         meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
                 "host": platform.node(), "cpus": os.cpu_count(), "device": device, "model": MODELS[args.device],
-                "clients": args.clients}
+                "clients": args.clients, "backend": args.backend}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "modes": modes}, f, indent=1)
