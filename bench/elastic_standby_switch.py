@@ -120,7 +120,8 @@ def wait_standby_ready(dep, timeout: float = 300.0) -> float:
         st = dep.status()
         if st["standby"].get("disabled"):
             raise RuntimeError(f"standby pool disabled: {st['standby']['disabled']}")
-        used = sum(len(r["slots"]) for g in st["generations"] for r in g["replicas"])
+        layout = st["layout"]        # between switches only the active generation holds slots
+        used = max(layout["tp"], layout["ep"]) * layout["replicas"]
         room = st["slots"] if st["standby"].get("coreside") else st["slots"] - used
         if st["standby"]["ready"] >= min(st["standby"]["target"], room):
             return time.monotonic() - t0
