@@ -491,7 +491,8 @@ class _RayReplica(_StandbyReplica):
     def __init__(self, backend: "RayBackend", index: int, spec: WorkerSpec, n: int, groups: List[Any],
                  actor: Any = None, standby: Optional[_RayStandby] = None):
         self.backend, self.index, self.spec, self.n = backend, index, spec, n
-        self.groups, self.actor, self.standby = groups, actor, standby
+        self.groups, self.standby = groups, standby
+        self.actor = standby.actor if standby is not None else actor   # what stop() stops, even before start()
 
     async def start(self) -> str:
         standby, self.standby = self.standby, None
@@ -502,7 +503,7 @@ class _RayReplica(_StandbyReplica):
         rank_gpus = await self._rank_gpus(standby)
         try:
             info = await asyncio.wait_for(standby.actor.activate.remote(self.spec.to_dict(), rank_gpus), 60)
-            self.actor, self.from_standby = standby.actor, True
+            self.from_standby = True
             self.backend.standby_used += 1
         except Exception as exc:  # never fail a start for a bad standby
             log.warning("standby pid %s unusable (%s); starting a fresh worker instead", standby.pid,

@@ -146,6 +146,30 @@ def test_ray_standby_that_died_falls_back_to_a_fresh_worker_and_is_replaced(ray_
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
+def test_a_replica_given_a_standby_and_stopped_before_it_started_stops_the_standby(ray_cluster, caplog):
+    """A generation can fail between allocation and start (a sibling's start failed): its replicas are stopped
+    unstarted, and the standby one of them was given goes with it, cleanly, its slots free again."""
+    backend = RayBackend(device="cpu", standby=1, slots=2)
+    spec = WorkerSpec(model="builtin:tiny", device="cpu", extra_args=ENGINE_ARGS, env=ENV)
+
+    async def scenario():
+        assert backend.replenish(spec) == 1
+        [standby] = backend.standbys
+        for _ in range(1800):
+            await standby.state_now()
+            if standby.ready:
+                break
+            await asyncio.sleep(0.1)
+        [replica] = await backend.allocate(1, Layout(2, 1, 1), lambda i: spec)
+        with caplog.at_level("WARNING", logger="foundry_sglang.elastic.backends"):
+            await replica.stop()
+        assert backend.held == 0 and not [r for r in caplog.records if r.levelname == "WARNING"]
+        wait_until(lambda: exited(standby.pid), timeout=30, what="standby stopped")
+        await backend.shutdown()
+    asyncio.run(scenario())
+
+
 def test_a_gpu_standby_sees_its_node_and_its_replica_gets_one_gpu_per_rank(ray_cluster):
     """Ray gives a plain engine actor CUDA_VISIBLE_DEVICES of its own GPUs only; a standby's actor sees every GPU
     of the node (it cannot know its layout when CUDA starts), and a TP=3 replica handed to it gets rank 0 on the
