@@ -104,6 +104,20 @@ def test_ray_standby_becomes_rank_0_of_the_next_layout_under_load(ray_cluster, t
         assert sum("standby" in name for name in live) == 1 and len(live) == 2, live
 
 
+async def tp2_on_a_warm_standby(backend, spec):
+    """Start one standby, wait until it is warm, and allocate a TP=2 replica on it (not started)."""
+    assert backend.replenish(spec) == 1
+    [standby] = backend.standbys
+    for _ in range(1800):
+        await standby.state_now()
+        if standby.ready:
+            break
+        await asyncio.sleep(0.1)
+    assert standby.ready
+    [replica] = await backend.allocate(1, Layout(2, 1, 1), lambda i: spec)
+    return standby, replica
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["builtin", "sglang"])
 def test_ray_standby_that_died_falls_back_to_a_fresh_worker_and_is_replaced(ray_cluster, caplog, kind):
@@ -113,15 +127,7 @@ def test_ray_standby_that_died_falls_back_to_a_fresh_worker_and_is_replaced(ray_
     spec = WorkerSpec(model="builtin:tiny", kind=kind, device="cpu", extra_args=ENGINE_ARGS, env=ENV)
 
     async def scenario():
-        assert backend.replenish(spec) == 1
-        [standby] = backend.standbys
-        for _ in range(1800):
-            await standby.state_now()
-            if standby.ready:
-                break
-            await asyncio.sleep(0.1)
-        assert standby.ready
-        [replica] = await backend.allocate(1, Layout(2, 1, 1), lambda i: spec)   # TP=2 on the standby
+        standby, replica = await tp2_on_a_warm_standby(backend, spec)
         assert backend.standbys == [] and backend.held == 2
         os.kill(standby.pid, signal.SIGKILL)     # it dies between the allocation and its layout
         for _ in range(100):                     # its actor has seen it exit
@@ -154,14 +160,7 @@ def test_a_replica_given_a_standby_and_stopped_before_it_started_stops_the_stand
     spec = WorkerSpec(model="builtin:tiny", device="cpu", extra_args=ENGINE_ARGS, env=ENV)
 
     async def scenario():
-        assert backend.replenish(spec) == 1
-        [standby] = backend.standbys
-        for _ in range(1800):
-            await standby.state_now()
-            if standby.ready:
-                break
-            await asyncio.sleep(0.1)
-        [replica] = await backend.allocate(1, Layout(2, 1, 1), lambda i: spec)
+        standby, replica = await tp2_on_a_warm_standby(backend, spec)
         with caplog.at_level("WARNING", logger="foundry_sglang.elastic.backends"):
             await replica.stop()
         assert backend.held == 0 and not [r for r in caplog.records if r.levelname == "WARNING"]
