@@ -16,6 +16,8 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+from foundry_sglang.graphs.router import one_line
+
 from .layout import Layout
 from .workers import ProcessWorker, WorkerSpec, distinct, rank_placement
 
@@ -419,12 +421,9 @@ def _in_group(group: Any) -> Any:
 
 
 def _one_line(exc: BaseException) -> str:
-    """An error in one line; for an exception raised inside a Ray actor, the actor's own exception."""
+    """``one_line`` of an error; for one raised inside a Ray actor, of the actor's own exception."""
     cause = getattr(exc, "cause", None)        # RayTaskError: the exception the actor method raised
-    if isinstance(cause, BaseException):
-        exc = cause
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return one_line(cause if isinstance(cause, BaseException) else exc)
 
 
 class _RayStandby:
@@ -473,11 +472,11 @@ class _RayStandby:
 
     async def state_now(self, timeout: float = 10.0) -> None:
         """Wait for this standby's current state (a standby not placed yet stays 'placing')."""
-        self.refresh()
-        if self.info is None or self.exit_code is not None:
+        self.refresh()                          # takes a finished poll and asks again
+        if self._poll is None:                  # not placed yet, or gone
             return
         try:
-            self._take(await asyncio.wait_for(self.actor.standby_state.remote(), timeout))
+            self._take(await asyncio.wait_for(asyncio.wrap_future(self._poll), timeout))
         except Exception as exc:
             log.warning("standby %s does not answer: %s", self.name, _one_line(exc))
             self.exit_code = -1
@@ -518,8 +517,8 @@ class _RayReplica(_StandbyReplica):
     async def _rank_gpus(self, standby: _RayStandby) -> List[str]:
         """Each rank's GPU: the standby's for rank 0, the extra group's for the others ([] on CPU)."""
         mine = standby.info["gpu_ids"] if standby.info else []
-        if not mine or self.n == 1:
-            return mine[:1] * self.n if mine else []
+        if not mine or self.n == 1:             # CPU, or a one-rank replica
+            return mine[:1]
         others = await _bundle_gpus().options(num_cpus=0, num_gpus=(self.n - 1) * self.backend.per_slot,
                                               scheduling_strategy=_in_group(self.groups[-1])).remote()
         return mine[:1] + spread(others, self.n - 1)
@@ -639,16 +638,18 @@ class RayBackend(_StandbyPool):
         taken = await self._take_standbys(layout)
         amount = n * self.per_slot
         groups: List[List[Any]] = []         # each replica's placement groups
+        made: List[Any] = []                 # those reserved here (a standby's own group already is)
         for i in range(layout.replicas):
             if i < len(taken):               # rank 0 on the standby; the other ranks on its node
-                extra = [] if n == 1 else [placement_group(
-                    [{self.resource: (n - 1) * self.per_slot, f"node:{taken[i].info['node_ip']}": 0.001}],
-                    strategy="STRICT_PACK", name=self._group_name(f"g{gen_id}"))]
-                groups.append([taken[i].group] + extra)
+                bundle = {self.resource: (n - 1) * self.per_slot, f"node:{taken[i].info['node_ip']}": 0.001}
+                new = [] if n == 1 else [placement_group([bundle], strategy="STRICT_PACK",
+                                                         name=self._group_name(f"g{gen_id}"))]
+                groups.append([taken[i].group] + new)
             else:
-                groups.append([placement_group([{self.resource: amount}], strategy="STRICT_PACK",
-                                               name=self._group_name(f"g{gen_id}"))])
-        made = [g for i, gs in enumerate(groups) for g in (gs[1:] if i < len(taken) else gs)]
+                new = [placement_group([{self.resource: amount}], strategy="STRICT_PACK",
+                                       name=self._group_name(f"g{gen_id}"))]
+                groups.append(new)
+            made += new
         try:
             await asyncio.wait_for(asyncio.gather(*(g.ready() for g in made)), timeout=self.placement_timeout)
         except Exception as exc:  # timeout or infeasible: give everything back (the standbys to the pool)

@@ -117,10 +117,7 @@ def _preload(names: Sequence[str]) -> None:
                 PRELOAD_REPORT["failed"][name] = _one_line(exc)
             torch = sys.modules.get("torch")
             if restore is None and torch is not None and hasattr(torch, "cuda"):
-                try:
-                    kind = gpu_facts.node_gpu() if torch.cuda.is_available() else None
-                except Exception:  # noqa: BLE001 - no answers then; the forkserver must live
-                    kind = None
+                kind = gpu_facts.node_gpu() if torch.cuda.is_available() else None   # never raises
                 PRELOAD_REPORT["gpu"] = None if kind is None else [kind[0], list(kind[1])]
                 restore = _answer_gpu_queries(torch, kind)
     finally:
